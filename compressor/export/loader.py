@@ -1,0 +1,194 @@
+"""Reload a packed export as a model of :class:`QuantLinear` modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from compressor.export.atomic import MANIFEST, verify_manifest
+from compressor.export.pack import packed_width
+from compressor.kernels import dispatch
+from compressor.kernels.reference import dequantize_packed
+from compressor.quant.scheme import QuantScheme, num_groups
+from compressor.recipe import matches
+
+__all__ = ["QuantLinear", "load_compressed", "scheme_from_ct_args", "read_config"]
+
+log = logging.getLogger(__name__)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight stays packed; ``forward`` runs a dequant-matmul kernel.
+
+    Buffers (compressed-tensors names): ``weight_packed`` int32 (N, ceil(K*b/32)),
+    ``weight_scale`` (N, G), ``weight_zero_point`` int32 (ceil(N*b/32), G) when
+    asymmetric, ``weight_shape`` int64 (2,), ``weight_g_idx`` int32 (K,) with
+    activation order. Input (..., K) → output (..., N) in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        *,
+        bias: bool = False,
+        actorder: bool = False,
+        dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.backend = in_features, out_features, scheme, backend
+        groups = num_groups(in_features, scheme.group_width(in_features))
+        self.register_buffer("weight_packed", torch.empty(out_features, packed_width(in_features, scheme.bits), dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+        zp = None if scheme.symmetric else torch.empty(packed_width(out_features, scheme.bits), groups, dtype=torch.int32)
+        self.register_buffer("weight_zero_point", zp)
+        self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32) if actorder else None)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, K) float weight in the scale dtype."""
+        return dequantize_packed(
+            self.weight_packed, self.weight_scale, self.weight_zero_point,
+            (self.out_features, self.in_features), self.scheme, self.weight_g_idx,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.dequant_matmul(
+            x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+            (self.out_features, self.in_features), self.scheme, self.weight_g_idx, self.bias,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
+
+
+def scheme_from_ct_args(args: dict) -> QuantScheme:
+    """QuantScheme from a compressed-tensors ``weights`` args dict.
+
+    Raises:
+        ValueError: for schemes this runtime cannot execute (float types, blocks, tensor strategy).
+    """
+    if args.get("type", "int") != "int":
+        raise ValueError(f"unsupported weight type {args.get('type')!r}: only integer weights are supported")
+    strategy = args.get("strategy") or ("group" if args.get("group_size") else "channel")
+    if strategy not in ("group", "channel"):
+        raise ValueError(f"unsupported weight strategy {strategy!r}: only 'group' and 'channel' are supported")
+    return QuantScheme(
+        bits=int(args["num_bits"]),
+        group_size=int(args["group_size"]) if strategy == "group" else -1,
+        symmetric=bool(args.get("symmetric", True)),
+        observer=args.get("observer") if args.get("observer") in ("minmax", "mse") else "minmax",
+    )
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a model directory, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist: pass a Hugging Face model directory or an export")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg} is not valid JSON ({err}): the checkpoint is corrupt") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: the checkpoint is incomplete")
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} cannot be read ({err}): the file is corrupt or truncated; re-export it") from None
+    return tensors
+
+
+def _model_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = getattr(config, "architectures", None) or []
+    return AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+
+
+def load_compressed(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    backend: str = "auto",
+    verify: bool = True,
+) -> nn.Module:
+    """Load a ``pack-quantized`` export with :class:`QuantLinear` layers.
+
+    Args:
+        path: export directory (config.json with ``quantization_config``, safetensors).
+        dtype: activation / scale dtype; default: the dtype of the stored scales.
+        device_map: None (CPU) or an accelerate device map (``"auto"``, dict).
+        backend: dequant-matmul backend (``"auto"``, ``"reference"``, ``"triton"``).
+        verify: check files against ``compressor_manifest.json`` when present.
+
+    Returns:
+        The model in eval mode.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path = Path(path)
+    raw = read_config(path)
+    qcfg = raw.get("quantization_config")
+    if not qcfg or qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("format") != "pack-quantized":
+        raise ValueError(f"{path} is not a compressed-tensors pack-quantized export; load it with transformers instead")
+    if verify and (path / MANIFEST).is_file():
+        verify_manifest(path)
+    tensors = _load_tensors(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is None:
+        scales = [t for k, t in tensors.items() if k.endswith(".weight_scale")]
+        dtype = scales[0].dtype if scales else torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config).from_config(config, dtype=dtype)
+    groups = [(g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder"))) for g in qcfg["config_groups"].values()]
+    ignore = tuple(qcfg.get("ignore") or ())
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or matches(name, module, ignore):
+            continue
+        for targets, scheme, actorder in groups:
+            if matches(name, module, tuple(targets)):
+                if f"{name}.weight_packed" not in tensors:
+                    raise ValueError(f"{path}: {name}.weight_packed is missing: the checkpoint is incomplete or corrupt")
+                q = QuantLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,
+                                actorder=actorder, dtype=dtype, backend=backend)
+                model.set_submodule(name, q)
+                break
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {unexpected[:5]}: the checkpoint does not match its config.json")
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if still_meta:
+        raise ValueError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
+    model.eval()
+    if device_map is not None:
+        from compressor.eval.placement import place_model
+
+        model = place_model(model, device_map)
+    return model

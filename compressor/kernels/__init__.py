@@ -1,0 +1,1 @@
+"""Dequantize-matmul kernels: the torch reference (the spec) and dispatch."""

@@ -1,0 +1,1 @@
+"""Quantization: schemes, round-to-nearest and data-driven passes."""

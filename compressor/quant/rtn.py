@@ -1,0 +1,58 @@
+"""Round-to-nearest weight quantization pass (no calibration data)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from compressor.progress import progress
+from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.quant.state import attach_qparams
+from compressor.recipe import Pass, PassConfig, register_pass, select_modules
+
+__all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNConfig(PassConfig):
+    """Round-to-nearest: per-group scale and zero point from the observer, then round.
+
+    Attributes:
+        scheme: the weight scheme (bits, group size, symmetry, observer).
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+
+
+def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
+    """Quantize ``module.weight`` (N, K) in place to the nearest grid point."""
+    w = module.weight.data
+    qp = compute_qparams(w.float(), scheme)
+    qp = type(qp)(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
+    attach_qparams(module, scheme, qp, fake_quant(w, qp, scheme))
+
+
+@register_pass
+class RTNPass(Pass):
+    """Quantize every targeted linear layer with round-to-nearest."""
+
+    name = "rtn"
+    config_cls = RTNConfig
+
+    def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
+        layers = [(n, m) for n, m in select_modules(model, self.config) if isinstance(m, nn.Linear)]
+        if not layers:
+            raise ValueError(
+                f"rtn: no nn.Linear matches targets={list(self.config.targets)} "
+                f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`"
+            )
+        log.info("rtn: %s on %d layers", self.config.scheme.describe(), len(layers))
+        for name, module in progress(layers, "rtn", quiet=quiet):
+            try:
+                rtn_quantize_module(module, self.config.scheme)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None

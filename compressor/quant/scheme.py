@@ -1,0 +1,306 @@
+"""Weight quantization schemes: parameters, quantize, dequantize, fake-quant.
+
+Pure tensor functions. Conventions follow compressed-tensors so that exports
+decompress bit-exactly there:
+
+* integer codes are signed, ``q ∈ [-2^(b-1), 2^(b-1) - 1]``;
+* symmetric: ``scale = absmax / ((qmax - qmin) / 2)``, ``w ≈ q * scale``;
+* asymmetric: the range is widened to include 0,
+  ``scale = (max - min) / (qmax - qmin)``, ``zp = round(qmin - min / scale)``,
+  ``w ≈ (q - zp) * scale`` with an integer zero point;
+* ``zero_point="float"`` is the affine "min-offset" grid of GGUF Q4_1 / HQQ,
+  ``w ≈ (q - qmin) * scale + offset`` with a float offset (the group minimum).
+  It is not expressible in compressed-tensors and cannot be exported.
+
+Groups run along the input (last) dimension. When ``group_size`` does not
+divide the width the last group is ragged (shorter), as in compressed-tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = [
+    "QuantScheme",
+    "QParams",
+    "num_groups",
+    "group_index",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+]
+
+_OBSERVERS = ("minmax", "mse")
+_ZERO_POINTS = ("int", "float")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """How one weight matrix is quantized.
+
+    Attributes:
+        bits: bits per weight, 2-8.
+        group_size: columns per quantization group along the input dimension,
+            or -1 for one group per output channel. A size that does not divide
+            the width leaves a shorter last group.
+        symmetric: symmetric (no zero point) or asymmetric.
+        observer: ``"minmax"`` or ``"mse"`` (search a clipping ratio per group
+            that minimises ``sum |w - q(w)|^mse_norm``).
+        zero_point: ``"int"`` (compressed-tensors, exportable) or ``"float"``
+            (GGUF-style min offset; in-memory only). Ignored when symmetric.
+        mse_grid: number of clipping ratios tried by the MSE observer.
+        mse_max_shrink: the smallest ratio tried is ``1 - mse_max_shrink``.
+        mse_norm: exponent of the MSE observer's error.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    observer: str = "minmax"
+    zero_point: str = "int"
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+            raise ValueError(
+                f"group_size={self.group_size!r} is invalid: use a positive group size "
+                "(e.g. 32, 64, 128) or -1 for per-channel"
+            )
+        if self.observer not in _OBSERVERS:
+            raise ValueError(f"observer={self.observer!r} is unknown: use one of {_OBSERVERS}")
+        if self.zero_point not in _ZERO_POINTS:
+            raise ValueError(f"zero_point={self.zero_point!r} is unknown: use one of {_ZERO_POINTS}")
+        if self.mse_grid < 1 or not 0.0 <= self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
+            raise ValueError(
+                "MSE observer settings out of range: need mse_grid >= 1, "
+                "0 <= mse_max_shrink < 1 and mse_norm > 0"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def float_zero_point(self) -> bool:
+        return not self.symmetric and self.zero_point == "float"
+
+    def group_width(self, in_features: int) -> int:
+        """Columns per group for a matrix with ``in_features`` columns."""
+        if self.group_size == -1:
+            return in_features
+        if self.group_size > in_features:
+            raise ValueError(
+                f"group_size={self.group_size} exceeds in_features={in_features}: "
+                f"use a group size <= {in_features} or -1 (per-channel)"
+            )
+        return self.group_size
+
+    def bits_per_weight(self, in_features: int, scale_bits: int = 16) -> float:
+        """Storage bits per weight including scales (and zero points)."""
+        groups = num_groups(in_features, self.group_width(in_features))
+        extra = scale_bits + (0 if self.symmetric else self.bits)
+        return self.bits + groups * extra / in_features
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        kind = "sym" if self.symmetric else ("asym-float-zp" if self.float_zero_point else "asym")
+        return f"W{self.bits} {g} {kind}" + (" mse" if self.observer == "mse" else "")
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of one matrix.
+
+    Attributes:
+        scale: (N, G) in the weight's float dtype.
+        zero_point: (N, G) integer-valued, same dtype as ``scale`` (asymmetric
+            int scheme), a float offset (``zero_point="float"``), or None.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+
+
+def num_groups(in_features: int, group_width: int) -> int:
+    """Number of groups along a row of ``in_features`` (last one may be ragged)."""
+    return math.ceil(in_features / group_width)
+
+
+def group_index(in_features: int, group_width: int, device=None) -> torch.Tensor:
+    """Group of each input column: int64 (K,) with values in [0, G)."""
+    return torch.arange(in_features, device=device) // group_width
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(
+            f"weight has {bad} NaN/inf entries: the checkpoint is corrupt or was "
+            "produced by a diverged run; fix or reload the weights before quantizing"
+        )
+
+
+def _grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (N, K) to (N, G, width) by repeating each row's last column; mask (G, width)."""
+    n, k = w.shape
+    g = num_groups(k, width)
+    pad = g * width - k
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    valid = torch.ones(g * width, dtype=torch.bool, device=w.device)
+    if pad:
+        valid[k:] = False
+    return w.view(n, g, width), valid.view(g, width)
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> QParams:
+    """Scale and zero point from per-group ranges lo <= hi, both (N, G)."""
+    eps = torch.finfo(lo.dtype).eps
+    span = float(scheme.qmax - scheme.qmin)
+    if scheme.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = absmax / (span / 2)
+        return QParams(torch.where(scale == 0, torch.full_like(scale, eps), scale), None)
+    if scheme.float_zero_point:
+        scale = (hi - lo) / span
+        return QParams(torch.where(scale == 0, torch.full_like(scale, eps), scale), lo.clone())
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = (hi - lo) / span
+    scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    zp = torch.clamp(torch.round(scheme.qmin - lo / scale), scheme.qmin, scheme.qmax)
+    return QParams(scale, zp)
+
+
+def _expand(t: torch.Tensor, k: int, width: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """(N, G) per-group tensor → (N, K) per-column."""
+    idx = g_idx if g_idx is not None else group_index(k, width, t.device)
+    return t[:, idx.to(t.device).long()]
+
+
+def quantize(
+    w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integer codes of ``w``.
+
+    Args:
+        w: (N, K) float weight.
+        qp: parameters from :func:`compute_qparams` (scale (N, G)).
+        scheme: the scheme.
+        g_idx: optional (K,) group of each column (activation order); default
+            ``arange(K) // group_width``.
+
+    Returns:
+        (N, K) int8 codes in ``[scheme.qmin, scheme.qmax]``.
+    """
+    k = w.shape[1]
+    width = scheme.group_width(k)
+    scale = _expand(qp.scale, k, width, g_idx).to(w.dtype)
+    if scheme.float_zero_point:
+        off = _expand(qp.zero_point, k, width, g_idx).to(w.dtype)
+        q = torch.round((w - off) / scale) + scheme.qmin
+    else:
+        q = w / scale
+        if qp.zero_point is not None:
+            q = q + _expand(qp.zero_point, k, width, g_idx).to(w.dtype)
+        q = torch.round(q)
+    return torch.clamp(q, scheme.qmin, scheme.qmax).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float weight from integer codes: (N, K) int → (N, K) in ``qp.scale.dtype``.
+
+    Same operation order as compressed-tensors: ``(q - zp) * scale`` in the
+    scale's dtype.
+    """
+    k = q.shape[1]
+    width = scheme.group_width(k)
+    scale = _expand(qp.scale, k, width, g_idx)
+    w = q.to(scale.dtype)
+    if scheme.float_zero_point:
+        return (w - scheme.qmin) * scale + _expand(qp.zero_point, k, width, g_idx)
+    if qp.zero_point is not None:
+        w = w - _expand(qp.zero_point, k, width, g_idx).to(scale.dtype)
+    return w * scale
+
+
+def fake_quant(
+    w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize then dequantize: (N, K) float → (N, K) float on the grid."""
+    return dequantize(quantize(w, qp, scheme, g_idx), qp, scheme, g_idx).to(w.dtype)
+
+
+def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
+    """Per-group scale and zero point of a weight matrix.
+
+    Args:
+        w: (N, K) float weight, finite.
+        scheme: the scheme; ``observer="mse"`` searches a shrink ratio per group.
+
+    Returns:
+        :class:`QParams` with scale and zero point of shape (N, G),
+        ``G = ceil(K / group_width)``, in ``w.dtype``.
+    """
+    _check_weight(w)
+    width = scheme.group_width(w.shape[1])
+    wg, valid = _grouped(w, width)  # (N, G, W), (G, W)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)  # (N, G)
+    if scheme.observer == "minmax":
+        return _params_from_range(lo, hi, scheme)
+    return _mse_search(wg, valid, lo, hi, scheme)
+
+
+def _mse_search(
+    wg: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme
+) -> QParams:
+    """Grid search over shrink ratios p: range (p*lo, p*hi), keep the best per group."""
+    best = _params_from_range(lo, hi, scheme)
+    best_err = torch.full_like(lo, float("inf"))
+    mask = valid.to(wg.dtype)  # (G, W)
+    for i in range(scheme.mse_grid):
+        p = 1.0 - scheme.mse_max_shrink * i / scheme.mse_grid
+        qp = _params_from_range(lo * p, hi * p, scheme)
+        err = _group_error(wg, qp, scheme, mask)  # (N, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        zp = None
+        if best.zero_point is not None:
+            zp = torch.where(better, qp.zero_point, best.zero_point)
+        best = QParams(torch.where(better, qp.scale, best.scale), zp)
+    return best
+
+
+def _group_error(wg: torch.Tensor, qp: QParams, scheme: QuantScheme, mask: torch.Tensor) -> torch.Tensor:
+    """sum over a group of |w - fq(w)|^norm for grouped weights (N, G, W) → (N, G)."""
+    scale = qp.scale.unsqueeze(-1)
+    if scheme.float_zero_point:
+        off = qp.zero_point.unsqueeze(-1)
+        q = torch.clamp(torch.round((wg - off) / scale) + scheme.qmin, scheme.qmin, scheme.qmax)
+        deq = (q - scheme.qmin) * scale + off
+    else:
+        zp = qp.zero_point.unsqueeze(-1) if qp.zero_point is not None else 0.0
+        q = torch.clamp(torch.round(wg / scale + zp), scheme.qmin, scheme.qmax)
+        deq = (q - zp) * scale
+    return ((wg - deq).abs().pow(scheme.mse_norm) * mask).sum(dim=2)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Hugging Face models and the real SmolLM2 fixture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(vocab: int = 96, hidden: int = 64, inter: int = 80, layers: int = 2, tie: bool = True, seed: int = 0):
+    """A random Llama with widths chosen so group 32 is ragged on the MLP (80 = 2*32 + 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                      max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The fp32 SmolLM2-135M directory, built once into ~/.cache/compressor (about a minute)."""
+    from compressor.fixtures import smollm2_dir
+
+    return smollm2_dir()
+
+
+WORDS = [f"w{i}" for i in range(95)]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (+ [UNK] = id 95), vocabulary 96."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)} | {"[UNK]": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny Llama with a tokenizer, plus a text file of 600 words."""
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(WORDS[i] for i in torch.randint(0, 95, (600,), generator=g).tolist())
+    (tmp_path / "text.txt").write_text(text)
+    return path

@@ -1,0 +1,92 @@
+"""CLI end to end on a tiny saved model: compress, inspect, eval, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from compressor.cli import main
+
+
+def _compress(src, out, *extra):
+    return main(["compress", str(src), "--scheme", "w4a16", "--group-size", "32", "--output", str(out), "--quiet", *extra])
+
+
+def test_compress_inspect_eval(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _compress(tiny_model_dir, out) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "recipe.yaml").is_file()
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized_layers"] == 14
+    # 4 bits + (32-bit fp32 scale + 4-bit zero point) per group of 32 (and ragged groups on K=80)
+    assert 5.0 < info["bits_per_weight"] < 5.5
+    assert info["loaders"][0] == "compressor.load_compressed"
+    text = str(tmp_path / "text.txt")
+    assert main(["eval", str(tiny_model_dir), str(out), "--dataset", text, "--ctx", "64", "--max-tokens", "0", "--json", "--quiet"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tokens"] for r in rows] == [9 * 63, 9 * 63]
+    assert rows[0]["bits_per_weight"] == 32 and rows[1]["ppl"] > 0
+
+
+def test_recipe_file_and_overrides(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - rtn:\n      scheme: {bits: 4, group_size: 16, symmetric: true}\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_model_dir), "--recipe", str(recipe), "--set", "rtn.scheme.bits=3", "-o", str(out), "-q"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (cfg["num_bits"], cfg["group_size"], cfg["symmetric"]) == (3, 16, True)
+
+
+def test_missing_model(tmp_path, caplog):
+    assert _compress(tmp_path / "nope", tmp_path / "out") == 2
+    assert "does not exist" in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _compress(tiny_model_dir, out) == 2
+    assert "--overwrite" in caplog.text
+    assert _compress(tiny_model_dir, out, "--overwrite") == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_unknown_recipe_key_and_bad_bits(tiny_model_dir, tmp_path, caplog):
+    assert _compress(tiny_model_dir, tmp_path / "o", "--set", "rtn.scheme.bitz=3") == 2
+    assert "did you mean 'bits'" in caplog.text
+    assert _compress(tiny_model_dir, tmp_path / "o", "--set", "rtn.scheme.bits=9") == 2
+    assert "bits=9" in caplog.text and not (tmp_path / "o").exists()
+
+
+def test_nan_weight_is_reported_with_layer_name(tiny_model_dir, tmp_path, caplog):
+    file = tiny_model_dir / "model.safetensors"
+    sd = load_file(file)
+    sd["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    save_file(sd, file, metadata={"format": "pt"})
+    assert _compress(tiny_model_dir, tmp_path / "o") == 2
+    assert "model.layers.1.mlp.up_proj" in caplog.text and "NaN" in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint(tiny_model_dir, tmp_path, caplog):
+    file = tiny_model_dir / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    assert _compress(tiny_model_dir, tmp_path / "o") == 2
+    assert "truncated" in caplog.text
+
+
+def test_eval_errors(tiny_model_dir, tmp_path, caplog):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", str(tiny_model_dir), "--dataset", str(empty), "--quiet"]) == 2
+    assert main(["eval", str(tiny_model_dir), "--dataset", str(tmp_path / "text.txt"), "--ctx", "4096", "--quiet"]) == 2
+    assert "max_position_embeddings" in caplog.text
+
+
+def test_compress_requires_a_scheme_or_recipe(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_model_dir), "--output", str(tmp_path / "o")])

@@ -1,0 +1,87 @@
+"""Recipes: strict configs, YAML round trip, overrides, target matching."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import tiny_llama
+
+from compressor.quant.rtn import RTNConfig
+from compressor.recipe import Recipe, apply_overrides, config_from_dict, select_modules
+
+BASE = {"seed": 3, "passes": [{"rtn": {"scheme": {"bits": 4, "group_size": 64}, "ignore": ["lm_head"]}}]}
+
+
+def test_yaml_round_trip(tmp_path):
+    recipe = Recipe.from_dict(BASE)
+    path = tmp_path / "r.yaml"
+    recipe.save(path)
+    assert Recipe.load(path) == recipe
+    name, cfg = recipe.passes[0]
+    assert name == "rtn" and cfg.scheme.bits == 4 and cfg.scheme.group_size == 64 and recipe.seed == 3
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"passes": [{"rtn": {"schem": {}}}]}, "unknown key 'passes\\[0\\].rtn.schem'.*did you mean 'scheme'"),
+        ({"passes": [{"rtn": {"scheme": {"bitz": 4}}}]}, "did you mean 'bits'"),
+        ({"passes": [{"rtm": {}}]}, "unknown pass 'rtm'.*Did you mean 'rtn'"),
+        ({"passes": [{"rtn": {"scheme": {"bits": 12}}}]}, "bits=12"),
+        ({"passes": [{"rtn": {"scheme": {"bits": "4"}}}]}, "expected an integer"),
+        ({"passes": [{"rtn": {"scheme": {"symmetric": "yes"}}}]}, "expected true/false"),
+        ({"passes": [{"rtn": {"targets": ["re:(unclosed"]}}]}, "bad regular expression"),
+        ({"pases": []}, "unknown recipe key"),
+        ({"passes": ["rtn"]}, "write each pass as"),
+    ],
+)
+def test_bad_recipes_fail_loudly(data, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_dict(data)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        Recipe.load(bad)
+    with pytest.raises(FileNotFoundError):
+        Recipe.load(tmp_path / "missing.yaml")
+
+
+def test_overrides_by_pass_name_and_index():
+    data = apply_overrides(BASE, ["rtn.scheme.bits=3", "passes.0.scheme.symmetric=true", "seed=7", "rtn.ignore=[lm_head, re:.*k_proj]"])
+    recipe = Recipe.from_dict(data)
+    cfg = recipe.passes[0][1]
+    assert (cfg.scheme.bits, cfg.scheme.symmetric, recipe.seed) == (3, True, 7)
+    assert cfg.ignore == ("lm_head", "re:.*k_proj")
+    assert BASE["passes"][0]["rtn"]["scheme"]["bits"] == 4  # input not mutated
+
+
+@pytest.mark.parametrize("item,match", [("rtn.scheme.bits", "key=value"), ("gptq.scheme.bits=3", "no single pass named 'gptq'"),
+                                        ("passes.4.scheme.bits=3", "has 1 passes")])
+def test_bad_overrides(item, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(BASE, [item])
+
+
+def test_override_unknown_key_caught_by_validation():
+    with pytest.raises(ValueError, match="unknown key"):
+        Recipe.from_dict(apply_overrides(BASE, ["rtn.scheme.group=32"]))
+
+
+def test_target_matching_class_exact_and_regex():
+    model = tiny_llama()
+    names = lambda **kw: [n for n, _ in select_modules(model, config_from_dict(RTNConfig, kw))]  # noqa: E731
+    assert len(names()) == 14  # 7 linears x 2 layers, lm_head ignored
+    assert "lm_head" in names(ignore=[])
+    assert names(targets=["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
+    assert names(targets=["re:.*\\.0\\..*_proj$"], ignore=["re:.*mlp.*"]) == [
+        f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"
+    ]
+    assert names(targets=["Module"], ignore=["re:.*"]) == []
+
+
+def test_recipe_yaml_is_plain():
+    text = Recipe.from_dict(BASE).to_yaml()
+    assert yaml.safe_load(text)["passes"][0]["rtn"]["scheme"]["group_size"] == 64
