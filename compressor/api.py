@@ -12,7 +12,10 @@ from torch import nn
 from compressor.export.atomic import check_output_dir
 from compressor.export.compressed_tensors import save_compressed
 from compressor.export.loader import load_compressed, read_config
-from compressor.recipe import Recipe
+from compressor.arch import find_blocks
+from compressor.calibration import ids_sha256
+from compressor.pipeline.sequential import PipelineConfig, run_sequential
+from compressor.recipe import Recipe, select_modules
 
 __all__ = ["load_model", "load_tokenizer", "compress", "evaluate", "is_export", "check_checkpoint"]
 
@@ -120,9 +123,11 @@ def compress(
     model: nn.Module | str | Path,
     recipe: Recipe,
     *,
+    calibration: Any = None,
     output: str | Path | None = None,
     tokenizer: Any = None,
     overwrite: bool = False,
+    pipeline: PipelineConfig | None = None,
     quiet: bool = False,
 ) -> nn.Module:
     """Run a recipe on a model and optionally export it.
@@ -130,10 +135,16 @@ def compress(
     Args:
         model: an ``nn.Module`` (modified in place) or a checkpoint directory.
         recipe: the passes to run.
+        calibration: data for calibrated passes (gptq): a
+            :class:`~compressor.calibration.CalibrationSet`, an int64 (S, L)
+            tensor of token ids, or a source string such as ``"sotu:1790-1999"``
+            (128 windows of 512 tokens, seeded by ``recipe.seed``).
         output: export directory (checked before any work; written atomically).
         tokenizer: saved beside the export; loaded from the checkpoint when
             ``model`` is a path.
         overwrite: replace an existing ``output``.
+        pipeline: device, activation cache, batch size and checkpointing of the
+            sequential pipeline.
         quiet: no progress bars.
 
     Returns:
@@ -151,14 +162,64 @@ def compress(
     if not passes:
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     torch.manual_seed(recipe.seed)
-    for p in passes:
-        if p.requires_calibration:
-            raise NotImplementedError(f"pass {p.name!r} needs calibration data, which this release does not provide yet")
-        p.apply(model, quiet=quiet)
+    info: dict = {"source_model": source, "seed": recipe.seed}
+    if any(p.requires_calibration for p in passes):
+        ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name for p in passes if p.requires_calibration])
+        blocks_name, _ = find_blocks(model)
+        outside = _targets_outside_blocks(model, passes, blocks_name)
+        info["calibration"] = {"sha256": ids_sha256(ids), "sequences": ids.shape[0], "seq_len": ids.shape[1]}
+        config = pipeline or PipelineConfig(quiet=quiet)
+        fingerprint = {"recipe": recipe.to_dict(), "calibration_sha256": info["calibration"]["sha256"],
+                       "model_config": _config_hash(model)}
+        run_sequential(model, passes, ids, config, fingerprint)
+        for p in passes:
+            if outside.get(p.name):
+                p.apply(model, quiet=quiet, only=outside[p.name])
+    else:
+        for p in passes:
+            p.apply(model, quiet=quiet)
     if output is not None:
-        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite,
-                        info={"source_model": source, "seed": recipe.seed})
+        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
     return model
+
+
+def _calibration_ids(calibration: Any, tokenizer: Any, seed: int, names: list[str]) -> torch.Tensor:
+    from compressor.calibration import CalibrationSet, calibration_set
+
+    if calibration is None:
+        raise ValueError(f"pass(es) {names} need calibration data: pass calibration='sotu:1790-1999' "
+                         "(or a CalibrationSet / an int64 (S, L) tensor of token ids)")
+    if isinstance(calibration, CalibrationSet):
+        return calibration.input_ids
+    if isinstance(calibration, str):
+        if tokenizer is None:
+            raise ValueError("a calibration source string needs a tokenizer: pass tokenizer=... or token ids")
+        return calibration_set(calibration, tokenizer, seed=seed).input_ids
+    if isinstance(calibration, torch.Tensor) and calibration.ndim == 2 and calibration.dtype == torch.int64:
+        return calibration
+    raise ValueError(f"calibration must be a CalibrationSet, an int64 (S, L) tensor or a source string, got {type(calibration).__name__}")
+
+
+def _targets_outside_blocks(model: nn.Module, passes: list, blocks_name: str) -> dict[str, set[str]]:
+    """Targets of each pass outside the decoder blocks; calibrated passes may not have any."""
+    out = {}
+    for p in passes:
+        names = {n for n, m in select_modules(model, p.config) if isinstance(m, nn.Linear)
+                 and not n.startswith(blocks_name + ".")}
+        if names and p.requires_calibration:
+            raise ValueError(f"{p.name} targets {sorted(names)[:3]} outside the decoder blocks ({blocks_name}); the "
+                             f"sequential pipeline calibrates block modules only: add them to ignore, or quantize "
+                             "them with an rtn pass")
+        out[p.name] = names
+    return out
+
+
+def _config_hash(model: nn.Module) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str) if hasattr(model, "config") else type(model).__name__
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def evaluate(

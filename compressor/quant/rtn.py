@@ -43,14 +43,23 @@ class RTNPass(Pass):
     name = "rtn"
     config_cls = RTNConfig
 
-    def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
-        layers = [(n, m) for n, m in select_modules(model, self.config) if isinstance(m, nn.Linear)]
-        if not layers:
+    def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context) -> None:
+        """Quantize the targeted linears of ``model`` (restricted to names in ``only`` when given)."""
+        layers = [(n, m) for n, m in select_modules(model, self.config)
+                  if isinstance(m, nn.Linear) and (only is None or n in only)]
+        if not layers and only is None:
             raise ValueError(
                 f"rtn: no nn.Linear matches targets={list(self.config.targets)} "
                 f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`"
             )
         log.info("rtn: %s on %d layers", self.config.scheme.describe(), len(layers))
+        self._quantize(layers, quiet)
+
+    def compress_block(self, block: nn.Module, prefix: str) -> None:
+        """Quantize the targeted linears inside one block (sequential pipeline)."""
+        self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)], True)
+
+    def _quantize(self, layers: list[tuple[str, nn.Module]], quiet: bool) -> None:
         for name, module in progress(layers, "rtn", quiet=quiet):
             try:
                 rtn_quantize_module(module, self.config.scheme)

@@ -1,0 +1,212 @@
+"""Shared pieces of the benchmark scripts: settings, protocol data, records, machine info.
+
+Imported by ``quant_quality.py`` (dev venv) and by ``_peer_llmcompressor.py``
+(the peer venv ``.venv-bench``), so both sides use the same calibration windows,
+the same evaluation tokens and the same record layout. Only the standard library
+and torch are imported at module level; ``compressor`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("benchmarks")
+
+BENCH = "quant_quality"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+CALIB_SOURCE = "sotu:1790-1999"
+EVAL_SOURCE = "sotu:2010-2021"
+CALIB_SEED = 0
+CTX = 512
+
+# Full protocol (DESIGN.md, "Measured starting points") and the --quick smoke test.
+FULL = {"n_calib": 128, "calib_len": 512, "max_tokens": 32768}
+QUICK = {"n_calib": 8, "calib_len": 128, "max_tokens": 2048}
+
+DEFAULT_SETTINGS = ("w4g64", "w4g128", "w4pc", "w3g64", "w3g128", "w2g64")
+_SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A weight-quantization setting: ``bits`` and ``group_size`` (-1 = per output channel), asymmetric."""
+
+    bits: int
+    group_size: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
+
+    def scheme(self) -> dict[str, Any]:
+        """Our recipe's ``scheme`` mapping."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": False}
+
+
+def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
+    """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1).
+
+    Raises:
+        ValueError: an unknown form, or W4 g32 (SmolLM2's weights already lie on
+            that grid, so every method is lossless there) unless ``allow_lossless``.
+    """
+    match = _SETTING_RE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc")
+    bits, group = int(match.group(1)), match.group(2)
+    setting = Setting(bits, -1 if group is None else int(group))
+    if setting.group_size == 0:
+        raise ValueError(f"{text!r}: group size 0 is invalid; use e.g. g64 or pc (per channel)")
+    if setting == Setting(4, 32) and not allow_lossless:
+        raise ValueError(
+            "w4g32 is not a benchmark point: SmolLM2-135M's weights came from GGUF Q4_1 and already lie "
+            "on the W4 g32 asymmetric grid, so every method is lossless there; use w4g64 or w4g128"
+        )
+    return setting
+
+
+def parse_settings(text: str) -> list[Setting]:
+    return [parse_setting(part) for part in text.split(",") if part.strip()]
+
+
+# ---------------------------------------------------------------- protocol data
+
+
+def load_tokenizer_and_path():
+    """The fp32 SmolLM2 fixture directory and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from compressor.fixtures import smollm2_dir
+
+    path = smollm2_dir()
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def load_fp32_model(path):
+    """SmolLM2 in fp32 on CPU, in eval mode (plain transformers: same in both venvs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def calibration_ids(tokenizer, n: int, seq_len: int):
+    """Our calibration set: ``n`` windows of ``seq_len`` tokens from SOTU 1790-1999, seed 0."""
+    from compressor.calibration import calibration_set
+
+    return calibration_set(CALIB_SOURCE, tokenizer, n=n, seq_len=seq_len, seed=CALIB_SEED)
+
+
+def eval_ids(tokenizer):
+    """The evaluation token stream: SOTU 2010-2021, tokenized once."""
+    from compressor.calibration import load_text, tokenize
+
+    return tokenize(load_text(EVAL_SOURCE), tokenizer)
+
+
+def perplexity(model, ids, max_tokens: int) -> dict[str, Any]:
+    """Our perplexity protocol: consecutive windows of 512 over the first ``max_tokens`` tokens."""
+    from compressor.eval.perplexity import perplexity as ppl_fn
+
+    result = ppl_fn(model, ids, ctx=CTX, max_tokens=max_tokens, quiet=True)
+    return {"ppl": round(result.ppl, 4), "eval_tokens": result.tokens, "eval_windows": result.windows}
+
+
+# ---------------------------------------------------------------- records
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical cores, torch version and intra-op threads of this process."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass  # not Linux: keep platform.processor()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed distribution versions (None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def base_record(method: str, setting: Setting | None) -> dict[str, Any]:
+    """The fields every result line has; measurement fields start empty."""
+    return {
+        "bench": BENCH,
+        "model": MODEL_NAME,
+        "method": method,
+        "setting": setting.name if setting else "fp32",
+        "bits": setting.bits if setting else None,
+        "group_size": setting.group_size if setting else None,
+        "symmetric": False if setting else None,
+        "ppl": None,
+        "compress_s": None,
+        "peak_rss_mb": None,
+        "status": None,
+    }
+
+
+def write_result(record: dict[str, Any], path: str | os.PathLike) -> None:
+    """A child's result: one JSON object written to the file its parent named."""
+    Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def emit(record: dict[str, Any], output: str | os.PathLike | None = None) -> None:
+    """Print one JSON line on stdout (flushed) and append it to ``output``."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if output is not None:
+        with open(output, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def error_text(err: BaseException, limit: int = 2000) -> str:
+    """``Type: message``, cut to ``limit`` characters (keeps the start, where the cause is)."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= limit else text[:limit] + " ...[cut]"

@@ -1,0 +1,151 @@
+"""One llm-compressor run (GPTQModifier or AWQModifier) on SmolLM2, in the peer venv.
+
+Run by ``quant_quality.py`` as ``.venv-bench/bin/python _peer_llmcompressor.py
+--job JSON --result FILE``; never imported by the dev venv. It takes OUR
+calibration windows (``compressor.calibration.calibration_set``) and scores the
+model object ``oneshot`` returns with OUR perplexity function, in fp32, so the
+protocol is identical to the ``rtn``/``gptq``/``adaround`` runs.
+
+Peer-specific choices (see benchmarks/README.md):
+
+* calibration goes in as a ``datasets.Dataset`` with ``input_ids`` and
+  ``attention_mask`` columns: already tokenized, so llm-compressor does not
+  re-tokenize; no shuffling, batch size 1, ``max_seq_length`` = window length;
+* weights: ``QuantizationArgs(num_bits, type="int", symmetric=False,
+  strategy="group"|"channel", group_size)``, every ``Linear`` except ``lm_head``;
+* ``pipeline="sequential"`` (block by block, as our pipeline), on CPU;
+* AWQ is the 0.14 form: ``AWQModifier()`` (scales only) followed by a
+  ``QuantizationModifier`` with the same scheme. AWQ pins cached activations,
+  which raises without an accelerator, so ``torch.Tensor.pin_memory`` is made a
+  no-op there and the record says ``"patched": "pin_memory no-op"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import traceback
+
+import _common as common
+
+log = logging.getLogger("benchmarks.peer")
+
+PEER_METHODS = ("llmc-gptq", "llmc-awq")
+
+
+def _quant_scheme(setting: common.Setting):
+    """The compressed-tensors weight scheme for one setting (asymmetric int, W-only)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if setting.group_size == -1:
+        weights = QuantizationArgs(num_bits=setting.bits, type="int", symmetric=False, strategy="channel")
+    else:
+        weights = QuantizationArgs(
+            num_bits=setting.bits, type="int", symmetric=False, strategy="group", group_size=setting.group_size
+        )
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def _recipe(method: str, setting: common.Setting) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    groups = _quant_scheme(setting)
+    if method == "llmc-gptq":
+        return [GPTQModifier(config_groups=groups, targets=["Linear"], ignore=["lm_head"])]
+    if method == "llmc-awq":
+        return [AWQModifier(), QuantizationModifier(config_groups=groups, targets=["Linear"], ignore=["lm_head"])]
+    raise ValueError(f"unknown peer method {method!r}: use one of {PEER_METHODS}")
+
+
+def _patch_pin_memory() -> str | None:
+    """Without an accelerator, make ``Tensor.pin_memory`` return the tensor itself.
+
+    Pinning page-locks host memory for fast host→device copies; with no device
+    it raises ("Cannot access accelerator device when none is available"). This
+    is the only change made to the peer's behaviour, and only in this process.
+    """
+    import torch
+
+    if torch.accelerator.is_available():
+        return None
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    return "pin_memory no-op"
+
+
+def _calibration_dataset(input_ids):
+    """A tokenized ``datasets.Dataset`` of our windows: (n, L) int64 → rows of input_ids + attention_mask."""
+    from datasets import Dataset
+
+    rows = input_ids.tolist()
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+
+
+def run(job: dict) -> dict:
+    """Compress with llm-compressor and evaluate; returns the result record."""
+    import torch
+
+    method = job["method"]
+    setting = common.Setting(job["bits"], job["group_size"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    record = common.base_record(method, setting)
+    record["machine"] = common.machine_info()
+    record["versions"] = common.versions("llmcompressor", "compressed-tensors", "transformers", "torch", "compressor")
+    record["pipeline"] = "sequential"
+    if method == "llmc-awq":
+        patched = _patch_pin_memory()
+        if patched:
+            record["patched"] = patched
+
+    from llmcompressor import oneshot
+
+    path, tokenizer = common.load_tokenizer_and_path()
+    ids = common.eval_ids(tokenizer)
+    calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
+    record["calibration"] = calib.to_dict()
+    model = common.load_fp32_model(path)
+    dataset = _calibration_dataset(calib.input_ids)
+    try:
+        recipe = _recipe(method, setting)
+        log.info("%s %s: oneshot on %d x %d calibration tokens", method, setting.name, calib.n, calib.seq_len)
+        start = time.perf_counter()
+        model = oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            num_calibration_samples=calib.n,
+            max_seq_length=calib.seq_len,
+            shuffle_calibration_samples=False,
+            batch_size=1,
+            pipeline="sequential",
+        )
+        record["compress_s"] = round(time.perf_counter() - start, 2)
+    except Exception as err:  # a peer's failure is a finding: record it, never hide it
+        log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
+        record.update(status="failed", error=common.error_text(err))
+        return record
+    model = model.float().eval()
+    record.update(common.perplexity(model, ids, job["max_tokens"]))
+    record["status"] = "ok"
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="JSON: method, bits, group_size, n_calib, calib_len, max_tokens, threads")
+    parser.add_argument("--result", required=True, help="file to write the JSON result record to")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    common.setup_logging(args.verbose)
+    record = run(json.loads(args.job))
+    record["self_peak_rss_mb"] = common.peak_rss_mb()
+    common.write_result(record, args.result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Weight-quantization quality on SmolLM2-135M: ours (rtn, gptq, adaround) beside llm-compressor.
+
+Every (method, setting) runs in its own subprocess, so ``peak_rss_mb`` is that
+run's alone and the peers run in their own venv (``benchmarks/setup_peers.sh``).
+All runs share one protocol (DESIGN.md, "Measured starting points"):
+calibration = 128 windows x 512 tokens of SOTU 1790-1999 at seeded random
+starts; evaluation = perplexity on the first 32768 tokens of SOTU 2010-2021 in
+consecutive windows of 512, with ``compressor.eval.perplexity``.
+
+Results: one JSON line per (method, setting) on stdout, appended to ``--output``
+too. Logs go to stderr. Fields are described in benchmarks/README.md.
+
+    python benchmarks/quant_quality.py --quick --methods rtn,llmc-gptq --settings w4g64
+    python benchmarks/quant_quality.py --methods fp32,rtn,gptq --settings w4g64,w3g64 --output results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
+
+import _common as common  # noqa: E402
+
+log = logging.getLogger("benchmarks.quant_quality")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEER_SCRIPT = HERE / "_peer_llmcompressor.py"
+DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+
+OUR_METHODS = ("rtn", "gptq", "adaround")
+PEER_METHODS = ("llmc-gptq", "llmc-awq")
+ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
+
+
+# ---------------------------------------------------------------- child: our methods
+
+
+def _unavailable_reason(method: str) -> str | None:
+    """Why our pass cannot run yet (not registered, or compress() takes no calibration), else None."""
+    import compressor
+    from compressor.recipe import registered_passes
+
+    passes = registered_passes()
+    if method not in passes:
+        return f"pass {method!r} is not registered (registered: {sorted(passes)})"
+    if passes[method].requires_calibration and "calibration" not in inspect.signature(compressor.compress).parameters:
+        return f"pass {method!r} needs calibration data, but compressor.compress() takes no `calibration` argument yet"
+    return None
+
+
+def run_ours(job: dict) -> dict:
+    """fp32 baseline or one of our passes, in this (child) process."""
+    import torch
+
+    method = job["method"]
+    setting = None if method == "fp32" else common.Setting(job["bits"], job["group_size"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    record = common.base_record(method, setting)
+    record["machine"] = common.machine_info()
+    record["versions"] = common.versions("torch", "transformers", "compressor")
+    if method != "fp32":
+        reason = _unavailable_reason(method)
+        if reason:
+            log.warning("%s: %s", method, reason)
+            record.update(status="unavailable", error=reason)
+            return record
+
+    import compressor
+    from compressor.recipe import registered_passes
+
+    path, tokenizer = common.load_tokenizer_and_path()
+    ids = common.eval_ids(tokenizer)
+    model = common.load_fp32_model(path)
+    if setting is not None:
+        calibrated = registered_passes()[method].requires_calibration
+        kwargs = {}
+        if calibrated:
+            calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
+            record["calibration"] = calib.to_dict()
+            kwargs["calibration"] = calib.input_ids
+        recipe = compressor.Recipe.from_dict({"passes": [{method: {"scheme": setting.scheme()}}]})
+        try:
+            start = time.perf_counter()
+            model = compressor.compress(model, recipe, quiet=True, **kwargs)
+            record["compress_s"] = round(time.perf_counter() - start, 2)
+        except TypeError as err:
+            if "calibration" not in str(err):
+                raise
+            record.update(status="unavailable", error=common.error_text(err))
+            return record
+        except Exception as err:  # recorded as a finding (with traceback in the log), not hidden
+            log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
+            record.update(status="failed", error=common.error_text(err))
+            return record
+    record.update(common.perplexity(model, ids, job["max_tokens"]))
+    record["status"] = "ok"
+    return record
+
+
+# ---------------------------------------------------------------- parent
+
+
+def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
+    """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
+    method = job["method"]
+    setting = None if method == "fp32" else common.Setting(job["bits"], job["group_size"])
+    if method in PEER_METHODS:
+        if not peer_python.is_file():
+            record = common.base_record(method, setting)
+            record["machine"] = common.machine_info()
+            record.update(
+                status="unavailable",
+                error=f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first",
+            )
+            return record
+        command = [str(peer_python), str(PEER_SCRIPT)]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    with tempfile.TemporaryDirectory(prefix="quant_quality-") as tmp:
+        result = Path(tmp) / "result.json"
+        command += ["--job", json.dumps(job), "--result", str(result)] + (["--verbose"] if verbose else [])
+        log.info("running %s %s", method, setting.name if setting else "")
+        start = time.perf_counter()
+        # the child's stdout goes to our stderr: our stdout carries only result lines
+        child = subprocess.Popen(command, stdout=sys.stderr, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = round(time.perf_counter() - start, 2)
+        record = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+    if record is None:
+        record = common.base_record(method, setting)
+        record["machine"] = common.machine_info()
+        why = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
+        record.update(status="failed", error=f"the child process ended without a result ({why}); see its log on stderr")
+    record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux; the whole child process
+    record["wall_s"] = wall
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="W-only quantization quality on SmolLM2-135M: ours vs llm-compressor, one JSON line per result.",
+        epilog="Cost on 2 cores: rtn ~1-2 min/setting, llm-compressor GPTQ ~10 min/setting, "
+        "llm-compressor AWQ ~80 min/setting. See benchmarks/README.md.",
+    )
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--settings", default=",".join(common.DEFAULT_SETTINGS),
+                        help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
+    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
+    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
+    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
+                        help="python of the peer venv (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def _positive(parser: argparse.ArgumentParser, name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        parser.error(f"--{name} must be a positive integer, got {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    common.setup_logging(args.verbose)
+    if args.child:
+        record = run_ours(json.loads(args.job))
+        record["self_peak_rss_mb"] = common.peak_rss_mb()
+        common.write_result(record, args.result)
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        parser.error(f"unknown method(s) {unknown}: use a comma list of {', '.join(ALL_METHODS)}")
+    try:
+        settings = common.parse_settings(args.settings)
+    except ValueError as err:
+        parser.error(str(err))
+    if not settings and any(m != "fp32" for m in methods):
+        parser.error("--settings is empty")
+    for name in ("n_calib", "calib_len", "max_tokens", "threads"):
+        _positive(parser, name.replace("_", "-"), getattr(args, name))
+    base = common.QUICK if args.quick else common.FULL
+    protocol = {
+        "n_calib": args.n_calib or base["n_calib"],
+        "calib_len": args.calib_len or base["calib_len"],
+        "max_tokens": args.max_tokens or base["max_tokens"],
+        "threads": args.threads,
+    }
+    if protocol["max_tokens"] < common.CTX:
+        parser.error(f"--max-tokens must be at least one window of {common.CTX} tokens")
+
+    jobs = []
+    for method in methods:
+        if method == "fp32":
+            jobs.append({"method": method, "bits": None, "group_size": None, **protocol})
+        else:
+            jobs += [{"method": method, "bits": s.bits, "group_size": s.group_size, **protocol} for s in settings]
+    log.info("%d runs: %s", len(jobs), ", ".join(f"{j['method']}:{j['bits']}/{j['group_size']}" for j in jobs))
+    for job in jobs:
+        record = run_job(job, args.peer_python, args.verbose)
+        record["protocol"] = {"quick": args.quick, **protocol}
+        common.emit(record, args.output)
+
+
+if __name__ == "__main__":
+    main()

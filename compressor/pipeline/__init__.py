@@ -1,0 +1,1 @@
+"""Sequential block pipeline: input capture, activation cache, checkpoints."""

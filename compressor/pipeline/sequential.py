@@ -1,0 +1,186 @@
+"""The sequential block pipeline: calibrate and compress one decoder block at a time.
+
+1. capture block 0's inputs with a pre-hook that stops the forward (``lm_head``
+   never runs);
+2. for each block: move it to the compute device; for each pass, run the
+   calibration batches with the pass's hooks collecting statistics, then let
+   the pass compress the block; recompute the block's outputs with the
+   compressed weights as the next block's inputs; checkpoint; offload.
+
+Only one block's weights, its statistics and the activation cache sit on the
+compute device. Grad and the KV cache are off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.arch import find_blocks
+from compressor.pipeline.cache import ActivationCache
+from compressor.pipeline.checkpoint import BlockCheckpoint
+from compressor.progress import progress
+from compressor.recipe import Pass
+
+__all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]
+
+log = logging.getLogger(__name__)
+
+_DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """How the sequential pipeline runs.
+
+    Attributes:
+        device: compute device (``"cpu"``, ``"cuda"``, ``"cuda:1"``); default: CUDA when available.
+        cache: where block inputs live: ``"device"``, ``"cpu"`` or ``"disk"``.
+        cache_dir: directory for the ``"disk"`` cache (a temporary one by default).
+        batch_size: calibration sequences per forward.
+        checkpoint_dir: write each finished block there and skip finished blocks on restart.
+        quiet: no progress bars.
+    """
+
+    device: str | None = None
+    cache: str = "device"
+    cache_dir: Path | None = None
+    batch_size: int = 8
+    checkpoint_dir: Path | None = None
+    quiet: bool = False
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are recorded."""
+
+
+def _outside(model: nn.Module, blocks_name: str):
+    """Modules not inside the block list (embeddings, rotary, final norm, head)."""
+    for name, module in model.named_modules():
+        if name == blocks_name or name.startswith(blocks_name + "."):
+            continue
+        yield module
+
+
+def _move_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers (not its children's), keeping ties."""
+    for name, p in module.named_parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        if b is not None:
+            module._buffers[name] = b.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, blocks_name: str, input_ids: torch.Tensor, config: PipelineConfig
+) -> ActivationCache:
+    """Run the model up to block 0 on every calibration batch and record block 0's inputs.
+
+    Args:
+        input_ids: (S, L) int64 calibration sequences.
+
+    Returns:
+        An :class:`ActivationCache` with ``ceil(S / batch_size)`` entries.
+    """
+    device = config.resolved_device()
+    cache = ActivationCache(config.cache, device, config.cache_dir)
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cache.append(hidden, {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
+        raise _StopForward
+
+    outside = list(_outside(model, blocks_name))
+    homes = [(m, next(iter(list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))), None)) for m in outside]
+    for m in outside:
+        _move_tensors(m, device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], config.batch_size):
+            batch = input_ids[start : start + config.batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m, t in homes:
+            if t is not None:
+                _move_tensors(m, t.device)
+    if len(cache) == 0:
+        raise ValueError("no calibration batch reached the first block: the calibration set is empty")
+    return cache
+
+
+def _block_forward(block: nn.Module, cache: ActivationCache, i: int) -> torch.Tensor:
+    out = block(cache.hidden(i), **cache.kwargs(i))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    passes: list[Pass],
+    input_ids: torch.Tensor,
+    config: PipelineConfig = PipelineConfig(),
+    fingerprint: dict | None = None,
+) -> None:
+    """Compress ``model`` in place, block by block, with calibration data.
+
+    Args:
+        model: a Hugging Face model (weights anywhere; each block is moved to
+            the compute device while it is processed, then back).
+        passes: passes in recipe order. Calibrated passes implement
+            ``begin_block(block, prefix)`` / ``end_block(block, prefix, ...)``;
+            calibration-free passes implement ``compress_block(block, prefix)``.
+        input_ids: (S, L) int64 calibration sequences.
+        config: device, cache location, batch size, checkpointing.
+        fingerprint: identifies the run for checkpoint resume (recipe, data hash).
+    """
+    if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
+        raise ValueError(f"calibration input_ids must be an int64 (S, L) tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+    device = config.resolved_device()
+    blocks_name, blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()
+    ckpt = BlockCheckpoint(config.checkpoint_dir, fingerprint or {}) if config.checkpoint_dir else None
+    cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config)
+    try:
+        for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
+            block, prefix = blocks[i], f"{blocks_name}.{i}"
+            home = next(block.parameters()).device
+            block.to(device)
+            if ckpt is not None and ckpt.has(i):
+                ckpt.load(i, block)
+            else:
+                _compress_block(block, prefix, passes, cache)
+                if ckpt is not None:
+                    ckpt.save(i, block)
+            for j in range(len(cache)):
+                cache.set_hidden(j, _block_forward(block, cache, j))
+            block.to(home)
+            log.debug("block %d done", i)
+    finally:
+        cache.close()
+        model.train(was_training)
+
+
+def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache) -> None:
+    for p in passes:
+        if p.requires_calibration:
+            p.begin_block(block, prefix)
+            for j in range(len(cache)):
+                _block_forward(block, cache, j)
+            p.end_block(block, prefix, cache=cache)
+        else:
+            p.compress_block(block, prefix)

@@ -1,0 +1,266 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): second-order error feedback while rounding.
+
+Maths in :func:`gptq_quantize` (pure, testable on an 8x6 matrix); statistics
+collection and application in :class:`GPTQPass`, a thin adapter the sequential
+pipeline drives block by block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
+from compressor.quant.state import attach_qparams
+from compressor.recipe import Pass, PassConfig, register_pass, select_modules
+
+__all__ = ["GPTQConfig", "GPTQPass", "GPTQResult", "gptq_quantize", "HessianAccumulator"]
+
+log = logging.getLogger(__name__)
+
+_ACTORDER = ("none", "static", "group")
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """Output of :func:`gptq_quantize`.
+
+    Attributes:
+        weight: (N, K) dequantized weight on the grid, in the requested dtype.
+        codes: (N, K) int8 integer codes.
+        qparams: scale / zero point (N, G) in the requested dtype.
+        g_idx: (K,) int32 group of each column when ``actorder="group"``, else None.
+        loss: sum of the per-column losses ``(w - q)^2 / [H^-1]_jj / 2`` (eq. 3 of the paper).
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    qparams: QParams
+    g_idx: torch.Tensor | None
+    loss: float
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_x x x^T`` over the rows of layer inputs (K, K) float32."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (..., K); non-finite inputs are an error."""
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # (T, K)
+        if not torch.isfinite(x).all():
+            raise ValueError("calibration activations contain NaN/inf: check the calibration data and the model weights")
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+
+def _column_params(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
+    """Scale / zero point for a (N, c) slice treated as one group, rounded to ``dtype``."""
+    single = QuantScheme(**{**scheme.to_dict(), "group_size": -1})
+    qp = compute_qparams(w, single)
+    zp = None if qp.zero_point is None else qp.zero_point.to(dtype).float()
+    return QParams(qp.scale.to(dtype).float(), zp)
+
+
+def _fq_column(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme):
+    """Quantize one column (N,) with per-row scale / zero point (N,): (codes, dequantized)."""
+    q = w / scale
+    if zp is not None:
+        q = q + zp
+    q = torch.clamp(torch.round(q), scheme.qmin, scheme.qmax)
+    deq = (q - zp) * scale if zp is not None else q * scale
+    return q, deq
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    actorder: str = "none",
+    dtype: torch.dtype | None = None,
+) -> GPTQResult:
+    """Quantize a weight matrix with GPTQ.
+
+    Args:
+        weight: (N, K) float weight.
+        hessian: (K, K) ``2 X X^T / n`` of the layer inputs (float32 or float64).
+        scheme: bits, group size (or -1), symmetry, observer (``mse`` searches clipping per group).
+        block_size: columns updated lazily together (the paper's B = 128).
+        dampening: ``lambda`` as a fraction of the mean Hessian diagonal (the paper's 1%).
+        actorder: ``"none"``; ``"static"`` (columns processed by decreasing Hessian
+            diagonal, groups fixed in natural order, so the export needs no g_idx);
+            ``"group"`` (groups formed along the processing order; ``g_idx`` exported).
+        dtype: dtype of the returned weight and parameters (default ``weight.dtype``).
+
+    Returns:
+        :class:`GPTQResult`.
+    """
+    if actorder not in _ACTORDER:
+        raise ValueError(f"actorder={actorder!r}: use one of {_ACTORDER}")
+    if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"shapes do not fit: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has NaN/inf entries: fix or reload the checkpoint before quantizing")
+    if not 0 <= dampening < 1:
+        raise ValueError(f"dampening={dampening}: use a fraction in [0, 1), e.g. 0.01")
+    dtype = dtype or weight.dtype
+    n, k = weight.shape
+    width = scheme.group_width(k)
+    W = weight.detach().to(torch.float32).clone()  # (N, K)
+    H = hessian.detach().to(torch.float32).clone()  # (K, K)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static_qp = None
+    if actorder == "static" or scheme.group_size == -1:
+        # parameters fixed up front from the original weight, natural groups
+        static_qp = compute_qparams(W, scheme)
+        static_qp = QParams(static_qp.scale.to(dtype).float(),
+                            None if static_qp.zero_point is None else static_qp.zero_point.to(dtype).float())
+
+    dev = W.device
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder != "none" else torch.arange(k, device=dev)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, dampening)  # (K, K) upper Cholesky factor of H^-1
+
+    natural_group = torch.arange(k, device=dev) // width  # (K,)
+    col_group = natural_group[perm] if static_qp is not None else natural_group  # group of each processed column
+    groups = num_groups(k, width)
+    scale = torch.zeros(n, groups, device=dev) if static_qp is None else static_qp.scale
+    zp = None if scheme.symmetric else (torch.zeros(n, groups, device=dev) if static_qp is None else static_qp.zero_point)
+
+    # lazy batch updates: blocks aligned to groups so a group's parameters see all earlier updates
+    step = block_size if static_qp is not None else width * max(1, block_size // width)
+    codes = torch.zeros(n, k, device=dev)
+    loss = torch.zeros(n, device=dev)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[:, i1:i2].clone()  # (N, B)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(col_group[col])
+            if static_qp is None and col % width == 0:
+                qp = _column_params(W1[:, i : i + width], scheme, dtype)
+                scale[:, g] = qp.scale[:, 0]
+                if zp is not None:
+                    zp[:, g] = qp.zero_point[:, 0]
+            w = W1[:, i]
+            q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme)
+            codes[:, col] = q
+            d = Hinv1[i, i]
+            loss += (w - deq) ** 2 / d**2 / 2
+            err = (w - deq) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # eq. 4, within the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of the remaining columns
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv].to(torch.int8)
+    g_idx = None
+    if actorder == "group":
+        g_idx = col_group[inv].to(torch.int32)  # processing position // width, in natural column order
+    qp = QParams(scale.to(dtype), None if zp is None else zp.to(dtype))
+    deq = dequantize(codes, qp, scheme, g_idx).to(dtype)
+    return GPTQResult(weight=deq, codes=codes, qparams=qp, g_idx=g_idx, loss=float(loss.sum()))
+
+
+def _inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + lambda I)^-1``, raising lambda until it is positive definite."""
+    k = H.shape[0]
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(6):
+        damp = dampening * (10**attempt) * mean_diag
+        Hd = H + damp * torch.eye(k, dtype=H.dtype, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("gptq: Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
+                return U
+    raise ValueError("the Hessian is not positive definite even with heavy dampening: use more calibration data")
+
+
+# ---------------------------------------------------------------- pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(PassConfig):
+    """GPTQ weight quantization.
+
+    Attributes:
+        scheme: the weight scheme.
+        block_size: lazy-update block width (columns).
+        dampening: fraction of the mean Hessian diagonal added to the diagonal.
+        actorder: ``"none"``, ``"static"`` or ``"group"`` (see :func:`gptq_quantize`).
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    block_size: int = 128
+    dampening: float = 0.01
+    actorder: str = "static"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.actorder not in _ACTORDER:
+            raise ValueError(f"actorder={self.actorder!r}: use one of {_ACTORDER}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
+
+
+@register_pass
+class GPTQPass(Pass):
+    """Collect input Hessians of each targeted linear in a block, then quantize them with GPTQ."""
+
+    name = "gptq"
+    config_cls = GPTQConfig
+    requires_calibration = True
+
+    def __init__(self, config: GPTQConfig):
+        super().__init__(config)
+        self._stats: dict[str, HessianAccumulator] = {}
+        self._handles: list = []
+
+    def begin_block(self, block: nn.Module, prefix: str) -> None:
+        """Register hooks accumulating the Hessian of every targeted linear in ``block``."""
+        for name, module in select_modules(block, self.config, prefix):
+            if not isinstance(module, nn.Linear):
+                continue
+            acc = HessianAccumulator(module.in_features, module.weight.device)
+            self._stats[name] = acc
+            self._handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+
+    def end_block(self, block: nn.Module, prefix: str, **context) -> None:
+        """Quantize the block's targeted linears from the collected Hessians."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        modules = dict(select_modules(block, self.config, prefix))
+        for name, acc in self._stats.items():
+            module = modules[name]
+            try:
+                res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
+                                    dampening=self.config.dampening, actorder=self.config.actorder)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
+            log.debug("gptq %s loss %.4g", name, res.loss)
+        self._stats.clear()

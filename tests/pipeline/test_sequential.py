@@ -1,0 +1,123 @@
+"""Sequential pipeline: captured inputs, statistics, cache locations, checkpoint resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from compressor import Recipe, compress, save_compressed
+from compressor.arch import find_blocks
+from compressor.pipeline.sequential import PipelineConfig, run_sequential
+from compressor.quant import gptq as gptq_mod
+
+IDS = torch.randint(0, 96, (12, 24), generator=torch.Generator().manual_seed(0))
+GPTQ = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}}}]}
+
+
+def _run(recipe=GPTQ, layers=3, **pipeline):
+    model = tiny_llama(layers=layers)
+    compress(model, Recipe.from_dict(recipe), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True, **pipeline))
+    return model
+
+
+def _weights(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_find_blocks():
+    name, blocks = find_blocks(tiny_llama(layers=3))
+    assert name == "model.layers" and len(blocks) == 3
+
+
+def test_first_block_hessian_matches_a_manual_forward(monkeypatch):
+    seen = {}
+    real = gptq_mod.gptq_quantize
+
+    def spy(weight, hessian, *a, **k):
+        seen.setdefault(weight.data_ptr(), hessian.clone())
+        return real(weight, hessian, *a, **k)
+
+    fp = tiny_llama(layers=3)
+    q_proj = fp.model.layers[0].self_attn.q_proj
+    xs = []
+    h = q_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        fp(IDS)
+    h.remove()
+    x = torch.cat(xs)
+    expected = 2 * x.t() @ x / x.shape[0]
+    model = tiny_llama(layers=3)
+    ptr = model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", spy)
+    compress(model, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    torch.testing.assert_close(seen[ptr], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gptq_beats_rtn_on_the_model():
+    fp = tiny_llama(layers=3)
+    with torch.no_grad():
+        ref = fp(IDS).logits
+        err = lambda m: (m(IDS).logits - ref).pow(2).mean().item()  # noqa: E731
+        rtn = tiny_llama(layers=3)
+        compress(rtn, Recipe.from_dict({"passes": [{"rtn": {"scheme": {"bits": 3, "group_size": 16}}}]}))
+        assert err(_run()) < 0.7 * err(rtn)
+
+
+@pytest.mark.parametrize("cache", ["cpu", "disk"])
+def test_cache_locations_agree(cache, tmp_path):
+    base = _weights(_run())
+    other = _weights(_run(cache=cache, cache_dir=tmp_path / "acts" if cache == "disk" else None))
+    assert all(torch.equal(base[k], other[k]) for k in base)
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
+    full = _run()
+    ref_dir = save_compressed(full, tmp_path / "ref")
+    ckpt = tmp_path / "ckpt"
+    real_end = gptq_mod.GPTQPass.end_block
+    calls = {"n": 0}
+
+    def crash_on_block_1(self, block, prefix, **kw):
+        if prefix.endswith(".1"):
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_end(self, block, prefix, **kw)
+
+    monkeypatch.setattr(gptq_mod.GPTQPass, "end_block", crash_on_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(checkpoint_dir=ckpt)
+    assert (ckpt / "block_00000.safetensors").is_file() and not (ckpt / "block_00001.safetensors").exists()
+    monkeypatch.setattr(gptq_mod.GPTQPass, "end_block", real_end)
+    done = []
+    monkeypatch.setattr(gptq_mod.GPTQPass, "begin_block", lambda self, b, p, _r=gptq_mod.GPTQPass.begin_block: (done.append(p), _r(self, b, p))[1])
+    resumed = _run(checkpoint_dir=ckpt)
+    assert done == ["model.layers.1", "model.layers.2"]  # block 0 came from the checkpoint
+    out = save_compressed(resumed, tmp_path / "resumed")
+    assert (out / "model.safetensors").read_bytes() == (ref_dir / "model.safetensors").read_bytes()
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    _run(checkpoint_dir=tmp_path / "ckpt")
+    other = {"passes": [{"gptq": {"scheme": {"bits": 4, "group_size": 16}}}]}
+    with pytest.raises(ValueError, match="different run"):
+        _run(recipe=other, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_rtn_through_the_pipeline_equals_direct_rtn():
+    recipe = {"passes": [{"rtn": {"scheme": {"bits": 4, "group_size": 16}}}]}
+    direct = tiny_llama(layers=3)
+    compress(direct, Recipe.from_dict(recipe))
+    piped = tiny_llama(layers=3)
+    passes = Recipe.from_dict(recipe).build()
+    run_sequential(piped, passes, IDS, PipelineConfig(quiet=True))
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), piped.state_dict().values()))
+
+
+def test_calibration_errors():
+    with pytest.raises(ValueError, match="need calibration data"):
+        compress(tiny_llama(), Recipe.from_dict(GPTQ))
+    with pytest.raises(ValueError, match="outside the decoder blocks"):
+        compress(tiny_llama(), Recipe.from_dict({"passes": [{"gptq": {"ignore": []}}]}), calibration=IDS)
+    with pytest.raises(ValueError, match="int64"):
+        compress(tiny_llama(), Recipe.from_dict(GPTQ), calibration=IDS.float())

@@ -1,0 +1,90 @@
+"""GPTQ maths on small matrices with synthetic Hessians."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.quant.gptq import HessianAccumulator, gptq_quantize
+from compressor.quant.scheme import QuantScheme, compute_qparams, dequantize, fake_quant, quantize
+
+
+def _problem(n=16, k=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    x = torch.randn(512, k, generator=g) @ (torch.eye(k) + 2 * mix)  # correlated inputs
+    x[:, 5] *= 6  # a salient channel
+    acc = HessianAccumulator(k)
+    for chunk in x.split(100):
+        acc.add(chunk)
+    return w, acc.H, x
+
+
+def _output_error(w, q, x):
+    return ((x @ (w - q).t()) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("gs,sym,actorder", [(16, False, "none"), (16, True, "static"), (-1, False, "static"),
+                                             (20, False, "group"), (16, False, "group"), (-1, True, "none")])
+def test_beats_round_to_nearest(gs, sym, actorder):
+    scheme = QuantScheme(bits=3, group_size=gs, symmetric=sym)
+    for seed in range(3):
+        w, H, x = _problem(seed=seed)
+        res = gptq_quantize(w, H, scheme, block_size=32, actorder=actorder)
+        rtn = fake_quant(w, compute_qparams(w, scheme), scheme)
+        assert _output_error(w, res.weight, x) < 0.8 * _output_error(w, rtn, x)
+
+
+def test_hessian_accumulator_matches_definition():
+    w, H, x = _problem()
+    torch.testing.assert_close(H, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="NaN"):
+        HessianAccumulator(4).add(torch.tensor([[1.0, float("nan"), 0, 0]]))
+
+
+@pytest.mark.parametrize("gs", [8, -1])
+def test_identity_hessian_reduces_to_rtn(gs):
+    torch.manual_seed(0)
+    w = torch.randn(6, 24)
+    scheme = QuantScheme(bits=4, group_size=gs)
+    res = gptq_quantize(w, torch.eye(24), scheme, dampening=0.0)
+    assert torch.equal(res.codes, quantize(w, compute_qparams(w, scheme), scheme))
+
+
+@pytest.mark.parametrize("actorder", ["none", "static", "group"])
+def test_result_is_on_its_grid_with_ragged_groups(actorder):
+    w, H, _ = _problem(n=8, k=40)  # 40 = 16 + 16 + 8
+    scheme = QuantScheme(bits=4, group_size=16)
+    res = gptq_quantize(w, H, scheme, actorder=actorder)
+    assert res.qparams.scale.shape == (8, 3)
+    assert torch.equal(dequantize(res.codes, res.qparams, scheme, res.g_idx), res.weight)
+    assert torch.equal(quantize(res.weight, res.qparams, scheme, res.g_idx), res.codes)
+    if actorder == "group":
+        assert res.g_idx is not None and sorted(torch.bincount(res.g_idx.long()).tolist()) == [8, 16, 16]
+        assert not torch.equal(res.g_idx.long(), torch.arange(40) // 16)  # really permuted
+    else:
+        assert res.g_idx is None
+
+
+def test_dead_columns_become_zero():
+    w, H, _ = _problem(n=4, k=16)
+    H[3, :], H[:, 3] = 0, 0
+    res = gptq_quantize(w, H, QuantScheme(bits=4, group_size=8))
+    assert (res.weight[:, 3] == 0).all()
+
+
+def test_bf16_weights_keep_dtype():
+    w, H, _ = _problem(n=4, k=16)
+    res = gptq_quantize(w.bfloat16(), H, QuantScheme(bits=4, group_size=8))
+    assert res.weight.dtype == torch.bfloat16 and res.qparams.scale.dtype == torch.bfloat16
+    assert torch.equal(dequantize(res.codes, res.qparams, QuantScheme(bits=4, group_size=8)), res.weight)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"actorder": "yes"}, "actorder"), ({"dampening": 1.5}, "dampening")])
+def test_bad_arguments(kwargs, match):
+    w, H, _ = _problem(n=4, k=16)
+    with pytest.raises(ValueError, match=match):
+        gptq_quantize(w, H, QuantScheme(bits=4, group_size=8), **kwargs)
+    with pytest.raises(ValueError, match="shapes"):
+        gptq_quantize(w, H[:8, :8], QuantScheme(bits=4, group_size=8))
