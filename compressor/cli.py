@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=128, help="with --scheme: group size, -1 = per-channel")
     c.add_argument("--symmetric", action="store_true", help="with --scheme: symmetric (default asymmetric)")
     c.add_argument("--observer", choices=("minmax", "mse"), default="minmax", help="with --scheme")
+    c.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="with --scheme: rounding method")
+    c.add_argument("--calibration", default="sotu:1790-1999", help="calibration text for data-driven passes")
+    c.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    c.add_argument("--device", default=None, help="compute device for the sequential pipeline (default: cuda if available)")
+    c.add_argument("--activation-cache", choices=("device", "cpu", "disk"), default="device",
+                   help="where block inputs are kept between blocks")
+    c.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="save each finished block there; rerunning the same command resumes")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. rtn.scheme.bits=3 (repeatable)")
     c.add_argument("--output", "-o", type=Path, required=True, help="export directory")
@@ -63,15 +72,25 @@ def _recipe(args):
     else:
         scheme = {"bits": _PRESETS[args.scheme], "group_size": args.group_size,
                   "symmetric": args.symmetric, "observer": args.observer}
-        data = {"passes": [{"rtn": {"scheme": scheme}}]}
+        data = {"passes": [{args.method: {"scheme": scheme}}]}
     return Recipe.from_dict(apply_overrides(data, args.overrides))
 
 
 def _cmd_compress(args) -> int:
-    from compressor.api import compress
+    from compressor.api import compress, load_tokenizer
+    from compressor.pipeline.sequential import PipelineConfig
 
     recipe = _recipe(args)
-    compress(args.model, recipe, output=args.output, overwrite=args.overwrite, quiet=args.quiet)
+    calibration = None
+    if any(p.requires_calibration for p in recipe.build()):
+        from compressor.calibration import calibration_set
+
+        calibration = calibration_set(args.calibration, load_tokenizer(args.model), n=args.num_samples,
+                                      seq_len=args.seq_len, seed=recipe.seed)
+    pipeline = PipelineConfig(device=args.device, cache=args.activation_cache, checkpoint_dir=args.checkpoint_dir,
+                              quiet=args.quiet)
+    compress(args.model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
+             pipeline=pipeline, quiet=args.quiet)
     log.info("export written to %s", args.output)
     return 0
 

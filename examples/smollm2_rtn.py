@@ -68,9 +68,10 @@ def main() -> None:
     print(f"| {'model':<18} | {'perplexity':>10} | {'reloaded':>10} | {'size MB':>8} | {'bits/weight':>11} | {'compress s':>10} |")
     print(f"|{'-' * 20}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 12}|")
     for r in rows:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        print(f"| {r['model']:<18} | {r['ppl']:>10.4f} | {fmt(r['ppl_reloaded'], '>10.4f')} | {r['size_mb']:>8.1f} "
-              f"| {r['bits_per_weight']:>11.3f} | {fmt(r['compress_s'], '>10.2f')} |")
+        reloaded = "-" if r["ppl_reloaded"] is None else f"{r['ppl_reloaded']:.4f}"
+        seconds = "-" if r["compress_s"] is None else f"{r['compress_s']:.2f}"
+        print(f"| {r['model']:<18} | {r['ppl']:>10.4f} | {reloaded:>10} | {r['size_mb']:>8.1f} "
+              f"| {r['bits_per_weight']:>11.3f} | {seconds:>10} |")
     (args.output / "demo.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
 

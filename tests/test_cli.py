@@ -90,3 +90,16 @@ def test_eval_errors(tiny_model_dir, tmp_path, caplog):
 def test_compress_requires_a_scheme_or_recipe(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["compress", str(tiny_model_dir), "--output", str(tmp_path / "o")])
+
+
+def test_gptq_from_the_command_line_with_checkpoints(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    args = ["compress", str(tiny_model_dir), "--scheme", "w4a16", "--method", "gptq", "--group-size", "16",
+            "--calibration", str(text), "--num-samples", "4", "--seq-len", "32", "--checkpoint-dir", str(ckpt),
+            "-o", str(out), "-q"]
+    assert main(args) == 0
+    assert len(list(ckpt.glob("block_*.safetensors"))) == 2
+    manifest = json.loads((out / "compressor_manifest.json").read_text())
+    assert manifest["calibration"]["sequences"] == 4 and len(manifest["calibration"]["sha256"]) == 64
+    assert main(args + ["--overwrite"]) == 0  # resumes from the checkpoints

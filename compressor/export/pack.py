@@ -94,13 +94,21 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch.Tenso
             f"(expected {packed_width(n, bits)} words): weight_shape and weight_packed disagree"
         )
     rows = words.shape[0]
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: no code straddles a word, shift in place
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        vals = ((words[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :n]
+        out = (vals - (1 << (bits - 1))).to(torch.int8)
+        return out.contiguous() if dim == 1 else out.t().contiguous()
     blocks = math.ceil(n / 32)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.nn.functional.pad(w, (0, blocks * bits + 1 - w.shape[1])).view(rows, -1)
-    word, offset = _bit_positions(bits, w.device)
-    idx = (torch.arange(blocks, device=w.device) * bits)[:, None] + word[None, :]  # (blocks, 32)
-    lo = w[:, idx] >> offset  # (R, blocks, 32)
-    hi = w[:, idx + 1] << (32 - offset)
-    vals = ((lo | hi) & ((1 << bits) - 1)).view(rows, blocks * 32)[:, :n]
+    w = torch.nn.functional.pad(words, (0, blocks * bits - words.shape[1])).reshape(rows, blocks, bits)
+    mask = (1 << bits) - 1
+    vals = torch.empty(rows, blocks, 32, dtype=torch.int32, device=w.device)
+    for i in range(32):  # static bit positions: element i of every block at once, no gather
+        j, off = divmod(i * bits, 32)
+        v = (w[:, :, j] >> off) & ((1 << min(bits, 32 - off)) - 1)  # mask off the arithmetic shift's sign bits
+        if off + bits > 32:  # straddles into the next word
+            v = v | ((w[:, :, j + 1] << (32 - off)) & mask)
+        vals[:, :, i] = v
+    vals = vals.reshape(rows, blocks * 32)[:, :n]
     out = (vals - (1 << (bits - 1))).to(torch.int8)
     return out.contiguous() if dim == 1 else out.t().contiguous()

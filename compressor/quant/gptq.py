@@ -240,19 +240,33 @@ class GPTQPass(Pass):
         self._handles: list = []
 
     def begin_block(self, block: nn.Module, prefix: str) -> None:
-        """Register hooks accumulating the Hessian of every targeted linear in ``block``."""
+        """Register hooks accumulating the Hessian of every targeted linear in ``block``.
+
+        Linears fed the very same input tensor (q/k/v, gate/up) share one
+        accumulator, so each distinct input is multiplied out once.
+        """
+        self._last: tuple[torch.Tensor, HessianAccumulator] | None = None
         for name, module in select_modules(block, self.config, prefix):
-            if not isinstance(module, nn.Linear):
-                continue
-            acc = HessianAccumulator(module.in_features, module.weight.device)
-            self._stats[name] = acc
-            self._handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+            if isinstance(module, nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and last[0] is x:  # same input as the previous linear: share its statistics
+            self._stats.setdefault(name, last[1])
+            return
+        acc = self._stats.get(name)
+        if acc is None:
+            acc = self._stats[name] = HessianAccumulator(x.shape[-1], x.device)
+        acc.add(x)
+        self._last = (x, acc)
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
         modules = dict(select_modules(block, self.config, prefix))
         for name, acc in self._stats.items():
             module = modules[name]

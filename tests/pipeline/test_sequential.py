@@ -121,3 +121,19 @@ def test_calibration_errors():
         compress(tiny_llama(), Recipe.from_dict({"passes": [{"gptq": {"ignore": []}}]}), calibration=IDS)
     with pytest.raises(ValueError, match="int64"):
         compress(tiny_llama(), Recipe.from_dict(GPTQ), calibration=IDS.float())
+
+
+def test_linears_with_the_same_input_share_one_hessian(monkeypatch):
+    seen = {}
+    real = gptq_mod.gptq_quantize
+
+    def spy(weight, hessian, *a, **k):
+        seen[weight.shape] = seen.get(weight.shape, []) + [hessian]
+        return real(weight, hessian, *a, **k)
+
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", spy)
+    model = tiny_llama(layers=1)
+    compress(model, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    k_h, v_h = seen[(32, 64)]  # k_proj and v_proj (2 kv heads x 16)
+    gate_h, up_h = seen[(80, 64)]
+    assert k_h is v_h and gate_h is up_h
