@@ -106,7 +106,7 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def _load_builtin_passes() -> None:
-    from compressor.quant import gptq, rtn  # noqa: F401  (register "gptq", "rtn")
+    from compressor.quant import adaround, gptq, rtn  # noqa: F401  (register "adaround", "gptq", "rtn")
 
 
 # ---------------------------------------------------------------- config I/O

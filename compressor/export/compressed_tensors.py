@@ -68,6 +68,8 @@ def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = quant_state(module)
     if state is None:
         raise ValueError("module is not quantized")
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{type(module).__name__} layers cannot be exported yet: pack-quantized export covers nn.Linear")
     scheme, qp, g_idx = state
     scheme_to_ct_args(scheme)  # refuses unexportable schemes
     w = module.weight.detach()

@@ -1,0 +1,80 @@
+"""AdaRound: learned rounding beats round-to-nearest on linear and convolution layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from compressor import Recipe, compress, load_compressed, save_compressed
+from compressor.quant.adaround import AdaRoundConfig, adaround_quantize, layer_view
+from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+
+CFG = AdaRoundConfig(iters=150, batch_size=64, lr=5e-2)  # reg_weight: the default
+
+
+def _err(fwd, x, w, ref):
+    with torch.no_grad():
+        return (fwd(x, w) - ref).pow(2).sum(1).mean().item()
+
+
+def _check(module: nn.Module, x: torch.Tensor, scheme: QuantScheme, bound: float):
+    w, fwd, to_weight = layer_view(module)
+    with torch.no_grad():
+        ref = fwd(x, w)
+        torch.testing.assert_close(ref, module(x))  # the view's forward is the module's forward
+    res = adaround_quantize(w, fwd, x, ref, scheme, CFG)
+    s = compute_qparams(w, scheme).scale
+    idx = torch.arange(w.shape[1]) // scheme.group_width(w.shape[1])
+    ratio = w / s[:, idx]
+    zp = 0 if scheme.symmetric else compute_qparams(w, scheme).zero_point[:, idx]
+    q = res.codes.float() - zp
+    assert ((q == torch.floor(ratio)) | (q == torch.floor(ratio) + 1) | (res.codes == scheme.qmin) | (res.codes == scheme.qmax)).all()
+    rtn = fake_quant(w, compute_qparams(w, scheme), scheme)
+    assert _err(fwd, x, res.weight, ref) < bound * _err(fwd, x, rtn, ref)
+    assert to_weight(res.weight).shape == module.weight.shape
+
+
+def test_linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 24)
+    x = torch.randn(256, 48) @ (torch.eye(48) + 0.5 * torch.randn(48, 48) / 7)
+    _check(layer, x, QuantScheme(bits=3, group_size=16), 0.9)
+
+
+def test_hf_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(1)
+    layer = Conv1D(24, 48)  # nx=48 inputs, nf=24 outputs, weight (48, 24)
+    nn.init.normal_(layer.weight, std=0.2)
+    _check(layer, torch.randn(256, 48), QuantScheme(bits=3, group_size=-1, symmetric=True), 0.97)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv2d_regular_and_depthwise(groups):
+    torch.manual_seed(2)
+    layer = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    # image-like inputs: spatially smooth and correlated across channels (i.i.d. noise leaves nothing to learn)
+    g = torch.Generator().manual_seed(5)
+    x = nn.functional.avg_pool2d(torch.randn(64, 8, 10, 10, generator=g), 3, 1)[..., :6, :6]
+    x = torch.einsum("nchw,dc->ndhw", x, torch.eye(8) + 0.6 * torch.randn(8, 8, generator=g) / 8**0.5)
+    _check(layer, x, QuantScheme(bits=4, group_size=-1), 0.8)
+
+
+def test_pass_on_a_tiny_model_exports_bit_exactly(tmp_path):
+    ids = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(layers=1)
+    recipe = Recipe.from_dict({"passes": [{"adaround": {"scheme": {"bits": 4, "group_size": 16}, "iters": 20, "batch_size": 32}}]})
+    compress(model, recipe, calibration=ids)
+    ref = model(ids).logits
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    assert torch.equal(load_compressed(out)(ids).logits, ref)
+
+
+def test_bad_config_and_layers():
+    with pytest.raises(ValueError, match="beta"):
+        AdaRoundConfig(beta_start=1.0, beta_end=2.0)
+    with pytest.raises(ValueError, match="supports"):
+        layer_view(nn.Embedding(4, 4))
