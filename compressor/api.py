@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from compressor.export.compressed_tensors import save_compressed
 from compressor.export.loader import load_compressed, read_config
 from compressor.arch import find_blocks
 from compressor.calibration import ids_sha256
+from compressor.pipeline.layerwise import run_layerwise
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
 from compressor.recipe import Recipe, select_modules
 
@@ -135,10 +137,12 @@ def compress(
     Args:
         model: an ``nn.Module`` (modified in place) or a checkpoint directory.
         recipe: the passes to run.
-        calibration: data for calibrated passes (gptq): a
+        calibration: data for calibrated passes (gptq, adaround): a
             :class:`~compressor.calibration.CalibrationSet`, an int64 (S, L)
             tensor of token ids, or a source string such as ``"sotu:1790-1999"``
-            (128 windows of 512 tokens, seeded by ``recipe.seed``).
+            (128 windows of 512 tokens, seeded by ``recipe.seed``); LLMs run the
+            sequential block pipeline. A float tensor (S, ...) of model inputs
+            (e.g. images (S, 3, H, W)) runs the layer-by-layer pipeline instead.
         output: export directory (checked before any work; written atomically).
         tokenizer: saved beside the export; loaded from the checkpoint when
             ``model`` is a path.
@@ -165,10 +169,16 @@ def compress(
     info: dict = {"source_model": source, "seed": recipe.seed}
     if any(p.requires_calibration for p in passes):
         ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name for p in passes if p.requires_calibration])
+        digest = hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest() if ids.is_floating_point() else ids_sha256(ids)
+        info["calibration"] = {"sha256": digest, "sequences": ids.shape[0], "seq_len": ids.shape[1]}
+        config = pipeline or PipelineConfig(quiet=quiet)
+        if ids.is_floating_point():  # images or features: no decoder blocks, calibrate layer by layer
+            run_layerwise(model, passes, ids, batch_size=config.batch_size, device=config.resolved_device(), quiet=quiet)
+            if output is not None:
+                save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+            return model
         blocks_name, _ = find_blocks(model)
         outside = _targets_outside_blocks(model, passes, blocks_name)
-        info["calibration"] = {"sha256": ids_sha256(ids), "sequences": ids.shape[0], "seq_len": ids.shape[1]}
-        config = pipeline or PipelineConfig(quiet=quiet)
         fingerprint = {"recipe": recipe.to_dict(), "calibration_sha256": info["calibration"]["sha256"],
                        "model_config": _config_hash(model)}
         run_sequential(model, passes, ids, config, fingerprint)
@@ -197,7 +207,13 @@ def _calibration_ids(calibration: Any, tokenizer: Any, seed: int, names: list[st
         return calibration_set(calibration, tokenizer, seed=seed).input_ids
     if isinstance(calibration, torch.Tensor) and calibration.ndim == 2 and calibration.dtype == torch.int64:
         return calibration
-    raise ValueError(f"calibration must be a CalibrationSet, an int64 (S, L) tensor or a source string, got {type(calibration).__name__}")
+    if isinstance(calibration, torch.Tensor) and calibration.is_floating_point():
+        if not torch.isfinite(calibration).all():
+            raise ValueError("calibration inputs contain NaN/inf: clean the calibration data")
+        return calibration
+    raise ValueError("calibration must be a CalibrationSet, an int64 (S, L) tensor of token ids, a float tensor of "
+                     f"inputs (images), or a source string; got {type(calibration).__name__}"
+                     + (f" {calibration.dtype} {tuple(calibration.shape)}" if isinstance(calibration, torch.Tensor) else ""))
 
 
 def _targets_outside_blocks(model: nn.Module, passes: list, blocks_name: str) -> dict[str, set[str]]:
@@ -215,7 +231,6 @@ def _targets_outside_blocks(model: nn.Module, passes: list, blocks_name: str) ->
 
 
 def _config_hash(model: nn.Module) -> str:
-    import hashlib
     import json
 
     text = json.dumps(model.config.to_dict(), sort_keys=True, default=str) if hasattr(model, "config") else type(model).__name__

@@ -1,0 +1,76 @@
+"""Layer-by-layer calibration for models without repeated decoder blocks (CNNs, encoders).
+
+For each targeted layer in module order: run the (partially compressed)
+model on the calibration inputs until that layer, recording its inputs through
+the pass's hooks, stop the forward there, and let the pass compress the layer.
+Each layer therefore sees the inputs produced by the already-compressed layers
+before it. Costs one truncated forward per layer; memory holds one layer's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compressor.pipeline.cache import to_device
+from compressor.progress import progress
+from compressor.recipe import Pass, select_modules
+
+__all__ = ["run_layerwise"]
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised after the layer being calibrated has run."""
+
+
+def _call(model: nn.Module, batch: torch.Tensor):
+    return model(input_ids=batch) if batch.dtype == torch.int64 else model(batch)
+
+
+def _raise(*_):
+    raise _StopForward
+
+
+@torch.no_grad()
+def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *, batch_size: int = 32,
+                  device: torch.device | str = "cpu", quiet: bool = False) -> None:
+    """Compress every targeted layer of ``model`` in place, in module order.
+
+    Args:
+        model: any module whose forward takes ``inputs`` batches (images (S, C, H, W)
+            as the first argument, or int64 token ids as ``input_ids``).
+        passes: calibrated passes exposing ``begin_block`` / ``end_block``; each
+            layer is treated as a one-layer block.
+        inputs: (S, ...) calibration inputs.
+        batch_size: inputs per forward.
+        device: where the model runs.
+    """
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    try:
+        for p in passes:
+            if not p.requires_calibration:
+                p.apply(model, quiet=quiet)
+                continue
+            layers = [(n, m) for n, m in select_modules(model, p.config) if not list(m.children())]
+            if not layers:
+                raise ValueError(f"{p.name}: no layer matches targets={list(p.config.targets)}")
+            for name, layer in progress(layers, p.name, quiet=quiet):
+                p.begin_block(layer, name)
+                stop = layer.register_forward_hook(_raise)
+                try:
+                    for start in range(0, inputs.shape[0], batch_size):
+                        try:
+                            _call(model, to_device(inputs[start : start + batch_size], device))
+                        except _StopForward:
+                            pass
+                finally:
+                    stop.remove()
+                p.end_block(layer, name)
+    finally:
+        model.train(was_training)

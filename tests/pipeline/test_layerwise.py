@@ -1,0 +1,47 @@
+"""Layer-by-layer calibration of a small CNN: AdaRound beats round-to-nearest end to end."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor import Recipe, compress
+from compressor.quant.state import is_quantized
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),  # depthwise
+        nn.Conv2d(16, 24, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    ).eval()
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.avg_pool2d(torch.randn(n, 3, 14, 14, generator=g), 3, 1)  # smooth, image-like (n, 3, 12, 12)
+
+
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+
+
+def test_adaround_layerwise_beats_rtn_on_a_cnn():
+    calib, test = _images(64, 0), _images(128, 1)
+    fp = _cnn()
+    with torch.no_grad():
+        ref = fp(test)
+    targets = ["Conv2d", "Linear"]
+    scheme = {"bits": 3, "group_size": -1, "symmetric": True}
+    rtn = _cnn()
+    compress(rtn, Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme, "targets": targets, "ignore": []}}]}))
+    ada = _cnn()
+    recipe = {"passes": [{"adaround": {"scheme": scheme, "targets": targets, "ignore": [], "iters": 150, "batch_size": 16, "lr": 0.05}}]}
+    compress(ada, Recipe.from_dict(recipe), calibration=calib)
+    assert sum(is_quantized(m) for m in ada.modules()) == 4
+    with torch.no_grad():
+        kl_rtn, kl_ada = _kl(ref, rtn(test)), _kl(ref, ada(test))
+    assert kl_ada < 0.8 * kl_rtn, (kl_ada, kl_rtn)  # measured: 0.71x
