@@ -173,6 +173,9 @@ def compress(
         info["calibration"] = {"sha256": digest, "sequences": ids.shape[0], "seq_len": ids.shape[1]}
         config = pipeline or PipelineConfig(quiet=quiet)
         if ids.is_floating_point():  # images or features: no decoder blocks, calibrate layer by layer
+            if isinstance(getattr(model, "get_input_embeddings", lambda: None)(), nn.Embedding):
+                raise ValueError("this model reads token ids: pass calibration as an int64 (S, L) tensor, "
+                                 "a CalibrationSet or a text source, not a float tensor")
             run_layerwise(model, passes, ids, batch_size=config.batch_size, device=config.resolved_device(), quiet=quiet)
             if output is not None:
                 save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)

@@ -155,32 +155,41 @@ def run_sequential(
     model.eval()
     ckpt = BlockCheckpoint(config.checkpoint_dir, fingerprint or {}) if config.checkpoint_dir else None
     cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config)
+    # passes that reconstruct the full-precision model's block outputs need its activations too
+    fp_cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config) \
+        if any(getattr(p, "wants_fp_targets", False) for p in passes) else None
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix = blocks[i], f"{blocks_name}.{i}"
             home = next(block.parameters()).device
             block.to(device)
+            fp_out = [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))] if fp_cache else None
             if ckpt is not None and ckpt.has(i):
                 ckpt.load(i, block)
             else:
-                _compress_block(block, prefix, passes, cache)
+                _compress_block(block, prefix, passes, cache, fp_out)
                 if ckpt is not None:
                     ckpt.save(i, block)
             for j in range(len(cache)):
                 cache.set_hidden(j, _block_forward(block, cache, j))
+            for j, h in enumerate(fp_out or []):
+                fp_cache.set_hidden(j, h)
             block.to(home)
             log.debug("block %d done", i)
     finally:
         cache.close()
+        if fp_cache is not None:
+            fp_cache.close()
         model.train(was_training)
 
 
-def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache) -> None:
+def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
+                    fp_out: list[torch.Tensor] | None) -> None:
     for p in passes:
         if p.requires_calibration:
             p.begin_block(block, prefix)
             for j in range(len(cache)):
                 _block_forward(block, cache, j)
-            p.end_block(block, prefix, cache=cache)
+            p.end_block(block, prefix, cache=cache, targets=fp_out)
         else:
             p.compress_block(block, prefix)

@@ -49,6 +49,9 @@ class AdaRoundConfig(PassConfig):
         learn_scale: also learn the per-group scales (Adam, ``scale_lr``).
         scale_lr: learning rate of the log-scales.
         max_samples: input rows kept per layer for the reconstruction.
+        granularity: ``"layer"`` (each layer on its own, the paper) or ``"block"``
+            (all targeted layers of a decoder block against the full-precision
+            block output; ``batch_size`` then counts tokens per step).
         seed: seed of the row sampling.
     """
 
@@ -63,6 +66,7 @@ class AdaRoundConfig(PassConfig):
     learn_scale: bool = False
     scale_lr: float = 1e-4
     max_samples: int = 8192
+    granularity: str = "layer"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +75,8 @@ class AdaRoundConfig(PassConfig):
             raise ValueError("adaround: iters >= 0, batch_size >= 1 and max_samples >= 1 are required")
         if not 0 <= self.warmup < 1 or self.beta_start < self.beta_end or self.beta_end <= 0:
             raise ValueError("adaround: need 0 <= warmup < 1 and beta_start >= beta_end > 0")
+        if self.granularity not in ("layer", "block"):
+            raise ValueError(f"adaround: granularity={self.granularity!r}: use 'layer' or 'block'")
         if self.lr <= 0 or self.reg_weight < 0:
             raise ValueError("adaround: lr must be > 0 and reg_weight >= 0")
 
@@ -96,6 +102,98 @@ def _beta(step: int, iters: int, cfg: AdaRoundConfig) -> float:
     return cfg.beta_end + 0.5 * (cfg.beta_start - cfg.beta_end) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
+class SoftRounding:
+    """Learnable rounding of one weight matrix in its (N, K) quantization view.
+
+    ``soft()`` is the relaxed weight ``s * (clamp(floor(W/s) + h(V) + zp) - zp)``;
+    ``nearest()`` the round-to-nearest weight it starts from; ``harden()`` the
+    final on-grid weight with ``h`` rounded to 0 or 1.
+    """
+
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, learn_scale: bool = False):
+        if scheme.float_zero_point:
+            raise ValueError("adaround supports zero_point='int' grids only")
+        W = weight.detach().float()
+        self.scheme, self.dtype = scheme, weight.dtype
+        qp = compute_qparams(W, scheme)
+        self.idx = group_index(W.shape[1], scheme.group_width(W.shape[1]), W.device)
+        self.log_s = torch.log(qp.scale.float()).clone().requires_grad_(learn_scale)  # (N, G)
+        self.zero_point = qp.zero_point
+        self.zp = 0.0 if qp.zero_point is None else qp.zero_point.float()[:, self.idx]  # (N, K)
+        ratio = W / qp.scale.float()[:, self.idx]
+        self.floor = torch.floor(ratio)
+        rest = (ratio - self.floor).clamp(0.01, 0.99)  # keep V finite at exact grid points
+        self.V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(V) = rest
+        self.learn_scale = learn_scale
+
+    def param_groups(self, cfg: AdaRoundConfig) -> list[dict]:
+        groups = [{"params": [self.V], "lr": cfg.lr}]
+        if self.learn_scale:
+            groups.append({"params": [self.log_s], "lr": cfg.scale_lr})
+        return groups
+
+    def _weight(self, up: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(self.floor + up + self.zp, self.scheme.qmin, self.scheme.qmax)
+        return (q - self.zp) * torch.exp(self.log_s)[:, self.idx]
+
+    def soft(self) -> torch.Tensor:
+        return self._weight(_h(self.V))
+
+    def nearest(self) -> torch.Tensor:
+        return self._weight((_h(self.V) >= 0.5).float())
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """sum of ``1 - |2 h(V) - 1|^beta`` (eq. 24)."""
+        return (1 - (2 * _h(self.V) - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def harden(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
+        """(codes int8 (N, K), qparams (N, G), on-grid weight (N, K)) in the weight's dtype."""
+        up = (_h(self.V) >= 0.5).float()
+        codes = torch.clamp(self.floor + up + self.zp, self.scheme.qmin, self.scheme.qmax).to(torch.int8)
+        zp = None if self.zero_point is None else self.zero_point.to(self.dtype)
+        qparams = QParams(torch.exp(self.log_s).to(self.dtype), zp)
+        return codes, qparams, dequantize(codes, qparams, self.scheme).to(self.dtype)
+
+
+def optimise_rounding(
+    roundings: list[SoftRounding],
+    recon: Callable[[object, list[torch.Tensor]], torch.Tensor],
+    sample: Callable[[torch.Generator], object],
+    probe: object,
+    cfg: AdaRoundConfig,
+) -> None:
+    """Adam on the rounding variables (and scales) of several layers at once.
+
+    Loss: ``recon(pick, weights) / recon(probe, nearest weights)`` plus
+    ``reg_weight`` times the regulariser averaged over all weights, beta
+    annealed after ``warmup``. Normalising the reconstruction by plain
+    rounding's error and averaging the regulariser per weight makes
+    ``reg_weight`` independent of layer size and activation scale (the
+    paper's sums, eq. 25, make lambda depend on both).
+
+    Args:
+        recon: reconstruction error of a sample given the layers' weights.
+        sample: draws a sample (rows, batch indices) from a generator.
+        probe: a fixed sample for the normalisation.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    total = sum(r.V.numel() for r in roundings)
+    warm = int(cfg.warmup * cfg.iters)
+    opt = torch.optim.Adam([g for r in roundings for g in r.param_groups(cfg)])
+    with torch.enable_grad():  # the pipelines run under no_grad
+        with torch.no_grad():
+            norm = recon(probe, [r.nearest() for r in roundings]).clamp_min(1e-12)
+        for step in range(cfg.iters):
+            loss = recon(sample(gen), [r.soft() for r in roundings]) / norm
+            if step >= warm and cfg.reg_weight > 0:
+                beta = _beta(step, cfg.iters, cfg)
+                loss = loss + cfg.reg_weight * sum(r.regulariser(beta) for r in roundings) / total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
 def adaround_quantize(
     weight: torch.Tensor,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -117,74 +215,26 @@ def adaround_quantize(
     Returns:
         :class:`AdaRoundResult` with hard-rounded weights.
     """
-    if scheme.float_zero_point:
-        raise ValueError("adaround supports zero_point='int' grids only")
-    W = weight.detach().float()
-    n, k = W.shape
-    qp = compute_qparams(W, scheme)
-    idx = group_index(k, scheme.group_width(k), W.device)
-    log_s = torch.log(qp.scale.float()).clone().requires_grad_(cfg.learn_scale)  # (N, G)
-    zp = None if qp.zero_point is None else qp.zero_point.float()[:, idx]  # (N, K)
-    s0 = qp.scale.float()[:, idx]
-    floor = torch.floor(W / s0)
-    rest = (W / s0 - floor).clamp(0.01, 0.99)  # keep V finite at exact grid points
-    V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(V) = rest at init
-    zpv = zp if zp is not None else 0.0
-
-    def soft(hv: torch.Tensor) -> torch.Tensor:
-        s = torch.exp(log_s)[:, idx]
-        q = torch.clamp(floor + hv + zpv, scheme.qmin, scheme.qmax)
-        return (q - zpv) * s
-
-    params = [{"params": [V], "lr": cfg.lr}]
-    if cfg.learn_scale:
-        params.append({"params": [log_s], "lr": cfg.scale_lr})
-    opt = torch.optim.Adam(params)
+    r = SoftRounding(weight, scheme, cfg.learn_scale)
     rows = inputs.shape[0]
-    with torch.enable_grad():  # the pipeline runs under no_grad
-        _optimise(V, log_s, soft, forward, inputs, targets, opt, cfg)
+
+    def recon(pick, ws):
+        return _recon(forward(inputs[pick], ws[0]), targets[pick])
+
+    def sample(gen):
+        return torch.randint(0, rows, (min(cfg.batch_size, rows),), generator=gen).to(inputs.device)
+
+    probe = torch.arange(min(rows, 4 * cfg.batch_size), device=inputs.device)
+    optimise_rounding([r], recon, sample, probe, cfg)
+    codes, qparams, w_hat = r.harden()
     with torch.no_grad():
-        scale = torch.exp(log_s).to(weight.dtype)
-        up = (_h(V) >= 0.5).float()
-        codes = torch.clamp(floor + up + zpv, scheme.qmin, scheme.qmax).to(torch.int8)
-        qparams = QParams(scale, None if qp.zero_point is None else qp.zero_point.to(weight.dtype))
-        w_hat = dequantize(codes, qparams, scheme).to(weight.dtype)
-        pick = torch.arange(min(rows, 4 * cfg.batch_size), device=inputs.device)
-        mse = _recon(forward(inputs[pick], w_hat.float()), targets[pick]).item()
+        mse = recon(probe, [w_hat.float()]).item()
     return AdaRoundResult(weight=w_hat, codes=codes, qparams=qparams, recon_mse=mse)
 
 
 def _recon(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over output features (dim 1), averaged over samples and positions."""
     return (out.float() - target.float()).pow(2).sum(1).mean()
-
-
-def _optimise(V, log_s, soft, forward, inputs, targets, opt, cfg: AdaRoundConfig) -> None:
-    """Adam on V (and the log-scales): reconstruction error plus the annealed rounding regulariser.
-
-    The reconstruction term is divided by the error of plain rounding-to-nearest
-    and the regulariser is averaged over the weights, so ``reg_weight`` means
-    the same for every layer size and activation scale (the paper's sums, eq. 25,
-    make lambda depend on both).
-    """
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rows = inputs.shape[0]
-    warm = int(cfg.warmup * cfg.iters)
-    with torch.no_grad():
-        probe = torch.arange(min(rows, 4 * cfg.batch_size), device=inputs.device)
-        nearest = (torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA >= 0.5).float()
-        norm = _recon(forward(inputs[probe], soft(nearest)), targets[probe]).clamp_min(1e-12)
-    for step in range(cfg.iters):
-        pick = torch.randint(0, rows, (min(cfg.batch_size, rows),), generator=gen).to(inputs.device)
-        hv = _h(V)
-        out = forward(inputs[pick], soft(hv))
-        loss = _recon(out, targets[pick]) / norm
-        if step >= warm and cfg.reg_weight > 0:
-            beta = _beta(step, cfg.iters, cfg)
-            loss = loss + cfg.reg_weight * (1 - (2 * hv - 1).abs().pow(beta)).mean()  # eq. 24, per weight
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def layer_view(module: nn.Module) -> tuple[torch.Tensor, Callable, Callable]:
@@ -214,8 +264,15 @@ def layer_view(module: nn.Module) -> tuple[torch.Tensor, Callable, Callable]:
 
 @register_pass
 class AdaRoundPass(Pass):
-    """Layer-wise AdaRound inside the sequential pipeline: each targeted layer
-    reconstructs its full-precision output on its own (compressed-model) inputs."""
+    """AdaRound inside the calibration pipelines.
+
+    ``granularity="layer"`` (the paper): each targeted layer reconstructs its
+    full-precision output on its own inputs, taken from the partially
+    compressed model. ``granularity="block"`` (sequential pipeline only): all
+    targeted layers of a decoder block learn their rounding together so that
+    the block, fed the compressed model's activations, reproduces the
+    full-precision model's block output.
+    """
 
     name = "adaround"
     config_cls = AdaRoundConfig
@@ -226,22 +283,34 @@ class AdaRoundPass(Pass):
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
 
+    @property
+    def wants_fp_targets(self) -> bool:
+        """The pipeline should pass the full-precision model's block outputs to :meth:`end_block`."""
+        return self.config.granularity == "block"
+
     def _layers(self, block: nn.Module, prefix: str):
         return [(n, m) for n, m in select_modules(block, self.config, prefix)
                 if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__ == "Conv1D"]
 
     def begin_block(self, block: nn.Module, prefix: str) -> None:
         """Record each targeted layer's inputs (token rows for linears, images for convs)."""
+        if self.config.granularity == "block":
+            return
         for name, module in self._layers(block, prefix):
             self._inputs[name] = []
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: self._inputs[name].append(args[0].detach())))
 
-    def end_block(self, block: nn.Module, prefix: str, **context) -> None:
-        """Optimise the rounding of every recorded layer, then fix it on the grid."""
+    def end_block(self, block: nn.Module, prefix: str, *, cache=None, targets=None, **context) -> None:
+        """Optimise the rounding of the block's targeted layers, then fix it on the grid."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.config.granularity == "block":
+            if cache is None or targets is None:
+                raise ValueError("adaround granularity='block' runs in the sequential pipeline of a decoder model")
+            self._block(block, prefix, cache, targets)
+            return
         gen = torch.Generator().manual_seed(self.config.seed)
         for name, module in self._layers(block, prefix):
             xs = self._inputs.pop(name)
@@ -257,5 +326,46 @@ class AdaRoundPass(Pass):
                 res = adaround_quantize(w, fwd, x.float(), target, self.config.scheme, self.config)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
-            log.debug("adaround %s recon mse %.4g", name, res.recon_mse)
+            log.debug("adaround %s recon error %.4g", name, res.recon_mse)
             attach_qparams(module, self.config.scheme, res.qparams, to_weight(res.weight))
+
+    def _block(self, block: nn.Module, prefix: str, cache, targets: list[torch.Tensor]) -> None:
+        """Block-wise reconstruction: one optimiser over every targeted layer of the block."""
+        from torch.func import functional_call
+
+        layers = self._layers(block, prefix)
+        if not layers:
+            return
+        views = [layer_view(m) for _, m in layers]
+        keys = [f"{n[len(prefix) + 1:]}.weight" if n != prefix else "weight" for n, _ in layers]
+        roundings = [SoftRounding(w, self.config.scheme, self.config.learn_scale) for w, _, _ in views]
+        seq_len = targets[0].shape[1]
+        per_step = max(1, self.config.batch_size // seq_len)  # sequences per step
+
+        def recon(pick, ws):
+            j, rows = pick
+            params = {k: to_w(w) for k, (_, _, to_w), w in zip(keys, views, ws)}
+            out = functional_call(block, params, (cache.hidden(j)[rows],), _rows(cache.kwargs(j), rows, cache.hidden(j).shape[0]))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return (out.float() - targets[j][rows].float()).pow(2).sum(-1).mean()
+
+        def sample(gen):
+            j = int(torch.randint(0, len(targets), (1,), generator=gen))
+            b = targets[j].shape[0]
+            return j, torch.randperm(b, generator=gen)[: min(per_step, b)]
+
+        optimise_rounding(roundings, recon, sample, (0, torch.arange(min(per_step * 4, targets[0].shape[0]))), self.config)
+        for (name, module), (_, _, to_w), r in zip(layers, views, roundings):
+            _, qparams, w_hat = r.harden()
+            attach_qparams(module, self.config.scheme, qparams, to_w(w_hat))
+
+
+def _rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
+    """Select ``rows`` of every batch-sized tensor in a block's keyword arguments."""
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch and batch > 1:
+            return v[rows.to(v.device)]
+        if isinstance(v, tuple):
+            return tuple(pick(t) for t in v)
+        return v
+    return {k: pick(v) for k, v in kwargs.items()}

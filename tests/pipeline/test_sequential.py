@@ -119,8 +119,10 @@ def test_calibration_errors():
         compress(tiny_llama(), Recipe.from_dict(GPTQ))
     with pytest.raises(ValueError, match="outside the decoder blocks"):
         compress(tiny_llama(), Recipe.from_dict({"passes": [{"gptq": {"ignore": []}}]}), calibration=IDS)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="reads token ids"):
         compress(tiny_llama(), Recipe.from_dict(GPTQ), calibration=IDS.float())
+    with pytest.raises(ValueError, match="int64"):
+        compress(tiny_llama(), Recipe.from_dict(GPTQ), calibration=IDS[0])
 
 
 def test_linears_with_the_same_input_share_one_hessian(monkeypatch):
