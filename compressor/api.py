@@ -167,7 +167,10 @@ def compress(
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     torch.manual_seed(recipe.seed)
     info: dict = {"source_model": source, "seed": recipe.seed}
-    if any(p.requires_calibration for p in passes):
+    if not any(p.requires_calibration for p in passes):
+        for p in passes:
+            p.apply(model, quiet=quiet)
+    else:
         ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name for p in passes if p.requires_calibration])
         digest = hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest() if ids.is_floating_point() else ids_sha256(ids)
         info["calibration"] = {"sha256": digest, "sequences": ids.shape[0], "seq_len": ids.shape[1]}
@@ -177,20 +180,14 @@ def compress(
                 raise ValueError("this model reads token ids: pass calibration as an int64 (S, L) tensor, "
                                  "a CalibrationSet or a text source, not a float tensor")
             run_layerwise(model, passes, ids, batch_size=config.batch_size, device=config.resolved_device(), quiet=quiet)
-            if output is not None:
-                save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
-            return model
-        blocks_name, _ = find_blocks(model)
-        outside = _targets_outside_blocks(model, passes, blocks_name)
-        fingerprint = {"recipe": recipe.to_dict(), "calibration_sha256": info["calibration"]["sha256"],
-                       "model_config": _config_hash(model)}
-        run_sequential(model, passes, ids, config, fingerprint)
-        for p in passes:
-            if outside.get(p.name):
-                p.apply(model, quiet=quiet, only=outside[p.name])
-    else:
-        for p in passes:
-            p.apply(model, quiet=quiet)
+        else:
+            blocks_name, _ = find_blocks(model)
+            outside = _targets_outside_blocks(model, passes, blocks_name)
+            fingerprint = {"recipe": recipe.to_dict(), "calibration_sha256": digest, "model_config": _config_hash(model)}
+            run_sequential(model, passes, ids, config, fingerprint)
+            for p in passes:
+                if outside.get(p.name):
+                    p.apply(model, quiet=quiet, only=outside[p.name])
     if output is not None:
         save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
     return model
