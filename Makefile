@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: install fixtures demo test test-slow bench clean
+.PHONY: install fixtures demo test test-slow bench-setup bench-quick bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,18 @@ test: install
 
 test-slow: install
 	$(PYTEST) -q -m "slow and not gpu" tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+# side-by-side benchmarks (docs: benchmarks/README.md); peers live in their own venv
+bench-setup: fixtures
+	bash benchmarks/setup_peers.sh
+
+bench-quick: bench-setup
+	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,adaround,llmc-gptq --settings w4g64
+
+# hours on 2 CPU cores (llm-compressor AWQ alone is ~80 min per setting)
+bench: bench-setup
+	$(PY) benchmarks/quant_quality.py --output out/bench/quant_quality.jsonl
+	$(PY) benchmarks/cnn_adaround.py --output out/bench/cnn_adaround.jsonl
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

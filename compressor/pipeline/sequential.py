@@ -14,6 +14,7 @@ compute device. Grad and the KV cache are off.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def run_sequential(
         if any(getattr(p, "wants_fp_targets", False) for p in passes) else None
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
-            block, prefix = blocks[i], f"{blocks_name}.{i}"
+            block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
             home = next(block.parameters()).device
             block.to(device)
             fp_out = [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))] if fp_cache else None
@@ -175,7 +176,7 @@ def run_sequential(
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
             block.to(home)
-            log.debug("block %d done", i)
+            log.info("block %d/%d done (%.1f s)", i + 1, len(blocks), time.perf_counter() - t0)
     finally:
         cache.close()
         if fp_cache is not None:
