@@ -14,7 +14,10 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +197,7 @@ def emit(record: dict[str, Any], output: str | os.PathLike | None = None) -> Non
     line = json.dumps(record)
     print(line, flush=True)
     if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         with open(output, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
@@ -210,3 +214,39 @@ def error_text(err: BaseException, limit: int = 2000) -> str:
     """``Type: message``, cut to ``limit`` characters (keeps the start, where the cause is)."""
     text = f"{type(err).__name__}: {err}"
     return text if len(text) <= limit else text[:limit] + " ...[cut]"
+
+
+# ---------------------------------------------------------------- subprocess runs
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """What a finished child left: its record (None if it wrote none), exit code, peak RSS, wall time."""
+
+    record: dict[str, Any] | None
+    returncode: int
+    peak_rss_mb: float
+    wall_s: float
+
+    def failure(self) -> str:
+        why = f"killed by signal {-self.returncode}" if self.returncode < 0 else f"exit status {self.returncode}"
+        return f"the child process ended without a result ({why}); see its log on stderr"
+
+
+def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False, cwd: str | os.PathLike | None = None) -> ChildRun:
+    """Run ``command --job JSON --result FILE`` and collect its record and peak RSS.
+
+    The child's stdout is sent to our stderr, so our stdout carries only result
+    lines. Peak RSS comes from ``wait4`` on that one child (``ru_maxrss``, KiB
+    on Linux), so it covers the whole child process and nothing else.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        full = [*command, "--job", json.dumps(job), "--result", str(result)] + (["--verbose"] if verbose else [])
+        start = time.perf_counter()
+        child = subprocess.Popen(full, stdout=sys.stderr, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = round(time.perf_counter() - start, 2)
+        record = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+    return ChildRun(record, child.returncode, round(usage.ru_maxrss / 1024, 1), wall)

@@ -20,10 +20,7 @@ import argparse
 import inspect
 import json
 import logging
-import os
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -129,24 +126,15 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
         command = [str(peer_python), str(PEER_SCRIPT)]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    with tempfile.TemporaryDirectory(prefix="quant_quality-") as tmp:
-        result = Path(tmp) / "result.json"
-        command += ["--job", json.dumps(job), "--result", str(result)] + (["--verbose"] if verbose else [])
-        log.info("running %s %s", method, setting.name if setting else "")
-        start = time.perf_counter()
-        # the child's stdout goes to our stderr: our stdout carries only result lines
-        child = subprocess.Popen(command, stdout=sys.stderr, cwd=ROOT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        wall = round(time.perf_counter() - start, 2)
-        record = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+    log.info("running %s %s", method, setting.name if setting else "")
+    run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
+    record = run.record
     if record is None:
         record = common.base_record(method, setting)
         record["machine"] = common.machine_info()
-        why = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
-        record.update(status="failed", error=f"the child process ended without a result ({why}); see its log on stderr")
-    record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # KiB on Linux; the whole child process
-    record["wall_s"] = wall
+        record.update(status="failed", error=run.failure())
+    record["peak_rss_mb"] = run.peak_rss_mb  # the whole child process
+    record["wall_s"] = run.wall_s
     return record
 
 
