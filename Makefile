@@ -33,6 +33,8 @@ test-slow: install
 # side-by-side benchmarks (docs: benchmarks/README.md); peers live in their own venv
 bench-setup: fixtures
 	bash benchmarks/setup_peers.sh
+	$(PY) -m pip install -q -e '.[cnn]'
+	$(PY) -m pip install -q --no-deps scikit-image==0.26.0
 
 bench-quick: bench-setup
 	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,adaround,llmc-gptq --settings w4g64
