@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("benchmarks")
 
@@ -200,6 +200,16 @@ def emit(record: dict[str, Any], output: str | os.PathLike | None = None) -> Non
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         with open(output, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
+
+
+def run_child_job(args, run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """In a ``--child`` process: run the job, add its peak RSS, write the result. True when it did."""
+    if not args.child:
+        return False
+    record = run(json.loads(args.job))
+    record["self_peak_rss_mb"] = peak_rss_mb()
+    write_result(record, args.result)
+    return True
 
 
 def setup_logging(verbose: bool = False) -> None:

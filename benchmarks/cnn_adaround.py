@@ -31,7 +31,6 @@ result on stdout, appended to ``--output``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -267,10 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
-    if args.child:
-        record = run(json.loads(args.job))
-        record["self_peak_rss_mb"] = common.peak_rss_mb()
-        common.write_result(record, args.result)
+    if common.run_child_job(args, run):
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import sys
 import time
@@ -172,10 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
-    if args.child:
-        record = run_ours(json.loads(args.job))
-        record["self_peak_rss_mb"] = common.peak_rss_mb()
-        common.write_result(record, args.result)
+    if common.run_child_job(args, run_ours):
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
