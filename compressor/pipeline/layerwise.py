@@ -57,7 +57,14 @@ def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *,
             if not p.requires_calibration:
                 p.apply(model, quiet=quiet)
                 continue
-            layers = [(n, m) for n, m in select_modules(model, p.config) if not list(m.children())]
+            matched = select_modules(model, p.config)
+            layers = [(n, m) for n, m in matched if not list(m.children())]
+            skipped = [n for n, m in matched if list(m.children()) and isinstance(m, (nn.Linear, nn.Conv2d))]
+            if skipped:
+                # e.g. a "SAME"-padding Conv2d subclass whose padding is a child module: its forward is
+                # not the plain convolution the pass reconstructs, so it is left in full precision
+                log.warning("%s: %d targeted layers have child modules and are left unquantized: %s",
+                            p.name, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
             if not layers:
                 raise ValueError(f"{p.name}: no layer matches targets={list(p.config.targets)}")
             for name, layer in progress(layers, p.name, quiet=quiet):

@@ -45,3 +45,23 @@ def test_adaround_layerwise_beats_rtn_on_a_cnn():
     with torch.no_grad():
         kl_rtn, kl_ada = _kl(ref, rtn(test)), _kl(ref, ada(test))
     assert kl_ada < 0.8 * kl_rtn, (kl_ada, kl_rtn)  # measured: 0.71x
+
+
+class _PaddedConv(nn.Conv2d):
+    """A conv whose padding is a child module (like EfficientNet ports' SAME padding)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return super().forward(self.pad(x))
+
+
+def test_layers_with_children_are_reported_not_silently_skipped(caplog):
+    model = nn.Sequential(_PaddedConv(3, 4, 3), nn.Conv2d(4, 4, 1)).eval()
+    recipe = {"passes": [{"adaround": {"scheme": {"bits": 4, "group_size": -1}, "targets": ["Conv2d"], "ignore": [],
+                                       "iters": 5, "batch_size": 4}}]}
+    compress(model, Recipe.from_dict(recipe), calibration=_images(8, 0))
+    assert not is_quantized(model[0]) and is_quantized(model[1])
+    assert "left unquantized: 0" in caplog.text
