@@ -81,6 +81,14 @@ class ActivationCache:
         """Replace batch ``i``'s hidden states (the next block's inputs)."""
         self._hidden[i] = self._store(i, hidden)
 
+    def copy(self) -> "ActivationCache":
+        """An independent cache with the same entries (a second activation stream)."""
+        other = ActivationCache(self.location, self.device, None)
+        for i in range(len(self)):
+            other._hidden.append(other._store(i, self.hidden(i)))
+        other._kwargs = list(self._kwargs)  # never mutated, safe to share
+        return other
+
     def close(self) -> None:
         """Delete on-disk tensors this cache created."""
         if self._own_dir and self.directory is not None:

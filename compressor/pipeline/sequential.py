@@ -157,8 +157,7 @@ def run_sequential(
     ckpt = BlockCheckpoint(config.checkpoint_dir, fingerprint or {}) if config.checkpoint_dir else None
     cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config)
     # passes that reconstruct the full-precision model's block outputs need its activations too
-    fp_cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config) \
-        if any(getattr(p, "wants_fp_targets", False) for p in passes) else None
+    fp_cache = cache.copy() if any(getattr(p, "wants_fp_targets", False) for p in passes) else None
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
