@@ -123,6 +123,18 @@ def capture_block_inputs(
     return cache
 
 
+def _onload(block: nn.Module, device: torch.device) -> torch.device:
+    """Move one block to the compute device; returns where its weights lived."""
+    home = next(block.parameters()).device
+    block.to(device)
+    return home
+
+
+def _offload(block: nn.Module, home: torch.device) -> None:
+    """Move a finished block back to where it lived, freeing the compute device."""
+    block.to(home)
+
+
 def _block_forward(block: nn.Module, cache: ActivationCache, i: int) -> torch.Tensor:
     out = block(cache.hidden(i), **cache.kwargs(i))
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -161,8 +173,7 @@ def run_sequential(
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
-            home = next(block.parameters()).device
-            block.to(device)
+            home = _onload(block, device)
             fp_out = [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))] if fp_cache else None
             if ckpt is not None and ckpt.has(i):
                 ckpt.load(i, block)
@@ -174,7 +185,7 @@ def run_sequential(
                 cache.set_hidden(j, _block_forward(block, cache, j))
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
-            block.to(home)
+            _offload(block, home)
             log.info("block %d/%d done (%.1f s)", i + 1, len(blocks), time.perf_counter() - t0)
     finally:
         cache.close()

@@ -139,3 +139,56 @@ def test_linears_with_the_same_input_share_one_hessian(monkeypatch):
     k_h, v_h = seen[(32, 64)]  # k_proj and v_proj (2 kv heads x 16)
     gate_h, up_h = seen[(80, 64)]
     assert k_h is v_h and gate_h is up_h
+
+
+@pytest.mark.parametrize("recipe", [GPTQ, {"passes": [{"adaround": {"scheme": {"bits": 3, "group_size": 16}, "iters": 2,
+                                                                  "granularity": "block", "batch_size": 24}}]}],
+                         ids=["gptq", "adaround-block"])
+def test_compute_device_holds_one_block_at_a_time(monkeypatch, recipe):
+    """Every block forward (statistics, compression, propagation) sees only its own block onloaded."""
+    from compressor.pipeline import sequential
+
+    model = tiny_llama(layers=8)
+    _, blocks = find_blocks(model)
+    resident: list[int] = []
+    onloads: list[int] = []
+    real_on, real_off = sequential._onload, sequential._offload
+
+    def onload(block, device):
+        resident.append(id(block))
+        onloads.append(id(block))
+        return real_on(block, device)
+
+    def offload(block, home):
+        resident.remove(id(block))
+        real_off(block, home)
+
+    def check(block, *_args, **_kwargs):
+        assert resident == [id(block)], "a block ran while another block was also on the compute device"
+
+    monkeypatch.setattr(sequential, "_onload", onload)
+    monkeypatch.setattr(sequential, "_offload", offload)
+    for b in blocks:
+        b.register_forward_hook(check)  # after the forward: the capture's stopped call does not count
+    model.lm_head.register_forward_pre_hook(lambda *_: pytest.fail("lm_head ran during calibration"))
+    compress(model, Recipe.from_dict(recipe), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    assert onloads == [id(b) for b in blocks] and resident == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_device_memory_grows_with_one_block_not_the_model():
+    """Model on CPU, compute on CUDA: the peak allocation is the same for 2 and 12 blocks."""
+    def peak(layers):
+        model = tiny_llama(hidden=256, inter=704, layers=layers)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        compress(model, Recipe.from_dict(GPTQ), calibration=IDS,
+                 pipeline=PipelineConfig(device="cuda", batch_size=5, quiet=True))
+        block_bytes = sum(p.numel() * p.element_size() for p in find_blocks(model)[1][0].parameters())
+        return torch.cuda.max_memory_allocated() - base, block_bytes
+
+    small, block = peak(2)
+    large, _ = peak(12)
+    assert large - small < 0.25 * block, (small, large, block)
