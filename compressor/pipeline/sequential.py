@@ -154,7 +154,8 @@ def run_sequential(
         model: a Hugging Face model (weights anywhere; each block is moved to
             the compute device while it is processed, then back).
         passes: passes in recipe order. Calibrated passes implement
-            ``begin_block(block, prefix)`` / ``end_block(block, prefix, ...)``;
+            ``begin_block(block, prefix)`` (returning the modules whose inputs
+            they record, or None) / ``end_block(block, prefix, ...)``;
             calibration-free passes implement ``compress_block(block, prefix)``.
         input_ids: (S, L) int64 calibration sequences.
         config: device, cache location, batch size, checkpointing.
@@ -198,9 +199,49 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
                     fp_out: list[torch.Tensor] | None) -> None:
     for p in passes:
         if p.requires_calibration:
-            p.begin_block(block, prefix)
-            for j in range(len(cache)):
-                _block_forward(block, cache, j)
+            observed = p.begin_block(block, prefix)
+            _calibration_forwards(block, cache, observed)
             p.end_block(block, prefix, cache=cache, targets=fp_out)
         else:
             p.compress_block(block, prefix)
+
+
+def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) -> None:
+    """Run the cached inputs through ``block`` so the pass's hooks see them.
+
+    ``observed`` is what :meth:`begin_block` returned: the modules whose inputs
+    the pass records (then each forward stops right after the last of them has
+    been entered, skipping e.g. ``down_proj`` and the residual add), an empty
+    list (no forward needed), or None (full forwards).
+    """
+    if observed is not None and len(observed) == 0:
+        return
+    if observed is None or len(cache) == 0:
+        for j in range(len(cache)):
+            _block_forward(block, cache, j)
+        return
+    entered: list[nn.Module] = []
+    ids = {id(m) for m in observed}
+    handles = [m.register_forward_pre_hook(lambda mod, _a: entered.append(mod)) for m in observed]
+    try:
+        _block_forward(block, cache, 0)  # full forward: learn the order the observed modules run in
+    finally:
+        for h in handles:
+            h.remove()
+    if {id(m) for m in entered} != ids:
+        for j in range(1, len(cache)):  # some observed module did not run: keep full forwards
+            _block_forward(block, cache, j)
+        return
+
+    def stop(_module, _args):
+        raise _StopForward
+
+    handle = entered[-1].register_forward_pre_hook(stop)  # after the pass's own hook on that module
+    try:
+        for j in range(1, len(cache)):
+            try:
+                _block_forward(block, cache, j)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()

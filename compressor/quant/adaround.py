@@ -292,14 +292,21 @@ class AdaRoundPass(Pass):
         return [(n, m) for n, m in select_modules(block, self.config, prefix)
                 if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__ == "Conv1D"]
 
-    def begin_block(self, block: nn.Module, prefix: str) -> None:
-        """Record each targeted layer's inputs (token rows for linears, images for convs)."""
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
+        """Record each targeted layer's inputs (token rows for linears, images for convs).
+
+        Returns:
+            the observed layers; none with ``granularity="block"``, which reads
+            the pipeline's cached block inputs instead.
+        """
         if self.config.granularity == "block":
-            return
-        for name, module in self._layers(block, prefix):
+            return []
+        layers = self._layers(block, prefix)
+        for name, module in layers:
             self._inputs[name] = []
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: self._inputs[name].append(args[0].detach())))
+        return [m for _, m in layers]
 
     def end_block(self, block: nn.Module, prefix: str, *, cache=None, targets=None, **context) -> None:
         """Optimise the rounding of the block's targeted layers, then fix it on the grid."""

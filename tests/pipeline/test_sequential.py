@@ -192,3 +192,24 @@ def test_peak_device_memory_grows_with_one_block_not_the_model():
     small, block = peak(2)
     large, _ = peak(12)
     assert large - small < 0.25 * block, (small, large, block)
+
+
+def test_calibration_forwards_stop_after_the_last_observed_layer(monkeypatch):
+    """Stopping each forward once down_proj's input is recorded changes no statistic, only the cost."""
+    from compressor.pipeline import sequential
+
+    full = tiny_llama(layers=3)
+    real = sequential._calibration_forwards
+    monkeypatch.setattr(sequential, "_calibration_forwards", lambda block, cache, observed: real(block, cache, None))
+    compress(full, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    monkeypatch.setattr(sequential, "_calibration_forwards", real)
+
+    model = tiny_llama(layers=3)
+    ran = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda *_: ran.append(1))
+    compress(model, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    a, b = _weights(full), _weights(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # per block: 1 full calibration forward (of 3 batches) + 3 propagation forwards
+    assert len(ran) == 3 * (1 + 3)

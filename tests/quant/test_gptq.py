@@ -88,3 +88,16 @@ def test_bad_arguments(kwargs, match):
         gptq_quantize(w, H, QuantScheme(bits=4, group_size=8), **kwargs)
     with pytest.raises(ValueError, match="shapes"):
         gptq_quantize(w, H[:8, :8], QuantScheme(bits=4, group_size=8))
+
+
+def test_hessian_of_wide_inputs_is_symmetric_and_exact():
+    x = torch.randn(3, 50, 70, dtype=torch.float64).float()
+    slabbed, full = HessianAccumulator(70, slab=16), HessianAccumulator(70, slab=1000)
+    for part in x:
+        slabbed.add(part)
+        full.add(part)
+    expected = 2 * x.reshape(-1, 70).double().t() @ x.reshape(-1, 70).double() / 150
+    assert slabbed.slab == 16 and full.slab == 70
+    torch.testing.assert_close(slabbed.H.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slabbed.H, full.H, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slabbed.H, slabbed.H.t())
