@@ -5,10 +5,16 @@ model on the calibration inputs until that layer, recording its inputs through
 the pass's hooks, stop the forward there, and let the pass compress the layer.
 Each layer therefore sees the inputs produced by the already-compressed layers
 before it. Costs one truncated forward per layer; memory holds one layer's inputs.
+
+Passes that reconstruct the full-precision model's outputs (``wants_fp_inputs``,
+e.g. asymmetric AdaRound) also get the inputs the same layer sees in an
+untouched copy of the model, on the same batches: twice the weights in memory
+and a second truncated forward per layer.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -67,17 +73,28 @@ def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *,
                             p.name, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
             if not layers:
                 raise ValueError(f"{p.name}: no layer matches targets={list(p.config.targets)}")
+            fp_model = copy.deepcopy(model) if getattr(p, "wants_fp_inputs", False) else None
+            fp_modules = dict(fp_model.named_modules()) if fp_model is not None else {}
             for name, layer in progress(layers, p.name, quiet=quiet):
+                if fp_model is not None:
+                    p.begin_block(fp_modules[name], name, stream="fp")
+                    _forwards_until(fp_model, fp_modules[name], inputs, batch_size, device)
                 p.begin_block(layer, name)
-                stop = layer.register_forward_hook(_raise)
-                try:
-                    for start in range(0, inputs.shape[0], batch_size):
-                        try:
-                            _call(model, to_device(inputs[start : start + batch_size], device))
-                        except _StopForward:
-                            pass
-                finally:
-                    stop.remove()
+                _forwards_until(model, layer, inputs, batch_size, device)
                 p.end_block(layer, name)
+            del fp_model, fp_modules
     finally:
         model.train(was_training)
+
+
+def _forwards_until(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, batch_size: int, device) -> None:
+    """Run every input batch through ``model``, stopping each forward once ``layer`` has run."""
+    stop = layer.register_forward_pre_hook(_raise)  # after the pass's own pre-hook: the layer itself never runs
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            try:
+                _call(model, to_device(inputs[start : start + batch_size], device))
+            except _StopForward:
+                pass
+    finally:
+        stop.remove()

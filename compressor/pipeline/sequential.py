@@ -179,7 +179,7 @@ def run_sequential(
             if ckpt is not None and ckpt.has(i):
                 ckpt.load(i, block)
             else:
-                _compress_block(block, prefix, passes, cache, fp_out)
+                _compress_block(block, prefix, passes, cache, fp_cache, fp_out)
                 if ckpt is not None:
                     ckpt.save(i, block)
             for j in range(len(cache)):
@@ -196,9 +196,12 @@ def run_sequential(
 
 
 def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
-                    fp_out: list[torch.Tensor] | None) -> None:
+                    fp_cache: ActivationCache | None, fp_out: list[torch.Tensor] | None) -> None:
     for p in passes:
         if p.requires_calibration:
+            if getattr(p, "wants_fp_inputs", False):
+                # the full-precision stream through the block (as the earlier passes left it) first
+                _calibration_forwards(block, fp_cache, p.begin_block(block, prefix, stream="fp"))
             observed = p.begin_block(block, prefix)
             _calibration_forwards(block, cache, observed)
             p.end_block(block, prefix, cache=cache, targets=fp_out)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compressor.quant.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, group_index
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
@@ -40,7 +40,8 @@ class AdaRoundConfig(PassConfig):
     Attributes:
         scheme: the weight grid (its observer initialises the scales).
         iters: optimisation steps per layer (the paper uses 10k-20k on GPU).
-        batch_size: input rows (tokens, or images for convolutions) per step.
+        batch_size: rows per step: tokens for linears, output positions (one
+            receptive-field patch each) for convolutions.
         lr: Adam learning rate for V.
         reg_weight: lambda of the rounding regulariser (the reconstruction term is
             normalised by plain rounding's error, the regulariser averaged per weight).
@@ -48,7 +49,15 @@ class AdaRoundConfig(PassConfig):
         warmup: fraction of steps without the regulariser.
         learn_scale: also learn the per-group scales (Adam, ``scale_lr``).
         scale_lr: learning rate of the log-scales.
-        max_samples: input rows kept per layer for the reconstruction.
+        max_samples: rows (tokens / output positions) sampled once per layer
+            from the calibration inputs; the steps draw from them.
+        asymmetric: reconstruct the full-precision model's layer output (its
+            own inputs through the original weight) from the compressed
+            model's inputs, the paper's asymmetric reconstruction (eq. 25), so
+            each layer also corrects the error of the layers before it.
+            ``False`` reconstructs ``W x`` on the compressed model's inputs.
+            Layer granularity only (block granularity always targets the
+            full-precision block output).
         granularity: ``"layer"`` (each layer on its own, the paper) or ``"block"``
             (all targeted layers of a decoder block against the full-precision
             block output; ``batch_size`` then counts tokens per step).
@@ -66,6 +75,7 @@ class AdaRoundConfig(PassConfig):
     learn_scale: bool = False
     scale_lr: float = 1e-4
     max_samples: int = 8192
+    asymmetric: bool = True
     granularity: str = "layer"
     seed: int = 0
 
@@ -237,31 +247,6 @@ def _recon(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out.float() - target.float()).pow(2).sum(1).mean()
 
 
-def layer_view(module: nn.Module) -> tuple[torch.Tensor, Callable, Callable]:
-    """Quantization view of a layer's weight and the matching forward.
-
-    Returns:
-        ``(W (N, K), forward(x, w_view) → output, to_weight(w_view) → module-shaped weight)``.
-        Linear: W as is. HF ``Conv1D`` (weight (K, N)): transposed. ``Conv2d``
-        (O, I/g, kh, kw): flattened to (O, I/g*kh*kw), groups along the flattened input.
-    """
-    w = module.weight.detach()
-    bias = getattr(module, "bias", None)
-    bias = None if bias is None else bias.detach().float()
-    if isinstance(module, nn.Linear):
-        return w, lambda x, v: F.linear(x, v, bias), lambda v: v
-    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: y = x @ W + b, W (K, N)
-        return w.t(), lambda x, v: F.linear(x, v, bias), lambda v: v.t().contiguous()
-    if isinstance(module, nn.Conv2d):
-        shape = w.shape
-
-        def conv(x, v):
-            return F.conv2d(x, v.reshape(shape), bias, module.stride, module.padding, module.dilation, module.groups)
-
-        return w.reshape(shape[0], -1), conv, lambda v: v.reshape(shape)
-    raise ValueError(f"adaround supports nn.Linear, Conv1D and nn.Conv2d, not {type(module).__name__}")
-
-
 @register_pass
 class AdaRoundPass(Pass):
     """AdaRound inside the calibration pipelines.
@@ -280,20 +265,28 @@ class AdaRoundPass(Pass):
 
     def __init__(self, config: AdaRoundConfig):
         super().__init__(config)
-        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._inputs: dict[str, dict[str, list[torch.Tensor]]] = {"compressed": {}, "fp": {}}
         self._handles: list = []
 
     @property
     def wants_fp_targets(self) -> bool:
-        """The pipeline should pass the full-precision model's block outputs to :meth:`end_block`."""
-        return self.config.granularity == "block"
+        """The pipeline should keep a full-precision stream (block outputs, or layer inputs)."""
+        return self.config.granularity == "block" or self.config.asymmetric
+
+    @property
+    def wants_fp_inputs(self) -> bool:
+        """The pipeline should also run the full-precision stream through :meth:`begin_block` hooks."""
+        return self.config.granularity == "layer" and self.config.asymmetric
 
     def _layers(self, block: nn.Module, prefix: str):
-        return [(n, m) for n, m in select_modules(block, self.config, prefix)
-                if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__ == "Conv1D"]
+        return [(n, m) for n, m in select_modules(block, self.config, prefix) if is_quantizable(m)]
 
-    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
-        """Record each targeted layer's inputs (token rows for linears, images for convs).
+    def begin_block(self, block: nn.Module, prefix: str, stream: str = "compressed") -> list[nn.Module]:
+        """Record each targeted layer's inputs (token rows for linears, feature maps for convs).
+
+        Args:
+            stream: ``"compressed"`` (the model being compressed) or ``"fp"``
+                (the full-precision model's activations, for asymmetric reconstruction).
 
         Returns:
             the observed layers; none with ``granularity="block"``, which reads
@@ -302,10 +295,11 @@ class AdaRoundPass(Pass):
         if self.config.granularity == "block":
             return []
         layers = self._layers(block, prefix)
+        store = self._inputs[stream]
         for name, module in layers:
-            self._inputs[name] = []
+            store[name] = []
             self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: self._inputs[name].append(args[0].detach())))
+                lambda m, args, name=name: store[name].append(args[0].detach())))
         return [m for _, m in layers]
 
     def end_block(self, block: nn.Module, prefix: str, *, cache=None, targets=None, **context) -> None:
@@ -320,21 +314,49 @@ class AdaRoundPass(Pass):
             return
         gen = torch.Generator().manual_seed(self.config.seed)
         for name, module in self._layers(block, prefix):
-            xs = self._inputs.pop(name)
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]) if not isinstance(module, nn.Conv2d) else torch.cat(xs)
-            if x.shape[0] > self.config.max_samples:
-                x = x[torch.randperm(x.shape[0], generator=gen)[: self.config.max_samples].to(x.device)]
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{name}: calibration activations contain NaN/inf")
-            w, fwd, to_weight = layer_view(module)
-            with torch.no_grad():
-                target = fwd(x.float(), w.float())
+            xs, fp_xs = self._inputs["compressed"].pop(name), self._inputs["fp"].pop(name, None)
+            if self.config.asymmetric and fp_xs is None:
+                raise ValueError(f"{name}: asymmetric adaround needs the full-precision inputs; the pipeline gave none "
+                                 "(set asymmetric: false, or run it through compress())")
             try:
-                res = adaround_quantize(w, fwd, x.float(), target, self.config.scheme, self.config)
+                self._layer(name, module, xs, fp_xs, gen)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
-            log.debug("adaround %s recon error %.4g", name, res.recon_mse)
-            attach_qparams(module, self.config.scheme, res.qparams, to_weight(res.weight))
+
+    def _layer(self, name: str, module: nn.Module, xs: list[torch.Tensor], fp_xs: list[torch.Tensor] | None,
+               gen: torch.Generator) -> None:
+        """Sample reconstruction rows from the recorded inputs, learn the rounding, attach it."""
+        cfg = self.config
+        w, fwd, to_weight = layer_view(module)
+        if isinstance(module, nn.Conv2d):
+            x = torch.cat(xs)
+            total = conv_positions(x, module)
+            pick = torch.randperm(total, generator=gen)[: cfg.max_samples]
+
+            def rows_of(t):
+                return conv_rows(t, module, pick)
+
+            bias = None if module.bias is None else module.bias.detach().float()
+
+            def fwd(r, v):
+                return rows_forward(r, v, bias)
+        else:
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
+            pick = torch.randperm(x.shape[0], generator=gen)[: cfg.max_samples]
+
+            def rows_of(t):
+                return t[pick.to(t.device)]
+        rows = rows_of(x).float()
+        fp_rows = rows if fp_xs is None else rows_of(torch.cat(fp_xs) if isinstance(module, nn.Conv2d)
+                                                      else torch.cat([t.reshape(-1, t.shape[-1]) for t in fp_xs])).float()
+        del x, xs, fp_xs
+        if not (torch.isfinite(rows).all() and torch.isfinite(fp_rows).all()):
+            raise ValueError("calibration activations contain NaN/inf")
+        with torch.no_grad():
+            target = fwd(fp_rows, w.float())
+        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg)
+        log.debug("adaround %s recon error %.4g", name, res.recon_mse)
+        attach_qparams(module, cfg.scheme, res.qparams, to_weight(res.weight))
 
     def _block(self, block: nn.Module, prefix: str, cache, targets: list[torch.Tensor]) -> None:
         """Block-wise reconstruction: one optimiser over every targeted layer of the block."""

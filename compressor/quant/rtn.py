@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compressor.progress import progress
+from compressor.quant.layers import QUANTIZABLE, is_quantizable, layer_view
 from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
@@ -29,35 +30,39 @@ class RTNConfig(PassConfig):
 
 
 def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
-    """Quantize ``module.weight`` (N, K) in place to the nearest grid point."""
-    w = module.weight.data
+    """Quantize ``module.weight`` in place to the nearest grid point.
+
+    The groups run along the input of the layer's (N, K) view (:func:`layer_view`):
+    a Conv2d (O, I/g, kh, kw) is quantized as (O, I/g*kh*kw).
+    """
+    w, _, to_weight = layer_view(module)
     qp = compute_qparams(w.float(), scheme)
     qp = type(qp)(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
-    attach_qparams(module, scheme, qp, fake_quant(w, qp, scheme))
+    attach_qparams(module, scheme, qp, to_weight(fake_quant(w, qp, scheme)))
 
 
 @register_pass
 class RTNPass(Pass):
-    """Quantize every targeted linear layer with round-to-nearest."""
+    """Quantize every targeted layer (nn.Linear, HF Conv1D, nn.Conv2d) with round-to-nearest."""
 
     name = "rtn"
     config_cls = RTNConfig
 
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context) -> None:
-        """Quantize the targeted linears of ``model`` (restricted to names in ``only`` when given)."""
+        """Quantize the targeted layers of ``model`` (restricted to names in ``only`` when given)."""
         layers = [(n, m) for n, m in select_modules(model, self.config)
-                  if isinstance(m, nn.Linear) and (only is None or n in only)]
+                  if is_quantizable(m) and (only is None or n in only)]
         if not layers and only is None:
             raise ValueError(
-                f"rtn: no nn.Linear matches targets={list(self.config.targets)} "
+                f"rtn: no {QUANTIZABLE} layer matches targets={list(self.config.targets)} "
                 f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`"
             )
         log.info("rtn: %s on %d layers", self.config.scheme.describe(), len(layers))
         self._quantize(layers, quiet)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
-        """Quantize the targeted linears inside one block (sequential pipeline)."""
-        self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)], True)
+        """Quantize the targeted layers inside one block (sequential pipeline)."""
+        self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if is_quantizable(m)], True)
 
     def _quantize(self, layers: list[tuple[str, nn.Module]], quiet: bool) -> None:
         for name, module in progress(layers, "rtn", quiet=quiet):
