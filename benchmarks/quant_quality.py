@@ -87,7 +87,13 @@ def run_ours(job: dict) -> dict:
             calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
             record["calibration"] = calib.to_dict()
             kwargs["calibration"] = calib.input_ids
-        recipe = compressor.Recipe.from_dict({"passes": [{method: {"scheme": setting.scheme()}}]})
+        from compressor.recipe import apply_overrides
+
+        data = {"passes": [{method: {"scheme": setting.scheme()}}]}
+        sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == method]
+        if sets:
+            record["overrides"] = sets
+        recipe = compressor.Recipe.from_dict(apply_overrides(data, sets))
         try:
             start = time.perf_counter()
             model = compressor.compress(model, recipe, quiet=True, **kwargs)
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the peer venv (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
+                        help="recipe override for our pass of that name, e.g. gptq.scheme.observer=mse (repeatable; "
+                        "recorded as \"overrides\")")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -192,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "calib_len": args.calib_len or base["calib_len"],
         "max_tokens": args.max_tokens or base["max_tokens"],
         "threads": args.threads,
+        "set": args.set,
     }
     if protocol["max_tokens"] < common.CTX:
         parser.error(f"--max-tokens must be at least one window of {common.CTX} tokens")

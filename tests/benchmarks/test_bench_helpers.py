@@ -1,0 +1,115 @@
+"""The benchmark scripts' helpers: setting parsing, child runs, photo crops, the SAME-padding rewrite."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as common  # noqa: E402
+
+
+@pytest.mark.parametrize("text,bits,group,name", [("w4g64", 4, 64, "w4g64"), ("W3PC", 3, -1, "w3pc"), (" w2g128 ", 2, 128, "w2g128")])
+def test_parse_setting(text, bits, group, name):
+    s = common.parse_setting(text)
+    assert (s.bits, s.group_size, s.name) == (bits, group, name)
+    assert s.scheme() == {"bits": bits, "group_size": group, "symmetric": False}
+
+
+@pytest.mark.parametrize("text,match", [("w4", "unknown setting"), ("w4g0", "group size 0"), ("w4g32", "Q4_1"), ("int4", "unknown")])
+def test_parse_setting_refuses(text, match):
+    with pytest.raises(ValueError, match=match):
+        common.parse_setting(text)
+
+
+def test_w4g32_allowed_where_lossless_is_fine():
+    assert common.parse_setting("w4g32", allow_lossless=True).group_size == 32
+
+
+def _child(tmp_path, body: str) -> list[str]:
+    script = tmp_path / "child.py"
+    script.write_text("import json, sys\nargs = sys.argv\njob = json.loads(args[args.index('--job') + 1])\n"
+                      "out = args[args.index('--result') + 1]\n" + body)
+    return [sys.executable, str(script)]
+
+
+def test_run_child_collects_the_record_and_rss(tmp_path):
+    run = common.run_child(_child(tmp_path, "json.dump({'x': job['x'] * 2}, open(out, 'w'))\n"), {"x": 21})
+    assert run.record == {"x": 42} and run.returncode == 0 and run.peak_rss_mb > 0
+
+
+@pytest.mark.parametrize("body,why", [("sys.exit(3)\n", "exit status 3"), ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "signal 9")])
+def test_run_child_failure_is_reported(tmp_path, body, why):
+    run = common.run_child(_child(tmp_path, body), {})
+    assert run.record is None and why in run.failure()
+
+
+def _cnn_data():
+    pytest.importorskip("PIL")
+    if importlib.util.find_spec("skimage") is None and not _has_dist("scikit-image"):
+        pytest.skip("scikit-image photos not installed (pip install --no-deps scikit-image)")
+    import _cnn_data
+
+    return _cnn_data
+
+
+def _has_dist(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(name)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def test_crops_are_deterministic_and_disjoint():
+    data = _cnn_data()
+    a = data.crop_sets(6, 4, seed=1, size=32)
+    b = data.crop_sets(6, 9, seed=1, size=32)  # more calibration crops: same evaluation crops
+    assert torch.equal(a.eval, b.eval) and a.eval_crops == b.eval_crops
+    assert a.calib_crops == b.calib_crops[:4]
+    assert not set(a.eval_crops) & set(b.calib_crops)
+    assert a.eval.shape == (6, 3, 32, 32) and a.eval.dtype == torch.float32
+
+
+class _SameConv(nn.Conv2d):
+    """The EfficientNet port's shape: a conv applying its own ``static_padding`` child first."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+def test_plain_convs_rewrite_is_exact():
+    import cnn_adaround
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_SameConv(3, 4, 3, stride=2), nn.ReLU(), _SameConv(4, 4, 3, groups=4)).eval()
+    x = torch.randn(2, 3, 11, 11)
+    with torch.no_grad():
+        ref = model(x)
+        out = cnn_adaround.plain_convs(model)(x)
+    assert torch.equal(ref, out)
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_agreement_metrics():
+    import cnn_adaround
+
+    ref = torch.tensor([[5.0, 4, 3, 2, 1, 0], [5.0, 4, 3, 2, 1, 0]])
+    got = cnn_adaround.agreement(ref, ref.clone())
+    assert got["top1_agreement"] == 1.0 and got["top5_agreement"] == 1.0 and got["kl"] == 0.0
+    out = torch.tensor([[4.0, 5, 3, 2, 1, 0], [-9.0, 4, 3, 2, 1, 5]])  # top-1 moved; in the top 5 once
+    moved = cnn_adaround.agreement(ref, out)
+    assert moved["top1_agreement"] == 0.0 and moved["top5_agreement"] == 0.5 and moved["kl"] > 0.1
