@@ -77,8 +77,12 @@ def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *,
             fp_modules = dict(fp_model.named_modules()) if fp_model is not None else {}
             for name, layer in progress(layers, p.name, quiet=quiet):
                 if fp_model is not None:
-                    p.begin_block(fp_modules[name], name, stream="fp")
-                    _forwards_until(fp_model, fp_modules[name], inputs, batch_size, device)
+                    p.stream = "fp"
+                    try:
+                        p.begin_block(fp_modules[name], name)
+                        _forwards_until(fp_model, fp_modules[name], inputs, batch_size, device)
+                    finally:
+                        p.stream = "compressed"
                 p.begin_block(layer, name)
                 _forwards_until(model, layer, inputs, batch_size, device)
                 p.end_block(layer, name)

@@ -199,14 +199,38 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
                     fp_cache: ActivationCache | None, fp_out: list[torch.Tensor] | None) -> None:
     for p in passes:
         if p.requires_calibration:
-            if getattr(p, "wants_fp_inputs", False):
-                # the full-precision stream through the block (as the earlier passes left it) first
-                _calibration_forwards(block, fp_cache, p.begin_block(block, prefix, stream="fp"))
             observed = p.begin_block(block, prefix)
-            _calibration_forwards(block, cache, observed)
+            if getattr(p, "wants_fp_inputs", False):
+                _paired_forwards(block, p, fp_cache, cache, observed)
+            else:
+                _calibration_forwards(block, cache, observed)
             p.end_block(block, prefix, cache=cache, targets=fp_out)
         else:
             p.compress_block(block, prefix)
+
+
+def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache: ActivationCache, observed) -> None:
+    """Batch by batch: the full-precision stream's batch, then the compressed stream's.
+
+    The pass sees both inputs of a layer for the same calibration sequences
+    back to back (its ``stream`` attribute says which is running), so it can
+    pair them without holding every batch. The block's weights are as the
+    earlier passes left them.
+    """
+    if fp_cache is None:
+        raise ValueError(f"{p.name} needs the full-precision stream, but the pipeline keeps none")
+    if observed is not None and len(observed) == 0:
+        return
+    runner = _Truncated(block, observed)
+    try:
+        for j in range(len(cache)):
+            p.stream = "fp"
+            runner.run(fp_cache, j)
+            p.stream = "compressed"
+            runner.run(cache, j)
+    finally:
+        p.stream = "compressed"
+        runner.close()
 
 
 def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) -> None:
@@ -219,32 +243,51 @@ def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) ->
     """
     if observed is not None and len(observed) == 0:
         return
-    if observed is None or len(cache) == 0:
+    runner = _Truncated(block, observed)
+    try:
         for j in range(len(cache)):
-            _block_forward(block, cache, j)
-        return
-    entered: list[nn.Module] = []
-    ids = {id(m) for m in observed}
-    handles = [m.register_forward_pre_hook(lambda mod, _a: entered.append(mod)) for m in observed]
-    try:
-        _block_forward(block, cache, 0)  # full forward: learn the order the observed modules run in
+            runner.run(cache, j)
     finally:
-        for h in handles:
-            h.remove()
-    if {id(m) for m in entered} != ids:
-        for j in range(1, len(cache)):  # some observed module did not run: keep full forwards
-            _block_forward(block, cache, j)
-        return
+        runner.close()
 
-    def stop(_module, _args):
-        raise _StopForward
 
-    handle = entered[-1].register_forward_pre_hook(stop)  # after the pass's own hook on that module
-    try:
-        for j in range(1, len(cache)):
+class _Truncated:
+    """Block forwards that stop once the last observed module has been entered.
+
+    The first forward runs in full and records the order in which the observed
+    modules are entered (the pass's own hooks record as usual); later forwards
+    raise right after the pass's hook on the last of them. If some observed
+    module never runs, every forward stays full.
+    """
+
+    def __init__(self, block: nn.Module, observed):
+        self.block, self.observed = block, observed
+        self.learnt = observed is None
+        self.handle = None
+
+    def run(self, cache: ActivationCache, j: int) -> None:
+        if self.learnt:
             try:
-                _block_forward(block, cache, j)
+                _block_forward(self.block, cache, j)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
+            return
+        entered: list[nn.Module] = []
+        handles = [m.register_forward_pre_hook(lambda mod, _a: entered.append(mod)) for m in self.observed]
+        try:
+            _block_forward(self.block, cache, j)
+        finally:
+            for h in handles:
+                h.remove()
+        self.learnt = True
+        if {id(m) for m in entered} == {id(m) for m in self.observed}:
+            self.handle = entered[-1].register_forward_pre_hook(_stop)  # runs after the pass's own hook
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _stop(_module, _args):
+    raise _StopForward

@@ -267,6 +267,7 @@ class AdaRoundPass(Pass):
         super().__init__(config)
         self._inputs: dict[str, dict[str, list[torch.Tensor]]] = {"compressed": {}, "fp": {}}
         self._handles: list = []
+        self.stream = "compressed"
 
     @property
     def wants_fp_targets(self) -> bool:
@@ -281,12 +282,12 @@ class AdaRoundPass(Pass):
     def _layers(self, block: nn.Module, prefix: str):
         return [(n, m) for n, m in select_modules(block, self.config, prefix) if is_quantizable(m)]
 
-    def begin_block(self, block: nn.Module, prefix: str, stream: str = "compressed") -> list[nn.Module]:
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
         """Record each targeted layer's inputs (token rows for linears, feature maps for convs).
 
-        Args:
-            stream: ``"compressed"`` (the model being compressed) or ``"fp"``
-                (the full-precision model's activations, for asymmetric reconstruction).
+        The inputs go to the stream named by :attr:`stream`, which the pipeline
+        sets before each forward: ``"compressed"`` (the model being compressed)
+        or ``"fp"`` (the full-precision model, for asymmetric reconstruction).
 
         Returns:
             the observed layers; none with ``granularity="block"``, which reads
@@ -295,11 +296,9 @@ class AdaRoundPass(Pass):
         if self.config.granularity == "block":
             return []
         layers = self._layers(block, prefix)
-        store = self._inputs[stream]
         for name, module in layers:
-            store[name] = []
             self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: store[name].append(args[0].detach())))
+                lambda m, args, name=name: self._inputs[self.stream].setdefault(name, []).append(args[0].detach())))
         return [m for _, m in layers]
 
     def end_block(self, block: nn.Module, prefix: str, *, cache=None, targets=None, **context) -> None:
@@ -314,7 +313,9 @@ class AdaRoundPass(Pass):
             return
         gen = torch.Generator().manual_seed(self.config.seed)
         for name, module in self._layers(block, prefix):
-            xs, fp_xs = self._inputs["compressed"].pop(name), self._inputs["fp"].pop(name, None)
+            xs, fp_xs = self._inputs["compressed"].pop(name, None), self._inputs["fp"].pop(name, None)
+            if xs is None:
+                raise ValueError(f"{name}: no calibration input reached this layer")
             if self.config.asymmetric and fp_xs is None:
                 raise ValueError(f"{name}: asymmetric adaround needs the full-precision inputs; the pipeline gave none "
                                  "(set asymmetric: false, or run it through compress())")

@@ -54,6 +54,7 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", slab: int = 512):
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.C: torch.Tensor | None = None  # (K, K) 2/n sum (x_fp - x) x^T when full-precision inputs are given
         self.n = 0
         self.slab = slab if in_features > 2 * slab else in_features
         self._mirrored = True
@@ -68,15 +69,34 @@ class HessianAccumulator:
             self._mirrored = True
         return self._H
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs (..., K); non-finite inputs are an error."""
+    def add(self, x: torch.Tensor, fp: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs (..., K); non-finite inputs are an error.
+
+        Args:
+            x: the compressed model's inputs of the layer.
+            fp: the full-precision model's inputs for the same tokens (same shape);
+                accumulates :attr:`C` for asymmetric calibration.
+        """
         x = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)  # (T, K)
         if not torch.isfinite(x).all():
             raise ValueError("calibration activations contain NaN/inf: check the calibration data and the model weights")
         t = x.shape[0]
         self._H *= self.n / (self.n + t)
+        if fp is not None:
+            fp = fp.reshape(-1, fp.shape[-1]).to(self._H.device, torch.float32)
+            if fp.shape != x.shape:
+                raise ValueError(f"full-precision inputs {tuple(fp.shape)} do not pair with {tuple(x.shape)}")
+            if self.C is None:
+                if self.n:
+                    raise ValueError("full-precision inputs must come with every batch or none")
+                self.C = torch.zeros_like(self._H)
+            self.C *= self.n / (self.n + t)
+        elif self.C is not None:
+            raise ValueError("full-precision inputs must come with every batch or none")
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
+        if fp is not None:
+            self.C.addmm_((fp * (2.0 / self.n) ** 0.5 - x).t(), x)
         k, b = x.shape[1], self.slab
         for i in range(0, k, b):
             self._H[i : i + b, i:].addmm_(x[:, i : i + b].t(), x[:, i:])
@@ -110,6 +130,8 @@ def gptq_quantize(
     dampening: float = 0.01,
     actorder: str = "none",
     dtype: torch.dtype | None = None,
+    cross: torch.Tensor | None = None,
+    cross_weight: float = 0.25,
 ) -> GPTQResult:
     """Quantize a weight matrix with GPTQ.
 
@@ -123,15 +145,22 @@ def gptq_quantize(
             diagonal, groups fixed in natural order, so the export needs no g_idx);
             ``"group"`` (groups formed along the processing order; ``g_idx`` exported).
         dtype: dtype of the returned weight and parameters (default ``weight.dtype``).
+        cross: optional (K, K) ``2 (X - X~) X~^T / n`` with ``X`` the full-precision
+            model's inputs of the layer and ``X~`` the compressed model's (the
+            ``hessian`` is then that of ``X~``). Turns on asymmetric calibration
+            (GPTAQ / "GPTQv2", Li et al., ICML 2025, arXiv 2504.02692): the
+            rounding also absorbs the error the earlier layers left in the inputs.
+        cross_weight: the scale ``alpha`` of the asymmetric term (0.25 in the
+            authors' reference code).
 
     Returns:
         :class:`GPTQResult`.
     """
     with _one_cpu_thread(weight.device):
-        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype)
+        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight)
 
 
-def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype) -> GPTQResult:
+def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25) -> GPTQResult:
     if actorder not in _ACTORDER:
         raise ValueError(f"actorder={actorder!r}: use one of {_ACTORDER}")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -140,6 +169,8 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype) -> GP
         raise ValueError("weight has NaN/inf entries: fix or reload the checkpoint before quantizing")
     if not 0 <= dampening < 1:
         raise ValueError(f"dampening={dampening}: use a fraction in [0, 1), e.g. 0.01")
+    if cross is not None and cross.shape != hessian.shape:
+        raise ValueError(f"cross {tuple(cross.shape)} must have the Hessian's shape {tuple(hessian.shape)}")
     dtype = dtype or weight.dtype
     n, k = weight.shape
     width = scheme.group_width(k)
@@ -161,6 +192,13 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype) -> GP
     perm = torch.argsort(torch.diag(H), descending=True) if actorder != "none" else torch.arange(k, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, dampening)  # (K, K) upper Cholesky factor of H^-1
+    P = None
+    if cross is not None:
+        C = cross.detach().to(torch.float32).clone()
+        C[:, dead] = 0.0
+        C = C[perm][:, perm]
+        # the extra feedback of GPTAQ: each processed column w also moves the later ones by w P[j, :]
+        P = cross_weight * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
 
     natural_group = torch.arange(k, device=dev) // width  # (K,)
     col_group = natural_group[perm] if static_qp is not None else natural_group  # group of each processed column
@@ -172,7 +210,7 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype) -> GP
     step = block_size if static_qp is not None else width * max(1, block_size // width)
     codes = torch.zeros(n, k, device=dev)
     loss = torch.zeros(n, device=dev)
-    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step)
+    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].to(torch.int8)
@@ -203,8 +241,12 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step) -> None:
-    """GPTQ's column sweep (in place on W, scale, zp, codes, loss), processed order."""
+def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None) -> None:
+    """GPTQ's column sweep (in place on W, scale, zp, codes, loss), processed order.
+
+    ``P`` (K, K), when given, adds GPTAQ's asymmetric term: column ``w`` also
+    moves the later columns by ``w P[j, :]``.
+    """
     k = W.shape[1]
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
@@ -225,9 +267,14 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
             d = Hinv1[i, i]
             loss += (w - deq) ** 2 / d**2 / 2
             err = (w - deq) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # eq. 4, within the block
+            delta = err[:, None] * Hinv1[i, i:][None, :]  # eq. 4, within the block
+            if P is not None:
+                delta -= w[:, None] * P[i1 + i, i1 + i : i2][None, :]
+            W1[:, i:] -= delta
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of the remaining columns
+        if P is not None:
+            W[:, i2:] += W1 @ P[i1:i2, i2:]
 
 
 def _inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -260,12 +307,19 @@ class GPTQConfig(PassConfig):
         block_size: lazy-update block width (columns).
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
         actorder: ``"none"``, ``"static"`` or ``"group"`` (see :func:`gptq_quantize`).
+        asymmetric: asymmetric calibration (GPTAQ, arXiv 2504.02692): also use the
+            full-precision model's inputs of each layer so the rounding absorbs the
+            error of the blocks before it. Costs a second (truncated) forward per
+            batch and one more K x K product per input.
+        asymmetric_weight: ``alpha`` of the asymmetric term.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
     block_size: int = 128
     dampening: float = 0.01
     actorder: str = "static"
+    asymmetric: bool = False
+    asymmetric_weight: float = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -275,6 +329,8 @@ class GPTQConfig(PassConfig):
             raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
+        if self.asymmetric_weight < 0:
+            raise ValueError(f"asymmetric_weight={self.asymmetric_weight}: use a non-negative scale, e.g. 0.25")
 
 
 @register_pass
@@ -289,6 +345,18 @@ class GPTQPass(Pass):
         super().__init__(config)
         self._stats: dict[str, HessianAccumulator] = {}
         self._handles: list = []
+        self._fp: dict[str, torch.Tensor] = {}
+        self.stream = "compressed"
+
+    @property
+    def wants_fp_targets(self) -> bool:
+        """Asymmetric calibration needs the pipeline's full-precision stream."""
+        return self.config.asymmetric
+
+    @property
+    def wants_fp_inputs(self) -> bool:
+        """Run each batch of the full-precision stream through the hooks just before the compressed one."""
+        return self.config.asymmetric
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
         """Register hooks accumulating the Hessian of every targeted linear in ``block``.
@@ -308,6 +376,13 @@ class GPTQPass(Pass):
         return observed
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
+        if self.stream == "fp":  # paired with the compressed stream's next batch
+            self._fp[name] = x
+            return
+        fp = self._fp.pop(name, None)
+        if self.config.asymmetric and fp is None:
+            raise ValueError(f"{name}: asymmetric GPTQ got no full-precision input for this batch; "
+                             "run it through compress() (the sequential pipeline pairs the streams)")
         last = self._last
         if last is not None and last[0] is x:  # same input as the previous linear: share its statistics
             self._stats.setdefault(name, last[1])
@@ -315,7 +390,7 @@ class GPTQPass(Pass):
         acc = self._stats.get(name)
         if acc is None:
             acc = self._stats[name] = HessianAccumulator(x.shape[-1], x.device)
-        acc.add(x)
+        acc.add(x, fp)
         self._last = (x, acc)
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
@@ -329,9 +404,11 @@ class GPTQPass(Pass):
             module = modules[name]
             try:
                 res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
-                                    dampening=self.config.dampening, actorder=self.config.actorder)
+                                    dampening=self.config.dampening, actorder=self.config.actorder,
+                                    cross=acc.C, cross_weight=self.config.asymmetric_weight)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
             log.debug("gptq %s loss %.4g", name, res.loss)
         self._stats.clear()
+        self._fp.clear()

@@ -213,3 +213,19 @@ def test_calibration_forwards_stop_after_the_last_observed_layer(monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # per block: 1 full calibration forward (of 3 batches) + 3 propagation forwards
     assert len(ran) == 3 * (1 + 3)
+
+
+def test_asymmetric_gptq_through_the_pipeline_tracks_the_fp_model():
+    """GPTAQ pairs each batch's fp and compressed inputs; on held-out tokens it beats plain GPTQ."""
+    test_ids = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(0, 96, (16, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_llama(layers=4)(test_ids).logits
+    err = {}
+    for asym in (False, True):
+        model = tiny_llama(layers=4)
+        recipe = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}, "asymmetric": asym}}]}
+        compress(model, Recipe.from_dict(recipe), calibration=calib, pipeline=PipelineConfig(batch_size=4, quiet=True))
+        with torch.no_grad():
+            err[asym] = (model(test_ids).logits - ref).pow(2).mean().item()
+    assert err[True] < 0.95 * err[False], err  # measured: 0.86x

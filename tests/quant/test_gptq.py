@@ -101,3 +101,36 @@ def test_hessian_of_wide_inputs_is_symmetric_and_exact():
     torch.testing.assert_close(slabbed.H.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(slabbed.H, full.H, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(slabbed.H, slabbed.H.t())
+
+
+def test_cross_term_accumulates_its_definition():
+    g = torch.Generator().manual_seed(4)
+    xq, xf = torch.randn(300, 12, generator=g), torch.randn(300, 12, generator=g)
+    acc = HessianAccumulator(12)
+    for a, b in zip(xq.split(70), xf.split(70)):
+        acc.add(a, b)
+    torch.testing.assert_close(acc.C, 2 * (xf - xq).t() @ xq / 300, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="every batch or none"):
+        acc.add(xq[:5])
+
+
+def test_asymmetric_calibration_tracks_the_full_precision_output():
+    """GPTAQ: with inputs X~ = X + earlier layers' error, the rounding targets W X, not W X~."""
+    scheme = QuantScheme(bits=3, group_size=16)
+    wins = 0
+    for seed in range(4):
+        w, _, x = _problem(seed=seed)
+        g = torch.Generator().manual_seed(10 + seed)
+        xq = x + 0.3 * x.std() * torch.randn(x.shape, generator=g) @ torch.randn(x.shape[1], x.shape[1], generator=g) / 7
+        acc = HessianAccumulator(x.shape[1])
+        acc.add(xq, x)
+        plain = gptq_quantize(w, acc.H, scheme, block_size=16, actorder="static")
+        asym = gptq_quantize(w, acc.H, scheme, block_size=16, actorder="static", cross=acc.C)
+        zero = gptq_quantize(w, acc.H, scheme, block_size=16, actorder="static", cross=torch.zeros_like(acc.C))
+        assert torch.equal(zero.weight, plain.weight)  # no asymmetry: plain GPTQ
+
+        def err(q):
+            return ((xq @ q.t() - x @ w.t()) ** 2).sum().item()
+
+        wins += err(asym.weight) < err(plain.weight)
+    assert wins == 4
