@@ -37,7 +37,7 @@ bench-setup: fixtures
 	$(PY) -m pip install -q --no-deps scikit-image==0.26.0
 
 bench-quick: bench-setup
-	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,adaround,llmc-gptq --settings w4g64
+	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,gptaq,adaround,llmc-gptq --settings w4g64
 
 # hours on 2 CPU cores (llm-compressor AWQ alone is ~80 min per setting)
 bench: bench-setup

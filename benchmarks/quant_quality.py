@@ -35,7 +35,14 @@ ROOT = HERE.parent
 PEER_SCRIPT = HERE / "_peer_llmcompressor.py"
 DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
-OUR_METHODS = ("rtn", "gptq", "adaround")
+# method → (our pass, its settings beyond the scheme)
+OUR_PASSES = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (arXiv 2504.02692)
+    "adaround": ("adaround", {}),
+}
+OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
 
@@ -49,10 +56,14 @@ def _unavailable_reason(method: str) -> str | None:
     from compressor.recipe import registered_passes
 
     passes = registered_passes()
-    if method not in passes:
-        return f"pass {method!r} is not registered (registered: {sorted(passes)})"
-    if passes[method].requires_calibration and "calibration" not in inspect.signature(compressor.compress).parameters:
-        return f"pass {method!r} needs calibration data, but compressor.compress() takes no `calibration` argument yet"
+    name, extra = OUR_PASSES[method]
+    if name not in passes:
+        return f"pass {name!r} is not registered (registered: {sorted(passes)})"
+    unknown = set(extra) - set(passes[name].config_cls.__dataclass_fields__)
+    if unknown:
+        return f"pass {name!r} has no setting {sorted(unknown)} in this version"
+    if passes[name].requires_calibration and "calibration" not in inspect.signature(compressor.compress).parameters:
+        return f"pass {name!r} needs calibration data, but compressor.compress() takes no `calibration` argument yet"
     return None
 
 
@@ -81,7 +92,8 @@ def run_ours(job: dict) -> dict:
     ids = common.eval_ids(tokenizer)
     model = common.load_fp32_model(path)
     if setting is not None:
-        calibrated = registered_passes()[method].requires_calibration
+        pass_name, extra = OUR_PASSES[method]
+        calibrated = registered_passes()[pass_name].requires_calibration
         kwargs = {}
         if calibrated:
             calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
@@ -89,8 +101,8 @@ def run_ours(job: dict) -> dict:
             kwargs["calibration"] = calib.input_ids
         from compressor.recipe import apply_overrides
 
-        data = {"passes": [{method: {"scheme": setting.scheme()}}]}
-        sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == method]
+        data = {"passes": [{pass_name: {"scheme": setting.scheme(), **extra}}]}
+        sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
         if sets:
             record["overrides"] = sets
         recipe = compressor.Recipe.from_dict(apply_overrides(data, sets))
