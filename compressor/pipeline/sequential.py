@@ -175,11 +175,11 @@ def run_sequential(
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
             home = _onload(block, device)
-            fp_out = [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))] if fp_cache else None
             if ckpt is not None and ckpt.has(i):
+                fp_out = _fp_outputs(block, fp_cache)
                 ckpt.load(i, block)
             else:
-                _compress_block(block, prefix, passes, cache, fp_cache, fp_out)
+                fp_out = _compress_block(block, prefix, passes, cache, fp_cache)
                 if ckpt is not None:
                     ckpt.save(i, block)
             for j in range(len(cache)):
@@ -195,42 +195,61 @@ def run_sequential(
         model.train(was_training)
 
 
+def _fp_outputs(block: nn.Module, fp_cache: ActivationCache | None) -> list[torch.Tensor] | None:
+    """The block's outputs on the full-precision stream (weights not yet compressed)."""
+    return None if fp_cache is None else [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))]
+
+
 def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
-                    fp_cache: ActivationCache | None, fp_out: list[torch.Tensor] | None) -> None:
-    for p in passes:
+                    fp_cache: ActivationCache | None) -> list[torch.Tensor] | None:
+    """Run the passes on one block; returns its full-precision-stream outputs (None without that stream).
+
+    The full-precision outputs come from the uncompressed block: when the first
+    pass pairs the streams, its full-precision forwards provide them (one
+    forward saved per batch), otherwise they are computed up front.
+    """
+    paired_first = bool(passes) and getattr(passes[0], "wants_fp_inputs", False)
+    fp_out = _fp_outputs(block, fp_cache) if not paired_first else None
+    for k, p in enumerate(passes):
         if p.requires_calibration:
             observed = p.begin_block(block, prefix)
             if getattr(p, "wants_fp_inputs", False):
-                _paired_forwards(block, p, fp_cache, cache, observed)
+                got = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0)
+                fp_out = got if k == 0 else fp_out
             else:
                 _calibration_forwards(block, cache, observed)
             p.end_block(block, prefix, cache=cache, targets=fp_out)
         else:
             p.compress_block(block, prefix)
+    return fp_out
 
 
-def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache: ActivationCache, observed) -> None:
+def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache: ActivationCache, observed,
+                     fp_outputs: bool = False) -> list[torch.Tensor] | None:
     """Batch by batch: the full-precision stream's batch, then the compressed stream's.
 
     The pass sees both inputs of a layer for the same calibration sequences
     back to back (its ``stream`` attribute says which is running), so it can
     pair them without holding every batch. The block's weights are as the
-    earlier passes left them.
+    earlier passes left them. With ``fp_outputs`` the full-precision forwards
+    run to the end and their block outputs are returned.
     """
     if fp_cache is None:
         raise ValueError(f"{p.name} needs the full-precision stream, but the pipeline keeps none")
-    if observed is not None and len(observed) == 0:
-        return
+    outs: list[torch.Tensor] = []
     runner = _Truncated(block, observed)
     try:
         for j in range(len(cache)):
             p.stream = "fp"
-            runner.run(fp_cache, j)
+            out = runner.run(fp_cache, j, full=fp_outputs)
+            if fp_outputs:
+                outs.append(out)
             p.stream = "compressed"
             runner.run(cache, j)
     finally:
         p.stream = "compressed"
         runner.close()
+    return outs if fp_outputs else None
 
 
 def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) -> None:
@@ -256,38 +275,47 @@ class _Truncated:
 
     The first forward runs in full and records the order in which the observed
     modules are entered (the pass's own hooks record as usual); later forwards
-    raise right after the pass's hook on the last of them. If some observed
-    module never runs, every forward stays full.
+    raise right after the pass's hook on the last of them, unless asked for a
+    full forward. If some observed module never runs (or ``observed`` is None),
+    every forward stays full; an empty ``observed`` needs no forward at all.
     """
 
     def __init__(self, block: nn.Module, observed):
         self.block, self.observed = block, observed
         self.learnt = observed is None
         self.handle = None
+        self.stopping = True
 
-    def run(self, cache: ActivationCache, j: int) -> None:
-        if self.learnt:
+    def _stop(self, _module, _args):
+        if self.stopping:
+            raise _StopForward
+
+    def run(self, cache: ActivationCache, j: int, full: bool = False) -> torch.Tensor | None:
+        """Forward batch ``j``; returns the block output of a full forward, else None."""
+        if self.observed is not None and len(self.observed) == 0 and not full:
+            return None
+        if self.learnt or len(self.observed) == 0:
+            self.stopping = not full
             try:
-                _block_forward(self.block, cache, j)
+                out = _block_forward(self.block, cache, j)
             except _StopForward:
-                pass
-            return
+                return None
+            finally:
+                self.stopping = True
+            return out if full else None
         entered: list[nn.Module] = []
         handles = [m.register_forward_pre_hook(lambda mod, _a: entered.append(mod)) for m in self.observed]
         try:
-            _block_forward(self.block, cache, j)
+            out = _block_forward(self.block, cache, j)
         finally:
             for h in handles:
                 h.remove()
         self.learnt = True
         if {id(m) for m in entered} == {id(m) for m in self.observed}:
-            self.handle = entered[-1].register_forward_pre_hook(_stop)  # runs after the pass's own hook
+            self.handle = entered[-1].register_forward_pre_hook(self._stop)  # runs after the pass's own hook
+        return out if full else None
 
     def close(self) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
-
-
-def _stop(_module, _args):
-    raise _StopForward

@@ -71,8 +71,11 @@ def test_cache_locations_agree(cache, tmp_path):
     assert all(torch.equal(base[k], other[k]) for k in base)
 
 
-def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
-    full = _run()
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["gptq", "gptaq"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, asymmetric):
+    """Also with the full-precision stream (GPTAQ): a resumed block still advances it."""
+    recipe = {"passes": [{"gptq": {**GPTQ["passes"][0]["gptq"], "asymmetric": asymmetric}}]}
+    full = _run(recipe)
     ref_dir = save_compressed(full, tmp_path / "ref")
     ckpt = tmp_path / "ckpt"
     real_end = gptq_mod.GPTQPass.end_block
@@ -86,12 +89,12 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gptq_mod.GPTQPass, "end_block", crash_on_block_1)
     with pytest.raises(KeyboardInterrupt):
-        _run(checkpoint_dir=ckpt)
+        _run(recipe, checkpoint_dir=ckpt)
     assert (ckpt / "block_00000.safetensors").is_file() and not (ckpt / "block_00001.safetensors").exists()
     monkeypatch.setattr(gptq_mod.GPTQPass, "end_block", real_end)
     done = []
     monkeypatch.setattr(gptq_mod.GPTQPass, "begin_block", lambda self, b, p, _r=gptq_mod.GPTQPass.begin_block: (done.append(p), _r(self, b, p))[1])
-    resumed = _run(checkpoint_dir=ckpt)
+    resumed = _run(recipe, checkpoint_dir=ckpt)
     assert done == ["model.layers.1", "model.layers.2"]  # block 0 came from the checkpoint
     out = save_compressed(resumed, tmp_path / "resumed")
     assert (out / "model.safetensors").read_bytes() == (ref_dir / "model.safetensors").read_bytes()
