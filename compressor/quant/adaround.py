@@ -329,27 +329,25 @@ class AdaRoundPass(Pass):
         """Sample reconstruction rows from the recorded inputs, learn the rounding, attach it."""
         cfg = self.config
         w, fwd, to_weight = layer_view(module)
-        if isinstance(module, nn.Conv2d):
-            x = torch.cat(xs)
-            total = conv_positions(x, module)
-            pick = torch.randperm(total, generator=gen)[: cfg.max_samples]
+        conv = isinstance(module, nn.Conv2d)
 
-            def rows_of(t):
-                return conv_rows(t, module, pick)
+        def stack(ts: list[torch.Tensor]) -> torch.Tensor:  # feature maps (S, C, H, W), or token rows (T, K)
+            return torch.cat(ts) if conv else torch.cat([t.reshape(-1, t.shape[-1]) for t in ts])
 
+        x = stack(xs)
+        total = conv_positions(x, module) if conv else x.shape[0]
+        pick = torch.randperm(total, generator=gen)[: cfg.max_samples]
+        if conv:
             bias = None if module.bias is None else module.bias.detach().float()
 
             def fwd(r, v):
                 return rows_forward(r, v, bias)
-        else:
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
-            pick = torch.randperm(x.shape[0], generator=gen)[: cfg.max_samples]
 
-            def rows_of(t):
-                return t[pick.to(t.device)]
-        rows = rows_of(x).float()
-        fp_rows = rows if fp_xs is None else rows_of(torch.cat(fp_xs) if isinstance(module, nn.Conv2d)
-                                                      else torch.cat([t.reshape(-1, t.shape[-1]) for t in fp_xs])).float()
+        def rows_of(t: torch.Tensor) -> torch.Tensor:
+            return (conv_rows(t, module, pick) if conv else t[pick.to(t.device)]).float()
+
+        rows = rows_of(x)
+        fp_rows = rows if fp_xs is None else rows_of(stack(fp_xs))
         del x, xs, fp_xs
         if not (torch.isfinite(rows).all() and torch.isfinite(fp_rows).all()):
             raise ValueError("calibration activations contain NaN/inf")
