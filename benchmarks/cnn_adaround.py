@@ -218,7 +218,7 @@ def run(job: dict) -> dict:
             quantize_rtn(model, scheme, targets, ignore)
         else:
             config = {"scheme": scheme, "targets": list(targets), "ignore": list(ignore), "iters": job["iters"],
-                      "batch_size": job["ada_batch"], "max_samples": job["ada_rows"]}
+                      "batch_size": job["ada_batch"], "max_samples": job["ada_rows"], "asymmetric": True}
             record["n_calib"] = job["n_calib"]
             record["adaround"] = {k: v for k, v in config.items() if k not in ("scheme", "targets", "ignore")}
             quantize_adaround(model, config, sets.calib, job["fwd_batch"])

@@ -57,7 +57,10 @@ class AdaRoundConfig(PassConfig):
             each layer also corrects the error of the layers before it.
             ``False`` reconstructs ``W x`` on the compressed model's inputs.
             Layer granularity only (block granularity always targets the
-            full-precision block output).
+            full-precision block output). Measured: on EfficientNet-Lite0 W4
+            per-channel (with BN folded) it gave 0.84 top-1 agreement; on
+            SmolLM2 with a tiny calibration set (8 x 128 tokens, 50 steps) it was
+            worse than ``False`` (perplexity 32.4 vs 29.5), hence off by default.
         granularity: ``"layer"`` (each layer on its own, the paper) or ``"block"``
             (all targeted layers of a decoder block against the full-precision
             block output; ``batch_size`` then counts tokens per step).
@@ -75,7 +78,7 @@ class AdaRoundConfig(PassConfig):
     learn_scale: bool = False
     scale_lr: float = 1e-4
     max_samples: int = 8192
-    asymmetric: bool = True
+    asymmetric: bool = False
     granularity: str = "layer"
     seed: int = 0
 

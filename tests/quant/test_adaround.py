@@ -131,7 +131,7 @@ def test_asymmetric_reconstruction_needs_the_fp_stream():
     from compressor.quant.adaround import AdaRoundPass
 
     layer = nn.Sequential(nn.Linear(8, 8))
-    p = AdaRoundPass(AdaRoundConfig(iters=2, targets=("Linear",), ignore=()))
+    p = AdaRoundPass(AdaRoundConfig(iters=2, targets=("Linear",), ignore=(), asymmetric=True))
     p.begin_block(layer, "m")
     with torch.no_grad():
         layer(torch.randn(4, 8))
