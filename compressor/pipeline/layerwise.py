@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compressor.pipeline.cache import to_device
+from compressor.quant.layers import is_quantizable
 from compressor.progress import progress
 from compressor.recipe import Pass, select_modules
 
@@ -65,7 +66,7 @@ def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *,
                 continue
             matched = select_modules(model, p.config)
             layers = [(n, m) for n, m in matched if not list(m.children())]
-            skipped = [n for n, m in matched if list(m.children()) and isinstance(m, (nn.Linear, nn.Conv2d))]
+            skipped = [n for n, m in matched if list(m.children()) and is_quantizable(m)]
             if skipped:
                 # e.g. a "SAME"-padding Conv2d subclass whose padding is a child module: its forward is
                 # not the plain convolution the pass reconstructs, so it is left in full precision

@@ -214,8 +214,9 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
         if p.requires_calibration:
             observed = p.begin_block(block, prefix)
             if getattr(p, "wants_fp_inputs", False):
-                got = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0)
-                fp_out = got if k == 0 else fp_out
+                out = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0)
+                if k == 0:
+                    fp_out = out
             else:
                 _calibration_forwards(block, cache, observed)
             p.end_block(block, prefix, cache=cache, targets=fp_out)
@@ -260,8 +261,6 @@ def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) ->
     been entered, skipping e.g. ``down_proj`` and the residual add), an empty
     list (no forward needed), or None (full forwards).
     """
-    if observed is not None and len(observed) == 0:
-        return
     runner = _Truncated(block, observed)
     try:
         for j in range(len(cache)):

@@ -35,12 +35,12 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d, positions: torch.Tensor) -> torc
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"adaround: Conv2d padding={conv.padding!r} padding_mode={conv.padding_mode!r} is not supported; "
                          "use numeric zero padding (or an explicit padding module before the conv)")
+    ho, wo = _output_size(x, conv)
     ph, pw = conv.padding
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
-    n, c, h, w = x.shape
+    c = x.shape[1]
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     positions = positions.to(x.device)
     img, rest = positions // (ho * wo), positions % (ho * wo)
     ys = (rest // wo)[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh  # (P, kh)
@@ -50,11 +50,17 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d, positions: torch.Tensor) -> torc
     return patches.reshape(positions.shape[0], conv.groups, (c // conv.groups) * kh * kw)
 
 
+def _output_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    """(Ho, Wo) of ``conv`` on input (N, C, H, W), its zero padding included."""
+    _, _, h, w = x.shape
+    (ph, pw), (kh, kw), (sh, sw), (dh, dw) = conv.padding, conv.kernel_size, conv.stride, conv.dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def conv_positions(x: torch.Tensor, conv: nn.Conv2d) -> int:
     """Number of output positions (N * Ho * Wo) of ``conv`` on input (N, C, H, W)."""
-    n, _, h, w = x.shape
-    (ph, pw), (kh, kw), (sh, sw), (dh, dw) = conv.padding, conv.kernel_size, conv.stride, conv.dilation
-    return n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    ho, wo = _output_size(x, conv)
+    return x.shape[0] * ho * wo
 
 
 def rows_forward(rows: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
