@@ -18,7 +18,7 @@ from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequa
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
-__all__ = ["GPTQConfig", "GPTQPass", "GPTQResult", "gptq_quantize", "HessianAccumulator"]
+__all__ = ["GPTQConfig", "GPTQPass", "GPTQResult", "gptq_quantize", "HessianAccumulator", "refit_scales"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def gptq_quantize(
     dtype: torch.dtype | None = None,
     cross: torch.Tensor | None = None,
     cross_weight: float = 0.25,
+    refit: bool = False,
 ) -> GPTQResult:
     """Quantize a weight matrix with GPTQ.
 
@@ -152,15 +153,18 @@ def gptq_quantize(
             rounding also absorbs the error the earlier layers left in the inputs.
         cross_weight: the scale ``alpha`` of the asymmetric term (0.25 in the
             authors' reference code).
+        refit: after rounding, re-solve each row's group scales for the codes
+            chosen (:func:`refit_scales`); never increases the layer's output error.
 
     Returns:
         :class:`GPTQResult`.
     """
     with _one_cpu_thread(weight.device):
-        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight)
+        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight, refit)
 
 
-def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25) -> GPTQResult:
+def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25,
+          refit=False) -> GPTQResult:
     if actorder not in _ACTORDER:
         raise ValueError(f"actorder={actorder!r}: use one of {_ACTORDER}")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -218,8 +222,79 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     if actorder == "group":
         g_idx = col_group[inv].to(torch.int32)  # processing position // width, in natural column order
     qp = QParams(scale.to(dtype), None if zp is None else zp.to(dtype))
+    if refit and not scheme.float_zero_point:
+        target = hessian.detach().to(torch.float32)
+        if cross is not None:
+            target = target + cross_weight * cross.detach().to(torch.float32)
+        qp = refit_scales(weight.detach().float().masked_fill(dead[None, :], 0.0), codes, qp, scheme, hessian,
+                          target=target, g_idx=g_idx)
     deq = dequantize(codes, qp, scheme, g_idx).to(dtype)
     return GPTQResult(weight=deq, codes=codes, qparams=qp, g_idx=g_idx, loss=float(loss.sum()))
+
+
+def refit_scales(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    qparams: QParams,
+    scheme: QuantScheme,
+    hessian: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+) -> QParams:
+    """Least-squares group scales for fixed integer codes and zero points.
+
+    With the codes ``q`` and zero points ``z`` fixed, a row's dequantized weight
+    ``sum_g s_g (q - z)|_g`` is linear in its group scales ``s``, so the scales
+    minimising the layer's output error ``(w - w^) H (w - w^)^T`` solve a G x G
+    system per row. GPTQ chose the codes against the scales fixed before
+    rounding; re-solving them afterwards removes the error left in each group's
+    overall magnitude. A row keeps its old scales when the new ones are not all
+    positive and finite or, once rounded to the scale dtype, do not lower its error.
+
+    Args:
+        weight: (N, K) float full-precision weight.
+        codes: (N, K) integer codes.
+        qparams: scale / zero point (N, G); the zero points are kept.
+        scheme: the scheme (integer zero points or symmetric).
+        hessian: (K, K) ``2 X~ X~^T / n`` of the compressed model's inputs.
+        target: (K, K) ``2 X X~^T / n`` when the reference output comes from other
+            inputs ``X`` (asymmetric calibration); default ``hessian``.
+        g_idx: (K,) group of each column, or None for natural groups.
+
+    Returns:
+        :class:`QParams` with the new scales in the old scales' dtype.
+    """
+    if scheme.float_zero_point:
+        raise ValueError("refit_scales needs integer zero points: use zero_point='int' or a symmetric scheme")
+    n, k = weight.shape
+    width = scheme.group_width(k)
+    cols = g_idx.long() if g_idx is not None else torch.arange(k, device=weight.device) // width  # (K,)
+    g = qparams.scale.shape[1]
+    H = hessian.double()
+    T = H if target is None else target.double()
+    A = codes.double()  # (N, K): the dequantized weight is A * scale[cols]
+    if qparams.zero_point is not None:
+        A = A - qparams.zero_point.double()[:, cols]
+    onehot = torch.nn.functional.one_hot(cols, g).double()  # (K, G)
+    M = torch.empty(n, g, g, dtype=torch.float64, device=weight.device)  # per row: A_g^T H A_h
+    for j in range(g):
+        members = (cols == j).nonzero().squeeze(1)
+        M[:, j, :] = ((A[:, members] @ H[members, :]) * A) @ onehot
+    rhs = ((weight.double() @ T) * A) @ onehot  # (N, G): A_g^T T^T w
+    old = qparams.scale.double()
+    diag = torch.diagonal(M, dim1=1, dim2=2)
+    empty = diag <= 0  # groups whose codes all sit on the zero point: keep their scale
+    ridge = torch.where(empty, torch.ones_like(diag), 1e-9 * diag)
+    new = torch.linalg.solve(M + torch.diag_embed(ridge), torch.where(empty, old, rhs).unsqueeze(-1)).squeeze(-1)
+    new = torch.where(empty, old, new.to(qparams.scale.dtype).double())
+
+    def err(s):  # (N,) output error up to a per-row constant
+        return torch.einsum("ng,ngh,nh->n", s, M, s) - 2 * (s * rhs).sum(1)
+
+    ok = torch.isfinite(new).all(1) & (new > 0).all(1) & (err(new) < err(old))
+    scale = torch.where(ok[:, None], new, old).to(qparams.scale.dtype)
+    return QParams(scale, qparams.zero_point)
 
 
 @contextlib.contextmanager
@@ -312,6 +387,8 @@ class GPTQConfig(PassConfig):
             error of the blocks before it. Costs a second (truncated) forward per
             batch and one more K x K product per input.
         asymmetric_weight: ``alpha`` of the asymmetric term.
+        refit_scales: after rounding, re-solve the group scales for the chosen
+            codes by least squares on the layer output (:func:`refit_scales`).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -320,6 +397,7 @@ class GPTQConfig(PassConfig):
     actorder: str = "static"
     asymmetric: bool = False
     asymmetric_weight: float = 0.25
+    refit_scales: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -405,7 +483,8 @@ class GPTQPass(Pass):
             try:
                 res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
                                     dampening=self.config.dampening, actorder=self.config.actorder,
-                                    cross=acc.C, cross_weight=self.config.asymmetric_weight)
+                                    cross=acc.C, cross_weight=self.config.asymmetric_weight,
+                                    refit=self.config.refit_scales)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)

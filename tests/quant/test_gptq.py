@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.quant.gptq import HessianAccumulator, gptq_quantize
+from compressor.quant.gptq import HessianAccumulator, gptq_quantize, refit_scales
 from compressor.quant.scheme import QuantScheme, compute_qparams, dequantize, fake_quant, quantize
 
 
@@ -134,3 +134,53 @@ def test_asymmetric_calibration_tracks_the_full_precision_output():
 
         wins += err(asym.weight) < err(plain.weight)
     assert wins == 4
+
+
+@pytest.mark.parametrize("gs,sym,actorder", [(16, False, "static"), (20, True, "none"), (-1, False, "static"),
+                                             (16, False, "group")])
+def test_refit_scales_is_the_least_squares_solution(gs, sym, actorder):
+    """Against brute force: per row, lstsq of X w^T on the columns X (q - z)|_g, one per group."""
+    scheme = QuantScheme(bits=3, group_size=gs, symmetric=sym)
+    w, H, x = _problem(seed=1)
+    res = gptq_quantize(w, H, scheme, block_size=16, actorder=actorder)
+    new = refit_scales(w, res.codes, res.qparams, scheme, H, g_idx=res.g_idx)
+    k = w.shape[1]
+    cols = res.g_idx.long() if res.g_idx is not None else torch.arange(k) // scheme.group_width(k)
+    a = res.codes.double()
+    if res.qparams.zero_point is not None:
+        a = a - res.qparams.zero_point.double()[:, cols]
+    for r in range(w.shape[0]):
+        basis = torch.stack([x.double() @ (a[r] * (cols == j)) for j in range(new.scale.shape[1])], 1)  # (T, G)
+        want = torch.linalg.lstsq(basis, x.double() @ w[r].double()).solution
+        torch.testing.assert_close(new.scale[r].double(), want, rtol=1e-4, atol=1e-6)
+    assert _output_error(w, dequantize(res.codes, new, scheme, res.g_idx), x) < _output_error(w, res.weight, x)
+
+
+def test_refit_never_increases_the_error_and_keeps_the_grid():
+    scheme = QuantScheme(bits=2, group_size=8)
+    for seed in range(3):
+        w, H, x = _problem(seed=seed)
+        w[3] = 0.0  # a dead row: every code sits on the zero point
+        plain = gptq_quantize(w, H, scheme, block_size=16, actorder="static", dtype=torch.float16)
+        refit = gptq_quantize(w, H, scheme, block_size=16, actorder="static", dtype=torch.float16, refit=True)
+        assert torch.equal(refit.codes, plain.codes) and torch.equal(refit.qparams.zero_point, plain.qparams.zero_point)
+        assert refit.qparams.scale.dtype == torch.float16 and (refit.qparams.scale > 0).all()
+        torch.testing.assert_close(refit.weight, dequantize(refit.codes, refit.qparams, scheme).to(torch.float16))
+        e_plain, e_refit = (((x @ (w - r.weight.float()).t()) ** 2).sum(0) for r in (plain, refit))  # per row
+        assert (e_refit <= e_plain * (1 + 1e-5)).all() and e_refit.sum() < e_plain.sum()
+
+
+def test_refit_with_asymmetric_target_tracks_the_full_precision_output():
+    scheme = QuantScheme(bits=3, group_size=16)
+    w, _, x = _problem(seed=2)
+    g = torch.Generator().manual_seed(3)
+    xq = x + 0.3 * x.std() * torch.randn(x.shape, generator=g) @ torch.randn(x.shape[1], x.shape[1], generator=g) / 7
+    acc = HessianAccumulator(x.shape[1])
+    acc.add(xq, x)
+
+    def err(q):
+        return ((xq @ q.t() - x @ w.t()) ** 2).sum().item()
+
+    asym = gptq_quantize(w, acc.H, scheme, block_size=16, actorder="static", cross=acc.C, cross_weight=1.0)
+    refit = gptq_quantize(w, acc.H, scheme, block_size=16, actorder="static", cross=acc.C, cross_weight=1.0, refit=True)
+    assert err(refit.weight) < err(asym.weight)
