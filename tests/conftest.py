@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton fixes compiled-or-interpreted when it is first imported (torch._dynamo imports it):
+# set the interpreter before anything does, so tests/kernels runs the kernels on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_llama(vocab: int = 96, hidden: int = 64, inter: int = 80, layers: int = 2, tie: bool = True, seed: int = 0):

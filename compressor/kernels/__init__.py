@@ -1,1 +1,1 @@
-"""Dequantize-matmul kernels: the torch reference (the spec) and dispatch."""
+"""Dequantize-matmul kernels: the torch reference (the spec), Triton kernels (``triton/``, optional) and dispatch."""

@@ -1,34 +1,135 @@
 """Choose the dequantize-matmul implementation for a device.
 
-``backend="auto"`` takes the fastest implementation available for the input's
-device; an explicit backend that cannot run raises instead of falling back.
-Only the torch reference exists in this release; Triton kernels plug in here.
+Rules (no process-wide switch: every call decides from its own arguments):
+
+* ``backend="auto"``: the Triton kernels when ``x`` is on a CUDA device and
+  triton imports, the torch reference otherwise;
+* ``backend="reference"``: always the torch reference (:mod:`compressor.kernels.reference`);
+* ``backend="triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors
+  under ``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests run them).
+  When they cannot run (triton missing, or a CPU tensor without the
+  interpreter) it raises ``RuntimeError`` instead of falling back.
+
+``zero_point="float"`` schemes (a float (N, G) offset, ``w = (q - qmin) * scale +
+offset``; not exportable, in-memory only) run on both backends: the Triton
+kernels read the float offset directly, the reference path decodes the codes
+with :func:`compressor.export.pack.unpack` and applies
+:func:`compressor.quant.scheme.dequantize`.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
+import torch.nn.functional as F
 
+from compressor.export.pack import unpack
 from compressor.kernels import reference
+from compressor.quant.scheme import QParams, QuantScheme, dequantize
 
-__all__ = ["BACKENDS", "resolve_backend", "dequant_matmul"]
+__all__ = ["BACKENDS", "resolve_backend", "dequant_matmul", "triton_unavailable", "interpreting"]
 
 BACKENDS = ("auto", "reference", "triton")
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
+def triton_unavailable() -> str | None:
+    """Why the Triton kernels cannot be imported here (a sentence), or None when they can."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return f"triton is not installed ({err}); install it with `pip install triton`"
+    return None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the implementation that will run for ``backend`` on ``device``."""
+    """Name of the implementation (``"reference"`` or ``"triton"``) that runs for ``backend`` on ``device``.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: ``backend="triton"`` where the Triton kernels cannot run.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {BACKENDS}")
-    if backend == "triton":
+    if backend == "reference":
+        return "reference"
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        return "triton" if on_cuda and triton_unavailable() is None else "reference"
+    why = triton_unavailable()
+    if why is not None:
+        raise RuntimeError(f"backend='triton' was requested but {why}; or use backend='auto' or 'reference'")
+    if not on_cuda and not interpreting():
         raise RuntimeError(
-            "backend='triton' was requested but no Triton dequant-matmul kernel is available "
-            "in this build; use backend='auto' or 'reference'"
+            f"backend='triton' needs CUDA tensors, got device {device}: move the model to a GPU, set "
+            "TRITON_INTERPRET=1 before importing the kernels to run them (slowly) on CPU, "
+            "or use backend='auto' or 'reference'"
         )
-    return "reference"
+    return "triton"
 
 
-def dequant_matmul(x: torch.Tensor, *args, backend: str = "auto", **kwargs) -> torch.Tensor:
-    """Dispatch to :func:`compressor.kernels.reference.dequant_matmul` (same arguments)."""
-    resolve_backend(backend, x.device)
-    return reference.dequant_matmul(x, *args, **kwargs)
+def _check_zero_point(zero_point: torch.Tensor | None, scheme: QuantScheme) -> None:
+    if scheme.symmetric and zero_point is not None:
+        raise ValueError(f"{scheme.describe()} is symmetric but a zero point was given: pass zero_point=None")
+    if not scheme.symmetric and zero_point is None:
+        raise ValueError(f"{scheme.describe()} is asymmetric but zero_point is None: pass the weight_zero_point")
+    if zero_point is None:
+        return
+    if scheme.float_zero_point and zero_point.dtype == torch.int32:
+        raise ValueError("zero_point='float' schemes take a float (N, G) offset, got packed int32 zero points")
+    if not scheme.float_zero_point and zero_point.dtype != torch.int32:
+        raise ValueError(
+            f"integer zero points must be packed int32 (ceil(N*bits/32), G), got {zero_point.dtype}: "
+            "pack them with compressor.export.pack.pack(zp, bits, dim=0)"
+        )
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    shape: tuple[int, int],
+    scheme: QuantScheme,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` on the backend chosen by :func:`resolve_backend`.
+
+    Args:
+        x: (..., K) float16 / bfloat16 / float32 activations.
+        packed: int32 (N, ceil(K*bits/32)) codes, LSB-first, offset by 2^(bits-1).
+        scale: (N, G) float, G = ceil(K / group_width).
+        zero_point: int32 (ceil(N*bits/32), G) packed along dim 0 (asymmetric),
+            a float (N, G) offset (``zero_point="float"`` schemes) or None (symmetric).
+        shape: (N, K).
+        scheme: bits, group size, symmetry.
+        g_idx: optional int (K,) group of each column (activation order).
+        bias: optional (N,).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    name = resolve_backend(backend, x.device)
+    _check_zero_point(zero_point, scheme)
+    n, k = int(shape[0]), int(shape[1])
+    if name == "triton":
+        from compressor.kernels.triton import ops  # imports triton, registers torch.ops.compressor.dequant_matmul
+
+        return ops.dequant_matmul(
+            x, packed, scale, zero_point, g_idx, bias, n, k, scheme.bits, scheme.group_width(k)
+        )
+    if scheme.float_zero_point:
+        w = dequantize(unpack(packed, scheme.bits, k, dim=1), QParams(scale, zero_point), scheme, g_idx)
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return reference.dequant_matmul(x, packed, scale, zero_point, shape, scheme, g_idx, bias)

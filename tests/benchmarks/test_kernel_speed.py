@@ -1,0 +1,40 @@
+"""benchmarks/kernel_speed.py: refuses to run without CUDA; its model quantizer swaps in working QuantLinears."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_exits_cleanly_without_cuda(bench, caplog):
+    assert bench.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in caplog.text
+
+
+def test_quantize_model_replaces_linears(bench):
+    from compressor.export.loader import QuantLinear
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        stored = bench._quantize_model(model, bench.common.Setting(8, 32))
+        out = model(ids).logits  # CPU: the reference backend
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert not isinstance(model.lm_head, QuantLinear) and stored > 0
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
