@@ -53,6 +53,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_zero_point", zp)
         self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32) if actorder else None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._kernel_cache: dict = {}  # a backend's repacked copy of the weight (int4 CPU path), keyed by tensor versions
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float weight in the scale dtype."""
@@ -65,7 +66,7 @@ class QuantLinear(nn.Module):
         return dispatch.dequant_matmul(
             x, self.weight_packed, self.weight_scale, self.weight_zero_point,
             (self.out_features, self.in_features), self.scheme, self.weight_g_idx, self.bias,
-            backend=self.backend,
+            backend=self.backend, cache=self._kernel_cache,
         )
 
     def extra_repr(self) -> str:
@@ -141,7 +142,7 @@ def load_compressed(
         path: export directory (config.json with ``quantization_config``, safetensors).
         dtype: activation / scale dtype; default: the dtype of the stored scales.
         device_map: None (CPU) or an accelerate device map (``"auto"``, dict).
-        backend: dequant-matmul backend (``"auto"``, ``"reference"``, ``"triton"``).
+        backend: dequant-matmul backend (``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"``; see :mod:`compressor.kernels.dispatch`).
         verify: check files against ``compressor_manifest.json`` when present.
 
     Returns:
@@ -164,6 +165,8 @@ def load_compressed(
     if dtype is None:
         scales = [t for k, t in tensors.items() if k.endswith(".weight_scale")]
         dtype = scales[0].dtype if scales else torch.float32
+    # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype)
     groups = [(g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder"))) for g in qcfg["config_groups"].values()]

@@ -3,8 +3,13 @@
 Rules (no process-wide switch: every call decides from its own arguments):
 
 * ``backend="auto"``: the Triton kernels when ``x`` is on a CUDA device and
-  triton imports, the torch reference otherwise;
+  triton imports; on CPU, torch's int4 CPU matmul (:mod:`compressor.kernels.cpu`)
+  for bfloat16 activations and 4-bit weights it accepts (with float32 or
+  float16 activations that op is 10-100x slower than its bfloat16 path, so they
+  stay on the reference); the torch reference otherwise;
 * ``backend="reference"``: always the torch reference (:mod:`compressor.kernels.reference`);
+* ``backend="cpu"``: torch's int4 CPU matmul, any activation dtype; raises
+  ``ValueError`` for weights it cannot run;
 * ``backend="triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors
   under ``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests run them).
   When they cannot run (triton missing, or a CPU tensor without the
@@ -26,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from compressor.export.pack import unpack
-from compressor.kernels import reference
+from compressor.kernels import cpu, reference
 from compressor.quant.scheme import QParams, QuantScheme, dequantize
 
 __all__ = ["BACKENDS", "resolve_backend", "dequant_matmul", "triton_unavailable", "interpreting"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpu")
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
@@ -49,20 +54,45 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the implementation (``"reference"`` or ``"triton"``) that runs for ``backend`` on ``device``.
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    scheme: QuantScheme | None = None,
+    shape: tuple[int, int] | None = None,
+    g_idx: torch.Tensor | None = None,
+) -> str:
+    """Name of the implementation (``"reference"``, ``"triton"`` or ``"cpu"``) that runs for ``backend``.
+
+    Args:
+        backend: the requested backend.
+        device: device of the activations.
+        dtype, scheme, shape, g_idx: activation dtype and the weight's scheme,
+            (N, K) and activation order; without them ``"auto"`` never picks ``"cpu"``.
 
     Raises:
-        ValueError: unknown backend name.
-        RuntimeError: ``backend="triton"`` where the Triton kernels cannot run.
+        ValueError: unknown backend name; ``backend="cpu"`` for a weight the int4 CPU op cannot run.
+        RuntimeError: ``backend="triton"`` where the Triton kernels cannot run, ``"cpu"`` off the CPU.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {BACKENDS}")
     if backend == "reference":
         return "reference"
-    on_cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    on_cuda = kind == "cuda"
+    int4_why = "the weight was not described" if scheme is None or shape is None else \
+        cpu.int4_unsupported(scheme, int(shape[0]), int(shape[1]), g_idx)
+    if backend == "cpu":
+        if kind != "cpu":
+            raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}: use backend='auto'")
+        if int4_why is not None:
+            raise ValueError(f"backend='cpu' cannot run this weight: {int4_why}; use backend='auto' or 'reference'")
+        return "cpu"
     if backend == "auto":
-        return "triton" if on_cuda and triton_unavailable() is None else "reference"
+        if on_cuda:
+            return "triton" if triton_unavailable() is None else "reference"
+        return "cpu" if kind == "cpu" and dtype == torch.bfloat16 and int4_why is None else "reference"
     why = triton_unavailable()
     if why is not None:
         raise RuntimeError(f"backend='triton' was requested but {why}; or use backend='auto' or 'reference'")
@@ -102,6 +132,7 @@ def dequant_matmul(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` on the backend chosen by :func:`resolve_backend`.
 
@@ -115,12 +146,14 @@ def dequant_matmul(
         scheme: bits, group size, symmetry.
         g_idx: optional int (K,) group of each column (activation order).
         bias: optional (N,).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``.
+        cache: a dict owned by the layer where a backend keeps a repacked copy of
+            the weight (the int4 CPU path); rebuilt when the weight tensors change.
 
     Returns:
         (..., N) in ``x.dtype``.
     """
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, dtype=x.dtype, scheme=scheme, shape=shape, g_idx=g_idx)
     _check_zero_point(zero_point, scheme)
     n, k = int(shape[0]), int(shape[1])
     if name == "triton":
@@ -129,7 +162,20 @@ def dequant_matmul(
         return ops.dequant_matmul(
             x, packed, scale, zero_point, g_idx, bias, n, k, scheme.bits, scheme.group_width(k)
         )
+    if name == "cpu":
+        return cpu.int4_matmul(x, _int4_weight(cache, x.dtype, packed, scale, zero_point, (n, k), scheme), bias)
     if scheme.float_zero_point:
         w = dequantize(unpack(packed, scheme.bits, k, dim=1), QParams(scale, zero_point), scheme, g_idx)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return reference.dequant_matmul(x, packed, scale, zero_point, shape, scheme, g_idx, bias)
+
+
+def _int4_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.Int4Weight:
+    """The int4 CPU repack of this weight, from ``cache`` while the tensors are unchanged (same storage, version)."""
+    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (packed, scale, zero_point) if t is not None)
+    if cache is not None and cache.get("int4_key") == key:
+        return cache["int4"]
+    weight = cpu.prepare_int4(packed, scale, zero_point, shape, scheme, dtype)
+    if cache is not None:
+        cache.update(int4_key=key, int4=weight)
+    return weight

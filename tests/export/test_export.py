@@ -41,6 +41,18 @@ def test_reload_gives_identical_logits(tmp_path, bits, gs, sym):
             assert torch.equal(loaded.get_submodule(name).dequantized_weight(), module.weight)
 
 
+def test_reload_in_bfloat16_runs_the_int4_cpu_path(tmp_path):
+    """dtype= casts every floating tensor, so bf16 activations reach the QuantLinears (int4 CPU op at W4)."""
+    model, recipe = _quantized(4, 32, False, hidden=64, inter=96)
+    ref = model(X).logits
+    loaded = load_compressed(save_compressed(model, tmp_path / "export", recipe=recipe), dtype=torch.bfloat16)
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    out = loaded(X).logits
+    assert out.dtype == torch.bfloat16
+    assert "int4" in loaded.model.layers[0].self_attn.q_proj._kernel_cache
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05  # bf16 end to end
+
+
 def test_files_config_and_manifest(tmp_path):
     model, recipe = _quantized(4, 32, False)
     out = save_compressed(model, tmp_path / "e", recipe=recipe, info={"seed": 0})
