@@ -389,6 +389,8 @@ class GPTQConfig(PassConfig):
         asymmetric_weight: ``alpha`` of the asymmetric term.
         refit_scales: after rounding, re-solve the group scales for the chosen
             codes by least squares on the layer output (:func:`refit_scales`).
+            On by default: on SmolLM2 it lowered perplexity at every setting
+            measured (W3 g64 38.46 -> 35.61); ``false`` gives the paper's GPTQ.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -397,7 +399,7 @@ class GPTQConfig(PassConfig):
     actorder: str = "static"
     asymmetric: bool = False
     asymmetric_weight: float = 0.25
-    refit_scales: bool = False
+    refit_scales: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
