@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: install fixtures demo test test-slow bench-setup bench-quick bench clean
+.PHONY: install fixtures demo test test-slow bench-setup bench-quick bench bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,14 @@ bench-quick: bench-setup
 bench: bench-setup
 	$(PY) benchmarks/quant_quality.py --output out/bench/quant_quality.jsonl
 	$(PY) benchmarks/cnn_adaround.py --output out/bench/cnn_adaround.jsonl
+
+# SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
+bench-cpu: fixtures
+	$(PY) benchmarks/cpu_decode.py --output out/bench/cpu_decode.jsonl
+
+# needs a CUDA GPU: Triton kernels vs torch fp16 matmul, Llama-3-8B shapes
+bench-kernels: install
+	$(PY) benchmarks/kernel_speed.py --output out/bench/kernel_speed.jsonl
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -46,11 +46,11 @@ def decode_ms(model, prompt_ids, steps: int, warmup: int = 4) -> list[float]:
     cache = DynamicCache()
     times = []
     with torch.inference_mode():
-        out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt_ids, cache=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         for i in range(warmup + steps):
             start = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, cache=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)

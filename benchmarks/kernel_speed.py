@@ -195,12 +195,12 @@ def _decode_tps(model, prompt: int, steps: int) -> tuple[float, str]:
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     pos = torch.arange(prompt, device="cuda")
     with torch.inference_mode():
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        logits = model(input_ids=ids, cache=cache, cache_position=pos, use_cache=True).logits
         tok = logits[:, -1:].argmax(-1)
         step_pos = torch.tensor([prompt], device="cuda")
 
         def step():
-            out = model(input_ids=tok, past_key_values=cache, cache_position=step_pos,
+            out = model(input_ids=tok, cache=cache, cache_position=step_pos,
                         position_ids=step_pos[None], use_cache=True).logits
             tok.copy_(out[:, -1:].argmax(-1))
 
