@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compressor.export.atomic import check_output_dir
-from compressor.export.compressed_tensors import save_compressed
+from compressor.export.compressed_tensors import refuse_online_transforms, save_compressed
 from compressor.export.loader import load_compressed, read_config
 from compressor.arch import find_blocks
 from compressor.calibration import ids_sha256
@@ -167,6 +167,12 @@ def compress(
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     torch.manual_seed(recipe.seed)
     info: dict = {"source_model": source, "seed": recipe.seed}
+    lead = _leading_model_passes(passes)
+    for p in lead:  # whole-model transforms (rotate) run once, before any block is compressed
+        p.apply(model, quiet=quiet)
+    if output is not None:
+        refuse_online_transforms(model)  # fail before the long pipeline, not at export
+    passes = passes[len(lead):]
     if not any(p.requires_calibration for p in passes):
         for p in passes:
             p.apply(model, quiet=quiet)
@@ -191,6 +197,22 @@ def compress(
     if output is not None:
         save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
     return model
+
+
+def _leading_model_passes(passes: list) -> list:
+    """The model-level passes (``model_level = True``, e.g. rotate) at the head of the recipe.
+
+    Raises:
+        ValueError: a model-level pass comes after a block-level one.
+    """
+    n = 0
+    while n < len(passes) and passes[n].model_level:
+        n += 1
+    late = [p.name for p in passes[n:] if p.model_level]
+    if late:
+        raise ValueError(f"{late[0]} transforms the whole model and must come before {passes[n].name}: "
+                         "move it to the front of the recipe's passes")
+    return passes[:n]
 
 
 def _calibration_ids(calibration: Any, tokenizer: Any, seed: int, names: list[str]) -> torch.Tensor:

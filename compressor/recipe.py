@@ -74,13 +74,15 @@ class Pass:
     """A compression pass. Subclasses set ``name``, ``config_cls`` and implement :meth:`apply`.
 
     ``requires_calibration`` tells the pipeline whether calibration data must
-    flow through the model before :meth:`apply`; the pipeline never checks
-    class names.
+    flow through the model before :meth:`apply`; ``model_level`` marks a pass
+    that transforms the whole model at once (rotate) and runs before any block
+    is compressed. The pipeline never checks class names.
     """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[PassConfig]] = PassConfig
     requires_calibration: ClassVar[bool] = False
+    model_level: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_cls):
@@ -107,6 +109,7 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def _load_builtin_passes() -> None:
     from compressor.quant import adaround, gptq, rtn  # noqa: F401  (register "adaround", "gptq", "rtn")
+    from compressor.transforms import rotate  # noqa: F401  (registers "rotate")
 
 
 # ---------------------------------------------------------------- config I/O

@@ -27,8 +27,10 @@ from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
 from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
+from compressor.transforms.online import online_transforms
 
-__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
+__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT",
+           "refuse_online_transforms"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,20 @@ def _write_shards(tensors: dict[str, torch.Tensor], root: Path, max_shard_bytes:
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
+def refuse_online_transforms(model: nn.Module) -> None:
+    """Raise when ``model`` rotates linear inputs at run time (the format cannot record that yet).
+
+    Raises:
+        ValueError: naming a linear with an online transform and the way out.
+    """
+    online = online_transforms(model)
+    if online:
+        raise ValueError(
+            f"{len(online)} linear(s) rotate their input online (e.g. {online[0]}): online transforms are not "
+            "exportable yet; rotate with r4=false (fused rotations only export as plain weights) or evaluate in memory"
+        )
+
+
 def save_compressed(
     model: nn.Module,
     output: str | Path,
@@ -209,6 +225,7 @@ def save_compressed(
     Returns:
         The output path.
     """
+    refuse_online_transforms(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]

@@ -1,0 +1,151 @@
+"""Equivalent rotations keep the full-precision logits (fold norms, R1, R2, R4)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from compressor.arch import find_blocks
+from compressor.quant.rtn import rtn_quantize_module
+from compressor.quant.scheme import QuantScheme
+from compressor.transforms.online import online_transforms
+from compressor.transforms.rotate import rotate_model
+
+IDS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    """Norm weights away from 1, so folding is exercised."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = torch.rand(p.shape, generator=g) + 0.5
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _check_equivalent(model, **kwargs) -> tuple[float, dict]:
+    _randomize_norms(model)
+    ref = _logits(model)
+    q_before = find_blocks(model)[1][0].self_attn.q_proj.weight.clone()
+    info = rotate_model(model, **kwargs)
+    out = _logits(model)
+    assert not torch.allclose(find_blocks(model)[1][0].self_attn.q_proj.weight, q_before)  # it did rotate
+    diff = (out - ref).abs().max().item()
+    assert diff <= 1e-3  # the issue's criterion
+    assert diff <= 1e-5 * ref.abs().max().item()  # fp32 round-off in fact
+    return diff, info
+
+
+# (hidden, inter, tie): 64 = 2^6, 48 = 4 * 12; 80 = 4 * 20, 96 = 8 * 12; GQA: 4 heads over 2 kv heads
+@pytest.mark.parametrize("hidden,inter,tie", [(64, 80, True), (48, 96, False), (64, 96, False), (48, 80, True)])
+@pytest.mark.parametrize("r1", ["hadamard", "random"])
+def test_rotated_llama_keeps_logits(hidden, inter, tie, r1):
+    model = tiny_llama(hidden=hidden, inter=inter, tie=tie)
+    _, info = _check_equivalent(model, r1=r1, seed=5)
+    assert info["untied_embeddings"] is tie and info["r2"] == hidden // 4 and info["r4"] == inter
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+    assert len(online_transforms(model)) == 2
+
+
+@pytest.mark.parametrize("r2,r4", [(False, False), (True, False), (False, True)])
+def test_each_rotation_alone_is_exact(r2, r4):
+    _, info = _check_equivalent(tiny_llama(hidden=48, inter=80), r2=r2, r4=r4)
+    assert (info["r2"] is not None) == r2 and (info["online"] == 2) == r4
+
+
+def _tiny(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"head_dim": 16} if model_type == "qwen3" else {}
+    cfg = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               tie_word_embeddings=True, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_families_keep_logits(model_type):
+    """Qwen2 has q/k/v biases (v's is rotated by R2); Qwen3 has per-head q/k norms and head_dim 16 ≠ 48 / 4."""
+    model = _tiny(model_type)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    _check_equivalent(model)
+
+
+def test_down_proj_hooks_see_the_rotated_input():
+    """A pre-hook registered after rotation (as GPTQ's) records x Q, the input the fused weight multiplies."""
+    model = tiny_llama(hidden=48, inter=96)
+    down = find_blocks(model)[1][0].mlp.down_proj
+    seen = []
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    _logits(model)
+    rotate_model(model)
+    down.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    handle.remove()
+    _logits(model)
+    q = down.input_transform.matrix(torch.float32)
+    torch.testing.assert_close(seen[1], seen[0] @ q, rtol=0, atol=1e-5)
+
+
+def test_deepcopy_keeps_the_online_rotation():
+    model = tiny_llama()
+    ref = _logits(model)
+    rotate_model(model)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(_logits(clone), ref, rtol=0, atol=1e-5)
+    assert len(online_transforms(clone)) == 2
+
+
+def test_state_dict_keys_unchanged_but_lm_head_untied():
+    model = tiny_llama(tie=False)
+    keys = set(model.state_dict())
+    rotate_model(model)
+    assert set(model.state_dict()) == keys
+
+
+def test_unsupported_size_leaves_the_model_intact():
+    model = tiny_llama(hidden=64, inter=92)  # 92 = 4 * 23: no Hadamard construction
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="size 92: supported sizes"):
+        rotate_model(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    _check_equivalent(model, r4=False)  # fused rotations still work
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert"])
+def test_unsupported_architecture(model_type):
+    from transformers import AutoConfig, AutoModel
+
+    kw = {"n_embd": 32, "n_layer": 1, "n_head": 2} if model_type == "gpt2" else \
+        {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, vocab_size=64, **kw))
+    with pytest.raises(ValueError, match=f"no rotation layout for model_type='{model_type}'.*supported"):
+        rotate_model(model)
+
+
+def test_refuses_twice_quantized_and_bad_kind():
+    model = tiny_llama()
+    rotate_model(model)
+    with pytest.raises(ValueError, match="already rotated"):
+        rotate_model(model)
+    model = tiny_llama()
+    rtn_quantize_module(find_blocks(model)[1][0].mlp.up_proj, QuantScheme(bits=4, group_size=-1))
+    with pytest.raises(ValueError, match="before quantization passes"):
+        rotate_model(model)
+    with pytest.raises(ValueError, match="'hadamard' .* or 'random'"):
+        rotate_model(tiny_llama(), r1="spin")
