@@ -365,7 +365,7 @@ def _inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 if attempt:
-                    log.warning("gptq: Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
+                    log.warning("Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
                 return U
     raise ValueError("the Hessian is not positive definite even with heavy dampening: use more calibration data")
 
