@@ -1,0 +1,32 @@
+"""Knowledge distillation: logit, list-wise and hidden-state losses (the trainer is not built yet)."""
+
+from compressor.distill.chunked import chunked_distill_loss, naive_distill_loss
+from compressor.distill.hidden import hidden_state_loss, make_projections
+from compressor.distill.losses import (
+    cross_entropy,
+    distill_loss,
+    divergence,
+    forward_kl,
+    jsd,
+    reduce_tokens,
+    reverse_kl,
+    topk_kl,
+)
+from compressor.distill.pld import plackett_luce_loss, teacher_permutation
+
+__all__ = [
+    "chunked_distill_loss",
+    "cross_entropy",
+    "distill_loss",
+    "divergence",
+    "forward_kl",
+    "hidden_state_loss",
+    "jsd",
+    "make_projections",
+    "naive_distill_loss",
+    "plackett_luce_loss",
+    "reduce_tokens",
+    "reverse_kl",
+    "teacher_permutation",
+    "topk_kl",
+]
