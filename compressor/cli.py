@@ -43,15 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="perplexity of models or exports on a text source")
-    e.add_argument("models", nargs="+", help="model directories or exports")
+    e = sub.add_parser("eval", help="compare models and exports: perplexity, KL to the first, tasks, size, speed")
+    e.add_argument("models", nargs="+", help="model directories or exports; the first is the base the others are compared to")
     e.add_argument("--dataset", default="sotu:2010-2021", help="sotu:Y1-Y2, a .txt, a .jsonl[#field], hf:NAME:SPLIT")
     e.add_argument("--ctx", type=int, default=512, help="context length")
     e.add_argument("--stride", type=int, default=None, help="window stride (default: ctx, non-overlapping)")
     e.add_argument("--max-tokens", type=int, default=32768, help="tokens evaluated (0 = all)")
     e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--tasks", default=None, metavar="FILE.jsonl",
+                   help="multiple-choice task file (context, choices, gold) or a shipped task: phrases")
+    e.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps timed per model (0 = skip)")
+    e.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the speed measurement")
+    e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="load dtype (default: as stored)")
+    e.add_argument("--backend", choices=("auto", "reference", "triton", "cpu"), default="auto",
+                   help="dequant-matmul backend for exports")
     e.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
-    e.add_argument("--json", action="store_true", help="one JSON line per model instead of a table")
+    e.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the rows as JSON to PATH; without PATH, one JSON line per model on stdout instead of the table")
+    e.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="write a Markdown report")
+    e.add_argument("--plot", type=Path, default=None, metavar="PATH.png", help="plot perplexity against bits per weight")
+    e.add_argument("--dump-nll", type=Path, default=None, metavar="DIR",
+                   help="write per-token NLL (and KL to the base) of each model as DIR/<name>.safetensors")
     e.add_argument("--quiet", "-q", action="store_true")
 
     i = sub.add_parser("inspect", help="schemes, sizes and bits per weight of an export")
@@ -96,23 +109,27 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from compressor.api import evaluate
-    from compressor.inspect import summarize
+    from compressor.eval.report import format_table, matplotlib_missing, plot_ppl_vs_bits, write_json, write_markdown
+    from compressor.eval.suite import SuiteConfig, evaluate_models
 
-    rows = []
-    for model in args.models:
-        res = evaluate(model, dataset=args.dataset, ctx=args.ctx, stride=args.stride,
-                       max_tokens=args.max_tokens or None, batch_size=args.batch_size,
-                       device_map=args.device_map, quiet=args.quiet)
-        info = summarize(Path(model))
-        row = {"model": str(model), "dataset": args.dataset, "ctx": args.ctx, "tokens": res.tokens,
-               "ppl": round(res.ppl, 4), "size_mb": round(info["size_bytes"] / 1e6, 2),
-               "bits_per_weight": info["bits_per_weight"]}
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-    if not args.json:
-        print(_table(rows, ["model", "ppl", "tokens", "size_mb", "bits_per_weight"]))
+    if args.plot is not None and matplotlib_missing():
+        raise ValueError(matplotlib_missing())  # before the evaluation, not after it
+    config = SuiteConfig(dataset=args.dataset, ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens or None,
+                         batch_size=args.batch_size, tasks=args.tasks, decode_tokens=args.decode_tokens,
+                         prompt_tokens=args.prompt_tokens, dtype=args.dtype, backend=args.backend,
+                         device_map=args.device_map, dump_dir=args.dump_nll, quiet=args.quiet)
+    stream = args.json == "-"
+    on_row = (lambda row: print(json.dumps(row), flush=True)) if stream else None  # noqa: E731
+    rows = evaluate_models(args.models, config, on_row=on_row)
+    meta = config.to_dict()
+    if not stream:
+        print(format_table(rows))
+    if args.json and not stream:
+        log.info("JSON written to %s", write_json(rows, args.json, meta))
+    if args.markdown:
+        log.info("Markdown written to %s", write_markdown(rows, args.markdown, meta))
+    if args.plot:
+        log.info("plot written to %s", plot_ppl_vs_bits(rows, args.plot))
     return 0
 
 
@@ -122,14 +139,6 @@ def _cmd_inspect(args) -> int:
     info = summarize(args.path)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
-
-
-def _table(rows: list[dict], cols: list[str]) -> str:
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cols), sep] + [line(r) for r in cells])
 
 
 def main(argv: list[str] | None = None) -> int:

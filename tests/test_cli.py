@@ -30,6 +30,7 @@ def test_compress_inspect_eval(tiny_model_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tokens"] for r in rows] == [9 * 63, 9 * 63]
     assert rows[0]["bits_per_weight"] == 32 and rows[1]["ppl"] > 0
+    assert rows[0]["kl_to_base"] == 0.0 and rows[1]["kl_to_base"] > 0 and rows[1]["backend"] == "reference"
 
 
 def test_recipe_file_and_overrides(tiny_model_dir, tmp_path):
@@ -82,7 +83,8 @@ def test_truncated_checkpoint(tiny_model_dir, tmp_path, caplog):
 def test_eval_errors(tiny_model_dir, tmp_path, caplog):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(["eval", str(tiny_model_dir), "--dataset", str(empty), "--quiet"]) == 2
+    assert main(["eval", str(tiny_model_dir), "--dataset", str(empty), "--ctx", "64", "--quiet"]) == 2
+    assert "empty text" in caplog.text
     assert main(["eval", str(tiny_model_dir), "--dataset", str(tmp_path / "text.txt"), "--ctx", "4096", "--quiet"]) == 2
     assert "max_position_embeddings" in caplog.text
 

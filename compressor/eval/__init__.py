@@ -1,1 +1,24 @@
-"""Evaluation: perplexity and device placement."""
+"""Evaluation: perplexity, KL to a base model, multiple-choice tasks, speed, reports, device placement."""
+
+from compressor.eval.choice import ChoiceItem, ChoiceResult, load_choice_tasks, score_choice_tasks
+from compressor.eval.compare import WindowScores, score_windows
+from compressor.eval.perplexity import PerplexityResult, perplexity, strided_windows
+from compressor.eval.speed import SpeedResult, decode_speed, kernel_backend
+from compressor.eval.suite import SuiteConfig, evaluate_models
+
+__all__ = [
+    "ChoiceItem",
+    "ChoiceResult",
+    "PerplexityResult",
+    "SpeedResult",
+    "SuiteConfig",
+    "WindowScores",
+    "decode_speed",
+    "evaluate_models",
+    "kernel_backend",
+    "load_choice_tasks",
+    "perplexity",
+    "score_choice_tasks",
+    "score_windows",
+    "strided_windows",
+]

@@ -1,0 +1,251 @@
+"""Evaluate a base model and any number of compressed ones side by side: one row per model.
+
+The first model is the base. Every other model is scored in lockstep with it on
+the same token windows (perplexity and KL to the base), then on the
+multiple-choice tasks and for speed; models other than the base are loaded one
+at a time, so at most two models are in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compressor.eval.choice import ChoiceItem, load_choice_tasks, score_choice_tasks
+from compressor.eval.compare import WindowScores, score_windows
+from compressor.eval.perplexity import strided_windows
+from compressor.eval.speed import decode_speed, kernel_backend
+
+__all__ = ["SuiteConfig", "evaluate_models", "model_row"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteConfig:
+    """Settings of one comparison run.
+
+    Attributes:
+        dataset: text source for perplexity and KL (any form :func:`compressor.calibration.load_text` reads).
+        ctx, stride, max_tokens: windows, see :func:`compressor.eval.perplexity.strided_windows`
+            (``max_tokens=None``: the whole text).
+        batch_size: windows per forward pass.
+        tasks: a JSONL multiple-choice task file or a shipped task name (``"phrases"``); None skips tasks.
+        decode_tokens: greedy decode steps timed per model; 0 skips the speed measurement.
+        prompt_tokens: prompt length for the speed measurement (the first tokens of the text).
+        dtype: ``"auto"`` (as stored), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        backend: dequant-matmul backend for exports (``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"``).
+        device_map: None (CPU), ``"auto"`` or an accelerate device map.
+        dump_dir: write ``<label>.safetensors`` there with per-token ``nll`` (float32 (T,)),
+            ``kl`` to the base (compared models) and the scored ``target_ids`` (int64 (T,)).
+        quiet: no progress bars.
+    """
+
+    dataset: str = "sotu:2010-2021"
+    ctx: int = 512
+    stride: int | None = None
+    max_tokens: int | None = 32768
+    batch_size: int = 4
+    tasks: str | Path | None = None
+    decode_tokens: int = 32
+    prompt_tokens: int = 32
+    dtype: str = "auto"
+    backend: str = "auto"
+    device_map: str | dict | None = None
+    dump_dir: Path | None = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        for name in ("ctx", "batch_size", "prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.decode_tokens < 0:
+            raise ValueError(f"decode_tokens={self.decode_tokens} must be >= 0 (0 skips the speed measurement)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: use a positive count or None for the whole text")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown: use one of {sorted(_DTYPES)}")
+
+    def to_dict(self) -> dict:
+        """The settings as JSON-ready values."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def model_row(path: str | Path, label: str, role: str) -> dict:
+    """The static part of a row: size on disk and bits per weight from the safetensors headers.
+
+    Returns:
+        dict with ``model``, ``label``, ``role``, ``bits_per_weight`` (quantized linears incl.
+        scales and zero points; the dominant dtype width for a plain checkpoint),
+        ``model_bits_per_param`` (whole model), ``size_mb`` (all files, 1e6 bytes), ``params``,
+        ``quantized_layers``.
+    """
+    from compressor.inspect import summarize
+
+    info = summarize(Path(path))
+    return {"model": str(path), "label": label, "role": role, "bits_per_weight": info["bits_per_weight"],
+            "model_bits_per_param": info["model_bits_per_param"], "size_mb": info["size_bytes"] / 1e6,
+            "params": info["params"], "quantized_layers": info["quantized_layers"]}
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Directory names; the full path where two share a name; ``#k`` where a path repeats."""
+    names = [p.name or str(p) for p in paths]
+    labels = [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    return [f"{lab}#{labels[:i].count(lab) + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+
+
+def _check_inputs(paths: list[Path], config: SuiteConfig) -> None:
+    """Fail before any model loads: missing or corrupt checkpoints, a context the models cannot take."""
+    from compressor.api import check_checkpoint
+    from compressor.export.loader import read_config
+
+    for path in paths:
+        check_checkpoint(path)
+        cfg = read_config(path)
+        cfg = cfg.get("text_config", cfg)
+        limit = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        if limit and config.ctx > limit:
+            raise ValueError(f"ctx={config.ctx} exceeds the max_position_embeddings={limit} of {path}: "
+                             f"use --ctx {limit} or less")
+
+
+def _tokenizer(paths: list[Path]) -> Any:
+    """The base model's tokenizer; every other model that ships one must have the same vocabulary."""
+    from compressor.api import load_tokenizer
+
+    tok = load_tokenizer(paths[0])
+    vocab = tok.get_vocab()
+    for path in paths[1:]:
+        other = load_tokenizer(path, required=False)
+        if other is not None and other.get_vocab() != vocab:
+            raise ValueError(f"{path} has a different tokenizer from the base {paths[0]}: perplexity and KL compare "
+                             "models on the same tokens; evaluate it against a base with its own tokenizer")
+    return tok
+
+
+def _measure(model: nn.Module, tok: Any, items: list[ChoiceItem] | None, prompt: torch.Tensor,
+             config: SuiteConfig) -> dict:
+    """Tasks, speed and kernel backend of one loaded model."""
+    row: dict = {"backend": kernel_backend(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if items:
+        res = score_choice_tasks(model, tok, items, quiet=config.quiet)
+        row.update(task_acc=res.acc, task_acc_norm=res.acc_norm, task_items=res.items)
+    if config.decode_tokens:
+        speed = decode_speed(model, prompt, config.decode_tokens)
+        row.update(prefill_tok_s=speed.prefill_tok_s, decode_tok_s=speed.decode_tok_s, decode_ms=speed.decode_ms,
+                   peak_mem_mb=speed.peak_mem_mb)
+    return row
+
+
+def _dump(config: SuiteConfig, label: str, scores_nll: torch.Tensor | None, kl: torch.Tensor | None,
+          targets: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    if config.dump_dir is None or scores_nll is None:
+        return
+    out = Path(config.dump_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"nll": scores_nll.contiguous(), "target_ids": targets.contiguous()}
+    if kl is not None:
+        tensors["kl"] = kl.contiguous()
+    file = out / f"{label.replace('/', '_')}.safetensors"
+    save_file(tensors, str(file))
+    log.info("per-token NLL of %s written to %s", label, file)
+
+
+def _ppl_fields(scores: WindowScores, base: bool) -> dict:
+    res = scores.base_ppl if base else scores.ppl
+    return {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "windows": res.windows,
+            "kl_to_base": 0.0 if base else scores.kl, "top1_agree": 1.0 if base else scores.top1_agree}
+
+
+def evaluate_models(
+    models: list[str | Path],
+    config: SuiteConfig | None = None,
+    *,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Evaluate a base model and compressed models; one row (dict) per model, the base first.
+
+    Row fields: ``model``, ``label``, ``role`` (``"base"``/``"compared"``), ``ppl``, ``nll``,
+    ``tokens``, ``windows``, ``kl_to_base`` (mean KL(p_base || p_model) per scored token, nats),
+    ``top1_agree`` (fraction of tokens with the same most likely next token as the base),
+    ``task_acc``, ``task_acc_norm``, ``task_items`` (with tasks), ``bits_per_weight``,
+    ``model_bits_per_param``, ``size_mb``, ``params``, ``quantized_layers``,
+    ``prefill_tok_s``, ``decode_tok_s``, ``decode_ms``, ``peak_mem_mb`` (with decode_tokens),
+    ``backend`` (``"dense"`` or the dequant-matmul implementation), ``dtype``, ``eval_s``.
+
+    Args:
+        models: model directories or exports; the first is the base.
+        config: settings (default :class:`SuiteConfig`).
+        on_row: called with each row as soon as it is complete.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or corrupt model, an empty text, a context longer
+            than a model allows, a bad task file, models with different tokenizers.
+    """
+    from compressor.api import load_model
+    from compressor.calibration import load_text, tokenize
+
+    config = config or SuiteConfig()
+    if not models:
+        raise ValueError("no models to evaluate: pass a base model directory, then any exports to compare")
+    paths = [Path(m) for m in models]
+    labels = _labels(paths)
+    _check_inputs(paths, config)
+    items = load_choice_tasks(config.tasks) if config.tasks else None
+    tok = _tokenizer(paths)
+    ids = tokenize(load_text(config.dataset), tok)  # (T,)
+    windows = strided_windows(ids, config.ctx, config.stride, config.max_tokens)  # validates the length early
+    targets = torch.cat([w[first:] for w, first in windows])  # (tokens,) in scoring order
+    prompt = ids[: min(config.prompt_tokens, config.ctx)]
+    window_kw = dict(ctx=config.ctx, stride=config.stride, max_tokens=config.max_tokens,
+                     batch_size=config.batch_size, keep_tokens=config.dump_dir is not None, quiet=config.quiet)
+    load_kw = dict(dtype=_DTYPES[config.dtype], device_map=config.device_map, backend=config.backend)
+
+    start = time.perf_counter()
+    log.info("loading base %s", paths[0])
+    base = load_model(paths[0], **load_kw)
+    base_row = model_row(paths[0], labels[0], "base") | _measure(base, tok, items, prompt, config)
+    base_time = time.perf_counter() - start
+    rows = [base_row]
+    if len(paths) == 1:
+        scores = score_windows(base, ids, **window_kw)
+        base_row.update(ppl=scores.ppl.ppl, nll=scores.ppl.nll, tokens=scores.ppl.tokens,
+                        windows=scores.ppl.windows, kl_to_base=0.0, top1_agree=1.0)
+        _dump(config, labels[0], scores.token_nll, None, targets)
+    for i, (path, label) in enumerate(zip(paths[1:], labels[1:])):
+        start = time.perf_counter()
+        log.info("loading %s", path)
+        model = load_model(path, **load_kw)
+        scores = score_windows(model, ids, base=base, **window_kw)
+        if i == 0:  # the base's perplexity comes from the first lockstep pass
+            base_row.update(_ppl_fields(scores, base=True))
+            _dump(config, labels[0], scores.base_token_nll, None, targets)
+            base_row["eval_s"] = base_time + (time.perf_counter() - start) / 2
+            if on_row:
+                on_row(base_row)
+        row = model_row(path, label, "compared") | _ppl_fields(scores, base=False)
+        row |= _measure(model, tok, items, prompt, config)
+        _dump(config, label, scores.token_nll, scores.token_kl, targets)
+        row["eval_s"] = time.perf_counter() - start
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        del model, scores
+        gc.collect()
+    if len(paths) == 1:
+        base_row["eval_s"] = time.perf_counter() - start
+        if on_row:
+            on_row(base_row)
+    return rows
