@@ -97,11 +97,9 @@ def test_bad_input(tiny_model_dir, export_dir, tmp_path, caplog):
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from compressor.eval.report import matplotlib_missing
+
+    return matplotlib_missing() is None
 
 
 def test_models_with_another_tokenizer_are_refused(tiny_model_dir, export_dir, tmp_path):
