@@ -18,6 +18,9 @@ Peer-specific choices (see benchmarks/README.md):
   ``QuantizationModifier`` with the same scheme. AWQ pins cached activations,
   which raises without an accelerator, so ``torch.Tensor.pin_memory`` is made a
   no-op there and the record says ``"patched": "pin_memory no-op"``.
+* Ragged groups (576 columns at group 128) are refused by llm-compressor 0.14
+  unless ``bypass_divisibility_checks=True``; every peer run passes it, as
+  compressed-tensors' own loader handles a ragged last group.
 """
 
 from __future__ import annotations
@@ -54,10 +57,13 @@ def _recipe(method: str, setting: common.Setting) -> list:
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     groups = _quant_scheme(setting)
+    # SmolLM2's 576-wide inputs leave a ragged last group at g128; llm-compressor 0.14 refuses that
+    # unless told the runtime copes (ours and compressed-tensors' loader do), so say so for every setting
+    common_args = {"config_groups": groups, "targets": ["Linear"], "ignore": ["lm_head"], "bypass_divisibility_checks": True}
     if method == "llmc-gptq":
-        return [GPTQModifier(config_groups=groups, targets=["Linear"], ignore=["lm_head"])]
+        return [GPTQModifier(**common_args)]
     if method == "llmc-awq":
-        return [AWQModifier(), QuantizationModifier(config_groups=groups, targets=["Linear"], ignore=["lm_head"])]
+        return [AWQModifier(), QuantizationModifier(**common_args)]
     raise ValueError(f"unknown peer method {method!r}: use one of {PEER_METHODS}")
 
 
