@@ -23,6 +23,18 @@ def tiny_llama(vocab: int = 96, hidden: int = 64, inter: int = 80, layers: int =
     return LlamaForCausalLM(cfg).eval()
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import load_benchmark, tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_decode.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cpu_decode")
 
 
 def test_decode_timings_and_sizes(bench, tmp_path):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_llama
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
+from conftest import load_benchmark, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+    return load_benchmark("kernel_speed")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_exits_cleanly_without_cuda(bench, caplog):
