@@ -11,6 +11,7 @@ from conftest import load_benchmark, tiny_llama
 def bench():
     return load_benchmark("kernel_speed")
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_exits_cleanly_without_cuda(bench, caplog):
     assert bench.main(["--quick"]) == 2
