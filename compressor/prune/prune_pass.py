@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.pipeline.inputs import SharedInputs
 from compressor.progress import progress
 from compressor.prune.masks import SCOPES, check_sparsity, parse_structure, select_mask
 from compressor.prune.scores import InputNormAccumulator, magnitude_scores, wanda_scores
@@ -97,9 +98,7 @@ class PrunePass(Pass):
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)
-        self._stats: dict[str, HessianAccumulator | InputNormAccumulator] = {}
-        self._handles: list = []
-        self._last = None
+        self._inputs = SharedInputs()  # name -> HessianAccumulator | InputNormAccumulator
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
@@ -147,35 +146,22 @@ class PrunePass(Pass):
         Returns:
             the observed linears.
         """
-        self._last = None
-        observed = []
-        for name, module in select_modules(block, self.config, prefix):
-            if isinstance(module, nn.Linear):
-                self._check_module(name, module)
-                self._handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
-                observed.append(module)
-        return observed
+        linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
+        for name, module in linears:
+            self._check_module(name, module)
+        return self._inputs.hook(linears, self._observe)
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
-        last = self._last
-        if last is not None and last[0] is x:  # same input as the previous linear: share its statistics
-            self._stats.setdefault(name, last[1])
-            return
-        acc = self._stats.get(name)
-        if acc is None:
-            cls = InputNormAccumulator if self.config.method == "wanda" else HessianAccumulator
-            acc = self._stats[name] = cls(x.shape[-1], x.device)
-        acc.add(x)
-        self._last = (x, acc)
+        cls = InputNormAccumulator if self.config.method == "wanda" else HessianAccumulator
+        acc = self._inputs.accumulator(name, x, lambda: cls(x.shape[-1], x.device))
+        if acc is not None:
+            acc.add(x)
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Prune the block's targeted linears from the collected statistics."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last = None
+        self._inputs.close()
         modules = dict(select_modules(block, self.config, prefix))
-        for name, acc in self._stats.items():
+        for name, acc in self._inputs.stats.items():
             module = modules[name]
             w = module.weight.data
             try:
@@ -190,11 +176,11 @@ class PrunePass(Pass):
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             self._write(name, module, new, mask)
-        missing = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in self._stats]
+        missing = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in self._inputs.stats]
         if missing:
             log.warning("prune: %d targeted linears saw no calibration input and were left dense: %s",
                         len(missing), ", ".join(missing[:5]))
-        self._stats.clear()
+        self._inputs.clear()
 
     # ------------------------------------------------------------ shared
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compressor.pipeline.inputs import SharedInputs
 from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
@@ -423,8 +424,7 @@ class GPTQPass(Pass):
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)
-        self._stats: dict[str, HessianAccumulator] = {}
-        self._handles: list = []
+        self._inputs = SharedInputs()
         self._fp: dict[str, torch.Tensor] = {}
         self.stream = "compressed"
 
@@ -447,13 +447,8 @@ class GPTQPass(Pass):
         Returns:
             the observed linears (the pipeline stops each forward once it has entered the last).
         """
-        self._last: tuple[torch.Tensor, HessianAccumulator] | None = None
-        observed = []
-        for name, module in select_modules(block, self.config, prefix):
-            if isinstance(module, nn.Linear):
-                self._handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
-                observed.append(module)
-        return observed
+        linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
+        return self._inputs.hook(linears, self._observe)
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         if self.stream == "fp":  # paired with the compressed stream's next batch
@@ -463,24 +458,15 @@ class GPTQPass(Pass):
         if self.config.asymmetric and fp is None:
             raise ValueError(f"{name}: asymmetric GPTQ got no full-precision input for this batch; "
                              "run it through compress() (the sequential pipeline pairs the streams)")
-        last = self._last
-        if last is not None and last[0] is x:  # same input as the previous linear: share its statistics
-            self._stats.setdefault(name, last[1])
-            return
-        acc = self._stats.get(name)
-        if acc is None:
-            acc = self._stats[name] = HessianAccumulator(x.shape[-1], x.device)
-        acc.add(x, fp)
-        self._last = (x, acc)
+        acc = self._inputs.accumulator(name, x, lambda: HessianAccumulator(x.shape[-1], x.device))
+        if acc is not None:
+            acc.add(x, fp)
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last = None
+        self._inputs.close()
         modules = dict(select_modules(block, self.config, prefix))
-        for name, acc in self._stats.items():
+        for name, acc in self._inputs.stats.items():
             module = modules[name]
             try:
                 res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
@@ -491,5 +477,5 @@ class GPTQPass(Pass):
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
             log.debug("gptq %s loss %.4g", name, res.loss)
-        self._stats.clear()
+        self._inputs.clear()
         self._fp.clear()
