@@ -9,7 +9,7 @@ from pathlib import Path
 
 from compressor.export.loader import read_config, scheme_from_ct_args
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "format_summary", "layer_sparsity", "format_sparsity", "plot_sparsity"]
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8,
                "F8_E4M3": 8, "F8_E5M2": 8}
@@ -132,3 +132,86 @@ def format_summary(info: dict) -> str:
         lines.append(f"  not quantized      {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     lines.append(f"  loads with         {'; '.join(info['loaders'])}")
     return "\n".join(lines)
+
+
+def layer_sparsity(path: Path) -> dict[str, float]:
+    """Fraction of exactly-zero weights of every linear in a model directory or export.
+
+    A plain checkpoint's 2-D ``*.weight`` tensors are read as stored; a
+    pack-quantized export's layers are dequantized first (a pruned weight is
+    stored as the zero point's code, so it dequantizes to exactly 0).
+    Embeddings are left out.
+
+    Returns:
+        module name → sparsity in [0, 1], in checkpoint order.
+    """
+    from safetensors import safe_open
+    from torch import nn
+
+    path = Path(path)
+    config = read_config(path)
+    out: dict[str, float] = {}
+    if (config.get("quantization_config") or {}).get("format") == "pack-quantized":
+        from compressor.export.loader import QuantLinear, load_compressed
+
+        model = load_compressed(path, verify=False)
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                out[name] = float((m.dequantized_weight() == 0).float().mean())
+            elif isinstance(m, nn.Linear) and m.weight is not model.get_input_embeddings().weight:
+                out[name] = float((m.weight == 0).float().mean())
+        return out
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if key.endswith(".weight") and "embed" not in key and len(fh.get_slice(key).get_shape()) == 2:
+                    out[key[: -len(".weight")]] = float((fh.get_tensor(key) == 0).float().mean())
+    return out
+
+
+def format_sparsity(sparsity: dict[str, float]) -> str:
+    """One line per layer (name, sparsity in %), then the weight-unweighted mean."""
+    if not sparsity:
+        return "  no linear layers found"
+    width = max(len(n) for n in sparsity)
+    lines = [f"  {name:<{width}}  {100 * s:6.2f}%" for name, s in sparsity.items()]
+    lines.append(f"  {'mean over layers':<{width}}  {100 * sum(sparsity.values()) / len(sparsity):6.2f}%")
+    return "\n".join(lines)
+
+
+def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str | None = None) -> Path:
+    """Bar chart of per-layer sparsity in checkpoint order (the allocation across depth); writes a PNG.
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+        ValueError: no layers.
+    """
+    from compressor.eval.report import matplotlib_missing
+
+    why = matplotlib_missing()
+    if why:
+        raise ImportError(why)
+    if not sparsity:
+        raise ValueError("no linear layers to plot")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(sparsity)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 4), dpi=120)
+    for kind in kinds:
+        idx = [i for i, n in enumerate(names) if n.rsplit(".", 1)[-1] == kind]
+        ax.bar(idx, [100 * sparsity[names[i]] for i in idx], width=1.0, label=kind)
+    ax.set_xlabel("layer (checkpoint order)")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=min(len(kinds), 4))
+    ax.set_title(title or "per-layer sparsity")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -25,6 +25,7 @@ from torch import nn
 
 from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
+from compressor.prune.state import is_pruned, prune_mask
 from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
 from compressor.transforms.online import online_transforms
@@ -135,7 +136,33 @@ def quantization_config(model: nn.Module) -> dict:
         "ignore": sorted(n for n in linears if n not in quantized),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
+        "sparsity_config": sparsity_config(model),
         "version": _ct_version(),
+    }
+
+
+def sparsity_config(model: nn.Module) -> dict | None:
+    """``quantization_config["sparsity_config"]`` for the pruned linears of ``model``, or None.
+
+    The zeros live in the (packed) weights themselves, so the format is
+    compressed-tensors' ``"dense"`` (stored as is; loaders need no sparse
+    decompression); the entry records which layers were pruned, the structure
+    (``"2:4"`` = 2 non-zeros in every 4, or ``"unstructured"``) and
+    ``global_sparsity``, the fraction of all the model's parameters pruned.
+    """
+    pruned = {name: m for name, m in model.named_modules() if is_pruned(m)}
+    if not pruned:
+        return None
+    structures = {m.sparsity_info.structure for m in pruned.values()}
+    zeros = sum(int((~prune_mask(m)).sum()) for m in pruned.values())
+    total = sum(p.numel() for p in model.parameters())
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {
+        "format": "dense",
+        "sparsity_structure": structures.pop() if len(structures) == 1 else "unstructured",
+        "global_sparsity": zeros / total,
+        "targets": sorted(pruned),
+        "ignore": sorted(n for n in linears if n not in pruned),
     }
 
 

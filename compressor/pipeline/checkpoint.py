@@ -1,7 +1,8 @@
 """Per-block checkpoints so an interrupted sequential run resumes where it stopped.
 
 After block ``i`` is compressed its tensors (weights, scales, zero points,
-g_idx) and the schemes of its quantized modules are written atomically to
+g_idx, pruning masks) and the schemes of its quantized and pruned modules
+are written atomically to
 ``block_{i:05d}.safetensors`` / ``.json``. ``run.json`` pins the recipe and the
 calibration set; a checkpoint directory of another run is refused.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compressor.prune.state import SparsityInfo, is_pruned
 from compressor.quant.scheme import QuantScheme
 from compressor.quant.state import is_quantized
 
@@ -55,24 +57,37 @@ class BlockCheckpoint:
         return tensors.is_file() and meta.is_file()
 
     def save(self, i: int, block: nn.Module) -> None:
-        """Write block ``i``'s state and the schemes of its quantized modules, atomically."""
+        """Write block ``i``'s state, the schemes of its quantized modules and its pruning masks, atomically."""
         tensors_path, meta_path = self._paths(i)
         state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         # tied / shared tensors inside a block would make safetensors refuse; store copies
         state = {k: v.clone() for k, v in state.items()}
         schemes = {name: m.quant_scheme.to_dict() for name, m in block.named_modules() if is_quantized(m)}
+        pruned = {name: vars(m.sparsity_info) for name, m in block.named_modules() if is_pruned(m)}
+        for name, m in block.named_modules():
+            if is_pruned(m) and m._buffers.get("weight_mask") is not None:
+                # the mask itself, not weight != 0: after quantization some kept weights round to zero
+                state[f"{name}.weight_mask"] = m.weight_mask.detach().cpu().contiguous()
+        meta = {"schemes": schemes, "pruned": pruned}
         for path, write in ((tensors_path, lambda p: save_file(state, str(p))),
-                            (meta_path, lambda p: p.write_text(json.dumps({"schemes": schemes}), encoding="utf-8"))):
+                            (meta_path, lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))):
             tmp = path.with_suffix(path.suffix + ".tmp")
             write(tmp)
             os.replace(tmp, path)
 
     def load(self, i: int, block: nn.Module) -> None:
-        """Restore block ``i`` in place (weights, quantization buffers and schemes)."""
+        """Restore block ``i`` in place (weights, quantization buffers and schemes, pruning masks)."""
         tensors_path, meta_path = self._paths(i)
         state = load_file(str(tensors_path))
-        schemes = json.loads(meta_path.read_text(encoding="utf-8"))["schemes"]
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        schemes = meta["schemes"]
         device = next(block.parameters()).device
+        for name, info in meta.get("pruned", {}).items():
+            module = block.get_submodule(name)
+            module.sparsity_info = SparsityInfo(**info)
+            mask = state.pop(f"{name}.weight_mask", None)
+            if mask is not None:
+                module.register_buffer("weight_mask", mask.to(device), persistent=False)
         for name, scheme in schemes.items():
             module = block.get_submodule(name)
             module.quant_scheme = QuantScheme(**scheme)

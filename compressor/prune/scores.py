@@ -62,7 +62,7 @@ def input_norms_from_hessian(hessian: torch.Tensor) -> torch.Tensor:
     norm, which is all :func:`wanda_scores` needs.
 
     Args:
-        hessian: (K, K) float Hessian (e.g. :attr:`compressor.quant.gptq.HessianAccumulator.H`).
+        hessian: (K, K) float Hessian (e.g. :attr:`compressor.hessian.HessianAccumulator.H`).
 
     Returns:
         (K,) float32.
@@ -74,7 +74,7 @@ class InputNormAccumulator:
     """Running ``2/n * sum_x x_j^2`` per input feature, (K,) float32.
 
     The same normalisation as the diagonal of
-    :class:`compressor.quant.gptq.HessianAccumulator`, at O(T K) cost and O(K)
+    :class:`compressor.hessian.HessianAccumulator`, at O(T K) cost and O(K)
     memory instead of O(T K^2) and O(K^2): Wanda needs only the diagonal
     (a (K, K) float32 Hessian of a 70B model's ``down_proj`` is 3.3 GB).
     """

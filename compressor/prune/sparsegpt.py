@@ -19,7 +19,7 @@ import torch
 
 from compressor.prune.masks import SCOPES, check_sparsity, parse_structure, prune_count
 from compressor.prune.scores import check_weight
-from compressor.quant.gptq import _inverse_cholesky, _one_cpu_thread
+from compressor.hessian import inverse_cholesky, one_cpu_thread
 
 __all__ = ["PruneResult", "sparsegpt_prune"]
 
@@ -56,7 +56,7 @@ def sparsegpt_prune(
     Args:
         weight: (N, K) float weight, finite.
         hessian: (K, K) ``2 X^T X / n`` of the layer inputs (float32 or float64),
-            e.g. :attr:`compressor.quant.gptq.HessianAccumulator.H`.
+            e.g. :attr:`compressor.hessian.HessianAccumulator.H`.
         sparsity: fraction of weights pruned in [0, 1), or ``"N:M"`` (N kept of
             every M consecutive columns; K must be a multiple of M).
         scope: for a fraction, the comparison group of each block's mask selection:
@@ -87,7 +87,7 @@ def sparsegpt_prune(
     elif weight.shape[1] % nm[1]:
         raise ValueError(f"input width {weight.shape[1]} is not a multiple of M={nm[1]}: N:M needs whole groups; "
                          "add this layer to ignore or use unstructured sparsity")
-    with _one_cpu_thread(weight.device):
+    with one_cpu_thread(weight.device):
         return _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtype or weight.dtype)
 
 
@@ -98,7 +98,7 @@ def _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtyp
     dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter, prune them first
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = _inverse_cholesky(H, dampening)  # (K, K) upper, U^T U = (H + lambda I)^-1
+    U = inverse_cholesky(H, dampening)  # (K, K) upper, U^T U = (H + lambda I)^-1
     mask = torch.ones(n, k, dtype=torch.bool, device=W.device)
     loss = torch.zeros(n, device=W.device)
     step = block_size if nm is None else nm[1] * max(1, block_size // nm[1])  # N:M groups never straddle blocks

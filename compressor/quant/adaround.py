@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.prune.state import prune_mask
 from compressor.quant.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, group_index
 from compressor.quant.state import attach_qparams
@@ -123,10 +124,15 @@ class SoftRounding:
     final on-grid weight with ``h`` rounded to 0 or 1.
     """
 
-    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, learn_scale: bool = False):
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, learn_scale: bool = False,
+                 mask: torch.Tensor | None = None):
         if scheme.float_zero_point:
             raise ValueError("adaround supports zero_point='int' grids only")
         W = weight.detach().float()
+        # (N, K) bool, True = kept: a pruned layer's zeros stay exact zeros (the zero point's code)
+        self.keep = None if mask is None else mask.to(W.device)
+        if self.keep is not None:
+            W = W.masked_fill(~self.keep, 0.0)
         self.scheme, self.dtype = scheme, weight.dtype
         qp = compute_qparams(W, scheme)
         self.idx = group_index(W.shape[1], scheme.group_width(W.shape[1]), W.device)
@@ -147,7 +153,8 @@ class SoftRounding:
 
     def _weight(self, up: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(self.floor + up + self.zp, self.scheme.qmin, self.scheme.qmax)
-        return (q - self.zp) * torch.exp(self.log_s)[:, self.idx]
+        w = (q - self.zp) * torch.exp(self.log_s)[:, self.idx]
+        return w if self.keep is None else w * self.keep
 
     def soft(self) -> torch.Tensor:
         return self._weight(_h(self.V))
@@ -156,14 +163,18 @@ class SoftRounding:
         return self._weight((_h(self.V) >= 0.5).float())
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """sum of ``1 - |2 h(V) - 1|^beta`` (eq. 24)."""
-        return (1 - (2 * _h(self.V) - 1).abs().pow(beta)).sum()
+        """sum of ``1 - |2 h(V) - 1|^beta`` (eq. 24), over the kept weights."""
+        reg = 1 - (2 * _h(self.V) - 1).abs().pow(beta)
+        return (reg if self.keep is None else reg * self.keep).sum()
 
     @torch.no_grad()
     def harden(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
         """(codes int8 (N, K), qparams (N, G), on-grid weight (N, K)) in the weight's dtype."""
         up = (_h(self.V) >= 0.5).float()
-        codes = torch.clamp(self.floor + up + self.zp, self.scheme.qmin, self.scheme.qmax).to(torch.int8)
+        codes = torch.clamp(self.floor + up + self.zp, self.scheme.qmin, self.scheme.qmax)
+        if self.keep is not None:
+            codes = torch.where(self.keep, codes, self.zp)
+        codes = codes.to(torch.int8)
         zp = None if self.zero_point is None else self.zero_point.to(self.dtype)
         qparams = QParams(torch.exp(self.log_s).to(self.dtype), zp)
         return codes, qparams, dequantize(codes, qparams, self.scheme).to(self.dtype)
@@ -214,6 +225,7 @@ def adaround_quantize(
     targets: torch.Tensor,
     scheme: QuantScheme,
     cfg: AdaRoundConfig,
+    mask: torch.Tensor | None = None,
 ) -> AdaRoundResult:
     """Learn the rounding of one layer.
 
@@ -224,11 +236,12 @@ def adaround_quantize(
         targets: (S, ...) full-precision outputs for those inputs.
         scheme: integer grid (``zero_point="int"``).
         cfg: optimisation settings.
+        mask: optional (N, K) bool, True = kept (a pruned layer): pruned weights stay exactly zero.
 
     Returns:
         :class:`AdaRoundResult` with hard-rounded weights.
     """
-    r = SoftRounding(weight, scheme, cfg.learn_scale)
+    r = SoftRounding(weight, scheme, cfg.learn_scale, mask)
     rows = inputs.shape[0]
 
     def recon(pick, ws):
@@ -356,7 +369,7 @@ class AdaRoundPass(Pass):
             raise ValueError("calibration activations contain NaN/inf")
         with torch.no_grad():
             target = fwd(fp_rows, w.float())
-        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg)
+        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg, mask=_mask_in_view(module))
         log.debug("adaround %s recon error %.4g", name, res.recon_mse)
         attach_qparams(module, cfg.scheme, res.qparams, to_weight(res.weight))
 
@@ -369,7 +382,8 @@ class AdaRoundPass(Pass):
             return
         views = [layer_view(m) for _, m in layers]
         keys = [f"{n[len(prefix) + 1:]}.weight" if n != prefix else "weight" for n, _ in layers]
-        roundings = [SoftRounding(w, self.config.scheme, self.config.learn_scale) for w, _, _ in views]
+        roundings = [SoftRounding(w, self.config.scheme, self.config.learn_scale, _mask_in_view(m))
+                     for (w, _, _), (_, m) in zip(views, layers)]
         seq_len = targets[0].shape[1]
         per_step = max(1, self.config.batch_size // seq_len)  # sequences per step
 
@@ -389,6 +403,14 @@ class AdaRoundPass(Pass):
         for (name, module), (_, _, to_w), r in zip(layers, views, roundings):
             _, qparams, w_hat = r.harden()
             attach_qparams(module, self.config.scheme, qparams, to_w(w_hat))
+
+
+def _mask_in_view(module: nn.Module) -> torch.Tensor | None:
+    """A pruned linear's (N, K) keep-mask (its quantization view is its weight), else None."""
+    mask = prune_mask(module)
+    if mask is not None and not isinstance(module, nn.Linear):
+        raise ValueError(f"pruned {type(module).__name__} layers are not supported by adaround; prune linears only")
+    return mask
 
 
 def _rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:

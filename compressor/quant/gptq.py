@@ -7,14 +7,15 @@ pipeline drives block by block.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from compressor.hessian import HessianAccumulator, inverse_cholesky, one_cpu_thread
 from compressor.pipeline.inputs import SharedInputs
+from compressor.prune.state import prune_mask
 from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
@@ -43,65 +44,6 @@ class GPTQResult:
     qparams: QParams
     g_idx: torch.Tensor | None
     loss: float
-
-
-class HessianAccumulator:
-    """Running ``H = 2/n * sum_x x x^T`` over the rows of layer inputs (K, K) float32.
-
-    Wide inputs accumulate only the block rows on and above the diagonal
-    (``slab`` columns at a time, about 2/3 of the multiply-adds for K = 1536);
-    :attr:`H` mirrors the upper part down when read.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", slab: int = 512):
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.C: torch.Tensor | None = None  # (K, K) 2/n sum (x_fp - x) x^T when full-precision inputs are given
-        self.n = 0
-        self.slab = slab if in_features > 2 * slab else in_features
-        self._mirrored = True
-
-    @property
-    def H(self) -> torch.Tensor:
-        """(K, K) float32 symmetric Hessian estimate."""
-        if not self._mirrored:
-            k, b = self._H.shape[0], self.slab
-            for i in range(b, k, b):
-                self._H[i:, i - b : i] = self._H[i - b : i, i:].t()
-            self._mirrored = True
-        return self._H
-
-    def add(self, x: torch.Tensor, fp: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs (..., K); non-finite inputs are an error.
-
-        Args:
-            x: the compressed model's inputs of the layer.
-            fp: the full-precision model's inputs for the same tokens (same shape);
-                accumulates :attr:`C` for asymmetric calibration.
-        """
-        x = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)  # (T, K)
-        if not torch.isfinite(x).all():
-            raise ValueError("calibration activations contain NaN/inf: check the calibration data and the model weights")
-        t = x.shape[0]
-        self._H *= self.n / (self.n + t)
-        if fp is not None:
-            fp = fp.reshape(-1, fp.shape[-1]).to(self._H.device, torch.float32)
-            if fp.shape != x.shape:
-                raise ValueError(f"full-precision inputs {tuple(fp.shape)} do not pair with {tuple(x.shape)}")
-            if self.C is None:
-                if self.n:
-                    raise ValueError("full-precision inputs must come with every batch or none")
-                self.C = torch.zeros_like(self._H)
-            self.C *= self.n / (self.n + t)
-        elif self.C is not None:
-            raise ValueError("full-precision inputs must come with every batch or none")
-        self.n += t
-        x = x * (2.0 / self.n) ** 0.5
-        if fp is not None:
-            self.C.addmm_((fp * (2.0 / self.n) ** 0.5 - x).t(), x)
-        k, b = x.shape[1], self.slab
-        for i in range(0, k, b):
-            self._H[i : i + b, i:].addmm_(x[:, i : i + b].t(), x[:, i:])
-        self._mirrored = b >= k
 
 
 def _column_params(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
@@ -134,6 +76,7 @@ def gptq_quantize(
     cross: torch.Tensor | None = None,
     cross_weight: float = 0.25,
     refit: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize a weight matrix with GPTQ.
 
@@ -156,16 +99,21 @@ def gptq_quantize(
             authors' reference code).
         refit: after rounding, re-solve each row's group scales for the codes
             chosen (:func:`refit_scales`); never increases the layer's output error.
+        mask: optional (N, K) bool, True = kept: a pruned layer's mask. Pruned
+            weights get the code of exact zero (the zero point, or 0 when
+            symmetric) and their whole value is fed back into the remaining
+            columns, as SparseGPT does for its joint sparse + quantized mode
+            (arXiv 2301.00774, Sec. 3.5); group parameters see the kept weights only.
 
     Returns:
         :class:`GPTQResult`.
     """
-    with _one_cpu_thread(weight.device):
-        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight, refit)
+    with one_cpu_thread(weight.device):
+        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight, refit, mask)
 
 
 def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25,
-          refit=False) -> GPTQResult:
+          refit=False, mask=None) -> GPTQResult:
     if actorder not in _ACTORDER:
         raise ValueError(f"actorder={actorder!r}: use one of {_ACTORDER}")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -176,11 +124,20 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
         raise ValueError(f"dampening={dampening}: use a fraction in [0, 1), e.g. 0.01")
     if cross is not None and cross.shape != hessian.shape:
         raise ValueError(f"cross {tuple(cross.shape)} must have the Hessian's shape {tuple(hessian.shape)}")
+    if mask is not None:
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor shaped like the weight {tuple(weight.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if scheme.float_zero_point:
+            raise ValueError("a pruned layer needs a grid with an exact zero: use symmetric or zero_point='int'")
     dtype = dtype or weight.dtype
     n, k = weight.shape
     width = scheme.group_width(k)
     W = weight.detach().to(torch.float32).clone()  # (N, K)
     H = hessian.detach().to(torch.float32).clone()  # (K, K)
+    keep = None if mask is None else mask.to(W.device)
+    if keep is not None:
+        W = W.masked_fill(~keep, 0.0)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -196,7 +153,9 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     dev = W.device
     perm = torch.argsort(torch.diag(H), descending=True) if actorder != "none" else torch.arange(k, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
-    Hinv = _inverse_cholesky(H, dampening)  # (K, K) upper Cholesky factor of H^-1
+    if keep is not None:
+        keep = keep[:, perm]
+    Hinv = inverse_cholesky(H, dampening)  # (K, K) upper Cholesky factor of H^-1
     P = None
     if cross is not None:
         C = cross.detach().to(torch.float32).clone()
@@ -215,7 +174,7 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     step = block_size if static_qp is not None else width * max(1, block_size // width)
     codes = torch.zeros(n, k, device=dev)
     loss = torch.zeros(n, device=dev)
-    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P)
+    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P, keep)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv].to(torch.int8)
@@ -224,10 +183,11 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
         g_idx = col_group[inv].to(torch.int32)  # processing position // width, in natural column order
     qp = QParams(scale.to(dtype), None if zp is None else zp.to(dtype))
     if refit and not scheme.float_zero_point:
+        W_orig = weight.detach().float() if mask is None else weight.detach().float().masked_fill(~mask, 0.0)
         target = hessian.detach().to(torch.float32)
         if cross is not None:
             target = target + cross_weight * cross.detach().to(torch.float32)
-        qp = refit_scales(weight.detach().float().masked_fill(dead[None, :], 0.0), codes, qp, scheme, hessian,
+        qp = refit_scales(W_orig.masked_fill(dead[None, :], 0.0), codes, qp, scheme, hessian,
                           target=target, g_idx=g_idx)
     deq = dequantize(codes, qp, scheme, g_idx).to(dtype)
     return GPTQResult(weight=deq, codes=codes, qparams=qp, g_idx=g_idx, loss=float(loss.sum()))
@@ -298,30 +258,13 @@ def refit_scales(
     return QParams(scale, qparams.zero_point)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run GPTQ's many tiny CPU ops on one thread.
-
-    Thousands of (N,)-sized ops per layer pay the intra-op thread pool's
-    synchronisation each time; on a busy 2-core machine that made a 576x1536
-    layer take 48 s instead of 1.4 s. Restored on exit.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None) -> None:
+def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None,
+                 keep=None) -> None:
     """GPTQ's column sweep (in place on W, scale, zp, codes, loss), processed order.
 
     ``P`` (K, K), when given, adds GPTAQ's asymmetric term: column ``w`` also
-    moves the later columns by ``w P[j, :]``.
+    moves the later columns by ``w P[j, :]``. ``keep`` (N, K) bool, when given,
+    forces the pruned weights to the grid's exact zero.
     """
     k = W.shape[1]
     for i1 in range(0, k, step):
@@ -333,12 +276,19 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
             col = i1 + i
             g = int(col_group[col])
             if static_qp is None and col % width == 0:
-                qp = _column_params(W1[:, i : i + width], scheme, dtype)
+                group = W1[:, i : i + width]
+                if keep is not None:  # pruned entries drifted with the feedback; they will be zero
+                    group = group.masked_fill(~keep[:, col : col + group.shape[1]], 0.0)
+                qp = _column_params(group, scheme, dtype)
                 scale[:, g] = qp.scale[:, 0]
                 if zp is not None:
                     zp[:, g] = qp.zero_point[:, 0]
             w = W1[:, i]
             q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme)
+            if keep is not None:
+                kept = keep[:, col]
+                q = torch.where(kept, q, 0.0 if zp is None else zp[:, g])
+                deq = torch.where(kept, deq, 0.0)
             codes[:, col] = q
             d = Hinv1[i, i]
             loss += (w - deq) ** 2 / d**2 / 2
@@ -351,24 +301,6 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of the remaining columns
         if P is not None:
             W[:, i2:] += W1 @ P[i1:i2, i2:]
-
-
-def _inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + lambda I)^-1``, raising lambda until it is positive definite."""
-    k = H.shape[0]
-    mean_diag = torch.diag(H).mean()
-    for attempt in range(6):
-        damp = dampening * (10**attempt) * mean_diag
-        Hd = H + damp * torch.eye(k, dtype=H.dtype, device=H.device)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                if attempt:
-                    log.warning("Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
-                return U
-    raise ValueError("the Hessian is not positive definite even with heavy dampening: use more calibration data")
 
 
 # ---------------------------------------------------------------- pass
@@ -472,7 +404,7 @@ class GPTQPass(Pass):
                 res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
                                     dampening=self.config.dampening, actorder=self.config.actorder,
                                     cross=acc.C, cross_weight=self.config.asymmetric_weight,
-                                    refit=self.config.refit_scales)
+                                    refit=self.config.refit_scales, mask=prune_mask(module))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)

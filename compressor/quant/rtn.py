@@ -10,6 +10,7 @@ from torch import nn
 from compressor.progress import progress
 from compressor.quant.layers import QUANTIZABLE, is_quantizable, layer_view
 from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.prune.state import prune_mask
 from compressor.quant.state import attach_qparams
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
@@ -34,10 +35,17 @@ def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
 
     The groups run along the input of the layer's (N, K) view (:func:`layer_view`):
     a Conv2d (O, I/g, kh, kw) is quantized as (O, I/g*kh*kw).
+    A pruned layer (:func:`compressor.prune.state.prune_mask`) keeps its zeros.
     """
     w, _, to_weight = layer_view(module)
+    keep = prune_mask(module)
+    if keep is not None:
+        if scheme.float_zero_point:
+            raise ValueError("a pruned layer needs a grid with an exact zero: use symmetric or zero_point='int'")
+        w = w.masked_fill(~keep, 0)
     qp = compute_qparams(w.float(), scheme)
     qp = type(qp)(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
+    # a zero weight quantizes to the zero point (or 0), which dequantizes to exactly 0: masks survive
     attach_qparams(module, scheme, qp, to_weight(fake_quant(w, qp, scheme)))
 
 

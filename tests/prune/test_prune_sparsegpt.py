@@ -8,7 +8,7 @@ import torch
 from compressor.prune.masks import is_nm, prune_count, select_mask
 from compressor.prune.scores import input_norms_from_hessian, magnitude_scores, wanda_scores
 from compressor.prune.sparsegpt import sparsegpt_prune
-from compressor.quant.gptq import HessianAccumulator
+from compressor.hessian import HessianAccumulator
 
 
 def _problem(n=16, k=64, seed=0):
