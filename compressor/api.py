@@ -190,6 +190,9 @@ def compress(
             blocks_name, _ = find_blocks(model)
             outside = _targets_outside_blocks(model, passes, blocks_name)
             fingerprint = {"recipe": recipe.to_dict(), "calibration_sha256": digest, "model_config": _config_hash(model)}
+            for p in passes:  # allocation across layers is decided on the dense model, before any block changes
+                if hasattr(p, "plan"):
+                    p.plan(model, ids, config)
             run_sequential(model, passes, ids, config, fingerprint)
             for p in passes:
                 if outside.get(p.name):

@@ -1,27 +1,40 @@
-"""The ``prune`` recipe pass: magnitude, Wanda or SparseGPT, unstructured or N:M.
+"""The ``prune`` recipe pass: magnitude, Wanda or SparseGPT, unstructured or N:M,
+with the sparsity spread across layers by an allocation rule.
 
 Statistics are collected here; the maths lives in :mod:`compressor.prune.scores`,
-:mod:`compressor.prune.masks` and :mod:`compressor.prune.sparsegpt`. Wanda and
-SparseGPT calibrate in the sequential pipeline (each block sees the inputs
-produced by the already-pruned blocks before it); magnitude needs no data and
-runs like ``rtn``.
+:mod:`compressor.prune.masks`, :mod:`compressor.prune.sparsegpt` and
+:mod:`compressor.prune.allocation`. Wanda and SparseGPT calibrate in the
+sequential pipeline (each block sees the inputs produced by the already-pruned
+blocks before it); magnitude needs no data and runs like ``rtn``.
+
+Allocations other than ``uniform`` are planned before any weight changes
+(:meth:`PrunePass.plan`): ``global`` and ``lamp`` from the weights alone;
+``owl`` and ``dp`` from one extra calibration sweep over the dense model
+(input norms for OWL's outlier ratios, Hessians for DP's distortion curves),
+as both papers measure them on the dense model.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from compressor.hessian import HessianAccumulator
 from compressor.pipeline.inputs import SharedInputs
+from compressor.prune import allocation as alloc
 from compressor.progress import progress
 from compressor.prune.masks import SCOPES, check_sparsity, parse_structure, select_mask
-from compressor.prune.scores import InputNormAccumulator, magnitude_scores, wanda_scores
+from compressor.prune.scores import (
+    InputNormAccumulator,
+    input_norms_from_hessian,
+    magnitude_scores,
+    wanda_scores,
+)
 from compressor.prune.sparsegpt import sparsegpt_prune
 from compressor.prune.state import attach_mask
-from compressor.quant.gptq import HessianAccumulator
 from compressor.quant.state import is_quantized
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
@@ -50,6 +63,15 @@ class PruneConfig(PassConfig):
             paper (wanda: row, magnitude and sparsegpt: layer).
         block_size: SparseGPT's mask-selection / lazy-update block (columns).
         dampening: SparseGPT's ``lambda`` as a fraction of the mean Hessian diagonal.
+        allocation: how ``sparsity`` is spread over the targeted linears (the
+            fraction of all their weights pruned stays ``sparsity``):
+            ``"uniform"``; ``"global"`` (one |W| threshold); ``"lamp"`` (arXiv
+            2010.07611); ``"owl"`` (per block, by outlier ratio, arXiv
+            2310.05175); ``"dp"`` (rate-distortion by dynamic programming,
+            Xu et al. CVPR 2023). Unstructured only.
+        owl_threshold: OWL's M: a score is an outlier above M times the block's mean.
+        owl_lambda: OWL's lambda: block sparsities span ``sparsity +- lambda``.
+        dp_step: spacing of DP's candidate sparsities (0, step, 2 step, ... < 1).
     """
 
     method: str = "sparsegpt"
@@ -58,6 +80,10 @@ class PruneConfig(PassConfig):
     scope: str | None = None
     block_size: int = 128
     dampening: float = 0.01
+    allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    dp_step: float = 0.05
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +104,17 @@ class PruneConfig(PassConfig):
             raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
+        if self.allocation not in alloc.ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r}: use one of {alloc.ALLOCATIONS}")
+        if self.allocation != "uniform" and self.structure != "unstructured":
+            raise ValueError(f"allocation={self.allocation!r} with structure={self.structure!r}: N:M fixes every "
+                             "layer's sparsity; use allocation='uniform' or an unstructured sparsity")
+        if self.owl_threshold <= 0:
+            raise ValueError(f"owl_threshold={self.owl_threshold}: use a positive multiple of the mean score, e.g. 5")
+        if not 0 <= self.owl_lambda < 1:
+            raise ValueError(f"owl_lambda={self.owl_lambda}: use a sparsity offset in [0, 1), e.g. 0.08")
+        if not 0 < self.dp_step <= 0.5:
+            raise ValueError(f"dp_step={self.dp_step}: use a grid spacing in (0, 0.5], e.g. 0.05")
 
     @property
     def target(self) -> float | str:
@@ -87,6 +124,17 @@ class PruneConfig(PassConfig):
     @property
     def resolved_scope(self) -> str:
         return self.scope or _DEFAULT_SCOPE[self.method]
+
+    @property
+    def needs_sweep(self) -> bool:
+        """Whether the allocation needs a calibration sweep over the dense model (OWL, DP)."""
+        return self.allocation in ("owl", "dp")
+
+    @property
+    def dp_grid(self) -> list[float]:
+        """DP's candidate sparsities: 0, step, 2 step, ... below 1."""
+        steps = int(round(1 / self.dp_step))
+        return [i * self.dp_step for i in range(steps) if i * self.dp_step < alloc.MAX_LAYER_SPARSITY]
 
 
 @register_pass
@@ -99,11 +147,59 @@ class PrunePass(Pass):
     def __init__(self, config: PruneConfig):
         super().__init__(config)
         self._inputs = SharedInputs()  # name -> HessianAccumulator | InputNormAccumulator
+        self.sparsity_plan: dict[str, float] | None = None  # linear name -> sparsity, once planned
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
-        """Wanda and SparseGPT need layer inputs; magnitude does not."""
-        return self.config.method != "magnitude"
+        """Wanda and SparseGPT need layer inputs, as do OWL and DP allocation; magnitude alone does not."""
+        return self.config.method != "magnitude" or self.config.needs_sweep
+
+    # ------------------------------------------------------------ allocation
+
+    def plan(self, model: nn.Module, input_ids: torch.Tensor | None = None, pipeline=None) -> dict[str, float]:
+        """Decide every targeted linear's sparsity before any is pruned.
+
+        Args:
+            model: the dense model.
+            input_ids: (S, L) int64 calibration ids; needed by ``owl`` and ``dp``.
+            pipeline: :class:`compressor.pipeline.sequential.PipelineConfig` of
+                the calibration sweep (its checkpointing is turned off).
+
+        Returns:
+            linear name → sparsity (also kept in :attr:`sparsity_plan`).
+        """
+        cfg = self.config
+        linears = [(n, m) for n, m in select_modules(model, cfg) if isinstance(m, nn.Linear)]
+        if cfg.allocation == "uniform" or cfg.structure != "unstructured":
+            self.sparsity_plan = {n: cfg.sparsity for n, _ in linears} if cfg.structure == "unstructured" else {}
+            return self.sparsity_plan
+        if cfg.allocation in ("global", "lamp"):
+            rule = alloc.global_magnitude if cfg.allocation == "global" else alloc.lamp
+            plan = dict(zip([n for n, _ in linears], rule([m.weight.data for _, m in linears], cfg.sparsity)))
+        else:
+            if input_ids is None:
+                raise ValueError(f"allocation={cfg.allocation!r} measures the dense model on calibration data: "
+                                 "pass calibration=... to compress()")
+            from compressor.pipeline.sequential import PipelineConfig, run_sequential
+
+            sweep = _AllocationSweep(cfg)
+            run_sequential(model, [sweep], input_ids, replace(pipeline or PipelineConfig(), checkpoint_dir=None))
+            plan = sweep.allocate({n: m.weight.numel() for n, m in linears})
+        self.sparsity_plan = plan
+        done = alloc.achieved_sparsity([m.weight.numel() for _, m in linears], [plan[n] for n, _ in linears])
+        log.info("prune: %s allocation, %d layers, sparsity %.3f-%.3f, overall %.4f", cfg.allocation, len(plan),
+                 min(plan.values()), max(plan.values()), done)
+        return plan
+
+    def _target(self, name: str) -> float | str:
+        """The sparsity (or N:M string) of one linear under the plan."""
+        cfg = self.config
+        if cfg.allocation == "uniform" or cfg.structure != "unstructured":
+            return cfg.target
+        if self.sparsity_plan is None:
+            raise ValueError(f"prune allocation={cfg.allocation!r} was not planned: run the pass through "
+                             "compressor.compress(), or call PrunePass.plan(model, calibration_ids) first")
+        return self.sparsity_plan.get(name, cfg.sparsity)
 
     # ------------------------------------------------------------ calibration-free (magnitude)
 
@@ -117,7 +213,9 @@ class PrunePass(Pass):
         if not layers and only is None:
             raise ValueError(f"prune: no nn.Linear matches targets={list(self.config.targets)} "
                              f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`")
-        log.info("prune: magnitude %s on %d layers", self.config.target, len(layers))
+        if self.sparsity_plan is None and self.config.allocation != "uniform":
+            self.plan(model)
+        log.info("prune: magnitude %s (%s) on %d layers", self.config.target, self.config.allocation, len(layers))
         for name, module in progress(layers, "prune", quiet=quiet):
             self._magnitude(name, module)
 
@@ -130,7 +228,7 @@ class PrunePass(Pass):
     def _magnitude(self, name: str, module: nn.Linear) -> None:
         self._check_module(name, module)
         try:
-            mask = select_mask(magnitude_scores(module.weight.data), self.config.target, self.config.resolved_scope)
+            mask = select_mask(magnitude_scores(module.weight.data), self._target(name), self.config.resolved_scope)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         self._write(name, module, module.weight.data, mask)
@@ -149,6 +247,8 @@ class PrunePass(Pass):
         linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
         for name, module in linears:
             self._check_module(name, module)
+        if self.config.method == "magnitude":  # calibrated only for the allocation's sweep: no statistics here
+            return []
         return self._inputs.hook(linears, self._observe)
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
@@ -160,16 +260,19 @@ class PrunePass(Pass):
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Prune the block's targeted linears from the collected statistics."""
         self._inputs.close()
+        if self.config.method == "magnitude":
+            self.compress_block(block, prefix)
+            return
         modules = dict(select_modules(block, self.config, prefix))
         for name, acc in self._inputs.stats.items():
             module = modules[name]
             w = module.weight.data
             try:
                 if self.config.method == "wanda":
-                    mask = select_mask(wanda_scores(w, acc.norms), self.config.target, self.config.resolved_scope)
+                    mask = select_mask(wanda_scores(w, acc.norms), self._target(name), self.config.resolved_scope)
                     new = w
                 else:
-                    res = sparsegpt_prune(w, acc.H, self.config.target, scope=self.config.resolved_scope,
+                    res = sparsegpt_prune(w, acc.H, self._target(name), scope=self.config.resolved_scope,
                                           block_size=self.config.block_size, dampening=self.config.dampening)
                     new, mask = res.weight, res.mask
                     log.debug("sparsegpt %s loss %.4g", name, res.loss)
@@ -192,3 +295,86 @@ class PrunePass(Pass):
     def _write(self, name: str, module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
         attach_mask(module, weight, mask, self.config.method, self.config.structure)
         log.debug("prune %s: %.1f%% zeros", name, 100 * module.sparsity_info.sparsity)
+
+
+class _AllocationSweep(Pass):
+    """Calibration sweep over the dense model measuring what OWL or DP allocate by; prunes nothing.
+
+    OWL keeps each linear's input norms and reduces a block to its outlier ratio
+    (:func:`compressor.prune.allocation.outlier_ratio` of the block's Wanda
+    scores). DP keeps each linear's Hessian ``H`` long enough to measure its
+    distortion curve: the relative output error ``tr(dW H dW^T) / tr(W H W^T)``
+    of the linear pruned alone, with the method's scores (Wanda scores for
+    Wanda and SparseGPT, |W| for magnitude), at every candidate sparsity. The
+    relative error makes layers of different output scales comparable.
+    """
+
+    name = "prune-allocation-sweep"
+    config_cls = PruneConfig
+    requires_calibration = True
+
+    def __init__(self, config: PruneConfig):
+        super().__init__(config)
+        self._inputs = SharedInputs()
+        self.block_ratios: dict[str, float] = {}  # block prefix -> OWL outlier ratio
+        self.block_members: dict[str, list[str]] = {}  # block prefix -> its linears
+        self.curves: dict[str, list[float]] = {}  # linear -> DP distortion at each grid sparsity
+
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
+        """Hook the block's targeted linears (input norms for OWL, Hessians for DP)."""
+        linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
+        self.block_members[prefix] = [n for n, _ in linears]
+        return self._inputs.hook(linears, self._observe)
+
+    def _observe(self, name: str, x: torch.Tensor) -> None:
+        cls = InputNormAccumulator if self.config.allocation == "owl" else HessianAccumulator
+        acc = self._inputs.accumulator(name, x, lambda: cls(x.shape[-1], x.device))
+        if acc is not None:
+            acc.add(x)
+
+    def end_block(self, block: nn.Module, prefix: str, **context) -> None:
+        """Reduce the block's statistics to OWL ratios or DP curves."""
+        self._inputs.close()
+        modules = dict(select_modules(block, self.config, prefix))
+        if self.config.allocation == "owl":
+            scores = [wanda_scores(modules[n].weight.data, acc.norms) for n, acc in self._inputs.stats.items()]
+            if scores:
+                self.block_ratios[prefix] = alloc.outlier_ratio(scores, self.config.owl_threshold)
+        else:
+            for name, acc in self._inputs.stats.items():
+                self.curves[name] = self._curve(modules[name].weight.data, acc.H)
+        self._inputs.clear()
+
+    def _curve(self, weight: torch.Tensor, hessian: torch.Tensor) -> list[float]:
+        w = weight.detach().float()  # (N, K)
+        h = hessian.to(w.device, torch.float32)  # (K, K)
+        scores = magnitude_scores(w) if self.config.method == "magnitude" else wanda_scores(w, input_norms_from_hessian(h))
+        dense = abs(float(((w @ h) * w).sum())) or 1.0
+        out = []
+        for s in self.config.dp_grid:
+            dw = w.masked_fill(select_mask(scores, s, self.config.resolved_scope), 0.0)  # the pruned part
+            out.append(max(0.0, float(((dw @ h) * dw).sum())) / dense)
+        return out
+
+    def allocate(self, sizes: dict[str, int]) -> dict[str, float]:
+        """Linear name → sparsity from the sweep's statistics.
+
+        Args:
+            sizes: every targeted linear's weight count (linears the sweep did
+                not see, e.g. outside the decoder blocks, keep the target).
+        """
+        cfg = self.config
+        if cfg.allocation == "owl":
+            blocks = list(self.block_ratios)
+            if not blocks:
+                raise ValueError("owl: no targeted linear inside the decoder blocks saw calibration data")
+            per_block = alloc.owl([self.block_ratios[b] for b in blocks], cfg.sparsity, cfg.owl_lambda)
+            plan = {n: s for b, s in zip(blocks, per_block) for n in self.block_members[b]}
+        else:
+            names = [n for n in sizes if n in self.curves]
+            if not names:
+                raise ValueError("dp: no targeted linear inside the decoder blocks saw calibration data")
+            picks = alloc.rate_distortion(torch.tensor([self.curves[n] for n in names]), cfg.dp_grid,
+                                          [sizes[n] for n in names], cfg.sparsity)
+            plan = dict(zip(names, picks))
+        return {n: plan.get(n, cfg.sparsity) for n in sizes}

@@ -1,0 +1,178 @@
+"""Allocation of sparsity across layers: budgets met, orders right, DP exact against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from compressor.prune.allocation import (
+    achieved_sparsity,
+    global_magnitude,
+    lamp,
+    lamp_scores,
+    outlier_ratio,
+    owl,
+    rate_distortion,
+    uniform,
+)
+
+
+def _layers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # three layers of different sizes and scales: the small-scale one should be pruned hardest by magnitude
+    return [torch.randn(8, 16, generator=g) * 0.5, torch.randn(16, 16, generator=g), torch.randn(4, 32, generator=g) * 2]
+
+
+def test_uniform():
+    assert uniform([10, 20], 0.5) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="fraction"):
+        uniform([10], 1.0)
+
+
+def test_global_magnitude_meets_budget_and_prunes_small_scale_layers_most():
+    ws = _layers()
+    sizes = [w.numel() for w in ws]
+    s = global_magnitude(ws, 0.5)
+    assert achieved_sparsity(sizes, s) == pytest.approx(int(0.5 * sum(sizes)) / sum(sizes))
+    assert s[0] > s[1] > s[2]
+
+
+def test_lamp_scores_match_the_definition():
+    w = torch.tensor([[0.5, -2.0, 1.0, 0.1]])
+    got = lamp_scores(w)
+    sq = (w.reshape(-1) ** 2).tolist()
+    want = [x / sum(y for y in sq if y >= x) for x in sq]
+    torch.testing.assert_close(got.reshape(-1), torch.tensor(want))
+    assert got.max() == 1.0  # the largest weight of a layer
+
+
+def test_lamp_meets_budget_and_never_empties_a_layer():
+    ws = _layers(1)
+    sizes = [w.numel() for w in ws]
+    s = lamp(ws, 0.9)
+    assert achieved_sparsity(sizes, s) == pytest.approx(int(0.9 * sum(sizes)) / sum(sizes))
+    assert all(x < 1 for x in s)
+    # LAMP is scale-invariant per layer: rescaling one layer does not move the allocation
+    assert lamp([ws[0] * 100, ws[1], ws[2]], 0.9) == s
+
+
+def test_outlier_ratio():
+    scores = [torch.ones(10, 10), torch.ones(10, 10)]
+    scores[1][0, 0] = 1000.0
+    assert outlier_ratio(scores, threshold=5) == pytest.approx(1 / 200)
+    with pytest.raises(ValueError, match="positive"):
+        outlier_ratio(scores, threshold=0)
+
+
+def test_owl_keeps_the_mean_and_protects_outlier_blocks():
+    ratios = [0.01, 0.05, 0.03, 0.02]
+    s = owl(ratios, 0.7, lam=0.08)
+    assert sum(s) / len(s) == pytest.approx(0.7)
+    assert max(s) - min(s) == pytest.approx(0.16)
+    assert s.index(min(s)) == 1 and s.index(max(s)) == 0  # most outliers: pruned least
+    assert owl([0.02, 0.02], 0.5) == [0.5, 0.5]
+
+
+def test_rate_distortion_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    grid = [0.0, 0.25, 0.5, 0.75]
+    sizes = [40, 80, 120, 160]
+    # convex, increasing curves with layer-dependent sensitivity
+    sens = torch.rand(4, generator=g) * 5 + 0.1
+    dist = sens[:, None] * torch.tensor(grid)[None, :] ** 2 * torch.rand(4, 1, generator=g)
+    target = 0.5
+    got = rate_distortion(dist, grid, sizes, target, resolution=400)  # every removal is a whole unit here
+    best, best_cost = None, float("inf")
+    for picks in itertools.product(range(len(grid)), repeat=len(sizes)):
+        removed = sum(grid[c] * n for c, n in zip(picks, sizes))
+        if removed + 1e-9 >= target * sum(sizes):
+            cost = sum(float(dist[l, c]) for l, c in enumerate(picks))
+            if cost < best_cost:
+                best, best_cost = [grid[c] for c in picks], cost
+    got_cost = sum(float(dist[l, grid.index(s)]) for l, s in enumerate(got))
+    assert got_cost == pytest.approx(best_cost)
+    assert achieved_sparsity(sizes, got) >= target
+
+
+def test_rate_distortion_default_resolution_meets_budget():
+    grid = [i / 20 for i in range(19)]
+    sizes = [1000 + 37 * i for i in range(30)]
+    dist = torch.tensor([[(1 + i % 3) * s**2 for s in grid] for i in range(30)])
+    s = rate_distortion(dist, grid, sizes, 0.7)
+    assert 0.7 <= achieved_sparsity(sizes, s) < 0.71
+    # the least sensitive layers (i % 3 == 0) are pruned at least as hard as the most sensitive ones
+    assert min(s[0::3]) >= max(s[2::3])
+
+
+def test_rate_distortion_errors():
+    with pytest.raises(ValueError, match="grid tops out"):
+        rate_distortion(torch.zeros(1, 2), [0.0, 0.5], [10], 0.7)
+    with pytest.raises(ValueError, match="shape"):
+        rate_distortion(torch.zeros(2, 2), [0.0, 0.5], [10], 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        rate_distortion(torch.tensor([[0.0, float("nan")]]), [0.0, 0.5], [10], 0.5)
+
+
+# ---------------------------------------------------------------- through the prune pass
+
+from conftest import tiny_llama  # noqa: E402
+from torch import nn  # noqa: E402
+
+from compressor import Recipe, compress  # noqa: E402
+from compressor.arch import find_blocks  # noqa: E402
+from compressor.pipeline.sequential import PipelineConfig  # noqa: E402
+
+IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
+QUIET = PipelineConfig(batch_size=4, quiet=True)
+
+
+def _block_linears(model):
+    name, blocks = find_blocks(model)
+    return [(f"{name}.{n}", m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _zeros(model):
+    linears = _block_linears(model)
+    sizes = [m.weight.numel() for _, m in linears]
+    return [float((m.weight == 0).float().mean()) for _, m in linears], sizes
+
+
+@pytest.mark.parametrize("method,allocation", [("wanda", "owl"), ("sparsegpt", "dp"), ("magnitude", "lamp"),
+                                               ("wanda", "global"), ("magnitude", "dp")])
+def test_pass_allocation_keeps_the_budget_and_varies_by_layer(method, allocation):
+    model = tiny_llama(layers=4)
+    recipe = Recipe.from_dict({"passes": [{"prune": {"method": method, "sparsity": 0.6, "allocation": allocation,
+                                                     "owl_threshold": 3.0, "scope": "layer"}}]})
+    compress(model, recipe, calibration=IDS, pipeline=QUIET, quiet=True)
+    sparsities, sizes = _zeros(model)
+    assert achieved_sparsity(sizes, sparsities) == pytest.approx(0.6, abs=0.01)
+    assert max(sparsities) - min(sparsities) > 0.02  # not uniform
+    if allocation == "owl":  # one sparsity per block
+        per_block = [sparsities[i:i + 7] for i in range(0, len(sparsities), 7)]
+        assert all(max(b) - min(b) < 0.01 for b in per_block)
+
+
+def test_dp_plan_covers_every_block_linear():
+    """plan() alone (no pruning yet): a sparsity for each linear, not all equal, dense weights untouched."""
+    from compressor.prune.prune_pass import PruneConfig, PrunePass
+
+    model = tiny_llama(layers=4)
+    p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", scope="layer"))
+    plan = p.plan(model, IDS, QUIET)
+    assert set(plan) == {n for n, _ in _block_linears(model)}
+    assert all(0 <= s < 1 for s in plan.values())
+    assert len(set(plan.values())) > 1
+    assert all((m.weight != 0).all() for _, m in _block_linears(model))
+
+
+def test_allocation_errors():
+    with pytest.raises(ValueError, match="allocation='bogus'"):
+        Recipe.from_dict({"passes": [{"prune": {"sparsity": 0.5, "allocation": "bogus"}}]}).build()
+    with pytest.raises(ValueError, match="N:M fixes"):
+        Recipe.from_dict({"passes": [{"prune": {"structure": "2:4", "allocation": "owl"}}]}).build()
+    from compressor.prune.prune_pass import PruneConfig, PrunePass
+
+    with pytest.raises(ValueError, match="calibration"):
+        PrunePass(PruneConfig(method="wanda", sparsity=0.5, allocation="owl")).plan(tiny_llama())
