@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="window stride (default: ctx, non-overlapping)")
     e.add_argument("--max-tokens", type=int, default=32768, help="tokens evaluated (0 = all)")
     e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--tasks", default=None, metavar="FILE.jsonl",
-                   help="multiple-choice task file (context, choices, gold) or a shipped task: phrases")
+    e.add_argument("--tasks", default=None, metavar="TASKS",
+                   help="comma-separated: a multiple-choice task file (context, choices, gold) or a shipped task "
+                        "(phrases), and/or lm-evaluation-harness tasks (hellaswag,arc_easy; needs compressor[lmeval])")
+    e.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
+                   help="documents per lm-evaluation-harness task (a fraction when < 1; default: all)")
     e.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps timed per model (0 = skip)")
     e.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the speed measurement")
     e.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=("auto", "reference", "triton", "cpu"), default="auto",
                    help="dequant-matmul backend for exports")
     e.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    e.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map auto: memory per device, e.g. 0=10GiB,cpu=30GiB; the rest is offloaded")
+    e.add_argument("--offload-folder", type=Path, default=None, metavar="DIR",
+                   help="with --device-map auto: disk offload for modules that fit in no --max-memory budget")
     e.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the rows as JSON to PATH; without PATH, one JSON line per model on stdout instead of the table")
     e.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="write a Markdown report")
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="schemes, sizes and bits per weight of an export")
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true")
+    i.add_argument("--sparsity", action="store_true", help="also read the weights and list each layer's sparsity")
+    i.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
+                   help="bar chart of per-layer sparsity (implies --sparsity)")
     return p
 
 
@@ -109,19 +119,30 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from compressor.eval.distributed import is_main_process, num_processes
+    from compressor.eval.lmeval import lm_eval_missing, split_tasks
     from compressor.eval.report import format_table, matplotlib_missing, plot_ppl_vs_bits, write_json, write_markdown
     from compressor.eval.suite import SuiteConfig, evaluate_models
 
+    if not is_main_process():  # under accelerate launch: rank 0 logs, prints and writes
+        logging.getLogger().setLevel(logging.WARNING)
     if args.plot is not None and matplotlib_missing():
         raise ValueError(matplotlib_missing())  # before the evaluation, not after it
+    task_file, lm_tasks = split_tasks(args.tasks)
+    if lm_tasks and lm_eval_missing():
+        raise ValueError(f"--tasks {','.join(lm_tasks)}: {lm_eval_missing()}")
+    limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
     config = SuiteConfig(dataset=args.dataset, ctx=args.ctx, stride=args.stride, max_tokens=args.max_tokens or None,
-                         batch_size=args.batch_size, tasks=args.tasks, decode_tokens=args.decode_tokens,
-                         prompt_tokens=args.prompt_tokens, dtype=args.dtype, backend=args.backend,
-                         device_map=args.device_map, dump_dir=args.dump_nll, quiet=args.quiet)
+                         batch_size=args.batch_size, tasks=task_file, lm_eval_tasks=lm_tasks, lm_eval_limit=limit,
+                         decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, dtype=args.dtype,
+                         backend=args.backend, device_map=args.device_map, max_memory=args.max_memory,
+                         offload_folder=args.offload_folder, dump_dir=args.dump_nll, quiet=args.quiet)
     stream = args.json == "-"
     on_row = (lambda row: print(json.dumps(row), flush=True)) if stream else None  # noqa: E731
     rows = evaluate_models(args.models, config, on_row=on_row)
-    meta = config.to_dict()
+    if not is_main_process():
+        return 0
+    meta = config.to_dict() | {"processes": num_processes()}
     if not stream:
         print(format_table(rows))
     if args.json and not stream:
@@ -134,10 +155,19 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from compressor.inspect import format_summary, summarize
+    from compressor.inspect import format_sparsity, format_summary, layer_sparsity, plot_sparsity, summarize
 
     info = summarize(args.path)
-    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    if args.sparsity or args.plot:
+        info["layer_sparsity"] = layer_sparsity(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_summary(info))
+        if "layer_sparsity" in info:
+            print(format_sparsity(info["layer_sparsity"]))
+    if args.plot:
+        log.info("plot written to %s", plot_sparsity(info["layer_sparsity"], args.plot, title=str(args.path)))
     return 0
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
+from compressor.eval.placement import input_device
 from compressor.progress import progress
 
 __all__ = ["ChoiceItem", "ChoiceResult", "SHIPPED_TASKS", "load_choice_tasks", "choice_logliks", "score_choice_tasks",
@@ -180,7 +182,7 @@ def choice_logliks(model: nn.Module, tokenizer: Any, item: ChoiceItem) -> torch.
     x = torch.zeros(len(seqs), width, dtype=torch.long)  # (C, L), right-padded with token 0
     for i, s in enumerate(seqs):
         x[i, : len(s)] = torch.tensor(s)
-    device = next(model.parameters()).device
+    device = input_device(model)
     logp = F.log_softmax(model(input_ids=x.to(device), use_cache=False).logits.float(), dim=-1)  # (C, L, V)
     out = torch.empty(len(seqs), dtype=torch.float64)
     for i, (s, k) in enumerate(zip(seqs, spans)):
@@ -193,17 +195,21 @@ def choice_logliks(model: nn.Module, tokenizer: Any, item: ChoiceItem) -> torch.
 def score_choice_tasks(model: nn.Module, tokenizer: Any, items: list[ChoiceItem], *, quiet: bool = False) -> ChoiceResult:
     """Accuracy (raw and byte-length-normalized) of ``model`` on multiple-choice ``items``.
 
-    Ties go to the lowest index.
+    Ties go to the lowest index. Under ``accelerate launch`` each process scores a
+    contiguous share of the items and the log-likelihoods are gathered in item order,
+    so every process returns the same result.
     """
     was = model.training
     model.eval()
-    correct, correct_norm, all_ll = 0, 0, []
-    for item in progress(items, "tasks", quiet=quiet):
-        ll = choice_logliks(model, tokenizer, item)  # (C,)
+    share = split_for_process(items)
+    bar = progress(share, "tasks", quiet=quiet or not is_main_process())
+    mine = [choice_logliks(model, tokenizer, item) for item in bar]  # float64 (C,) per item
+    model.train(was)
+    all_ll = gather_in_order(mine)  # float64 (C,) per item, in item order
+    correct, correct_norm = 0, 0
+    for item, ll in zip(items, all_ll):
         lengths = torch.tensor([len(c.encode("utf-8")) for c in item.choices], dtype=torch.float64)
         correct += int(int(ll.argmax()) == item.gold)
         correct_norm += int(int((ll / lengths).argmax()) == item.gold)
-        all_ll.append(ll)
-    model.train(was)
     n = len(items)
     return ChoiceResult(acc=correct / n, acc_norm=correct_norm / n, items=n, logliks=tuple(all_ll))

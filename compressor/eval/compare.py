@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
 from compressor.eval.perplexity import PerplexityResult, strided_windows
+from compressor.eval.placement import input_device
 from compressor.progress import progress
 
 __all__ = ["WindowScores", "check_context", "score_windows", "token_kl"]
@@ -82,6 +84,11 @@ def score_windows(
     full-vocabulary logits of each is held (about ``2 * batch_size * ctx * V``
     floats); nothing is cached across windows.
 
+    Under ``accelerate launch`` each process scores a contiguous share of the windows;
+    the per-window sums (float64 NLL, KL, top-1 agreements, token counts) are gathered
+    in window order and added up identically on every process, so the result matches
+    one process up to the float rounding of different batch shapes.
+
     Args:
         model: causal LM returning ``.logits`` (B, L, V).
         ids: (T,) int64 token ids.
@@ -98,45 +105,52 @@ def score_windows(
         if m is not None:
             check_context(m, ctx, name)
     windows = strided_windows(ids, ctx, stride, max_tokens)
+    share = split_for_process(list(enumerate(windows)))  # [(window index, (window (L,), first))]
     models = [model] if base is None else [model, base]
     training = [m.training for m in models]
     for m in models:
         m.eval()
-    device = next(model.parameters()).device
-    base_device = next(base.parameters()).device if base is not None else device
-    nll, base_nll, kl, agree, tokens = 0.0, 0.0, 0.0, 0, 0
-    kept: dict[str, list[torch.Tensor]] = {"nll": [], "base_nll": [], "kl": []}
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    for batch in progress(batches, "perplexity + KL" if base is not None else "perplexity", quiet=quiet):
-        x = torch.stack([w for w, _ in batch])  # (B, L)
-        logits = model(input_ids=x.to(device), use_cache=False).logits  # (B, L, V)
-        base_logits = base(input_ids=x.to(base_device), use_cache=False).logits if base is not None else None
-        for j, (_, first) in enumerate(batch):
-            target = x[j, first:]  # (n,)
-            pred = logits[j, first - 1 : -1].float()  # (n, V): predicts positions first..L-1
-            t_nll = F.cross_entropy(pred, target.to(pred.device), reduction="none")  # (n,)
-            nll += t_nll.double().sum().item()
-            tokens += target.numel()
-            if keep_tokens:
-                kept["nll"].append(t_nll.float().cpu())
-            if base_logits is None:
-                continue
-            bpred = base_logits[j, first - 1 : -1].float()  # (n, V)
-            b_nll = F.cross_entropy(bpred, target.to(bpred.device), reduction="none")  # (n,)
-            t_kl = token_kl(bpred, pred)  # (n,)
-            base_nll += b_nll.double().sum().item()
-            kl += t_kl.double().sum().item()
-            agree += int((bpred.argmax(-1) == pred.argmax(-1).to(bpred.device)).sum())
-            if keep_tokens:
-                kept["base_nll"].append(b_nll.float().cpu())
-                kept["kl"].append(t_kl.float().cpu())
-        del logits, base_logits
+    records = []
+    batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    desc = "perplexity + KL" if base is not None else "perplexity"
+    for batch in progress(batches, desc, quiet=quiet or not is_main_process()):
+        records.extend(_score_batch(model, base, [w for _, w in batch], keep_tokens))
     for m, was in zip(models, training):
         m.train(was)
-    cat = (lambda k: torch.cat(kept[k]) if keep_tokens and kept[k] else None)  # noqa: E731
+    records = gather_in_order(records)  # one record per window, in window order
+    if len(records) != len(windows):
+        raise RuntimeError(f"gathered {len(records)} window scores for {len(windows)} windows")
+    nll, base_nll, kl, agree, tokens = (sum(r[k] for r in records) for k in range(5))
+    cat = (lambda k: torch.cat([r[5][k] for r in records]) if keep_tokens else None)  # noqa: E731
     result = PerplexityResult(ppl=math.exp(nll / tokens), nll=nll, tokens=tokens, windows=len(windows))
     if base is None:
         return WindowScores(ppl=result, token_nll=cat("nll"))
     base_result = PerplexityResult(ppl=math.exp(base_nll / tokens), nll=base_nll, tokens=tokens, windows=len(windows))
     return WindowScores(ppl=result, base_ppl=base_result, kl=kl / tokens, top1_agree=agree / tokens,
                         token_nll=cat("nll"), base_token_nll=cat("base_nll"), token_kl=cat("kl"))
+
+
+def _score_batch(model: nn.Module, base: nn.Module | None, batch: list, keep_tokens: bool) -> list[tuple]:
+    """Per window of ``batch`` (``[(window (L,), first scored position)]``): ``(nll, base_nll, kl, agree,
+    tokens, kept)`` with float64 sums, int counts and, when ``keep_tokens``, float32 per-token tensors."""
+    x = torch.stack([w for w, _ in batch])  # (B, L)
+    logits = model(input_ids=x.to(input_device(model)), use_cache=False).logits  # (B, L, V)
+    base_logits = base(input_ids=x.to(input_device(base)), use_cache=False).logits if base is not None else None
+    out = []
+    for j, (_, first) in enumerate(batch):
+        target = x[j, first:]  # (n,)
+        pred = logits[j, first - 1 : -1].float()  # (n, V): predicts positions first..L-1
+        t_nll = F.cross_entropy(pred, target.to(pred.device), reduction="none")  # (n,)
+        kept = {"nll": t_nll.float().cpu()} if keep_tokens else None
+        if base_logits is None:
+            out.append((t_nll.double().sum().item(), 0.0, 0.0, 0, target.numel(), kept))
+            continue
+        bpred = base_logits[j, first - 1 : -1].float()  # (n, V)
+        b_nll = F.cross_entropy(bpred, target.to(bpred.device), reduction="none")  # (n,)
+        t_kl = token_kl(bpred, pred)  # (n,)
+        agree = int((bpred.argmax(-1) == pred.argmax(-1).to(bpred.device)).sum())
+        if keep_tokens:
+            kept |= {"base_nll": b_nll.float().cpu(), "kl": t_kl.float().cpu()}
+        out.append((t_nll.double().sum().item(), b_nll.double().sum().item(), t_kl.double().sum().item(), agree,
+                    target.numel(), kept))
+    return out

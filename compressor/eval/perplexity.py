@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from compressor.progress import progress
 
 __all__ = ["PerplexityResult", "perplexity", "strided_windows"]
 
@@ -54,7 +50,6 @@ def strided_windows(ids: torch.Tensor, ctx: int, stride: int | None = None, max_
     return out
 
 
-@torch.no_grad()
 def perplexity(
     model: nn.Module,
     ids: torch.Tensor,
@@ -67,6 +62,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token stream.
 
+    Under ``accelerate launch`` the windows are split over the processes and the
+    per-window sums gathered in order (see :func:`compressor.eval.compare.score_windows`);
+    every process returns the same result.
+
     Args:
         model: causal LM returning ``.logits`` (B, L, V).
         ids: (T,) int64 token ids, tokenized once from the evaluation text.
@@ -77,22 +76,11 @@ def perplexity(
 
     Returns:
         :class:`PerplexityResult` (NLL summed in float64).
+
+    Raises:
+        ValueError: ``ctx`` beyond the model's ``max_position_embeddings``, or a text shorter than one window.
     """
-    if getattr(model.config, "max_position_embeddings", None) and ctx > model.config.max_position_embeddings:
-        raise ValueError(f"ctx={ctx} exceeds the model's max_position_embeddings={model.config.max_position_embeddings}")
-    windows = strided_windows(ids, ctx, stride, max_tokens)
-    device = next(model.parameters()).device
-    nll, tokens = 0.0, 0
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    was_training = model.training
-    model.eval()
-    for batch in progress(batches, "perplexity", quiet=quiet):
-        x = torch.stack([w for w, _ in batch]).to(device)  # (B, L)
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, L, V)
-        for j, (_, first) in enumerate(batch):
-            pred = logits[j, first - 1 : -1]  # predicts positions first..L-1
-            target = x[j, first:]
-            nll += F.cross_entropy(pred, target.to(pred.device), reduction="sum").double().item()
-            tokens += target.numel()
-    model.train(was_training)
-    return PerplexityResult(ppl=math.exp(nll / tokens), nll=nll, tokens=tokens, windows=len(windows))
+    from compressor.eval.compare import score_windows
+
+    return score_windows(model, ids, ctx=ctx, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                         quiet=quiet).ppl

@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "format_value", "format_table", "format_markdown", "write_json", "write_markdown",
+__all__ = ["COLUMNS", "table_columns", "format_value", "format_table", "format_markdown", "write_json", "write_markdown",
            "plot_ppl_vs_bits", "matplotlib_missing"]
 
 COLUMNS = ["label", "ppl", "kl_to_base", "top1_agree", "task_acc", "task_acc_norm", "bits_per_weight", "size_mb",
            "prefill_tok_s", "decode_tok_s", "backend"]
-"""Columns of the printed table and the Markdown report, in order (the JSON has every field)."""
+"""Fixed columns of the printed table and the Markdown report, in order (the JSON has every field)."""
 
 _DIGITS = {"ppl": 4, "kl_to_base": 5, "top1_agree": 4, "task_acc": 3, "task_acc_norm": 3, "bits_per_weight": 3,
            "size_mb": 1, "prefill_tok_s": 1, "decode_tok_s": 1, "decode_ms": 2, "peak_mem_mb": 1}
@@ -29,13 +29,24 @@ def format_value(col: str, value: Any) -> str:
     return str(value)
 
 
+def table_columns(rows: list[dict]) -> list[str]:
+    """:data:`COLUMNS`, then each lm-evaluation-harness metric (``<task>/<metric>``) the rows have,
+    in first-seen order, without its ``_stderr`` and ``samples`` fields (those stay in the JSON)."""
+    extra: list[str] = []
+    for row in rows:
+        for key in row:
+            if "/" in key and key not in extra and "_stderr" not in key and not key.endswith("/samples"):
+                extra.append(key)
+    return COLUMNS + extra
+
+
 def _cells(rows: list[dict], cols: list[str]) -> list[list[str]]:
     return [[format_value(c, r.get(c)) for c in cols] for r in rows]
 
 
 def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
-    """Rows as an aligned plain-text table (Markdown-compatible pipes)."""
-    cols = cols or COLUMNS
+    """Rows as an aligned plain-text table (Markdown-compatible pipes); columns default to :func:`table_columns`."""
+    cols = cols or table_columns(rows)
     cells = _cells(rows, cols)
     widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.eval.placement import input_device
+
 __all__ = ["SpeedResult", "decode_speed", "kernel_backend"]
 
 
@@ -68,7 +70,7 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, steps: int, *, warmup: 
     if limit and total > limit:
         raise ValueError(f"a {prompt.numel()}-token prompt and {warmup + steps} decode steps exceed the model's "
                          f"max_position_embeddings={limit}: decode fewer tokens")
-    device = next(model.parameters()).device
+    device = input_device(model)
     key = _cache_kwarg(model)
     x = prompt[None].to(device)  # (1, P)
     was = model.training
