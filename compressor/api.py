@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from compressor.export.atomic import check_output_dir
-from compressor.export.compressed_tensors import refuse_online_transforms, save_compressed
+from compressor.export.compressed_tensors import refuse_online_transforms, save_compressed, sparsity_config
 from compressor.export.loader import load_compressed, read_config
 from compressor.arch import find_blocks
 from compressor.calibration import ids_sha256
 from compressor.pipeline.layerwise import run_layerwise
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
+from compressor.quant.state import is_quantized
 from compressor.recipe import Recipe, select_modules
 
 __all__ = ["load_model", "load_tokenizer", "compress", "evaluate", "is_export", "check_checkpoint"]
@@ -143,7 +144,9 @@ def compress(
             (128 windows of 512 tokens, seeded by ``recipe.seed``); LLMs run the
             sequential block pipeline. A float tensor (S, ...) of model inputs
             (e.g. images (S, 3, H, W)) runs the layer-by-layer pipeline instead.
-        output: export directory (checked before any work; written atomically).
+        output: export directory (checked before any work; written atomically): a packed
+            compressed-tensors export when a layer is quantized, else a plain Hugging Face
+            checkpoint (pruned models; structured pruning makes its matrices smaller).
         tokenizer: saved beside the export; loaded from the checkpoint when
             ``model`` is a path.
         overwrite: replace an existing ``output``.
@@ -198,7 +201,15 @@ def compress(
                 if outside.get(p.name):
                     p.apply(model, quiet=quiet, only=outside[p.name])
     if output is not None:
-        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+        if any(is_quantized(m) for m in model.modules()):
+            save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+        else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
+            from compressor.prune.structured import save_pruned
+
+            sparsity = sparsity_config(model)
+            if sparsity is not None:
+                info["sparsity_config"] = sparsity
+            save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
     return model
 
 

@@ -153,3 +153,19 @@ def test_inspect_lists_and_plots_layer_sparsity(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in text and "mean over layers" in text
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pruned_only_export_is_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    recipe = Recipe.from_dict({"passes": [{"prune": {"method": "wanda", "structure": "2:4"}}]})
+    out = tmp_path / "pruned"
+    compress(model, recipe, calibration=IDS, pipeline=QUIET, quiet=True, output=out)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    manifest = json.loads((out / "compressor_manifest.json").read_text())
+    assert manifest["sparsity_config"]["sparsity_structure"] == "2:4"
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    for name, m in _block_linears(model):
+        w = loaded.get_submodule(name).weight
+        assert torch.equal(w, m.weight) and not (w[~prune_mask(m)] != 0).any(), name
