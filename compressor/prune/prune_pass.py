@@ -10,7 +10,7 @@ blocks before it); magnitude needs no data and runs like ``rtn``.
 Allocations other than ``uniform`` are planned before any weight changes
 (:meth:`PrunePass.plan`): ``global`` and ``lamp`` from the weights alone;
 ``owl`` and ``dp`` from one extra calibration sweep over the dense model
-(input norms for OWL's outlier ratios, Hessians for DP's distortion curves),
+(input norms for OWL's outlier ratios and for DP's distortion curves),
 as both papers measure them on the dense model.
 """
 
@@ -26,13 +26,8 @@ from compressor.hessian import HessianAccumulator
 from compressor.pipeline.inputs import SharedInputs
 from compressor.prune import allocation as alloc
 from compressor.progress import progress
-from compressor.prune.masks import SCOPES, check_sparsity, parse_structure, select_mask
-from compressor.prune.scores import (
-    InputNormAccumulator,
-    input_norms_from_hessian,
-    magnitude_scores,
-    wanda_scores,
-)
+from compressor.prune.masks import SCOPES, check_sparsity, parse_structure, prune_count, select_mask
+from compressor.prune.scores import InputNormAccumulator, magnitude_scores, wanda_scores
 from compressor.prune.sparsegpt import sparsegpt_prune
 from compressor.prune.state import attach_mask
 from compressor.quant.state import is_quantized
@@ -72,6 +67,8 @@ class PruneConfig(PassConfig):
         owl_threshold: OWL's M: a score is an outlier above M times the block's mean.
         owl_lambda: OWL's lambda: block sparsities span ``sparsity +- lambda``.
         dp_step: spacing of DP's candidate sparsities (0, step, 2 step, ... < 1).
+        dp_distortion: DP's per-layer distortion: ``"relative"`` (squared output
+            error divided by the layer's dense output energy) or ``"absolute"``.
     """
 
     method: str = "sparsegpt"
@@ -84,6 +81,7 @@ class PruneConfig(PassConfig):
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     dp_step: float = 0.05
+    dp_distortion: str = "relative"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +111,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"owl_threshold={self.owl_threshold}: use a positive multiple of the mean score, e.g. 5")
         if not 0 <= self.owl_lambda < 1:
             raise ValueError(f"owl_lambda={self.owl_lambda}: use a sparsity offset in [0, 1), e.g. 0.08")
+        if self.dp_distortion not in ("absolute", "relative"):
+            raise ValueError(f"dp_distortion={self.dp_distortion!r}: use 'absolute' or 'relative'")
         if not 0 < self.dp_step <= 0.5:
             raise ValueError(f"dp_step={self.dp_step}: use a grid spacing in (0, 0.5], e.g. 0.05")
 
@@ -300,13 +300,10 @@ class PrunePass(Pass):
 class _AllocationSweep(Pass):
     """Calibration sweep over the dense model measuring what OWL or DP allocate by; prunes nothing.
 
-    OWL keeps each linear's input norms and reduces a block to its outlier ratio
-    (:func:`compressor.prune.allocation.outlier_ratio` of the block's Wanda
-    scores). DP keeps each linear's Hessian ``H`` long enough to measure its
-    distortion curve: the relative output error ``tr(dW H dW^T) / tr(W H W^T)``
-    of the linear pruned alone, with the method's scores (Wanda scores for
-    Wanda and SparseGPT, |W| for magnitude), at every candidate sparsity. The
-    relative error makes layers of different output scales comparable.
+    Both keep each linear's input norms ``||X_j||``. OWL reduces a block to its
+    outlier ratio (:func:`compressor.prune.allocation.outlier_ratio` of the
+    block's Wanda scores); DP turns each linear into a distortion curve, its
+    output error when pruned alone at every candidate sparsity (:meth:`_curve`).
     """
 
     name = "prune-allocation-sweep"
@@ -321,14 +318,13 @@ class _AllocationSweep(Pass):
         self.curves: dict[str, list[float]] = {}  # linear -> DP distortion at each grid sparsity
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
-        """Hook the block's targeted linears (input norms for OWL, Hessians for DP)."""
+        """Hook the block's targeted linears to accumulate their input norms."""
         linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
         self.block_members[prefix] = [n for n, _ in linears]
         return self._inputs.hook(linears, self._observe)
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
-        cls = InputNormAccumulator if self.config.allocation == "owl" else HessianAccumulator
-        acc = self._inputs.accumulator(name, x, lambda: cls(x.shape[-1], x.device))
+        acc = self._inputs.accumulator(name, x, lambda: InputNormAccumulator(x.shape[-1], x.device))
         if acc is not None:
             acc.add(x)
 
@@ -342,19 +338,33 @@ class _AllocationSweep(Pass):
                 self.block_ratios[prefix] = alloc.outlier_ratio(scores, self.config.owl_threshold)
         else:
             for name, acc in self._inputs.stats.items():
-                self.curves[name] = self._curve(modules[name].weight.data, acc.H)
+                self.curves[name] = self._curve(modules[name].weight.data, acc.norms)
         self._inputs.clear()
 
-    def _curve(self, weight: torch.Tensor, hessian: torch.Tensor) -> list[float]:
+    def _curve(self, weight: torch.Tensor, norms: torch.Tensor) -> list[float]:
+        """Output error of the linear pruned alone at each grid sparsity, from sorted cumulative sums.
+
+        Removing weight ``w_ij`` adds ``w_ij^2 ||X_j||^2`` to the squared output
+        error when the input features are uncorrelated (the diagonal of the
+        Hessian, the same approximation Wanda's score makes), so one sort and
+        one cumulative sum give the whole curve, with the method's own order
+        (Wanda scores, or |W| for magnitude) and comparison group.
+        """
         w = weight.detach().float()  # (N, K)
-        h = hessian.to(w.device, torch.float32)  # (K, K)
-        scores = magnitude_scores(w) if self.config.method == "magnitude" else wanda_scores(w, input_norms_from_hessian(h))
-        dense = abs(float(((w @ h) * w).sum())) or 1.0
-        out = []
-        for s in self.config.dp_grid:
-            dw = w.masked_fill(select_mask(scores, s, self.config.resolved_scope), 0.0)  # the pruned part
-            out.append(max(0.0, float(((dw @ h) * dw).sum())) / dense)
-        return out
+        energy = w.pow(2) * norms.to(w.device, torch.float32).pow(2)[None, :]  # (N, K) error if pruned
+        scores = magnitude_scores(w) if self.config.method == "magnitude" else wanda_scores(w, norms)
+        n, k = w.shape
+        if self.config.resolved_scope == "row":  # every row loses the same count
+            order = torch.argsort(scores, dim=1, stable=True)
+            cum = torch.cumsum(torch.gather(energy, 1, order).double(), dim=1).sum(0)  # (K,) error after c prunes/row
+            cum = torch.cat([cum.new_zeros(1), cum])
+            counts = [prune_count(k, s) for s in self.config.dp_grid]
+        else:
+            order = torch.argsort(scores.reshape(-1), stable=True)
+            cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(energy.reshape(-1)[order].double(), 0)])
+            counts = [prune_count(n * k, s) for s in self.config.dp_grid]
+        scale = (float(energy.double().sum()) or 1.0) if self.config.dp_distortion == "relative" else 1.0
+        return [float(cum[c]) / scale for c in counts]
 
     def allocate(self, sizes: dict[str, int]) -> dict[str, float]:
         """Linear name → sparsity from the sweep's statistics.

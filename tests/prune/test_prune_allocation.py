@@ -175,3 +175,23 @@ def test_allocation_errors():
 
     with pytest.raises(ValueError, match="calibration"):
         PrunePass(PruneConfig(method="wanda", sparsity=0.5, allocation="owl")).plan(tiny_llama())
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+@pytest.mark.parametrize("distortion", ["absolute", "relative"])
+def test_dp_curve_is_the_pruned_output_energy(scope, distortion):
+    """The cumulative-sum curve equals sum(w^2 ||x||^2) over the weights select_mask prunes, at every grid point."""
+    from compressor.prune.masks import select_mask
+    from compressor.prune.prune_pass import PruneConfig, _AllocationSweep
+    from compressor.prune.scores import wanda_scores
+
+    g = torch.Generator().manual_seed(3)
+    w, norms = torch.randn(12, 40, generator=g), torch.rand(40, generator=g) + 0.1
+    cfg = PruneConfig(method="wanda", sparsity=0.5, allocation="dp", scope=scope, dp_step=0.1, dp_distortion=distortion)
+    curve = _AllocationSweep(cfg)._curve(w, norms)
+    energy = w**2 * norms[None, :] ** 2
+    for s, got in zip(cfg.dp_grid, curve):
+        want = float(energy[~select_mask(wanda_scores(w, norms), s, scope)].sum())
+        if distortion == "relative":
+            want /= float(energy.sum())
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), s
