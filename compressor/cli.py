@@ -1,4 +1,4 @@
-"""Command line: ``compressor compress | eval | inspect``. Each subcommand calls one API function."""
+"""Command line: ``compressor compress | distill | eval | inspect``. Each subcommand calls one API function."""
 
 from __future__ import annotations
 
@@ -42,6 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", type=Path, required=True, help="export directory")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("distill", help="train a compressed student to match its teacher, then export it")
+    d.add_argument("--teacher", type=Path, required=True, help="the original Hugging Face model directory")
+    d.add_argument("--student", type=Path, required=True, help="the compressed model: an export or a pruned checkpoint")
+    d.add_argument("--data", default="sotu:1790-1999", help="training text source (sotu:Y1-Y2, .txt, .jsonl)")
+    d.add_argument("--samples", type=int, default=256, help="training windows drawn from the text")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    d.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    d.add_argument("--batch-size", type=int, default=4, help="sequences per step over all processes")
+    d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per step")
+    d.add_argument("--lr", type=float, default=1e-5)
+    d.add_argument("--kind", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--alpha", type=float, default=0.0, help="weight of the ground-truth cross entropy")
+    d.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    d.add_argument("--gradient-checkpointing", action="store_true")
+    d.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    d.add_argument("--checkpoint-every", type=int, default=0, help="resumable checkpoint every N steps (0: at the end)")
+    d.add_argument("--checkpoint-dir", type=Path, default=None, help="default: <output>.ckpt")
+    d.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--losses-json", type=Path, default=None, help="write the loss of every step there")
+    d.add_argument("--output", "-o", type=Path, required=True, help="where the distilled student is written")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--quiet", "-q", action="store_true")
 
     e = sub.add_parser("eval", help="compare models and exports: perplexity, KL to the first, tasks, size, speed")
     e.add_argument("models", nargs="+", help="model directories or exports; the first is the base the others are compared to")
@@ -118,6 +143,20 @@ def _cmd_compress(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from compressor.distill.run import distill_checkpoint
+    from compressor.distill.trainer import DistillConfig
+
+    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                           kind=args.kind, temperature=args.temperature, alpha=args.alpha,
+                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                           max_grad_norm=args.max_grad_norm, checkpoint_every=args.checkpoint_every, seed=args.seed, quiet=args.quiet)
+    distill_checkpoint(args.teacher, args.student, args.output, data=args.data, samples=args.samples,
+                       seq_len=args.seq_len, config=config, checkpoint_dir=args.checkpoint_dir,
+                       resume=not args.no_resume, overwrite=args.overwrite, losses_json=args.losses_json)
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from compressor.eval.distributed import is_main_process, num_processes
     from compressor.eval.lmeval import lm_eval_missing, split_tasks
@@ -174,7 +213,7 @@ def _cmd_inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"compress": _cmd_compress, "eval": _cmd_eval, "inspect": _cmd_inspect}
+    handlers = {"compress": _cmd_compress, "distill": _cmd_distill, "eval": _cmd_eval, "inspect": _cmd_inspect}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError, OSError) as err:
