@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -170,12 +171,16 @@ def compress(
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     torch.manual_seed(recipe.seed)
     info: dict = {"source_model": source, "seed": recipe.seed}
+    tail = _trailing_passes(passes)  # distill: after everything else, on the whole model
+    passes = passes[: len(passes) - len(tail)]
+    teacher = copy.deepcopy(model).eval() if any(getattr(p, "wants_teacher", False) for p in tail) else None
     lead = _leading_model_passes(passes)
     for p in lead:  # whole-model transforms (rotate) run once, before any block is compressed
         p.apply(model, quiet=quiet)
     if output is not None:
         refuse_online_transforms(model)  # fail before the long pipeline, not at export
     passes = passes[len(lead):]
+    ids = None
     if not any(p.requires_calibration for p in passes):
         for p in passes:
             p.apply(model, quiet=quiet)
@@ -200,6 +205,11 @@ def compress(
             for p in passes:
                 if outside.get(p.name):
                     p.apply(model, quiet=quiet, only=outside[p.name])
+    for p in tail:
+        if ids is None and calibration is not None and not getattr(p.config, "data", None):
+            ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name])
+        p.apply(model, teacher=teacher, calibration_ids=ids, tokenizer=tokenizer, seed=recipe.seed, quiet=quiet)
+    del teacher
     if output is not None:
         if any(is_quantized(m) for m in model.modules()):
             save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
@@ -211,6 +221,22 @@ def compress(
                 info["sparsity_config"] = sparsity
             save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
     return model
+
+
+def _trailing_passes(passes: list) -> list:
+    """The passes that run last on the whole model (``runs_last = True``, e.g. distill) at the tail of the recipe.
+
+    Raises:
+        ValueError: such a pass is followed by another kind of pass.
+    """
+    n = len(passes)
+    while n > 0 and getattr(passes[n - 1], "runs_last", False):
+        n -= 1
+    early = [p.name for p in passes[:n] if getattr(p, "runs_last", False)]
+    if early:
+        raise ValueError(f"{early[0]} trains the finished model and must be the last pass: move it to the end of "
+                         "the recipe's passes")
+    return passes[n:]
 
 
 def _leading_model_passes(passes: list) -> list:

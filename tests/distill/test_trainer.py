@@ -207,3 +207,33 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     w2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two").model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(w1, w2, rtol=1e-3, atol=1e-5)
     assert is_nm(w1 != 0, 2, 4)
+
+
+def test_distill_pass_in_a_recipe_after_pruning_and_quantization(tmp_path):
+    teacher = _teacher()
+    prune_quant = [{"prune": {"method": "wanda", "structure": "2:4"}}, {"rtn": {"scheme": {"bits": 4, "group_size": 16}}}]
+    plain = copy.deepcopy(teacher)
+    compress(plain, Recipe.from_dict({"passes": prune_quant}), calibration=DATA, pipeline=QUIET, quiet=True)
+    student = copy.deepcopy(teacher)
+    recipe = Recipe.from_dict({"passes": [*prune_quant, {"distill": {"steps": 20, "lr": 3e-3, "warmup": 0.0}}]})
+    compress(student, recipe, calibration=DATA, pipeline=QUIET, quiet=True, output=tmp_path / "export")
+    assert _kl(teacher, student) < 0.8 * _kl(teacher, plain)
+    for name, m in _linears(student):
+        scheme, qp, g_idx = quant_state(m)
+        assert is_nm(prune_mask(m), 2, 4) and not (m.weight[~prune_mask(m)] != 0).any(), name
+        assert torch.equal(fake_quant(m.weight, qp, scheme, g_idx), m.weight), name
+    from compressor.export.loader import load_compressed
+
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "export")(DATA).logits, student(DATA).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_distill_pass_must_come_last():
+    recipe = Recipe.from_dict({"passes": [{"distill": {"steps": 1}}, {"rtn": {"scheme": {"bits": 4, "group_size": 16}}}]})
+    with pytest.raises(ValueError, match="must be the last pass"):
+        compress(tiny_llama(), recipe, quiet=True)
+    with pytest.raises(ValueError, match="teacher"):
+        from compressor.distill.distill_pass import DistillPass, DistillPassConfig
+
+        DistillPass(DistillPassConfig(steps=1)).apply(tiny_llama())
