@@ -239,7 +239,7 @@ def distill(
     state: StudentState = prepare_student(student)
     student.train()
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        _checkpointing(student, True)
     wrapper = _StudentLoss(student, config)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
@@ -301,12 +301,20 @@ def distill(
             _save(accelerator, ckpt, step + 1, config)
     accelerator.wait_for_everyone()
     if config.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        _checkpointing(student, False)
     student.eval()
     state.finish()  # quantized layers: weights re-snapped to their grid, parametrizations removed
     accelerator.free_memory()
     return DistillResult(losses=losses, steps_done=config.steps, tokens_seen=config.steps * config.batch_size * seq,
                          wall_s=round(time.perf_counter() - t0, 2), evals=evals)
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, under the name this transformers version uses."""
+    stem = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if not hasattr(model, f"{stem}_enable"):
+        raise ValueError(f"{type(model).__name__} has no {stem}_enable(): set gradient_checkpointing=False")
+    getattr(model, f"{stem}_{'enable' if on else 'disable'}")()
 
 
 def _training_settings(config: DistillConfig) -> dict:

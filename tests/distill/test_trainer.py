@@ -237,3 +237,12 @@ def test_distill_pass_must_come_last():
         from compressor.distill.distill_pass import DistillPass, DistillPassConfig
 
         DistillPass(DistillPassConfig(steps=1)).apply(tiny_llama())
+
+
+def test_bf16_autocast_and_activation_checkpointing_run():
+    teacher = _teacher()
+    student = _compressed([{"prune": {"method": "magnitude", "sparsity": 0.5}}])
+    result = distill(teacher, student, DATA, DistillConfig(steps=3, batch_size=4, lr=3e-3, mixed_precision="bf16",
+                                                          gradient_checkpointing=True, quiet=True))
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    assert student.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # autocast, weights stay fp32
