@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ActivationCache", "to_device", "CACHE_LOCATIONS"]
+__all__ = ["ActivationCache", "to_device", "select_rows", "CACHE_LOCATIONS"]
 
 CACHE_LOCATIONS = ("device", "cpu", "disk")
 
@@ -30,6 +30,24 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+def select_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
+    """Select ``rows`` of every batch-sized tensor in a block's keyword arguments.
+
+    Args:
+        kwargs: a block's cached keyword arguments (masks, position embeddings, ...).
+        rows: (R,) int64 indices into the batch.
+        batch: the batch size of the cached hidden states; tensors whose first
+            dimension equals it (and tuples of them) are indexed, others kept.
+    """
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch and batch > 1:
+            return v[rows.to(v.device)]
+        if isinstance(v, tuple):
+            return tuple(pick(t) for t in v)
+        return v
+    return {k: pick(v) for k, v in kwargs.items()}
 
 
 class ActivationCache:

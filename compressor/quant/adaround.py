@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.pipeline.cache import select_rows
 from compressor.prune.state import prune_mask
 from compressor.quant.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, group_index
@@ -390,7 +391,7 @@ class AdaRoundPass(Pass):
         def recon(pick, ws):
             j, rows = pick
             params = {k: to_w(w) for k, (_, _, to_w), w in zip(keys, views, ws)}
-            out = functional_call(block, params, (cache.hidden(j)[rows],), _rows(cache.kwargs(j), rows, cache.hidden(j).shape[0]))
+            out = functional_call(block, params, (cache.hidden(j)[rows],), select_rows(cache.kwargs(j), rows, cache.hidden(j).shape[0]))
             out = out[0] if isinstance(out, (tuple, list)) else out
             return (out.float() - targets[j][rows].float()).pow(2).sum(-1).mean()
 
@@ -411,14 +412,3 @@ def _mask_in_view(module: nn.Module) -> torch.Tensor | None:
     if mask is not None and not isinstance(module, nn.Linear):
         raise ValueError(f"pruned {type(module).__name__} layers are not supported by adaround; prune linears only")
     return mask
-
-
-def _rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
-    """Select ``rows`` of every batch-sized tensor in a block's keyword arguments."""
-    def pick(v):
-        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch and batch > 1:
-            return v[rows.to(v.device)]
-        if isinstance(v, tuple):
-            return tuple(pick(t) for t in v)
-        return v
-    return {k: pick(v) for k, v in kwargs.items()}

@@ -246,3 +246,18 @@ def test_bf16_autocast_and_activation_checkpointing_run():
                                                           gradient_checkpointing=True, quiet=True))
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
     assert student.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # autocast, weights stay fp32
+
+
+@pytest.mark.parametrize("first", [{"rtn": {"scheme": {"bits": 3, "group_size": 16, "symmetric": False}}},
+                                   {"prune": {"method": "magnitude", "structure": "2:4"}}], ids=["rtn-w3", "prune-2:4"])
+def test_blockwise_distillation_brings_blocks_back_and_keeps_compression(first):
+    teacher = _teacher()
+    plain = _compressed([first])
+    tuned = _compressed([first, {"distill_blocks": {"iters": 30, "lr": 1e-3, "batch_size": 4}}])
+    assert _kl(teacher, tuned) < 0.8 * _kl(teacher, plain)
+    for name, m in _linears(tuned):
+        if "rtn" in first:
+            scheme, qp, g_idx = quant_state(m)
+            assert torch.equal(fake_quant(m.weight, qp, scheme, g_idx), m.weight), name
+        else:
+            assert is_nm(prune_mask(m), 2, 4) and not (m.weight[~prune_mask(m)] != 0).any(), name
