@@ -229,6 +229,12 @@ def distill(
     from accelerate import Accelerator
 
     _check_models(teacher, student, data)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+        # accelerate keeps one process-wide state; a second run in this process with another precision
+        # needs it cleared (the process group, held by PartialState, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     procs = accelerator.num_processes
     if config.batch_size % (procs * config.grad_accum):
