@@ -72,3 +72,25 @@ def tiny_model_dir(tmp_path):
     text = " ".join(WORDS[i] for i in torch.randint(0, 95, (600,), generator=g).tolist())
     (tmp_path / "text.txt").write_text(text)
     return path
+
+
+def launch_two_cpu_processes(args: list[str], tmp_path, timeout: int = 180):
+    """Run ``compressor.cli args`` under ``accelerate launch`` with 2 CPU processes (gloo); returns the CompletedProcess.
+
+    ``--multi_gpu --num_processes 2`` starts two processes (``--cpu`` would start one);
+    ``ACCELERATE_USE_CPU=1`` keeps them on CPU. A free port and a private HF_HOME per test.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                        "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "compressor.cli"]
+    return subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=timeout)

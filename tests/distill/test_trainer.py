@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import launch_two_cpu_processes, tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
@@ -166,12 +162,6 @@ def test_config_and_input_errors():
         prepare_student(export_like)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     """accelerate launch, 2 CPU processes over gloo, global batch 4 = 2 x 2: the same losses as 1 process."""
     from compressor.cli import main
@@ -187,13 +177,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
             "--samples", "16", "--seq-len", "24", "--steps", "6", "--batch-size", "4", "--lr", "3e-3", "-q"]
     assert main([*args, "-o", str(tmp_path / "one"), "--losses-json", str(tmp_path / "one.json")]) == 0
 
-    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                        "ACCELERATE_USE_CPU": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "compressor.cli"]
-    proc = subprocess.run([*launch, *args, "-o", str(tmp_path / "two"), "--losses-json", str(tmp_path / "two.json")],
-                          env=env, capture_output=True, text=True, timeout=180)
+    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two"), "--losses-json", str(tmp_path / "two.json")],
+                                    tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())["losses"]
     two = json.loads((tmp_path / "two.json").read_text())["losses"]

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from conftest import launch_two_cpu_processes
 from safetensors.torch import load_file
 
 from compressor.cli import main
 from compressor.eval.distributed import gather_in_order, is_main_process, num_processes, split_for_process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _task_file(path):
@@ -43,13 +34,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
             "--decode-tokens", "0", "-q"]
     assert main([*args, "--json", str(tmp_path / "one.json"), "--dump-nll", str(tmp_path / "nll1")]) == 0
 
-    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                        "ACCELERATE_USE_CPU": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "compressor.cli"]
-    proc = subprocess.run([*launch, *args, "--json", str(tmp_path / "two.json"), "--dump-nll", str(tmp_path / "nll2")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = launch_two_cpu_processes([*args, "--json", str(tmp_path / "two.json"), "--dump-nll", str(tmp_path / "nll2")],
+                                    tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one = json.loads((tmp_path / "one.json").read_text())
