@@ -169,6 +169,10 @@ def compress(
     passes = recipe.build()
     if not passes:
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
+    blocked = [p for p in passes if getattr(p, "not_exportable", None)]
+    if output is not None and blocked:  # fail before the long pipeline, not at export
+        raise ValueError(f"{blocked[0].name}: {blocked[0].not_exportable}; run compress without output and "
+                         "evaluate the model in memory")
     torch.manual_seed(recipe.seed)
     info: dict = {"source_model": source, "seed": recipe.seed}
     tail = _trailing_passes(passes)  # distill: after everything else, on the whole model

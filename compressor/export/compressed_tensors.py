@@ -26,12 +26,13 @@ from torch import nn
 from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
 from compressor.prune.state import is_pruned, prune_mask
+from compressor.quant.activations import activation_quantizers
 from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
 from compressor.transforms.online import online_transforms
 
 __all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT",
-           "refuse_online_transforms"]
+           "refuse_online_transforms", "refuse_activation_quantizers"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,21 @@ def refuse_online_transforms(model: nn.Module) -> None:
         )
 
 
+def refuse_activation_quantizers(model: nn.Module) -> None:
+    """Raise when ``model`` fake-quantizes activations or its KV cache (in-memory schemes the export cannot record yet).
+
+    Raises:
+        ValueError: naming a module with a quantizer and the way out.
+    """
+    found = activation_quantizers(model)
+    if found:
+        raise ValueError(
+            f"{len(found)} module(s) quantize activations or keys/values at run time (e.g. {found[0]}): activation and "
+            "KV-cache quantization are in memory only and not exportable yet; export without the "
+            "quantize_activations pass (weights only) or evaluate this model in memory"
+        )
+
+
 def save_compressed(
     model: nn.Module,
     output: str | Path,
@@ -253,6 +269,7 @@ def save_compressed(
         The output path.
     """
     refuse_online_transforms(model)
+    refuse_activation_quantizers(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
