@@ -26,7 +26,7 @@ from torch import nn
 from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
 from compressor.prune.state import is_pruned, prune_mask
-from compressor.quant.activations import activation_quantizers
+from compressor.quant.activations import activation_quantizers, qk_rotations
 from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
 from compressor.transforms.online import online_transforms
@@ -215,16 +215,19 @@ def _write_shards(tensors: dict[str, torch.Tensor], root: Path, max_shard_bytes:
 
 
 def refuse_online_transforms(model: nn.Module) -> None:
-    """Raise when ``model`` rotates linear inputs at run time (the format cannot record that yet).
+    """Raise when ``model`` rotates linear inputs (R4) or queries and keys (R3) at run time (the format cannot record that yet).
 
     Raises:
-        ValueError: naming a linear with an online transform and the way out.
+        ValueError: naming a module with an online transform and the way out.
     """
-    online = online_transforms(model)
-    if online:
+    online, qk = online_transforms(model), qk_rotations(model)
+    if online or qk:
+        where = ([f"{len(online)} linear(s) rotate their input online (e.g. {online[0]})"] if online else []) + \
+            ([f"{len(qk)} attention module(s) rotate queries and keys online (R3, e.g. {qk[0]})"] if qk else [])
+        flags = " and ".join(["r4=false"] * bool(online) + ["r3=false"] * bool(qk))
         raise ValueError(
-            f"{len(online)} linear(s) rotate their input online (e.g. {online[0]}): online transforms are not "
-            "exportable yet; rotate with r4=false (fused rotations only export as plain weights) or evaluate in memory"
+            f"{'; '.join(where)}: online transforms are not exportable yet; rotate with {flags} (fused rotations "
+            "only export as plain weights) or evaluate in memory"
         )
 
 

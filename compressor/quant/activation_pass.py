@@ -3,7 +3,7 @@
 W8A8, W4A8 and W4A4KV4 are recipes::
 
     passes:
-      - rotate: {seed: 0}                               # spreads outliers; its online R4 runs before the quantizer
+      - rotate: {seed: 0, r3: true}                     # spreads outliers; online R4 / R3 run before the quantizers
       - gptq: {scheme: {bits: 4, group_size: -1}}
       - quantize_activations: {bits: 4, kv_bits: 4}
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from compressor.quant.activations import (
     ActivationQuantizer, KVQuantizer, _check_bits, _check_clip, attach_input_quantizer, attach_kv_quantizer,
-    attention_modules,
+    attention_modules, qk_rotations,
 )
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
@@ -124,6 +124,7 @@ class ActivationQuantPass(Pass):
             raise ValueError(f"quantize_activations: no Linear matches targets={list(self.config.targets)} "
                              f"ignore={list(self.config.ignore)} (lm_head is never quantized); check the module "
                              "names with `compressor inspect`, or set bits: null")
+        self._hint_r3(model)
         self._attach(linears, attention)
         log.info("quantize_activations: %s on %d linears, %d attention modules", self.config.describe(),
                  len(linears) if self.config.bits is not None else 0, len(attention))
@@ -138,6 +139,14 @@ class ActivationQuantPass(Pass):
         if getattr(config, "checkpoint_dir", None) is not None:
             raise ValueError("quantize_activations does not support checkpoint_dir yet (resumed blocks would lose "
                              "their activation quantizers): run without checkpoint_dir")
+        self._hint_r3(model)
+
+    def _hint_r3(self, model: nn.Module) -> None:
+        """Say so when a rotated model gets a quantized KV cache without R3 (QuaRot rotates its keys)."""
+        if self.config.kv_bits is not None and getattr(model, "rotation_info", None) is not None \
+                and not qk_rotations(model):
+            log.info("quantize_activations: kv_bits=%d on a model rotated without r3; QuaRot also rotates queries "
+                     "and keys after RoPE before quantizing the KV cache (rotate: {r3: true})", self.config.kv_bits)
 
     def _linears(self, root: nn.Module, prefix: str, head: nn.Module | None) -> list[tuple[str, nn.Linear]]:
         out = []

@@ -31,6 +31,11 @@ Where the quantizers live:
   (``base``: the model's own implementation, ``sdpa`` or ``eager``). Attention
   modules call it with keys *after* RoPE and after the KV-cache update, so the
   quantized keys are the ones a quantized KV cache would hold.
+* R3, the online Hadamard on queries and keys after RoPE (QuaRot, arXiv
+  2404.00456, §4; SpinQuant, arXiv 2405.16406, R3): a :class:`QKRotation`
+  child ``qk_rotation`` of the attention module, applied by the same attention
+  function *before* the KV quantizer, so the quantizer sees rotated keys.
+  Attached by the ``rotate`` pass (``r3: true``); it needs no quantizer.
 """
 
 from __future__ import annotations
@@ -43,16 +48,20 @@ import torch
 from torch import nn
 
 from compressor.transforms import online
+from compressor.transforms.online import OnlineHadamard
 
 __all__ = [
     "fake_quant_per_token",
     "fake_quant_per_head",
     "ActivationQuantizer",
     "KVQuantizer",
+    "QKRotation",
     "attach_input_quantizer",
     "attach_kv_quantizer",
+    "attach_qk_rotation",
     "attention_modules",
     "activation_quantizers",
+    "qk_rotations",
     "KV_ATTENTION_PREFIX",
 ]
 
@@ -60,6 +69,7 @@ log = logging.getLogger(__name__)
 
 INPUT_CHILD = "input_quantizer"
 KV_CHILD = "kv_quantizer"
+QK_CHILD = "qk_rotation"
 KV_ATTENTION_PREFIX = "compressor_kvquant:"
 MAX_BITS = 16
 KV_BASES = ("sdpa", "eager")  # attention implementations the KV quantizer wraps
@@ -228,6 +238,45 @@ class KVQuantizer(nn.Module):
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-token per-{g}, base={self.base}"
 
 
+class QKRotation(nn.Module):
+    """R3: the same online Hadamard on every query and key head, after RoPE (QuaRot, arXiv 2404.00456, §4).
+
+    ``q ↦ q Q``, ``k ↦ k Q`` with ``Q = H_Dᵀ / √D`` orthogonal (D = head_dim),
+    so every score ``q kᵀ = (q Q)(k Q)ᵀ`` is unchanged and the full-precision
+    model computes the same function; the keys a quantized KV cache holds are
+    ``k Q``, their outlier channels spread over the whole head. Values are not
+    touched (R2 rotates them, fused into v_proj / o_proj).
+
+    Args:
+        head_dim: D, ``2^a * m`` (see :func:`compressor.transforms.hadamard.hadamard_factors`).
+        base: the attention implementation it runs under (``"sdpa"``, ``"eager"``),
+            for display and unpickling.
+
+    Holds an :class:`~compressor.transforms.online.OnlineHadamard` child
+    ``hadamard`` (a non-persistent buffer: nothing enters the state dict).
+    """
+
+    def __init__(self, head_dim: int, *, base: str = "sdpa"):
+        super().__init__()
+        self.hadamard = OnlineHadamard(head_dim)
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, H, Tq, D), key (B, H_kv, Tk, D) → (query Q, key Q), same shapes and dtypes."""
+        return self.hadamard(query), self.hadamard(key)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The orthogonal Q (D, D) with forward(q, k) = (q @ Q, k @ Q)."""
+        return self.hadamard.matrix(dtype)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _register_kv_attention(self.base)  # an unpickled model finds its attention function in a new process
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, after RoPE, base={self.base}"
+
+
 # ---------------------------------------------------------------- linear inputs
 
 
@@ -288,12 +337,15 @@ def _eager_attention(module: nn.Module) -> Callable:
 
 
 def _kv_attention(base: str, registry: dict) -> Callable:
-    """Attention function: fake-quantize key and value when the module has a kv_quantizer, then run ``base``."""
+    """Attention function: R3 on query and key, then fake-quantize key and value, each when the module has it; then ``base``."""
     shared = None if base == "eager" else registry[base]
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs):
         # query (B, H, Tq, D); key, value (B, H_kv, Tk, D), after RoPE and the cache update
+        rotation = module._modules.get(QK_CHILD)
+        if rotation is not None:  # R3 first: the quantizer below sees k Q
+            query, key = rotation(query, key)
         quantizer = module._modules.get(KV_CHILD)
         if quantizer is not None:
             key, value = quantizer(key, value)
@@ -317,7 +369,7 @@ def _register_kv_attention(base: str) -> str:
     if name in AttentionInterface._global_mapping:
         return name
     if base not in KV_BASES:  # flash / flex kernels take other masks and dtypes: not wrapped (untested)
-        raise ValueError(f"cannot quantize the KV cache of attn_implementation={base!r}: load the model with "
+        raise ValueError(f"cannot wrap attn_implementation={base!r}: load the model with "
                          "attn_implementation='sdpa' or 'eager'")
     masks = AttentionMaskInterface._global_mapping
     AttentionInterface.register(name, _kv_attention(base, AttentionInterface._global_mapping))
@@ -344,39 +396,88 @@ def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.M
     return [(n, m) for n, m in hits if not any(o.startswith(n + ".") for o, _ in hits)]
 
 
+def _wrapped_attention(attention: nn.Module, what: str) -> tuple[str, str]:
+    """``(base, name)``: the module's own implementation and our registered wrapper of it; changes nothing on the module.
+
+    Raises:
+        ValueError: no ``config._attn_implementation``, or an implementation
+            other than sdpa / eager (``what`` says which feature needed it).
+    """
+    config = getattr(attention, "config", None)
+    if not hasattr(config, "_attn_implementation"):
+        raise ValueError(f"{type(attention).__name__} has no config._attn_implementation: {what} needs a "
+                         "transformers attention module")
+    impl = config._attn_implementation or "eager"
+    base = impl[len(KV_ATTENTION_PREFIX):] if impl.startswith(KV_ATTENTION_PREFIX) else impl
+    if base not in KV_BASES:
+        raise ValueError(f"cannot {what} with attn_implementation={base!r}: load the model with "
+                         "attn_implementation='sdpa' or 'eager'")
+    if base == "eager":
+        _eager_attention(attention)
+    return base, _register_kv_attention(base)
+
+
+def _switch_attention(attention: nn.Module, name: str) -> None:
+    """Point ``attention.config._attn_implementation`` (shared by every layer) at our wrapper ``name``."""
+    config = attention.config
+    impl = config._attn_implementation
+    if impl != name:
+        config._attn_implementation = name
+        log.info("attention implementation %s -> %s", impl, name)
+
+
 def attach_kv_quantizer(attention: nn.Module, quantizer: KVQuantizer) -> None:
     """Fake-quantize the keys and values ``attention`` attends over, from now on (in place).
 
     Switches ``attention.config._attn_implementation`` (the model's config,
     shared by every layer) from ``base`` to ``compressor_kvquant:<base>``;
     attention modules without a ``kv_quantizer`` run ``base`` unchanged
-    through it.
+    through it. A ``qk_rotation`` (R3) on the same module runs first whatever
+    the order of attachment: the quantizer always sees rotated keys.
 
     Raises:
         ValueError: no config / unsupported implementation, a group size that
             does not divide head_dim, or a module that already has one.
     """
-    config = getattr(attention, "config", None)
-    if not hasattr(config, "_attn_implementation"):
-        raise ValueError(f"{type(attention).__name__} has no config._attn_implementation: KV quantization needs a "
-                         "transformers attention module")
+    base, name = _wrapped_attention(attention, "KV quantization")
     if KV_CHILD in attention._modules:
         raise ValueError(f"{type(attention).__name__} already has a {KV_CHILD}; quantize the KV cache of a model once")
     head_dim = getattr(attention, "head_dim", None)
     if isinstance(head_dim, int):
         _check_group(quantizer.group_size, head_dim)
-    impl = config._attn_implementation or "eager"
-    base = impl[len(KV_ATTENTION_PREFIX):] if impl.startswith(KV_ATTENTION_PREFIX) else impl
-    if base == "eager":
-        _eager_attention(attention)
-    name = _register_kv_attention(base)
     quantizer.base = base
     attention.add_module(KV_CHILD, quantizer)
-    if impl != name:
-        config._attn_implementation = name
-        log.info("attention implementation %s -> %s", impl, name)
+    _switch_attention(attention, name)
+
+
+def attach_qk_rotation(attention: nn.Module, rotation: QKRotation) -> None:
+    """Rotate the queries and keys of ``attention`` after RoPE (R3), from now on (in place).
+
+    Exact in full precision (q kᵀ is invariant), so no weight changes. Uses
+    the same attention function as :func:`attach_kv_quantizer`, which applies
+    R3 before quantizing the keys.
+
+    Raises:
+        ValueError: no config / unsupported implementation, a rotation whose
+            size is not the module's head_dim, or a module that already has one.
+    """
+    base, name = _wrapped_attention(attention, "rotating queries and keys (R3)")
+    if QK_CHILD in attention._modules:
+        raise ValueError(f"{type(attention).__name__} already has a {QK_CHILD}; rotate a fresh model")
+    head_dim = getattr(attention, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim != rotation.head_dim:
+        raise ValueError(f"{type(attention).__name__} has head_dim={head_dim}, but the R3 rotation is "
+                         f"{rotation.head_dim} wide")
+    rotation.base = base
+    attention.add_module(QK_CHILD, rotation)
+    _switch_attention(attention, name)
 
 
 def activation_quantizers(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` that quantize their inputs or their keys/values at run time."""
     return [name for name, m in model.named_modules() if INPUT_CHILD in m._modules or KV_CHILD in m._modules]
+
+
+def qk_rotations(model: nn.Module) -> list[str]:
+    """Qualified names of the attention modules of ``model`` that rotate queries and keys at run time (R3)."""
+    return [name for name, m in model.named_modules() if QK_CHILD in m._modules]

@@ -15,11 +15,16 @@ Every step leaves the full-precision function unchanged:
    output of v_proj (``W_v,h ← R2ᵀ W_v,h``) and the input of o_proj
    (``W_o,h ← W_o,h R2``). Attention mixes value rows linearly, so each head's
    output is rotated by R2 and o_proj undoes it; sharing R2 makes GQA exact.
-4. **R4**, an online Hadamard before down_proj: ``W_down ← W_down Q`` fused,
+4. **R3** (optional, off by default), an online Hadamard Q (head_dim, head_dim)
+   on every query and key head *after* RoPE: ``q ← q Q``, ``k ← k Q`` at run
+   time (QuaRot §4). Scores ``q kᵀ`` are unchanged, no weight changes, and the
+   keys a quantized KV cache holds are rotated. It lives in the attention
+   function of :mod:`compressor.quant.activations` (``qk_rotation`` child of
+   each attention module), which applies it before a KV quantizer.
+5. **R4**, an online Hadamard before down_proj: ``W_down ← W_down Q`` fused,
    and ``x ← x Q`` at run time (:mod:`compressor.transforms.online`).
 
-Weights are rotated in float64 and cast back to their dtype. R3 (Hadamard on
-queries and keys after RoPE) is not implemented yet.
+Weights are rotated in float64 and cast back to their dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import torch
 from torch import nn
 
 from compressor.arch import find_blocks, layout_for
+from compressor.quant.activations import (
+    QKRotation, _wrapped_attention, attach_qk_rotation, attention_modules, qk_rotations,
+)
 from compressor.quant.state import is_quantized
 from compressor.recipe import Pass, PassConfig, register_pass
 from compressor.transforms.hadamard import random_hadamard
@@ -98,9 +106,9 @@ def _heads(config) -> tuple[int, int, int]:
 
 
 def rotate_model(
-    model: nn.Module, *, seed: int = 0, r1: str = "hadamard", r2: bool = True, r4: bool = True
+    model: nn.Module, *, seed: int = 0, r1: str = "hadamard", r2: bool = True, r3: bool = False, r4: bool = True
 ) -> dict:
-    """Fold norms and apply R1 / R2 / R4 to a decoder LM in place; the fp function is unchanged.
+    """Fold norms and apply R1 / R2 / R3 / R4 to a decoder LM in place; the fp function is unchanged.
 
     Args:
         model: a Hugging Face causal LM of a family in :data:`compressor.arch.LAYOUTS`, not
@@ -109,21 +117,25 @@ def rotate_model(
         r1: ``"hadamard"`` (randomized Hadamard, QuaRot) or ``"random"``
             (random orthogonal, SpinQuant's initialization) for R1 and R2.
         r2: rotate each value head / o_proj input head (fused).
+        r3: online Hadamard on queries and keys after RoPE (run-time only; the
+            model must use ``sdpa`` or ``eager`` attention). Off by default: it
+            only matters when the KV cache is quantized, and it is not exportable.
         r4: online Hadamard on the down_proj input (fused + run-time module).
 
     Returns:
-        What was applied: ``{"r1", "hidden_size", "r2", "r4", "seed",
-        "untied_embeddings", "folded_norms", "online"}`` (r2 / r4 are the
-        rotation sizes, or None when off).
+        What was applied: ``{"r1", "hidden_size", "r2", "r3", "r4", "seed",
+        "untied_embeddings", "folded_norms", "online"}`` (r2 / r3 / r4 are the
+        rotation sizes, or None when off; ``online`` counts the run-time
+        rotations, down_proj inputs and attention modules together).
 
     Raises:
-        ValueError: unsupported architecture or size, or a model that is
-            already rotated or quantized.
+        ValueError: unsupported architecture, size or attention
+            implementation, or a model that is already rotated or quantized.
     """
     if r1 not in ("hadamard", "random"):
         raise ValueError(f"r1={r1!r}: use 'hadamard' (randomized Hadamard) or 'random' (random orthogonal)")
     layout = layout_for(model)
-    if getattr(model, "rotation_info", None) is not None or online_transforms(model):
+    if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
         raise ValueError("rotate: the model is already rotated; rotate a freshly loaded model once")
     quantized = [n for n, m in model.named_modules() if is_quantized(m)]
     if quantized:
@@ -140,6 +152,7 @@ def rotate_model(
     q2 = _rotation(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
     inter_sizes = {_get(b, layout.down, f"{blocks_name}.{i}").in_features for i, b in enumerate(blocks)}
     q4 = {n: OnlineHadamard(n).matrix(torch.float64) for n in inter_sizes} if r4 else {}  # (n, n) each
+    attention = _r3_targets(model, head_dim) if r3 else []
     untied = _untie(model, emb, head)
 
     with torch.no_grad():
@@ -156,15 +169,44 @@ def rotate_model(
         dev = emb.weight.device
         _write(emb.weight, emb.weight.detach().double() @ q1.to(dev))  # (V, d) @ (d, d)
         _write(head.weight, head.weight.detach().double() @ q1.to(head.weight.device))
+    for attn in attention:  # R3: nothing to fuse, q kᵀ is invariant
+        dev = next(attn.parameters(), emb.weight).device
+        attach_qk_rotation(attn, QKRotation(head_dim).to(dev))
 
     info = {
-        "r1": r1, "hidden_size": hidden, "r2": head_dim if r2 else None,
+        "r1": r1, "hidden_size": hidden, "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
         "r4": (inter_sizes.pop() if len(inter_sizes) == 1 else sorted(inter_sizes)) if r4 else None,
-        "seed": seed, "untied_embeddings": untied, "folded_norms": folded, "online": len(online_transforms(model)),
+        "seed": seed, "untied_embeddings": untied, "folded_norms": folded,
+        "online": len(online_transforms(model)) + len(qk_rotations(model)),
     }
     model.rotation_info = info
     log.info("rotate: %s", info)
     return info
+
+
+def _r3_targets(model: nn.Module, head_dim: int) -> list[nn.Module]:
+    """The attention modules R3 attaches to, checked before any weight changes.
+
+    Raises:
+        ValueError: no attention module dispatching through transformers'
+            ``AttentionInterface``, an attention implementation other than
+            sdpa / eager, a head_dim without a Hadamard construction, or a
+            module whose head_dim differs from the config's.
+    """
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(f"rotate: r3 needs transformers attention modules (dispatching through AttentionInterface), "
+                         f"and {type(model).__name__} has none; set r3=false")
+    OnlineHadamard(head_dim)  # raises for sizes without a Hadamard construction, listing the supported ones
+    for name, attn in found:
+        try:
+            _wrapped_attention(attn, "rotate queries and keys (r3)")
+        except ValueError as err:
+            raise ValueError(f"rotate: {name}: {err}") from None
+        size = getattr(attn, "head_dim", head_dim)
+        if size != head_dim:
+            raise ValueError(f"rotate: {name} has head_dim={size}, not the config's {head_dim}; set r3=false")
+    return [attn for _, attn in found]
 
 
 def _rotate_block(m: dict[str, nn.Module], q1: torch.Tensor, q2: torch.Tensor | None, q4: dict[int, torch.Tensor],
@@ -203,7 +245,7 @@ def _rotate_block(m: dict[str, nn.Module], q1: torch.Tensor, q2: torch.Tensor | 
 
 @dataclass(frozen=True, kw_only=True)
 class RotateConfig(PassConfig):
-    """Training-free equivalent rotations (norm folding, R1, R2, R4).
+    """Training-free equivalent rotations (norm folding, R1, R2, R3, R4).
 
     The rotation covers the whole model, so ``targets``/``ignore`` do not apply
     and are not part of the recipe.
@@ -212,6 +254,9 @@ class RotateConfig(PassConfig):
         seed: seed of the random signs / Gaussian.
         r1: ``"hadamard"`` or ``"random"``.
         r2: per-head rotation of values / o_proj input.
+        r3: online Hadamard on queries and keys after RoPE, for a quantized KV
+            cache (default false: exact and useless without ``kv_bits``; not
+            exportable yet).
         r4: online Hadamard before down_proj (not exportable yet).
     """
 
@@ -220,6 +265,7 @@ class RotateConfig(PassConfig):
     seed: int = 0
     r1: str = "hadamard"
     r2: bool = True
+    r3: bool = False
     r4: bool = True
 
     def __post_init__(self) -> None:
@@ -228,12 +274,12 @@ class RotateConfig(PassConfig):
             raise ValueError(f"rotate.seed must be a non-negative integer, got {self.seed!r}")
         if self.r1 not in ("hadamard", "random"):
             raise ValueError(f"rotate.r1={self.r1!r}: use 'hadamard' or 'random'")
-        for name in ("r2", "r4"):
+        for name in ("r2", "r3", "r4"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rotate.{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "r1": self.r1, "r2": self.r2, "r4": self.r4}
+        return {"seed": self.seed, "r1": self.r1, "r2": self.r2, "r3": self.r3, "r4": self.r4}
 
 
 @register_pass
@@ -251,7 +297,7 @@ class RotatePass(Pass):
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model`` in place; what was applied is kept in ``self.applied``."""
         c = self.config
-        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r4=c.r4)
+        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("rotate is a model-level pass: run the recipe through compressor.compress, which "

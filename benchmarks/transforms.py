@@ -1,0 +1,286 @@
+"""Rotations before quantization on SmolLM2-135M: W4A16 and W4A4KV4, with and without Hadamard transforms.
+
+Every (setting, transform, method) runs in its own subprocess, so ``peak_rss_mb``
+is that run's alone. One protocol for all (DESIGN.md, "Measured starting
+points"): calibration = 128 windows x 512 tokens of SOTU 1790-1999 at seeded
+random starts (seed 0); evaluation = perplexity on the first 32768 tokens of
+SOTU 2010-2021 in consecutive windows of 512; SmolLM2-135M-Instruct in fp32.
+
+Settings (weights: every ``Linear`` but ``lm_head``, 4-bit per output channel,
+asymmetric min-max grid, as in ``quant_quality.py``):
+
+* ``w4a16``: weights only;
+* ``w4a4kv4``: plus every linear input 4-bit per token (symmetric) and keys /
+  values 4-bit per head and token (asymmetric), fake-quantized in memory by the
+  ``quantize_activations`` pass, after the weight pass.
+
+Transforms (the ``rotate`` pass, first in the recipe):
+
+* ``none``;
+* ``hadamard``: QuaRot (arXiv 2404.00456) — norms folded, randomized Hadamard
+  R1 and R2 fused, online Hadamard R4 before down_proj and R3 on queries and
+  keys after RoPE (``rotate: {seed: 0, r1: hadamard, r2: true, r3: true, r4: true}``);
+* ``ostquant`` (OSTQuant, arXiv 2501.13987, learned orthogonal + scaling
+  transforms): PLACEHOLDER, not built yet; refused on the command line, so no
+  result line exists for it.
+
+Methods: ``fp32`` (no weight pass: one line per transform; with ``hadamard``
+it checks that the rotations keep the perplexity), ``rtn``, ``gptq`` (our
+passes, default settings).
+
+Results: one JSON line per run on stdout, appended to ``--output`` too; logs
+on stderr. Fields are described in benchmarks/README.md.
+
+    python benchmarks/transforms.py --quick
+    python benchmarks/transforms.py --output out/bench/transforms.jsonl
+    python benchmarks/transforms.py --settings w4a4kv4 --transforms hadamard --methods gptq
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
+
+import _common as common  # noqa: E402
+
+log = logging.getLogger("benchmarks.transforms")
+
+BENCH = "transforms"
+ROOT = Path(__file__).resolve().parent.parent
+
+WEIGHTS = {"bits": 4, "group_size": -1, "symmetric": False}  # W4 per-channel asymmetric (DESIGN.md's RTN)
+# setting → quantize_activations config, or None for weight-only
+SETTINGS: dict[str, dict[str, Any] | None] = {
+    "w4a16": None,
+    "w4a4kv4": {"bits": 4, "symmetric": True, "clip_ratio": 1.0, "kv_bits": 4, "kv_symmetric": False,
+                "kv_group_size": None},
+}
+# transform → rotate config, or None for no rotation
+TRANSFORMS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "hadamard": {"seed": 0, "r1": "hadamard", "r2": True, "r3": True, "r4": True},
+}
+PLANNED_TRANSFORMS = {"ostquant": "OSTQuant (learned orthogonal + scaling transforms) is not built yet"}
+METHODS = ("fp32", "rtn", "gptq")
+# --quick without --methods: GPTQ (about 2 min even on the tiny calibration set) only in the full QuaRot job
+QUICK_GPTQ = ("w4a4kv4", "hadamard")
+
+
+# ---------------------------------------------------------------- planning (no model needed)
+
+
+def _names(text: str | None, known, what: str, planned: dict[str, str] | None = None) -> list[str] | None:
+    """A comma list checked against ``known``; None when not given."""
+    if text is None:
+        return None
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    for name in names:
+        if planned and name in planned:
+            raise ValueError(f"{what} {name!r}: {planned[name]}; use one of {', '.join(known)}")
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}: use a comma list of {', '.join(known)}")
+    if not names:
+        raise ValueError(f"--{what}s is empty: use a comma list of {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def plan_jobs(methods: str | None = None, settings: str | None = None, transforms: str | None = None,
+              *, quick: bool = False) -> list[dict[str, Any]]:
+    """The runs, in order: for each transform its fp32 line, then every (setting, method).
+
+    Args:
+        methods, settings, transforms: comma lists, None for all. With
+            ``quick`` and ``methods`` None, ``gptq`` runs only in the
+            ``w4a4kv4`` + ``hadamard`` job (the smoke test stays within minutes).
+
+    Returns:
+        ``{"method", "setting", "transform"}`` dicts (``setting`` is ``"fp32"`` for fp32 lines).
+
+    Raises:
+        ValueError: an unknown or not-yet-built name, or an empty list.
+    """
+    m = _names(methods, METHODS, "method")
+    s = _names(settings, tuple(SETTINGS), "setting") or list(SETTINGS)
+    t = _names(transforms, tuple(TRANSFORMS), "transform", PLANNED_TRANSFORMS) or list(TRANSFORMS)
+    trim = quick and m is None
+    m = m or list(METHODS)
+    jobs = []
+    for transform in t:
+        if "fp32" in m:
+            jobs.append({"method": "fp32", "setting": "fp32", "transform": transform})
+        for setting in s:
+            for method in m:
+                if method == "fp32" or (trim and method == "gptq" and (setting, transform) != QUICK_GPTQ):
+                    continue
+                jobs.append({"method": method, "setting": setting, "transform": transform})
+    return jobs
+
+
+def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of one job: ``rotate`` (if any), the weight pass (if any), ``quantize_activations`` (if any)."""
+    passes: list[dict[str, Any]] = []
+    rotate = TRANSFORMS[job["transform"]]
+    if rotate is not None:
+        passes.append({"rotate": dict(rotate)})
+    if job["method"] != "fp32":
+        passes.append({job["method"]: {"scheme": dict(WEIGHTS)}})
+        acts = SETTINGS[job["setting"]]
+        if acts is not None:
+            passes.append({"quantize_activations": dict(acts)})
+    return {"seed": 0, "passes": passes}
+
+
+def base_record(job: dict[str, Any]) -> dict[str, Any]:
+    """The fields every line has; measurements start empty."""
+    quantized = job["method"] != "fp32"
+    acts = SETTINGS.get(job["setting"]) if quantized else None
+    return {
+        "bench": BENCH,
+        "model": common.MODEL_NAME,
+        "method": job["method"],
+        "setting": job["setting"],
+        "transform": job["transform"],
+        "weights": dict(WEIGHTS) if quantized else None,
+        "activations": {k: acts[k] for k in ("bits", "symmetric", "clip_ratio")} if acts else None,
+        "kv_cache": {"bits": acts["kv_bits"], "symmetric": acts["kv_symmetric"], "group_size": acts["kv_group_size"]}
+        if acts else None,
+        "recipe": recipe_dict(job),
+        "ppl": None,
+        "compress_s": None,
+        "peak_rss_mb": None,
+        "status": None,
+    }
+
+
+# ---------------------------------------------------------------- child
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Load SmolLM2, compress with the job's recipe, measure perplexity (in this child process)."""
+    import torch
+
+    import compressor
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    record = base_record(job)
+    record["machine"] = common.machine_info()
+    record["versions"] = common.versions("torch", "transformers", "compressor")
+    recipe = compressor.Recipe.from_dict(recipe_dict(job))
+    path, tokenizer = common.load_tokenizer_and_path()
+    ids = common.eval_ids(tokenizer)
+    model = common.load_fp32_model(path)
+    if recipe.passes:
+        kwargs = {}
+        if any(p.requires_calibration for p in recipe.build()):
+            calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
+            record["calibration"] = calib.to_dict()
+            kwargs["calibration"] = calib.input_ids
+        try:
+            start = time.perf_counter()
+            model = compressor.compress(model, recipe, quiet=True, **kwargs)
+            record["compress_s"] = round(time.perf_counter() - start, 2)
+        except Exception as err:  # recorded as a finding (traceback in the log), not hidden
+            log.error("%s failed:\n%s", _label(job), traceback.format_exc())
+            record.update(status="failed", error=common.error_text(err))
+            return record
+        record["rotation"] = getattr(model, "rotation_info", None)
+        record["attn_implementation"] = model.config._attn_implementation
+    record.update(common.perplexity(model, ids, job["max_tokens"]))
+    record["status"] = "ok"
+    return record
+
+
+# ---------------------------------------------------------------- parent
+
+
+def _label(job: dict[str, Any]) -> str:
+    return f"{job['method']}/{job['setting']}/{job['transform']}"
+
+
+def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
+    log.info("running %s", _label(job))
+    run = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child"], job, verbose=verbose, cwd=ROOT)
+    record = run.record
+    if record is None:
+        record = base_record(job)
+        record["machine"] = common.machine_info()
+        record.update(status="failed", error=run.failure())
+    record["peak_rss_mb"] = run.peak_rss_mb  # the whole child process
+    record["wall_s"] = run.wall_s
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Rotations before W4A16 / W4A4KV4 quantization on SmolLM2-135M, one JSON line per result.",
+        epilog="Cost on 2 cores: fp32 / rtn ~3 min per run, gptq ~7-10 min per run (full protocol, ~1 h for the "
+        "grid); --quick ~6 min. See benchmarks/README.md.",
+    )
+    parser.add_argument("--settings", help=f"comma list of {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all; "
+                        f"{', '.join(PLANNED_TRANSFORMS)}: not built yet)")
+    parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all; with --quick, gptq "
+                        "only for w4a4kv4 + hadamard)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
+    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
+    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
+    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser
+
+
+def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[str, Any]], dict[str, Any]]:
+    """Parse the command line into ``(args, jobs, protocol)``; each job carries the protocol. Exits on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        return args, [], {}
+    for name in ("n_calib", "calib_len", "max_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    base = common.QUICK if args.quick else common.FULL
+    protocol = {
+        "n_calib": args.n_calib or base["n_calib"],
+        "calib_len": args.calib_len or base["calib_len"],
+        "max_tokens": args.max_tokens or base["max_tokens"],
+        "threads": args.threads,
+    }
+    if protocol["max_tokens"] < common.CTX:
+        parser.error(f"--max-tokens must be at least one window of {common.CTX} tokens")
+    try:
+        jobs = plan_jobs(args.methods, args.settings, args.transforms, quick=args.quick)
+    except ValueError as err:
+        parser.error(str(err))
+    return args, [{**job, **protocol} for job in jobs], protocol
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, jobs, protocol = plan(argv)
+    common.setup_logging(args.verbose)
+    if common.run_child_job(args, run_one):
+        return
+    log.info("%d runs: %s", len(jobs), ", ".join(_label(j) for j in jobs))
+    for job in jobs:
+        record = run_job(job, args.verbose)
+        record["protocol"] = {"quick": args.quick, **protocol}
+        common.emit(record, args.output)
+
+
+if __name__ == "__main__":
+    main()

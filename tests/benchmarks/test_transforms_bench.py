@@ -1,0 +1,83 @@
+"""benchmarks/transforms.py without SmolLM2: argument parsing, job planning, the recipes on a tiny model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import load_benchmark, tiny_llama
+
+from compressor import Recipe, compress
+from compressor.quant.activations import activation_quantizers, qk_rotations
+from compressor.transforms.online import online_transforms
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("transforms")
+
+
+def _keys(jobs) -> list[tuple[str, str, str]]:
+    return [(j["method"], j["setting"], j["transform"]) for j in jobs]
+
+
+def test_default_plan_is_the_full_grid(bench):
+    _, jobs, protocol = bench.plan([])
+    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None}
+    assert all(j["n_calib"] == 128 and j["max_tokens"] == 32768 for j in jobs)
+    expected = []
+    for t in ("none", "hadamard"):
+        expected.append(("fp32", "fp32", t))
+        expected += [(m, s, t) for s in ("w4a16", "w4a4kv4") for m in ("rtn", "gptq")]
+    assert _keys(jobs) == expected  # 2 fp32 lines + 2 settings x 2 transforms x 2 methods
+
+
+def test_quick_plan_keeps_one_gptq_job(bench):
+    _, jobs, protocol = bench.plan(["--quick", "--threads", "2"])
+    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2}
+    assert [k for k in _keys(jobs) if k[0] == "gptq"] == [("gptq", "w4a4kv4", "hadamard")]
+    assert len(jobs) == 2 + 4 + 1
+    _, jobs, _ = bench.plan(["--quick", "--methods", "gptq", "--settings", "w4a16"])  # explicit: not trimmed
+    assert _keys(jobs) == [("gptq", "w4a16", "none"), ("gptq", "w4a16", "hadamard")]
+
+
+def test_subsets(bench):
+    _, jobs, _ = bench.plan(["--methods", "RTN, fp32", "--settings", "w4a4kv4", "--transforms", "hadamard"])
+    assert _keys(jobs) == [("fp32", "fp32", "hadamard"), ("rtn", "w4a4kv4", "hadamard")]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--transforms", "ostquant"], "ostquant.*not built yet"),
+    (["--methods", "awq"], "unknown method 'awq'"),
+    (["--settings", "w4a8"], "unknown setting 'w4a8'"),
+    (["--settings", ","], "--settings is empty"),
+    (["--max-tokens", "100"], "at least one window"),
+    (["--threads", "0"], "positive integer"),
+])
+def test_bad_arguments_exit_with_the_reason(bench, capsys, argv, match):
+    with pytest.raises(SystemExit):
+        bench.plan(argv)
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_records_and_recipes(bench):
+    rec = bench.base_record({"method": "gptq", "setting": "w4a4kv4", "transform": "hadamard"})
+    assert rec["weights"] == {"bits": 4, "group_size": -1, "symmetric": False}
+    assert rec["activations"] == {"bits": 4, "symmetric": True, "clip_ratio": 1.0}
+    assert rec["kv_cache"] == {"bits": 4, "symmetric": False, "group_size": None}
+    assert [next(iter(p)) for p in rec["recipe"]["passes"]] == ["rotate", "gptq", "quantize_activations"]
+    fp32 = bench.base_record({"method": "fp32", "setting": "fp32", "transform": "none"})
+    assert fp32["recipe"]["passes"] == [] and fp32["weights"] is None and fp32["kv_cache"] is None
+    for job in bench.plan_jobs():  # every planned recipe is a valid recipe
+        Recipe.from_dict(bench.recipe_dict(job))
+
+
+def test_quarot_recipe_runs_on_a_tiny_llama(bench):
+    recipe = Recipe.from_dict(bench.recipe_dict({"method": "rtn", "setting": "w4a4kv4", "transform": "hadamard"}))
+    model = compress(tiny_llama(hidden=64, inter=96), recipe, quiet=True)
+    assert len(online_transforms(model)) == 2 and len(qk_rotations(model)) == 2
+    assert len(activation_quantizers(model)) == 14 + 2
+    assert model.rotation_info["r3"] == 16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(12)[None]).logits).all()
