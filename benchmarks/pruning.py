@@ -12,7 +12,8 @@ Two suites (``--suite``):
 
 * ``peers``: magnitude, wanda, sparsegpt, llmc-wanda, llmc-sparsegpt at 50%
   unstructured and 2:4, uniform allocation;
-* ``allocation``: wanda at 60% and 70% with uniform, global, lamp, owl and dp allocation.
+* ``allocation``: wanda at 60% and 70% with uniform, global, lamp, owl, dp
+  (per-linear output energy) and dp-output (per-block network-output KL) allocation.
 
 One JSON line per run on stdout (and appended to ``--output``); logs on stderr.
 
@@ -42,7 +43,16 @@ DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 OUR_METHODS = ("magnitude", "wanda", "sparsegpt")
 PEER_METHODS = ("llmc-wanda", "llmc-sparsegpt")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
-ALLOCATIONS = ("uniform", "global", "lamp", "owl", "dp")
+# allocation name on the command line -> our prune pass's allocation keys
+ALLOCATION_KEYS = {
+    "uniform": {"allocation": "uniform"},
+    "global": {"allocation": "global"},
+    "lamp": {"allocation": "lamp"},
+    "owl": {"allocation": "owl"},
+    "dp": {"allocation": "dp"},  # per-linear relative output energy
+    "dp-output": {"allocation": "dp", "dp_distortion": "output"},  # per-block network-output KL (the paper's)
+}
+ALLOCATIONS = tuple(ALLOCATION_KEYS)
 SUITES = {
     "peers": {"methods": OUR_METHODS + PEER_METHODS, "sparsities": ("0.5", "2:4"), "allocations": ("uniform",)},
     "allocation": {"methods": ("wanda",), "sparsities": ("0.6", "0.7"), "allocations": ALLOCATIONS},
@@ -88,7 +98,7 @@ def recipe_for(job: dict) -> dict:
     if ":" in sparsity:
         cfg["structure"] = sparsity
     else:
-        cfg.update(sparsity=float(sparsity), allocation=job["allocation"])
+        cfg.update(sparsity=float(sparsity), **ALLOCATION_KEYS[job["allocation"]])
     return {"passes": [{"prune": cfg}]}
 
 

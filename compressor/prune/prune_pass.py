@@ -38,6 +38,7 @@ __all__ = ["PruneConfig", "PrunePass", "METHODS"]
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+DP_DISTORTIONS = ("relative", "absolute", "output")
 _DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}  # as in each method's paper
 
 
@@ -67,8 +68,15 @@ class PruneConfig(PassConfig):
         owl_threshold: OWL's M: a score is an outlier above M times the block's mean.
         owl_lambda: OWL's lambda: block sparsities span ``sparsity +- lambda``.
         dp_step: spacing of DP's candidate sparsities (0, step, 2 step, ... < 1).
-        dp_distortion: DP's per-layer distortion: ``"relative"`` (squared output
-            error divided by the layer's dense output energy) or ``"absolute"``.
+        dp_distortion: DP's distortion: ``"relative"`` (each linear's squared
+            output error divided by its dense output energy), ``"absolute"``, or
+            ``"output"`` (the paper's: KL of the model's next-token distribution
+            when one decoder block alone is pruned, measured on ``dp_probe``
+            calibration sequences; the unit is then a block, all its targeted
+            linears at one sparsity).
+        dp_probe: calibration sequences the ``"output"`` distortion is measured on.
+        dp_span: ``"output"`` only: candidate sparsities lie within
+            ``sparsity +- dp_span`` (each candidate costs a forward per block).
     """
 
     method: str = "sparsegpt"
@@ -82,6 +90,8 @@ class PruneConfig(PassConfig):
     owl_lambda: float = 0.08
     dp_step: float = 0.05
     dp_distortion: str = "relative"
+    dp_probe: int = 2
+    dp_span: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,8 +121,12 @@ class PruneConfig(PassConfig):
             raise ValueError(f"owl_threshold={self.owl_threshold}: use a positive multiple of the mean score, e.g. 5")
         if not 0 <= self.owl_lambda < 1:
             raise ValueError(f"owl_lambda={self.owl_lambda}: use a sparsity offset in [0, 1), e.g. 0.08")
-        if self.dp_distortion not in ("absolute", "relative"):
-            raise ValueError(f"dp_distortion={self.dp_distortion!r}: use 'absolute' or 'relative'")
+        if self.dp_distortion not in DP_DISTORTIONS:
+            raise ValueError(f"dp_distortion={self.dp_distortion!r}: use one of {DP_DISTORTIONS}")
+        if self.dp_probe < 1:
+            raise ValueError(f"dp_probe={self.dp_probe}: use a positive number of calibration sequences, e.g. 2")
+        if not 0 < self.dp_span < 1:
+            raise ValueError(f"dp_span={self.dp_span}: use a sparsity range in (0, 1), e.g. 0.2")
         if not 0 < self.dp_step <= 0.5:
             raise ValueError(f"dp_step={self.dp_step}: use a grid spacing in (0, 0.5], e.g. 0.05")
 
@@ -134,7 +148,10 @@ class PruneConfig(PassConfig):
     def dp_grid(self) -> list[float]:
         """DP's candidate sparsities: 0, step, 2 step, ... below 1."""
         steps = int(round(1 / self.dp_step))
-        return [i * self.dp_step for i in range(steps) if i * self.dp_step < alloc.MAX_LAYER_SPARSITY]
+        grid = [i * self.dp_step for i in range(steps) if i * self.dp_step < alloc.MAX_LAYER_SPARSITY]
+        if self.dp_distortion == "output" and self.sparsity is not None:
+            grid = [g for g in grid if abs(g - self.sparsity) <= self.dp_span + 1e-9]
+        return grid
 
 
 @register_pass
@@ -183,7 +200,10 @@ class PrunePass(Pass):
             from compressor.pipeline.sequential import PipelineConfig, run_sequential
 
             sweep = _AllocationSweep(cfg)
-            run_sequential(model, [sweep], input_ids, replace(pipeline or PipelineConfig(), checkpoint_dir=None))
+            pipeline = replace(pipeline or PipelineConfig(), checkpoint_dir=None)
+            run_sequential(model, [sweep], input_ids, pipeline)
+            if cfg.allocation == "dp" and cfg.dp_distortion == "output":
+                sweep.probe(model, input_ids[: cfg.dp_probe], quiet=pipeline.quiet)
             plan = sweep.allocate({n: m.weight.numel() for n, m in linears})
         self.sparsity_plan = plan
         done = alloc.achieved_sparsity([m.weight.numel() for _, m in linears], [plan[n] for n, _ in linears])
@@ -316,6 +336,9 @@ class _AllocationSweep(Pass):
         self.block_ratios: dict[str, float] = {}  # block prefix -> OWL outlier ratio
         self.block_members: dict[str, list[str]] = {}  # block prefix -> its linears
         self.curves: dict[str, list[float]] = {}  # linear -> DP distortion at each grid sparsity
+        self.norms: dict[str, torch.Tensor] = {}  # linear -> input norms (DP "output", probed after the sweep)
+        self.block_curves: torch.Tensor | None = None  # (blocks, grid) DP "output" distortions
+        self.block_prefixes: list[str] = []
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
         """Hook the block's targeted linears to accumulate their input norms."""
@@ -336,10 +359,40 @@ class _AllocationSweep(Pass):
             scores = [wanda_scores(modules[n].weight.data, acc.norms) for n, acc in self._inputs.stats.items()]
             if scores:
                 self.block_ratios[prefix] = alloc.outlier_ratio(scores, self.config.owl_threshold)
+        elif self.config.dp_distortion == "output":  # masks are chosen later, in probe()
+            self.norms.update({name: acc.norms.detach().cpu() for name, acc in self._inputs.stats.items()})
         else:
             for name, acc in self._inputs.stats.items():
                 self.curves[name] = self._curve(modules[name].weight.data, acc.norms)
         self._inputs.clear()
+
+    def _scores(self, weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """The method's own pruning order: |W| for magnitude, Wanda scores otherwise."""
+        return magnitude_scores(weight) if self.config.method == "magnitude" else wanda_scores(weight, norms)
+
+    def probe(self, model: nn.Module, input_ids: torch.Tensor, quiet: bool = False) -> None:
+        """DP ``"output"`` distortion: KL of the model's output with one block pruned at each candidate.
+
+        Args:
+            model: the dense model (unchanged on return).
+            input_ids: (P, T) int64 probe sequences.
+        """
+        from compressor.arch import find_blocks
+        from compressor.prune.probe import output_distortion
+
+        blocks_name, blocks = find_blocks(model)
+        prefixes = [f"{blocks_name}.{i}" for i in range(len(blocks))]
+        modules = dict(model.named_modules())
+        scores = {n: self._scores(modules[n].weight.data, self.norms[n].to(modules[n].weight.device))
+                  for n in self.norms}
+        scope = self.config.resolved_scope
+
+        def masks(i: int, s: float) -> list[tuple[nn.Module, torch.Tensor]]:
+            return [(modules[n], select_mask(scores[n], s, scope))
+                    for n in self.block_members.get(prefixes[i], []) if n in scores]
+
+        self.block_curves = output_distortion(model, input_ids, self.config.dp_grid, masks, quiet=quiet)
+        self.block_prefixes = prefixes
 
     def _curve(self, weight: torch.Tensor, norms: torch.Tensor) -> list[float]:
         """Output error of the linear pruned alone at each grid sparsity, from sorted cumulative sums.
@@ -352,7 +405,7 @@ class _AllocationSweep(Pass):
         """
         w = weight.detach().float()  # (N, K)
         energy = w.pow(2) * norms.to(w.device, torch.float32).pow(2)[None, :]  # (N, K) error if pruned
-        scores = magnitude_scores(w) if self.config.method == "magnitude" else wanda_scores(w, norms)
+        scores = self._scores(w, norms)
         n, k = w.shape
         if self.config.resolved_scope == "row":  # every row loses the same count
             order = torch.argsort(scores, dim=1, stable=True)
@@ -380,6 +433,16 @@ class _AllocationSweep(Pass):
                 raise ValueError("owl: no targeted linear inside the decoder blocks saw calibration data")
             per_block = alloc.owl([self.block_ratios[b] for b in blocks], cfg.sparsity, cfg.owl_lambda)
             plan = {n: s for b, s in zip(blocks, per_block) for n in self.block_members[b]}
+        elif cfg.dp_distortion == "output":
+            if self.block_curves is None:
+                raise ValueError("dp output distortion was not probed: call probe(model, ids) after the sweep")
+            members = [[n for n in self.block_members.get(b, []) if n in sizes] for b in self.block_prefixes]
+            rows = [i for i, m in enumerate(members) if m]
+            if not rows:
+                raise ValueError("dp: no targeted linear inside the decoder blocks saw calibration data")
+            picks = alloc.rate_distortion(self.block_curves[rows], cfg.dp_grid,
+                                          [sum(sizes[n] for n in members[i]) for i in rows], cfg.sparsity)
+            plan = {n: s for i, s in zip(rows, picks) for n in members[i]}
         else:
             names = [n for n in sizes if n in self.curves]
             if not names:

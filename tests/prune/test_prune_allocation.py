@@ -195,3 +195,53 @@ def test_dp_curve_is_the_pruned_output_energy(scope, distortion):
         if distortion == "relative":
             want /= float(energy.sum())
         assert got == pytest.approx(want, rel=1e-5, abs=1e-9), s
+
+
+def test_output_distortion_is_the_kl_of_the_whole_pruned_model():
+    """Each probe (run from the pruned block on) equals KL(dense || model with that block pruned), run whole."""
+    import torch.nn.functional as F
+
+    from compressor.prune.masks import select_mask
+    from compressor.prune.probe import output_distortion
+
+    model = tiny_llama(layers=3)
+    name, blocks = find_blocks(model)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = IDS[:3]
+
+    def masks(i, s):
+        return [(m, select_mask(m.weight.abs(), s, "layer")) for m in blocks[i].modules() if isinstance(m, nn.Linear)]
+
+    grid = [0.0, 0.3, 0.8]
+    got = output_distortion(model, ids, grid, masks, batch_size=2, quiet=True)
+    assert got.shape == (3, 3) and (got[:, 0] == 0).all()
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())  # left dense
+    with torch.no_grad():
+        ref = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+        for i in range(3):
+            for c, s in enumerate(grid[1:], start=1):
+                for m, keep in masks(i, s):
+                    m.weight.mul_(keep)
+                logq = F.log_softmax(model(input_ids=ids).logits.float(), -1)
+                want = float((ref.exp() * (ref - logq)).sum() / ids.numel())
+                model.load_state_dict(dense)
+                assert got[i, c] == pytest.approx(want, rel=1e-4, abs=1e-7), (i, s)
+    assert (got[:, 2] > got[:, 1]).all()  # more pruning, more distortion
+
+
+def test_dp_output_plan_is_one_sparsity_per_block_within_the_span():
+    from compressor.prune.prune_pass import PruneConfig, PrunePass
+
+    model = tiny_llama(layers=4)
+    p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", dp_distortion="output", dp_probe=2,
+                              dp_span=0.2, dp_step=0.1))
+    plan = p.plan(model, IDS, QUIET)
+    assert set(plan) == {n for n, _ in _block_linears(model)}
+    per_block = {}
+    for n, s in plan.items():
+        per_block.setdefault(n.split(".")[2], set()).add(s)
+    assert all(len(v) == 1 for v in per_block.values()) and len(per_block) == 4
+    assert all(0.4 - 1e-9 <= s <= 0.8 + 1e-9 for s in plan.values())
+    sizes = {n: m.weight.numel() for n, m in _block_linears(model)}
+    assert achieved_sparsity(list(sizes.values()), [plan[n] for n in sizes]) >= 0.6 - 1e-9
+    assert all((m.weight != 0).all() for _, m in _block_linears(model))
