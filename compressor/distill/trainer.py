@@ -267,8 +267,9 @@ def distill(
     seq = data.shape[1]
     losses, evals = [], []
     t0 = time.perf_counter()
-    bar = progress(range(start, config.steps), "distill", quiet=config.quiet or not accelerator.is_main_process,
-                   total=config.steps - start)
+    quiet = config.quiet or not accelerator.is_main_process
+    bar = progress(range(start, config.steps), "distill", quiet=quiet, total=config.steps - start)
+    log_every = max(1, config.steps // 20)  # without a bar, progress goes to the log ~20 times per run
     for step in bar:
         rows = global_batch(step, data.shape[0], config.batch_size, config.seed)
         share = rows[accelerator.process_index * micro * config.grad_accum:][: micro * config.grad_accum]
@@ -293,10 +294,13 @@ def distill(
         state.after_step()  # pruned weights back to zero
         mean = float(accelerator.gather(total.to(accelerator.device).reshape(1)).double().mean())
         losses.append((step + 1, mean))
+        tok_s = (step + 1 - start) * config.batch_size * seq / (time.perf_counter() - t0)
         if hasattr(bar, "set_postfix"):
-            tok_s = (step + 1 - start) * config.batch_size * seq / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tok_s:.0f}")
-        log.debug("step %d loss %.6f", step + 1, mean)
+        if accelerator.is_main_process and ((step + 1) % log_every == 0 or step + 1 == config.steps):
+            log.info("distill step %d/%d: loss %.4f, %.0f tokens/s", step + 1, config.steps, mean, tok_s)
+        else:
+            log.debug("step %d loss %.6f", step + 1, mean)
         if config.eval_every and evaluate is not None and (step + 1) % config.eval_every == 0 and accelerator.is_main_process:
             student.eval()
             evals.append((step + 1, float(evaluate(student))))

@@ -60,12 +60,15 @@ def test_global_batch_is_a_function_of_the_step():
     assert not torch.equal(global_batch(0, 10, 4, seed=1), rows[0])
 
 
-def test_pruned_student_learns_and_keeps_its_nm_masks():
+def test_pruned_student_learns_and_keeps_its_nm_masks(caplog):
     teacher = _teacher()
     student = _compressed([{"prune": {"method": "magnitude", "structure": "2:4"}}])
     masks = {n: prune_mask(m).clone() for n, m in _linears(student)}
     before = _kl(teacher, student)
-    result = distill(teacher, student, DATA, FAST)
+    with caplog.at_level("INFO", logger="compressor.distill.trainer"):
+        result = distill(teacher, student, DATA, FAST)
+    steps_logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill step")]
+    assert len(steps_logged) == 25 and steps_logged[-1].startswith("distill step 25/25: loss")  # quiet: progress in the log
     assert _kl(teacher, student) < 0.7 * before
     assert result.losses[-1][1] < result.losses[0][1] and result.tokens_seen == 25 * 4 * 24
     for name, m in _linears(student):
