@@ -12,8 +12,9 @@ Two suites (``--suite``):
 
 * ``peers``: magnitude, wanda, sparsegpt, llmc-wanda, llmc-sparsegpt at 50%
   unstructured and 2:4, uniform allocation;
-* ``allocation``: wanda at 60% and 70% with uniform, global, lamp, owl, dp
-  (per-linear output energy) and dp-output (per-block network-output KL) allocation.
+* ``allocation``: wanda at 60% and 70% with uniform, global, lamp, owl,
+  dp-linear (per-linear output energy) and dp-output (per-block network-output
+  KL, the ``dp`` default) allocation.
 
 One JSON line per run on stdout (and appended to ``--output``); logs on stderr.
 
@@ -49,7 +50,7 @@ ALLOCATION_KEYS = {
     "global": {"allocation": "global"},
     "lamp": {"allocation": "lamp"},
     "owl": {"allocation": "owl"},
-    "dp": {"allocation": "dp"},  # per-linear relative output energy
+    "dp-linear": {"allocation": "dp", "dp_distortion": "relative"},  # per-linear relative output energy
     "dp-output": {"allocation": "dp", "dp_distortion": "output"},  # per-block network-output KL (the paper's)
 }
 ALLOCATIONS = tuple(ALLOCATION_KEYS)

@@ -38,7 +38,7 @@ __all__ = ["PruneConfig", "PrunePass", "METHODS"]
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-DP_DISTORTIONS = ("relative", "absolute", "output")
+DP_DISTORTIONS = ("output", "relative", "absolute")
 _DEFAULT_SCOPE = {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}  # as in each method's paper
 
 
@@ -68,12 +68,13 @@ class PruneConfig(PassConfig):
         owl_threshold: OWL's M: a score is an outlier above M times the block's mean.
         owl_lambda: OWL's lambda: block sparsities span ``sparsity +- lambda``.
         dp_step: spacing of DP's candidate sparsities (0, step, 2 step, ... < 1).
-        dp_distortion: DP's distortion: ``"relative"`` (each linear's squared
-            output error divided by its dense output energy), ``"absolute"``, or
-            ``"output"`` (the paper's: KL of the model's next-token distribution
-            when one decoder block alone is pruned, measured on ``dp_probe``
-            calibration sequences; the unit is then a block, all its targeted
-            linears at one sparsity).
+        dp_distortion: DP's distortion: ``"output"`` (default; the paper's:
+            KL of the model's next-token distribution when one decoder block
+            alone is pruned, measured on ``dp_probe`` calibration sequences; the
+            unit is then a block, all its targeted linears at one sparsity),
+            or per linear, cheaper but a worse predictor on SmolLM2:
+            ``"relative"`` (squared output error divided by the dense output
+            energy) or ``"absolute"``.
         dp_probe: calibration sequences the ``"output"`` distortion is measured on.
         dp_span: ``"output"`` only: candidate sparsities lie within
             ``sparsity +- dp_span`` (each candidate costs a forward per block).
@@ -89,7 +90,7 @@ class PruneConfig(PassConfig):
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     dp_step: float = 0.05
-    dp_distortion: str = "relative"
+    dp_distortion: str = "output"
     dp_probe: int = 2
     dp_span: float = 0.2
 

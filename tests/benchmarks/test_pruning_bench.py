@@ -14,7 +14,8 @@ def test_every_allocation_builds_a_valid_recipe():
     assert [j["allocation"] for j in jobs if j["sparsity"] == "2:4"] == ["uniform"]
     for job in jobs:
         (p,) = Recipe.from_dict(bench.recipe_for(job)).build()
-        if job["allocation"] == "dp-output":
-            assert (p.config.allocation, p.config.dp_distortion) == ("dp", "output")
+        if job["allocation"].startswith("dp-"):
+            want = {"dp-output": "output", "dp-linear": "relative"}[job["allocation"]]
+            assert (p.config.allocation, p.config.dp_distortion) == ("dp", want)
         elif job["sparsity"] == "0.7":
             assert p.config.allocation == job["allocation"]
