@@ -8,6 +8,7 @@ and torch are imported at module level; ``compressor`` is imported lazily.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -260,3 +261,36 @@ def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False,
         wall = round(time.perf_counter() - start, 2)
         record = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
     return ChildRun(record, child.returncode, round(usage.ru_maxrss / 1024, 1), wall)
+
+
+def add_protocol_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The protocol options every SmolLM2 benchmark takes: --quick, --n-calib, --calib-len, --max-tokens, --threads."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
+    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
+    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
+    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+
+
+def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
+    """``{n_calib, calib_len, max_tokens, threads}`` from :func:`add_protocol_args`'s options; exits on bad values."""
+    for name in ("n_calib", "calib_len", "max_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    base = QUICK if args.quick else FULL
+    protocol = {key: getattr(args, key) or base[key] for key in ("n_calib", "calib_len", "max_tokens")}
+    if protocol["max_tokens"] < CTX:
+        parser.error(f"--max-tokens must be at least one window of {CTX} tokens")
+    return {**protocol, "threads": args.threads}
+
+
+def child_record(run: ChildRun, fallback: dict[str, Any]) -> dict[str, Any]:
+    """The child's result record, or ``fallback`` marked failed with why; the child's peak RSS and wall time added."""
+    record = run.record
+    if record is None:
+        record = {**fallback, "machine": machine_info(), "status": "failed", "error": run.failure()}
+    record["peak_rss_mb"] = run.peak_rss_mb  # the whole child process
+    record["wall_s"] = run.wall_s
+    return record
+

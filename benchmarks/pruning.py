@@ -148,13 +148,7 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     log.info("running %s %s %s", job["method"], job.get("sparsity") or "", job.get("allocation") or "")
     run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
-    record = run.record
-    if record is None:
-        record = record_for(job)
-        record.update(status="failed", error=run.failure())
-    record["peak_rss_mb"] = run.peak_rss_mb
-    record["wall_s"] = run.wall_s
-    return record
+    return common.child_record(run, record_for(job))
 
 
 def plan_jobs(methods: list[str], sparsities: list[str], allocations: list[str], protocol: dict) -> list[dict]:
@@ -194,11 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default="wanda", help=f"comma list of {', '.join(ALL_METHODS)}")
     parser.add_argument("--sparsities", default="0.5", help="comma list of fractions (0.7) and N:M (2:4)")
     parser.add_argument("--allocations", default="uniform", help=f"comma list of {', '.join(ALLOCATIONS)}")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 8 x 128 calibration tokens, 2048 evaluation tokens")
-    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
-    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
-    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    common.add_protocol_args(parser, "smoke test: 8 x 128 calibration tokens, 2048 evaluation tokens")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON, help="python of the peer venv")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -218,14 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     common.setup_logging(args.verbose)
     if common.run_child_job(args, run_ours):
         return
-    base = dict(common.QUICK if args.quick else common.FULL)
-    for key in ("n_calib", "calib_len", "max_tokens"):
-        value = getattr(args, key)
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
-            base[key] = value
-    protocol = {**base, "threads": args.threads, "quick": args.quick}
+    protocol = {**common.protocol_from_args(parser, args), "quick": args.quick}
     if args.suite:
         suites = list(SUITES) if args.suite == "all" else [args.suite]
         jobs = [j for s in suites for j in plan_jobs(list(SUITES[s]["methods"]), list(SUITES[s]["sparsities"]),

@@ -145,14 +145,7 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     log.info("running %s %s", method, setting.name if setting else "")
     run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
-    record = run.record
-    if record is None:
-        record = common.base_record(method, setting)
-        record["machine"] = common.machine_info()
-        record.update(status="failed", error=run.failure())
-    record["peak_rss_mb"] = run.peak_rss_mb  # the whole child process
-    record["wall_s"] = run.wall_s
-    return record
+    return common.child_record(run, common.base_record(method, setting))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,12 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)} (default: all)")
     parser.add_argument("--settings", default=",".join(common.DEFAULT_SETTINGS),
                         help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
-    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
-    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
-    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the peer venv (default: %(default)s)")
@@ -181,11 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser
-
-
-def _positive(parser: argparse.ArgumentParser, name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        parser.error(f"--{name} must be a positive integer, got {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,18 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if not settings and any(m != "fp32" for m in methods):
         parser.error("--settings is empty")
-    for name in ("n_calib", "calib_len", "max_tokens", "threads"):
-        _positive(parser, name.replace("_", "-"), getattr(args, name))
-    base = common.QUICK if args.quick else common.FULL
-    protocol = {
-        "n_calib": args.n_calib or base["n_calib"],
-        "calib_len": args.calib_len or base["calib_len"],
-        "max_tokens": args.max_tokens or base["max_tokens"],
-        "threads": args.threads,
-        "set": args.set,
-    }
-    if protocol["max_tokens"] < common.CTX:
-        parser.error(f"--max-tokens must be at least one window of {common.CTX} tokens")
+    protocol = {**common.protocol_from_args(parser, args), "set": args.set}
 
     jobs = []
     for method in methods:

@@ -209,14 +209,7 @@ def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
     """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
     log.info("running %s", _label(job))
     run = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child"], job, verbose=verbose, cwd=ROOT)
-    record = run.record
-    if record is None:
-        record = base_record(job)
-        record["machine"] = common.machine_info()
-        record.update(status="failed", error=run.failure())
-    record["peak_rss_mb"] = run.peak_rss_mb  # the whole child process
-    record["wall_s"] = run.wall_s
-    return record
+    return common.child_record(run, base_record(job))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,12 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(PLANNED_TRANSFORMS)}: not built yet)")
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all; with --quick, gptq "
                         "only for w4a4kv4 + hadamard)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
-    parser.add_argument("--n-calib", type=int, help="calibration windows (default 128; 8 with --quick)")
-    parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
-    parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
-    parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -250,19 +238,7 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
     args = parser.parse_args(argv)
     if args.child:
         return args, [], {}
-    for name in ("n_calib", "calib_len", "max_tokens", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    base = common.QUICK if args.quick else common.FULL
-    protocol = {
-        "n_calib": args.n_calib or base["n_calib"],
-        "calib_len": args.calib_len or base["calib_len"],
-        "max_tokens": args.max_tokens or base["max_tokens"],
-        "threads": args.threads,
-    }
-    if protocol["max_tokens"] < common.CTX:
-        parser.error(f"--max-tokens must be at least one window of {common.CTX} tokens")
+    protocol = common.protocol_from_args(parser, args)
     try:
         jobs = plan_jobs(args.methods, args.settings, args.transforms, quick=args.quick)
     except ValueError as err:
