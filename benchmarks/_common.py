@@ -294,3 +294,17 @@ def child_record(run: ChildRun, fallback: dict[str, Any]) -> dict[str, Any]:
     record["wall_s"] = run.wall_s
     return record
 
+
+def peer_main(run: Callable[[dict[str, Any]], dict[str, Any]], description: str, job_help: str,
+              argv: list[str] | None = None) -> None:
+    """Entry point of a peer script run in the peer venv: ``--job JSON --result FILE``; the record gets its own peak RSS."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--job", required=True, help=f"JSON: {job_help}")
+    parser.add_argument("--result", required=True, help="file to write the JSON result record to")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    record = run(json.loads(args.job))
+    record["self_peak_rss_mb"] = peak_rss_mb()
+    write_result(record, args.result)
+

@@ -25,8 +25,6 @@ Peer-specific choices (see benchmarks/README.md):
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 import traceback
@@ -142,15 +140,7 @@ def run(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, help="JSON: method, bits, group_size, n_calib, calib_len, max_tokens, threads")
-    parser.add_argument("--result", required=True, help="file to write the JSON result record to")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
-    record = run(json.loads(args.job))
-    record["self_peak_rss_mb"] = common.peak_rss_mb()
-    common.write_result(record, args.result)
+    common.peer_main(run, __doc__.splitlines()[0], "method, bits, group_size, n_calib, calib_len, max_tokens, threads", argv)
 
 
 if __name__ == "__main__":
