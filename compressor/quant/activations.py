@@ -289,12 +289,7 @@ def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
     """
     if online._CHILD in module._modules:
         _check_transform_first(module)
-    quantizer = module._modules[INPUT_CHILD]
-    if args:
-        return (quantizer(args[0]),) + tuple(args[1:]), kwargs
-    if "input" in kwargs:
-        return args, {**kwargs, "input": quantizer(kwargs["input"])}
-    raise ValueError(f"{type(module).__name__} was called without an input for its {INPUT_CHILD}")
+    return online.map_input(module, args, kwargs, INPUT_CHILD)
 
 
 def _check_transform_first(module: nn.Module) -> None:

@@ -59,14 +59,19 @@ class OnlineHadamard(nn.Module):
         return f"size={self.size}"
 
 
+def map_input(module: nn.Module, args: tuple, kwargs: dict, child: str):
+    """A linear's call arguments with its input x replaced by ``module.<child>(x)`` (for forward pre-hooks)."""
+    fn = module._modules[child]
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    if "input" in kwargs:
+        return args, {**kwargs, "input": fn(kwargs["input"])}
+    raise ValueError(f"{type(module).__name__} was called without an input for its {child}")
+
+
 def _rotate_input(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: replace the linear's input x by ``module.input_transform(x)``."""
-    transform = module._modules[_CHILD]
-    if args:
-        return (transform(args[0]),) + tuple(args[1:]), kwargs
-    if "input" in kwargs:
-        return args, {**kwargs, "input": transform(kwargs["input"])}
-    raise ValueError(f"{type(module).__name__} was called without an input for its {_CHILD}")
+    return map_input(module, args, kwargs, _CHILD)
 
 
 def attach_input_transform(linear: nn.Linear, transform: nn.Module) -> None:
