@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compressor.export.atomic import check_output_dir
-from compressor.export.compressed_tensors import refuse_online_transforms, save_compressed, sparsity_config
+from compressor.export.compressed_tensors import save_compressed, sparsity_config
 from compressor.export.loader import load_compressed, read_config
 from compressor.arch import find_blocks
 from compressor.calibration import ids_sha256
@@ -181,8 +181,6 @@ def compress(
     lead = _leading_model_passes(passes)
     for p in lead:  # whole-model transforms (rotate) run once, before any block is compressed
         p.apply(model, quiet=quiet)
-    if output is not None:
-        refuse_online_transforms(model)  # fail before the long pipeline, not at export
     passes = passes[len(lead):]
     ids = None
     if not any(p.requires_calibration for p in passes):

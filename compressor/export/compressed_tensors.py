@@ -10,6 +10,12 @@ Per quantized linear ``name`` the checkpoint holds:
 
 and ``config.json["quantization_config"]`` describes the schemes so that
 transformers (with compressed-tensors) and vLLM load the directory.
+
+Run-time parts (per-token input quantizers, the KV quantizer, online Hadamard
+transforms R4 / R3) go into ``input_activations``, ``kv_cache_scheme``,
+``transform_config`` and our ``compressor`` extension key, with the transform
+matrices as ``<module>.<group>_<location>.weight`` (see
+:mod:`compressor.export.online`).
 """
 
 from __future__ import annotations
@@ -23,16 +29,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compressor.export import online
 from compressor.export.atomic import atomic_directory, write_manifest
 from compressor.export.pack import pack
 from compressor.prune.state import is_pruned, prune_mask
-from compressor.quant.activations import activation_quantizers, qk_rotations
 from compressor.quant.scheme import QuantScheme, dequantize, quantize
 from compressor.quant.state import is_quantized, quant_state
-from compressor.transforms.online import online_transforms
 
-__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT",
-           "refuse_online_transforms", "refuse_activation_quantizers"]
+__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,18 @@ def _ct_version() -> str:
 
 
 def quantization_config(model: nn.Module) -> dict:
-    """``config.json["quantization_config"]`` for the quantized linears of ``model``."""
+    """``config.json["quantization_config"]`` for the quantized linears of ``model``.
+
+    One config group per distinct (weight scheme, activation order, input
+    quantizer settings); ``input_activations``, ``kv_cache_scheme``,
+    ``transform_config`` and the ``compressor`` extension describe the
+    run-time quantizers and online transforms (:mod:`compressor.export.online`).
+
+    Raises:
+        ValueError: no quantized layer, or run-time parts the format cannot record
+            (see :func:`compressor.export.online.check_online_exportable`).
+    """
+    online.check_online_exportable(model)
     groups: dict[tuple, list[str]] = {}
     linears = []
     for name, module in model.named_modules():
@@ -115,31 +130,40 @@ def quantization_config(model: nn.Module) -> dict:
             linears.append(name)
         if is_quantized(module):
             scheme, _, g_idx = quant_state(module)
-            groups.setdefault((scheme, g_idx is not None), []).append(name)
+            groups.setdefault((scheme, g_idx is not None, online.input_settings(module)), []).append(name)
     if not groups:
         raise ValueError("the model has no quantized layers: run a quantization pass before exporting")
     quantized = {n for names in groups.values() for n in names}
-    config_groups = {}
-    for i, ((scheme, actorder), names) in enumerate(groups.items()):
+    config_groups, clip_ratios = {}, {}
+    for i, ((scheme, actorder, act), names) in enumerate(groups.items()):
         targets = ["Linear"] if len(groups) == 1 else sorted(names)
         config_groups[f"group_{i}"] = {
             "targets": targets,
             "weights": scheme_to_ct_args(scheme, actorder),
-            "input_activations": None,
+            "input_activations": None if act is None else online.input_activation_args(act[0], act[1]),
             "output_activations": None,
             "format": FORMAT,
         }
-    return {
+        if act is not None and act[2] != 1.0:
+            clip_ratios[f"group_{i}"] = act[2]
+    out = {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": sorted(n for n in linears if n not in quantized),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": online.kv_cache_scheme(model),
         "global_compression_ratio": None,
         "sparsity_config": sparsity_config(model),
         "version": _ct_version(),
     }
+    transforms = online.transform_config(model)
+    if transforms is not None:
+        out["transform_config"] = transforms
+    ext = online.extension(model, clip_ratios)
+    if ext is not None:
+        out[online.EXTENSION] = ext
+    return out
 
 
 def sparsity_config(model: nn.Module) -> dict | None:
@@ -214,38 +238,6 @@ def _write_shards(tensors: dict[str, torch.Tensor], root: Path, max_shard_bytes:
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def refuse_online_transforms(model: nn.Module) -> None:
-    """Raise when ``model`` rotates linear inputs (R4) or queries and keys (R3) at run time (the format cannot record that yet).
-
-    Raises:
-        ValueError: naming a module with an online transform and the way out.
-    """
-    online, qk = online_transforms(model), qk_rotations(model)
-    if online or qk:
-        where = ([f"{len(online)} linear(s) rotate their input online (e.g. {online[0]})"] if online else []) + \
-            ([f"{len(qk)} attention module(s) rotate queries and keys online (R3, e.g. {qk[0]})"] if qk else [])
-        flags = " and ".join(["r4=false"] * bool(online) + ["r3=false"] * bool(qk))
-        raise ValueError(
-            f"{'; '.join(where)}: online transforms are not exportable yet; rotate with {flags} (fused rotations "
-            "only export as plain weights) or evaluate in memory"
-        )
-
-
-def refuse_activation_quantizers(model: nn.Module) -> None:
-    """Raise when ``model`` fake-quantizes activations or its KV cache (in-memory schemes the export cannot record yet).
-
-    Raises:
-        ValueError: naming a module with a quantizer and the way out.
-    """
-    found = activation_quantizers(model)
-    if found:
-        raise ValueError(
-            f"{len(found)} module(s) quantize activations or keys/values at run time (e.g. {found[0]}): activation and "
-            "KV-cache quantization are in memory only and not exportable yet; export without the "
-            "quantize_activations pass (weights only) or evaluate this model in memory"
-        )
-
-
 def save_compressed(
     model: nn.Module,
     output: str | Path,
@@ -260,7 +252,8 @@ def save_compressed(
 
     Args:
         model: a Hugging Face model whose targeted linears carry quantization
-            state (after a quantization pass).
+            state (after a quantization pass); online Hadamard transforms (R4,
+            R3), per-token input quantizers and a KV quantizer are recorded too.
         output: destination directory; must not exist unless ``overwrite``.
         tokenizer: saved beside the weights when given.
         recipe: a :class:`compressor.Recipe`, saved as ``recipe.yaml``.
@@ -270,9 +263,11 @@ def save_compressed(
 
     Returns:
         The output path.
+
+    Raises:
+        ValueError: nothing quantized, an off-grid weight, or a scheme / run-time
+            part the format cannot record; nothing is written then.
     """
-    refuse_online_transforms(model)
-    refuse_activation_quantizers(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
@@ -282,6 +277,7 @@ def save_compressed(
         if out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
             config["tie_word_embeddings"] = False  # lm_head was quantized on its own
     tensors = _state_dict(model)
+    tensors.update(online.transform_tensors(model))  # (n, n) float32 ±1, once per transform group and size
     with atomic_directory(output, overwrite=overwrite) as tmp:
         _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,4 +1,11 @@
-"""Reload a packed export as a model of :class:`QuantLinear` modules."""
+"""Reload a packed export as a model of :class:`QuantLinear` modules, with its run-time quantizers and transforms.
+
+Besides the packed weights, an export may record per-token input quantizers
+(``input_activations``), a KV quantizer (``kv_cache_scheme``) and online
+Hadamard transforms (``transform_config``); the loader reattaches them
+(:mod:`compressor.export.online`) so the reloaded model computes what the
+exported one did.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from compressor.export import online
 from compressor.export.atomic import MANIFEST, verify_manifest
 from compressor.export.pack import packed_width
 from compressor.kernels import dispatch
@@ -30,6 +38,10 @@ class QuantLinear(nn.Module):
     ``weight_scale`` (N, G), ``weight_zero_point`` int32 (ceil(N*b/32), G) when
     asymmetric, ``weight_shape`` int64 (2,), ``weight_g_idx`` int32 (K,) with
     activation order. Input (..., K) → output (..., N) in the input's dtype.
+
+    Optional children, as on a compressed ``nn.Linear``: ``input_transform``
+    (an online rotation, R4) runs first, then ``input_quantizer`` (per-token
+    fake quantization), then the kernel.
     """
 
     def __init__(
@@ -63,6 +75,13 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) → (..., N)."""
+        transform = self._modules.get(online.TRANSFORM_CHILD)
+        if transform is not None:  # R4 first: the quantizer below sees x Q, the input the fused weight expects
+            x = transform(x)
+        quantizer = self._modules.get(online.INPUT_CHILD)
+        if quantizer is not None:
+            x = quantizer(x)
         return dispatch.dequant_matmul(
             x, self.weight_packed, self.weight_scale, self.weight_zero_point,
             (self.out_features, self.in_features), self.scheme, self.weight_g_idx, self.bias,
@@ -90,6 +109,29 @@ def scheme_from_ct_args(args: dict) -> QuantScheme:
         symmetric=bool(args.get("symmetric", True)),
         observer=args.get("observer") if args.get("observer") in ("minmax", "mse") else "minmax",
     )
+
+
+def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
+    """``(targets, weight scheme, actorder, input quantizer args or None)`` of each config group.
+
+    Raises:
+        ValueError: a group without weights, with output activations, or with unsupported input activations.
+    """
+    ext = (qcfg.get(online.EXTENSION) or {}).get("input_activations") or {}
+    groups = []
+    for gname, g in qcfg["config_groups"].items():
+        if not g.get("weights"):
+            raise ValueError(f"{path}: config group {gname!r} has no weights; this loader supports weight-quantized "
+                             "groups only: load the model with vLLM or transformers")
+        if g.get("output_activations"):
+            raise ValueError(f"{path}: config group {gname!r} quantizes output activations, which this loader does "
+                             "not support: load the model with vLLM or transformers")
+        act = None
+        if g.get("input_activations"):
+            act = (g["input_activations"], ext.get(gname), f"{path}: {gname}")
+            online.input_quantizer(*act)  # validates before any model is built
+        groups.append((g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder")), act))
+    return groups
 
 
 def read_config(path: Path) -> dict:
@@ -138,6 +180,13 @@ def load_compressed(
 ) -> nn.Module:
     """Load a ``pack-quantized`` export with :class:`QuantLinear` layers.
 
+    Input quantizers (``input_activations`` of a config group, clip ratio from
+    our ``compressor`` extension key), online transforms (``transform_config``,
+    with the stored matrices) and the KV quantizer (``kv_cache_scheme``, exact
+    settings from the extension key) are reattached, and the attention
+    implementation they wrap is restored, so the logits equal the exported
+    model's (bit-exact on the reference backend in float32).
+
     Args:
         path: export directory (config.json with ``quantization_config``, safetensors).
         dtype: activation / scale dtype; default: the dtype of the stored scales.
@@ -158,7 +207,9 @@ def load_compressed(
         raise ValueError(f"{path} is not a compressed-tensors pack-quantized export; load it with transformers instead")
     if verify and (path / MANIFEST).is_file():
         verify_manifest(path)
+    online.check_transform_config(qcfg, str(path))
     tensors = _load_tensors(path)
+    transform_tensors = online.pop_transform_tensors(qcfg, tensors)  # kept in float32, outside the state dict
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -167,19 +218,23 @@ def load_compressed(
         dtype = scales[0].dtype if scales else torch.float32
     # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here
     tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    impl = online.attn_implementation(qcfg)  # the one the exported quantizers wrapped (sdpa / eager)
     with init_empty_weights(include_buffers=False):
-        model = _model_class(config).from_config(config, dtype=dtype)
-    groups = [(g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder"))) for g in qcfg["config_groups"].values()]
+        model = _model_class(config).from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
+    groups = _config_groups(qcfg, path)
     ignore = tuple(qcfg.get("ignore") or ())
+    quantizers = {}  # attached after the transforms, so print(model) lists them in the order they run
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or matches(name, module, ignore):
             continue
-        for targets, scheme, actorder in groups:
+        for targets, scheme, actorder, act in groups:
             if matches(name, module, tuple(targets)):
                 if f"{name}.weight_packed" not in tensors:
                     raise ValueError(f"{path}: {name}.weight_packed is missing: the checkpoint is incomplete or corrupt")
                 q = QuantLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,
                                 actorder=actorder, dtype=dtype, backend=backend)
+                if act is not None:
+                    quantizers[name] = online.input_quantizer(*act)
                 model.set_submodule(name, q)
                 break
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -189,6 +244,10 @@ def load_compressed(
     still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_meta:
         raise ValueError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
+    online.attach_transforms(model, qcfg, transform_tensors, str(path))
+    for name, quantizer in quantizers.items():  # QuantLinear.forward runs input_transform, then input_quantizer
+        model.get_submodule(name).add_module(online.INPUT_CHILD, quantizer)
+    online.attach_kv_quantizers(model, qcfg, str(path))
     model.eval()
     if device_map is not None:
         from compressor.eval.placement import place_model

@@ -19,16 +19,19 @@ anywhere after ``rotate``; later passes see quantized activations:
   outputs are recomputed; before ``gptq``, GPTQ's Hessians see quantized
   inputs and quantized keys/values.
 
-Export is not supported: ``compress(..., output=...)`` refuses the recipe
-before any work (``not_exportable``), and ``save_compressed`` refuses a model
-holding activation quantizers.
+Export: ``compress(..., output=...)`` / ``save_compressed`` record the
+quantizers in ``quantization_config`` (``input_activations`` of the quantized
+linears' config groups, ``kv_cache_scheme``, clip ratio and exact KV settings
+under the ``compressor`` key; see :mod:`compressor.export.online`) and
+``load_compressed`` reattaches them. The linears whose inputs are quantized
+must have quantized weights: give this pass the weight pass's targets/ignore.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
@@ -97,10 +100,6 @@ class ActivationQuantPass(Pass):
 
     name = "quantize_activations"
     config_cls = ActivationQuantConfig
-    not_exportable: ClassVar[str] = (
-        "activation and KV-cache quantization run in memory only (fake quantization); "
-        "exporting these schemes is not supported yet"
-    )
 
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context: Any) -> None:
         """Quantize the activations of ``model`` in place.

@@ -1,4 +1,4 @@
-"""Activation (per-token) and KV-cache (per-head) fake quantization: maths, hooks, the pass, composition, export refusal."""
+"""Activation (per-token) and KV-cache (per-head) fake quantization: maths, hooks, the pass, composition, export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from compressor import Recipe, compress, save_compressed
+from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.quant.activation_pass import ActivationQuantConfig
 from compressor.quant.activations import (
@@ -298,12 +298,16 @@ def test_block_checkpoints_are_refused(tmp_path):
 # ---------------------------------------------------------------- export
 
 
-def test_export_is_refused(tmp_path):
+def test_export_records_the_quantizers(tmp_path):
+    """input_activations / kv_cache_scheme in the config; the reload reattaches them (more in tests/export)."""
     recipe = Recipe.from_dict({"passes": [RTN4, _act(bits=8, kv_bits=8)]})
-    with pytest.raises(ValueError, match="quantize_activations: .*in memory only.*not supported yet"):
-        compress(tiny_llama(), recipe, output=tmp_path / "e", quiet=True)
-    assert not (tmp_path / "e").exists()
-    model = compress(tiny_llama(), recipe, quiet=True)
-    with pytest.raises(ValueError, match="16 module.*not exportable yet"):
-        save_compressed(model, tmp_path / "e", recipe=recipe)
-    assert not (tmp_path / "e").exists()
+    model = compress(tiny_llama(), recipe, output=tmp_path / "e", quiet=True)
+    loaded = load_compressed(tmp_path / "e")
+    assert activation_quantizers(loaded) == activation_quantizers(model)
+    assert torch.equal(_logits(loaded), _logits(model))
+    weights_only_mlp = Recipe.from_dict({"passes": [{"rtn": {"scheme": {"bits": 4, "group_size": -1},
+                                                             "ignore": ["lm_head", "re:.*mlp.*"]}}, _act(bits=8)]})
+    model = compress(tiny_llama(), weights_only_mlp, quiet=True)
+    with pytest.raises(ValueError, match="gate_proj: its input is quantized but its weight is not.*same targets"):
+        save_compressed(model, tmp_path / "e2", recipe=weights_only_mlp)
+    assert not (tmp_path / "e2").exists()

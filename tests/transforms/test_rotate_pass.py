@@ -1,4 +1,4 @@
-"""The ``rotate`` recipe pass: config validation, ordering, compress with rtn / gptq, export refusal."""
+"""The ``rotate`` recipe pass: config validation, ordering, compress with rtn / gptq, export."""
 
 from __future__ import annotations
 
@@ -72,15 +72,13 @@ def test_rotate_after_quantization_is_refused():
         compress(tiny_llama(), recipe, quiet=True)
 
 
-def test_online_rotation_is_not_exported(tmp_path):
-    model = tiny_llama()
+def test_online_rotation_exports_and_reloads(tmp_path):
+    """R4 goes into transform_config (group R4) with its matrix; the reload rotates again: same logits."""
     recipe = Recipe.from_dict({"passes": [{"rotate": {}}, RTN4]})
-    compress(model, recipe, quiet=True)
-    with pytest.raises(ValueError, match="online transforms are not exportable yet.*r4=false"):
-        save_compressed(model, tmp_path / "e", recipe=recipe)
-    assert not (tmp_path / "e").exists()
-    with pytest.raises(ValueError, match="online transforms are not exportable yet"):  # before any quantization
-        compress(tiny_llama(), recipe, output=tmp_path / "e2", quiet=True)
+    model = compress(tiny_llama(), recipe, output=tmp_path / "e", quiet=True)
+    loaded = load_compressed(tmp_path / "e")
+    assert "input_transform" in loaded.model.layers[0].mlp.down_proj._modules
+    assert torch.equal(_logits(loaded), _logits(model))
 
 
 def test_fused_rotations_export_and_reload(tmp_path):

@@ -1,4 +1,4 @@
-"""R3: the online Hadamard on queries and keys after RoPE, exact alone, before the KV quantizer, refused at export."""
+"""R3: the online Hadamard on queries and keys after RoPE, exact alone, before the KV quantizer, exported."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from compressor import Recipe, compress, save_compressed
+from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.quant.activations import (
     KV_ATTENTION_PREFIX, KVQuantizer, QKRotation, attach_kv_quantizer, attach_qk_rotation, attention_modules,
     fake_quant_per_head, qk_rotations,
@@ -220,17 +220,16 @@ def test_refusals_leave_the_model_intact():
         attach_qk_rotation(tiny_llama(hidden=48).model.layers[0].self_attn, QKRotation(16))
 
 
-def test_r3_is_not_exported(tmp_path):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_r3_exports_and_reloads(tmp_path, impl):
+    """R3 goes into transform_config (group R3, q_attn + k_cache); the reload rotates again: same logits."""
     recipe = Recipe.from_dict({"passes": [{"rotate": {"r3": True, "r4": False}}, RTN4]})
-    model = compress(tiny_llama(), recipe, quiet=True)
+    model = compress(_model(impl), recipe, quiet=True)  # head_dim 12: a Paley matrix, stored in the export
     assert not online_transforms(model) and len(qk_rotations(model)) == 2
-    with pytest.raises(ValueError, match=r"2 attention module\(s\) rotate queries and keys online \(R3.*"
-                                         "online transforms are not exportable yet; rotate with r3=false"):
-        save_compressed(model, tmp_path / "e", recipe=recipe)
-    assert not (tmp_path / "e").exists()
-    with pytest.raises(ValueError, match="not exportable yet; rotate with r3=false"):  # before any quantization
-        compress(tiny_llama(), recipe, output=tmp_path / "e2", quiet=True)
-    assert not (tmp_path / "e2").exists()
+    ref = _logits(model)
+    loaded = load_compressed(save_compressed(model, tmp_path / "e", recipe=recipe))
+    assert len(qk_rotations(loaded)) == 2 and loaded.config._attn_implementation == KV_ATTENTION_PREFIX + impl
+    assert torch.equal(_logits(loaded), ref)
     both = Recipe.from_dict({"passes": [{"rotate": {"r3": True}}, RTN4]})
-    with pytest.raises(ValueError, match="rotate with r4=false and r3=false"):
-        compress(tiny_llama(), both, output=tmp_path / "e3", quiet=True)
+    out = compress(_model(impl), both, output=tmp_path / "e2", quiet=True)
+    assert torch.equal(_logits(load_compressed(tmp_path / "e2")), _logits(out))
