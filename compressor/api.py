@@ -179,8 +179,16 @@ def compress(
     passes = passes[: len(passes) - len(tail)]
     teacher = copy.deepcopy(model).eval() if any(getattr(p, "wants_teacher", False) for p in tail) else None
     lead = _leading_model_passes(passes)
-    for p in lead:  # whole-model transforms (rotate) run once, before any block is compressed
-        p.apply(model, quiet=quiet)
+    lead_ids = None
+    if any(p.requires_calibration for p in lead):  # ostquant trains on the calibration set before the pipeline
+        lead_ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name for p in lead if p.requires_calibration])
+        if lead_ids.is_floating_point():
+            raise ValueError("model-level calibrated passes (ostquant) need token ids, not a float tensor of inputs")
+    for p in lead:  # whole-model transforms (rotate, ostquant) run once, before any block is compressed
+        if p.requires_calibration:
+            p.apply(model, calibration_ids=lead_ids, quiet=quiet)
+        else:
+            p.apply(model, quiet=quiet)
     passes = passes[len(lead):]
     ids = None
     if not any(p.requires_calibration for p in passes):

@@ -111,7 +111,7 @@ def _load_builtin_passes() -> None:
     from compressor.quant import adaround, gptq, rtn  # noqa: F401  (register "adaround", "gptq", "rtn")
     from compressor.quant import activation_pass  # noqa: F401  (registers "quantize_activations")
     from compressor.prune import prune_pass, structured_pass  # noqa: F401  (register "prune", "prune_structured")
-    from compressor.transforms import rotate  # noqa: F401  (registers "rotate")
+    from compressor.transforms import ostquant, rotate  # noqa: F401  (register "ostquant", "rotate")
     from compressor.distill import blockwise, distill_pass  # noqa: F401  (register "distill_blocks", "distill")
 
 

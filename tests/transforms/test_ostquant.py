@@ -1,0 +1,224 @@
+"""OSTQuant: learned orthogonal + scaling transforms keep the fp function, train under fake quantization, report QSUR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+
+import compressor
+from compressor.quant.activations import qk_rotations
+from compressor.quant.scheme import QuantScheme
+from compressor.transforms.online import online_transforms
+from compressor.transforms.ostquant import OSTQuantConfig, cayley, kl_top, ostquant_model, qsur
+from compressor.transforms.rotate import rotate_model
+from compressor.transforms.hadamard import random_hadamard
+
+GEN = torch.Generator().manual_seed(0)
+IDS = torch.randint(0, 96, (6, 24), generator=GEN)
+FAST = dict(steps=6, samples=4, top_k=40, lr=2e-2, lr_scale=2e-2, qsur_samples=0)
+
+
+def _randomize(model, biases: bool = False):
+    """Norm weights away from 1 (folding is exercised) and, optionally, nonzero biases."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = torch.rand(p.shape, generator=g) + 0.5
+        elif name.endswith("bias"):
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return model
+
+
+def _llama(biases: bool = False, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not biases:
+        return _randomize(tiny_llama(**kw))
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True, mlp_bias=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return _randomize(LlamaForCausalLM(cfg).eval(), biases=True)
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_cayley_is_orthogonal_and_identity_at_zero():
+    x = torch.randn(3, 12, 12, dtype=torch.float64, generator=GEN)
+    q = cayley(x)
+    torch.testing.assert_close(q @ q.transpose(-1, -2), torch.eye(12, dtype=torch.float64).expand(3, 12, 12),
+                               rtol=0, atol=1e-12)
+    assert torch.equal(cayley(torch.zeros(5, 5)), torch.eye(5))
+
+
+def test_kl_top_with_every_token_is_the_full_kl():
+    t, s = torch.randn(2, 5, 30, generator=GEN), torch.randn(2, 5, 30, generator=GEN)
+    v, i = t.topk(30, dim=-1)
+    full = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(kl_top(s, v, i), full, rtol=1e-5, atol=1e-6)
+    v, i = t.topk(7, dim=-1)
+    assert kl_top(t, v, i).abs() < 1e-6  # the teacher against itself
+    assert kl_top(s, v, i) > 0
+
+
+def test_kl_top_matches_a_brute_force_loop():
+    t, s = torch.randn(4, 50, generator=GEN), torch.randn(4, 50, generator=GEN)
+    v, i = t.topk(9, dim=-1)
+    want = 0.0
+    for row in range(4):
+        p = torch.softmax(t[row, i[row]] / 2.0, -1)
+        q = torch.softmax(s[row, i[row]] / 2.0, -1)
+        want += float((p * (p.log() - q.log())).sum()) / 4
+    assert kl_top(s, v, i, temperature=2.0).item() == pytest.approx(4.0 * want, rel=1e-5)  # T² scaled
+
+
+def test_qsur_prefers_isotropic_data():
+    x = torch.randn(20000, 16, dtype=torch.float64, generator=GEN)
+    assert qsur(x) > 0.95  # isotropic: close to 1
+    s = torch.ones(16, dtype=torch.float64)
+    s[3] = 20.0  # one outlier channel
+    skewed = qsur(x * s)
+    assert skewed < 0.5 * qsur(x)
+    rotated = qsur((x * s) @ random_hadamard(16, seed=0))  # rotation spreads the outlier over every channel
+    assert rotated > skewed
+    # an orthogonal transform cannot beat geomean(sqrt(lambda)) / sqrt(mean(lambda))
+    lam = s**2
+    bound = math.exp(0.5 * lam.log().mean().item()) / math.sqrt(lam.mean().item())
+    assert rotated <= bound * 1.05
+    # a scaling can: undoing the outlier restores isotropy
+    assert qsur(x * s / s) > 0.95
+
+
+def test_qsur_rejects_other_shapes():
+    with pytest.raises(ValueError, match="tokens, channels"):
+        qsur(torch.zeros(2, 3, 4))
+
+
+# ---------------------------------------------------------------- the whole procedure
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_trained_and_fused_model_keeps_the_fp_logits(biases):
+    model = _llama(biases=biases, hidden=64, inter=96)
+    ref = _logits(model)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    info = ostquant_model(model, IDS, OSTQuantConfig(**FAST), quiet=True)
+    out = _logits(model)
+    assert (out - ref).abs().max().item() <= 1e-3  # the issue's criterion
+    assert (out - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_before)
+    # every learned scale moved away from 1, so the scaled pairs are exercised
+    for i in range(2):
+        assert not torch.allclose(model.model.layers[i].input_layernorm.weight, torch.ones(64))
+        assert not torch.allclose(model.model.layers[i].post_attention_layernorm.weight, torch.ones(64))
+    assert len(online_transforms(model)) == 2 and len(qk_rotations(model)) == 2
+    assert info["method"] == "ostquant" and info["steps"] == 6 and len(info["losses"]) == 6
+    assert model.rotation_info["method"] == "ostquant"
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while training
+    assert model.config._attn_implementation == "compressor_kvquant:sdpa"  # R3 stays; the KV quantizer is gone
+    assert not any("kv_quantizer" in n for n, _ in model.named_modules())
+
+
+def test_without_r3_or_kv_the_attention_implementation_is_restored():
+    model = _llama()
+    ref = _logits(model)
+    ostquant_model(model, IDS, OSTQuantConfig(**FAST, r3=False, bits=8, kv_bits=None), quiet=True)
+    assert model.config._attn_implementation == "sdpa"
+    assert not qk_rotations(model)
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-4)
+
+
+def test_training_lowers_the_kl_top_loss():
+    model = _llama(hidden=64, inter=96)
+    cfg = OSTQuantConfig(steps=30, samples=2, top_k=40, lr=2e-2, lr_scale=3e-2, qsur_samples=0,
+                         weight=QuantScheme(bits=2, group_size=-1, symmetric=False), bits=3, kv_bits=3)
+    losses = ostquant_model(model, IDS, cfg, quiet=True)["losses"]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_the_report_holds_qsur_per_layer_before_and_after():
+    model = _llama(hidden=64, inter=96)
+    ids = torch.randint(0, 96, (4, 48), generator=torch.Generator().manual_seed(3))  # 192 tokens > 96 channels
+    info = ostquant_model(model, ids, OSTQuantConfig(**{**FAST, "qsur_samples": 4}), quiet=True)
+    report = info["qsur"]
+    assert set(report) == {"original", "init", "trained"}
+    for rows in report.values():
+        assert len(rows) == 8  # 2 blocks x (qkv, o, gate_up, down)
+        assert {r["input"] for r in rows} == {"qkv", "o", "gate_up", "down"}
+        assert all(0 < r["qsur"] <= 1 for r in rows)
+    mean = {k: sum(r["qsur"] for r in v) / len(v) for k, v in report.items()}
+    assert mean["init"] > mean["original"]  # the Hadamard rotation alone spreads the inputs
+
+
+def test_qwen3_skips_the_query_key_scaling():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = _randomize(Qwen3ForCausalLM(cfg).eval())
+    ref = _logits(model)
+    info = ostquant_model(model, IDS, OSTQuantConfig(**FAST), quiet=True)
+    assert info["smooth_qk"] is False
+    assert (_logits(model) - ref).abs().max().item() <= 1e-3
+
+
+def test_recipe_runs_ostquant_then_weights_then_activations():
+    model = _llama()
+    recipe = compressor.Recipe.from_dict({"seed": 0, "passes": [
+        {"ostquant": {**FAST, "weight": {"bits": 4, "group_size": -1, "symmetric": False}}},
+        {"rtn": {"scheme": {"bits": 4, "group_size": -1, "symmetric": False}}},
+        {"quantize_activations": {"bits": 4, "kv_bits": 4}},
+    ]})
+    out = compressor.compress(model, recipe, calibration=IDS, quiet=True)
+    assert out.rotation_info["method"] == "ostquant"
+    assert torch.isfinite(_logits(out)).all()
+
+
+def test_recipe_without_calibration_says_how_to_pass_it():
+    recipe = compressor.Recipe.from_dict({"passes": [{"ostquant": FAST}, {"rtn": {}}]})
+    with pytest.raises(ValueError, match="calibration"):
+        compressor.compress(_llama(), recipe, quiet=True)
+
+
+def test_refuses_a_rotated_model_and_leaves_it_alone():
+    model = _llama()
+    rotate_model(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already rotated"):
+        ostquant_model(model, IDS, OSTQuantConfig(**FAST), quiet=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_refuses_nan_weights_before_any_change():
+    model = _llama()
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ostquant_model(model, IDS, OSTQuantConfig(**FAST), quiet=True)
+    assert not online_transforms(model)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"r1_init": "qr"}, "r1_init"), ({"bits": 1}, "bits"),
+    ({"clip_ratio": 1.5}, "clip_ratio"), ({"smooth_qk": "yes"}, "smooth_qk"),
+    ({"weight": QuantScheme(bits=4, observer="mse")}, "minmax"),
+])
+def test_bad_settings_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        OSTQuantConfig(**bad)
+
+
+def test_bad_calibration_and_top_k():
+    with pytest.raises(ValueError, match="int64"):
+        ostquant_model(_llama(), IDS.float(), OSTQuantConfig(**FAST), quiet=True)
+    with pytest.raises(ValueError, match="top_k"):
+        ostquant_model(_llama(), IDS, OSTQuantConfig(**{**FAST, "top_k": 500}), quiet=True)
