@@ -20,9 +20,14 @@ Transforms (the ``rotate`` pass, first in the recipe):
 * ``hadamard``: QuaRot (arXiv 2404.00456) — norms folded, randomized Hadamard
   R1 and R2 fused, online Hadamard R4 before down_proj and R3 on queries and
   keys after RoPE (``rotate: {seed: 0, r1: hadamard, r2: true, r3: true, r4: true}``);
-* ``ostquant`` (OSTQuant, arXiv 2501.13987, learned orthogonal + scaling
-  transforms): PLACEHOLDER, not built yet; refused on the command line, so no
-  result line exists for it.
+* ``ostquant``: OSTQuant (arXiv 2501.13987) — the same folding, Hadamard
+  init and online R3 / R4, then R1, per-block R2 and the scaling vectors
+  learned by KL-Top under the job's own fake quantization (weights as below;
+  activations and KV cache as the setting), then fused (``ostquant`` pass,
+  first in the recipe; ``--ost-steps`` steps of one 512-token sequence drawn
+  from the first 32 calibration windows). No fp32 line: the fused model keeps
+  the fp function (tests/transforms/test_ostquant.py), and which quantization
+  it was trained for depends on the setting.
 
 Methods: ``fp32`` (no weight pass: one line per transform; with ``hadamard``
 it checks that the rotations keep the perplexity), ``rtn``, ``gptq`` (our
@@ -66,8 +71,12 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
 TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "hadamard": {"seed": 0, "r1": "hadamard", "r2": True, "r3": True, "r4": True},
+    "ostquant": {"seed": 0, "r1_init": "hadamard", "rotate_ov": True, "r3": True, "smooth_norm": True,
+                 "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
 }
-PLANNED_TRANSFORMS = {"ostquant": "OSTQuant (learned orthogonal + scaling transforms) is not built yet"}
+LEARNED = ("ostquant",)  # transforms trained for the job's setting: no fp32 line
+OST_STEPS = {"full": 100, "quick": 8}  # default --ost-steps
+OST_SAMPLES = 32  # calibration windows OSTQuant trains on (the first ones)
 METHODS = ("fp32", "rtn", "gptq")
 # --quick without --methods: GPTQ (about 2 min even on the tiny calibration set) only in the full QuaRot job
 QUICK_GPTQ = ("w4a4kv4", "hadamard")
@@ -76,14 +85,12 @@ QUICK_GPTQ = ("w4a4kv4", "hadamard")
 # ---------------------------------------------------------------- planning (no model needed)
 
 
-def _names(text: str | None, known, what: str, planned: dict[str, str] | None = None) -> list[str] | None:
+def _names(text: str | None, known, what: str) -> list[str] | None:
     """A comma list checked against ``known``; None when not given."""
     if text is None:
         return None
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     for name in names:
-        if planned and name in planned:
-            raise ValueError(f"{what} {name!r}: {planned[name]}; use one of {', '.join(known)}")
         if name not in known:
             raise ValueError(f"unknown {what} {name!r}: use a comma list of {', '.join(known)}")
     if not names:
@@ -108,12 +115,12 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
     """
     m = _names(methods, METHODS, "method")
     s = _names(settings, tuple(SETTINGS), "setting") or list(SETTINGS)
-    t = _names(transforms, tuple(TRANSFORMS), "transform", PLANNED_TRANSFORMS) or list(TRANSFORMS)
+    t = _names(transforms, tuple(TRANSFORMS), "transform") or list(TRANSFORMS)
     trim = quick and m is None
     m = m or list(METHODS)
     jobs = []
     for transform in t:
-        if "fp32" in m:
+        if "fp32" in m and transform not in LEARNED:
             jobs.append({"method": "fp32", "setting": "fp32", "transform": transform})
         for setting in s:
             for method in m:
@@ -127,7 +134,16 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
     """The recipe of one job: ``rotate`` (if any), the weight pass (if any), ``quantize_activations`` (if any)."""
     passes: list[dict[str, Any]] = []
     rotate = TRANSFORMS[job["transform"]]
-    if rotate is not None:
+    if job["transform"] in LEARNED:
+        if job["method"] == "fp32":
+            raise ValueError(f"{job['transform']} is trained for a quantized setting: it has no fp32 line")
+        acts = SETTINGS[job["setting"]] or {"bits": None, "kv_bits": None}
+        train = {k: acts[k] for k in ("bits", "symmetric", "clip_ratio", "kv_bits", "kv_symmetric", "kv_group_size")
+                 if k in acts}
+        steps = job.get("ost_steps") or OST_STEPS["full"]
+        passes.append({job["transform"]: {**rotate, "weight": dict(WEIGHTS), **train, "steps": steps,
+                                          "samples": min(OST_SAMPLES, job.get("n_calib", OST_SAMPLES))}})
+    elif rotate is not None:
         passes.append({"rotate": dict(rotate)})
     if job["method"] != "fp32":
         passes.append({job["method"]: {"scheme": dict(WEIGHTS)}})
@@ -219,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         "grid); --quick ~6 min. See benchmarks/README.md.",
     )
     parser.add_argument("--settings", help=f"comma list of {', '.join(SETTINGS)} (default: all)")
-    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all; "
-                        f"{', '.join(PLANNED_TRANSFORMS)}: not built yet)")
+    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all)")
+    parser.add_argument("--ost-steps", type=int, help=f"OSTQuant training steps (default {OST_STEPS['full']}, "
+                        f"{OST_STEPS['quick']} with --quick)")
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all; with --quick, gptq "
                         "only for w4a4kv4 + hadamard)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
@@ -243,6 +260,9 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
         jobs = plan_jobs(args.methods, args.settings, args.transforms, quick=args.quick)
     except ValueError as err:
         parser.error(str(err))
+    if args.ost_steps is not None and args.ost_steps < 1:
+        parser.error(f"--ost-steps must be a positive integer, got {args.ost_steps}")
+    protocol["ost_steps"] = args.ost_steps or OST_STEPS["quick" if args.quick else "full"]
     return args, [{**job, **protocol} for job in jobs], protocol
 
 

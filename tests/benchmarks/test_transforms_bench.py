@@ -24,22 +24,23 @@ def _keys(jobs) -> list[tuple[str, str, str]]:
 
 def test_default_plan_is_the_full_grid(bench):
     _, jobs, protocol = bench.plan([])
-    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None}
+    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "ost_steps": 100}
     assert all(j["n_calib"] == 128 and j["max_tokens"] == 32768 for j in jobs)
     expected = []
-    for t in ("none", "hadamard"):
-        expected.append(("fp32", "fp32", t))
+    for t in ("none", "hadamard", "ostquant"):
+        if t != "ostquant":  # learned for a quantized setting: no fp32 line
+            expected.append(("fp32", "fp32", t))
         expected += [(m, s, t) for s in ("w4a16", "w4a4kv4") for m in ("rtn", "gptq")]
-    assert _keys(jobs) == expected  # 2 fp32 lines + 2 settings x 2 transforms x 2 methods
+    assert _keys(jobs) == expected  # 2 fp32 lines + 2 settings x 3 transforms x 2 methods
 
 
 def test_quick_plan_keeps_one_gptq_job(bench):
     _, jobs, protocol = bench.plan(["--quick", "--threads", "2"])
-    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2}
+    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2, "ost_steps": 8}
     assert [k for k in _keys(jobs) if k[0] == "gptq"] == [("gptq", "w4a4kv4", "hadamard")]
-    assert len(jobs) == 2 + 4 + 1
+    assert len(jobs) == 2 + 6 + 1
     _, jobs, _ = bench.plan(["--quick", "--methods", "gptq", "--settings", "w4a16"])  # explicit: not trimmed
-    assert _keys(jobs) == [("gptq", "w4a16", "none"), ("gptq", "w4a16", "hadamard")]
+    assert _keys(jobs) == [("gptq", "w4a16", "none"), ("gptq", "w4a16", "hadamard"), ("gptq", "w4a16", "ostquant")]
 
 
 def test_subsets(bench):
@@ -48,7 +49,8 @@ def test_subsets(bench):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--transforms", "ostquant"], "ostquant.*not built yet"),
+    (["--transforms", "spinquant"], "unknown transform 'spinquant'"),
+    (["--ost-steps", "0"], "--ost-steps must be a positive integer"),
     (["--methods", "awq"], "unknown method 'awq'"),
     (["--settings", "w4a8"], "unknown setting 'w4a8'"),
     (["--settings", ","], "--settings is empty"),
@@ -81,3 +83,29 @@ def test_quarot_recipe_runs_on_a_tiny_llama(bench):
     assert model.rotation_info["r3"] == 16
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(12)[None]).logits).all()
+
+
+def test_ostquant_trains_for_the_setting_it_is_measured_in(bench):
+    _, jobs, _ = bench.plan(["--transforms", "ostquant", "--ost-steps", "7", "--n-calib", "16"])
+    by_key = {(j["method"], j["setting"]): j for j in jobs}
+    passes = bench.recipe_dict(by_key["gptq", "w4a4kv4"])["passes"]
+    assert [next(iter(p)) for p in passes] == ["ostquant", "gptq", "quantize_activations"]
+    ost = passes[0]["ostquant"]
+    assert (ost["steps"], ost["samples"]) == (7, 16)
+    assert ost["weight"] == bench.WEIGHTS
+    assert (ost["bits"], ost["kv_bits"], ost["symmetric"], ost["kv_symmetric"]) == (4, 4, True, False)
+    w4a16 = bench.recipe_dict(by_key["rtn", "w4a16"])["passes"]
+    assert [next(iter(p)) for p in w4a16] == ["ostquant", "rtn"]
+    assert (w4a16[0]["ostquant"]["bits"], w4a16[0]["ostquant"]["kv_bits"]) == (None, None)
+    with pytest.raises(ValueError, match="no fp32 line"):
+        bench.recipe_dict({"method": "fp32", "setting": "fp32", "transform": "ostquant"})
+
+
+def test_ostquant_recipe_runs_on_a_tiny_llama(bench):
+    job = {"method": "rtn", "setting": "w4a4kv4", "transform": "ostquant", "ost_steps": 2, "n_calib": 2}
+    data = bench.recipe_dict(job)
+    data["passes"][0]["ostquant"]["top_k"] = 16  # the tiny vocabulary has 96 tokens
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = compress(tiny_llama(hidden=64, inter=96), Recipe.from_dict(data), calibration=ids, quiet=True)
+    assert model.rotation_info["method"] == "ostquant" and model.rotation_info["steps"] == 2
+    assert len(activation_quantizers(model)) == 14 + 2
