@@ -119,7 +119,8 @@ def rotate_model(
         r2: rotate each value head / o_proj input head (fused).
         r3: online Hadamard on queries and keys after RoPE (run-time only; the
             model must use ``sdpa`` or ``eager`` attention). Off by default: it
-            only matters when the KV cache is quantized, and it is not exportable.
+            only matters when the KV cache is quantized, and plain transformers ignores it
+            in an export (``load_compressed`` reattaches it).
         r4: online Hadamard on the down_proj input (fused + run-time module).
 
     Returns:
@@ -255,9 +256,10 @@ class RotateConfig(PassConfig):
         r1: ``"hadamard"`` or ``"random"``.
         r2: per-head rotation of values / o_proj input.
         r3: online Hadamard on queries and keys after RoPE, for a quantized KV
-            cache (default false: exact and useless without ``kv_bits``; not
-            exportable yet).
-        r4: online Hadamard before down_proj (not exportable yet).
+            cache (default false: exact and useless without ``kv_bits``; exported in
+            ``transform_config``, applied on reload by ``load_compressed``).
+        r4: online Hadamard before down_proj (exported in ``transform_config``; only
+            ``load_compressed`` and vLLM apply it).
     """
 
     targets: tuple[str, ...] = field(default=(), init=False)
