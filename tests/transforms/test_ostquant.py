@@ -222,3 +222,14 @@ def test_bad_calibration_and_top_k():
         ostquant_model(_llama(), IDS.float(), OSTQuantConfig(**FAST), quiet=True)
     with pytest.raises(ValueError, match="top_k"):
         ostquant_model(_llama(), IDS, OSTQuantConfig(**{**FAST, "top_k": 500}), quiet=True)
+
+
+def test_w4a4kv4_ostquant_export_reloads_bit_exact(tmp_path):
+    recipe = compressor.Recipe.from_dict({"seed": 0, "passes": [
+        {"ostquant": FAST},
+        {"rtn": {"scheme": {"bits": 4, "group_size": -1, "symmetric": False}}},
+        {"quantize_activations": {"bits": 4, "kv_bits": 4}},
+    ]})
+    model = compressor.compress(_llama(hidden=64, inter=96), recipe, calibration=IDS, output=tmp_path / "e", quiet=True)
+    loaded = compressor.load_compressed(tmp_path / "e")
+    assert torch.equal(_logits(loaded), _logits(model))
