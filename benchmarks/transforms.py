@@ -64,9 +64,12 @@ WEIGHTS = {"bits": 4, "group_size": -1, "symmetric": False}  # W4 per-channel as
 # setting → quantize_activations config, or None for weight-only
 SETTINGS: dict[str, dict[str, Any] | None] = {
     "w4a16": None,
+    "w4a8": {"bits": 8, "symmetric": True, "clip_ratio": 1.0, "kv_bits": None, "kv_symmetric": False,
+             "kv_group_size": None},
     "w4a4kv4": {"bits": 4, "symmetric": True, "clip_ratio": 1.0, "kv_bits": 4, "kv_symmetric": False,
                 "kv_group_size": None},
 }
+DEFAULT_SETTINGS = ("w4a16", "w4a4kv4")  # w4a8 on request (--settings w4a8)
 # transform → rotate config, or None for no rotation
 TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "none": None,
@@ -114,7 +117,7 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
         ValueError: an unknown or not-yet-built name, or an empty list.
     """
     m = _names(methods, METHODS, "method")
-    s = _names(settings, tuple(SETTINGS), "setting") or list(SETTINGS)
+    s = _names(settings, tuple(SETTINGS), "setting") or list(DEFAULT_SETTINGS)
     t = _names(transforms, tuple(TRANSFORMS), "transform") or list(TRANSFORMS)
     trim = quick and m is None
     m = m or list(METHODS)
@@ -166,7 +169,7 @@ def base_record(job: dict[str, Any]) -> dict[str, Any]:
         "weights": dict(WEIGHTS) if quantized else None,
         "activations": {k: acts[k] for k in ("bits", "symmetric", "clip_ratio")} if acts else None,
         "kv_cache": {"bits": acts["kv_bits"], "symmetric": acts["kv_symmetric"], "group_size": acts["kv_group_size"]}
-        if acts else None,
+        if acts and acts["kv_bits"] is not None else None,
         "recipe": recipe_dict(job),
         "ppl": None,
         "compress_s": None,
@@ -210,8 +213,26 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         record["rotation"] = getattr(model, "rotation_info", None)
         record["attn_implementation"] = model.config._attn_implementation
     record.update(common.perplexity(model, ids, job["max_tokens"]))
+    if job.get("reload") and job["method"] != "fp32":
+        record.update(_reload(model, ids, job["max_tokens"]))
     record["status"] = "ok"
     return record
+
+
+def _reload(model, ids, max_tokens: int) -> dict[str, Any]:
+    """Export ``model`` to a temporary directory, reload it with ``load_compressed``, measure its perplexity."""
+    import tempfile
+
+    from compressor import load_compressed, save_compressed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        out = save_compressed(model, Path(tmp) / "export")
+        size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+        reloaded = load_compressed(out)
+        ppl = common.perplexity(reloaded, ids, max_tokens)["ppl"]
+        return {"ppl_reloaded": ppl, "export_mb": round(size / 2**20, 1),
+                "export_reload_s": round(time.perf_counter() - start, 2)}
 
 
 # ---------------------------------------------------------------- parent
@@ -234,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Cost on 2 cores: fp32 / rtn ~3 min per run, gptq ~7-10 min per run (full protocol, ~1 h for the "
         "grid); --quick ~6 min. See benchmarks/README.md.",
     )
-    parser.add_argument("--settings", help=f"comma list of {', '.join(SETTINGS)} (default: all)")
+    parser.add_argument("--settings", help=f"comma list of {', '.join(SETTINGS)} (default: "
+                        f"{','.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--reload", action="store_true", help="also export each quantized model (compressed-tensors), "
+                        "reload it with load_compressed and report its perplexity as ppl_reloaded")
     parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all)")
     parser.add_argument("--ost-steps", type=int, help=f"OSTQuant training steps (default {OST_STEPS['full']}, "
                         f"{OST_STEPS['quick']} with --quick)")
@@ -263,6 +287,7 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
     if args.ost_steps is not None and args.ost_steps < 1:
         parser.error(f"--ost-steps must be a positive integer, got {args.ost_steps}")
     protocol["ost_steps"] = args.ost_steps or OST_STEPS["quick" if args.quick else "full"]
+    protocol["reload"] = args.reload
     return args, [{**job, **protocol} for job in jobs], protocol
 
 

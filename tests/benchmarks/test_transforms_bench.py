@@ -24,7 +24,8 @@ def _keys(jobs) -> list[tuple[str, str, str]]:
 
 def test_default_plan_is_the_full_grid(bench):
     _, jobs, protocol = bench.plan([])
-    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "ost_steps": 100}
+    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "ost_steps": 100,
+                        "reload": False}
     assert all(j["n_calib"] == 128 and j["max_tokens"] == 32768 for j in jobs)
     expected = []
     for t in ("none", "hadamard", "ostquant"):
@@ -36,7 +37,7 @@ def test_default_plan_is_the_full_grid(bench):
 
 def test_quick_plan_keeps_one_gptq_job(bench):
     _, jobs, protocol = bench.plan(["--quick", "--threads", "2"])
-    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2, "ost_steps": 8}
+    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2, "ost_steps": 8, "reload": False}
     assert [k for k in _keys(jobs) if k[0] == "gptq"] == [("gptq", "w4a4kv4", "hadamard")]
     assert len(jobs) == 2 + 6 + 1
     _, jobs, _ = bench.plan(["--quick", "--methods", "gptq", "--settings", "w4a16"])  # explicit: not trimmed
@@ -52,7 +53,7 @@ def test_subsets(bench):
     (["--transforms", "spinquant"], "unknown transform 'spinquant'"),
     (["--ost-steps", "0"], "--ost-steps must be a positive integer"),
     (["--methods", "awq"], "unknown method 'awq'"),
-    (["--settings", "w4a8"], "unknown setting 'w4a8'"),
+    (["--settings", "w8a8"], "unknown setting 'w8a8'"),
     (["--settings", ","], "--settings is empty"),
     (["--max-tokens", "100"], "at least one window"),
     (["--threads", "0"], "positive integer"),
@@ -109,3 +110,17 @@ def test_ostquant_recipe_runs_on_a_tiny_llama(bench):
     model = compress(tiny_llama(hidden=64, inter=96), Recipe.from_dict(data), calibration=ids, quiet=True)
     assert model.rotation_info["method"] == "ostquant" and model.rotation_info["steps"] == 2
     assert len(activation_quantizers(model)) == 14 + 2
+
+
+def test_w4a8_is_on_request_and_reload_reproduces_the_perplexity(bench):
+    _, jobs, protocol = bench.plan(["--settings", "w4a8", "--transforms", "hadamard", "--methods", "rtn", "--reload"])
+    assert _keys(jobs) == [("rtn", "w4a8", "hadamard")] and protocol["reload"] is True
+    rec = bench.base_record(jobs[0])
+    assert rec["activations"]["bits"] == 8 and rec["kv_cache"] is None
+    model = tiny_llama(hidden=64, inter=96)
+    model.config.max_position_embeddings = 512  # the protocol's windows (default RoPE does not depend on it)
+    model = compress(model, Recipe.from_dict(bench.recipe_dict(jobs[0])), quiet=True)
+    ids = torch.randint(0, 96, (1100,), generator=torch.Generator().manual_seed(0))
+    want = bench.common.perplexity(model, ids, 1024)["ppl"]
+    got = bench._reload(model, ids, 1024)
+    assert got["ppl_reloaded"] == want and got["export_mb"] > 0
