@@ -233,3 +233,14 @@ def test_w4a4kv4_ostquant_export_reloads_bit_exact(tmp_path):
     model = compressor.compress(_llama(hidden=64, inter=96), recipe, calibration=IDS, output=tmp_path / "e", quiet=True)
     loaded = compressor.load_compressed(tmp_path / "e")
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_untrained_transforms_are_quarots_rotation():
+    """With a vanishing learning rate the fused weights are rotate()'s: same Hadamard R1 / R2 init, R4, norms."""
+    a, b = _llama(hidden=64, inter=96), _llama(hidden=64, inter=96)
+    ostquant_model(a, IDS, OSTQuantConfig(**{**FAST, "steps": 1, "lr": 1e-12, "lr_scale": 1e-12}), quiet=True)
+    rotate_model(b, seed=0, r3=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-5, msg=k)
