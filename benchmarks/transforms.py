@@ -29,6 +29,13 @@ Transforms (the ``rotate`` pass, first in the recipe):
   the fp function (tests/transforms/test_ostquant.py), and which quantization
   it was trained for depends on the setting.
 
+Peers (opt-in, ``--transforms llmc-spinquant,llmc-spinquant-r3,llmc-quip``):
+llm-compressor's ``SpinQuantModifier`` / ``QuIPModifier`` (Sylvester Hadamard
+blocks of 64) then its ``QuantizationModifier`` (rtn) or ``GPTQModifier``
+(gptq) with the same weight, activation and KV-cache grids, run by
+``_peer_llmc_transforms.py`` in the peer venv (``--peer-python``) and scored
+with the same perplexity protocol; rtn / gptq only, no fp32 line.
+
 Methods: ``fp32`` (no weight pass: one line per transform; with ``hadamard``
 it checks that the rotations keep the perplexity), ``rtn``, ``gptq`` (our
 passes, default settings).
@@ -44,6 +51,7 @@ on stderr. Fields are described in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -58,7 +66,10 @@ import _common as common  # noqa: E402
 log = logging.getLogger("benchmarks.transforms")
 
 BENCH = "transforms"
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEER_SCRIPT = HERE / "_peer_llmc_transforms.py"
+DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
 WEIGHTS = {"bits": 4, "group_size": -1, "symmetric": False}  # W4 per-channel asymmetric (DESIGN.md's RTN)
 # setting → quantize_activations config, or None for weight-only
@@ -78,6 +89,25 @@ TRANSFORMS: dict[str, dict[str, Any] | None] = {
                  "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
 }
 LEARNED = ("ostquant",)  # transforms trained for the job's setting: no fp32 line
+# llm-compressor transforms (peer venv, opt-in): transform → (modifier, its arguments). Sylvester Hadamards
+# need a power of two; 64 is the largest dividing SmolLM2's widths (576, 1536) and its head_dim.
+HADAMARD_BLOCK = 64
+SMOLLM2_HEAD_DIM = 64  # KV groups of one whole head, as ours (kv_group_size None)
+PEER = "llm-compressor"
+PEER_TRANSFORMS: dict[str, tuple[str, dict[str, Any]]] = {
+    # rotations of llm-compressor's spinquant_example.py
+    "llmc-spinquant": ("SpinQuantModifier", {"rotations": ["R1", "R2", "R4"], "transform_type": "hadamard",
+                                             "transform_block_size": HADAMARD_BLOCK}),
+    # plus R3 (queries and keys after RoPE); with a KV-cache scheme compressed-tensors then also
+    # fake-quantizes the queries with the KV grid, which ours does not (see benchmarks/README.md)
+    "llmc-spinquant-r3": ("SpinQuantModifier", {"rotations": ["R1", "R2", "R3", "R4"], "transform_type": "hadamard",
+                                                "transform_block_size": HADAMARD_BLOCK}),
+    # input-side rotations only: the modifier's default, which llm-compressor recommends over ["v", "u"]
+    "llmc-quip": ("QuIPModifier", {"rotations": ["v"], "transform_type": "hadamard",
+                                   "transform_block_size": HADAMARD_BLOCK}),
+}
+PEER_QUANTIZERS = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}  # defaults otherwise
+NO_FP32 = LEARNED + tuple(PEER_TRANSFORMS)
 OST_STEPS = {"full": 100, "quick": 8}  # default --ost-steps
 OST_SAMPLES = 32  # calibration windows OSTQuant trains on (the first ones)
 METHODS = ("fp32", "rtn", "gptq")
@@ -106,7 +136,8 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
     """The runs, in order: for each transform its fp32 line, then every (setting, method).
 
     Args:
-        methods, settings, transforms: comma lists, None for all. With
+        methods, settings, transforms: comma lists, None for all (transforms:
+            all of ours; the llm-compressor ones only when named). With
             ``quick`` and ``methods`` None, ``gptq`` runs only in the
             ``w4a4kv4`` + ``hadamard`` job (the smoke test stays within minutes).
 
@@ -118,12 +149,12 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
     """
     m = _names(methods, METHODS, "method")
     s = _names(settings, tuple(SETTINGS), "setting") or list(DEFAULT_SETTINGS)
-    t = _names(transforms, tuple(TRANSFORMS), "transform") or list(TRANSFORMS)
+    t = _names(transforms, tuple(TRANSFORMS) + tuple(PEER_TRANSFORMS), "transform") or list(TRANSFORMS)
     trim = quick and m is None
     m = m or list(METHODS)
     jobs = []
     for transform in t:
-        if "fp32" in m and transform not in LEARNED:
+        if "fp32" in m and transform not in NO_FP32:
             jobs.append({"method": "fp32", "setting": "fp32", "transform": transform})
         for setting in s:
             for method in m:
@@ -135,6 +166,9 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
 
 def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
     """The recipe of one job: ``rotate`` (if any), the weight pass (if any), ``quantize_activations`` (if any)."""
+    if job["transform"] in PEER_TRANSFORMS:
+        raise ValueError(f"{job['transform']} runs llm-compressor in the peer venv, not a recipe of ours: "
+                         "see peer_modifiers()")
     passes: list[dict[str, Any]] = []
     rotate = TRANSFORMS[job["transform"]]
     if job["transform"] in LEARNED:
@@ -156,10 +190,46 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
     return {"seed": 0, "passes": passes}
 
 
+def peer_modifiers(job: dict[str, Any], head_dim: int = SMOLLM2_HEAD_DIM) -> list[dict[str, Any]]:
+    """llm-compressor's recipe for a peer job, as ``[{"modifier": class name, "args": keyword arguments}]``.
+
+    The arguments are plain JSON (compressed-tensors' pydantic models take the
+    dicts), so the record shows exactly what ``_peer_llmc_transforms.py`` built.
+    Grids as ours: weights ``WEIGHTS``; linear inputs dynamic per token; keys
+    and values dynamic per head and token (``group`` of ``head_dim`` over the
+    last axis of ``(B, H, T, head_dim)``).
+
+    Raises:
+        ValueError: not a peer transform, fp32, or a grid llm-compressor cannot express.
+    """
+    if job["transform"] not in PEER_TRANSFORMS or job["method"] not in PEER_QUANTIZERS:
+        raise ValueError(f"no llm-compressor recipe for {_label(job)}: peer transforms are "
+                         f"{', '.join(PEER_TRANSFORMS)}, methods {', '.join(PEER_QUANTIZERS)}")
+    bits, group = WEIGHTS["bits"], WEIGHTS["group_size"]
+    weights = {"num_bits": bits, "type": "int", "symmetric": WEIGHTS["symmetric"],
+               **({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group})}
+    scheme: dict[str, Any] = {"targets": ["Linear"], "weights": weights}
+    args: dict[str, Any] = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
+    acts = SETTINGS[job["setting"]]
+    if acts is not None:
+        if acts["clip_ratio"] != 1.0:
+            raise ValueError(f"clip_ratio={acts['clip_ratio']}: llm-compressor's dynamic grids have no clip ratio")
+        scheme["input_activations"] = {"num_bits": acts["bits"], "type": "int", "symmetric": acts["symmetric"],
+                                       "strategy": "token", "dynamic": True}
+        if acts["kv_bits"] is not None:
+            args["kv_cache_scheme"] = {"num_bits": acts["kv_bits"], "type": "int", "symmetric": acts["kv_symmetric"],
+                                       "strategy": "group", "group_size": acts["kv_group_size"] or head_dim,
+                                       "dynamic": True}
+    transform, transform_args = PEER_TRANSFORMS[job["transform"]]
+    return [{"modifier": transform, "args": copy.deepcopy(transform_args)},
+            {"modifier": PEER_QUANTIZERS[job["method"]], "args": args}]
+
+
 def base_record(job: dict[str, Any]) -> dict[str, Any]:
     """The fields every line has; measurements start empty."""
     quantized = job["method"] != "fp32"
     acts = SETTINGS.get(job["setting"]) if quantized else None
+    peer = job["transform"] in PEER_TRANSFORMS
     return {
         "bench": BENCH,
         "model": common.MODEL_NAME,
@@ -170,7 +240,7 @@ def base_record(job: dict[str, Any]) -> dict[str, Any]:
         "activations": {k: acts[k] for k in ("bits", "symmetric", "clip_ratio")} if acts else None,
         "kv_cache": {"bits": acts["kv_bits"], "symmetric": acts["kv_symmetric"], "group_size": acts["kv_group_size"]}
         if acts and acts["kv_bits"] is not None else None,
-        "recipe": recipe_dict(job),
+        **({"peer": PEER, "modifiers": peer_modifiers(job), "recipe": None} if peer else {"recipe": recipe_dict(job)}),
         "ppl": None,
         "compress_s": None,
         "peak_rss_mb": None,
@@ -242,10 +312,19 @@ def _label(job: dict[str, Any]) -> str:
     return f"{job['method']}/{job['setting']}/{job['transform']}"
 
 
-def run_job(job: dict[str, Any], verbose: bool) -> dict[str, Any]:
-    """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
+def run_job(job: dict[str, Any], verbose: bool, peer_python: Path = DEFAULT_PEER_PYTHON) -> dict[str, Any]:
+    """Run one job in a fresh subprocess (a peer transform: in the peer venv); its peak RSS comes from ``wait4``."""
+    if job["transform"] in PEER_TRANSFORMS:
+        if not Path(peer_python).is_file():
+            record = {**base_record(job), "machine": common.machine_info()}
+            record.update(status="unavailable",
+                          error=f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first")
+            return record
+        command = [str(peer_python), str(PEER_SCRIPT)]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--child"]
     log.info("running %s", _label(job))
-    run = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child"], job, verbose=verbose, cwd=ROOT)
+    run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
     return common.child_record(run, base_record(job))
 
 
@@ -259,13 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--reload", action="store_true", help="also export each quantized model (compressed-tensors), "
                         "reload it with load_compressed and report its perplexity as ppl_reloaded")
-    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all)")
+    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all of these) and "
+                        f"llm-compressor's {', '.join(PEER_TRANSFORMS)} (peer venv; rtn / gptq only)")
     parser.add_argument("--ost-steps", type=int, help=f"OSTQuant training steps (default {OST_STEPS['full']}, "
                         f"{OST_STEPS['quick']} with --quick)")
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all; with --quick, gptq "
                         "only for w4a4kv4 + hadamard)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
+                        help="python of the peer venv, for the llmc-* transforms (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -284,6 +366,9 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
         jobs = plan_jobs(args.methods, args.settings, args.transforms, quick=args.quick)
     except ValueError as err:
         parser.error(str(err))
+    if not jobs:
+        parser.error("nothing to run: ostquant and the llmc-* transforms have no fp32 line; "
+                     "add rtn or gptq to --methods")
     if args.ost_steps is not None and args.ost_steps < 1:
         parser.error(f"--ost-steps must be a positive integer, got {args.ost_steps}")
     protocol["ost_steps"] = args.ost_steps or OST_STEPS["quick" if args.quick else "full"]
@@ -298,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     log.info("%d runs: %s", len(jobs), ", ".join(_label(j) for j in jobs))
     for job in jobs:
-        record = run_job(job, args.verbose)
+        record = run_job(job, args.verbose, args.peer_python)
         record["protocol"] = {"quick": args.quick, **protocol}
         common.emit(record, args.output)
 

@@ -124,3 +124,100 @@ def test_w4a8_is_on_request_and_reload_reproduces_the_perplexity(bench):
     want = bench.common.perplexity(model, ids, 1024)["ppl"]
     got = bench._reload(model, ids, 1024)
     assert got["ppl_reloaded"] == want and got["export_mb"] > 0
+
+
+# ---------------------------------------------------------------- llm-compressor peers (no peer venv needed)
+
+PEERS = ("llmc-spinquant", "llmc-spinquant-r3", "llmc-quip")
+
+
+def test_peer_transforms_are_opt_in_with_rtn_and_gptq_only(bench):
+    _, jobs, _ = bench.plan([])
+    assert not any(j["transform"].startswith("llmc-") for j in jobs)
+    _, jobs, _ = bench.plan(["--transforms", "llmc-spinquant,LLMC-QUIP", "--settings", "w4a4kv4,w4a8"])
+    assert _keys(jobs) == [(m, s, t) for t in ("llmc-spinquant", "llmc-quip") for s in ("w4a4kv4", "w4a8")
+                           for m in ("rtn", "gptq")]  # no fp32 line
+    _, jobs, _ = bench.plan(["--quick", "--transforms", "llmc-spinquant-r3"])  # --quick keeps gptq for hadamard only
+    assert _keys(jobs) == [("rtn", "w4a16", "llmc-spinquant-r3"), ("rtn", "w4a4kv4", "llmc-spinquant-r3")]
+    _, jobs, _ = bench.plan(["--transforms", "hadamard,llmc-quip", "--methods", "fp32,rtn", "--settings", "w4a16"])
+    assert _keys(jobs) == [("fp32", "fp32", "hadamard"), ("rtn", "w4a16", "hadamard"), ("rtn", "w4a16", "llmc-quip")]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--transforms", "llmc-quip", "--methods", "fp32"], "nothing to run"),
+    (["--transforms", "llmc-awq"], "unknown transform 'llmc-awq'.*llmc-spinquant, llmc-spinquant-r3, llmc-quip"),
+])
+def test_bad_peer_arguments_exit_with_the_reason(bench, capsys, argv, match):
+    with pytest.raises(SystemExit):
+        bench.plan(argv)
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_peer_python_option(bench, tmp_path):
+    args, _, _ = bench.plan(["--transforms", "llmc-quip"])
+    assert args.peer_python == bench.ROOT / ".venv-bench" / "bin" / "python"
+    args, _, _ = bench.plan(["--transforms", "llmc-quip", "--peer-python", str(tmp_path / "py")])
+    assert args.peer_python == tmp_path / "py"
+
+
+def _modifier_args(record, name):
+    (args,) = [m["args"] for m in record["modifiers"] if m["modifier"] == name]
+    return args
+
+
+def test_peer_records_use_our_grids_in_llmcompressor_terms(bench):
+    rec = bench.base_record({"method": "rtn", "setting": "w4a4kv4", "transform": "llmc-spinquant"})
+    assert rec["peer"] == "llm-compressor" and rec["transform"] == "llmc-spinquant" and rec["recipe"] is None
+    assert [m["modifier"] for m in rec["modifiers"]] == ["SpinQuantModifier", "QuantizationModifier"]
+    assert _modifier_args(rec, "SpinQuantModifier") == {"rotations": ["R1", "R2", "R4"], "transform_type": "hadamard",
+                                                        "transform_block_size": 64}
+    quant = _modifier_args(rec, "QuantizationModifier")
+    assert quant["ignore"] == ["lm_head"]
+    group = quant["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"]
+    assert group["weights"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}
+    assert group["input_activations"] == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token",
+                                          "dynamic": True}
+    assert quant["kv_cache_scheme"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                        "group_size": 64, "dynamic": True}  # per head (64) and token
+    assert rec["weights"] == bench.WEIGHTS and rec["kv_cache"] == {"bits": 4, "symmetric": False, "group_size": None}
+
+    r3 = bench.base_record({"method": "gptq", "setting": "w4a8", "transform": "llmc-spinquant-r3"})
+    assert _modifier_args(r3, "SpinQuantModifier")["rotations"] == ["R1", "R2", "R3", "R4"]
+    gptq = _modifier_args(r3, "GPTQModifier")
+    assert gptq["config_groups"]["group_0"]["input_activations"]["num_bits"] == 8 and "kv_cache_scheme" not in gptq
+
+    quip = bench.base_record({"method": "rtn", "setting": "w4a16", "transform": "llmc-quip"})
+    assert _modifier_args(quip, "QuIPModifier") == {"rotations": ["v"], "transform_type": "hadamard",
+                                                    "transform_block_size": 64}
+    w_only = _modifier_args(quip, "QuantizationModifier")
+    assert "input_activations" not in w_only["config_groups"]["group_0"] and "kv_cache_scheme" not in w_only
+    assert quip["activations"] is None and quip["kv_cache"] is None
+    assert bench.peer_modifiers({"method": "rtn", "setting": "w4a4kv4", "transform": "llmc-quip"},
+                                head_dim=32)[1]["args"]["kv_cache_scheme"]["group_size"] == 32
+    with pytest.raises(ValueError, match="peer venv"):
+        bench.recipe_dict({"method": "rtn", "setting": "w4a16", "transform": "llmc-quip"})
+    with pytest.raises(ValueError, match="no llm-compressor recipe"):
+        bench.peer_modifiers({"method": "fp32", "setting": "fp32", "transform": "llmc-quip"})
+    with pytest.raises(ValueError, match="no llm-compressor recipe"):
+        bench.peer_modifiers({"method": "rtn", "setting": "w4a16", "transform": "hadamard"})
+
+
+def test_missing_peer_venv_gives_an_unavailable_line(bench, tmp_path):
+    _, jobs, _ = bench.plan(["--transforms", "llmc-quip", "--methods", "rtn", "--settings", "w4a16", "--quick"])
+    rec = bench.run_job(jobs[0], verbose=False, peer_python=tmp_path / "missing" / "python")
+    assert rec["status"] == "unavailable" and "setup_peers.sh" in rec["error"]
+    assert (rec["peer"], rec["transform"], rec["method"], rec["ppl"]) == ("llm-compressor", "llmc-quip", "rtn", None)
+
+
+def test_peer_script_helpers_without_llmcompressor(bench):
+    peer = load_benchmark("_peer_llmc_transforms")  # imports only _common, _peer_llmcompressor and transforms
+    assert peer.needs_data({"method": "gptq", "setting": "w4a16"})
+    assert peer.needs_data({"method": "rtn", "setting": "w4a4kv4"})  # a kv_cache_scheme asks for data
+    assert not peer.needs_data({"method": "rtn", "setting": "w4a8"})
+    assert peer._levels(torch.tensor([[0.0, 1.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0]])) == 3
+    checks = {"weights": {"applied": True}, "input_activations": None, "kv_cache": {"applied": False}}
+    assert peer._not_applied(checks) == ["kv_cache"]
+
+
+# ---------------------------------------------------------------- the protocol without compressor
