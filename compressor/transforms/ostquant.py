@@ -70,13 +70,13 @@ from torch.func import functional_call
 from compressor.arch import find_blocks, layout_for
 from compressor.distill.losses import forward_kl
 from compressor.quant.activations import (
-    KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _straight_through, attach_kv_quantizer,
-    attach_qk_rotation, fake_quant_per_token, qk_rotations,
+    KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _straight_through, _wrapped_attention,
+    attach_kv_quantizer, attach_qk_rotation, attention_modules, fake_quant_per_token, qk_rotations,
 )
 from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
 from compressor.quant.state import is_quantized
-from compressor.recipe import Pass, PassConfig, register_pass
 from compressor.progress import progress
+from compressor.recipe import Pass, PassConfig, register_pass
 from compressor.transforms.online import OnlineHadamard, attach_input_transform, online_transforms
 from compressor.transforms.rotate import _fold_norm, _get, _heads, _r3_targets, _rotation, _untie
 
@@ -436,8 +436,6 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
     OnlineHadamard(inter)
     attention = _r3_targets(model, hd) if c.r3 else []
     if c.kv_bits is not None:
-        from compressor.quant.activations import attention_modules, _wrapped_attention
-
         kv_targets = [a for _, a in attention_modules(model)]
         if not kv_targets:
             raise ValueError("ostquant: kv_bits needs transformers attention modules; set kv_bits: null")
@@ -494,6 +492,8 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
 
     # 3. train under fake quantization
     hooks = []
+    losses: list[float] = []
+    failed: BaseException | None = None
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -505,7 +505,9 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
                     hooks.append(m[k].register_forward_pre_hook(_InputQuant(c.bits, c.symmetric, c.clip_ratio)))
         for a in kv_targets:
             attach_kv_quantizer(a, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size))
-        losses = _train(t, state, body, emb, head, samples, top_values, top_index, c, quiet)
+        _train(t, state, body, emb, head, samples, top_values, top_index, c, quiet, losses)
+    except BaseException as err:  # NaN loss, Ctrl-C: fuse what was learned so far, so the model stays exact
+        failed = err
     finally:
         for h in hooks:
             h.remove()
@@ -525,6 +527,11 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         emb.weight.data.copy_((emb.weight.detach().double() @ r1.to(dev)).to(emb.weight.dtype))
         head.weight.data.copy_((head.weight.detach().double() @ r1.to(head.weight.device)).to(head.weight.dtype))
     seconds = time.perf_counter() - start
+    if failed is not None:
+        model.rotation_info = {"method": "ostquant", "failed_at_step": len(losses) + 1, "seed": c.seed}
+        log.error("ostquant stopped at step %d of %d; the transforms learned so far are fused, so the model still "
+                  "computes the full-precision function (rotated, like rotate's)", len(losses) + 1, c.steps)
+        raise failed
     if c.qsur_samples:
         report["trained"] = _qsur_report(model, qsur_ids, linear_names)
     info = {
@@ -570,8 +577,8 @@ def _forward(body: nn.Module, params: dict, r1: torch.Tensor, emb: nn.Embedding,
 
 
 def _train(t: _Transforms, state, body, emb, head, samples, top_values, top_index, c: OSTQuantConfig,
-           quiet: bool) -> list[float]:
-    """Adam on the transforms for ``c.steps`` steps of KL-Top; returns the loss per step."""
+           quiet: bool, losses: list[float]) -> None:
+    """Adam on the transforms for ``c.steps`` steps of KL-Top; appends each step's loss to ``losses``."""
     groups = [{"params": [p for n, p in t.named_parameters() if "skew" in n], "lr": c.lr},
               {"params": list(t.log_scale.parameters()), "lr": c.lr_scale}]
     groups = [g for g in groups if g["params"]]
@@ -580,7 +587,6 @@ def _train(t: _Transforms, state, body, emb, head, samples, top_values, top_inde
     gen = torch.Generator().manual_seed(c.seed)
     order: list[int] = []
     dev = emb.weight.device
-    losses = []
     log_every = max(1, c.steps // 20)
     bar = progress(range(c.steps), "ostquant", quiet=quiet)
     for step in bar:
@@ -601,7 +607,6 @@ def _train(t: _Transforms, state, body, emb, head, samples, top_values, top_inde
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % log_every == 0 or step == 0:
             log.info("ostquant step %d/%d: KL-Top %.4f", step + 1, c.steps, losses[-1])
-    return losses
 
 
 @torch.no_grad()

@@ -12,10 +12,11 @@ from conftest import tiny_llama
 import compressor
 from compressor.quant.activations import qk_rotations
 from compressor.quant.scheme import QuantScheme
+from compressor.transforms import ostquant as ostquant_mod
+from compressor.transforms.hadamard import random_hadamard
 from compressor.transforms.online import online_transforms
 from compressor.transforms.ostquant import OSTQuantConfig, cayley, kl_top, ostquant_model, qsur
 from compressor.transforms.rotate import rotate_model
-from compressor.transforms.hadamard import random_hadamard
 
 GEN = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 96, (6, 24), generator=GEN)
@@ -244,3 +245,22 @@ def test_untrained_transforms_are_quarots_rotation():
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_failed_training_still_leaves_an_exact_model(monkeypatch):
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    calls = {"n": 0}
+    real = ostquant_mod.kl_top
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(ostquant_mod, "kl_top", exploding)
+    with pytest.raises(ValueError, match="loss became nan at step 3"):
+        ostquant_model(model, IDS, OSTQuantConfig(**FAST), quiet=True)
+    assert model.rotation_info["failed_at_step"] == 3
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-4)  # the two learned steps are fused, exactly
+    assert all(p.requires_grad for p in model.parameters())
