@@ -541,12 +541,22 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         "smooth_qk": smooth_qk, "steps": c.steps, "loss_first": losses[0], "loss_last": losses[-1],
         "losses": losses, "seconds": round(seconds, 1), "qsur": report,
     }
-    means = {k: round(sum(r["qsur"] for r in v) / len(v), 6) for k, v in report.items()}
+    means = {k: _qsur_means(v) for k, v in report.items()}
     model.rotation_info = {**{k: v for k, v in info.items() if k not in ("losses", "qsur")}, "qsur_mean": means}
     if report:
         log.info("ostquant: mean QSUR over the block inputs %s", means)
     log.info("ostquant: KL-Top %.4f -> %.4f over %d steps in %.0f s", losses[0], losses[-1], c.steps, seconds)
     return info
+
+
+def _qsur_means(rows: list[dict]) -> dict[str, float]:
+    """Mean QSUR over the blocks, per input kind (``qkv``, ``o``, ``gate_up``, ``down``) and over all (``all``)."""
+    kinds: dict[str, list[float]] = {}
+    for r in rows:
+        kinds.setdefault(r["input"], []).append(r["qsur"])
+    out = {k: round(sum(v) / len(v), 6) for k, v in kinds.items()}
+    out["all"] = round(sum(r["qsur"] for r in rows) / len(rows), 6)
+    return out
 
 
 @torch.no_grad()

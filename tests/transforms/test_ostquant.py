@@ -158,6 +158,10 @@ def test_the_report_holds_qsur_per_layer_before_and_after():
         assert all(0 < r["qsur"] <= 1 for r in rows)
     mean = {k: sum(r["qsur"] for r in v) / len(v) for k, v in report.items()}
     assert mean["init"] > mean["original"]  # the Hadamard rotation alone spreads the inputs
+    summary = model.rotation_info["qsur_mean"]
+    assert set(summary) == {"original", "init", "trained"}
+    assert set(summary["init"]) == {"qkv", "o", "gate_up", "down", "all"}
+    assert summary["init"]["all"] == pytest.approx(mean["init"], abs=1e-6)
 
 
 def test_qwen3_skips_the_query_key_scaling():
