@@ -178,7 +178,9 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
         train = {k: acts[k] for k in ("bits", "symmetric", "clip_ratio", "kv_bits", "kv_symmetric", "kv_group_size")
                  if k in acts}
         steps = job.get("ost_steps") or OST_STEPS["full"]
-        passes.append({job["transform"]: {**rotate, "weight": dict(WEIGHTS), **train, "steps": steps,
+        # trained under RTN weights before rtn; before gptq with fp weights, as SpinQuant does (GPTQ corrects them)
+        weight = dict(WEIGHTS) if job["method"] == "rtn" else None
+        passes.append({job["transform"]: {**rotate, "weight": weight, **train, "steps": steps,
                                           "samples": min(OST_SAMPLES, job.get("n_calib", OST_SAMPLES))}})
     elif rotate is not None:
         passes.append({"rotate": dict(rotate)})

@@ -296,8 +296,11 @@ class OSTQuantConfig(PassConfig):
         smooth_qk: learn ``s_qk`` (query → key); skipped, with a log line, on
             models whose attention normalizes q and k per head (Qwen3).
         weight: the weight grid fake-quantized during training (min-max RTN;
-            the weight pass that follows quantizes for real). Use the scheme
-            of that pass.
+            the weight pass that follows quantizes for real), or null to train
+            with full-precision weights. Use the scheme of an ``rtn`` pass that
+            follows; before ``gptq``, null (SpinQuant, arXiv 2405.16406, learns
+            its rotations for GPTQ with 16-bit weights, since GPTQ handles the
+            weight error itself).
         bits, symmetric, clip_ratio: per-token linear-input quantization during
             training (``bits: null`` for weight-only); use the settings of the
             ``quantize_activations`` pass that follows.
@@ -324,7 +327,7 @@ class OSTQuantConfig(PassConfig):
     smooth_ov: bool = True
     smooth_up_down: bool = True
     smooth_qk: bool = True
-    weight: QuantScheme = field(default_factory=lambda: QuantScheme(bits=4, group_size=-1, symmetric=False))
+    weight: QuantScheme | None = field(default_factory=lambda: QuantScheme(bits=4, group_size=-1, symmetric=False))
     bits: int | None = 4
     symmetric: bool = True
     clip_ratio: float = 1.0
@@ -362,7 +365,7 @@ class OSTQuantConfig(PassConfig):
         _check_clip(self.clip_ratio, "ostquant.clip_ratio")
         if self.kv_bits is not None:
             _check_bits(self.kv_bits, "ostquant.kv_bits")
-        if self.weight.float_zero_point or self.weight.observer != "minmax":
+        if self.weight is not None and (self.weight.float_zero_point or self.weight.observer != "minmax"):
             raise ValueError("ostquant.weight: training fake-quantizes with a min-max grid and an integer zero point; "
                              "use observer: minmax, zero_point: int (the weight pass after it may differ)")
 
@@ -480,7 +483,7 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         for i, m in enumerate(mods):
             for key, value in _block_state(m, t, i, r1, None if r2 is None else r2[i], dims, dtype).items():
                 k, attr = key.split(".")
-                if quantize and attr == "weight" and k in _LINEARS:
+                if quantize and c.weight is not None and attr == "weight" and k in _LINEARS:
                     value = _ste_weight(value, c.weight)
                 params[f"{prefix[i]}{names[k]}.{attr}"] = value
         return params, r1

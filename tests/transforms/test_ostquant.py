@@ -268,3 +268,13 @@ def test_a_failed_training_still_leaves_an_exact_model(monkeypatch):
     assert model.rotation_info["failed_at_step"] == 3
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-4)  # the two learned steps are fused, exactly
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_weight_null_trains_with_full_precision_weights():
+    cfg = compressor.Recipe.from_dict({"passes": [{"ostquant": {**FAST, "weight": None}}]}).build()[0].config
+    assert cfg.weight is None
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    info = ostquant_model(model, IDS, cfg, quiet=True)
+    assert len(info["losses"]) == FAST["steps"]
+    assert (_logits(model) - ref).abs().max().item() <= 1e-3
