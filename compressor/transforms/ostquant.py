@@ -67,18 +67,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from compressor.arch import find_blocks, layout_for
 from compressor.distill.losses import forward_kl
 from compressor.quant.activations import (
     KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _straight_through, _wrapped_attention,
     attach_kv_quantizer, attach_qk_rotation, attention_modules, fake_quant_per_token, qk_rotations,
 )
 from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
-from compressor.quant.state import is_quantized
 from compressor.progress import progress
 from compressor.recipe import Pass, PassConfig, register_pass
 from compressor.transforms.online import OnlineHadamard, attach_input_transform, online_transforms
-from compressor.transforms.rotate import _fold_norm, _get, _heads, _r3_targets, _rotation, _untie
+from compressor.transforms.rotate import _fold_norm, _fresh_decoder, _get, _heads, _r3_targets, _rotation, _untie
 
 __all__ = ["qsur", "kl_top", "cayley", "OSTQuantConfig", "OSTQuantPass", "ostquant_model"]
 
@@ -395,12 +393,7 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
             a rotated or quantized model, bad calibration ids or non-finite weights.
     """
     c = config or OSTQuantConfig()
-    layout = layout_for(model)
-    if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
-        raise ValueError("ostquant: the model is already rotated; run ostquant instead of rotate, on a fresh model")
-    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
-    if quantized:
-        raise ValueError(f"ostquant: {quantized[0]} is already quantized; put ostquant before quantization passes")
+    layout, blocks_name, blocks, emb, head = _fresh_decoder(model, "ostquant")
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 2:
         raise ValueError("ostquant needs calibration token ids, an int64 (S, L) tensor")
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -409,10 +402,6 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
     config_ = model.config
     d = config_.hidden_size
     n_heads, n_kv, hd = _heads(config_)
-    blocks_name, blocks = find_blocks(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
-        raise ValueError(f"ostquant: {type(model).__name__} needs an nn.Embedding input and an nn.Linear lm_head")
     body_name = getattr(model, "base_model_prefix", "model")
     body = getattr(model, body_name, None)
     if not isinstance(body, nn.Module) or not blocks_name.startswith(body_name + "."):

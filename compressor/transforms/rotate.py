@@ -135,19 +135,10 @@ def rotate_model(
     """
     if r1 not in ("hadamard", "random"):
         raise ValueError(f"r1={r1!r}: use 'hadamard' (randomized Hadamard) or 'random' (random orthogonal)")
-    layout = layout_for(model)
-    if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
-        raise ValueError("rotate: the model is already rotated; rotate a freshly loaded model once")
-    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
-    if quantized:
-        raise ValueError(f"rotate: {quantized[0]} is already quantized; put the rotate pass before quantization passes")
+    layout, blocks_name, blocks, emb, head = _fresh_decoder(model, "rotate")
     config = model.config
     hidden = config.hidden_size
     n_heads, n_kv, head_dim = _heads(config)
-    blocks_name, blocks = find_blocks(model)
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
-        raise ValueError(f"rotate: {type(model).__name__} needs an nn.Embedding input and an nn.Linear lm_head")
     # sizes are checked before any weight changes, so an unsupported size leaves the model intact
     q1 = _rotation(r1, hidden, seed)  # (d, d) float64
     q2 = _rotation(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
@@ -183,6 +174,26 @@ def rotate_model(
     model.rotation_info = info
     log.info("rotate: %s", info)
     return info
+
+
+def _fresh_decoder(model: nn.Module, who: str) -> tuple:
+    """``(layout, blocks_name, blocks, embedding, lm_head)`` of a model neither rotated nor quantized.
+
+    Raises:
+        ValueError: an unsupported family, a model already rotated or
+            quantized, or no nn.Embedding input / nn.Linear lm_head.
+    """
+    layout = layout_for(model)
+    if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
+        raise ValueError(f"{who}: the model is already rotated; run rotate or ostquant once, on a freshly loaded model")
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    if quantized:
+        raise ValueError(f"{who}: {quantized[0]} is already quantized; put the {who} pass before quantization passes")
+    blocks_name, blocks = find_blocks(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise ValueError(f"{who}: {type(model).__name__} needs an nn.Embedding input and an nn.Linear lm_head")
+    return layout, blocks_name, blocks, emb, head
 
 
 def _r3_targets(model: nn.Module, head_dim: int) -> list[nn.Module]:
