@@ -285,6 +285,14 @@ def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
     return {**protocol, "threads": args.threads}
 
 
+def missing_peer(peer_python: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"status": "unavailable", "error": ...}`` when the peer venv's python does not exist, else None."""
+    if Path(peer_python).is_file():
+        return None
+    return {"status": "unavailable",
+            "error": f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first"}
+
+
 def child_record(run: ChildRun, fallback: dict[str, Any]) -> dict[str, Any]:
     """The child's result record, or ``fallback`` marked failed with why; the child's peak RSS and wall time added."""
     record = run.record

@@ -138,11 +138,9 @@ def run_ours(job: dict) -> dict:
 def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
     """One job in a fresh subprocess; peak RSS from ``wait4``."""
     if job["method"] in PEER_METHODS:
-        if not peer_python.is_file():
-            record = record_for(job)
-            record.update(status="unavailable",
-                          error=f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first")
-            return record
+        missing = common.missing_peer(peer_python)
+        if missing:
+            return {**record_for(job), **missing}
         command = [str(peer_python), str(PEER_SCRIPT)]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]

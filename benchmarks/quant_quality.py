@@ -132,14 +132,9 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
     method = job["method"]
     setting = None if method == "fp32" else common.Setting(job["bits"], job["group_size"])
     if method in PEER_METHODS:
-        if not peer_python.is_file():
-            record = common.base_record(method, setting)
-            record["machine"] = common.machine_info()
-            record.update(
-                status="unavailable",
-                error=f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first",
-            )
-            return record
+        missing = common.missing_peer(peer_python)
+        if missing:
+            return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
         command = [str(peer_python), str(PEER_SCRIPT)]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]

@@ -317,11 +317,9 @@ def _label(job: dict[str, Any]) -> str:
 def run_job(job: dict[str, Any], verbose: bool, peer_python: Path = DEFAULT_PEER_PYTHON) -> dict[str, Any]:
     """Run one job in a fresh subprocess (a peer transform: in the peer venv); its peak RSS comes from ``wait4``."""
     if job["transform"] in PEER_TRANSFORMS:
-        if not Path(peer_python).is_file():
-            record = {**base_record(job), "machine": common.machine_info()}
-            record.update(status="unavailable",
-                          error=f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first")
-            return record
+        missing = common.missing_peer(peer_python)
+        if missing:
+            return {**base_record(job), "machine": common.machine_info(), **missing}
         command = [str(peer_python), str(PEER_SCRIPT)]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child"]
