@@ -23,6 +23,12 @@ Every step leaves the full-precision function unchanged:
    each attention module), which applies it before a KV quantizer.
 5. **R4**, an online Hadamard before down_proj: ``W_down ← W_down Q`` fused,
    and ``x ← x Q`` at run time (:mod:`compressor.transforms.online`).
+6. **Online o_proj Hadamard** (optional, off by default): the same on the
+   o_proj input, a full Hadamard of width heads × head_dim. R2 only rotates
+   within a head; this one also mixes the heads, as QuaRot's online Hadamard
+   before the output projection does (QuaRot §4 applies H_heads online and
+   H_head_dim fused; one full Hadamard on top of R2 spreads every channel
+   over the whole input). It matters when the o_proj input is quantized (A4).
 
 Weights are rotated in float64 and cast back to their dtype.
 """
@@ -106,7 +112,8 @@ def _heads(config) -> tuple[int, int, int]:
 
 
 def rotate_model(
-    model: nn.Module, *, seed: int = 0, r1: str = "hadamard", r2: bool = True, r3: bool = False, r4: bool = True
+    model: nn.Module, *, seed: int = 0, r1: str = "hadamard", r2: bool = True, r3: bool = False, r4: bool = True,
+    online_o: bool = False,
 ) -> dict:
     """Fold norms and apply R1 / R2 / R3 / R4 to a decoder LM in place; the fp function is unchanged.
 
@@ -122,12 +129,14 @@ def rotate_model(
             only matters when the KV cache is quantized, and plain transformers ignores it
             in an export (``load_compressed`` reattaches it).
         r4: online Hadamard on the down_proj input (fused + run-time module).
+        online_o: online Hadamard on the o_proj input (fused + run-time module),
+            mixing the heads; exported in ``transform_config`` like R4.
 
     Returns:
-        What was applied: ``{"r1", "hidden_size", "r2", "r3", "r4", "seed",
-        "untied_embeddings", "folded_norms", "online"}`` (r2 / r3 / r4 are the
+        What was applied: ``{"r1", "hidden_size", "r2", "r3", "r4", "online_o", "seed",
+        "untied_embeddings", "folded_norms", "online"}`` (r2 / r3 / r4 / online_o are the
         rotation sizes, or None when off; ``online`` counts the run-time
-        rotations, down_proj inputs and attention modules together).
+        rotations, linear inputs and attention modules together).
 
     Raises:
         ValueError: unsupported architecture, size or attention
@@ -143,7 +152,9 @@ def rotate_model(
     q1 = _rotation(r1, hidden, seed)  # (d, d) float64
     q2 = _rotation(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
     inter_sizes = {_get(b, layout.down, f"{blocks_name}.{i}").in_features for i, b in enumerate(blocks)}
+    o_sizes = {_get(b, layout.o, f"{blocks_name}.{i}").in_features for i, b in enumerate(blocks)}
     q4 = {n: OnlineHadamard(n).matrix(torch.float64) for n in inter_sizes} if r4 else {}  # (n, n) each
+    qo = {n: OnlineHadamard(n).matrix(torch.float64) for n in o_sizes} if online_o else {}  # (n, n) each
     attention = _r3_targets(model, head_dim) if r3 else []
     untied = _untie(model, emb, head)
 
@@ -155,7 +166,7 @@ def rotate_model(
             _fold_norm(m["attn_norm"], [m["q"], m["k"], m["v"]], f"{where}.{layout.attn_norm}")
             _fold_norm(m["mlp_norm"], [m["gate"], m["up"]], f"{where}.{layout.mlp_norm}")
             folded += 2
-            _rotate_block(m, q1, q2, q4, n_heads, n_kv, head_dim, where)
+            _rotate_block(m, q1, q2, q4, n_heads, n_kv, head_dim, where, qo)
         _fold_norm(_get(model, layout.final_norm, type(model).__name__), [head], layout.final_norm)
         folded += 1
         dev = emb.weight.device
@@ -167,13 +178,18 @@ def rotate_model(
 
     info = {
         "r1": r1, "hidden_size": hidden, "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
-        "r4": (inter_sizes.pop() if len(inter_sizes) == 1 else sorted(inter_sizes)) if r4 else None,
+        "r4": _sizes(inter_sizes) if r4 else None, "online_o": _sizes(o_sizes) if online_o else None,
         "seed": seed, "untied_embeddings": untied, "folded_norms": folded,
         "online": len(online_transforms(model)) + len(qk_rotations(model)),
     }
     model.rotation_info = info
     log.info("rotate: %s", info)
     return info
+
+
+def _sizes(sizes: set[int]) -> int | list[int]:
+    """One size, or the sorted sizes when blocks differ."""
+    return next(iter(sizes)) if len(sizes) == 1 else sorted(sizes)
 
 
 def _fresh_decoder(model: nn.Module, who: str) -> tuple:
@@ -222,8 +238,9 @@ def _r3_targets(model: nn.Module, head_dim: int) -> list[nn.Module]:
 
 
 def _rotate_block(m: dict[str, nn.Module], q1: torch.Tensor, q2: torch.Tensor | None, q4: dict[int, torch.Tensor],
-                  n_heads: int, n_kv: int, head_dim: int, where: str) -> None:
-    """R1 on the block's readers and writers, R2 on v/o heads, R4 on down_proj (weights already norm-folded)."""
+                  n_heads: int, n_kv: int, head_dim: int, where: str, qo: dict[int, torch.Tensor] | None = None) -> None:
+    """R1 on the block's readers and writers, R2 on v/o heads, R4 on down_proj, the online o_proj Hadamard
+    (``qo``) on o_proj (weights already norm-folded)."""
     dev = m["q"].weight.device
     q1 = q1.to(dev)
     for key in ("q", "k", "v", "gate", "up"):  # readers: y = x W_newᵀ with x = h Q → W_new = W Q
@@ -246,10 +263,11 @@ def _rotate_block(m: dict[str, nn.Module], q1: torch.Tensor, q2: torch.Tensor | 
             _write(v.bias, (v.bias.detach().double().reshape(n_kv, head_dim) @ q2).reshape(-1))
         wo = o.weight.detach().double().reshape(o.out_features, n_heads, head_dim)  # (d, H, hd)
         _write(o.weight, (wo @ q2).reshape(o.weight.shape))  # W_o,h ← W_o,h R2 undoes it
-    if q4:
-        down = m["down"]
-        _write(down.weight, down.weight.detach().double() @ q4[down.in_features].to(dev))  # W ← W Q; x ← x Q online
-        attach_input_transform(down, OnlineHadamard(down.in_features).to(dev))
+    for key, online in (("down", q4), ("o", qo)):
+        if online:
+            lin = m[key]
+            _write(lin.weight, lin.weight.detach().double() @ online[lin.in_features].to(dev))  # W ← W Q; x ← x Q
+            attach_input_transform(lin, OnlineHadamard(lin.in_features).to(dev))
 
 
 # ---------------------------------------------------------------- recipe pass
@@ -271,6 +289,8 @@ class RotateConfig(PassConfig):
             ``transform_config``, applied on reload by ``load_compressed``).
         r4: online Hadamard before down_proj (exported in ``transform_config``; only
             ``load_compressed`` and vLLM apply it).
+        online_o: online Hadamard before o_proj, mixing the heads (QuaRot's; default
+            false; exported like ``r4``). Use it when linear inputs are quantized to 4 bits.
     """
 
     targets: tuple[str, ...] = field(default=(), init=False)
@@ -280,6 +300,7 @@ class RotateConfig(PassConfig):
     r2: bool = True
     r3: bool = False
     r4: bool = True
+    online_o: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -287,12 +308,13 @@ class RotateConfig(PassConfig):
             raise ValueError(f"rotate.seed must be a non-negative integer, got {self.seed!r}")
         if self.r1 not in ("hadamard", "random"):
             raise ValueError(f"rotate.r1={self.r1!r}: use 'hadamard' or 'random'")
-        for name in ("r2", "r3", "r4"):
+        for name in ("r2", "r3", "r4", "online_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rotate.{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "r1": self.r1, "r2": self.r2, "r3": self.r3, "r4": self.r4}
+        return {"seed": self.seed, "r1": self.r1, "r2": self.r2, "r3": self.r3, "r4": self.r4,
+                "online_o": self.online_o}
 
 
 @register_pass
@@ -310,7 +332,7 @@ class RotatePass(Pass):
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model`` in place; what was applied is kept in ``self.applied``."""
         c = self.config
-        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4)
+        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4, online_o=c.online_o)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("rotate is a model-level pass: run the recipe through compressor.compress, which "

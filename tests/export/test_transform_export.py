@@ -103,6 +103,21 @@ def test_w4a4kv4_gptq_compress_with_output_reloads_bit_exact(tmp_path):
     assert json.loads((tmp_path / "e" / "compressor_manifest.json").read_text())["recipe"] == recipe.to_dict()
 
 
+def test_online_o_proj_and_down_proj_share_the_r4_group_and_reload(tmp_path):
+    """Two sizes in one group (o_proj 48, down_proj 80): one stored matrix per size, bit-exact reload."""
+    model, recipe = _compressed({"rotate": {"r3": True, "online_o": True}}, RTN4, W4A4KV4, hidden=48)
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    loaded = load_compressed(out)
+    assert torch.equal(_logits(loaded), _logits(model))
+    rotated = sorted(n for n, m in loaded.named_modules() if isinstance(m._modules.get("input_transform"), OnlineHadamard))
+    assert rotated == sorted(online_transforms(model)) and len(rotated) == 4  # QuantLinears on reload
+    r4 = _qcfg(out)["transform_config"]["config_groups"]["R4"]
+    assert len(r4["apply"][0]["targets"]) == 4
+    sd = load_file(out / "model.safetensors")
+    stored = {k: tuple(v.shape) for k, v in sd.items() if "R4_input" in k}
+    assert stored == {R4_KEY: (80, 80), "model.layers.0.self_attn.o_proj.R4_input.weight": (48, 48)}
+
+
 def test_clip_ratio_group_size_and_mixed_groups(tmp_path):
     """Quantized linears with and without input quantizers get separate groups; clip and KV groups round-trip."""
     act = {"quantize_activations": {"bits": 6, "symmetric": False, "clip_ratio": 0.9, "kv_bits": 4,

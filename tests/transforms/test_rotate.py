@@ -65,6 +65,18 @@ def test_each_rotation_alone_is_exact(r2, r4):
     assert (info["r2"] is not None) == r2 and (info["online"] == 2) == r4
 
 
+def test_online_o_proj_hadamard_is_exact_and_mixes_the_heads():
+    """QuaRot's online Hadamard before o_proj: exact, one more run-time module per block, across all heads."""
+    model = tiny_llama(hidden=48, inter=80)
+    _, info = _check_equivalent(model, online_o=True)
+    assert info["online_o"] == 48 and info["r4"] == 80 and info["online"] == 4
+    o = find_blocks(model)[1][0].self_attn.o_proj
+    q = o.input_transform.matrix(torch.float64)  # (48, 48): every entry ±1/√48, so each head feeds every channel
+    assert torch.allclose(q.abs(), torch.full_like(q, 48**-0.5))
+    assert sorted(online_transforms(model)) == sorted(f"model.layers.{i}.{m}" for i in range(2)
+                                                      for m in ("self_attn.o_proj", "mlp.down_proj"))
+
+
 def _tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -29,7 +29,8 @@ def test_config_validation_and_round_trip():
     recipe = Recipe.from_dict({"passes": [{"rotate": {"seed": 3, "r4": False}}, RTN4]})
     name, cfg = recipe.passes[0]
     assert name == "rotate" and cfg == RotateConfig(seed=3, r4=False)
-    assert recipe.to_dict()["passes"][0] == {"rotate": {"seed": 3, "r1": "hadamard", "r2": True, "r3": False, "r4": False}}
+    assert recipe.to_dict()["passes"][0] == {"rotate": {"seed": 3, "r1": "hadamard", "r2": True, "r3": False, "r4": False,
+                                                    "online_o": False}}
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="unknown key 'passes\\[0\\].rotate.sed'.*did you mean 'seed'"):
         Recipe.from_dict({"passes": [{"rotate": {"sed": 0}}]})
