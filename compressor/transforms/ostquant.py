@@ -227,6 +227,9 @@ def _block_state(m: dict[str, nn.Module], t: _Transforms, i: int, r1: torch.Tens
     if s_ov is not None:
         wo = wo / s_ov.reshape(n_kv, hd).repeat_interleave(groups, dim=0)[None]
     wo = r1.T @ wo.reshape(-1, n_heads * hd)
+    o_transform = m["o"]._modules.get("input_transform")
+    if o_transform is not None:
+        wo = o_transform(wo)  # W ← W Q; x ← x Q online
     wg, wu = reader("gate", s_ffn), reader("up", s_ffn)
     bu = b.get("up")
     if s_ud is not None:
@@ -288,6 +291,8 @@ class OSTQuantConfig(PassConfig):
         r1_init: ``"hadamard"`` (randomized Hadamard, QuaRot) or ``"random"`` (random orthogonal).
         rotate_ov: learn a per-block R2 on values / o_proj input.
         r3: online Hadamard on queries and keys after RoPE (fixed; for a quantized KV cache).
+        online_o: fixed online Hadamard on the o_proj input, mixing the heads
+            (as ``rotate``'s ``online_o``; exported like R4).
         smooth_norm: learn ``s_attn`` / ``s_ffn`` (norm → q/k/v, norm → gate/up).
         smooth_ov: learn ``s_ov`` (value → output).
         smooth_up_down: learn ``s_ud`` (up → down).
@@ -321,6 +326,7 @@ class OSTQuantConfig(PassConfig):
     r1_init: str = "hadamard"
     rotate_ov: bool = True
     r3: bool = True
+    online_o: bool = False
     smooth_norm: bool = True
     smooth_ov: bool = True
     smooth_up_down: bool = True
@@ -345,7 +351,7 @@ class OSTQuantConfig(PassConfig):
         super().__post_init__()
         if self.r1_init not in ("hadamard", "random"):
             raise ValueError(f"ostquant.r1_init={self.r1_init!r}: use 'hadamard' or 'random'")
-        for name in ("rotate_ov", "r3", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk", "symmetric",
+        for name in ("rotate_ov", "r3", "online_o", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk", "symmetric",
                      "kv_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ostquant.{name} must be true or false, got {getattr(self, name)!r}")
@@ -426,6 +432,8 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
     r1_0 = _rotation(c.r1_init, d, c.seed)  # (d, d) float64
     r2_0 = _rotation(c.r1_init, hd, c.seed + 1) if c.rotate_ov else None
     OnlineHadamard(inter)
+    if c.online_o:
+        OnlineHadamard(n_heads * hd)
     attention = _r3_targets(model, hd) if c.r3 else []
     if c.kv_bits is not None:
         kv_targets = [a for _, a in attention_modules(model)]
@@ -456,6 +464,8 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         _fold_norm(_get(model, layout.final_norm, type(model).__name__), [head], layout.final_norm)
     for m in mods:
         attach_input_transform(m["down"], OnlineHadamard(inter).to(m["down"].weight.device))
+        if c.online_o:
+            attach_input_transform(m["o"], OnlineHadamard(m["o"].in_features).to(m["o"].weight.device))
     for attn in attention:
         attach_qk_rotation(attn, QKRotation(hd).to(next(attn.parameters()).device))
     dev = emb.weight.device
@@ -528,7 +538,7 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         report["trained"] = _qsur_report(model, qsur_ids, linear_names)
     info = {
         "method": "ostquant", "r1": c.r1_init, "hidden_size": d, "r2": hd if c.rotate_ov else None,
-        "r3": hd if c.r3 else None, "r4": inter, "seed": c.seed, "untied_embeddings": untied,
+        "r3": hd if c.r3 else None, "r4": inter, "online_o": n_heads * hd if c.online_o else None, "seed": c.seed, "untied_embeddings": untied,
         "folded_norms": 2 * len(blocks) + 1, "online": len(online_transforms(model)) + len(qk_rotations(model)),
         "smooth_qk": smooth_qk, "steps": c.steps, "loss_first": losses[0], "loss_last": losses[-1],
         "losses": losses, "seconds": round(seconds, 1), "qsur": report,

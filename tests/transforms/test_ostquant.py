@@ -251,6 +251,22 @@ def test_untrained_transforms_are_quarots_rotation():
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-5, msg=k)
 
 
+def test_online_o_proj_hadamard_trains_fuses_and_matches_rotate():
+    """online_o: the fused model keeps the fp logits; untrained, its weights are rotate(online_o=True)'s."""
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    info = ostquant_model(model, IDS, OSTQuantConfig(**FAST, online_o=True), quiet=True)
+    assert (_logits(model) - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+    assert info["online_o"] == 64 and len(online_transforms(model)) == 4
+    a, b = _llama(hidden=64, inter=96), _llama(hidden=64, inter=96)
+    ostquant_model(a, IDS, OSTQuantConfig(**{**FAST, "steps": 1, "lr": 1e-12, "lr_scale": 1e-12, "online_o": True}),
+                   quiet=True)
+    rotate_model(b, seed=0, r3=True, online_o=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-5, msg=k)
+
+
 def test_a_failed_training_still_leaves_an_exact_model(monkeypatch):
     model = _llama(hidden=64, inter=96)
     ref = _logits(model)
