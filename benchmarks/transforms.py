@@ -12,16 +12,20 @@ asymmetric min-max grid, as in ``quant_quality.py``):
 * ``w4a16``: weights only;
 * ``w4a4kv4``: plus every linear input 4-bit per token (symmetric) and keys /
   values 4-bit per head and token (asymmetric), fake-quantized in memory by the
-  ``quantize_activations`` pass, after the weight pass.
+  ``quantize_activations`` pass, after the weight pass;
+* ``w4a4kv4-clip`` (on request): the same with each token's input range clipped
+  to 0.9 (QuaRot's activation clip ratio); llm-compressor's dynamic grids have
+  no clip ratio, so the peers skip it.
 
 Transforms (the ``rotate`` pass, first in the recipe):
 
 * ``none``;
 * ``hadamard``: QuaRot (arXiv 2404.00456) — norms folded, randomized Hadamard
-  R1 and R2 fused, online Hadamard R4 before down_proj and R3 on queries and
-  keys after RoPE (``rotate: {seed: 0, r1: hadamard, r2: true, r3: true, r4: true}``);
+  R1 and R2 fused, online Hadamards R4 before down_proj and across the heads
+  before o_proj, and R3 on queries and keys after RoPE
+  (``rotate: {seed: 0, r1: hadamard, r2: true, r3: true, r4: true, online_o: true}``);
 * ``ostquant``: OSTQuant (arXiv 2501.13987) — the same folding, Hadamard
-  init and online R3 / R4, then R1, per-block R2 and the scaling vectors
+  init and online R3 / R4 / o_proj Hadamard, then R1, per-block R2 and the scaling vectors
   learned by KL-Top under the job's own fake quantization (weights as below;
   activations and KV cache as the setting), then fused (``ostquant`` pass,
   first in the recipe; ``--ost-steps`` steps of one 512-token sequence drawn
@@ -79,14 +83,16 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
              "kv_group_size": None},
     "w4a4kv4": {"bits": 4, "symmetric": True, "clip_ratio": 1.0, "kv_bits": 4, "kv_symmetric": False,
                 "kv_group_size": None},
+    "w4a4kv4-clip": {"bits": 4, "symmetric": True, "clip_ratio": 0.9, "kv_bits": 4, "kv_symmetric": False,
+                     "kv_group_size": None},
 }
-DEFAULT_SETTINGS = ("w4a16", "w4a4kv4")  # w4a8 on request (--settings w4a8)
+DEFAULT_SETTINGS = ("w4a16", "w4a4kv4")  # w4a8 and w4a4kv4-clip on request (--settings)
 # transform → rotate config, or None for no rotation
 TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "none": None,
-    "hadamard": {"seed": 0, "r1": "hadamard", "r2": True, "r3": True, "r4": True},
-    "ostquant": {"seed": 0, "r1_init": "hadamard", "rotate_ov": True, "r3": True, "smooth_norm": True,
-                 "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
+    "hadamard": {"seed": 0, "r1": "hadamard", "r2": True, "r3": True, "r4": True, "online_o": True},
+    "ostquant": {"seed": 0, "r1_init": "hadamard", "rotate_ov": True, "r3": True, "online_o": True,
+                 "smooth_norm": True, "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
 }
 LEARNED = ("ostquant",)  # transforms trained for the job's setting: no fp32 line
 # llm-compressor transforms (peer venv, opt-in): transform → (modifier, its arguments). Sylvester Hadamards
@@ -157,6 +163,9 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
         if "fp32" in m and transform not in NO_FP32:
             jobs.append({"method": "fp32", "setting": "fp32", "transform": transform})
         for setting in s:
+            if transform in PEER_TRANSFORMS and SETTINGS[setting] and SETTINGS[setting]["clip_ratio"] != 1.0:
+                log.info("%s skips %s: llm-compressor's dynamic grids have no clip ratio", transform, setting)
+                continue
             for method in m:
                 if method == "fp32" or (trim and method == "gptq" and (setting, transform) != QUICK_GPTQ):
                     continue

@@ -79,7 +79,7 @@ def test_records_and_recipes(bench):
 def test_quarot_recipe_runs_on_a_tiny_llama(bench):
     recipe = Recipe.from_dict(bench.recipe_dict({"method": "rtn", "setting": "w4a4kv4", "transform": "hadamard"}))
     model = compress(tiny_llama(hidden=64, inter=96), recipe, quiet=True)
-    assert len(online_transforms(model)) == 2 and len(qk_rotations(model)) == 2
+    assert len(online_transforms(model)) == 4 and len(qk_rotations(model)) == 2  # R4 and o_proj, 2 blocks
     assert len(activation_quantizers(model)) == 14 + 2
     assert model.rotation_info["r3"] == 16
     with torch.no_grad():
@@ -202,6 +202,16 @@ def test_peer_records_use_our_grids_in_llmcompressor_terms(bench):
         bench.peer_modifiers({"method": "fp32", "setting": "fp32", "transform": "llmc-quip"})
     with pytest.raises(ValueError, match="no llm-compressor recipe"):
         bench.peer_modifiers({"method": "rtn", "setting": "w4a16", "transform": "hadamard"})
+
+
+def test_clipped_setting_runs_ours_and_skips_the_peers(bench):
+    _, jobs, _ = bench.plan(["--transforms", "hadamard,llmc-quip", "--methods", "gptq",
+                             "--settings", "w4a4kv4,w4a4kv4-clip"])
+    assert _keys(jobs) == [("gptq", "w4a4kv4", "hadamard"), ("gptq", "w4a4kv4-clip", "hadamard"),
+                           ("gptq", "w4a4kv4", "llmc-quip")]
+    acts = bench.recipe_dict(jobs[1])["passes"][-1]["quantize_activations"]
+    assert acts["clip_ratio"] == 0.9 and acts["kv_bits"] == 4
+    assert bench.base_record(jobs[1])["activations"]["clip_ratio"] == 0.9
 
 
 def test_missing_peer_venv_gives_an_unavailable_line(bench, tmp_path):
