@@ -108,6 +108,7 @@ def run_ours(job: dict) -> dict:
     import torch
 
     import compressor
+    from compressor.pipeline.sequential import PipelineConfig
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -123,7 +124,9 @@ def run_ours(job: dict) -> dict:
         record["recipe"] = recipe.to_dict()
         try:
             start = time.perf_counter()
-            model = compressor.compress(model, recipe, calibration=calib.input_ids, quiet=True)
+            pipeline = PipelineConfig(batch_size=job["batch_size"], quiet=True) if job.get("batch_size") else None
+            record["batch_size"] = job.get("batch_size") or PipelineConfig().batch_size
+            model = compressor.compress(model, recipe, calibration=calib.input_ids, quiet=True, pipeline=pipeline)
             record["compress_s"] = round(time.perf_counter() - start, 2)
         except Exception as err:  # recorded as a finding (traceback in the log), not hidden
             log.error("%s failed:\n%s", job, traceback.format_exc())
@@ -187,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsities", default="0.5", help="comma list of fractions (0.7) and N:M (2:4)")
     parser.add_argument("--allocations", default="uniform", help=f"comma list of {', '.join(ALLOCATIONS)}")
     common.add_protocol_args(parser, "smoke test: 8 x 128 calibration tokens, 2048 evaluation tokens")
+    parser.add_argument("--batch-size", type=int, help="calibration sequences per forward in our pipeline (default: "
+                        "the library's, 8; llm-compressor's runs use 1). The result depends on it only through "
+                        "float rounding: with 1, our Wanda masks equal llm-compressor's bit for bit")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON, help="python of the peer venv")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -207,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     if common.run_child_job(args, run_ours):
         return
     protocol = {**common.protocol_from_args(parser, args), "quick": args.quick}
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+        protocol["batch_size"] = args.batch_size
     if args.suite:
         suites = list(SUITES) if args.suite == "all" else [args.suite]
         jobs = [j for s in suites for j in plan_jobs(list(SUITES[s]["methods"]), list(SUITES[s]["sparsities"]),

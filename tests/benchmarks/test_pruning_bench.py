@@ -19,3 +19,12 @@ def test_every_allocation_builds_a_valid_recipe():
             assert (p.config.allocation, p.config.dp_distortion) == ("dp", want)
         elif job["sparsity"] == "0.7":
             assert p.config.allocation == job["allocation"]
+
+
+def test_batch_size_reaches_every_job(monkeypatch):
+    bench = load_benchmark("pruning")
+    seen = []
+    monkeypatch.setattr(bench, "run_job", lambda job, *_a: seen.append(job) or {"status": "ok"})
+    monkeypatch.setattr(bench.common, "emit", lambda *_a: None)
+    bench.main(["--methods", "wanda,llmc-wanda", "--sparsities", "0.5", "--batch-size", "1", "--quick"])
+    assert [(j["method"], j["batch_size"]) for j in seen] == [("wanda", 1), ("llmc-wanda", 1)]
