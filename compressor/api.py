@@ -195,7 +195,8 @@ def compress(
         for p in passes:
             p.apply(model, quiet=quiet)
     else:
-        ids = _calibration_ids(calibration, tokenizer, recipe.seed, [p.name for p in passes if p.requires_calibration])
+        ids = lead_ids if lead_ids is not None else _calibration_ids(
+            calibration, tokenizer, recipe.seed, [p.name for p in passes if p.requires_calibration])
         digest = hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest() if ids.is_floating_point() else ids_sha256(ids)
         info["calibration"] = {"sha256": digest, "sequences": ids.shape[0], "seq_len": ids.shape[1]}
         config = pipeline or PipelineConfig(quiet=quiet)

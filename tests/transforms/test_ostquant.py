@@ -189,6 +189,18 @@ def test_recipe_runs_ostquant_then_weights_then_activations():
     assert torch.isfinite(_logits(out)).all()
 
 
+def test_ostquant_then_gptq_builds_the_calibration_set_once(monkeypatch):
+    import compressor.api as api
+
+    calls = []
+    real = api._calibration_ids
+    monkeypatch.setattr(api, "_calibration_ids", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    recipe = compressor.Recipe.from_dict({"seed": 0, "passes": [
+        {"ostquant": {**FAST, "weight": None}}, {"gptq": {"scheme": {"bits": 4, "group_size": -1}}}]})
+    out = compressor.compress(_llama(), recipe, calibration=IDS, quiet=True)
+    assert calls == [["ostquant"]] and torch.isfinite(_logits(out)).all()  # the pipeline reuses the lead's ids
+
+
 def test_recipe_without_calibration_says_how_to_pass_it():
     recipe = compressor.Recipe.from_dict({"passes": [{"ostquant": FAST}, {"rtn": {}}]})
     with pytest.raises(ValueError, match="calibration"):
