@@ -88,6 +88,20 @@ class Pass:
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config
+        # set by the sequential pipeline while it runs one stage of a true-sequential pass: the qualified
+        # names of that stage's linears (None: every target of the block)
+        self.stage: set[str] | None = None
+
+    @property
+    def staged(self) -> bool:
+        """Whether the pipeline should calibrate and compress this pass's linears stage by stage
+        (``true_sequential`` in its config), each stage seeing the inputs the earlier ones produce."""
+        return bool(getattr(self.config, "true_sequential", False))
+
+    def block_modules(self, block: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+        """:func:`select_modules` of ``block``, restricted to the current :attr:`stage`."""
+        found = select_modules(block, self.config, prefix)
+        return found if self.stage is None else [(n, m) for n, m in found if n in self.stage]
 
     def apply(self, model: nn.Module, **context: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -25,7 +25,7 @@ from compressor.arch import find_blocks
 from compressor.pipeline.cache import ActivationCache
 from compressor.pipeline.checkpoint import BlockCheckpoint
 from compressor.progress import progress
-from compressor.recipe import Pass
+from compressor.recipe import Pass, select_modules
 
 __all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]
 
@@ -208,21 +208,67 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
     pass pairs the streams, its full-precision forwards provide them (one
     forward saved per batch), otherwise they are computed up front.
     """
-    paired_first = bool(passes) and getattr(passes[0], "wants_fp_inputs", False)
+    paired_first = bool(passes) and getattr(passes[0], "wants_fp_inputs", False) and not passes[0].staged
     fp_out = _fp_outputs(block, fp_cache) if not paired_first else None
     for k, p in enumerate(passes):
-        if p.requires_calibration:
-            observed = p.begin_block(block, prefix)
-            if getattr(p, "wants_fp_inputs", False):
-                out = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0)
-                if k == 0:
-                    fp_out = out
-            else:
-                _calibration_forwards(block, cache, observed)
-            p.end_block(block, prefix, cache=cache, targets=fp_out)
-        else:
+        if not p.requires_calibration:
             p.compress_block(block, prefix)
+            continue
+        stages = _stages(block, prefix, p, cache) if p.staged else [None]
+        try:
+            for stage in stages:
+                p.stage = stage
+                observed = p.begin_block(block, prefix)
+                if getattr(p, "wants_fp_inputs", False):
+                    out = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0 and paired_first)
+                    if k == 0 and paired_first:
+                        fp_out = out
+                else:
+                    _calibration_forwards(block, cache, observed)
+                p.end_block(block, prefix, cache=cache, targets=fp_out)
+        finally:
+            p.stage = None
     return fp_out
+
+
+def _stages(block: nn.Module, prefix: str, p: Pass, cache: ActivationCache) -> list[set[str]]:
+    """The pass's linears in ``block`` grouped into stages: runs of linears that read the very same input
+    tensor, in the order one forward of the first batch enters them (q/k/v, o, gate/up, down in a Llama block).
+
+    Linears the forward never enters join the last stage (the pass then reports them as it would unstaged).
+    """
+    linears = [(n, m) for n, m in select_modules(block, p.config, prefix) if isinstance(m, nn.Linear)]
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def record(name):
+        def hook(_module, args, kwargs):
+            seen.append((name, args[0] if args else kwargs.get("input")))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in linears]
+    try:
+        _block_forward(block, cache, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[set[str]] = []
+    last = None
+    for name, x in seen:
+        if any(name in st for st in stages):
+            continue  # a linear entered twice stays in its first stage
+        if stages and x is last:
+            stages[-1].add(name)
+        else:
+            stages.append({name})
+        last = x
+    rest = {n for n, _ in linears} - set().union(*stages)
+    if rest:
+        if stages:
+            stages[-1] |= rest
+        else:
+            stages.append(rest)
+    log.debug("%s: %s runs in %d stages: %s", prefix, p.name, len(stages), [sorted(s) for s in stages])
+    return stages or [set()]
 
 
 def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache: ActivationCache, observed,

@@ -78,6 +78,13 @@ class PruneConfig(PassConfig):
         dp_probe: calibration sequences the ``"output"`` distortion is measured on.
         dp_span: ``"output"`` only: candidate sparsities lie within
             ``sparsity +- dp_span`` (each candidate costs a forward per block).
+        true_sequential: wanda / sparsegpt: prune a block's linears stage by
+            stage in forward order (q/k/v, then o, then gate/up, then down),
+            each stage's statistics taken on the inputs the already-pruned
+            stages produce (SparseGPT's reference code prunes this way; the
+            default, false, calibrates the whole block on its dense forward,
+            as Wanda's code and llm-compressor do). Costs up to one more
+            (truncated) block forward per stage.
     """
 
     method: str = "sparsegpt"
@@ -93,6 +100,7 @@ class PruneConfig(PassConfig):
     dp_distortion: str = "output"
     dp_probe: int = 2
     dp_span: float = 0.2
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,6 +136,9 @@ class PruneConfig(PassConfig):
             raise ValueError(f"dp_probe={self.dp_probe}: use a positive number of calibration sequences, e.g. 2")
         if not 0 < self.dp_span < 1:
             raise ValueError(f"dp_span={self.dp_span}: use a sparsity range in (0, 1), e.g. 0.2")
+        if self.true_sequential and self.method == "magnitude":
+            raise ValueError("true_sequential with method='magnitude': magnitude pruning reads no layer inputs, so "
+                             "there is nothing to take in order; use method 'wanda' or 'sparsegpt', or drop it")
         if not 0 < self.dp_step <= 0.5:
             raise ValueError(f"dp_step={self.dp_step}: use a grid spacing in (0, 0.5], e.g. 0.05")
 
@@ -265,7 +276,7 @@ class PrunePass(Pass):
         Returns:
             the observed linears.
         """
-        linears = [(n, m) for n, m in select_modules(block, self.config, prefix) if isinstance(m, nn.Linear)]
+        linears = [(n, m) for n, m in self.block_modules(block, prefix) if isinstance(m, nn.Linear)]
         for name, module in linears:
             self._check_module(name, module)
         if self.config.method == "magnitude":  # calibrated only for the allocation's sweep: no statistics here
@@ -284,7 +295,7 @@ class PrunePass(Pass):
         if self.config.method == "magnitude":
             self.compress_block(block, prefix)
             return
-        modules = dict(select_modules(block, self.config, prefix))
+        modules = dict(self.block_modules(block, prefix))
         for name, acc in self._inputs.stats.items():
             module = modules[name]
             w = module.weight.data
@@ -330,6 +341,7 @@ class _AllocationSweep(Pass):
     name = "prune-allocation-sweep"
     config_cls = PruneConfig
     requires_calibration = True
+    staged = False  # it measures the dense model: nothing changes between stages
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)

@@ -232,3 +232,30 @@ def test_asymmetric_gptq_through_the_pipeline_tracks_the_fp_model():
         with torch.no_grad():
             err[asym] = (model(test_ids).logits - ref).pow(2).mean().item()
     assert err[True] < 0.95 * err[False], err  # measured: 0.86x
+
+
+def test_stages_follow_the_forward_and_group_linears_reading_one_input():
+    from compressor.pipeline.sequential import _stages, capture_block_inputs
+    from compressor.quant.gptq import GPTQConfig, GPTQPass
+
+    model = tiny_llama(layers=1)
+    name, blocks = find_blocks(model)
+    cache = capture_block_inputs(model, blocks, name, IDS, PipelineConfig(batch_size=5, quiet=True))
+    try:
+        stages = _stages(blocks[0], "model.layers.0", GPTQPass(GPTQConfig()), cache)
+    finally:
+        cache.close()
+    p = "model.layers.0."
+    assert stages == [{p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"}, {p + "self_attn.o_proj"},
+                      {p + "mlp.gate_proj", p + "mlp.up_proj"}, {p + "mlp.down_proj"}]
+
+
+def test_true_sequential_gptq_changes_only_what_follows_the_first_stage():
+    """Block 0's q/k/v see the same inputs either way; o_proj onwards see the quantized stages' outputs."""
+    staged = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}, "true_sequential": True}}]}
+    a, b = _weights(_run(staged, layers=2)), _weights(_run(GPTQ, layers=2))
+    for k in a:
+        if k.startswith("model.layers.0.self_attn.") and k.split(".")[3] in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["model.layers.0.self_attn.o_proj.weight"], b["model.layers.0.self_attn.o_proj.weight"])
+    assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
