@@ -96,6 +96,8 @@ def recipe_for(job: dict) -> dict:
     """Our ``prune`` pass for one job."""
     sparsity = job["sparsity"]
     cfg: dict = {"method": job["method"]}  # default targets: every Linear but lm_head
+    if job.get("true_sequential") and job["method"] != "magnitude":  # magnitude reads no inputs
+        cfg["true_sequential"] = True
     if ":" in sparsity:
         cfg["structure"] = sparsity
     else:
@@ -193,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="calibration sequences per forward in our pipeline (default: "
                         "the library's, 8; llm-compressor's runs use 1). The result depends on it only through "
                         "float rounding: with 1, our Wanda masks equal llm-compressor's bit for bit")
+    parser.add_argument("--true-sequential", action="store_true", help="our wanda / sparsegpt prune each block "
+                        "stage by stage (q/k/v, o, gate/up, down) on the already-pruned stages' outputs "
+                        "(prune: {true_sequential: true}); llm-compressor's runs are unchanged")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON, help="python of the peer venv")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch_size < 1:
             parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")
         protocol["batch_size"] = args.batch_size
+    if args.true_sequential:
+        protocol["true_sequential"] = True
     if args.suite:
         suites = list(SUITES) if args.suite == "all" else [args.suite]
         jobs = [j for s in suites for j in plan_jobs(list(SUITES[s]["methods"]), list(SUITES[s]["sparsities"]),

@@ -26,5 +26,9 @@ def test_batch_size_reaches_every_job(monkeypatch):
     seen = []
     monkeypatch.setattr(bench, "run_job", lambda job, *_a: seen.append(job) or {"status": "ok"})
     monkeypatch.setattr(bench.common, "emit", lambda *_a: None)
-    bench.main(["--methods", "wanda,llmc-wanda", "--sparsities", "0.5", "--batch-size", "1", "--quick"])
-    assert [(j["method"], j["batch_size"]) for j in seen] == [("wanda", 1), ("llmc-wanda", 1)]
+    bench.main(["--methods", "wanda,llmc-wanda,magnitude", "--sparsities", "0.5", "--batch-size", "1", "--quick",
+                "--true-sequential"])
+    assert [(j["method"], j["batch_size"]) for j in seen] == [("wanda", 1), ("llmc-wanda", 1), ("magnitude", 1)]
+    (wanda,) = Recipe.from_dict(bench.recipe_for(seen[0])).build()
+    (magnitude,) = Recipe.from_dict(bench.recipe_for(seen[2])).build()
+    assert wanda.config.true_sequential and not magnitude.config.true_sequential
