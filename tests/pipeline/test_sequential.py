@@ -259,3 +259,13 @@ def test_true_sequential_gptq_changes_only_what_follows_the_first_stage():
             assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["model.layers.0.self_attn.o_proj.weight"], b["model.layers.0.self_attn.o_proj.weight"])
     assert not torch.equal(a["model.layers.1.mlp.down_proj.weight"], b["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_true_sequential_asymmetric_gptq_pairs_the_streams_in_every_stage():
+    staged = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}, "asymmetric": True, "true_sequential": True}}]}
+    plain = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}, "asymmetric": True}}]}
+    a, b = _weights(_run(staged, layers=2)), _weights(_run(plain, layers=2))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[q], b[q])  # first stage of the first block: same inputs on both streams
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.isfinite(v).all() for v in a.values())
