@@ -42,7 +42,10 @@ with the same perplexity protocol; rtn / gptq only, no fp32 line.
 
 Methods: ``fp32`` (no weight pass: one line per transform; with ``hadamard``
 it checks that the rotations keep the perplexity), ``rtn``, ``gptq`` (our
-passes, default settings).
+passes, default settings), and on request ``gptaq``: our ``gptq`` pass with
+``asymmetric: true`` (GPTAQ, arXiv 2504.02692: each layer's rounding also
+absorbs the error the quantized weights, inputs and KV cache of the blocks
+before it left in its input; the peers skip it).
 
 Results: one JSON line per run on stdout, appended to ``--output`` too; logs
 on stderr. Fields are described in benchmarks/README.md.
@@ -116,7 +119,11 @@ PEER_QUANTIZERS = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}  # def
 NO_FP32 = LEARNED + tuple(PEER_TRANSFORMS)
 OST_STEPS = {"full": 100, "quick": 8}  # default --ost-steps
 OST_SAMPLES = 32  # calibration windows OSTQuant trains on (the first ones)
-METHODS = ("fp32", "rtn", "gptq")
+METHODS = ("fp32", "rtn", "gptq", "gptaq")
+DEFAULT_METHODS = ("fp32", "rtn", "gptq")  # gptaq on request
+# method → (our weight pass, its options beyond the scheme)
+WEIGHT_PASSES = {"rtn": ("rtn", {}), "gptq": ("gptq", {}),
+                 "gptaq": ("gptq", {"asymmetric": True})}  # asymmetric calibration (GPTAQ, arXiv 2504.02692)
 # --quick without --methods: GPTQ (about 2 min even on the tiny calibration set) only in the full QuaRot job
 QUICK_GPTQ = ("w4a4kv4", "hadamard")
 
@@ -157,7 +164,7 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
     s = _names(settings, tuple(SETTINGS), "setting") or list(DEFAULT_SETTINGS)
     t = _names(transforms, tuple(TRANSFORMS) + tuple(PEER_TRANSFORMS), "transform") or list(TRANSFORMS)
     trim = quick and m is None
-    m = m or list(METHODS)
+    m = m or list(DEFAULT_METHODS)
     jobs = []
     for transform in t:
         if "fp32" in m and transform not in NO_FP32:
@@ -168,6 +175,9 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
                 continue
             for method in m:
                 if method == "fp32" or (trim and method == "gptq" and (setting, transform) != QUICK_GPTQ):
+                    continue
+                if transform in PEER_TRANSFORMS and method not in PEER_QUANTIZERS:
+                    log.info("%s skips %s: llm-compressor has no such weight method here", transform, method)
                     continue
                 jobs.append({"method": method, "setting": setting, "transform": transform})
     return jobs
@@ -188,13 +198,14 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
                  if k in acts}
         steps = job.get("ost_steps") or OST_STEPS["full"]
         # trained under RTN weights before rtn; before gptq with fp weights, as SpinQuant does (GPTQ corrects them)
-        weight = dict(WEIGHTS) if job["method"] == "rtn" else None
+        weight = dict(WEIGHTS) if job["method"] == "rtn" else None  # gptq and gptaq: fp weights
         passes.append({job["transform"]: {**rotate, "weight": weight, **train, "steps": steps,
                                           "samples": min(OST_SAMPLES, job.get("n_calib", OST_SAMPLES))}})
     elif rotate is not None:
         passes.append({"rotate": dict(rotate)})
     if job["method"] != "fp32":
-        passes.append({job["method"]: {"scheme": dict(WEIGHTS)}})
+        name, options = WEIGHT_PASSES[job["method"]]
+        passes.append({name: {"scheme": dict(WEIGHTS), **options}})
         acts = SETTINGS[job["setting"]]
         if acts is not None:
             passes.append({"quantize_activations": dict(acts)})
@@ -351,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"llm-compressor's {', '.join(PEER_TRANSFORMS)} (peer venv; rtn / gptq only)")
     parser.add_argument("--ost-steps", type=int, help=f"OSTQuant training steps (default {OST_STEPS['full']}, "
                         f"{OST_STEPS['quick']} with --quick)")
-    parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: all; with --quick, gptq "
-                        "only for w4a4kv4 + hadamard)")
+    parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: "
+                        f"{','.join(DEFAULT_METHODS)}; with --quick, gptq only for w4a4kv4 + hadamard)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,

@@ -232,3 +232,13 @@ def test_peer_script_helpers_without_llmcompressor(bench):
 
 
 # ---------------------------------------------------------------- the protocol without compressor
+
+
+def test_gptaq_is_asymmetric_gptq_on_request_and_the_peers_skip_it(bench):
+    assert "gptaq" not in {k[0] for k in _keys(bench.plan_jobs())}
+    _, jobs, _ = bench.plan(["--transforms", "hadamard,llmc-quip", "--methods", "gptaq", "--settings", "w4a4kv4"])
+    assert _keys(jobs) == [("gptaq", "w4a4kv4", "hadamard")]
+    passes = bench.recipe_dict(jobs[0])["passes"]
+    assert passes[1] == {"gptq": {"scheme": bench.WEIGHTS, "asymmetric": True}}
+    (_, gptq, _) = Recipe.from_dict(bench.recipe_dict(jobs[0])).build()
+    assert gptq.config.asymmetric
