@@ -25,7 +25,7 @@ from compressor.arch import find_blocks
 from compressor.pipeline.cache import ActivationCache
 from compressor.pipeline.checkpoint import BlockCheckpoint
 from compressor.progress import progress
-from compressor.recipe import Pass, select_modules
+from compressor.recipe import Pass
 
 __all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]
 
@@ -237,7 +237,7 @@ def _stages(block: nn.Module, prefix: str, p: Pass, cache: ActivationCache) -> l
 
     Linears the forward never enters join the last stage (the pass then reports them as it would unstaged).
     """
-    linears = [(n, m) for n, m in select_modules(block, p.config, prefix) if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in p.block_modules(block, prefix) if isinstance(m, nn.Linear)]  # stage is None here
     seen: list[tuple[str, torch.Tensor]] = []
 
     def record(name):

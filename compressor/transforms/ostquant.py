@@ -351,8 +351,8 @@ class OSTQuantConfig(PassConfig):
         super().__post_init__()
         if self.r1_init not in ("hadamard", "random"):
             raise ValueError(f"ostquant.r1_init={self.r1_init!r}: use 'hadamard' or 'random'")
-        for name in ("rotate_ov", "r3", "online_o", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk", "symmetric",
-                     "kv_symmetric"):
+        for name in ("rotate_ov", "r3", "online_o", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk",
+                     "symmetric", "kv_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ostquant.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("seed", 0), ("steps", 1), ("batch_size", 1), ("samples", 1), ("top_k", 2),
@@ -538,7 +538,8 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         report["trained"] = _qsur_report(model, qsur_ids, linear_names)
     info = {
         "method": "ostquant", "r1": c.r1_init, "hidden_size": d, "r2": hd if c.rotate_ov else None,
-        "r3": hd if c.r3 else None, "r4": inter, "online_o": n_heads * hd if c.online_o else None, "seed": c.seed, "untied_embeddings": untied,
+        "r3": hd if c.r3 else None, "r4": inter, "online_o": n_heads * hd if c.online_o else None, "seed": c.seed,
+        "untied_embeddings": untied,
         "folded_norms": 2 * len(blocks) + 1, "online": len(online_transforms(model)) + len(qk_rotations(model)),
         "smooth_qk": smooth_qk, "steps": c.steps, "loss_first": losses[0], "loss_last": losses[-1],
         "losses": losses, "seconds": round(seconds, 1), "qsur": report,

@@ -238,7 +238,8 @@ def _r3_targets(model: nn.Module, head_dim: int) -> list[nn.Module]:
 
 
 def _rotate_block(m: dict[str, nn.Module], q1: torch.Tensor, q2: torch.Tensor | None, q4: dict[int, torch.Tensor],
-                  n_heads: int, n_kv: int, head_dim: int, where: str, qo: dict[int, torch.Tensor] | None = None) -> None:
+                  n_heads: int, n_kv: int, head_dim: int, where: str,
+                  qo: dict[int, torch.Tensor] | None = None) -> None:
     """R1 on the block's readers and writers, R2 on v/o heads, R4 on down_proj, the online o_proj Hadamard
     (``qo``) on o_proj (weights already norm-folded)."""
     dev = m["q"].weight.device
