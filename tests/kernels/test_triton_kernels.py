@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_setup import make_weight, rel_err
+from _triton_setup import DEVICE, make_weight, on_device, rel_err
 
 from compressor.export.pack import pack, unpack
 from compressor.kernels import reference
@@ -19,7 +19,8 @@ MS = (1, 3, 16, 33)  # decode with BLOCK_M 1, 4 and 16 (tl.dot), then the GEMM p
 
 def _run(x, scheme, packed, scale, zp, g_idx=None, bias=None, n=N, **kw):
     k = x.shape[-1]
-    return launch.dequant_matmul(x, packed, scale, zp, g_idx, bias, n, k, scheme.bits, scheme.group_width(k), **kw)
+    return on_device(launch.dequant_matmul, x, packed, scale, zp, g_idx, bias, n, k, scheme.bits,
+                     scheme.group_width(k), **kw)
 
 
 def _ref(x, scheme, packed, scale, zp, g_idx=None, bias=None, n=N):
@@ -39,23 +40,33 @@ def test_matches_reference_fp16(bits, symmetric, group_size, k):
         assert rel_err(out, _ref(x, scheme, packed, scale, zp)) <= 1e-3, f"M={m}"
 
 
+def _exact(x, scheme, packed, scale, zp, n=N):
+    """x @ W.T in float64 with W = (q - z) * s unrounded: what the decode kernels compute per row scale."""
+    w = reference.dequantize_packed(packed, scale.double(), zp, (n, x.shape[-1]), scheme)
+    return x.double() @ w.T
+
+
 @pytest.mark.parametrize("m", [1, 16, 33])
 def test_bf16(m):
     scheme, packed, scale, zp, _ = make_weight(40, 160, 4, 64, False, dtype=torch.bfloat16)
     x = torch.randn(m, 160, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     out = _run(x, scheme, packed, scale, zp, n=40)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, _ref(x, scheme, packed, scale, zp, n=40)) <= 1e-3
-    # against float64 from the same bf16 weights only bf16's output rounding (2^-9 relative) is left
-    w = reference.dequantize_packed(packed, scale, zp, (40, 160), scheme).to(torch.bfloat16).double()
-    assert rel_err(out, x.double() @ w.T) <= 3e-3
+    # the reference rounds each weight to bf16 (2^-9 relative) before its product, the decode path does
+    # not (it applies the scale to whole rows), the GEMM path does: either way about 2e-3 apart
+    assert rel_err(out, _ref(x, scheme, packed, scale, zp, n=40)) <= 3e-3
+    assert rel_err(out, _exact(x, scheme, packed, scale, zp, n=40)) <= 3e-3
 
 
-@pytest.mark.parametrize("m", [1, 33])
+@pytest.mark.parametrize("m", [1, 16, 33])
 def test_fp32_activations_fp16_scales(m):
-    scheme, packed, scale, zp, _ = make_weight(N, 200, 3, 64, False)
-    x = torch.randn(m, 200, generator=torch.Generator().manual_seed(3))
-    assert rel_err(_run(x, scheme, packed, scale, zp), _ref(x, scheme, packed, scale, zp)) <= 1e-5
+    scheme, packed, scale, zp, _ = make_weight(N, 256, 3, 64, False)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(3))
+    out = _run(x, scheme, packed, scale, zp)
+    # fp32 activations are never rounded to 16 bits: decode (M <= 16) equals the exact product, the GEMM
+    # path (weights rounded to the scale's dtype, as the reference does) equals the reference
+    want = _exact(x, scheme, packed, scale, zp) if m <= launch.DECODE_MAX_M else _ref(x, scheme, packed, scale, zp)
+    assert rel_err(out, want) <= 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 3, 33])
@@ -79,16 +90,23 @@ def test_every_path_on_any_m(path, m):
     assert rel_err(out, _ref(x, scheme, packed, scale, zp, bias=bias)) <= 1e-3
 
 
+@pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("config", [
     {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 1},
     {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 4},  # spans two groups of 40: per-column scale gather
     {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2},
+    {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 8, "USE_DOT": True},  # one row padded to 16 for tl.dot
 ])
-def test_decode_configs_and_split_k(config):
-    scheme, packed, scale, zp, _ = make_weight(40, 200, 5, 40, False)  # 5 bits, group 40: straddles, odd groups
-    x = torch.randn(3, 200).to(torch.float16)
-    out = _run(x, scheme, packed, scale, zp, n=40, path="decode", config=config)
-    assert rel_err(out, _ref(x, scheme, packed, scale, zp, n=40)) <= 1e-3
+@pytest.mark.parametrize("bits,group", [(5, 40), (4, 32)])  # straddling codes and odd groups; word-wise, row scales
+def test_decode_configs_and_split_k(config, m, bits, group):
+    scheme, packed, scale, zp, _ = make_weight(40, 200, bits, group, False)
+    bias = torch.randn(40).to(torch.float16)
+    x = torch.randn(m, 200).to(torch.float16)
+    out = _run(x, scheme, packed, scale, zp, bias=bias, n=40, path="decode", config=config)
+    assert rel_err(out, _ref(x, scheme, packed, scale, zp, bias=bias, n=40)) <= 1e-3
+    # the split-K workspace and counters are left zeroed for the next call
+    ws, counters = launch._WORKSPACES[DEVICE]
+    assert not ws.any() and not counters.any()
 
 
 @pytest.mark.parametrize("bits", [1, 6, 7])
@@ -101,7 +119,7 @@ def test_other_bit_widths(bits):
     w = unpack(packed, bits, 100).to(torch.float16) * scale.repeat_interleave(32, dim=1)[:, :100]  # symmetric, g32
     for m in (1, 33):
         x = torch.randn(m, 100, generator=g).to(torch.float16)
-        out = launch.dequant_matmul(x, packed, scale, None, None, None, N, 100, bits, 32)
+        out = on_device(launch.dequant_matmul, x, packed, scale, None, None, None, N, 100, bits, 32)
         assert rel_err(out, x.double() @ w.double().T) <= 1e-3
 
 
@@ -125,7 +143,7 @@ def test_batched_and_strided_input():
 
 def test_dequantize_kernel_is_exact():
     scheme, packed, scale, zp, g_idx = make_weight(N, 200, 3, 64, False, actorder=True)
-    w = launch.dequantize(packed, scale, zp, g_idx, N, 200, 3, 64, torch.float16)
+    w = on_device(launch.dequantize, packed, scale, zp, g_idx, N, 200, 3, 64, torch.float16)
     assert torch.equal(w, reference.dequantize_packed(packed, scale, zp, (N, 200), scheme, g_idx))
 
 

@@ -72,9 +72,9 @@ def fixed_config(path: str, m: int, n: int, k: int, group_width: int) -> dict:
     """The config used without autotuning: block sizes, split-K and warps for one call."""
     bk = _pow2_divisor(group_width, 64 if interpreting() else 128)
     if path == "decode":
-        bn = 32 if interpreting() else 64
+        bn = 32
         tiles_n, k_blocks = _cdiv(n, bn), _cdiv(k, bk)
-        target = 4 if interpreting() else 256  # programs wanted to fill the GPU
+        target = 4 if interpreting() else 512  # programs wanted to fill the GPU
         split = 1
         while split * 2 <= k_blocks and tiles_n * split * 2 <= target and split < 16:
             split *= 2
@@ -144,6 +144,31 @@ def validate(x, packed, scale, zero_point, g_idx, bias, n: int, k: int, bits: in
     if len(devices) > 1:
         raise ValueError(f"inputs are on several devices {sorted(map(str, devices))}: move them to one device")
     return zp_mode
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace: fp32 zeros (>= ``floats``) and int32 zero counters (>= ``counters``).
+
+    The decode kernel leaves both zeroed, so one pair serves every call on the
+    device (calls on one stream at a time). It grows on demand, which is not
+    allowed while a CUDA graph is captured: run the largest shape eagerly first.
+    """
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < counters:
+        if _capturing():
+            raise RuntimeError(
+                "the Triton decode kernel's workspace must grow, which cannot happen inside CUDA graph capture "
+                "or torch.compile tracing: run one eager call with the largest shape on this device first"
+            )
+        floats = max(floats, DECODE_MAX_M * counters, 0 if ws is None else ws.numel())
+        counters = max(counters, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        cnt = torch.zeros(counters, dtype=torch.int32, device=device)
+        _WORKSPACES[device] = (ws, cnt)
+    return ws, cnt
 
 
 def _capturing() -> bool:
@@ -235,9 +260,10 @@ def dequant_matmul(
     b = bias.to(x.dtype) if bias is not None else scale  # rounded to x's dtype, as the reference does
     shape_args = (m, n, k, *sizes, _m_bucket(m), x2.stride(0), x2.stride(1), *strides)
     if path == "decode":
-        block_m = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        args = (x2, *ptrs, b, out, *shape_args, out.stride(0))
+        block_m = 1 if m == 1 else DECODE_MAX_M
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        ws, counters = _workspace(x.device, m * n, n)
+        args = (x2, *ptrs, b, out, ws, counters, *shape_args, out.stride(0))
         if tune:
             def grid(meta):
                 return (_cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -248,7 +274,7 @@ def dequant_matmul(
             warps = cfg.pop("num_warps", 4)
             grid = (_cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
             kernels.decode_kernel[grid](*args, **consts, BLOCK_M=block_m, **cfg, num_warps=warps)
-        return out.to(x.dtype).reshape(*lead, n)
+        return out.reshape(*lead, n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x2, *ptrs, b, out, *shape_args, out.stride(0))
     if tune:
