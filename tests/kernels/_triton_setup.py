@@ -20,18 +20,28 @@ def interpreter_in_process() -> bool:
     return standard is None or type(standard.zeros).__name__ == "InterpretedFunction"
 
 
-if not interpreter_in_process():
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set (tests/conftest.py sets it)",
-                allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton kernel tests need TRITON_INTERPRET=1 on CPU", allow_module_level=True)
+# COMPRESSOR_TEST_DEVICE=cuda (with TRITON_INTERPRET=0) runs the same tests on a GPU, compiled:
+#   COMPRESSOR_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/kernels/test_triton_*.py
+DEVICE = torch.device(os.environ.get("COMPRESSOR_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    if not torch.cuda.is_available():
+        pytest.skip("COMPRESSOR_TEST_DEVICE=cuda but torch sees no GPU", allow_module_level=True)
+    if os.environ.get("TRITON_INTERPRET") not in ("0", None) or interpreter_in_process():
+        pytest.skip("compiled kernel tests need TRITON_INTERPRET=0 set before triton is imported",
+                    allow_module_level=True)
+else:
+    if not interpreter_in_process():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set (tests/conftest.py sets it)",
+                    allow_module_level=True)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel tests need TRITON_INTERPRET=1 on CPU", allow_module_level=True)
 pytest.importorskip("triton")
 
 from compressor.export.pack import pack  # noqa: E402
 from compressor.kernels.triton import kernels  # noqa: E402
 from compressor.quant.scheme import QuantScheme  # noqa: E402
 
-if type(kernels.decode_kernel).__name__ != "InterpretedFunction":
+if DEVICE.type == "cpu" and type(kernels.decode_kernel).__name__ != "InterpretedFunction":
     pytest.skip("compressor.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 
@@ -62,3 +72,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def on_device(fn, *args, **kwargs):
+    """Call ``fn`` with its tensor arguments moved to ``DEVICE``; a tensor result comes back to the CPU."""
+    moved = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*moved, **kwargs)
+    return out.cpu() if isinstance(out, torch.Tensor) else out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_setup import make_weight, rel_err
+from _triton_setup import DEVICE, make_weight, on_device, rel_err
 
 from compressor.kernels import reference
 from compressor.kernels.triton import launch, ops
@@ -20,8 +20,8 @@ def weight():
 def test_op_matches_reference(weight):
     scheme, packed, scale, zp, _ = weight
     x = torch.randn(2, 3, K).to(torch.float16)
-    out = ops.dequant_matmul(x, packed, scale, zp, None, None, N, K, 3, 64)
-    assert torch.equal(out, torch.ops.compressor.dequant_matmul(x, packed, scale, zp, None, None, N, K, 3, 64))
+    out = on_device(ops.dequant_matmul, x, packed, scale, zp, None, None, N, K, 3, 64)
+    assert torch.equal(out, on_device(torch.ops.compressor.dequant_matmul, x, packed, scale, zp, None, None, N, K, 3, 64))
     assert out.shape == (2, 3, N) and out.dtype == torch.float16
     assert rel_err(out, reference.dequant_matmul(x, packed, scale, zp, (N, K), scheme)) <= 1e-3
 
@@ -41,12 +41,13 @@ def test_opcheck(weight):
     x = torch.randn(3, K).to(torch.float16)
     bias = torch.randn(N).to(torch.float16)
     torch.library.opcheck(torch.ops.compressor.dequant_matmul.default,
-                          (x, packed, scale, zp, None, bias, N, K, 3, 64),
+                          tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+                                for a in (x, packed, scale, zp, None, bias, N, K, 3, 64)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def _call(x, packed, scale, zp=None, g_idx=None, bias=None, n=N, k=K, bits=3, group=64, **kw):
-    return launch.dequant_matmul(x, packed, scale, zp, g_idx, bias, n, k, bits, group, **kw)
+    return on_device(launch.dequant_matmul, x, packed, scale, zp, g_idx, bias, n, k, bits, group, **kw)
 
 
 def test_errors_name_the_problem(weight):
