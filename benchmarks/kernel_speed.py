@@ -127,10 +127,7 @@ def bench_layers(args, base: dict) -> None:
             setting = common.parse_setting(name, allow_lossless=True)
             packed, scale, zp, scheme = random_packed(n, k, setting, "cuda")
             gw = scheme.group_width(k)
-            x16 = x_all[:16]
-            check = ops.dequant_matmul(x16, packed, scale, zp, None, None, n, k, setting.bits, gw)
-            err = ((check.float() - reference.dequant_matmul(x16, packed, scale, zp, (n, k), scheme).float()).norm()
-                   / check.float().norm().clamp_min(1e-30)).item()
+            w_ref = reference.dequantize_packed(packed, scale, zp, (n, k), scheme).half()
             bpw = scheme.bits_per_weight(k)
             for m in args.ms:
                 x = x_all[:m]
@@ -140,14 +137,24 @@ def bench_layers(args, base: dict) -> None:
                         continue
                     record = dict(base, layer=shape, K=k, N=n, M=m, setting=setting.name, bits=setting.bits,
                                   group_size=setting.group_size, symmetric=False, path=path, kernel=chosen,
-                                  bits_per_weight=round(bpw, 4), rel_err_m16=err, fp16_us=round(fp16_us[m], 2))
+                                  bits_per_weight=round(bpw, 4), fp16_us=round(fp16_us[m], 2))
+
+                    def call(x=x, chosen=chosen):
+                        return ops.dequant_matmul(x, packed, scale, zp, None, None, n, k, setting.bits, gw, chosen)
+
                     try:
-                        us = time_graph(lambda: ops.dequant_matmul(x, packed, scale, zp, None, None, n, k,
-                                                                   setting.bits, gw, chosen), flush, args.repeats)
+                        out = call()  # also compiles and autotunes, outside the timing
+                        ref = F.linear(x, w_ref).float()
+                        err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                        if not err <= 1e-3:
+                            log.error("%s %s M=%d %s: relative error %.2e against the reference", shape, name, m,
+                                      path, err)
+                        us = time_graph(call, flush, args.repeats)
                     except (RuntimeError, ValueError) as err_:
                         log.exception("%s %s M=%d %s failed", shape, name, m, path)
                         common.emit(dict(record, status="failed", error=common.error_text(err_)), args.output)
                         continue
+                    record["rel_err"] = float(f"{err:.3g}")
                     speedup = fp16_us[m] / us
                     moved = packed.numel() * 4 + scale.numel() * 2 + zp.numel() * 4 + (m * k + m * n) * 2
                     common.emit(dict(record, status="ok", us=round(us, 2), speedup_vs_fp16=round(speedup, 3),
@@ -186,43 +193,56 @@ def _quantize_model(model, setting: common.Setting) -> int:
     return stored
 
 
-def _decode_tps(model, prompt: int, steps: int) -> tuple[float, str]:
-    """Greedy decode tokens/s with a static KV cache; one decode step replayed as a CUDA graph if it captures."""
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a Cache: ``cache`` (transformers >= 5.18) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decode_tps(model, prompt: int, steps: int) -> tuple[float, str, list[int]]:
+    """Greedy decode tokens/s with a static KV cache, one decode step replayed as a CUDA graph where it captures.
+
+    Positions come from the cache's own on-device length, so a replayed step
+    writes the next slot each time. Returns (tokens/s, "cuda_graph" or "eager",
+    the first greedy tokens, for checking against a plain forward).
+    """
     import torch
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
-    pos = torch.arange(prompt, device="cuda")
+    device = next(model.parameters()).device
+    warmup = 3
+    cache = StaticCache(config=model.config, max_cache_len=prompt + warmup + steps + 8)
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
     with torch.inference_mode():
-        logits = model(input_ids=ids, cache=cache, cache_position=pos, use_cache=True).logits
-        tok = logits[:, -1:].argmax(-1)
-        step_pos = torch.tensor([prompt], device="cuda")
+        tok = model(input_ids=ids, **kw).logits[:, -1:].argmax(-1)
+        first = [int(tok)]
 
         def step():
-            out = model(input_ids=tok, cache=cache, cache_position=step_pos,
-                        position_ids=step_pos[None], use_cache=True).logits
-            tok.copy_(out[:, -1:].argmax(-1))
+            tok.copy_(model(input_ids=tok, **kw).logits[:, -1:].argmax(-1))
 
-        for _ in range(3):  # warm-up (autotuning), then rewind
+        for _ in range(warmup):  # autotuning happens here
             step()
-        mode = "cuda_graph"
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-        except RuntimeError as err:
-            log.warning("decode step does not capture as a CUDA graph (%s); timing eager decode", err)
-            mode, run = "eager", step
-        step_pos.fill_(prompt)
-        torch.cuda.synchronize()
+            first.append(int(tok))
+        mode, run = "eager", step
+        if device.type == "cuda":
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                mode, run = "cuda_graph", graph.replay
+            except RuntimeError as err:
+                log.warning("decode step does not capture as a CUDA graph (%s); timing eager decode", err)
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             run()
-            step_pos.add_(1)
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - start), mode
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return steps / elapsed, mode, first
 
 
 def bench_e2e(args, base: dict) -> None:
@@ -238,12 +258,12 @@ def bench_e2e(args, base: dict) -> None:
     record = dict(base, layer="e2e", model=f"random-init Llama-3-8B config, {args.e2e_layers} layers (not trained weights)",
                   prompt=args.prompt, steps=args.steps)
     fp16_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "layers." in n)
-    tps, mode = _decode_tps(model, args.prompt, args.steps)
+    tps, mode, _ = _decode_tps(model, args.prompt, args.steps)
     common.emit(dict(record, setting="fp16", tokens_per_s=round(tps, 2), mode=mode,
                      decoder_weight_gb=round(fp16_bytes / 1e9, 3), status="ok"), args.output)
     setting = common.parse_setting(args.e2e_setting, allow_lossless=True)
     stored = _quantize_model(model, setting)
-    qtps, mode = _decode_tps(model, args.prompt, args.steps)
+    qtps, mode, _ = _decode_tps(model, args.prompt, args.steps)
     common.emit(dict(record, setting=setting.name, tokens_per_s=round(qtps, 2), mode=mode,
                      decoder_weight_gb=round(stored / 1e9, 3), speedup_vs_fp16=round(qtps / tps, 3),
                      status="ok"), args.output)
@@ -258,6 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--paths", default="auto", help="comma list of auto,decode,gemm,dequant (to set the crossover)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode measurement")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end decode measurement")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--e2e-setting", default="w4g128")
     parser.add_argument("--prompt", type=int, default=128)
@@ -292,8 +313,9 @@ def main(argv=None) -> int:
     base = {"bench": BENCH, **gpu_record(), "repeats": args.repeats, "l2_flush_mib": L2_FLUSH_BYTES // 2**20,
             "quick": args.quick}
     log.info("GPU %s; %d shapes x %d settings x %d M", base["gpu"], len(args.shapes), len(args.settings), len(args.ms))
-    with torch.inference_mode():
-        bench_layers(args, base)
+    if not args.e2e_only:
+        with torch.inference_mode():
+            bench_layers(args, base)
     if not args.no_e2e:
         bench_e2e(args, base)
     return 0

@@ -30,3 +30,19 @@ def test_quantize_model_replaces_linears(bench):
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     assert not isinstance(model.lm_head, QuantLinear) and stored > 0
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_decode_loop_follows_greedy_generation(bench):
+    # the timed loop decodes with a static cache whose positions come from its own on-device length:
+    # its first tokens must be the greedy tokens of plain full-sequence forwards
+    model = tiny_llama(vocab=96, layers=2, seed=3)
+    tps, mode, first = bench._decode_tps(model, prompt=6, steps=4)
+    assert mode == "eager" and tps > 0
+    seq = torch.randint(0, 96, (1, 6), generator=torch.Generator("cpu").manual_seed(0))
+    want = []
+    with torch.no_grad():
+        for _ in range(len(first)):
+            tok = model(seq).logits[:, -1:].argmax(-1)
+            want.append(int(tok))
+            seq = torch.cat([seq, tok], dim=1)
+    assert first == want
