@@ -37,6 +37,12 @@ FULL = {"n_calib": 128, "calib_len": 512, "max_tokens": 32768}
 QUICK = {"n_calib": 8, "calib_len": 128, "max_tokens": 2048}
 
 DEFAULT_SETTINGS = ("w4g64", "w4g128", "w4pc", "w3g64", "w3g128", "w2g64")
+# weight method → (our pass, its options beyond the scheme), shared by quant_quality.py and transforms.py
+WEIGHT_PASSES = {
+    "rtn": ("rtn", {}),
+    "gptq": ("gptq", {}),
+    "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (GPTAQ, arXiv 2504.02692)
+}
 _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
 
 

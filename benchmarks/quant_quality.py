@@ -36,12 +36,7 @@ PEER_SCRIPT = HERE / "_peer_llmcompressor.py"
 DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
 # method → (our pass, its settings beyond the scheme)
-OUR_PASSES = {
-    "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
-    "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (arXiv 2504.02692)
-    "adaround": ("adaround", {}),
-}
+OUR_PASSES = common.WEIGHT_PASSES | {"adaround": ("adaround", {})}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS

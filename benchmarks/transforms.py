@@ -121,9 +121,7 @@ OST_STEPS = {"full": 100, "quick": 8}  # default --ost-steps
 OST_SAMPLES = 32  # calibration windows OSTQuant trains on (the first ones)
 METHODS = ("fp32", "rtn", "gptq", "gptaq")
 DEFAULT_METHODS = ("fp32", "rtn", "gptq")  # gptaq on request
-# method → (our weight pass, its options beyond the scheme)
-WEIGHT_PASSES = {"rtn": ("rtn", {}), "gptq": ("gptq", {}),
-                 "gptaq": ("gptq", {"asymmetric": True})}  # asymmetric calibration (GPTAQ, arXiv 2504.02692)
+WEIGHT_PASSES = common.WEIGHT_PASSES  # method → (our weight pass, its options beyond the scheme)
 # --quick without --methods: GPTQ (about 2 min even on the tiny calibration set) only in the full QuaRot job
 QUICK_GPTQ = ("w4a4kv4", "hadamard")
 
