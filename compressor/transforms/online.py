@@ -44,9 +44,19 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("base", _paley(m).to(torch.float32) if m > 1 else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., n) → (..., n), same dtype."""
+        """x (..., n) → (..., n), same dtype.
+
+        fp16 / bf16 inputs on a CUDA device run the Triton kernel
+        (:mod:`compressor.kernels.triton.hadamard`, one launch, tensor cores)
+        when triton imports and the size has a plan; everything else runs the
+        torch butterfly in float32 (float64 stays float64).
+        """
         if x.shape[-1] != self.size:
             raise ValueError(f"OnlineHadamard({self.size}) got an input with last dim {x.shape[-1]}")
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_plan(self.size):
+            from compressor.kernels.triton.hadamard import hadamard_transform as triton_hadamard
+
+            return triton_hadamard(x)
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         base = None if self.base is None else self.base.to(device=work.device, dtype=work.dtype)
         return hadamard_transform(work, base=base).to(x.dtype)
@@ -57,6 +67,17 @@ class OnlineHadamard(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
+
+
+def _triton_plan(n: int) -> bool:
+    """Whether the Triton Hadamard kernel can run size n here (triton imports and n has a plan)."""
+    from compressor.kernels.dispatch import triton_unavailable
+
+    if triton_unavailable() is not None:
+        return False
+    from compressor.kernels.triton.hadamard import plan
+
+    return plan(n) is not None
 
 
 def map_input(module: nn.Module, args: tuple, kwargs: dict, child: str):

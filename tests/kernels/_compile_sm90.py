@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from compressor.kernels.triton import kernels
+from compressor.kernels.triton import hadamard, kernels
 
 INTS = ["M", "N", "K", "W_WORDS", "Z_WORDS", "M_BUCKET", "stride_xm", "stride_xk", "stride_wn", "stride_ww",
         "stride_sn", "stride_sg", "stride_zw", "stride_zg", "stride_om", "stride_on"]
@@ -79,5 +79,22 @@ def main() -> None:
                               "dtype": xdt, "triton": triton.__version__, **resources(compiled)}), flush=True)
 
 
+def main_hadamard() -> None:
+    """The online Hadamard kernel at SmolLM2's and Llama-3-8B's sizes, fp16 in and out, bf16-split dots."""
+    for n, block_r in ((576, 8), (1536, 4), (4096, 2), (14336, 1), (96, 64)):
+        p1, p2, m = hadamard.plan(n)
+        mp = max(16, 1 << (m - 1).bit_length()) if m > 1 else 1
+        pointers = {"x_ptr": "*fp16", "out_ptr": "*fp16", "h1_ptr": "*fp32", "h2_ptr": "*fp32", "hm_ptr": "*fp32"}
+        signature = dict(pointers, ROWS="i32", stride_x="i32", stride_o="i32", scale="fp32")
+        constexprs = dict(P1=p1, P2=p2, M=m, MP=mp, BLOCK_R=block_r, SPLIT_BF16=True)
+        signature.update({name: "constexpr" for name in constexprs})
+        src = ASTSource(fn=hadamard.hadamard_kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4 if p1 * p2 * mp <= 4096 else 8})
+        print(json.dumps({"kernel": "hadamard", "n": n, "plan": [p1, p2, m], "triton": triton.__version__,
+                          **resources(compiled)}), flush=True)
+
+
 if __name__ == "__main__":
     main()
+    main_hadamard()

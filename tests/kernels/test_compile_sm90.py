@@ -2,8 +2,8 @@
 
 The interpreter tests prove the arithmetic; this proves Triton's compiler takes
 the kernels (layouts, types, lowering) for every path and a spread of bit
-widths, zero-point modes, group shapes and dtypes, which the interpreter
-cannot see. Runs ``_compile_sm90.py`` in a fresh process with TRITON_INTERPRET=0.
+widths, zero-point modes, group shapes and dtypes, and the online Hadamard
+kernel at real model sizes, which the interpreter cannot see. Runs ``_compile_sm90.py`` in a fresh process with TRITON_INTERPRET=0.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ def test_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    had = [r for r in lines if r["kernel"] == "hadamard"]
+    lines = [r for r in lines if r["kernel"] != "hadamard"]
+    assert [r["n"] for r in had] == [576, 1536, 4096, 14336, 96]
+    assert all(r["stack"] == 0 for r in had), had  # the Hadamard kernel stays in registers too
     assert {(r["kernel"], r["bits"]) for r in lines} == {
         (k, b) for k in ("decode_gemv", "decode_dot", "gemm", "dequant") for b in (2, 3, 4, 8)
     }
