@@ -162,6 +162,36 @@ def bench_layers(args, base: dict) -> None:
                                      gbps=round(moved / us / 1e3, 1)), args.output)
 
 
+HADAMARD_SIZES = (576, 1536, 4096, 14336)  # SmolLM2 hidden / intermediate, Llama-3-8B hidden / intermediate
+
+
+def bench_hadamard(args, base: dict) -> None:
+    """Online Hadamard: the Triton kernel beside the torch butterfly, fp16 rows, one line per (n, M)."""
+    import torch
+
+    from compressor.kernels.triton import hadamard as th
+    from compressor.transforms.hadamard import hadamard_transform
+
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for n in HADAMARD_SIZES:
+        for m in (1, 16, 256, 4096):
+            x = torch.randn(m, n, device="cuda").half()
+
+            def torch_path(x=x):
+                return hadamard_transform(x.float()).half()
+
+            def triton_path(x=x):
+                return th.hadamard_transform(x)
+
+            ref = hadamard_transform(x.double())
+            err = ((triton_path().double() - ref).norm() / ref.norm()).item()
+            us_torch = time_graph(torch_path, flush, args.repeats)
+            us = time_graph(triton_path, flush, args.repeats)
+            common.emit(dict(base, layer="hadamard", N=n, M=m, plan=list(th.plan(n)), us=round(us, 2),
+                             torch_us=round(us_torch, 2), speedup_vs_torch=round(us_torch / us, 3),
+                             rel_err=float(f"{err:.3g}"), status="ok"), args.output)
+
+
 def _quantize_model(model, setting: common.Setting) -> int:
     """Replace every nn.Linear but lm_head by a QuantLinear (RTN); returns the weight bytes stored."""
     import torch
@@ -279,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode measurement")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end decode measurement")
+    parser.add_argument("--hadamard-only", action="store_true",
+                        help="only the online Hadamard kernel against the torch butterfly")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--e2e-setting", default="w4g128")
     parser.add_argument("--prompt", type=int, default=128)
@@ -313,6 +345,10 @@ def main(argv=None) -> int:
     base = {"bench": BENCH, **gpu_record(), "repeats": args.repeats, "l2_flush_mib": L2_FLUSH_BYTES // 2**20,
             "quick": args.quick}
     log.info("GPU %s; %d shapes x %d settings x %d M", base["gpu"], len(args.shapes), len(args.settings), len(args.ms))
+    if args.hadamard_only:
+        with torch.inference_mode():
+            bench_hadamard(args, base)
+        return 0
     if not args.e2e_only:
         with torch.inference_mode():
             bench_layers(args, base)
