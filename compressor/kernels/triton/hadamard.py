@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.dispatch import interpreting
-from compressor.transforms.hadamard import _paley, hadamard_factors, hadamard_matrix
+from compressor.transforms.hadamard import hadamard_factors, hadamard_matrix
 
 __all__ = ["plan", "hadamard_transform"]
 
@@ -75,8 +75,7 @@ def _factors_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h1 = hadamard_matrix(p1, dtype=torch.float32) if p1 > 1 else one
     h2 = hadamard_matrix(p2, dtype=torch.float32) if p2 > 1 else one
     if m > 1:
-        hm = (_paley(m) if hadamard_factors(m) == (1, m) else hadamard_matrix(m)).to(torch.float32)
-        # the folded case (m = p * m') is kron(H_p, H_m'), which is what hadamard_matrix(m) builds
+        hm = hadamard_matrix(m, dtype=torch.float32)  # H_m, or kron(H_p, H_m') where a small p was folded in
         mp = max(_MIN_DOT, _pow2_at_least(m))
         hmt = torch.zeros(mp, mp)
         hmt[:m, :m] = hm.T
