@@ -87,6 +87,8 @@ def decode_kernel(
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # every row of a tile has one scale and zero point: factor them out of the sum over k
+    ROW_SCALED: tl.constexpr = (not HAS_GIDX) and (ONE_GROUP or GROUP_W % BLOCK_K == 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     if BLOCK_M == 1 and not USE_DOT:
@@ -96,8 +98,8 @@ def decode_kernel(
             kk = k0 + offs_k
             x = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0).to(tl.float32)  # (BLOCK_K,)
             q = load_codes(w_ptr, offs_n, k0, N, K, W_WORDS, stride_wn, stride_ww, BITS, BLOCK_K)
-            if (not HAS_GIDX) and (ONE_GROUP or GROUP_W % BLOCK_K == 0):  # one scale per row in the tile
-                # one scale per row in this tile: sum_k (q - z) s x = s (sum_k q x - z sum_k x)
+            if ROW_SCALED:
+                # sum_k (q - z) s x = s (sum_k q x - z sum_k x)
                 s, z = row_scales(s_ptr, z_ptr, offs_n, 0 if ONE_GROUP else k0 // GROUP_W, N, Z_WORDS,
                                   stride_sn, stride_sg, stride_zw, stride_zg, BITS, ZP_MODE)
                 t = tl.sum(to_f32(q) * x[None, :], axis=1)  # (BLOCK_N,)
@@ -121,7 +123,7 @@ def decode_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
                         mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0)  # (16, BLOCK_K)
             q = load_codes(w_ptr, offs_n, k0, N, K, W_WORDS, stride_wn, stride_ww, BITS, BLOCK_K)
-            if (not HAS_GIDX) and (ONE_GROUP or GROUP_W % BLOCK_K == 0):  # one scale per row in the tile
+            if ROW_SCALED:
                 # codes (< 256) are exact in fp16 / bf16: t = x @ q.T, then scale and zero point per row
                 s, z = row_scales(s_ptr, z_ptr, offs_n, 0 if ONE_GROUP else k0 // GROUP_W, N, Z_WORDS,
                                   stride_sn, stride_sg, stride_zw, stride_zg, BITS, ZP_MODE)
