@@ -145,7 +145,7 @@ def bench_layers(args, base: dict) -> None:
                     try:
                         out = call()  # also compiles and autotunes, outside the timing
                         ref = F.linear(x, w_ref).float()
-                        err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                        err = rel_err(out, ref)
                         if not err <= 1e-3:
                             log.error("%s %s M=%d %s: relative error %.2e against the reference", shape, name, m,
                                       path, err)
@@ -154,12 +154,18 @@ def bench_layers(args, base: dict) -> None:
                         log.exception("%s %s M=%d %s failed", shape, name, m, path)
                         common.emit(dict(record, status="failed", error=common.error_text(err_)), args.output)
                         continue
-                    record["rel_err"] = float(f"{err:.3g}")
+                    record["rel_err"] = err
                     speedup = fp16_us[m] / us
                     moved = packed.numel() * 4 + scale.numel() * 2 + zp.numel() * 4 + (m * k + m * n) * 2
                     common.emit(dict(record, status="ok", us=round(us, 2), speedup_vs_fp16=round(speedup, 3),
                                      bound_speedup=round(16 / bpw, 3), fraction_of_bound=round(speedup * bpw / 16, 3),
                                      gbps=round(moved / us / 1e3, 1)), args.output)
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ over all elements (in ref's float dtype), to 3 significant digits."""
+    err = ((out.to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return float(f"{err:.3g}")
 
 
 HADAMARD_SIZES = (576, 1536, 4096, 14336)  # SmolLM2 hidden / intermediate, Llama-3-8B hidden / intermediate
@@ -184,12 +190,12 @@ def bench_hadamard(args, base: dict) -> None:
                 return th.hadamard_transform(x)
 
             ref = hadamard_transform(x.double())
-            err = ((triton_path().double() - ref).norm() / ref.norm()).item()
+            err = rel_err(triton_path(), ref)
             us_torch = time_graph(torch_path, flush, args.repeats)
             us = time_graph(triton_path, flush, args.repeats)
             common.emit(dict(base, layer="hadamard", N=n, M=m, plan=list(th.plan(n)), us=round(us, 2),
                              torch_us=round(us_torch, 2), speedup_vs_torch=round(us_torch / us, 3),
-                             rel_err=float(f"{err:.3g}"), status="ok"), args.output)
+                             rel_err=err, status="ok"), args.output)
 
 
 def _quantize_model(model, setting: common.Setting) -> int:

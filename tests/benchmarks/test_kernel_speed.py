@@ -46,3 +46,11 @@ def test_decode_loop_follows_greedy_generation(bench):
             want.append(int(tok))
             seq = torch.cat([seq, tok], dim=1)
     assert first == want
+
+
+def test_rel_err_is_relative_and_rounded(bench):
+    ref = torch.tensor([3.0, 4.0], dtype=torch.float64)  # norm 5
+    assert bench.rel_err(torch.tensor([3.0, 4.0], dtype=torch.float16), ref) == 0.0
+    assert bench.rel_err(torch.tensor([3.0, 4.5]), ref) == 0.1
+    assert bench.rel_err(ref + 1 / 3, ref) == float(f"{(2 / 9) ** 0.5 / 5:.3g}")
+    assert bench.rel_err(torch.ones(2), torch.zeros(2)) > 1e29  # zero reference: no division by zero
