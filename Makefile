@@ -39,7 +39,7 @@ bench-setup: fixtures
 bench-quick: bench-setup
 	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,gptaq,adaround,llmc-gptq --settings w4g64
 
-# hours on 2 CPU cores (llm-compressor AWQ alone is ~80 min per setting)
+# hours on 2 CPU cores (llm-compressor AWQ alone is ~60 min per setting)
 bench: bench-setup
 	$(PY) benchmarks/quant_quality.py --output out/bench/quant_quality.jsonl
 	$(PY) benchmarks/cnn_adaround.py --output out/bench/cnn_adaround.jsonl
