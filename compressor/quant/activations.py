@@ -85,25 +85,38 @@ def _check_clip(clip_ratio: float, what: str = "clip_ratio") -> None:
         raise ValueError(f"{what}={clip_ratio!r} is out of range: use a ratio in (0, 1], e.g. 1.0 (no clipping) or 0.9")
 
 
-def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
-    """Fake-quantize each row of x (..., K) over its last dim; float32/float64 in and out."""
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward, identity gradient to ``x``."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
+                     range_grad: bool = False) -> torch.Tensor:
+    """Fake-quantize each row of x (..., K) over its last dim; float32/float64 in and out.
+
+    With ``range_grad`` (and ``x.requires_grad``) only the rounding is
+    straight-through: the gradient also flows through each row's scale, i.e.
+    its min / max (LSQ-style), so training sees that a smaller range means a
+    finer grid. Otherwise the result carries no gradient.
+    """
+    rnd = _round_ste if range_grad and x.requires_grad else torch.round
     if symmetric:
         qmax = float((1 << (bits - 1)) - 1)
         qmin = -qmax - 1.0
         scale = x.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax  # (..., 1)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+        return torch.clamp(rnd(x / scale), qmin, qmax) * scale
     qmax = float((1 << bits) - 1)
     lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0) * clip_ratio  # (..., 1), <= 0
     hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0) * clip_ratio  # (..., 1), >= 0
     scale = (hi - lo) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.round(-lo / scale)  # in [0, qmax]
-    return (torch.clamp(torch.round(x / scale) + zp, 0.0, qmax) - zp) * scale
+    zp = torch.round(-lo / scale)  # in [0, qmax]; no gradient
+    return (torch.clamp(rnd(x / scale) + zp, 0.0, qmax) - zp) * scale
 
 
 def fake_quant_per_token(
-    x: torch.Tensor, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0, range_grad: bool = False
 ) -> torch.Tensor:
     """Quantize-dequantize every token of ``x`` on its own grid (dynamic per-token).
 
@@ -114,6 +127,11 @@ def fake_quant_per_token(
             or unsigned ``[0, 2^b - 1]`` with an integer zero point.
         clip_ratio: in (0, 1]; the token's range is shrunk by it and values
             beyond saturate.
+        range_grad: when ``x`` requires grad, the result does too: the
+            rounding is straight-through and the gradient also reaches each
+            token's min / max through its scale (for training transforms that
+            shrink the range; :mod:`compressor.transforms.ostquant`). False:
+            the result is constant (wrap it in a straight-through estimator).
 
     Returns:
         (..., K), same dtype as ``x``; each token holds at most ``2^bits``
@@ -127,7 +145,7 @@ def fake_quant_per_token(
     if not x.is_floating_point():
         raise ValueError(f"activation fake quantization needs a float tensor, got {x.dtype}")
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return _fake_quant_rows(work, bits, symmetric, float(clip_ratio)).to(x.dtype)
+    return _fake_quant_rows(work, bits, symmetric, float(clip_ratio), range_grad).to(x.dtype)
 
 
 def fake_quant_per_head(
@@ -137,6 +155,7 @@ def fake_quant_per_head(
     symmetric: bool = False,
     group_size: int | None = None,
     clip_ratio: float = 1.0,
+    range_grad: bool = False,
 ) -> torch.Tensor:
     """Per-head, per-token fake quantization of keys or values (QuaRot §4 / OSTQuant KV cache).
 
@@ -147,6 +166,7 @@ def fake_quant_per_head(
         group_size: columns of head_dim sharing one scale; None means all of
             head_dim (one scale per batch, head and token). Must divide D.
         clip_ratio: in (0, 1].
+        range_grad: as :func:`fake_quant_per_token`.
 
     Returns:
         (B, H, T, D), same dtype; one scale per (b, h, t, group).
@@ -159,7 +179,7 @@ def fake_quant_per_head(
     d = x.shape[-1]
     g = _check_group(group_size, d)
     grouped = x.reshape(*x.shape[:-1], d // g, g)  # (B, H, T, D/g, g)
-    out = fake_quant_per_token(grouped, bits, symmetric=symmetric, clip_ratio=clip_ratio)
+    out = fake_quant_per_token(grouped, bits, symmetric=symmetric, clip_ratio=clip_ratio, range_grad=range_grad)
     return out.reshape(x.shape)
 
 
@@ -214,18 +234,27 @@ class KVQuantizer(nn.Module):
         symmetric: usually False for KV caches.
         group_size: head_dim columns per scale, or None for the whole head.
         base: the attention implementation it wraps (``"sdpa"``, ``"eager"``), for display and unpickling.
+        range_grad: in training, the gradient also flows through each scale
+            (see :func:`fake_quant_per_token`); default: straight-through only.
     """
 
-    def __init__(self, bits: int, *, symmetric: bool = False, group_size: int | None = None, base: str = "sdpa"):
+    range_grad: bool = False  # class default: KV quantizers pickled before the option unpickle without it
+
+    def __init__(self, bits: int, *, symmetric: bool = False, group_size: int | None = None, base: str = "sdpa",
+                 range_grad: bool = False):
         super().__init__()
         _check_bits(bits, "kv_bits")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"kv_group_size={group_size!r} is invalid: use a positive divisor of head_dim or null")
         self.bits, self.symmetric, self.group_size, self.base = bits, symmetric, group_size, base
+        self.range_grad = range_grad
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key, value (B, H_kv, T, D) → same shapes and dtypes, each on its per-(b, h, t) grid."""
         kw = {"symmetric": self.symmetric, "group_size": self.group_size}
+        if self.range_grad:
+            return (fake_quant_per_head(key, self.bits, range_grad=True, **kw),
+                    fake_quant_per_head(value, self.bits, range_grad=True, **kw))
         return (_straight_through(key, fake_quant_per_head(key, self.bits, **kw)),
                 _straight_through(value, fake_quant_per_head(value, self.bits, **kw)))
 

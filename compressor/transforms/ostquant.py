@@ -69,10 +69,11 @@ from torch.func import functional_call
 
 from compressor.distill.losses import forward_kl
 from compressor.quant.activations import (
-    KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _straight_through, _wrapped_attention,
+    KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _round_ste, _straight_through,
+    _wrapped_attention,
     attach_kv_quantizer, attach_qk_rotation, attention_modules, fake_quant_per_token, qk_rotations,
 )
-from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.quant.scheme import QuantScheme, _grouped, _params_from_range, compute_qparams, fake_quant
 from compressor.progress import progress
 from compressor.recipe import Pass, PassConfig, register_pass
 from compressor.transforms.online import OnlineHadamard, attach_input_transform, online_transforms
@@ -256,23 +257,37 @@ def _block_state(m: dict[str, nn.Module], t: _Transforms, i: int, r1: torch.Tens
 # ---------------------------------------------------------------- training-time quantizers
 
 
-def _ste_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """RTN fake quantization of w (N, K) with a straight-through gradient."""
-    with torch.no_grad():
-        q = fake_quant(w.detach(), compute_qparams(w.detach(), scheme), scheme)
-    return w + (q - w).detach()
+def _ste_weight(w: torch.Tensor, scheme: QuantScheme, range_grad: bool = False) -> torch.Tensor:
+    """Min-max RTN fake quantization of w (N, K) → (N, K), differentiable.
+
+    The rounding is straight-through. With ``range_grad`` the gradient also
+    flows through each group's scale, i.e. its min / max; without, the
+    quantization error is a constant (identity gradient).
+    """
+    if not range_grad:
+        with torch.no_grad():
+            q = fake_quant(w.detach(), compute_qparams(w.detach(), scheme), scheme)
+        return w + (q - w).detach()
+    n, k = w.shape
+    wg, _ = _grouped(w, scheme.group_width(k))  # (N, G, W)
+    qp = _params_from_range(wg.amin(dim=2), wg.amax(dim=2), scheme)  # scale (N, G) differentiable; zp rounded
+    scale = qp.scale.unsqueeze(-1)
+    zp = 0.0 if qp.zero_point is None else qp.zero_point.unsqueeze(-1)
+    q = torch.clamp(_round_ste(wg / scale) + zp, scheme.qmin, scheme.qmax)
+    return ((q - zp) * scale).reshape(n, -1)[:, :k]
 
 
 class _InputQuant:
-    """Removable forward pre-hook: per-token fake quantization of a linear's input, straight-through."""
+    """Removable forward pre-hook: per-token fake quantization of a linear's input (see ``_ste_weight``)."""
 
-    def __init__(self, bits: int, symmetric: bool, clip_ratio: float):
-        self.bits, self.symmetric, self.clip_ratio = bits, symmetric, clip_ratio
+    def __init__(self, bits: int, symmetric: bool, clip_ratio: float, range_grad: bool = False):
+        self.bits, self.symmetric, self.clip_ratio, self.range_grad = bits, symmetric, clip_ratio, range_grad
 
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0]
-        q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio)
-        return (_straight_through(x, q),) + tuple(args[1:])
+        q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio,
+                                 range_grad=self.range_grad)
+        return (q if self.range_grad and x.requires_grad else _straight_through(x, q),) + tuple(args[1:])
 
 
 # ---------------------------------------------------------------- the whole procedure
@@ -318,6 +333,12 @@ class OSTQuantConfig(PassConfig):
             as a whole moves fast: on SmolLM2 (d = 576) 2e-3 and 4e-4 made the
             loss rise and the model worse than its Hadamard start; 1e-4 lowers it.
         lr_scale: Adam learning rate of the log-scales.
+        range_grad: the training quantizers (weights, linear inputs, KV) let the
+            gradient through their scales, i.e. each group's / token's min and
+            max, with only the rounding straight-through (LSQ-style). Without it
+            the quantization error is a constant to the gradient, so training
+            cannot see that a transform which shrinks the range shrinks the
+            error (docs/ostquant.md, "Gradients through the grid").
         top_k: tokens of the KL-Top loss.
         temperature: softmax temperature of the KL-Top loss.
         qsur_samples: calibration sequences for the QSUR report (0: no report).
@@ -346,6 +367,7 @@ class OSTQuantConfig(PassConfig):
     samples: int = 32
     lr: float = 1e-4  # 2e-3 and 4e-4 raised KL-Top on SmolLM2 at A4KV4 (docs/ostquant.md)
     lr_scale: float = 5e-3
+    range_grad: bool = False
     top_k: int = 1000
     temperature: float = 1.0
     qsur_samples: int = 4
@@ -355,7 +377,7 @@ class OSTQuantConfig(PassConfig):
         if self.r1_init not in ("hadamard", "random"):
             raise ValueError(f"ostquant.r1_init={self.r1_init!r}: use 'hadamard' or 'random'")
         for name in ("rotate_ov", "r3", "online_o", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk",
-                     "symmetric", "kv_symmetric"):
+                     "symmetric", "kv_symmetric", "range_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ostquant.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("seed", 0), ("steps", 1), ("batch_size", 1), ("samples", 1), ("top_k", 2),
@@ -486,7 +508,7 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
             for key, value in _block_state(m, t, i, r1, None if r2 is None else r2[i], dims, dtype).items():
                 k, attr = key.split(".")
                 if quantize and c.weight is not None and attr == "weight" and k in _LINEARS:
-                    value = _ste_weight(value, c.weight)
+                    value = _ste_weight(value, c.weight, c.range_grad)
                 params[f"{prefix[i]}{names[k]}.{attr}"] = value
         return params, r1
 
@@ -507,9 +529,11 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         if c.bits is not None:
             for m in mods:
                 for k in _LINEARS:
-                    hooks.append(m[k].register_forward_pre_hook(_InputQuant(c.bits, c.symmetric, c.clip_ratio)))
+                    hooks.append(m[k].register_forward_pre_hook(
+                        _InputQuant(c.bits, c.symmetric, c.clip_ratio, c.range_grad)))
         for a in kv_targets:
-            attach_kv_quantizer(a, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size))
+            attach_kv_quantizer(a, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size,
+                                               range_grad=c.range_grad))
         _train(t, state, body, emb, head, samples, top_values, top_index, c, quiet, losses)
     except BaseException as err:  # NaN loss, Ctrl-C: fuse what was learned so far, so the model stays exact
         failed = err

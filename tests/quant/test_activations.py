@@ -14,8 +14,8 @@ from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.quant.activation_pass import ActivationQuantConfig
 from compressor.quant.activations import (
-    KV_ATTENTION_PREFIX, ActivationQuantizer, activation_quantizers, attention_modules, fake_quant_per_head,
-    fake_quant_per_token,
+    KV_ATTENTION_PREFIX, ActivationQuantizer, KVQuantizer, activation_quantizers, attention_modules,
+    fake_quant_per_head, fake_quant_per_token,
 )
 from compressor.transforms.online import OnlineHadamard
 from compressor.transforms.rotate import rotate_model
@@ -146,6 +146,31 @@ def test_quantizer_passes_gradients_straight_through():
     assert torch.equal(out, fake_quant_per_token(x.detach(), 4))
     out.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_grad_keeps_the_values_and_reaches_each_tokens_extremes(sym):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    out = fake_quant_per_token(x, 4, symmetric=sym, range_grad=True)
+    assert torch.equal(out.detach(), fake_quant_per_token(x.detach(), 4, symmetric=sym))
+    # d sum(q²)/dx: identity STE would give 2q everywhere; through the scale the row's min / max get more
+    (grad,) = torch.autograd.grad((out ** 2).sum(), x)
+    differs = (grad - 2 * out.detach()).abs() > 1e-9
+    extremes = (x == x.amax(dim=-1, keepdim=True)) | (x == x.amin(dim=-1, keepdim=True))
+    assert differs.any(dim=-1).all()  # every token's scale gets a gradient ...
+    assert not (differs & ~extremes).any()  # ... and only its extremes carry it
+    assert not fake_quant_per_token(x.detach(), 4, symmetric=sym, range_grad=True).requires_grad
+
+
+def test_kv_quantizer_with_range_grad_matches_and_is_differentiable():
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 5, 8, requires_grad=True), torch.randn(2, 3, 5, 8, requires_grad=True)
+    plain, graded = KVQuantizer(4), KVQuantizer(4, range_grad=True)
+    for a, b in zip(plain(k, v), graded(k, v)):
+        assert torch.equal(a.detach(), b.detach())
+    sum(t.pow(2).sum() for t in graded(k, v)).backward()
+    assert k.grad is not None and not torch.equal(k.grad, 2 * graded(k, v)[0].detach())
 
 
 # ---------------------------------------------------------------- the pass on a tiny Llama

@@ -226,7 +226,7 @@ def test_refuses_nan_weights_before_any_change():
 
 @pytest.mark.parametrize("bad,match", [
     ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"r1_init": "qr"}, "r1_init"), ({"bits": 1}, "bits"),
-    ({"clip_ratio": 1.5}, "clip_ratio"), ({"smooth_qk": "yes"}, "smooth_qk"),
+    ({"clip_ratio": 1.5}, "clip_ratio"), ({"smooth_qk": "yes"}, "smooth_qk"), ({"range_grad": 1}, "range_grad"),
     ({"weight": QuantScheme(bits=4, observer="mse")}, "minmax"),
 ])
 def test_bad_settings_are_named(bad, match):
@@ -305,4 +305,28 @@ def test_weight_null_trains_with_full_precision_weights():
     ref = _logits(model)
     info = ostquant_model(model, IDS, cfg, quiet=True)
     assert len(info["losses"]) == FAST["steps"]
+    assert (_logits(model) - ref).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=4, group_size=-1, symmetric=False),
+                                    QuantScheme(bits=3, group_size=48, symmetric=True)])
+def test_range_grad_weight_quantizer_is_rtn_with_a_gradient_at_the_extremes(scheme):
+    from compressor.quant.scheme import compute_qparams, fake_quant
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 100, dtype=torch.float64, requires_grad=True)  # 100 = 2 groups of 48 + a ragged 4
+    out = ostquant_mod._ste_weight(w, scheme, range_grad=True)
+    assert torch.equal(out.detach(), fake_quant(w.detach(), compute_qparams(w.detach(), scheme), scheme))
+    (grad,) = torch.autograd.grad((out ** 2).sum(), w)
+    (plain,) = torch.autograd.grad((ostquant_mod._ste_weight(w, scheme) ** 2).sum(), w)
+    assert torch.equal(plain, 2 * out.detach())  # identity straight-through: no range term
+    assert ((grad - plain).abs() > 1e-9).any(dim=1).all()  # every row's range gets a gradient
+
+
+def test_range_grad_trains_and_keeps_the_fp_logits():
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    cfg = OSTQuantConfig(**{**FAST, "range_grad": True})
+    info = ostquant_model(model, IDS, cfg, quiet=True)
+    assert len(info["losses"]) == FAST["steps"] and all(math.isfinite(x) for x in info["losses"])
     assert (_logits(model) - ref).abs().max().item() <= 1e-3
