@@ -32,6 +32,9 @@ Transforms (the ``rotate`` pass, first in the recipe):
   from the first 32 calibration windows). No fp32 line: the fused model keeps
   the fp function (tests/transforms/test_ostquant.py), and which quantization
   it was trained for depends on the setting.
+* ``ostquant-rot`` (on request): the same with the rotations only
+  (``smooth_*: false``), SpinQuant-style. Before GPTQ the scalings cost more
+  weight error than they save in the activations on SmolLM2 (docs/ostquant.md).
 
 Peers (opt-in, ``--transforms llmc-spinquant,llmc-spinquant-r3,llmc-quip``):
 llm-compressor's ``SpinQuantModifier`` / ``QuIPModifier`` (Sylvester Hadamard
@@ -97,7 +100,10 @@ TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "ostquant": {"seed": 0, "r1_init": "hadamard", "rotate_ov": True, "r3": True, "online_o": True,
                  "smooth_norm": True, "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
 }
-LEARNED = ("ostquant",)  # transforms trained for the job's setting: no fp32 line
+TRANSFORMS["ostquant-rot"] = {**TRANSFORMS["ostquant"], "smooth_norm": False, "smooth_ov": False,
+                              "smooth_up_down": False, "smooth_qk": False}
+DEFAULT_TRANSFORMS = ("none", "hadamard", "ostquant")  # ostquant-rot on request
+LEARNED = ("ostquant", "ostquant-rot")  # transforms trained for the job's setting: no fp32 line
 # llm-compressor transforms (peer venv, opt-in): transform → (modifier, its arguments). Sylvester Hadamards
 # need a power of two; 64 is the largest dividing SmolLM2's widths (576, 1536) and its head_dim.
 HADAMARD_BLOCK = 64
@@ -160,7 +166,7 @@ def plan_jobs(methods: str | None = None, settings: str | None = None, transform
     """
     m = _names(methods, METHODS, "method")
     s = _names(settings, tuple(SETTINGS), "setting") or list(DEFAULT_SETTINGS)
-    t = _names(transforms, tuple(TRANSFORMS) + tuple(PEER_TRANSFORMS), "transform") or list(TRANSFORMS)
+    t = _names(transforms, tuple(TRANSFORMS) + tuple(PEER_TRANSFORMS), "transform") or list(DEFAULT_TRANSFORMS)
     trim = quick and m is None
     m = m or list(DEFAULT_METHODS)
     jobs = []
@@ -197,7 +203,7 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
         steps = job.get("ost_steps") or OST_STEPS["full"]
         # trained under RTN weights before rtn; before gptq with fp weights, as SpinQuant does (GPTQ corrects them)
         weight = dict(WEIGHTS) if job["method"] == "rtn" else None  # gptq and gptaq: fp weights
-        passes.append({job["transform"]: {**rotate, "weight": weight, **train, "steps": steps,
+        passes.append({"ostquant": {**rotate, "weight": weight, **train, "steps": steps,
                                           "samples": min(OST_SAMPLES, job.get("n_calib", OST_SAMPLES))}})
     elif rotate is not None:
         passes.append({"rotate": dict(rotate)})
@@ -356,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--reload", action="store_true", help="also export each quantized model (compressed-tensors), "
                         "reload it with load_compressed and report its perplexity as ppl_reloaded")
-    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: all of these) and "
+    parser.add_argument("--transforms", help=f"comma list of {', '.join(TRANSFORMS)} (default: "
+                        f"{','.join(DEFAULT_TRANSFORMS)}) and "
                         f"llm-compressor's {', '.join(PEER_TRANSFORMS)} (peer venv; rtn / gptq only)")
     parser.add_argument("--ost-steps", type=int, help=f"OSTQuant training steps (default {OST_STEPS['full']}, "
                         f"{OST_STEPS['quick']} with --quick)")

@@ -103,6 +103,16 @@ def test_ostquant_trains_for_the_setting_it_is_measured_in(bench):
         bench.recipe_dict({"method": "fp32", "setting": "fp32", "transform": "ostquant"})
 
 
+def test_ostquant_rot_learns_the_rotations_only_and_is_opt_in(bench):
+    _, jobs, _ = bench.plan([])
+    assert "ostquant-rot" not in {j["transform"] for j in jobs}
+    _, jobs, _ = bench.plan(["--transforms", "ostquant-rot", "--methods", "fp32,gptq", "--settings", "w4a4kv4"])
+    assert _keys(jobs) == [("gptq", "w4a4kv4", "ostquant-rot")]  # learned: no fp32 line
+    ost = bench.recipe_dict(jobs[0])["passes"][0]["ostquant"]
+    assert not any(ost[k] for k in ("smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk"))
+    assert ost["rotate_ov"] and ost["online_o"] and ost["weight"] is None
+
+
 def test_ostquant_recipe_runs_on_a_tiny_llama(bench):
     job = {"method": "rtn", "setting": "w4a4kv4", "transform": "ostquant", "ost_steps": 2, "n_calib": 2}
     data = bench.recipe_dict(job)
