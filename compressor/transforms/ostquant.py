@@ -273,7 +273,7 @@ def _ste_weight(w: torch.Tensor, scheme: QuantScheme, range_grad: bool = False) 
     qp = _params_from_range(wg.amin(dim=2), wg.amax(dim=2), scheme)  # scale (N, G) differentiable; zp rounded
     scale = qp.scale.unsqueeze(-1)
     zp = 0.0 if qp.zero_point is None else qp.zero_point.unsqueeze(-1)
-    q = torch.clamp(_round_ste(wg / scale) + zp, scheme.qmin, scheme.qmax)
+    q = torch.clamp(_round_ste(wg / scale + zp), scheme.qmin, scheme.qmax)  # as scheme.quantize, ties included
     return ((q - zp) * scale).reshape(n, -1)[:, :k]
 
 
