@@ -36,8 +36,8 @@ from typing import Any
 from torch import nn
 
 from compressor.quant.activations import (
-    ActivationQuantizer, KVQuantizer, _check_bits, _check_clip, attach_input_quantizer, attach_kv_quantizer,
-    attention_modules, qk_rotations,
+    LEARNED_CLIP, ActivationQuantizer, KVQuantizer, _check_bits, _check_clip, attach_input_quantizer,
+    attach_kv_quantizer, attention_modules, qk_rotations,
 )
 from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
@@ -57,7 +57,10 @@ class ActivationQuantConfig(PassConfig):
         bits: bits of the linear inputs (8 or 4 usually; 2-16), or None to
             leave them in full precision.
         symmetric: signed grid without zero point (default) or unsigned with one.
-        clip_ratio: each token's range is shrunk by it, in (0, 1].
+        clip_ratio: each token's range is shrunk by it, in (0, 1]. A linear
+            carrying a clip ratio learned for the same bits / symmetric grid
+            (``ostquant`` with ``learn_clip: true`` before this pass) uses that
+            ratio instead.
         kv_bits: bits of the keys and values, or None (default) for none.
         kv_symmetric: symmetric KV grid; default asymmetric, as KV caches usually are.
         kv_group_size: head_dim columns per KV scale; None for the whole head.
@@ -166,8 +169,24 @@ class ActivationQuantPass(Pass):
                 attach_kv_quantizer(attn, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+        learned, mismatched = [], []
         for name, lin in linears if c.bits is not None else []:
+            clip = c.clip_ratio
+            found = getattr(lin, LEARNED_CLIP, None)
+            if found is not None:
+                if found["bits"] == c.bits and found["symmetric"] == c.symmetric:
+                    clip = found["clip_ratio"]
+                    learned.append(clip)
+                else:
+                    mismatched.append(name)
             try:
-                attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=c.clip_ratio))
+                attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=clip))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+        if learned:
+            log.info("quantize_activations: %d linears use the clip ratios learned for them (%.3f-%.3f) instead of "
+                     "clip_ratio=%s", len(learned), min(learned), max(learned), c.clip_ratio)
+        if mismatched:
+            log.warning("quantize_activations: %d linears (%s, ...) carry clip ratios learned for another input grid "
+                        "than A%d %s; they use clip_ratio=%s (train ostquant with this pass's bits/symmetric)",
+                        len(mismatched), mismatched[0], c.bits, "sym" if c.symmetric else "asym", c.clip_ratio)

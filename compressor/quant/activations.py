@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 INPUT_CHILD = "input_quantizer"
 KV_CHILD = "kv_quantizer"
 QK_CHILD = "qk_rotation"
+# attribute a transform pass that learns clip ratios (ostquant's learn_clip) leaves on a linear:
+# {"bits": int, "symmetric": bool, "clip_ratio": float}; quantize_activations uses it when its grid matches
+LEARNED_CLIP = "learned_clip"
 KV_ATTENTION_PREFIX = "compressor_kvquant:"
 MAX_BITS = 16
 KV_BASES = ("sdpa", "eager")  # attention implementations the KV quantizer wraps
@@ -90,14 +93,16 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
+def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor,
                      range_grad: bool = False) -> torch.Tensor:
     """Fake-quantize each row of x (..., K) over its last dim; float32/float64 in and out.
 
     With ``range_grad`` (and ``x.requires_grad``) only the rounding is
     straight-through: the gradient also flows through each row's scale, i.e.
     its min / max (LSQ-style), so training sees that a smaller range means a
-    finer grid. Otherwise the result carries no gradient.
+    finer grid. Otherwise the result carries no gradient. ``clip_ratio`` may
+    be a 0-d float tensor that requires grad (a learned clip, OSTQuant's
+    ``learn_clip``); with ``range_grad`` it gets a gradient through the scale.
     """
     rnd = _round_ste if range_grad and x.requires_grad else torch.round
     if symmetric:

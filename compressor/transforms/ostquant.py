@@ -69,8 +69,8 @@ from torch.func import functional_call
 
 from compressor.distill.losses import forward_kl
 from compressor.quant.activations import (
-    KV_CHILD, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _round_ste, _straight_through,
-    _wrapped_attention,
+    KV_CHILD, LEARNED_CLIP, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _fake_quant_rows,
+    _round_ste, _straight_through, _wrapped_attention,
     attach_kv_quantizer, attach_qk_rotation, attention_modules, fake_quant_per_token, qk_rotations,
 )
 from compressor.quant.scheme import QuantScheme, _grouped, _params_from_range, compute_qparams, fake_quant
@@ -84,6 +84,10 @@ __all__ = ["qsur", "kl_top", "cayley", "OSTQuantConfig", "OSTQuantPass", "ostqua
 log = logging.getLogger(__name__)
 
 _LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+# learned clip ratios: one per block and input (q/k/v share theirs, gate/up too), kept in [CLIP_FLOOR, 1]
+CLIP_SITES = ("qkv", "o", "gate_up", "down")
+_CLIP_SITE = {"q": 0, "k": 0, "v": 0, "o": 1, "gate": 2, "up": 2, "down": 3}
+CLIP_FLOOR = 0.5
 
 
 # ---------------------------------------------------------------- metrics and losses
@@ -155,11 +159,13 @@ class _Transforms(nn.Module):
     """R1, per-block R2 and the per-block log-scales; ``s_*`` vectors are ``exp`` of the parameters.
 
     Shapes: R1 (d, d); R2 (L, hd, hd); attn / ffn (L, d); ov (L, kv·hd);
-    ud (L, inter); qk (L, kv, hd/2). A disabled transform has no parameter.
+    ud (L, inter); qk (L, kv, hd/2); the optional learned clip ratios
+    (L, 4), one per block and :data:`CLIP_SITES` entry. A disabled transform
+    has no parameter.
     """
 
     def __init__(self, r1: torch.Tensor, r2: torch.Tensor | None, n_blocks: int, d: int, n_kv: int, hd: int,
-                 inter: int, *, scales: dict[str, bool]):
+                 inter: int, *, scales: dict[str, bool], clip_init: float | None = None):
         super().__init__()
         self.register_buffer("r1_base", r1.clone())  # float64
         self.r1_skew = nn.Parameter(torch.zeros(d, d))
@@ -168,6 +174,11 @@ class _Transforms(nn.Module):
         shapes = {"attn": (n_blocks, d), "ffn": (n_blocks, d), "ov": (n_blocks, n_kv * hd), "ud": (n_blocks, inter),
                   "qk": (n_blocks, n_kv, hd // 2)}
         self.log_scale = nn.ParameterDict({k: nn.Parameter(torch.zeros(shapes[k])) for k, on in scales.items() if on})
+        self.clip = None if clip_init is None else nn.Parameter(torch.full((n_blocks, len(CLIP_SITES)), clip_init))
+
+    def clip_ratio(self, i: int, site: int) -> torch.Tensor:
+        """Block i's clip ratio of input ``site`` (index into :data:`CLIP_SITES`): a 0-d float32 in [CLIP_FLOOR, 1]."""
+        return self.clip[i, site].clamp(CLIP_FLOOR, 1.0)
 
     def r1(self, dtype: torch.dtype) -> torch.Tensor:
         """(d, d) orthogonal."""
@@ -278,13 +289,21 @@ def _ste_weight(w: torch.Tensor, scheme: QuantScheme, range_grad: bool = False) 
 
 
 class _InputQuant:
-    """Removable forward pre-hook: per-token fake quantization of a linear's input (see ``_ste_weight``)."""
+    """Removable forward pre-hook: per-token fake quantization of a linear's input (see ``_ste_weight``).
 
-    def __init__(self, bits: int, symmetric: bool, clip_ratio: float, range_grad: bool = False):
+    With ``clip`` (a callable returning a 0-d tensor that requires grad) the
+    clip ratio is learned: the quantizer then always lets the gradient through
+    its scale (``range_grad``), the only way the ratio gets one.
+    """
+
+    def __init__(self, bits: int, symmetric: bool, clip_ratio: float, range_grad: bool = False, clip=None):
         self.bits, self.symmetric, self.clip_ratio, self.range_grad = bits, symmetric, clip_ratio, range_grad
+        self.clip = clip
 
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0]
+        if self.clip is not None:
+            return (_fake_quant_rows(x, self.bits, self.symmetric, self.clip(), True),) + tuple(args[1:])
         q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio,
                                  range_grad=self.range_grad)
         return (q if self.range_grad and x.requires_grad else _straight_through(x, q),) + tuple(args[1:])
@@ -340,6 +359,16 @@ class OSTQuantConfig(PassConfig):
             the quantization error is a constant to the gradient, so training
             cannot see that a transform which shrinks the range shrinks the
             error (docs/ostquant.md, "Gradients through the grid").
+        learn_clip: learn one clip ratio per block and linear input (q/k/v
+            share one, gate/up another; 4 per block), starting at
+            ``clip_ratio`` and kept in [0.5, 1], with the transforms. The
+            ratios are left on the linears (``learned_clip`` attribute), and a
+            ``quantize_activations`` pass with the same ``bits`` / ``symmetric``
+            uses them instead of its own ``clip_ratio``; they are exported per
+            config group. On SmolLM2 at W4A4KV4 this is the largest gain
+            (docs/ostquant.md, "Learned clip ratios"). Nothing to learn when
+            ``bits`` is null.
+        lr_clip: Adam learning rate of the clip ratios (3e-2 beat 1e-2 on SmolLM2).
         top_k: tokens of the KL-Top loss.
         temperature: softmax temperature of the KL-Top loss.
         qsur_samples: calibration sequences for the QSUR report (0: no report).
@@ -369,6 +398,8 @@ class OSTQuantConfig(PassConfig):
     lr: float = 1e-4  # 2e-3 and 4e-4 raised KL-Top on SmolLM2 at A4KV4 (docs/ostquant.md)
     lr_scale: float = 1e-3  # 5e-3 raised KL-Top on SmolLM2 (docs/ostquant.md)
     range_grad: bool = False
+    learn_clip: bool = True
+    lr_clip: float = 3e-2
     top_k: int = 1000
     temperature: float = 1.0
     qsur_samples: int = 4
@@ -378,7 +409,7 @@ class OSTQuantConfig(PassConfig):
         if self.r1_init not in ("hadamard", "random"):
             raise ValueError(f"ostquant.r1_init={self.r1_init!r}: use 'hadamard' or 'random'")
         for name in ("rotate_ov", "r3", "online_o", "smooth_norm", "smooth_ov", "smooth_up_down", "smooth_qk",
-                     "symmetric", "kv_symmetric", "range_grad"):
+                     "symmetric", "kv_symmetric", "range_grad", "learn_clip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ostquant.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("seed", 0), ("steps", 1), ("batch_size", 1), ("samples", 1), ("top_k", 2),
@@ -386,12 +417,15 @@ class OSTQuantConfig(PassConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"ostquant.{name} must be an integer >= {low}, got {v!r}")
-        for name in ("lr", "lr_scale", "temperature"):
+        for name in ("lr", "lr_scale", "lr_clip", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"ostquant.{name} must be a positive number, got {v!r}")
         if self.bits is not None:
             _check_bits(self.bits, "ostquant.bits")
+        if self.learn_clip and self.bits is not None and self.clip_ratio < CLIP_FLOOR:
+            raise ValueError(f"ostquant.clip_ratio={self.clip_ratio} is below the learned clip's floor {CLIP_FLOOR}: "
+                             f"start learn_clip at a ratio in [{CLIP_FLOOR}, 1], or set learn_clip: false")
         _check_clip(self.clip_ratio, "ostquant.clip_ratio")
         if self.kv_bits is not None:
             _check_bits(self.kv_bits, "ostquant.kv_bits")
@@ -497,7 +531,8 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
     dev = emb.weight.device
     t = _Transforms(r1_0, r2_0, len(blocks), d, n_kv, hd, inter,
                     scales={"attn": c.smooth_norm, "ffn": c.smooth_norm, "ov": c.smooth_ov, "ud": c.smooth_up_down,
-                            "qk": smooth_qk}).to(dev)
+                            "qk": smooth_qk},
+                    clip_init=float(c.clip_ratio) if c.learn_clip and c.bits is not None else None).to(dev)
     dims = (n_heads, n_kv, hd)
     prefix = {i: f"{blocks_name[len(body_name) + 1:]}.{i}." for i in range(len(blocks))}
     names = {k: getattr(layout, k) for k in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")}
@@ -528,10 +563,11 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
     impl = model.config._attn_implementation
     try:
         if c.bits is not None:
-            for m in mods:
+            for i, m in enumerate(mods):
                 for k in _LINEARS:
+                    clip = None if t.clip is None else (lambda i=i, s=_CLIP_SITE[k]: t.clip_ratio(i, s))
                     hooks.append(m[k].register_forward_pre_hook(
-                        _InputQuant(c.bits, c.symmetric, c.clip_ratio, c.range_grad)))
+                        _InputQuant(c.bits, c.symmetric, c.clip_ratio, c.range_grad, clip)))
         for a in kv_targets:
             attach_kv_quantizer(a, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size,
                                                range_grad=c.range_grad))
@@ -556,6 +592,13 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
             full[name].data.copy_(value.to(full[name].dtype))
         emb.weight.data.copy_((emb.weight.detach().double() @ r1.to(dev)).to(emb.weight.dtype))
         head.weight.data.copy_((head.weight.detach().double() @ r1.to(head.weight.device)).to(head.weight.dtype))
+        clips = None
+        if t.clip is not None:  # rounded so that memory, export and reload hold the same ratio
+            clips = [[round(t.clip_ratio(i, s).item(), 4) for s in range(len(CLIP_SITES))] for i in range(len(mods))]
+            for i, m in enumerate(mods):
+                for k in _LINEARS:
+                    setattr(m[k], LEARNED_CLIP, {"bits": c.bits, "symmetric": c.symmetric,
+                                                 "clip_ratio": clips[i][_CLIP_SITE[k]]})
     seconds = time.perf_counter() - start
     if failed is not None:
         model.rotation_info = {"method": "ostquant", "failed_at_step": len(losses) + 1, "seed": c.seed}
@@ -571,9 +614,17 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
         "folded_norms": 2 * len(blocks) + 1, "online": len(online_transforms(model)) + len(qk_rotations(model)),
         "smooth_qk": smooth_qk, "steps": c.steps, "loss_first": losses[0], "loss_last": losses[-1],
         "losses": losses, "seconds": round(seconds, 1), "qsur": report,
+        "clip_ratios": None if clips is None else {"sites": list(CLIP_SITES), "per_block": clips},
     }
     means = {k: _qsur_means(v) for k, v in report.items()}
-    model.rotation_info = {**{k: v for k, v in info.items() if k not in ("losses", "qsur")}, "qsur_mean": means}
+    model.rotation_info = {**{k: v for k, v in info.items() if k not in ("losses", "qsur", "clip_ratios")},
+                           "qsur_mean": means}
+    if clips is not None:
+        flat = [r for row in clips for r in row]
+        model.rotation_info["clip_mean"] = {s: round(sum(row[j] for row in clips) / len(clips), 4)
+                                            for j, s in enumerate(CLIP_SITES)}
+        log.info("ostquant: learned clip ratios in [%.3f, %.3f], mean per input %s", min(flat), max(flat),
+                 model.rotation_info["clip_mean"])
     if report:
         log.info("ostquant: mean QSUR over the block inputs %s", means)
     log.info("ostquant: KL-Top %.4f -> %.4f over %d steps in %.0f s", losses[0], losses[-1], c.steps, seconds)
@@ -621,7 +672,8 @@ def _train(t: _Transforms, state, body, emb, head, samples, top_values, top_inde
            quiet: bool, losses: list[float]) -> None:
     """Adam on the transforms for ``c.steps`` steps of KL-Top; appends each step's loss to ``losses``."""
     groups = [{"params": [p for n, p in t.named_parameters() if "skew" in n], "lr": c.lr},
-              {"params": list(t.log_scale.parameters()), "lr": c.lr_scale}]
+              {"params": list(t.log_scale.parameters()), "lr": c.lr_scale},
+              {"params": [] if t.clip is None else [t.clip], "lr": c.lr_clip}]
     groups = [g for g in groups if g["params"]]
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / c.steps)))

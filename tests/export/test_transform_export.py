@@ -269,3 +269,26 @@ def test_loader_reads_kv_settings_from_kv_cache_scheme_alone(tmp_path):
     loaded = load_compressed(out, verify=False)
     assert loaded.model.layers[0].self_attn.kv_quantizer.group_size == 16
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_learned_clip_ratios_export_per_group_and_reload(tmp_path):
+    """OSTQuant's learned per-linear clip ratios become one config group each and reload bit-exactly."""
+    from compressor.transforms.ostquant import OSTQuantConfig, ostquant_model
+
+    model = tiny_llama(hidden=48)
+    ostquant_model(model, IDS, OSTQuantConfig(steps=4, samples=4, top_k=40, lr=2e-2, lr_scale=2e-2, qsur_samples=0,
+                                              learn_clip=True, lr_clip=5e-2), quiet=True)
+    recipe = Recipe.from_dict({"passes": [RTN4, W4A4KV4]})
+    model = compress(model, recipe, quiet=True)
+    ratios = {n: m.input_quantizer.clip_ratio for n, m in model.named_modules() if "input_quantizer" in m._modules}
+    assert len(set(ratios.values())) > 1 and min(ratios.values()) < 1.0
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    q = _qcfg(out)
+    ext = q["compressor"]["input_activations"]  # groups at ratio 1.0 need no entry
+    stored = {t: ext.get(g, {}).get("clip_ratio", 1.0)
+              for g, v in q["config_groups"].items() for t in v["targets"]}
+    assert stored == ratios
+    loaded = load_compressed(out)
+    assert {n: m.input_quantizer.clip_ratio for n, m in loaded.named_modules()
+            if "input_quantizer" in m._modules} == ratios
+    assert torch.equal(_logits(loaded), _logits(model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -227,6 +228,8 @@ def test_refuses_nan_weights_before_any_change():
 @pytest.mark.parametrize("bad,match", [
     ({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"), ({"r1_init": "qr"}, "r1_init"), ({"bits": 1}, "bits"),
     ({"clip_ratio": 1.5}, "clip_ratio"), ({"smooth_qk": "yes"}, "smooth_qk"), ({"range_grad": 1}, "range_grad"),
+    ({"learn_clip": True, "clip_ratio": 0.3}, "floor"),
+    ({"lr_clip": 0}, "lr_clip"), ({"learn_clip": "yes"}, "learn_clip"),
     ({"weight": QuantScheme(bits=4, observer="mse")}, "minmax"),
 ])
 def test_bad_settings_are_named(bad, match):
@@ -330,3 +333,63 @@ def test_range_grad_trains_and_keeps_the_fp_logits():
     info = ostquant_model(model, IDS, cfg, quiet=True)
     assert len(info["losses"]) == FAST["steps"] and all(math.isfinite(x) for x in info["losses"])
     assert (_logits(model) - ref).abs().max().item() <= 1e-3
+
+
+def test_learn_clip_trains_one_ratio_per_block_input_and_leaves_them_on_the_linears():
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    cfg = OSTQuantConfig(**{**FAST, "learn_clip": True, "lr_clip": 5e-2, "clip_ratio": 0.95})
+    info = ostquant_model(model, IDS, cfg, quiet=True)
+    assert (_logits(model) - ref).abs().max().item() <= 1e-3  # clip ratios change no weight
+    clips = info["clip_ratios"]
+    assert clips["sites"] == ["qkv", "o", "gate_up", "down"]
+    flat = [r for row in clips["per_block"] for r in row]
+    assert len(clips["per_block"]) == 2 and len(flat) == 8
+    assert all(ostquant_mod.CLIP_FLOOR <= r <= 1.0 for r in flat)
+    assert any(abs(r - 0.95) > 1e-3 for r in flat)  # the ratios got a gradient and moved
+    for i, block in enumerate(model.model.layers):
+        row = clips["per_block"][i]
+        a, mlp = block.self_attn, block.mlp
+        assert {a.q_proj.learned_clip["clip_ratio"], a.k_proj.learned_clip["clip_ratio"],
+                a.v_proj.learned_clip["clip_ratio"]} == {row[0]}
+        assert a.o_proj.learned_clip == {"bits": 4, "symmetric": True, "clip_ratio": row[1]}
+        assert mlp.gate_proj.learned_clip["clip_ratio"] == mlp.up_proj.learned_clip["clip_ratio"] == row[2]
+        assert mlp.down_proj.learned_clip["clip_ratio"] == row[3]
+    assert not hasattr(model.lm_head, "learned_clip")
+    assert set(model.rotation_info["clip_mean"]) == {"qkv", "o", "gate_up", "down"}
+
+
+def test_quantize_activations_uses_learned_clips_only_on_their_own_grid(caplog):
+    model = _llama(hidden=64, inter=96)
+    ostquant_model(model, IDS, OSTQuantConfig(**{**FAST, "learn_clip": True, "lr_clip": 5e-2}), quiet=True)
+    down = model.model.layers[0].mlp.down_proj
+    a4 = compressor.Recipe.from_dict({"passes": [{"quantize_activations": {"bits": 4, "kv_bits": 4}}]})
+    q4 = compressor.compress(copy.deepcopy(model), a4, quiet=True)
+    assert q4.model.layers[0].mlp.down_proj.input_quantizer.clip_ratio == down.learned_clip["clip_ratio"] < 1.0
+    a8 = compressor.Recipe.from_dict({"passes": [{"quantize_activations": {"bits": 8, "clip_ratio": 0.9}}]})
+    with caplog.at_level("WARNING"):
+        q8 = compressor.compress(copy.deepcopy(model), a8, quiet=True)
+    assert q8.model.layers[0].mlp.down_proj.input_quantizer.clip_ratio == 0.9
+    assert "learned for another input grid" in caplog.text
+
+
+def test_learned_clip_ratio_gets_the_gradient_of_a_finer_grid():
+    """With a tensor clip the quantizer matches the float path, and the ratio's gradient is finite and nonzero."""
+    from compressor.quant.activations import _fake_quant_rows, fake_quant_per_token
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, dtype=torch.float64)
+    x[:, 0] *= 20  # an outlier channel: clipping it trades saturation for resolution
+    x.requires_grad_(True)
+    clip = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    q = _fake_quant_rows(x, 4, True, clip, True)
+    assert torch.equal(q.detach(), fake_quant_per_token(x.detach(), 4, clip_ratio=0.8))
+    (g,) = torch.autograd.grad(((q - x) ** 2).sum(), clip)
+    assert torch.isfinite(g) and g.abs().item() > 0
+
+
+def test_weight_only_training_has_no_clip_to_learn():
+    model = _llama(hidden=64, inter=96)
+    info = ostquant_model(model, IDS, OSTQuantConfig(**{**FAST, "bits": None, "kv_bits": None}), quiet=True)
+    assert info["clip_ratios"] is None and "clip_mean" not in model.rotation_info
+    assert not any(hasattr(m, "learned_clip") for m in model.modules())
