@@ -27,7 +27,10 @@ Transforms (the ``rotate`` pass, first in the recipe):
 * ``ostquant``: OSTQuant (arXiv 2501.13987) — the same folding, Hadamard
   init and online R3 / R4 / o_proj Hadamard, then R1, per-block R2 and the scaling vectors
   learned by KL-Top under the job's own fake quantization (weights as below;
-  activations and KV cache as the setting), then fused (``ostquant`` pass,
+  activations and KV cache as the setting; gradients through the grids'
+  ranges, ``range_grad``), with one clip ratio per block input when the
+  setting quantizes them (``learn_clip``; the setting's ``clip_ratio`` is the
+  start, and ``quantize_activations`` uses the learned ones), then fused (``ostquant`` pass,
   first in the recipe; ``--ost-steps`` steps of one 512-token sequence drawn
   from the first 32 calibration windows). No fp32 line: the fused model keeps
   the fp function (tests/transforms/test_ostquant.py), and which quantization
@@ -98,7 +101,8 @@ TRANSFORMS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "hadamard": {"seed": 0, "r1": "hadamard", "r2": True, "r3": True, "r4": True, "online_o": True},
     "ostquant": {"seed": 0, "r1_init": "hadamard", "rotate_ov": True, "r3": True, "online_o": True,
-                 "smooth_norm": True, "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True},
+                 "smooth_norm": True, "smooth_ov": True, "smooth_up_down": True, "smooth_qk": True,
+                 "range_grad": True},
 }
 TRANSFORMS["ostquant-rot"] = {**TRANSFORMS["ostquant"], "smooth_norm": False, "smooth_ov": False,
                               "smooth_up_down": False, "smooth_qk": False}
@@ -200,6 +204,7 @@ def recipe_dict(job: dict[str, Any]) -> dict[str, Any]:
         acts = SETTINGS[job["setting"]] or {"bits": None, "kv_bits": None}
         train = {k: acts[k] for k in ("bits", "symmetric", "clip_ratio", "kv_bits", "kv_symmetric", "kv_group_size")
                  if k in acts}
+        train["learn_clip"] = train["bits"] is not None  # one clip ratio per block input, used by quantize_activations
         steps = job.get("ost_steps") or OST_STEPS["full"]
         # trained under RTN weights before rtn; before gptq with fp weights, as SpinQuant does (GPTQ corrects them)
         weight = dict(WEIGHTS) if job["method"] == "rtn" else None  # gptq and gptaq: fp weights

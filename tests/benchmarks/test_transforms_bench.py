@@ -95,9 +95,11 @@ def test_ostquant_trains_for_the_setting_it_is_measured_in(bench):
     assert (ost["steps"], ost["samples"]) == (7, 16)
     assert ost["weight"] is None  # before GPTQ: trained with fp weights (SpinQuant's practice)
     assert (ost["bits"], ost["kv_bits"], ost["symmetric"], ost["kv_symmetric"]) == (4, 4, True, False)
+    assert ost["learn_clip"] and ost["range_grad"]  # clip ratios learned per block input for A4
     w4a16 = bench.recipe_dict(by_key["rtn", "w4a16"])["passes"]
     assert [next(iter(p)) for p in w4a16] == ["ostquant", "rtn"]
     assert (w4a16[0]["ostquant"]["bits"], w4a16[0]["ostquant"]["kv_bits"]) == (None, None)
+    assert w4a16[0]["ostquant"]["learn_clip"] is False  # no input quantization, no clip to learn
     assert w4a16[0]["ostquant"]["weight"] == bench.WEIGHTS  # before RTN: trained under RTN weights
     with pytest.raises(ValueError, match="no fp32 line"):
         bench.recipe_dict({"method": "fp32", "setting": "fp32", "transform": "ostquant"})
