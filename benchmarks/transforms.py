@@ -268,7 +268,9 @@ def base_record(job: dict[str, Any]) -> dict[str, Any]:
         "setting": job["setting"],
         "transform": job["transform"],
         "weights": dict(WEIGHTS) if quantized else None,
-        "activations": {k: acts[k] for k in ("bits", "symmetric", "clip_ratio")} if acts else None,
+        "activations": {**{k: acts[k] for k in ("bits", "symmetric", "clip_ratio")},
+                        # learned per block input from clip_ratio (the means are in rotation.clip_mean)
+                        "learned_clip": job["transform"] in LEARNED and acts["bits"] is not None} if acts else None,
         "kv_cache": {"bits": acts["kv_bits"], "symmetric": acts["kv_symmetric"], "group_size": acts["kv_group_size"]}
         if acts and acts["kv_bits"] is not None else None,
         **({"peer": PEER, "modifiers": peer_modifiers(job), "recipe": None} if peer else {"recipe": recipe_dict(job)}),

@@ -96,6 +96,9 @@ def test_ostquant_trains_for_the_setting_it_is_measured_in(bench):
     assert ost["weight"] is None  # before GPTQ: trained with fp weights (SpinQuant's practice)
     assert (ost["bits"], ost["kv_bits"], ost["symmetric"], ost["kv_symmetric"]) == (4, 4, True, False)
     assert ost["learn_clip"] and ost["range_grad"]  # clip ratios learned per block input for A4
+    assert bench.base_record(by_key["gptq", "w4a4kv4"])["activations"]["learned_clip"] is True
+    hadamard = {"method": "gptq", "setting": "w4a4kv4", "transform": "hadamard"}
+    assert bench.base_record(hadamard)["activations"]["learned_clip"] is False
     w4a16 = bench.recipe_dict(by_key["rtn", "w4a16"])["passes"]
     assert [next(iter(p)) for p in w4a16] == ["ostquant", "rtn"]
     assert (w4a16[0]["ostquant"]["bits"], w4a16[0]["ostquant"]["kv_bits"]) == (None, None)
