@@ -67,7 +67,7 @@ def test_bad_arguments_exit_with_the_reason(bench, capsys, argv, match):
 def test_records_and_recipes(bench):
     rec = bench.base_record({"method": "gptq", "setting": "w4a4kv4", "transform": "hadamard"})
     assert rec["weights"] == {"bits": 4, "group_size": -1, "symmetric": False}
-    assert rec["activations"] == {"bits": 4, "symmetric": True, "clip_ratio": 1.0}
+    assert rec["activations"] == {"bits": 4, "symmetric": True, "clip_ratio": 1.0, "learned_clip": False}
     assert rec["kv_cache"] == {"bits": 4, "symmetric": False, "group_size": None}
     assert [next(iter(p)) for p in rec["recipe"]["passes"]] == ["rotate", "gptq", "quantize_activations"]
     fp32 = bench.base_record({"method": "fp32", "setting": "fp32", "transform": "none"})
