@@ -50,7 +50,7 @@ bench-cpu: fixtures
 
 # needs a CUDA GPU: Triton kernels vs torch fp16 matmul, Llama-3-8B shapes
 bench-kernels: install
-	$(PY) benchmarks/kernel_speed.py --output out/bench/kernel_speed.jsonl
+	$(PY) benchmarks/kernels.py --output out/bench/kernels.jsonl
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

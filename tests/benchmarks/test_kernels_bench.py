@@ -1,4 +1,4 @@
-"""benchmarks/kernel_speed.py: refuses to run without CUDA; its model quantizer swaps in working QuantLinears."""
+"""benchmarks/kernels.py: refuses to run without CUDA; its model quantizer swaps in working QuantLinears."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import load_benchmark, tiny_llama
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("kernel_speed")
+    return load_benchmark("kernels")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

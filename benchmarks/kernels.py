@@ -21,8 +21,8 @@ config (``--quick``: 4 layers of it) in fp16, then with every linear but
 One JSON line per result on stdout (logs on stderr); ``--output`` appends them.
 Without CUDA it exits with status 2 and a message.
 
-    python benchmarks/kernel_speed.py --quick
-    python benchmarks/kernel_speed.py --paths auto,gemm,dequant --output kernels.jsonl
+    python benchmarks/kernels.py --quick
+    python benchmarks/kernels.py --paths auto,gemm,dequant --output kernels.jsonl
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))  # _common beside this file
 import _common as common  # noqa: E402
 
-log = logging.getLogger("benchmarks.kernel_speed")
+log = logging.getLogger("benchmarks.kernels")
 
 BENCH = "kernels"
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        log.error("benchmarks/kernel_speed.py needs a CUDA GPU (torch %s sees none); the kernels' CPU tests are "
+        log.error("benchmarks/kernels.py needs a CUDA GPU (torch %s sees none); the kernels' CPU tests are "
                   "`TRITON_INTERPRET=1 pytest tests/kernels`", torch.__version__)
         return 2
     from compressor.kernels.dispatch import triton_unavailable
