@@ -121,7 +121,8 @@ def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: fl
 
 
 def fake_quant_per_token(
-    x: torch.Tensor, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0, range_grad: bool = False
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, clip_ratio: float | torch.Tensor = 1.0,
+    range_grad: bool = False
 ) -> torch.Tensor:
     """Quantize-dequantize every token of ``x`` on its own grid (dynamic per-token).
 
@@ -131,7 +132,10 @@ def fake_quant_per_token(
         symmetric: signed grid ``[-2^(b-1), 2^(b-1) - 1]`` without zero point,
             or unsigned ``[0, 2^b - 1]`` with an integer zero point.
         clip_ratio: in (0, 1]; the token's range is shrunk by it and values
-            beyond saturate.
+            beyond saturate. May be a 0-d float tensor, e.g. a learned ratio
+            that requires grad (OSTQuant's ``learn_clip``; with ``range_grad``
+            it gets a gradient through the scale); its value is the caller's
+            to keep in (0, 1], since checking it would synchronize the device.
         range_grad: when ``x`` requires grad, the result does too: the
             rounding is straight-through and the gradient also reaches each
             token's min / max through its scale (for training transforms that
@@ -146,11 +150,17 @@ def fake_quant_per_token(
         ValueError: bad ``bits`` / ``clip_ratio`` or a non-float ``x``.
     """
     _check_bits(bits)
-    _check_clip(clip_ratio)
+    if isinstance(clip_ratio, torch.Tensor):
+        if clip_ratio.dim() != 0 or not clip_ratio.is_floating_point():
+            raise ValueError(f"clip_ratio as a tensor must be a 0-d float tensor, got shape "
+                             f"{tuple(clip_ratio.shape)} {clip_ratio.dtype}")
+    else:
+        _check_clip(clip_ratio)
+        clip_ratio = float(clip_ratio)
     if not x.is_floating_point():
         raise ValueError(f"activation fake quantization needs a float tensor, got {x.dtype}")
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return _fake_quant_rows(work, bits, symmetric, float(clip_ratio), range_grad).to(x.dtype)
+    return _fake_quant_rows(work, bits, symmetric, clip_ratio, range_grad).to(x.dtype)
 
 
 def fake_quant_per_head(

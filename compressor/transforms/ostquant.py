@@ -69,7 +69,7 @@ from torch.func import functional_call
 
 from compressor.distill.losses import forward_kl
 from compressor.quant.activations import (
-    KV_CHILD, LEARNED_CLIP, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group, _fake_quant_rows,
+    KV_CHILD, LEARNED_CLIP, KVQuantizer, QKRotation, _check_bits, _check_clip, _check_group,
     _round_ste, _straight_through, _wrapped_attention,
     attach_kv_quantizer, attach_qk_rotation, attention_modules, fake_quant_per_token, qk_rotations,
 )
@@ -303,7 +303,8 @@ class _InputQuant:
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0]
         if self.clip is not None:
-            return (_fake_quant_rows(x, self.bits, self.symmetric, self.clip(), True),) + tuple(args[1:])
+            q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip(), range_grad=True)
+            return (q,) + tuple(args[1:])
         q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio,
                                  range_grad=self.range_grad)
         return (q if self.range_grad and x.requires_grad else _straight_through(x, q),) + tuple(args[1:])

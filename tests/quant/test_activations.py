@@ -163,6 +163,21 @@ def test_range_grad_keeps_the_values_and_reaches_each_tokens_extremes(sym):
     assert not fake_quant_per_token(x.detach(), 4, symmetric=sym, range_grad=True).requires_grad
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_clip_ratio_matches_the_float_and_gets_a_gradient(sym, dtype):
+    x = (torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    ratio = torch.tensor(0.8, requires_grad=True)
+    out = fake_quant_per_token(x, 4, symmetric=sym, clip_ratio=ratio, range_grad=True)
+    assert out.dtype == dtype  # half precision is quantized in float32, as with a float ratio
+    assert torch.equal(out.detach(), fake_quant_per_token(x, 4, symmetric=sym, clip_ratio=0.8))
+    (grad,) = torch.autograd.grad((out.float() - x.float()).pow(2).sum(), ratio)
+    assert grad.abs() > 0
+    for bad in (torch.tensor([0.8]), torch.tensor(1)):
+        with pytest.raises(ValueError, match="0-d float tensor"):
+            fake_quant_per_token(x, 4, clip_ratio=bad)
+
+
 def test_kv_quantizer_with_range_grad_matches_and_is_differentiable():
     torch.manual_seed(0)
     k, v = torch.randn(2, 3, 5, 8, requires_grad=True), torch.randn(2, 3, 5, 8, requires_grad=True)
