@@ -65,7 +65,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_zero_point", zp)
         self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32) if actorder else None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._kernel_cache: dict = {}  # a backend's repacked copy of the weight (int4 CPU path), keyed by tensor versions
+        self._kernel_cache: dict = {}  # a backend's repacked copy of the weight (CPU int4 / int8 paths), keyed by tensor versions
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float weight in the scale dtype."""

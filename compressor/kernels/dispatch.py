@@ -3,12 +3,13 @@
 Rules (no process-wide switch: every call decides from its own arguments):
 
 * ``backend="auto"``: the Triton kernels when ``x`` is on a CUDA device and
-  triton imports; on CPU, torch's int4 CPU matmul (:mod:`compressor.kernels.cpu`)
-  for bfloat16 activations and 4-bit weights it accepts (with float32 or
-  float16 activations that op is 10-100x slower than its bfloat16 path, so they
+  triton imports; on CPU, torch's int4 or int8 CPU matmul
+  (:mod:`compressor.kernels.cpu`) for bfloat16 activations and the 4-bit and
+  symmetric per-channel 8-bit weights they accept (on x86 their float32 and
+  float16 paths are scalar loops, 10-100x slower than bfloat16, so those
   stay on the reference); the torch reference otherwise;
 * ``backend="reference"``: always the torch reference (:mod:`compressor.kernels.reference`);
-* ``backend="cpu"``: torch's int4 CPU matmul, any activation dtype; raises
+* ``backend="cpu"``: torch's int4 / int8 CPU matmul, any activation dtype; raises
   ``ValueError`` for weights it cannot run;
 * ``backend="triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors
   under ``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests run them).
@@ -72,7 +73,7 @@ def resolve_backend(
             (N, K) and activation order; without them ``"auto"`` never picks ``"cpu"``.
 
     Raises:
-        ValueError: unknown backend name; ``backend="cpu"`` for a weight the int4 CPU op cannot run.
+        ValueError: unknown backend name; ``backend="cpu"`` for a weight no CPU op can run.
         RuntimeError: ``backend="triton"`` where the Triton kernels cannot run, ``"cpu"`` off the CPU.
     """
     if backend not in BACKENDS:
@@ -81,18 +82,18 @@ def resolve_backend(
         return "reference"
     kind = torch.device(device).type
     on_cuda = kind == "cuda"
-    int4_why = "the weight was not described" if scheme is None or shape is None else \
-        cpu.int4_unsupported(scheme, int(shape[0]), int(shape[1]), g_idx)
+    cpu_why = "the weight was not described" if scheme is None or shape is None else \
+        cpu.unsupported(scheme, int(shape[0]), int(shape[1]), g_idx)
     if backend == "cpu":
         if kind != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, got device {device}: use backend='auto'")
-        if int4_why is not None:
-            raise ValueError(f"backend='cpu' cannot run this weight: {int4_why}; use backend='auto' or 'reference'")
+        if cpu_why is not None:
+            raise ValueError(f"backend='cpu' cannot run this weight: {cpu_why}; use backend='auto' or 'reference'")
         return "cpu"
     if backend == "auto":
         if on_cuda:
             return "triton" if triton_unavailable() is None else "reference"
-        return "cpu" if kind == "cpu" and dtype == torch.bfloat16 and int4_why is None else "reference"
+        return "cpu" if kind == "cpu" and dtype == torch.bfloat16 and cpu_why is None else "reference"
     why = triton_unavailable()
     if why is not None:
         raise RuntimeError(f"backend='triton' was requested but {why}; or use backend='auto' or 'reference'")
@@ -148,7 +149,7 @@ def dequant_matmul(
         bias: optional (N,).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpu"``.
         cache: a dict owned by the layer where a backend keeps a repacked copy of
-            the weight (the int4 CPU path); rebuilt when the weight tensors change.
+            the weight (the CPU int4 / int8 paths); rebuilt when the weight tensors change.
 
     Returns:
         (..., N) in ``x.dtype``.
@@ -163,19 +164,19 @@ def dequant_matmul(
             x, packed, scale, zero_point, g_idx, bias, n, k, scheme.bits, scheme.group_width(k)
         )
     if name == "cpu":
-        return cpu.int4_matmul(x, _int4_weight(cache, x.dtype, packed, scale, zero_point, (n, k), scheme), bias)
+        return cpu.matmul(x, _cpu_weight(cache, x.dtype, packed, scale, zero_point, (n, k), scheme), bias)
     if scheme.float_zero_point:
         w = dequantize(unpack(packed, scheme.bits, k, dim=1), QParams(scale, zero_point), scheme, g_idx)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return reference.dequant_matmul(x, packed, scale, zero_point, shape, scheme, g_idx, bias)
 
 
-def _int4_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.Int4Weight:
-    """The int4 CPU repack of this weight, from ``cache`` while the tensors are unchanged (same storage, version)."""
+def _cpu_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.Int4Weight | cpu.Int8Weight:
+    """The CPU op's copy of this weight, from ``cache`` while the tensors are unchanged (same storage, version)."""
     key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (packed, scale, zero_point) if t is not None)
-    if cache is not None and cache.get("int4_key") == key:
-        return cache["int4"]
-    weight = cpu.prepare_int4(packed, scale, zero_point, shape, scheme, dtype)
+    if cache is not None and cache.get("cpu_key") == key:
+        return cache["cpu"]
+    weight = cpu.prepare(packed, scale, zero_point, shape, scheme, dtype)
     if cache is not None:
-        cache.update(int4_key=key, int4=weight)
+        cache.update(cpu_key=key, cpu=weight)
     return weight

@@ -13,6 +13,7 @@ from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
 from compressor.export.atomic import verify_manifest
 from compressor.export.loader import QuantLinear
+from compressor.kernels.cpu import Int4Weight
 from compressor.quant.state import quant_state
 
 X = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -49,7 +50,7 @@ def test_reload_in_bfloat16_runs_the_int4_cpu_path(tmp_path):
     assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
     out = loaded(X).logits
     assert out.dtype == torch.bfloat16
-    assert "int4" in loaded.model.layers[0].self_attn.q_proj._kernel_cache
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj._kernel_cache["cpu"], Int4Weight)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05  # bf16 end to end
 
 
