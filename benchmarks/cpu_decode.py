@@ -1,23 +1,28 @@
-"""CPU decode latency of SmolLM2-135M at W4: the int4 CPU path against dequantize-then-matmul and dense models.
+"""CPU decode latency of SmolLM2-135M at W4 and W8: torch's int4 / int8 CPU paths against dequantize-then-matmul
+and dense models.
 
-Compresses SmolLM2 with RTN at W4 (group 64 by default; round-to-nearest is
-enough for latency, the codes do not change the work), exports it, loads the
-export with :func:`compressor.load_compressed` and times greedy decoding with
-a KV cache, one token at a time:
+Compresses SmolLM2 with RTN at each setting (W4 group 64 asymmetric and W8
+per-channel symmetric by default; round-to-nearest is enough for latency, the
+codes do not change the work), exports it, loads the export with
+:func:`compressor.load_compressed` and times greedy decoding with a KV cache,
+one token at a time:
 
 * ``fp32``: the original model, dense fp32;
 * ``bf16``: the original model cast to bf16, dense;
-* ``w4-reference``: the export in fp32 on the torch reference (each call
+* ``<setting>-reference``: the export in fp32 on the torch reference (each call
   unpacks and dequantizes the weight, then ``F.linear``);
-* ``w4-int4cpu``: the export in bf16 on ``backend="auto"``, which takes torch's
-  int4 CPU matmul (``compressor.kernels.cpu``).
+* ``<setting>-cpu``: the export in bf16 on ``backend="auto"``, which takes
+  torch's int4 (4-bit) or int8 (8-bit) CPU matmul (``compressor.kernels.cpu``).
 
-Each line reports the median milliseconds per decoded token over ``--steps``
-steps after a warm-up, and its ratio to fp32 measured in the same run; the
-int4 line also reports the one-time repack of all layers. Usage::
+8-bit settings are quantized symmetric, the only grid the int8 op takes.
+All variants are loaded at once and take turns of 8 decode steps (see
+:func:`decode_ms_interleaved`). Each line reports the median milliseconds per
+decoded token over ``--steps`` steps after a warm-up, and its ratio to fp32
+measured in the same run; the
+``-cpu`` lines also report the one-time repack of all layers. Usage::
 
-    python benchmarks/cpu_decode.py                 # ~2 min on 2 cores
-    python benchmarks/cpu_decode.py --setting w4g128 --steps 64 --output cpu_decode.jsonl
+    python benchmarks/cpu_decode.py                 # ~3 min on 2 cores
+    python benchmarks/cpu_decode.py --settings w4g128 --steps 64 --output cpu_decode.jsonl
 """
 
 from __future__ import annotations
@@ -38,23 +43,53 @@ log = logging.getLogger("benchmarks.cpu_decode")
 BENCH = "cpu_decode"
 
 
-def decode_ms(model, prompt_ids, steps: int, warmup: int = 4) -> list[float]:
-    """Milliseconds of each greedy decode step (one token, KV cache) after ``warmup`` steps."""
+def decode_ms_interleaved(models: dict, prompt_ids, steps: int, warmup: int = 4, turn: int = 8) -> dict[str, list[float]]:
+    """Per model, milliseconds of ``steps`` greedy decode steps (one token each, KV cache).
+
+    The models take turns of ``turn`` consecutive steps (who goes first
+    rotates each round), so a slow patch of a shared machine hits every
+    variant alike and the ratios between them hold even when the absolute
+    times drift. The first step of each turn is not recorded: it refills the
+    CPU caches the other models evicted, which a model served alone would
+    not pay. ``warmup`` untimed steps per model come first. ``prompt_ids``:
+    (1, P) int64.
+    """
     import torch
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    times = []
+    if turn < 2:
+        raise ValueError(f"turn={turn}: a turn needs at least 2 steps (its first is not recorded)")
+    names = list(models)
+    state, times = {}, {name: [] for name in names}
+
+    def step(name: str) -> float:
+        cache, tok = state[name]
+        start = time.perf_counter()
+        out = models[name](input_ids=tok, cache=cache, use_cache=True)
+        ms = (time.perf_counter() - start) * 1e3
+        state[name] = (cache, out.logits[:, -1:].argmax(-1))
+        return ms
+
     with torch.inference_mode():
-        out = model(input_ids=prompt_ids, cache=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            out = model(input_ids=tok, cache=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
+        for name in names:
+            cache = DynamicCache()
+            out = models[name](input_ids=prompt_ids, cache=cache, use_cache=True)
+            state[name] = (cache, out.logits[:, -1:].argmax(-1))
+            for _ in range(warmup):
+                step(name)
+        rounds = -(-steps // (turn - 1))
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                step(name)  # refills the caches: not recorded
+                for _ in range(min(turn - 1, steps - len(times[name]))):
+                    times[name].append(step(name))
     return times
+
+
+def decode_ms(model, prompt_ids, steps: int, warmup: int = 4) -> list[float]:
+    """Milliseconds of each greedy decode step (one token, KV cache) of one model after ``warmup`` steps."""
+    return decode_ms_interleaved({"model": model}, prompt_ids, steps, warmup)["model"]
 
 
 def weight_mb(model) -> float:
@@ -64,7 +99,7 @@ def weight_mb(model) -> float:
 
 
 def repack_s(model) -> float:
-    """Seconds to repack every QuantLinear for the int4 CPU op (the one-time cost at first use)."""
+    """Seconds to repack every QuantLinear for its CPU op (the one-time cost at first use)."""
     import torch
 
     from compressor.export.loader import QuantLinear
@@ -73,14 +108,15 @@ def repack_s(model) -> float:
     start = time.perf_counter()
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            cpu.prepare_int4(m.weight_packed, m.weight_scale, m.weight_zero_point, (m.out_features, m.in_features),
+            cpu.prepare(m.weight_packed, m.weight_scale, m.weight_zero_point, (m.out_features, m.in_features),
                              m.scheme, torch.bfloat16)
     return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", default="w4g64", help="a 4-bit setting the int4 op accepts, e.g. w4g64, w4g128, w4pc")
+    parser.add_argument("--settings", default="w4g64,w8pc",
+                        help="comma-separated settings a CPU op accepts: 4-bit (w4g64, w4g128, w4pc) or w8pc")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -95,41 +131,53 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    setting = common.parse_setting(args.setting)
-    if setting.bits != 4:
-        parser.error(f"--setting {args.setting}: the int4 CPU path takes 4-bit weights")
+    try:
+        settings = common.parse_settings(args.settings)
+    except ValueError as err:
+        parser.error(str(err))
+    for setting in settings:
+        if setting.bits not in (4, 8) or (setting.bits == 8 and setting.group_size != -1):
+            parser.error(f"--settings {setting.name}: the CPU ops take 4-bit weights or 8-bit per channel (w8pc)")
     path, tokenizer = common.load_tokenizer_and_path()
     ids = common.eval_ids(tokenizer)[: args.prompt][None]  # (1, prompt) from SOTU 2010-2021
-    base = {"bench": BENCH, "model": common.MODEL_NAME, "setting": setting.name, "prompt": args.prompt,
-            "steps": args.steps, "machine": common.machine_info(),
-            "versions": common.versions("torch", "transformers", "compressor")}
-    fp32 = common.load_fp32_model(path)
-    rows = [("fp32", fp32, torch.float32)]
-    rows.append(("bf16", common.load_fp32_model(path).to(torch.bfloat16), torch.bfloat16))
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = compressor.Recipe.from_dict({"passes": [{"rtn": {"scheme": setting.scheme()}}]})
-        compressor.compress(common.load_fp32_model(path), recipe, output=Path(tmp) / "w4", tokenizer=tokenizer, quiet=True)
-        rows.append(("w4-reference", compressor.load_compressed(Path(tmp) / "w4", dtype=torch.float32, backend="reference"),
+    base = {"bench": BENCH, "model": common.MODEL_NAME, "prompt": args.prompt, "steps": args.steps,
+            "machine": common.machine_info(), "versions": common.versions("torch", "transformers", "compressor")}
+    rows = [("fp32", None, lambda: common.load_fp32_model(path), torch.float32),
+            ("bf16", None, lambda: common.load_fp32_model(path).to(torch.bfloat16), torch.bfloat16)]
+    tmp = tempfile.TemporaryDirectory()
+    for setting in settings:
+        scheme = dict(setting.scheme(), symmetric=setting.bits == 8)  # the int8 op has no zero point
+        out = Path(tmp.name) / setting.name
+        recipe = compressor.Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme}}]})
+        compressor.compress(common.load_fp32_model(path), recipe, output=out, tokenizer=tokenizer, quiet=True)
+        rows.append((f"{setting.name}-reference", scheme,
+                     lambda out=out: compressor.load_compressed(out, dtype=torch.float32, backend="reference"),
                      torch.float32))
-        rows.append(("w4-int4cpu", compressor.load_compressed(Path(tmp) / "w4", dtype=torch.bfloat16), torch.bfloat16))
-    results = {}
-    for name, model, dtype in rows:
-        extra = {}
-        if name == "w4-int4cpu":
-            layer = next(m for m in model.modules() if hasattr(m, "weight_packed"))
-            chosen = dispatch.resolve_backend("auto", torch.device("cpu"), dtype=dtype, scheme=layer.scheme,
-                                              shape=(layer.out_features, layer.in_features))
-            if chosen != "cpu":
-                log.error("backend='auto' did not choose the int4 CPU path for %s (got %s)", setting.name, chosen)
-                return 1
-            extra["repack_s"] = round(repack_s(model), 3)
-        times = decode_ms(model, ids, args.steps)
-        results[name] = statistics.median(times)
-        record = dict(base, variant=name, dtype=str(dtype).removeprefix("torch."), ms_per_token=round(results[name], 3),
-                      tokens_per_s=round(1e3 / results[name], 2), decoder_weight_mb=weight_mb(model),
-                      vs_fp32_speed=round(results["fp32"] / results[name], 3), status="ok", **extra)
+        rows.append((f"{setting.name}-cpu", scheme, lambda out=out: compressor.load_compressed(out, dtype=torch.bfloat16),
+                     torch.bfloat16))
+    models, extras, dtypes = {}, {}, {}
+    with tmp:
+        for name, scheme, load, dtype in rows:
+            models[name], dtypes[name] = load(), dtype
+            extra = {} if scheme is None else {"setting": name.rsplit("-", 1)[0], "symmetric": scheme["symmetric"]}
+            if name.endswith("-cpu"):
+                layer = next(m for m in models[name].modules() if hasattr(m, "weight_packed"))
+                chosen = dispatch.resolve_backend("auto", torch.device("cpu"), dtype=dtype, scheme=layer.scheme,
+                                                  shape=(layer.out_features, layer.in_features))
+                if chosen != "cpu":
+                    log.error("backend='auto' did not choose the CPU op for %s (got %s)", name, chosen)
+                    return 1
+                extra["repack_s"] = round(repack_s(models[name]), 3)
+            extras[name] = extra
+    log.info("decoding %d steps with %d variants taking turns", args.steps, len(models))
+    times = decode_ms_interleaved(models, ids, args.steps)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, model in models.items():
+        record = dict(base, variant=name, dtype=str(dtypes[name]).removeprefix("torch."),
+                      ms_per_token=round(median[name], 3), tokens_per_s=round(1e3 / median[name], 2),
+                      decoder_weight_mb=weight_mb(model), vs_fp32_speed=round(median["fp32"] / median[name], 3),
+                      status="ok", **extras[name])
         common.emit(record, args.output)
-        del model
     return 0
 
 
