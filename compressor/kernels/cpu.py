@@ -207,7 +207,9 @@ def prepare_int8(
         why = "a zero point was given for a symmetric scheme"
     if why is not None:
         raise ValueError(f"the int8 CPU path cannot run this weight: {why}; use backend='reference'")
-    codes = unpack(packed, 8, k, dim=1).contiguous()  # (N, K) int8, a fresh (aligned) allocation
+    codes = unpack(packed, 8, k, dim=1).contiguous()  # (N, K) int8
+    if codes.data_ptr() % _ALIGN:  # the op's aligned loads need aligned rows (K % 16 keeps them so after the first)
+        codes = codes.clone()
     return Int8Weight(codes, scale.reshape(n).to(dtype).contiguous(), n, k)
 
 
