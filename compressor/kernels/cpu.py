@@ -207,9 +207,7 @@ def prepare_int8(
         why = "a zero point was given for a symmetric scheme"
     if why is not None:
         raise ValueError(f"the int8 CPU path cannot run this weight: {why}; use backend='reference'")
-    codes = unpack(packed, 8, k, dim=1).contiguous()  # (N, K) int8
-    if codes.data_ptr() % _ALIGN:  # the op's aligned loads need aligned rows (K % 16 keeps them so after the first)
-        codes = codes.clone()
+    codes = _aligned(unpack(packed, 8, k, dim=1))  # (N, K) int8; K % 16 keeps every row aligned after the first
     return Int8Weight(codes, scale.reshape(n).to(dtype).contiguous(), n, k)
 
 
@@ -227,26 +225,32 @@ def prepare(
     return prepare_int4(packed, scale, zero_point, shape, scheme, dtype)
 
 
+def _apply(x: torch.Tensor, k: int, n: int, dtype: torch.dtype, what: str, op, bias: torch.Tensor | None):
+    """Checks x (..., K) against the prepared weight, runs ``op`` on its (M, K) rows, adds the bias: (..., N)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the weight has K={k} input features")
+    if x.dtype != dtype:
+        raise ValueError(f"x is {x.dtype} but the {what} weight was prepared for {dtype}")
+    out = op(x.reshape(-1, k)).reshape(*x.shape[:-1], n)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def int4_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` with the int4 CPU op: x (..., K) → (..., N) in ``x.dtype``.
 
     ``x`` must be a CPU tensor in the dtype :func:`prepare_int4` was given.
     """
-    if x.shape[-1] != weight.k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but the weight has K={weight.k} input features")
-    if x.dtype != weight.scale_zeros.dtype:
-        raise ValueError(f"x is {x.dtype} but the int4 weight was prepared for {weight.scale_zeros.dtype}")
-    lead = x.shape[:-1]
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, weight.k).contiguous(), weight.packed,
-                                                      weight.group, weight.scale_zeros)
-    out = out.reshape(*lead, weight.n)
-    return out if bias is None else out + bias.to(out.dtype)
+    def op(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), weight.packed, weight.group,
+                                                           weight.scale_zeros)
+
+    return _apply(x, weight.k, weight.n, weight.scale_zeros.dtype, "int4", op, bias)
 
 
-def _aligned_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x (..., K) as a contiguous (M, K) tensor whose data starts on a ``_ALIGN``-byte boundary."""
-    x2 = x.reshape(-1, k).contiguous()
-    return x2 if x2.data_ptr() % _ALIGN == 0 else x2.clone()
+def _aligned(rows: torch.Tensor) -> torch.Tensor:
+    """(M, K) rows as a contiguous tensor whose data starts on a ``_ALIGN``-byte boundary."""
+    rows = rows.contiguous()
+    return rows if rows.data_ptr() % _ALIGN == 0 else rows.clone()
 
 
 def int8_matmul(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,14 +260,10 @@ def int8_matmul(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None =
     view that does not start on an aligned address is copied first (the op's
     vector loads need it).
     """
-    if x.shape[-1] != weight.k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but the weight has K={weight.k} input features")
-    if x.dtype != weight.scale.dtype:
-        raise ValueError(f"x is {x.dtype} but the int8 weight was prepared for {weight.scale.dtype}")
-    lead = x.shape[:-1]
-    out = torch.ops.aten._weight_int8pack_mm(_aligned_rows(x, weight.k), weight.codes, weight.scale)
-    out = out.reshape(*lead, weight.n)
-    return out if bias is None else out + bias.to(out.dtype)
+    def op(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(_aligned(rows), weight.codes, weight.scale)
+
+    return _apply(x, weight.k, weight.n, weight.scale.dtype, "int8", op, bias)
 
 
 def matmul(x: torch.Tensor, weight: Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
