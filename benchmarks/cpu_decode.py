@@ -18,8 +18,8 @@ one token at a time:
 All variants are loaded at once and take turns of 8 decode steps (see
 :func:`decode_ms_interleaved`). Each line reports the median milliseconds per
 decoded token over ``--steps`` steps after a warm-up, and its ratio to fp32
-measured in the same run; the
-``-cpu`` lines also report the one-time repack of all layers. Usage::
+measured in the same run; the ``-cpu`` lines also report the one-time repack
+of all layers. Usage::
 
     python benchmarks/cpu_decode.py                 # ~3 min on 2 cores
     python benchmarks/cpu_decode.py --settings w4g128 --steps 64 --output cpu_decode.jsonl
@@ -109,7 +109,7 @@ def repack_s(model) -> float:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             cpu.prepare(m.weight_packed, m.weight_scale, m.weight_zero_point, (m.out_features, m.in_features),
-                             m.scheme, torch.bfloat16)
+                        m.scheme, torch.bfloat16)
     return time.perf_counter() - start
 
 
@@ -142,38 +142,33 @@ def main(argv=None) -> int:
     ids = common.eval_ids(tokenizer)[: args.prompt][None]  # (1, prompt) from SOTU 2010-2021
     base = {"bench": BENCH, "model": common.MODEL_NAME, "prompt": args.prompt, "steps": args.steps,
             "machine": common.machine_info(), "versions": common.versions("torch", "transformers", "compressor")}
-    rows = [("fp32", None, lambda: common.load_fp32_model(path), torch.float32),
-            ("bf16", None, lambda: common.load_fp32_model(path).to(torch.bfloat16), torch.bfloat16)]
-    tmp = tempfile.TemporaryDirectory()
-    for setting in settings:
-        scheme = dict(setting.scheme(), symmetric=setting.bits == 8)  # the int8 op has no zero point
-        out = Path(tmp.name) / setting.name
-        recipe = compressor.Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme}}]})
-        compressor.compress(common.load_fp32_model(path), recipe, output=out, tokenizer=tokenizer, quiet=True)
-        rows.append((f"{setting.name}-reference", scheme,
-                     lambda out=out: compressor.load_compressed(out, dtype=torch.float32, backend="reference"),
-                     torch.float32))
-        rows.append((f"{setting.name}-cpu", scheme, lambda out=out: compressor.load_compressed(out, dtype=torch.bfloat16),
-                     torch.bfloat16))
-    models, extras, dtypes = {}, {}, {}
-    with tmp:
-        for name, scheme, load, dtype in rows:
-            models[name], dtypes[name] = load(), dtype
-            extra = {} if scheme is None else {"setting": name.rsplit("-", 1)[0], "symmetric": scheme["symmetric"]}
-            if name.endswith("-cpu"):
-                layer = next(m for m in models[name].modules() if hasattr(m, "weight_packed"))
-                chosen = dispatch.resolve_backend("auto", torch.device("cpu"), dtype=dtype, scheme=layer.scheme,
-                                                  shape=(layer.out_features, layer.in_features))
-                if chosen != "cpu":
-                    log.error("backend='auto' did not choose the CPU op for %s (got %s)", name, chosen)
-                    return 1
-                extra["repack_s"] = round(repack_s(models[name]), 3)
-            extras[name] = extra
+    models = {"fp32": common.load_fp32_model(path), "bf16": common.load_fp32_model(path).to(torch.bfloat16)}
+    extras = {"fp32": {}, "bf16": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in settings:
+            scheme = dict(setting.scheme(), symmetric=setting.bits == 8)  # the int8 op has no zero point
+            out = Path(tmp) / setting.name
+            recipe = compressor.Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme}}]})
+            compressor.compress(common.load_fp32_model(path), recipe, output=out, tokenizer=tokenizer, quiet=True)
+            info = {"setting": setting.name, "symmetric": scheme["symmetric"]}
+            models[f"{setting.name}-reference"] = compressor.load_compressed(out, dtype=torch.float32,
+                                                                             backend="reference")
+            extras[f"{setting.name}-reference"] = info
+            fast = compressor.load_compressed(out, dtype=torch.bfloat16)
+            layer = next(m for m in fast.modules() if hasattr(m, "weight_packed"))
+            chosen = dispatch.resolve_backend("auto", torch.device("cpu"), dtype=torch.bfloat16, scheme=layer.scheme,
+                                              shape=(layer.out_features, layer.in_features))
+            if chosen != "cpu":
+                log.error("backend='auto' did not choose the CPU op for %s (got %s)", setting.name, chosen)
+                return 1
+            models[f"{setting.name}-cpu"] = fast
+            extras[f"{setting.name}-cpu"] = dict(info, repack_s=round(repack_s(fast), 3))
     log.info("decoding %d steps with %d variants taking turns", args.steps, len(models))
     times = decode_ms_interleaved(models, ids, args.steps)
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, model in models.items():
-        record = dict(base, variant=name, dtype=str(dtypes[name]).removeprefix("torch."),
+        dtype = model.get_input_embeddings().weight.dtype
+        record = dict(base, variant=name, dtype=str(dtype).removeprefix("torch."),
                       ms_per_token=round(median[name], 3), tokens_per_s=round(1e3 / median[name], 2),
                       decoder_weight_mb=weight_mb(model), vs_fp32_speed=round(median["fp32"] / median[name], 3),
                       status="ok", **extras[name])
