@@ -37,20 +37,20 @@ bench-setup: fixtures
 	$(PY) -m pip install -q --no-deps scikit-image==0.26.0
 
 bench-quick: bench-setup
-	$(PY) benchmarks/quant_quality.py --quick --methods fp32,rtn,gptq,gptaq,adaround,llmc-gptq --settings w4g64
+	$(PY) -m benchmarks.quant_quality --quick --methods fp32,rtn,gptq,gptaq,adaround,llmc-gptq --settings w4g64
 
 # hours on 2 CPU cores (llm-compressor AWQ alone is ~60 min per setting)
 bench: bench-setup
-	$(PY) benchmarks/quant_quality.py --output out/bench/quant_quality.jsonl
-	$(PY) benchmarks/cnn_adaround.py --output out/bench/cnn_adaround.jsonl
+	$(PY) -m benchmarks.quant_quality --output out/bench/quant_quality.jsonl
+	$(PY) -m benchmarks.cnn_adaround --output out/bench/cnn_adaround.jsonl
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures
-	$(PY) benchmarks/cpu_decode.py --output out/bench/cpu_decode.jsonl
+	$(PY) -m benchmarks.cpu_decode --output out/bench/cpu_decode.jsonl
 
 # needs a CUDA GPU: Triton kernels vs torch fp16 matmul, Llama-3-8B shapes
 bench-kernels: install
-	$(PY) benchmarks/kernels.py --output out/bench/kernels.jsonl
+	$(PY) -m benchmarks.kernel_speed --output out/bench/kernels.jsonl
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

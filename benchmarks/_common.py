@@ -1,9 +1,14 @@
 """Shared pieces of the benchmark scripts: settings, protocol data, records, machine info.
 
-Imported by ``quant_quality.py`` (dev venv) and by ``_peer_llmcompressor.py``
+Imported by ``benchmarks.quant_quality`` (dev venv) and by ``benchmarks._peer_llmcompressor``
 (the peer venv ``.venv-bench``), so both sides use the same calibration windows,
 the same evaluation tokens and the same record layout. Only the standard library
 and torch are imported at module level; ``compressor`` is imported lazily.
+
+``benchmarks`` is a package: every script runs from the repository root as
+``python -m benchmarks.<name>`` (children too, see :func:`module_command`), so no
+folder of ours is put on ``sys.path`` where its file names could shadow an
+installed package (``benchmarks/kernels.py`` once hid Hugging Face's ``kernels``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger("benchmarks")
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: children run from here
+PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # made by benchmarks/setup_peers.sh
 
 BENCH = "quant_quality"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -250,8 +258,13 @@ class ChildRun:
         return f"the child process ended without a result ({why}); see its log on stderr"
 
 
-def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False, cwd: str | os.PathLike | None = None) -> ChildRun:
-    """Run ``command --job JSON --result FILE`` and collect its record and peak RSS.
+def module_command(module: str, python: str | os.PathLike = sys.executable) -> list[str]:
+    """``[python, "-m", "benchmarks.<module>"]``: how a benchmark starts a child (run from :data:`ROOT`)."""
+    return [str(python), "-m", f"benchmarks.{module}"]
+
+
+def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False, cwd: str | os.PathLike = ROOT) -> ChildRun:
+    """Run ``command --job JSON --result FILE`` from ``cwd`` (the repository root) and collect its record and peak RSS.
 
     The child's stdout is sent to our stderr, so our stdout carries only result
     lines. Peak RSS comes from ``wait4`` on that one child (``ru_maxrss``, KiB

@@ -16,9 +16,9 @@ import logging
 import time
 import traceback
 
-import _common as common
-from _peer_llmcompressor import _calibration_dataset
-from pruning import block_sparsity, record_for
+from benchmarks import _common as common
+from benchmarks._peer_llmcompressor import _calibration_dataset
+from benchmarks.pruning import block_sparsity, record_for
 
 log = logging.getLogger("benchmarks.peer_prune")
 

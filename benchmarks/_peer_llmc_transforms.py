@@ -31,9 +31,9 @@ import time
 import traceback
 from typing import Any
 
-import _common as common
-from _peer_llmcompressor import _calibration_dataset
-from transforms import SETTINGS, WEIGHTS, base_record, peer_modifiers
+from benchmarks import _common as common
+from benchmarks._peer_llmcompressor import _calibration_dataset
+from benchmarks.transforms import SETTINGS, WEIGHTS, base_record, peer_modifiers
 
 log = logging.getLogger("benchmarks.peer_transforms")
 

@@ -29,7 +29,7 @@ import logging
 import time
 import traceback
 
-import _common as common
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.peer")
 

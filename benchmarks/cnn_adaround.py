@@ -28,22 +28,19 @@ Methods:
 Each method runs in its own subprocess (peak RSS per method); one JSON line per
 result on stdout, appended to ``--output``.
 
-    python benchmarks/cnn_adaround.py --quick
-    python benchmarks/cnn_adaround.py --output results.jsonl
+    python -m benchmarks.cnn_adaround --quick
+    python -m benchmarks.cnn_adaround --output results.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, _cnn_data beside this file
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.cnn_adaround")
 
@@ -182,7 +179,7 @@ def run(job: dict) -> dict:
     """One method in this (child) process; returns its record."""
     import torch
 
-    import _cnn_data as data
+    from benchmarks import _cnn_data as data
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -288,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed, "threads": args.threads,
         "targets": ["Conv2d", "Linear"], "ignore": [p.strip() for p in args.ignore.split(",") if p.strip()],
     }
-    command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    command = [*common.module_command("cnn_adaround"), "--child"]
     for setting in settings:
         for method in methods:
             job = {"method": method, "bits": setting.bits, "group_size": setting.group_size, **job_base}

@@ -21,8 +21,8 @@ decoded token over ``--steps`` steps after a warm-up, and its ratio to fp32
 measured in the same run; the ``-cpu`` lines also report the one-time repack
 of all layers. Usage::
 
-    python benchmarks/cpu_decode.py                 # ~3 min on 2 cores
-    python benchmarks/cpu_decode.py --settings w4g128 --steps 64 --output cpu_decode.jsonl
+    python -m benchmarks.cpu_decode                 # ~3 min on 2 cores
+    python -m benchmarks.cpu_decode --settings w4g128 --steps 64 --output cpu_decode.jsonl
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.cpu_decode")
 

@@ -10,22 +10,19 @@ student: perplexities, the fraction of the gap closed, steps, tokens seen, wall
 time, peak memory. The chunked logit loss's memory is measured by
 ``distill_loss_memory.py``.
 
-    python benchmarks/distill.py --students wanda24 --steps 60 --output results.jsonl
-    python benchmarks/distill.py --quick
+    python -m benchmarks.distill --students wanda24 --steps 60 --output results.jsonl
+    python -m benchmarks.distill --quick
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.distill")
 
@@ -117,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         job = {"student": student, **protocol, "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                "samples": args.samples, "lr": args.lr, "threads": args.threads}
         log.info("running %s", student)
-        run = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child"], job, verbose=args.verbose,
-                               cwd=Path(__file__).resolve().parent.parent)
+        run = common.run_child([*common.module_command("distill"), "--child"], job, verbose=args.verbose)
         record = run.record or {"bench": "distill", "student": student, "status": "failed", "error": run.failure()}
         record.update(peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s, protocol={**protocol, "quick": args.quick})
         common.emit(record, args.output)

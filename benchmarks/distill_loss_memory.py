@@ -22,8 +22,8 @@ heap memory may be kept by malloc rather than unmapped).
 
 Usage::
 
-    python benchmarks/distill_loss_memory.py                 # ~1 min on 2 cores, ~3 GB peak for naive
-    python benchmarks/distill_loss_memory.py --tokens 512 --chunk-size 128 --output mem.jsonl
+    python -m benchmarks.distill_loss_memory                 # ~1 min on 2 cores, ~3 GB peak for naive
+    python -m benchmarks.distill_loss_memory --tokens 512 --chunk-size 128 --output mem.jsonl
 
 One JSON line per variant; the chunked line carries ``ratio_vs_naive`` (target: <= 1/8).
 """
@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.distill_loss_memory")
 
@@ -129,7 +126,7 @@ def main(argv=None) -> int:
     status = 0
     for variant in VARIANTS:
         log.info("running %s at %s", variant, sizes)
-        run = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child"],
+        run = common.run_child([*common.module_command("distill_loss_memory"), "--child"],
                                {"variant": variant, "threads": args.threads, **sizes}, verbose=args.verbose)
         record: dict[str, Any] = {"bench": BENCH, "variant": variant, **sizes, "dtype": "float32",
                                   "temperature": 1.0, "memory_method": "child ru_maxrss after fwd+bwd minus after setup",

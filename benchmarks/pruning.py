@@ -18,29 +18,24 @@ Two suites (``--suite``):
 
 One JSON line per run on stdout (and appended to ``--output``); logs on stderr.
 
-    python benchmarks/pruning.py --suite allocation --output results.jsonl
-    python benchmarks/pruning.py --methods wanda --sparsities 0.7 --allocations uniform,owl --quick
+    python -m benchmarks.pruning --suite allocation --output results.jsonl
+    python -m benchmarks.pruning --methods wanda --sparsities 0.7 --allocations uniform,owl --quick
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.pruning")
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PEER_SCRIPT = HERE / "_peer_llmc_prune.py"
-DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PEER_MODULE = "_peer_llmc_prune"
+DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 OUR_METHODS = ("magnitude", "wanda", "sparsegpt")
 PEER_METHODS = ("llmc-wanda", "llmc-sparsegpt")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
@@ -146,11 +141,11 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
         missing = common.missing_peer(peer_python)
         if missing:
             return {**record_for(job), **missing}
-        command = [str(peer_python), str(PEER_SCRIPT)]
+        command = common.module_command(PEER_MODULE, peer_python)
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+        command = [*common.module_command("pruning"), "--child"]
     log.info("running %s %s %s", job["method"], job.get("sparsity") or "", job.get("allocation") or "")
-    run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
+    run = common.run_child(command, job, verbose=verbose)
     return common.child_record(run, record_for(job))
 
 

@@ -10,8 +10,8 @@ consecutive windows of 512, with ``compressor.eval.perplexity``.
 Results: one JSON line per (method, setting) on stdout, appended to ``--output``
 too. Logs go to stderr. Fields are described in benchmarks/README.md.
 
-    python benchmarks/quant_quality.py --quick --methods rtn,llmc-gptq --settings w4g64
-    python benchmarks/quant_quality.py --methods fp32,rtn,gptq --settings w4g64,w3g64 --output results.jsonl
+    python -m benchmarks.quant_quality --quick --methods rtn,llmc-gptq --settings w4g64
+    python -m benchmarks.quant_quality --methods fp32,rtn,gptq --settings w4g64,w3g64 --output results.jsonl
 """
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.quant_quality")
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PEER_SCRIPT = HERE / "_peer_llmcompressor.py"
-DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PEER_MODULE = "_peer_llmcompressor"
+DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 
 # method → (our pass, its settings beyond the scheme)
 OUR_PASSES = common.WEIGHT_PASSES | {"adaround": ("adaround", {})}
@@ -130,11 +125,11 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
         missing = common.missing_peer(peer_python)
         if missing:
             return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
-        command = [str(peer_python), str(PEER_SCRIPT)]
+        command = common.module_command(PEER_MODULE, peer_python)
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+        command = [*common.module_command("quant_quality"), "--child"]
     log.info("running %s %s", method, setting.name if setting else "")
-    run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
+    run = common.run_child(command, job, verbose=verbose)
     return common.child_record(run, common.base_record(method, setting))
 
 

@@ -56,9 +56,9 @@ before it left in its input; the peers skip it).
 Results: one JSON line per run on stdout, appended to ``--output`` too; logs
 on stderr. Fields are described in benchmarks/README.md.
 
-    python benchmarks/transforms.py --quick
-    python benchmarks/transforms.py --output out/bench/transforms.jsonl
-    python benchmarks/transforms.py --settings w4a4kv4 --transforms hadamard --methods gptq
+    python -m benchmarks.transforms --quick
+    python -m benchmarks.transforms --output out/bench/transforms.jsonl
+    python -m benchmarks.transforms --settings w4a4kv4 --transforms hadamard --methods gptq
 """
 
 from __future__ import annotations
@@ -66,23 +66,18 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common beside this file
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.transforms")
 
 BENCH = "transforms"
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-PEER_SCRIPT = HERE / "_peer_llmc_transforms.py"
-DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PEER_MODULE = "_peer_llmc_transforms"
+DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 
 WEIGHTS = {"bits": 4, "group_size": -1, "symmetric": False}  # W4 per-channel asymmetric (DESIGN.md's RTN)
 # setting → quantize_activations config, or None for weight-only
@@ -351,11 +346,11 @@ def run_job(job: dict[str, Any], verbose: bool, peer_python: Path = DEFAULT_PEER
         missing = common.missing_peer(peer_python)
         if missing:
             return {**base_record(job), "machine": common.machine_info(), **missing}
-        command = [str(peer_python), str(PEER_SCRIPT)]
+        command = common.module_command(PEER_MODULE, peer_python)
     else:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+        command = [*common.module_command("transforms"), "--child"]
     log.info("running %s", _label(job))
-    run = common.run_child(command, job, verbose=verbose, cwd=ROOT)
+    run = common.run_child(command, job, verbose=verbose)
     return common.child_record(run, base_record(job))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor.quant.rtn import RTNConfig
 from compressor.recipe import Recipe, apply_overrides, config_from_dict, select_modules

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
 
 @pytest.mark.parametrize("text,bits,group,name", [("w4g64", 4, 64, "w4g64"), ("W3PC", 3, -1, "w3pc"), (" w2g128 ", 2, 128, "w2g128")])
@@ -55,7 +51,7 @@ def _cnn_data():
     pytest.importorskip("PIL")
     if importlib.util.find_spec("skimage") is None and not _has_dist("scikit-image"):
         pytest.skip("scikit-image photos not installed (pip install --no-deps scikit-image)")
-    import _cnn_data
+    from benchmarks import _cnn_data
 
     return _cnn_data
 
@@ -92,7 +88,7 @@ class _SameConv(nn.Conv2d):
 
 
 def test_plain_convs_rewrite_is_exact():
-    import cnn_adaround
+    from benchmarks import cnn_adaround
 
     torch.manual_seed(0)
     model = nn.Sequential(_SameConv(3, 4, 3, stride=2), nn.ReLU(), _SameConv(4, 4, 3, groups=4)).eval()
@@ -105,7 +101,7 @@ def test_plain_convs_rewrite_is_exact():
 
 
 def test_agreement_metrics():
-    import cnn_adaround
+    from benchmarks import cnn_adaround
 
     ref = torch.tensor([[5.0, 4, 3, 2, 1, 0], [5.0, 4, 3, 2, 1, 0]])
     got = cnn_adaround.agreement(ref, ref.clone())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_benchmark, tiny_llama
+from tests.helpers import load_benchmark, tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")

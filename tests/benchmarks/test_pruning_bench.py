@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 from compressor import Recipe
 

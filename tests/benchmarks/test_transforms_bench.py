@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import load_benchmark, tiny_llama
+from tests.helpers import load_benchmark, tiny_llama
 
 from compressor import Recipe, compress
 from compressor.quant.activations import activation_quantizers, qk_rotations
@@ -171,7 +171,7 @@ def test_bad_peer_arguments_exit_with_the_reason(bench, capsys, argv, match):
 
 def test_peer_python_option(bench, tmp_path):
     args, _, _ = bench.plan(["--transforms", "llmc-quip"])
-    assert args.peer_python == bench.ROOT / ".venv-bench" / "bin" / "python"
+    assert args.peer_python == bench.common.ROOT / ".venv-bench" / "bin" / "python"
     args, _, _ = bench.plan(["--transforms", "llmc-quip", "--peer-python", str(tmp_path / "py")])
     assert args.peer_python == tmp_path / "py"
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import launch_two_cpu_processes, tiny_llama
+from tests.helpers import launch_two_cpu_processes, tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
@@ -168,7 +168,7 @@ def test_config_and_input_errors():
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     """accelerate launch, 2 CPU processes over gloo, global batch 4 = 2 x 2: the same losses as 1 process."""
     from compressor.cli import main
-    from conftest import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
 
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
     _teacher().save_pretrained(teacher_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor.eval.compare import score_windows, token_kl
 from compressor.eval.perplexity import perplexity

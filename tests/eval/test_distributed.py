@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import launch_two_cpu_processes
+from tests.helpers import launch_two_cpu_processes
 from safetensors.torch import load_file
 
 from compressor.cli import main

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor.eval.perplexity import perplexity, strided_windows
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor.eval.report import format_markdown, format_table, plot_ppl_vs_bits, write_json, write_markdown
 from compressor.eval.speed import decode_speed, kernel_backend

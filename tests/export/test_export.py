@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 

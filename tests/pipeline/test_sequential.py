@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, save_compressed
 from compressor.arch import find_blocks

@@ -116,7 +116,7 @@ def test_rate_distortion_errors():
 
 # ---------------------------------------------------------------- through the prune pass
 
-from conftest import tiny_llama  # noqa: E402
+from tests.helpers import tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
 from compressor import Recipe, compress  # noqa: E402

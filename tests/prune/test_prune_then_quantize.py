@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress

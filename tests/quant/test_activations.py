@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 import compressor
 from compressor.quant.activations import qk_rotations

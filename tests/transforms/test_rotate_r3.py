@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tests.helpers import tiny_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from compressor import Recipe, compress, load_compressed, save_compressed

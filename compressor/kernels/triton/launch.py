@@ -8,7 +8,7 @@ Paths (``path="auto"`` picks by the number of rows ``M`` of the flattened input)
   dtype with a Triton kernel, then ``torch.nn.functional.linear``, i.e. cuBLAS).
   At large M the matmul is compute-bound and the extra 2 bytes per weight of
   traffic is small beside it. The threshold is a first guess, not yet measured
-  on a GPU: ``benchmarks/kernels.py --paths`` times both sides to set it.
+  on a GPU: ``python -m benchmarks.kernel_speed --paths`` times both sides to set it.
 
 Autotuning (``autotune=True``) goes through ``triton.autotune`` keyed by
 (M bucket, N, K, bits, group width); the choice is cached per key for the

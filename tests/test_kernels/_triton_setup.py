@@ -21,7 +21,7 @@ def interpreter_in_process() -> bool:
 
 
 # COMPRESSOR_TEST_DEVICE=cuda (with TRITON_INTERPRET=0) runs the same tests on a GPU, compiled:
-#   COMPRESSOR_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/kernels/test_triton_*.py
+#   COMPRESSOR_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/test_kernels/test_triton_*.py
 DEVICE = torch.device(os.environ.get("COMPRESSOR_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda":
     if not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 The interpreter tests prove the arithmetic; this proves Triton's compiler takes
 the kernels (layouts, types, lowering) for every path and a spread of bit
 widths, zero-point modes, group shapes and dtypes, and the online Hadamard
-kernel at real model sizes, which the interpreter cannot see. Runs ``_compile_sm90.py`` in a fresh process with TRITON_INTERPRET=0.
+kernel at real model sizes, which the interpreter cannot see. Runs ``python -m tests.test_kernels._compile_sm90`` in a fresh process with TRITON_INTERPRET=0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).with_name("_compile_sm90.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_kernels_compile_for_sm90():
@@ -26,7 +26,8 @@ def test_kernels_compile_for_sm90():
     if not (bin_dir / "ptxas").exists():
         pytest.skip("this triton build ships no ptxas")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "tests.test_kernels._compile_sm90"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     had = [r for r in lines if r["kernel"] == "hadamard"]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from _triton_setup import make_weight, rel_err
+from tests.test_kernels._triton_setup import make_weight, rel_err
 
 from compressor.export.loader import QuantLinear
 from compressor.kernels import dispatch, reference

@@ -21,8 +21,8 @@ config (``--quick``: 4 layers of it) in fp16, then with every linear but
 One JSON line per result on stdout (logs on stderr); ``--output`` appends them.
 Without CUDA it exits with status 2 and a message.
 
-    python benchmarks/kernels.py --quick
-    python benchmarks/kernels.py --paths auto,gemm,dequant --output kernels.jsonl
+    python -m benchmarks.kernel_speed --quick
+    python -m benchmarks.kernel_speed --paths auto,gemm,dequant --output kernels.jsonl
 """
 
 from __future__ import annotations
@@ -32,13 +32,10 @@ import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))  # _common beside this file
-import _common as common  # noqa: E402
+from benchmarks import _common as common
 
-log = logging.getLogger("benchmarks.kernels")
+log = logging.getLogger("benchmarks.kernel_speed")
 
 BENCH = "kernels"
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
@@ -327,8 +324,8 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        log.error("benchmarks/kernels.py needs a CUDA GPU (torch %s sees none); the kernels' CPU tests are "
-                  "`TRITON_INTERPRET=1 pytest tests/kernels`", torch.__version__)
+        log.error("benchmarks/kernel_speed.py needs a CUDA GPU (torch %s sees none); the kernels' CPU tests are "
+                  "`TRITON_INTERPRET=1 pytest tests/test_kernels`", torch.__version__)
         return 2
     from compressor.kernels.dispatch import triton_unavailable
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_setup import DEVICE, on_device, rel_err
+from tests.test_kernels._triton_setup import DEVICE, on_device, rel_err
 
 from compressor.kernels.triton import hadamard as th
 from compressor.transforms.hadamard import hadamard_transform

@@ -1,15 +1,15 @@
-"""benchmarks/kernels.py: refuses to run without CUDA; its model quantizer swaps in working QuantLinears."""
+"""benchmarks/kernel_speed.py: refuses to run without CUDA; its model quantizer swaps in working QuantLinears."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_benchmark, tiny_llama
+from tests.helpers import load_benchmark, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("kernels")
+    return load_benchmark("kernel_speed")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")

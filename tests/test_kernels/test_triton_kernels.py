@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_setup import DEVICE, make_weight, on_device, rel_err
+from tests.test_kernels._triton_setup import DEVICE, make_weight, on_device, rel_err
 
 from compressor.export.pack import pack, unpack
 from compressor.kernels import reference

@@ -6,7 +6,7 @@ type and lowering errors only show when the kernels are compiled. Triton ships
 CPU. Run in a fresh process with ``TRITON_INTERPRET=0``; prints one JSON line
 per compiled specialization (registers and spill stack from ``cuobjdump``).
 
-    TRITON_INTERPRET=0 python tests/kernels/_compile_sm90.py
+    TRITON_INTERPRET=0 python -m tests.test_kernels._compile_sm90
 """
 
 from __future__ import annotations
