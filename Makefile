@@ -3,15 +3,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
+PIP    := pip==26.3
+# Locks (requirements/*.lock): the exact versions the suite passed with, torch the CPU build on this
+# machine's disk. `make lock` refreshes them from pyproject.toml's ranges; `make test-latest` tries the newest.
+LOCK       := requirements/dev.lock
+BENCH_LOCK := requirements/bench.lock
+PEER_LOCK  := requirements/peers.lock
+COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow bench-setup bench-quick bench bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock bench-setup bench-quick bench bench-cpu bench-kernels clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch on this machine's disk; nothing pulls a CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(PIP)
+	$(PY) -m pip install -q -r $(LOCK)
+	# our package alone: its dependencies are the lock's, its build backend the lock's setuptools
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,10 +38,32 @@ test: install
 test-slow: install
 	$(PYTEST) -q -m "slow and not gpu" tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
+# not in CI: the newest versions pyproject.toml allows, in a venv of their own, then the default suite.
+# An upstream break shows up here (and in `make lock`), never on a fresh machine that installs the lock.
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q $(PIP)
+	$(LATEST)/bin/python -m pip install -q -r requirements/torch-cpu.in
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	@echo "versions that differ from $(LOCK) (< lock, > newest allowed):"
+	@$(LATEST)/bin/python -m pip freeze --exclude-editable | tr 'A-Z_' 'a-z-' | sort > $(LATEST)/versions.txt
+	@grep -E '^[a-z0-9._-]+==' $(LOCK) | sort | diff - $(LATEST)/versions.txt | grep '^[<>]' || echo "  none"
+	$(LATEST)/bin/python -m pytest -q -m "not slow and not gpu" tests
+
+# refresh the locks to the newest versions pyproject.toml allows; then run `make test` (and test-slow) before committing
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q $(PIP) pip-tools==7.7.0
+	$(COMPILE) --extra dev -o $(LOCK) pyproject.toml requirements/torch-cpu.in
+	$(COMPILE) --extra dev --extra cnn -o $(BENCH_LOCK) pyproject.toml requirements/torch-cpu.in
+	$(COMPILE) -o $(PEER_LOCK) pyproject.toml requirements/torch-cpu.in requirements/peers.in
+
 # side-by-side benchmarks (docs: benchmarks/README.md); peers live in their own venv
 bench-setup: fixtures
 	bash benchmarks/setup_peers.sh
-	$(PY) -m pip install -q -e '.[cnn]'
+	$(PY) -m pip install -q -r $(BENCH_LOCK)
 	$(PY) -m pip install -q --no-deps scikit-image==0.26.0
 
 bench-quick: bench-setup
@@ -53,4 +83,4 @@ bench-kernels: install
 	$(PY) -m benchmarks.kernel_speed --output out/bench/kernels.jsonl
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock out .pytest_cache

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Create .venv-bench: the peer venv in which llm-compressor runs for benchmarks/quant_quality.py.
+# Create .venv-bench: the peer venv in which llm-compressor runs for the benchmarks
+# (python -m benchmarks.quant_quality / pruning / transforms start benchmarks._peer_* there).
 #
 # llm-compressor 0.14.0.1 pins transformers<=5.17.0 and compressed-tensors==0.19.0,
-# which conflict with the dev venv (.venv), so peers get their own venv. Our own
-# package is installed there too (editable) so the peer runner uses the same
-# calibration windows and the same perplexity function.
+# which conflict with the dev venv (.venv), so peers get their own venv, installed
+# from the committed lock requirements/peers.lock (`make lock` refreshes it). Our own
+# package is installed there too (editable, no dependencies of its own) so the peer
+# runner uses the same calibration windows and the same perplexity function.
 #
 # Usage: bash benchmarks/setup_peers.sh [VENV_DIR]   (default: <repo>/.venv-bench)
 # Idempotent: an existing venv is reused and only missing pieces are installed.
@@ -14,19 +16,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$ROOT/.venv-bench}"
 PY="$VENV/bin/python"
 TORCH_VERSION="2.13.0"
-LLMC_VERSION="0.14.0.1"
+LOCK="$ROOT/requirements/peers.lock"
 
 if [ ! -x "$PY" ]; then
     echo "creating $VENV" >&2
     python3 -m venv "$VENV"
 fi
-"$PY" -m pip install -q --upgrade pip
-# torch FIRST, pinned: the CPU wheel on this machine's disk. Letting a later
-# install resolve torch would pull a multi-GB CUDA build.
-"$PY" -m pip install -q "torch==$TORCH_VERSION"
-"$PY" -m pip install -q -e "$ROOT"
-# Keep torch where it is while llm-compressor resolves its own pins.
-"$PY" -m pip install -q "llmcompressor==$LLMC_VERSION" "torch==$TORCH_VERSION"
+"$PY" -m pip install -q pip==26.3
+# the lock pins torch to the CPU wheel on this machine's disk (any other release is a multi-GB CUDA build)
+"$PY" -m pip install -q -r "$LOCK"
+"$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 
 "$PY" - "$TORCH_VERSION" <<'EOF'
 import sys
