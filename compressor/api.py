@@ -16,6 +16,7 @@ from compressor.export.compressed_tensors import save_compressed, sparsity_confi
 from compressor.export.loader import load_compressed, read_config
 from compressor.arch import find_blocks
 from compressor.calibration import ids_sha256
+from compressor.hub import BIN_ONLY_HINT, check_remote_code, resolve_model
 from compressor.pipeline.layerwise import run_layerwise
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
 from compressor.quant.state import is_quantized
@@ -37,7 +38,8 @@ def check_checkpoint(path: str | Path) -> None:
 
     Raises:
         FileNotFoundError: no such directory, no config.json, or no weights.
-        ValueError: a corrupt config or a truncated / corrupt safetensors file.
+        ValueError: a corrupt config, a truncated / corrupt safetensors file, or pickled
+            ``*.bin`` weights only (refused: unpickling can run arbitrary code).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -45,8 +47,8 @@ def check_checkpoint(path: str | Path) -> None:
     read_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        if any(path.glob("*.bin")):
-            return  # legacy PyTorch checkpoint: transformers validates it
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise ValueError(f"{path} holds only pickled PyTorch weights: {BIN_ONLY_HINT}")
         raise FileNotFoundError(f"{path} has no *.safetensors weights: the checkpoint is incomplete")
     for file in files:
         try:
@@ -87,40 +89,52 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     backend: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint or a compressor export, validated first.
 
     Args:
-        path: model directory.
+        path: model directory, or a Hub repo id (``"Qwen/Qwen3-0.6B"``, resolved through the
+            Hub cache, see :func:`compressor.hub.resolve_model`).
         dtype: parameter dtype (default: as stored).
         device_map: None (CPU), ``"auto"`` or an accelerate device map.
         backend: kernel backend for exports.
+        revision: branch, tag or commit of a repo id.
+        trust_remote_code: allow the repo's own modelling code to run (off by default).
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`check_checkpoint` and :func:`compressor.hub.resolve_model`;
+            custom modelling code without ``trust_remote_code``.
     """
-    path = Path(path)
+    path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
     check_checkpoint(path)
     if is_export(path):
         return load_compressed(path, dtype=dtype, device_map=device_map, backend=backend)
+    check_remote_code(path, trust_remote_code)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     archs = getattr(config, "architectures", None) or []
     cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
-    model = cls.from_pretrained(path, dtype=dtype or "auto", device_map=device_map)
+    model = cls.from_pretrained(path, dtype=dtype or "auto", device_map=device_map, use_safetensors=True,
+                                trust_remote_code=trust_remote_code)
     model.eval()
     return model
 
 
-def load_tokenizer(path: str | Path, required: bool = True):
-    """The tokenizer saved in a model directory; None when absent and not ``required``."""
+def load_tokenizer(path: str | Path, required: bool = True, *, revision: str | None = None,
+                   trust_remote_code: bool = False):
+    """The tokenizer saved in a model directory (or Hub repo id); None when absent and not ``required``."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")):
         if required:
             raise FileNotFoundError(f"{path} has no tokenizer files: save the tokenizer with the model or pass one")
         log.warning("%s has no tokenizer; the export will not include one", path)
         return None
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def compress(
@@ -133,11 +147,13 @@ def compress(
     overwrite: bool = False,
     pipeline: PipelineConfig | None = None,
     quiet: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Run a recipe on a model and optionally export it.
 
     Args:
-        model: an ``nn.Module`` (modified in place) or a checkpoint directory.
+        model: an ``nn.Module`` (modified in place), a checkpoint directory or a Hub repo id.
         recipe: the passes to run.
         calibration: data for calibrated passes (gptq, adaround): a
             :class:`~compressor.calibration.CalibrationSet`, an int64 (S, L)
@@ -154,6 +170,8 @@ def compress(
         pipeline: device, activation cache, batch size and checkpointing of the
             sequential pipeline.
         quiet: no progress bars.
+        revision: branch, tag or commit when ``model`` is a Hub repo id.
+        trust_remote_code: allow the repo's own modelling code to run (off by default).
 
     Returns:
         The compressed model (quantized linears hold on-grid weights).
@@ -162,10 +180,11 @@ def compress(
         check_output_dir(output, overwrite)
     source = None
     if isinstance(model, (str, Path)):
-        source = str(model)
-        model = load_model(model)
+        path = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
+        source = str(path)
+        model = load_model(path, trust_remote_code=trust_remote_code)
         if tokenizer is None:
-            tokenizer = load_tokenizer(source, required=False)
+            tokenizer = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
     passes = recipe.build()
     if not passes:
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
@@ -321,8 +340,10 @@ def evaluate(
     batch_size: int = 4,
     device_map: str | dict | None = None,
     quiet: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """Perplexity of a model (object or directory) on a text source.
+    """Perplexity of a model (object, directory or Hub repo id) on a text source.
 
     ``dataset`` is any source :func:`compressor.calibration.load_text` reads.
     Returns a :class:`compressor.eval.perplexity.PerplexityResult`.
@@ -331,9 +352,9 @@ def evaluate(
     from compressor.eval.perplexity import perplexity
 
     if isinstance(model, (str, Path)):
-        path = model
-        model = load_model(path, device_map=device_map)
-        tokenizer = tokenizer or load_tokenizer(path)
+        path = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
+        model = load_model(path, device_map=device_map, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer or load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError("evaluate needs a tokenizer when given a model object")
     ids = tokenize(load_text(dataset), tokenizer)

@@ -15,13 +15,20 @@ log = logging.getLogger("compressor")
 _PRESETS = {"w2a16": 2, "w3a16": 3, "w4a16": 4, "w8a16": 8}
 
 
+def _add_hub_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--revision`` and ``--trust-remote-code`` for commands that take Hub repo ids."""
+    parser.add_argument("--revision", default=None, help=f"branch, tag or commit of {what} given as a Hub repo id")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a repo's own modelling code (config.json auto_map) to run; off by default")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compressor", description="Compress, export and evaluate Hugging Face models.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="run a recipe on a model and export it")
-    c.add_argument("model", help="Hugging Face model directory")
+    c.add_argument("model", help="Hugging Face model directory or Hub repo id (e.g. Qwen/Qwen3-0.6B)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", type=Path, help="recipe YAML")
     src.add_argument("--scheme", choices=sorted(_PRESETS), help="round-to-nearest preset (weight-only)")
@@ -42,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", type=Path, required=True, help="export directory")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _add_hub_args(c, "the model")
 
     d = sub.add_parser("distill", help="train a compressed student to match its teacher, then export it")
-    d.add_argument("--teacher", type=Path, required=True, help="the original Hugging Face model directory")
-    d.add_argument("--student", type=Path, required=True, help="the compressed model: an export or a pruned checkpoint")
+    d.add_argument("--teacher", required=True, help="the original Hugging Face model: a directory or Hub repo id")
+    d.add_argument("--student", required=True, help="the compressed model: an export or a pruned checkpoint "
+                   "(directory or Hub repo id)")
     d.add_argument("--data", default="sotu:1790-1999", help="training text source (sotu:Y1-Y2, .txt, .jsonl)")
     d.add_argument("--samples", type=int, default=256, help="training windows drawn from the text")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per window")
@@ -67,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", "-o", type=Path, required=True, help="where the distilled student is written")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--quiet", "-q", action="store_true")
+    _add_hub_args(d, "the teacher")
 
     e = sub.add_parser("eval", help="compare models and exports: perplexity, KL to the first, tasks, size, speed")
-    e.add_argument("models", nargs="+", help="model directories or exports; the first is the base the others are compared to")
+    e.add_argument("models", nargs="+", help="model directories, exports or Hub repo ids; the first is the base the "
+                   "others are compared to")
     e.add_argument("--dataset", default="sotu:2010-2021", help="sotu:Y1-Y2, a .txt, a .jsonl[#field], hf:NAME:SPLIT")
     e.add_argument("--ctx", type=int, default=512, help="context length")
     e.add_argument("--stride", type=int, default=None, help="window stride (default: ctx, non-overlapping)")
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dump-nll", type=Path, default=None, metavar="DIR",
                    help="write per-token NLL (and KL to the base) of each model as DIR/<name>.safetensors")
     e.add_argument("--quiet", "-q", action="store_true")
+    _add_hub_args(e, "every model")
 
     i = sub.add_parser("inspect", help="schemes, sizes and bits per weight of an export")
     i.add_argument("path", type=Path)
@@ -126,19 +138,22 @@ def _recipe(args):
 
 def _cmd_compress(args) -> int:
     from compressor.api import compress, load_tokenizer
+    from compressor.hub import resolve_model
     from compressor.pipeline.sequential import PipelineConfig
 
     recipe = _recipe(args)
+    model = resolve_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     calibration = None
     if any(p.requires_calibration for p in recipe.build()):
         from compressor.calibration import calibration_set
 
-        calibration = calibration_set(args.calibration, load_tokenizer(args.model), n=args.num_samples,
-                                      seq_len=args.seq_len, seed=recipe.seed)
+        tokenizer = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
+        calibration = calibration_set(args.calibration, tokenizer, n=args.num_samples, seq_len=args.seq_len,
+                                      seed=recipe.seed)
     pipeline = PipelineConfig(device=args.device, cache=args.activation_cache, checkpoint_dir=args.checkpoint_dir,
                               quiet=args.quiet)
-    compress(args.model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
-             pipeline=pipeline, quiet=args.quiet)
+    compress(model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
+             pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code)
     log.info("export written to %s", args.output)
     return 0
 
@@ -153,7 +168,8 @@ def _cmd_distill(args) -> int:
                            max_grad_norm=args.max_grad_norm, checkpoint_every=args.checkpoint_every, seed=args.seed, quiet=args.quiet)
     distill_checkpoint(args.teacher, args.student, args.output, data=args.data, samples=args.samples,
                        seq_len=args.seq_len, config=config, checkpoint_dir=args.checkpoint_dir,
-                       resume=not args.no_resume, overwrite=args.overwrite, losses_json=args.losses_json)
+                       resume=not args.no_resume, overwrite=args.overwrite, losses_json=args.losses_json,
+                       revision=args.revision, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -175,7 +191,8 @@ def _cmd_eval(args) -> int:
                          batch_size=args.batch_size, tasks=task_file, lm_eval_tasks=lm_tasks, lm_eval_limit=limit,
                          decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, dtype=args.dtype,
                          backend=args.backend, device_map=args.device_map, max_memory=args.max_memory,
-                         offload_folder=args.offload_folder, dump_dir=args.dump_nll, quiet=args.quiet)
+                         offload_folder=args.offload_folder, dump_dir=args.dump_nll, quiet=args.quiet,
+                         revision=args.revision, trust_remote_code=args.trust_remote_code)
     stream = args.json == "-"
     on_row = (lambda row: print(json.dumps(row), flush=True)) if stream else None  # noqa: E731
     rows = evaluate_models(args.models, config, on_row=on_row)

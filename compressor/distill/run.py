@@ -23,15 +23,17 @@ def load_student(path: str | Path) -> nn.Module:
 
     Args:
         path: a compressor export (pack-quantized) or a plain Hugging Face
-            checkpoint (e.g. pruned by ``compressor compress``).
+            checkpoint (e.g. pruned by ``compressor compress``); a directory or a Hub repo id.
 
     Returns:
         The model in float32 on CPU, with quantization state and pruning masks attached.
     """
     from compressor.api import is_export, load_model
     from compressor.distill.students import trainable_from_export
+    from compressor.hub import resolve_model
     from compressor.prune.state import attach_mask, is_pruned
 
+    path = resolve_model(path)
     model = load_model(path, dtype=torch.float32)
     if is_export(path):
         trainable_from_export(model)
@@ -57,12 +59,15 @@ def distill_checkpoint(
     resume: bool = True,
     overwrite: bool = False,
     losses_json: str | Path | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> DistillResult:
     """Distill ``student`` from ``teacher`` on ``samples`` windows of ``data``, then export it.
 
     Args:
-        teacher: Hugging Face checkpoint (the original model).
-        student: compressor export or checkpoint (the compressed model); same tokenizer.
+        teacher: Hugging Face checkpoint (the original model): a directory or a Hub repo id.
+        student: compressor export or checkpoint (the compressed model), a directory or a Hub
+            repo id; same tokenizer.
         output: where the distilled student is written (atomically): a packed
             export when it is quantized, else a plain checkpoint.
         data: a text source (``"sotu:1790-1999"``, a .txt/.jsonl path).
@@ -73,6 +78,8 @@ def distill_checkpoint(
         resume: continue from ``checkpoint_dir`` when it holds a checkpoint.
         overwrite: replace an existing ``output``.
         losses_json: also write ``{"losses": [[step, loss], ...], ...}`` there (main process).
+        revision: branch, tag or commit of the teacher when it is a Hub repo id.
+        trust_remote_code: allow the teacher repo's own modelling code to run (off by default).
 
     Returns:
         :class:`~compressor.distill.trainer.DistillResult`.
@@ -83,14 +90,16 @@ def distill_checkpoint(
     from compressor.calibration import calibration_set
     from compressor.export.atomic import check_output_dir
     from compressor.export.compressed_tensors import save_compressed
+    from compressor.hub import resolve_model
     from compressor.prune.structured import save_pruned
     from compressor.quant.state import is_quantized
 
     output = Path(output)
     check_output_dir(output, overwrite)
-    tokenizer = load_tokenizer(teacher)
+    teacher_path = resolve_model(teacher, revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(teacher_path, trust_remote_code=trust_remote_code)
     windows = calibration_set(data, tokenizer, n=samples, seq_len=seq_len, seed=config.seed).input_ids
-    teacher_model = load_model(teacher, dtype=torch.float32)
+    teacher_model = load_model(teacher_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     student_model = load_student(student)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(output.name + ".ckpt")
     result = distill(teacher_model, student_model, windows, config, output_dir=ckpt, resume=resume)

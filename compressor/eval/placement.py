@@ -91,6 +91,7 @@ def load_for_eval(
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
     device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a checkpoint or export for evaluation, placed by accelerate.
 
@@ -108,17 +109,20 @@ def load_for_eval(
         offload_folder: a fresh folder for disk offload; needs a device map.
         device: without a device map, move the model there (one device per process under
             ``accelerate launch``).
+        trust_remote_code: allow the checkpoint's own modelling code to run.
 
     Raises:
         ValueError: ``max_memory`` or ``offload_folder`` without a device map.
     """
     from compressor.api import check_checkpoint, is_export, load_model
     from compressor.export.loader import load_compressed
+    from compressor.hub import check_remote_code
 
     if (max_memory or offload_folder) and device_map is None:
         raise ValueError("max_memory and offload_folder place the model with accelerate: add --device-map auto")
     if not (max_memory or offload_folder):
-        model = load_model(path, dtype=dtype, device_map=device_map, backend=backend)
+        model = load_model(path, dtype=dtype, device_map=device_map, backend=backend,
+                           trust_remote_code=trust_remote_code)
         return model.to(device) if device is not None and device_map is None else model
     path = Path(path)
     check_checkpoint(path)
@@ -128,8 +132,10 @@ def load_for_eval(
         return place_model(model, device_map, max_memory, offload_folder)
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map,
-                                                 max_memory=max_memory, offload_folder=offload_folder)
+                                                 max_memory=max_memory, offload_folder=offload_folder,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
     log.info("device map: %s", getattr(model, "hf_device_map", None))
     return model.eval()
 

@@ -33,6 +33,7 @@ from compressor.eval.lmeval import require_lm_eval, run_lm_eval
 from compressor.eval.perplexity import strided_windows
 from compressor.eval.placement import load_for_eval, parse_max_memory, placement_summary
 from compressor.eval.speed import decode_speed, kernel_backend
+from compressor.hub import resolve_model
 
 __all__ = ["SuiteConfig", "evaluate_models", "model_row"]
 
@@ -67,6 +68,8 @@ class SuiteConfig:
         dump_dir: write ``<label>.safetensors`` there with per-token ``nll`` (float32 (T,)),
             ``kl`` to the base (compared models) and the scored ``target_ids`` (int64 (T,)).
         quiet: no progress bars.
+        revision: branch, tag or commit for every model given as a Hub repo id (directories ignore it).
+        trust_remote_code: allow a repo's own modelling code to run (off by default).
     """
 
     dataset: str = "sotu:2010-2021"
@@ -86,6 +89,8 @@ class SuiteConfig:
     offload_folder: Path | None = None
     dump_dir: Path | None = None
     quiet: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         for name in ("ctx", "batch_size", "prompt_tokens"):
@@ -157,14 +162,14 @@ def _check_inputs(paths: list[Path], config: SuiteConfig) -> None:
                              f"use --ctx {limit} or less")
 
 
-def _tokenizer(paths: list[Path]) -> Any:
+def _tokenizer(paths: list[Path], trust_remote_code: bool = False) -> Any:
     """The base model's tokenizer; every other model that ships one must have the same vocabulary."""
     from compressor.api import load_tokenizer
 
-    tok = load_tokenizer(paths[0])
+    tok = load_tokenizer(paths[0], trust_remote_code=trust_remote_code)
     vocab = tok.get_vocab()
     for path in paths[1:]:
-        other = load_tokenizer(path, required=False)
+        other = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
         if other is not None and other.get_vocab() != vocab:
             raise ValueError(f"{path} has a different tokenizer from the base {paths[0]}: perplexity and KL compare "
                              "models on the same tokens; evaluate it against a base with its own tokenizer")
@@ -199,7 +204,8 @@ def _load(path: Path, label: str, config: SuiteConfig, stack: ExitStack) -> nn.M
         offload = stack.enter_context(tempfile.TemporaryDirectory(dir=config.offload_folder, prefix=prefix,
                                                                   ignore_cleanup_errors=True))
     model = load_for_eval(path, dtype=_DTYPES[config.dtype], backend=config.backend, device_map=config.device_map,
-                          max_memory=config.max_memory, offload_folder=offload, device=process_device())
+                          max_memory=config.max_memory, offload_folder=offload, device=process_device(),
+                          trust_remote_code=config.trust_remote_code)
     log.info("%s placed on %s", label, placement_summary(model))
     return model
 
@@ -247,7 +253,7 @@ def evaluate_models(
     process only, and ``on_row`` is called there only; lm-eval tasks are refused there.
 
     Args:
-        models: model directories or exports; the first is the base.
+        models: model directories, exports or Hub repo ids; the first is the base.
         config: settings (default :class:`SuiteConfig`).
         on_row: called with each row as soon as it is complete.
 
@@ -262,11 +268,12 @@ def evaluate_models(
     config = config or SuiteConfig()
     if not models:
         raise ValueError("no models to evaluate: pass a base model directory, then any exports to compare")
-    paths = [Path(m) for m in models]
-    labels = _labels(paths)
+    labels = _labels([Path(m) for m in models])  # a Hub id's label is its name, not its snapshot hash
+    paths = [resolve_model(m, revision=None if Path(m).is_dir() else config.revision,
+                           trust_remote_code=config.trust_remote_code) for m in models]
     _check_inputs(paths, config)
     items = load_choice_tasks(config.tasks) if config.tasks else None
-    tok = _tokenizer(paths)
+    tok = _tokenizer(paths, config.trust_remote_code)
     ids = tokenize(load_text(config.dataset), tok)  # (T,)
     windows = strided_windows(ids, config.ctx, config.stride, config.max_tokens)  # validates the length early
     targets = torch.cat([w[first:] for w, first in windows])  # (tokens,) in scoring order
