@@ -71,16 +71,16 @@ bench-quick: bench-setup
 
 # hours on 2 CPU cores (llm-compressor AWQ alone is ~60 min per setting)
 bench: bench-setup
-	$(PY) -m benchmarks.quant_quality --output out/bench/quant_quality.jsonl
-	$(PY) -m benchmarks.cnn_adaround --output out/bench/cnn_adaround.jsonl
+	$(PY) -m benchmarks.quant_quality
+	$(PY) -m benchmarks.cnn_adaround
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures
-	$(PY) -m benchmarks.cpu_decode --output out/bench/cpu_decode.jsonl
+	$(PY) -m benchmarks.cpu_decode
 
 # needs a CUDA GPU: Triton kernels vs torch fp16 matmul, Llama-3-8B shapes
 bench-kernels: install
-	$(PY) -m benchmarks.kernel_speed --output out/bench/kernels.jsonl
+	$(PY) -m benchmarks.kernel_speed
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock out .pytest_cache

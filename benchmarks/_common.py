@@ -32,6 +32,8 @@ log = logging.getLogger("benchmarks")
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: children run from here
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # made by benchmarks/setup_peers.sh
+RESULTS = ROOT / "benchmarks" / "results"  # committed records: one <bench>.jsonl per benchmark
+SMOKE_RESULTS = ROOT / "out" / "bench"  # --quick runs: smoke tests, never committed
 
 BENCH = "quant_quality"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -207,9 +209,53 @@ def write_result(record: dict[str, Any], path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
+def git_state() -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool}`` of the repository the benchmarks run from.
+
+    ``dirty`` says whether tracked files other than the records themselves differ from the commit.
+    """
+    def git(*argv: str) -> str | None:
+        try:
+            run = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def stamp(record: dict[str, Any]) -> dict[str, Any]:
+    """Add what every committed record carries, where the record lacks it: commit, date, machine, load.
+
+    ``loadavg`` (1, 5, 15 minutes, when the record is written) tells whether the machine was shared:
+    a 2-thread run on an idle 2-core machine stays near 2.
+    """
+    record.update({k: v for k, v in git_state().items() if k not in record})
+    record.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    record.setdefault("machine", machine_info())
+    record.setdefault("loadavg", [round(x, 2) for x in os.getloadavg()])
+    return record
+
+
+def add_output_arg(parser: argparse.ArgumentParser, bench: str) -> None:
+    """``--output``: where the JSON lines are appended (default: the committed records, see :func:`output_path`)."""
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"append the JSON lines to this file (default: benchmarks/results/{bench}.jsonl, "
+                        f"the committed records; with --quick: out/bench/{bench}-quick.jsonl)")
+
+
+def output_path(args, bench: str) -> Path:
+    """``--output``, else ``benchmarks/results/<bench>.jsonl`` (full runs) or ``out/bench/<bench>-quick.jsonl``."""
+    if args.output is not None:
+        return Path(args.output)
+    return SMOKE_RESULTS / f"{bench}-quick.jsonl" if getattr(args, "quick", False) else RESULTS / f"{bench}.jsonl"
+
+
 def emit(record: dict[str, Any], output: str | os.PathLike | None = None) -> None:
-    """Print one JSON line on stdout (flushed) and append it to ``output``."""
-    line = json.dumps(record)
+    """Stamp the record (:func:`stamp`), print it as one JSON line on stdout (flushed) and append it to ``output``."""
+    line = json.dumps(stamp(record))
     print(line, flush=True)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

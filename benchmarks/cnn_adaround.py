@@ -38,7 +38,6 @@ import argparse
 import logging
 import time
 import traceback
-from pathlib import Path
 
 from benchmarks import _common as common
 
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore", default="", help="comma list of layers kept in fp32 (names or re:regex; default: none)")
     parser.add_argument("--seed", type=int, default=0, help="crop seed (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads in each run")
-    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "cnn_adaround")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -262,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "cnn_adaround")
     common.setup_logging(args.verbose)
     if common.run_child_job(args, run):
         return

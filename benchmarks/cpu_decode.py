@@ -119,9 +119,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "cpu_decode")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "cpu_decode")
     common.setup_logging(args.verbose)
     import torch
 

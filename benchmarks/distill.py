@@ -92,12 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--quick", action="store_true", help="smoke test: 8 x 128 calibration, 2048 eval tokens, 4 steps")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "distill")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "distill")
     common.setup_logging(args.verbose)
     if common.run_child_job(args, run_student):
         return

@@ -108,12 +108,13 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--kind", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
-    parser.add_argument("--output", help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "distill_loss_memory")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "distill_loss_memory")
     common.setup_logging(args.verbose)
     if common.run_child_job(args, _child):
         return 0

@@ -37,7 +37,7 @@ from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.kernel_speed")
 
-BENCH = "kernels"
+BENCH = "kernel_speed"
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
 MS = (1, 16, 64, 256, 1024)
 SETTINGS = ("w4g128", "w2g128", "w3g128", "w8g128")
@@ -317,9 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--e2e-setting", default="w4g128")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--output", default=None, help="append the JSON lines to this file")
+    common.add_output_arg(parser, "kernel_speed")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "kernel_speed")
     common.setup_logging(args.verbose)
     import torch
 

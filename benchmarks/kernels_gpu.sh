@@ -24,13 +24,13 @@ step() {  # step NAME SECONDS CMD...
 step tests 100 env COMPRESSOR_TEST_DEVICE=cuda $PY -m pytest -q -x -n 8 -p no:cacheprovider \
   tests/test_kernels/test_triton_kernels.py tests/test_kernels/test_triton_ops.py tests/test_kernels/test_triton_hadamard.py
 step headline 170 $PY -m benchmarks.kernel_speed --shapes o_proj,down_proj --settings w4g128,w2g128 \
-  --ms 1,16,64,256,1024 --no-e2e --output "$OUT/kernels.jsonl"
-step e2e 120 $PY -m benchmarks.kernel_speed --e2e-only --output "$OUT/kernels.jsonl"
-step hadamard 40 $PY -m benchmarks.kernel_speed --hadamard-only --repeats 20 --output "$OUT/kernels.jsonl"
+  --ms 1,16,64,256,1024 --no-e2e --output "$OUT/kernel_speed.jsonl"
+step e2e 120 $PY -m benchmarks.kernel_speed --e2e-only --output "$OUT/kernel_speed.jsonl"
+step hadamard 40 $PY -m benchmarks.kernel_speed --hadamard-only --repeats 20 --output "$OUT/kernel_speed.jsonl"
 step crossover 60 $PY -m benchmarks.kernel_speed --shapes o_proj,down_proj --settings w4g128 --ms 256,1024,4096 \
-  --paths gemm,dequant --no-e2e --output "$OUT/kernels.jsonl"
+  --paths gemm,dequant --no-e2e --output "$OUT/kernel_speed.jsonl"
 step rest 60 $PY -m benchmarks.kernel_speed --shapes qkv,gate_up,o_proj,down_proj --settings w3g128,w8g128 \
-  --ms 1,16,256 --no-e2e --output "$OUT/kernels.jsonl"
+  --ms 1,16,256 --no-e2e --output "$OUT/kernel_speed.jsonl"
 step rest_w4 30 $PY -m benchmarks.kernel_speed --shapes qkv,gate_up --settings w4g128 --no-e2e \
-  --output "$OUT/kernels.jsonl"
+  --output "$OUT/kernel_speed.jsonl"
 exit 0

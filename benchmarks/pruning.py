@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--true-sequential", action="store_true", help="our wanda / sparsegpt prune each block "
                         "stage by stage (q/k/v, o, gate/up, down) on the already-pruned stages' outputs "
                         "(prune: {true_sequential: true}); llm-compressor's runs are unchanged")
-    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "pruning")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON, help="python of the peer venv")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -209,6 +209,7 @@ def _split(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "pruning")
     common.setup_logging(args.verbose)
     if common.run_child_job(args, run_ours):
         return

@@ -31,7 +31,8 @@ PEER_MODULE = "_peer_llmcompressor"
 DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 
 # method → (our pass, its settings beyond the scheme)
-OUR_PASSES = common.WEIGHT_PASSES | {"adaround": ("adaround", {})}
+# gptq-norefit: our GPTQ without the least-squares scale refit, the like-for-like twin of llm-compressor's GPTQ
+OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {})}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", default=",".join(common.DEFAULT_SETTINGS),
                         help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric (default: %(default)s)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
-    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "quant_quality")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the peer venv (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "quant_quality")
     common.setup_logging(args.verbose)
     if common.run_child_job(args, run_ours):
         return
@@ -182,10 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             jobs += [{"method": method, "bits": s.bits, "group_size": s.group_size, **protocol} for s in settings]
     log.info("%d runs: %s", len(jobs), ", ".join(f"{j['method']}:{j['bits']}/{j['group_size']}" for j in jobs))
+    done = []
     for job in jobs:
         record = run_job(job, args.peer_python, args.verbose)
         record["protocol"] = {"quick": args.quick, **protocol}
         common.emit(record, args.output)
+        done.append(record)
+    from benchmarks.report import quant_quality
+
+    log.info("this run (appended to %s):\n%s", args.output, quant_quality(done, source=None))
 
 
 if __name__ == "__main__":

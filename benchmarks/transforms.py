@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: "
                         f"{','.join(DEFAULT_METHODS)}; with --quick, gptq only for w4a4kv4 + hadamard)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
-    parser.add_argument("--output", type=Path, help="also append the JSON lines to this file")
+    common.add_output_arg(parser, "transforms")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the peer venv, for the llmc-* transforms (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -386,6 +386,7 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
     """Parse the command line into ``(args, jobs, protocol)``; each job carries the protocol. Exits on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.output = common.output_path(args, "transforms")
     if args.child:
         return args, [], {}
     protocol = common.protocol_from_args(parser, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -109,3 +110,25 @@ def test_agreement_metrics():
     out = torch.tensor([[4.0, 5, 3, 2, 1, 0], [-9.0, 4, 3, 2, 1, 5]])  # top-1 moved; in the top 5 once
     moved = cnn_adaround.agreement(ref, out)
     assert moved["top1_agreement"] == 0.0 and moved["top5_agreement"] == 0.5 and moved["kl"] > 0.1
+
+
+def test_records_go_to_the_committed_results_and_smoke_runs_elsewhere(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_output_arg(parser, "quant_quality")
+    parser.add_argument("--quick", action="store_true")
+    assert common.output_path(parser.parse_args([]), "quant_quality") == common.ROOT / "benchmarks/results/quant_quality.jsonl"
+    assert common.output_path(parser.parse_args(["--quick"]), "quant_quality") == common.ROOT / "out/bench/quant_quality-quick.jsonl"
+    assert common.output_path(parser.parse_args(["--output", str(tmp_path / "x.jsonl")]), "q") == tmp_path / "x.jsonl"
+
+
+def test_emit_stamps_commit_date_machine_and_load(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    common.emit({"bench": "t", "ppl": 1.0}, out)
+    record = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == record
+    assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
+    assert record["date"].endswith("Z") and record["machine"]["cores"] >= 1 and len(record["loadavg"]) == 3
+    common.emit({"bench": "t", "commit": "given"}, out)  # a record's own fields win
+    assert json.loads(out.read_text().splitlines()[1])["commit"] == "given"

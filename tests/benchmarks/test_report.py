@@ -1,0 +1,64 @@
+"""benchmarks/report.py: the doc tables equal what the committed records give; the table rules on synthetic records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+@pytest.mark.parametrize("path", report.DOCS, ids=lambda p: p.name)
+def test_every_generated_block_matches_the_records(path):
+    assert report.stale_blocks(path) == [], f"run `python -m benchmarks.report` and commit {path.name}"
+
+
+def _record(method, setting, ppl, *, quick=False, status="ok", commit="c0ffee00", **extra):
+    protocol = {"quick": quick, "n_calib": 8 if quick else 128, "calib_len": 128 if quick else 512,
+                "max_tokens": 2048 if quick else 32768, "threads": None, "set": []}
+    return {"bench": "quant_quality", "method": method, "setting": setting, "ppl": ppl, "status": status,
+            "protocol": protocol, "commit": commit, "dirty": False, "date": "2026-12-04T10:00:00Z",
+            "loadavg": [2.0, 2.0, 2.0], **extra}
+
+
+def _write(tmp_path, records):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quant_quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return results
+
+
+def test_table_takes_the_newest_full_protocol_record_and_bolds_the_best(tmp_path):
+    results = _write(tmp_path, [
+        _record("fp32", "fp32", 23.07),
+        _record("gptq", "w4g64", 26.0, compress_s=300.4, peak_rss_mb=2800.0),
+        _record("gptq", "w4g64", 25.78, compress_s=315.0, peak_rss_mb=2888.0, commit="beefbeef"),  # newer wins
+        _record("gptq", "w4g64", 20.0, quick=True),  # smoke runs never reach the docs
+        _record("llmc-gptq", "w4g64", 25.94, compress_s=388.0, peak_rss_mb=2683.0),
+        _record("llmc-gptq", "w4g128", None, status="failed", error="RuntimeError: unflatten: sizes [-1, 128]"),
+        _record("gptq", "w4g128", 26.98, compress_s=315.0, peak_rss_mb=2941.0),
+    ])
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- report:quant-quality -->\nold text\n<!-- /report:quant-quality -->\nafter\n")
+    text = report.render(doc.read_text(), results)
+    assert text.startswith("before\n<!-- report:quant-quality -->\n") and text.endswith("<!-- /report:quant-quality -->\nafter\n")
+    assert "| W4 g64 | — | — | **25.78** | — | 25.94 | — / 315 / — / 388 | — / 2888 / — / 2683 |" in text
+    assert "| W4 g128 | — | — | 26.98 | — | failed | — / 315 / — / — | — / 2941 / — / — |" in text
+    assert "* llm-compressor GPTQ W4 g128: RuntimeError: unflatten" in text
+    assert "fp32: 23.07." in text and "20.00" not in text
+    assert "commit beefbeef, c0ffee00" in text and "(5 records" in text
+    assert report.stale_blocks(doc, results) == ["quant-quality"]
+    doc.write_text(text)
+    assert report.stale_blocks(doc, results) == []
+
+
+def test_unknown_block_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown report block 'nope'"):
+        report.render("<!-- report:nope -->\n<!-- /report:nope -->\n", tmp_path)
+
+
+def test_shared_machine_is_said(tmp_path):
+    results = _write(tmp_path, [_record("gptq", "w3g64", 35.6, loadavg=[3.9, 3.4, 2.0])])
+    text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
+    assert "1 of 1 records were written with a 5-minute load above 2.5" in text
