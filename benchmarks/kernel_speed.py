@@ -66,7 +66,7 @@ def random_packed(n: int, k: int, setting: common.Setting, device):
     """Random but valid packed weights (any bit pattern is a code): packed, fp16 scale, packed zp, scheme."""
     import torch
 
-    from compressor.quant.scheme import QuantScheme
+    from compressor.core.scheme import QuantScheme
 
     scheme = QuantScheme(bits=setting.bits, group_size=setting.group_size, symmetric=False)
     groups = -(-k // scheme.group_width(k))
@@ -172,7 +172,7 @@ def bench_hadamard(args, base: dict) -> None:
     import torch
 
     from compressor.kernels.triton import hadamard as th
-    from compressor.transforms.hadamard import hadamard_transform
+    from compressor.core.hadamard import hadamard_transform
 
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     for n in HADAMARD_SIZES:
@@ -200,8 +200,8 @@ def _quantize_model(model, setting: common.Setting) -> int:
     from torch import nn
 
     from compressor.export.loader import QuantLinear
-    from compressor.export.pack import pack
-    from compressor.quant.scheme import QuantScheme, compute_qparams, quantize
+    from compressor.core.pack import pack
+    from compressor.core.scheme import QuantScheme, compute_qparams, quantize
 
     scheme = QuantScheme(bits=setting.bits, group_size=setting.group_size, symmetric=False)
     stored = 0

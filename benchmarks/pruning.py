@@ -76,7 +76,7 @@ def block_sparsity(model) -> float:
     """Fraction of zero weights over the decoder blocks' linears (what was asked to be pruned)."""
     from torch import nn
 
-    from compressor.arch import find_blocks
+    from compressor.core.arch import find_blocks
 
     _, blocks = find_blocks(model)
     zeros = total = 0

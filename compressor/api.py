@@ -11,15 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.export.atomic import check_output_dir
+from compressor.core.atomic import check_output_dir
 from compressor.export.compressed_tensors import save_compressed, sparsity_config
 from compressor.export.loader import load_compressed, read_config
-from compressor.arch import find_blocks
+from compressor.core.arch import find_blocks
 from compressor.calibration import ids_sha256
-from compressor.hub import BIN_ONLY_HINT, check_remote_code, resolve_model
+from compressor.core.hub import BIN_ONLY_HINT, check_remote_code, resolve_model
 from compressor.pipeline.layerwise import run_layerwise
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
-from compressor.quant.state import is_quantized
+from compressor.core.state import is_quantized
 from compressor.recipe import Recipe, select_modules
 
 __all__ = ["load_model", "load_tokenizer", "compress", "evaluate", "is_export", "check_checkpoint"]
@@ -96,7 +96,7 @@ def load_model(
 
     Args:
         path: model directory, or a Hub repo id (``"Qwen/Qwen3-0.6B"``, resolved through the
-            Hub cache, see :func:`compressor.hub.resolve_model`).
+            Hub cache, see :func:`compressor.core.hub.resolve_model`).
         dtype: parameter dtype (default: as stored).
         device_map: None (CPU), ``"auto"`` or an accelerate device map.
         backend: kernel backend for exports.
@@ -104,7 +104,7 @@ def load_model(
         trust_remote_code: allow the repo's own modelling code to run (off by default).
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`check_checkpoint` and :func:`compressor.hub.resolve_model`;
+        FileNotFoundError / ValueError: see :func:`check_checkpoint` and :func:`compressor.core.hub.resolve_model`;
             custom modelling code without ``trust_remote_code``.
     """
     path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -244,7 +244,7 @@ def compress(
         if any(is_quantized(m) for m in model.modules()):
             save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
         else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
-            from compressor.prune.structured import save_pruned
+            from compressor.algorithms.prune.structured import save_pruned
 
             sparsity = sparsity_config(model)
             if sparsity is not None:

@@ -138,7 +138,7 @@ def _recipe(args):
 
 def _cmd_compress(args) -> int:
     from compressor.api import compress, load_tokenizer
-    from compressor.hub import resolve_model
+    from compressor.core.hub import resolve_model
     from compressor.pipeline.sequential import PipelineConfig
 
     recipe = _recipe(args)
@@ -159,8 +159,8 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from compressor.distill.run import distill_checkpoint
-    from compressor.distill.trainer import DistillConfig
+    from compressor.distill import distill_checkpoint
+    from compressor.pipeline.trainer import DistillConfig
 
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            kind=args.kind, temperature=args.temperature, alpha=args.alpha,

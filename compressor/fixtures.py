@@ -25,7 +25,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from compressor.paths import cache_dir, cached_artifact, verify_sha256
+from compressor.core.paths import cache_dir, cached_artifact, verify_sha256
 
 logger = logging.getLogger(__name__)
 

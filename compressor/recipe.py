@@ -122,11 +122,12 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def _load_builtin_passes() -> None:
-    from compressor.quant import adaround, gptq, rtn  # noqa: F401  (register "adaround", "gptq", "rtn")
-    from compressor.quant import activation_pass  # noqa: F401  (registers "quantize_activations")
-    from compressor.prune import prune_pass, structured_pass  # noqa: F401  (register "prune", "prune_structured")
-    from compressor.transforms import ostquant, rotate  # noqa: F401  (register "ostquant", "rotate")
-    from compressor.distill import blockwise, distill_pass  # noqa: F401  (register "distill_blocks", "distill")
+    from compressor.algorithms.quant import adaround, gptq  # noqa: F401  (register "adaround", "gptq")
+    from compressor.passes import rtn  # noqa: F401  (registers "rtn")
+    from compressor.passes import activations  # noqa: F401  (registers "quantize_activations")
+    from compressor.passes import prune, structured  # noqa: F401  (register "prune", "prune_structured")
+    from compressor.algorithms.transforms import ostquant, rotate  # noqa: F401  (register "ostquant", "rotate")
+    from compressor.passes import distill, distill_blocks  # noqa: F401  (register "distill", "distill_blocks")
 
 
 # ---------------------------------------------------------------- config I/O

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from compressor import fixtures
-from compressor.paths import atomic_dir, cache_dir, file_lock, verify_sha256
+from compressor.core.paths import atomic_dir, cache_dir, file_lock, verify_sha256
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from huggingface_hub import constants
 from compressor import load_compressed
 from compressor.api import evaluate, load_model, load_tokenizer
 from compressor.cli import main
-from compressor.distill.run import load_student
-from compressor.hub import looks_like_repo_id, resolve_model
+from compressor.distill import load_student
+from compressor.core.hub import looks_like_repo_id, resolve_model
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 MAIN, V1 = "a" * 40, "b" * 40

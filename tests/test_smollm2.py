@@ -8,7 +8,7 @@ from torch import nn
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.api import load_model, load_tokenizer
-from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
 
 def _linears(model):

@@ -20,7 +20,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from compressor.paths import cache_dir, cached_artifact, verify_sha256
+from compressor.core.paths import cache_dir, cached_artifact, verify_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from torch import nn
 from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
 from compressor.eval.perplexity import PerplexityResult, strided_windows
 from compressor.eval.placement import input_device
-from compressor.progress import progress
+from compressor.core.progress import progress
 
 __all__ = ["WindowScores", "check_context", "score_windows", "token_kl"]
 

@@ -116,7 +116,7 @@ def load_for_eval(
     """
     from compressor.api import check_checkpoint, is_export, load_model
     from compressor.export.loader import load_compressed
-    from compressor.hub import check_remote_code
+    from compressor.core.hub import check_remote_code
 
     if (max_memory or offload_folder) and device_map is None:
         raise ValueError("max_memory and offload_folder place the model with accelerate: add --device-map auto")

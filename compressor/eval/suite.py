@@ -33,7 +33,7 @@ from compressor.eval.lmeval import require_lm_eval, run_lm_eval
 from compressor.eval.perplexity import strided_windows
 from compressor.eval.placement import load_for_eval, parse_max_memory, placement_summary
 from compressor.eval.speed import decode_speed, kernel_backend
-from compressor.hub import resolve_model
+from compressor.core.hub import resolve_model
 
 __all__ = ["SuiteConfig", "evaluate_models", "model_row"]
 

@@ -30,11 +30,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compressor.export import online
-from compressor.export.atomic import atomic_directory, write_manifest
-from compressor.export.pack import pack
-from compressor.prune.state import is_pruned, prune_mask
-from compressor.quant.scheme import QuantScheme, dequantize, quantize
-from compressor.quant.state import is_quantized, quant_state
+from compressor.core.atomic import atomic_directory, write_manifest
+from compressor.core.pack import pack
+from compressor.core.sparsity import is_pruned, prune_mask
+from compressor.core.scheme import QuantScheme, dequantize, quantize
+from compressor.core.state import is_quantized, quant_state
 
 __all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
 

@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from compressor.export import online
-from compressor.export.atomic import MANIFEST, verify_manifest
-from compressor.export.pack import packed_width
+from compressor.core.atomic import MANIFEST, verify_manifest
+from compressor.core.pack import packed_width
 from compressor.kernels import dispatch
 from compressor.kernels.reference import dequantize_packed
-from compressor.quant.scheme import QuantScheme, num_groups
+from compressor.core.scheme import QuantScheme, num_groups
 from compressor.recipe import matches
 
 __all__ = ["QuantLinear", "load_compressed", "scheme_from_ct_args", "read_config"]

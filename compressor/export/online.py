@@ -46,15 +46,15 @@ from typing import Any, Callable, NoReturn
 import torch
 from torch import nn
 
-from compressor.quant.activations import (
+from compressor.runtime.activations import (
     INPUT_CHILD, KV_ATTENTION_PREFIX, KV_CHILD, QK_CHILD, ActivationQuantizer, KVQuantizer, QKRotation,
     _check_transform_first, attach_kv_quantizer, attach_qk_rotation, attention_modules,
 )
-from compressor.quant.state import is_quantized
+from compressor.core.state import is_quantized
 from compressor.recipe import matches
-from compressor.transforms.hadamard import _paley, hadamard_factors, hadamard_matrix
-from compressor.transforms.online import _CHILD as TRANSFORM_CHILD
-from compressor.transforms.online import OnlineHadamard, attach_input_transform
+from compressor.core.hadamard import _paley, hadamard_factors, hadamard_matrix
+from compressor.runtime.online import _CHILD as TRANSFORM_CHILD
+from compressor.runtime.online import OnlineHadamard, attach_input_transform
 
 __all__ = [
     "EXTENSION",

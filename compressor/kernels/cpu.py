@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.export.pack import unpack
-from compressor.quant.scheme import QuantScheme
+from compressor.core.pack import unpack
+from compressor.core.scheme import QuantScheme
 
 __all__ = ["Int4Weight", "Int8Weight", "int4_unsupported", "int8_unsupported", "unsupported", "prepare_int4",
            "prepare_int8", "prepare", "int4_matmul", "int8_matmul", "matmul"]

@@ -19,8 +19,8 @@ Rules (no process-wide switch: every call decides from its own arguments):
 ``zero_point="float"`` schemes (a float (N, G) offset, ``w = (q - qmin) * scale +
 offset``; not exportable, in-memory only) run on both backends: the Triton
 kernels read the float offset directly, the reference path decodes the codes
-with :func:`compressor.export.pack.unpack` and applies
-:func:`compressor.quant.scheme.dequantize`.
+with :func:`compressor.core.pack.unpack` and applies
+:func:`compressor.core.scheme.dequantize`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from compressor.export.pack import unpack
+from compressor.core.pack import unpack
 from compressor.kernels import cpu, reference
-from compressor.quant.scheme import QParams, QuantScheme, dequantize
+from compressor.core.scheme import QParams, QuantScheme, dequantize
 
 __all__ = ["BACKENDS", "resolve_backend", "dequant_matmul", "triton_unavailable", "interpreting"]
 
@@ -118,7 +118,7 @@ def _check_zero_point(zero_point: torch.Tensor | None, scheme: QuantScheme) -> N
     if not scheme.float_zero_point and zero_point.dtype != torch.int32:
         raise ValueError(
             f"integer zero points must be packed int32 (ceil(N*bits/32), G), got {zero_point.dtype}: "
-            "pack them with compressor.export.pack.pack(zp, bits, dim=0)"
+            "pack them with compressor.core.pack.pack(zp, bits, dim=0)"
         )
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compressor.export.pack import unpack
-from compressor.quant.scheme import QParams, QuantScheme, dequantize
+from compressor.core.pack import unpack
+from compressor.core.scheme import QParams, QuantScheme, dequantize
 
 __all__ = ["dequantize_packed", "dequant_matmul"]
 

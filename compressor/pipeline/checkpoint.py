@@ -17,9 +17,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compressor.prune.state import SparsityInfo, is_pruned
-from compressor.quant.scheme import QuantScheme
-from compressor.quant.state import is_quantized
+from compressor.core.sparsity import SparsityInfo, is_pruned
+from compressor.core.scheme import QuantScheme
+from compressor.core.state import is_quantized
 
 __all__ = ["BlockCheckpoint"]
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from compressor.pipeline.cache import to_device
-from compressor.quant.layers import is_quantizable
-from compressor.progress import progress
+from compressor.core.layers import is_quantizable
+from compressor.core.progress import progress
 from compressor.recipe import Pass, select_modules
 
 __all__ = ["run_layerwise"]

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.arch import find_blocks
+from compressor.core.arch import find_blocks
 from compressor.pipeline.cache import ActivationCache
 from compressor.pipeline.checkpoint import BlockCheckpoint
-from compressor.progress import progress
+from compressor.core.progress import progress
 from compressor.recipe import Pass
 
 __all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]

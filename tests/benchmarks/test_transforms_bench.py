@@ -9,8 +9,8 @@ import torch
 from tests.helpers import load_benchmark, tiny_llama
 
 from compressor import Recipe, compress
-from compressor.quant.activations import activation_quantizers, qk_rotations
-from compressor.transforms.online import online_transforms
+from compressor.runtime.activations import activation_quantizers, qk_rotations
+from compressor.runtime.online import online_transforms
 
 
 @pytest.fixture(scope="module")

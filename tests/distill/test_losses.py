@@ -9,20 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressor.distill import (
-    chunked_distill_loss,
-    cross_entropy,
-    distill_loss,
-    forward_kl,
-    hidden_state_loss,
-    jsd,
-    make_projections,
-    naive_distill_loss,
-    plackett_luce_loss,
-    reverse_kl,
-    teacher_permutation,
-    topk_kl,
-)
+from compressor.algorithms.distill.chunked import chunked_distill_loss, naive_distill_loss
+from compressor.algorithms.distill.hidden import hidden_state_loss, make_projections
+from compressor.algorithms.distill.losses import cross_entropy, distill_loss, forward_kl, jsd, reverse_kl, topk_kl
+from compressor.algorithms.distill.pld import plackett_luce_loss, teacher_permutation
 
 
 def _pair(shape=(3, 5, 11), seed=0, dtype=torch.float64):

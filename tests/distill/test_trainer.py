@@ -11,14 +11,14 @@ from tests.helpers import launch_two_cpu_processes, tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
-from compressor.distill.students import drop_layers, prepare_student
-from compressor.distill.trainer import DistillConfig, distill, global_batch
+from compressor.algorithms.distill.students import drop_layers, prepare_student
+from compressor.pipeline.trainer import DistillConfig, distill, global_batch
 from compressor.export.compressed_tensors import save_compressed
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.prune.masks import is_nm
-from compressor.prune.state import prune_mask
-from compressor.quant.scheme import fake_quant
-from compressor.quant.state import quant_state
+from compressor.algorithms.prune.masks import is_nm
+from compressor.core.sparsity import prune_mask
+from compressor.core.scheme import fake_quant
+from compressor.core.state import quant_state
 
 DATA = torch.randint(0, 96, (16, 24), generator=torch.Generator().manual_seed(1))
 QUIET = PipelineConfig(batch_size=4, quiet=True)
@@ -65,7 +65,7 @@ def test_pruned_student_learns_and_keeps_its_nm_masks(caplog):
     student = _compressed([{"prune": {"method": "magnitude", "structure": "2:4"}}])
     masks = {n: prune_mask(m).clone() for n, m in _linears(student)}
     before = _kl(teacher, student)
-    with caplog.at_level("INFO", logger="compressor.distill.trainer"):
+    with caplog.at_level("INFO", logger="compressor.pipeline.trainer"):
         result = distill(teacher, student, DATA, FAST)
     steps_logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill step")]
     assert len(steps_logged) == 25 and steps_logged[-1].startswith("distill step 25/25: loss")  # quiet: progress in the log
@@ -158,7 +158,7 @@ def test_config_and_input_errors():
         distill(teacher, tiny_llama(), DATA.float(), FAST)
     export_like = tiny_llama()
     from compressor.export.loader import QuantLinear
-    from compressor.quant.scheme import QuantScheme
+    from compressor.core.scheme import QuantScheme
 
     export_like.model.layers[0].mlp.down_proj = QuantLinear(80, 64, QuantScheme(bits=4, group_size=16))
     with pytest.raises(ValueError, match="trainable_from_export"):
@@ -222,7 +222,7 @@ def test_distill_pass_must_come_last():
     with pytest.raises(ValueError, match="must be the last pass"):
         compress(tiny_llama(), recipe, quiet=True)
     with pytest.raises(ValueError, match="teacher"):
-        from compressor.distill.distill_pass import DistillPass, DistillPassConfig
+        from compressor.passes.distill import DistillPass, DistillPassConfig
 
         DistillPass(DistillPassConfig(steps=1)).apply(tiny_llama())
 

@@ -11,10 +11,10 @@ from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
-from compressor.export.atomic import verify_manifest
+from compressor.core.atomic import verify_manifest
 from compressor.export.loader import QuantLinear
 from compressor.kernels.cpu import Int4Weight
-from compressor.quant.state import quant_state
+from compressor.core.state import quant_state
 
 X = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.export.pack import pack, packed_width, unpack
+from compressor.core.pack import pack, packed_width, unpack
 
 SHAPES = [(1, 1), (3, 5), (7, 33), (5, 64), (11, 100), (2, 257)]
 

@@ -15,11 +15,11 @@ from compressor.export import compressed_tensors as ct_export
 from compressor.export.loader import QuantLinear
 from compressor.export.online import StoredHadamard
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.quant.activations import (
+from compressor.runtime.activations import (
     KV_ATTENTION_PREFIX, KVQuantizer, activation_quantizers, attention_modules, qk_rotations,
 )
-from compressor.transforms.hadamard import hadamard_matrix
-from compressor.transforms.online import OnlineHadamard, online_transforms
+from compressor.core.hadamard import hadamard_matrix
+from compressor.runtime.online import OnlineHadamard, online_transforms
 
 IDS = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(0))
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -273,7 +273,7 @@ def test_loader_reads_kv_settings_from_kv_cache_scheme_alone(tmp_path):
 
 def test_learned_clip_ratios_export_per_group_and_reload(tmp_path):
     """OSTQuant's learned per-linear clip ratios become one config group each and reload bit-exactly."""
-    from compressor.transforms.ostquant import OSTQuantConfig, ostquant_model
+    from compressor.algorithms.transforms.ostquant import OSTQuantConfig, ostquant_model
 
     model = tiny_llama(hidden=48)
     ostquant_model(model, IDS, OSTQuantConfig(steps=4, samples=4, top_k=40, lr=2e-2, lr_scale=2e-2, qsur_samples=0,

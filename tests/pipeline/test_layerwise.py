@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor import Recipe, compress
-from compressor.quant.state import is_quantized
+from compressor.core.state import is_quantized
 
 
 def _cnn(seed: int = 0) -> nn.Module:

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from compressor.prune.allocation import (
+from compressor.algorithms.prune.allocation import (
     achieved_sparsity,
     global_magnitude,
     lamp,
@@ -120,7 +120,7 @@ from tests.helpers import tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
 from compressor import Recipe, compress  # noqa: E402
-from compressor.arch import find_blocks  # noqa: E402
+from compressor.core.arch import find_blocks  # noqa: E402
 from compressor.pipeline.sequential import PipelineConfig  # noqa: E402
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
@@ -155,7 +155,7 @@ def test_pass_allocation_keeps_the_budget_and_varies_by_layer(method, allocation
 
 def test_dp_plan_covers_every_block_linear():
     """plan() alone (no pruning yet): a sparsity for each linear, not all equal, dense weights untouched."""
-    from compressor.prune.prune_pass import PruneConfig, PrunePass
+    from compressor.passes.prune import PruneConfig, PrunePass
 
     model = tiny_llama(layers=4)
     p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", scope="layer"))
@@ -171,7 +171,7 @@ def test_allocation_errors():
         Recipe.from_dict({"passes": [{"prune": {"sparsity": 0.5, "allocation": "bogus"}}]}).build()
     with pytest.raises(ValueError, match="N:M fixes"):
         Recipe.from_dict({"passes": [{"prune": {"structure": "2:4", "allocation": "owl"}}]}).build()
-    from compressor.prune.prune_pass import PruneConfig, PrunePass
+    from compressor.passes.prune import PruneConfig, PrunePass
 
     with pytest.raises(ValueError, match="calibration"):
         PrunePass(PruneConfig(method="wanda", sparsity=0.5, allocation="owl")).plan(tiny_llama())
@@ -181,9 +181,9 @@ def test_allocation_errors():
 @pytest.mark.parametrize("distortion", ["absolute", "relative"])
 def test_dp_curve_is_the_pruned_output_energy(scope, distortion):
     """The cumulative-sum curve equals sum(w^2 ||x||^2) over the weights select_mask prunes, at every grid point."""
-    from compressor.prune.masks import select_mask
-    from compressor.prune.prune_pass import PruneConfig, _AllocationSweep
-    from compressor.prune.scores import wanda_scores
+    from compressor.algorithms.prune.masks import select_mask
+    from compressor.passes.prune import PruneConfig, _AllocationSweep
+    from compressor.algorithms.prune.scores import wanda_scores
 
     g = torch.Generator().manual_seed(3)
     w, norms = torch.randn(12, 40, generator=g), torch.rand(40, generator=g) + 0.1
@@ -201,8 +201,8 @@ def test_output_distortion_is_the_kl_of_the_whole_pruned_model():
     """Each probe (run from the pruned block on) equals KL(dense || model with that block pruned), run whole."""
     import torch.nn.functional as F
 
-    from compressor.prune.masks import select_mask
-    from compressor.prune.probe import output_distortion
+    from compressor.algorithms.prune.masks import select_mask
+    from compressor.algorithms.prune.probe import output_distortion
 
     model = tiny_llama(layers=3)
     name, blocks = find_blocks(model)
@@ -230,7 +230,7 @@ def test_output_distortion_is_the_kl_of_the_whole_pruned_model():
 
 
 def test_dp_output_plan_is_one_sparsity_per_block_within_the_span():
-    from compressor.prune.prune_pass import PruneConfig, PrunePass
+    from compressor.passes.prune import PruneConfig, PrunePass
 
     model = tiny_llama(layers=4)
     p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", dp_distortion="output", dp_probe=2,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.prune.masks import is_nm, nm_mask, parse_structure, prune_count, select_mask
-from compressor.prune.scores import InputNormAccumulator, input_norms_from_hessian, magnitude_scores, wanda_scores
-from compressor.hessian import HessianAccumulator
+from compressor.algorithms.prune.masks import is_nm, nm_mask, parse_structure, prune_count, select_mask
+from compressor.algorithms.prune.scores import InputNormAccumulator, input_norms_from_hessian, magnitude_scores, wanda_scores
+from compressor.algorithms.hessian import HessianAccumulator
 
 
 def _scores(n=7, k=40, seed=0):

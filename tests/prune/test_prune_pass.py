@@ -8,10 +8,10 @@ from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
-from compressor.arch import find_blocks
+from compressor.core.arch import find_blocks
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.prune.masks import is_nm, prune_count
-from compressor.prune.state import is_pruned, prune_mask
+from compressor.algorithms.prune.masks import is_nm, prune_count
+from compressor.core.sparsity import is_pruned, prune_mask
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
 QUIET = PipelineConfig(batch_size=4, quiet=True)
@@ -121,8 +121,8 @@ STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 
 def _by_hand_true_sequential_wanda(model, sparsity: float) -> None:
     """Reference: for each block, each stage's input norms on the model whose earlier stages are already pruned."""
-    from compressor.prune.masks import select_mask
-    from compressor.prune.scores import InputNormAccumulator, wanda_scores
+    from compressor.algorithms.prune.masks import select_mask
+    from compressor.algorithms.prune.scores import InputNormAccumulator, wanda_scores
 
     for block in model.model.layers:
         for stage in STAGES:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.prune.masks import is_nm, prune_count, select_mask
-from compressor.prune.scores import input_norms_from_hessian, magnitude_scores, wanda_scores
-from compressor.prune.sparsegpt import sparsegpt_prune
-from compressor.hessian import HessianAccumulator
+from compressor.algorithms.prune.masks import is_nm, prune_count, select_mask
+from compressor.algorithms.prune.scores import input_norms_from_hessian, magnitude_scores, wanda_scores
+from compressor.algorithms.prune.sparsegpt import sparsegpt_prune
+from compressor.algorithms.hessian import HessianAccumulator
 
 
 def _problem(n=16, k=64, seed=0):

@@ -8,9 +8,9 @@ from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
-from compressor.arch import LAYOUTS, find_blocks
+from compressor.core.arch import LAYOUTS, find_blocks
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.prune.structured import (
+from compressor.algorithms.prune.structured import (
     UnitCovarianceAccumulator,
     head_scores,
     keep_indices,
@@ -19,7 +19,7 @@ from compressor.prune.structured import (
     remove_mlp_channels,
     save_pruned,
 )
-from compressor.prune.structured_pass import StructuredPruneConfig, StructuredPrunePass
+from compressor.passes.structured import StructuredPruneConfig, StructuredPrunePass
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
 QUIET = PipelineConfig(batch_size=4, quiet=True)

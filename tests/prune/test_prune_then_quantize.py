@@ -10,16 +10,16 @@ from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress
-from compressor.arch import find_blocks
+from compressor.core.arch import find_blocks
 from compressor.export.compressed_tensors import save_compressed
 from compressor.export.loader import QuantLinear, load_compressed
-from compressor.hessian import HessianAccumulator
+from compressor.algorithms.hessian import HessianAccumulator
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.prune import prune_pass
-from compressor.prune.masks import is_nm, nm_mask
-from compressor.prune.state import is_pruned, prune_mask
-from compressor.quant.gptq import gptq_quantize
-from compressor.quant.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.passes import prune as prune_pass
+from compressor.algorithms.prune.masks import is_nm, nm_mask
+from compressor.core.sparsity import is_pruned, prune_mask
+from compressor.algorithms.quant.gptq import gptq_quantize
+from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
 QUIET = PipelineConfig(batch_size=4, quiet=True)

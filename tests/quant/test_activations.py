@@ -12,13 +12,13 @@ from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
-from compressor.quant.activation_pass import ActivationQuantConfig
-from compressor.quant.activations import (
+from compressor.passes.activations import ActivationQuantConfig
+from compressor.runtime.activations import (
     KV_ATTENTION_PREFIX, ActivationQuantizer, KVQuantizer, activation_quantizers, attention_modules,
     fake_quant_per_head, fake_quant_per_token,
 )
-from compressor.transforms.online import OnlineHadamard
-from compressor.transforms.rotate import rotate_model
+from compressor.runtime.online import OnlineHadamard
+from compressor.algorithms.transforms.rotate import rotate_model
 
 IDS = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(0))
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.quant.fold import fold_batchnorm
+from compressor.algorithms.quant.fold import fold_batchnorm
 
 
 class _Net(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.quant.gptq import HessianAccumulator, gptq_quantize, refit_scales
-from compressor.quant.scheme import QuantScheme, compute_qparams, dequantize, fake_quant, quantize
+from compressor.algorithms.quant.gptq import HessianAccumulator, gptq_quantize, refit_scales
+from compressor.core.scheme import QuantScheme, compute_qparams, dequantize, fake_quant, quantize
 
 
 def _problem(n=16, k=48, seed=0):

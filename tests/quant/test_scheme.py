@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from compressor.quant.scheme import QParams, QuantScheme, compute_qparams, dequantize, fake_quant, quantize
+from compressor.core.scheme import QParams, QuantScheme, compute_qparams, dequantize, fake_quant, quantize
 
 
 def _groups(k: int, gs: int):

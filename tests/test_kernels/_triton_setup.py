@@ -37,9 +37,9 @@ else:
         pytest.skip("the Triton kernel tests need TRITON_INTERPRET=1 on CPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from compressor.export.pack import pack  # noqa: E402
+from compressor.core.pack import pack  # noqa: E402
 from compressor.kernels.triton import kernels  # noqa: E402
-from compressor.quant.scheme import QuantScheme  # noqa: E402
+from compressor.core.scheme import QuantScheme  # noqa: E402
 
 if DEVICE.type == "cpu" and type(kernels.decode_kernel).__name__ != "InterpretedFunction":
     pytest.skip("compressor.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)

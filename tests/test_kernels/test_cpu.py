@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compressor.export.loader import QuantLinear
-from compressor.export.pack import pack
+from compressor.core.pack import pack
 from compressor.kernels import cpu, dispatch, reference
-from compressor.quant.scheme import QuantScheme
+from compressor.core.scheme import QuantScheme
 
 
 def _weight(n, k, group_size, symmetric=False, float_zp=False, seed=0):

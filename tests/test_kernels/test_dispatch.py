@@ -61,8 +61,8 @@ def test_zero_point_must_match_the_scheme():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_float_zero_point_on_both_backends(backend):
-    from compressor.export.pack import unpack
-    from compressor.quant.scheme import QParams, dequantize
+    from compressor.core.pack import unpack
+    from compressor.core.scheme import QParams, dequantize
 
     scheme, packed, scale, off, _ = make_weight(24, 160, 3, 64, False, float_zp=True)
     w = dequantize(unpack(packed, 3, 160), QParams(scale, off), scheme)

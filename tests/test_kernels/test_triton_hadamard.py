@@ -7,8 +7,8 @@ import torch
 from tests.test_kernels._triton_setup import DEVICE, on_device, rel_err
 
 from compressor.kernels.triton import hadamard as th
-from compressor.transforms.hadamard import hadamard_transform
-from compressor.transforms.online import OnlineHadamard
+from compressor.core.hadamard import hadamard_transform
+from compressor.runtime.online import OnlineHadamard
 
 # the interpreter runs fp32 dots; compiled, two bf16 dots per product (about 2^-17 relative)
 TOL = 1e-6 if DEVICE.type == "cpu" else 3e-5

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tests.test_kernels._triton_setup import DEVICE, make_weight, on_device, rel_err
 
-from compressor.export.pack import pack, unpack
+from compressor.core.pack import pack, unpack
 from compressor.kernels import reference
 from compressor.kernels.triton import launch
-from compressor.quant.scheme import QParams, dequantize
+from compressor.core.scheme import QParams, dequantize
 
 N = 24
 # (group_size, K): divides, divides, divides, per-channel, ragged (200 = 3*64 + 8), ragged g128 (200 = 128 + 72)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.transforms.hadamard import (
+from compressor.core.hadamard import (
     fwht,
     hadamard_factors,
     hadamard_matrix,
@@ -14,7 +14,7 @@ from compressor.transforms.hadamard import (
     random_hadamard,
     supported_bases,
 )
-from compressor.transforms.online import OnlineHadamard
+from compressor.runtime.online import OnlineHadamard
 
 # 28 = Paley I over GF(27), 52 = Paley II over GF(25): the extension-field paths
 SIZES = [1, 2, 4, 8, 12, 16, 20, 28, 32, 36, 40, 44, 48, 52, 60, 64, 80, 96, 128, 256, 576, 1024, 1536, 2048]

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from tests.helpers import tiny_llama
 
 import compressor
-from compressor.quant.activations import qk_rotations
-from compressor.quant.scheme import QuantScheme
-from compressor.transforms import ostquant as ostquant_mod
-from compressor.transforms.hadamard import random_hadamard
-from compressor.transforms.online import online_transforms
-from compressor.transforms.ostquant import OSTQuantConfig, cayley, kl_top, ostquant_model, qsur
-from compressor.transforms.rotate import rotate_model
+from compressor.runtime.activations import qk_rotations
+from compressor.core.scheme import QuantScheme
+from compressor.algorithms.transforms import ostquant as ostquant_mod
+from compressor.core.hadamard import random_hadamard
+from compressor.runtime.online import online_transforms
+from compressor.algorithms.transforms.ostquant import OSTQuantConfig, cayley, kl_top, ostquant_model, qsur
+from compressor.algorithms.transforms.rotate import rotate_model
 
 GEN = torch.Generator().manual_seed(0)
 IDS = torch.randint(0, 96, (6, 24), generator=GEN)
@@ -314,7 +314,7 @@ def test_weight_null_trains_with_full_precision_weights():
 @pytest.mark.parametrize("scheme", [QuantScheme(bits=4, group_size=-1, symmetric=False),
                                     QuantScheme(bits=3, group_size=48, symmetric=True)])
 def test_range_grad_weight_quantizer_is_rtn_with_a_gradient_at_the_extremes(scheme):
-    from compressor.quant.scheme import compute_qparams, fake_quant
+    from compressor.core.scheme import compute_qparams, fake_quant
 
     torch.manual_seed(0)
     w = torch.randn(6, 100, dtype=torch.float64, requires_grad=True)  # 100 = 2 groups of 48 + a ragged 4
@@ -375,7 +375,7 @@ def test_quantize_activations_uses_learned_clips_only_on_their_own_grid(caplog):
 
 def test_learned_clip_ratio_gets_the_gradient_of_a_finer_grid():
     """With a tensor clip the quantizer matches the float path, and the ratio's gradient is finite and nonzero."""
-    from compressor.quant.activations import _fake_quant_rows, fake_quant_per_token
+    from compressor.runtime.activations import _fake_quant_rows, fake_quant_per_token
 
     torch.manual_seed(0)
     x = torch.randn(64, 32, dtype=torch.float64)

@@ -9,11 +9,11 @@ import torch
 from tests.helpers import tiny_llama
 from torch import nn
 
-from compressor.arch import find_blocks
-from compressor.quant.rtn import rtn_quantize_module
-from compressor.quant.scheme import QuantScheme
-from compressor.transforms.online import online_transforms
-from compressor.transforms.rotate import rotate_model
+from compressor.core.arch import find_blocks
+from compressor.passes.rtn import rtn_quantize_module
+from compressor.core.scheme import QuantScheme
+from compressor.runtime.online import online_transforms
+from compressor.algorithms.transforms.rotate import rotate_model
 
 IDS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
 

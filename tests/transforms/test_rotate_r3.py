@@ -12,13 +12,13 @@ from tests.helpers import tiny_llama
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from compressor import Recipe, compress, load_compressed, save_compressed
-from compressor.quant.activations import (
+from compressor.runtime.activations import (
     KV_ATTENTION_PREFIX, KVQuantizer, QKRotation, attach_kv_quantizer, attach_qk_rotation, attention_modules,
     fake_quant_per_head, qk_rotations,
 )
-from compressor.transforms.hadamard import normalized_hadamard
-from compressor.transforms.online import online_transforms
-from compressor.transforms.rotate import RotateConfig, rotate_model
+from compressor.core.hadamard import normalized_hadamard
+from compressor.runtime.online import online_transforms
+from compressor.algorithms.transforms.rotate import RotateConfig, rotate_model
 
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
 RTN4 = {"rtn": {"scheme": {"bits": 4, "group_size": -1}}}
@@ -158,11 +158,11 @@ def test_decoding_with_a_cache_matches_the_full_forward():
 
 
 def test_quantize_activations_hints_at_r3(caplog):
-    with caplog.at_level(logging.INFO, logger="compressor.quant.activation_pass"):
+    with caplog.at_level(logging.INFO, logger="compressor.passes.activations"):
         compress(_model("sdpa"), Recipe.from_dict({"passes": [{"rotate": {}}, KV4]}), quiet=True)
     assert "rotated without r3" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="compressor.quant.activation_pass"):
+    with caplog.at_level(logging.INFO, logger="compressor.passes.activations"):
         compress(_model("sdpa"), Recipe.from_dict({"passes": [{"rotate": {"r3": True}}, KV4]}), quiet=True)
     assert "rotated without r3" not in caplog.text
 

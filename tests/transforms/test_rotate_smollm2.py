@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from compressor.api import load_model
-from compressor.transforms.rotate import rotate_model
+from compressor.algorithms.transforms.rotate import rotate_model
 
 
 def test_rotated_smollm2_keeps_logits(smollm2_path):

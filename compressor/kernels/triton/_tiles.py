@@ -1,6 +1,6 @@
 """Triton device functions shared by the kernels: read codes from the packed layout, dequantize a tile.
 
-Layout (compressor/export/pack.py): code ``i`` along the packed dimension sits at
+Layout (compressor/core/pack.py): code ``i`` along the packed dimension sits at
 bits ``[i*b, (i+1)*b)`` of an LSB-first stream of int32 words, offset by
 ``2^(b-1)``. At 1, 2, 4 and 8 bits a code never straddles two words; at 3, 5, 6
 and 7 bits it may, and the high part is read from the next word.

@@ -1,6 +1,6 @@
 """Triton online Hadamard transform: x ↦ x H_nᵀ / √n along the last dim, as ``OnlineHadamard`` computes it.
 
-``H_n = kron(H_P, H_m)`` (``compressor.transforms.hadamard``) with ``H_P`` the
+``H_n = kron(H_P, H_m)`` (``compressor.core.hadamard``) with ``H_P`` the
 Sylvester matrix of P = 2^a, itself ``kron(H_P1, H_P2)``. A row of x, viewed as a
 (P1, P2, m) tensor, is transformed one axis at a time, each by a small dense
 matrix through ``tl.dot``:
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.dispatch import interpreting
-from compressor.transforms.hadamard import hadamard_factors, hadamard_matrix
+from compressor.core.hadamard import hadamard_factors, hadamard_matrix
 
 __all__ = ["plan", "hadamard_transform"]
 
@@ -148,7 +148,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     shape = plan(n)
     if shape is None:
-        raise ValueError(f"no Triton Hadamard plan for size {n}: use compressor.transforms.hadamard.hadamard_transform")
+        raise ValueError(f"no Triton Hadamard plan for size {n}: use compressor.core.hadamard.hadamard_transform")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x has dtype {x.dtype}: the Triton Hadamard takes float16, bfloat16 or float32")
     p1, p2, m = shape

@@ -1,0 +1,192 @@
+"""The ``quantize_activations`` recipe pass: per-token linear inputs and per-head KV cache, fake-quantized in memory.
+
+W8A8, W4A8 and W4A4KV4 are recipes::
+
+    passes:
+      - rotate: {seed: 0, r3: true}                     # spreads outliers; online R4 / R3 run before the quantizers
+      - gptq: {scheme: {bits: 4, group_size: -1}}
+      - quantize_activations: {bits: 4, kv_bits: 4}
+
+The pass attaches run-time quantizers and changes no weight. It may sit
+anywhere after ``rotate``; later passes see quantized activations:
+
+* without calibration, ``compressor.compress`` applies it to the whole model
+  in recipe order;
+* in the sequential block pipeline it acts block by block, in recipe order
+  within each block: after ``gptq`` in the recipe, GPTQ calibrates each block
+  on full-precision activations (the block's inputs already come from the
+  quantized earlier blocks) and the quantizers are added before the block's
+  outputs are recomputed; before ``gptq``, GPTQ's Hessians see quantized
+  inputs and quantized keys/values.
+
+Export: ``compress(..., output=...)`` / ``save_compressed`` record the
+quantizers in ``quantization_config`` (``input_activations`` of the quantized
+linears' config groups, ``kv_cache_scheme``, clip ratio and exact KV settings
+under the ``compressor`` key; see :mod:`compressor.export.online`) and
+``load_compressed`` reattaches them. The linears whose inputs are quantized
+must have quantized weights: give this pass the weight pass's targets/ignore.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from compressor.runtime.activations import (
+    LEARNED_CLIP, ActivationQuantizer, KVQuantizer, _check_bits, _check_clip, attach_input_quantizer,
+    attach_kv_quantizer, attention_modules, qk_rotations,
+)
+from compressor.recipe import Pass, PassConfig, register_pass, select_modules
+
+__all__ = ["ActivationQuantConfig", "ActivationQuantPass"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationQuantConfig(PassConfig):
+    """Dynamic fake quantization of linear inputs (per token) and of keys/values (per head, per token).
+
+    Attributes:
+        targets: linears whose input is quantized (default every ``Linear``);
+            the output embedding (``lm_head``) is never quantized.
+        ignore: linears skipped (default ``lm_head``).
+        bits: bits of the linear inputs (8 or 4 usually; 2-16), or None to
+            leave them in full precision.
+        symmetric: signed grid without zero point (default) or unsigned with one.
+        clip_ratio: each token's range is shrunk by it, in (0, 1]. A linear
+            carrying a clip ratio learned for the same bits / symmetric grid
+            (``ostquant`` with ``learn_clip: true`` before this pass) uses that
+            ratio instead.
+        kv_bits: bits of the keys and values, or None (default) for none.
+        kv_symmetric: symmetric KV grid; default asymmetric, as KV caches usually are.
+        kv_group_size: head_dim columns per KV scale; None for the whole head.
+    """
+
+    bits: int | None = 8
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+    kv_bits: int | None = None
+    kv_symmetric: bool = False
+    kv_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits is None and self.kv_bits is None:
+            raise ValueError("quantize_activations: bits and kv_bits are both null, so there is nothing to do: "
+                             "set bits (linear inputs, e.g. 8) and/or kv_bits (keys and values, e.g. 4)")
+        if self.bits is not None:
+            _check_bits(self.bits, "quantize_activations.bits")
+        if self.kv_bits is not None:
+            _check_bits(self.kv_bits, "quantize_activations.kv_bits")
+        _check_clip(self.clip_ratio, "quantize_activations.clip_ratio")
+        for name in ("symmetric", "kv_symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantize_activations.{name} must be true or false, got {getattr(self, name)!r}")
+        g = self.kv_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"quantize_activations.kv_group_size={g!r} is invalid: use a positive divisor of "
+                             "head_dim (e.g. 32, 64) or null for the whole head")
+
+    def describe(self) -> str:
+        a = f"A{self.bits}" if self.bits is not None else "A16"
+        kv = f"KV{self.kv_bits}" if self.kv_bits is not None else "KV16"
+        return f"{a} per-token {'sym' if self.symmetric else 'asym'}, {kv} per-head"
+
+
+@register_pass
+class ActivationQuantPass(Pass):
+    """Attach per-token input quantizers to the targeted linears and a KV quantizer to every attention module."""
+
+    name = "quantize_activations"
+    config_cls = ActivationQuantConfig
+
+    def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context: Any) -> None:
+        """Quantize the activations of ``model`` in place.
+
+        Args:
+            model: a model; the KV part needs transformers attention modules.
+            only: restrict the linears to these names and skip the KV cache
+                (``compress`` passes the targets outside the decoder blocks here).
+        """
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        linears = self._linears(model, "", head)
+        if only is not None:
+            self._attach([(n, m) for n, m in linears if n in only], [])
+            return
+        attention = attention_modules(model) if self.config.kv_bits is not None else []
+        if self.config.kv_bits is not None and not attention:
+            raise ValueError(f"quantize_activations: kv_bits={self.config.kv_bits} but {type(model).__name__} has no "
+                             "transformers attention module (one dispatching through AttentionInterface); "
+                             "set kv_bits: null")
+        if self.config.bits is not None and not linears:
+            raise ValueError(f"quantize_activations: no Linear matches targets={list(self.config.targets)} "
+                             f"ignore={list(self.config.ignore)} (lm_head is never quantized); check the module "
+                             "names with `compressor inspect`, or set bits: null")
+        self._hint_r3(model)
+        self._attach(linears, attention)
+        log.info("quantize_activations: %s on %d linears, %d attention modules", self.config.describe(),
+                 len(linears) if self.config.bits is not None else 0, len(attention))
+
+    def compress_block(self, block: nn.Module, prefix: str) -> None:
+        """Quantize the activations of one decoder block (sequential pipeline)."""
+        kv = attention_modules(block, prefix) if self.config.kv_bits is not None else []
+        self._attach(self._linears(block, prefix, None), kv)
+
+    def plan(self, model: nn.Module, ids: Any, config: Any) -> None:
+        """Refuse block checkpoints: a resumed block would come back without its (stateless) quantizers."""
+        if getattr(config, "checkpoint_dir", None) is not None:
+            raise ValueError("quantize_activations does not support checkpoint_dir yet (resumed blocks would lose "
+                             "their activation quantizers): run without checkpoint_dir")
+        self._hint_r3(model)
+
+    def _hint_r3(self, model: nn.Module) -> None:
+        """Say so when a rotated model gets a quantized KV cache without R3 (QuaRot rotates its keys)."""
+        if self.config.kv_bits is not None and getattr(model, "rotation_info", None) is not None \
+                and not qk_rotations(model):
+            log.info("quantize_activations: kv_bits=%d on a model rotated without r3; QuaRot also rotates queries "
+                     "and keys after RoPE before quantizing the KV cache (rotate: {r3: true})", self.config.kv_bits)
+
+    def _linears(self, root: nn.Module, prefix: str, head: nn.Module | None) -> list[tuple[str, nn.Linear]]:
+        out = []
+        for name, m in select_modules(root, self.config, prefix):
+            if not isinstance(m, nn.Linear):
+                continue
+            if head is not None and m is head:
+                log.info("quantize_activations: %s is the output embedding; it is never quantized", name)
+                continue
+            out.append((name, m))
+        return out
+
+    def _attach(self, linears: list[tuple[str, nn.Linear]], attention: list[tuple[str, nn.Module]]) -> None:
+        c = self.config
+        # attention first: a bad kv_group_size or attention implementation fails on the first module, before any change
+        for name, attn in attention:
+            try:
+                attach_kv_quantizer(attn, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        learned, mismatched = [], []
+        for name, lin in linears if c.bits is not None else []:
+            clip = c.clip_ratio
+            found = getattr(lin, LEARNED_CLIP, None)
+            if found is not None:
+                if found["bits"] == c.bits and found["symmetric"] == c.symmetric:
+                    clip = found["clip_ratio"]
+                    learned.append(clip)
+                else:
+                    mismatched.append(name)
+            try:
+                attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=clip))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        if learned:
+            log.info("quantize_activations: %d linears use the clip ratios learned for them (%.3f-%.3f) instead of "
+                     "clip_ratio=%s", len(learned), min(learned), max(learned), c.clip_ratio)
+        if mismatched:
+            log.warning("quantize_activations: %d linears (%s, ...) carry clip ratios learned for another input grid "
+                        "than A%d %s; they use clip_ratio=%s (train ostquant with this pass's bits/symmetric)",
+                        len(mismatched), mismatched[0], c.bits, "sym" if c.symmetric else "asym", c.clip_ratio)

@@ -1,1 +1,0 @@
-"""Quantization: schemes, round-to-nearest and data-driven passes."""
