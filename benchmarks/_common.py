@@ -38,7 +38,9 @@ SMOKE_RESULTS = ROOT / "out" / "bench"  # --quick runs: smoke tests, never commi
 BENCH = "quant_quality"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 CALIB_SOURCE = "sotu:1790-1999"
-EVAL_SOURCE = "sotu:2010-2021"
+EVAL_SOURCE = "sotu:2010-2021"  # the test split: scored once per reported setting, never used to choose anything
+DEV_SOURCE = "sotu:2000-2009"  # the dev split: every hyper-parameter choice is made here
+SPLITS = {"test": EVAL_SOURCE, "dev": DEV_SOURCE}
 CALIB_SEED = 0
 CTX = 512
 
@@ -128,11 +130,13 @@ def calibration_ids(tokenizer, n: int, seq_len: int):
     return calibration_set(CALIB_SOURCE, tokenizer, n=n, seq_len=seq_len, seed=CALIB_SEED)
 
 
-def eval_ids(tokenizer):
-    """The evaluation token stream: SOTU 2010-2021, tokenized once."""
+def eval_ids(tokenizer, split: str = "test"):
+    """The evaluation token stream, tokenized once: SOTU 2010-2021 (``"test"``) or 2000-2009 (``"dev"``)."""
     from compressor.calibration import load_text, tokenize
 
-    return tokenize(load_text(EVAL_SOURCE), tokenizer)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use 'test' (SOTU 2010-2021) or 'dev' (SOTU 2000-2009)")
+    return tokenize(load_text(SPLITS[split]), tokenizer)
 
 
 def perplexity(model, ids, max_tokens: int) -> dict[str, Any]:
@@ -335,10 +339,13 @@ def add_protocol_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; 128 with --quick)")
     parser.add_argument("--max-tokens", type=int, help="evaluation tokens (default 32768; 2048 with --quick)")
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's own choice)")
+    parser.add_argument("--split", choices=tuple(SPLITS), default="test",
+                        help="evaluation text: test = SOTU 2010-2021 (reported numbers), dev = SOTU 2000-2009 "
+                        "(for choosing hyper-parameters; default: %(default)s)")
 
 
 def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
-    """``{n_calib, calib_len, max_tokens, threads}`` from :func:`add_protocol_args`'s options; exits on bad values."""
+    """``{n_calib, calib_len, max_tokens, threads, split}`` from :func:`add_protocol_args`'s options; exits on bad values."""
     for name in ("n_calib", "calib_len", "max_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -347,7 +354,7 @@ def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
     protocol = {key: getattr(args, key) or base[key] for key in ("n_calib", "calib_len", "max_tokens")}
     if protocol["max_tokens"] < CTX:
         parser.error(f"--max-tokens must be at least one window of {CTX} tokens")
-    return {**protocol, "threads": args.threads}
+    return {**protocol, "threads": args.threads, "split": args.split}
 
 
 def missing_peer(peer_python: str | os.PathLike) -> dict[str, Any] | None:

@@ -47,7 +47,7 @@ def run(job: dict) -> dict:
     record["versions"] = common.versions("llmcompressor", "compressed-tensors", "transformers", "torch", "compressor")
     record["pipeline"] = "sequential"
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
     record["calibration"] = calib.to_dict()
     model = common.load_fp32_model(path)

@@ -193,7 +193,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     record["machine"] = common.machine_info()
     record["versions"] = common.versions("llmcompressor", "compressed-tensors", "transformers", "torch")
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     calibration = None
     if needs_data(job):
         calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])

@@ -108,7 +108,7 @@ def run(job: dict) -> dict:
     from llmcompressor import oneshot
 
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
     record["calibration"] = calib.to_dict()
     model = common.load_fp32_model(path)

@@ -125,7 +125,7 @@ def targeted(model, targets, ignore):
     import torch
     from torch import nn
 
-    from compressor.recipe import PassConfig, select_modules
+    from compressor.core.passes import PassConfig, select_modules
 
     chosen = {n: m for n, m in select_modules(model, PassConfig(targets=targets, ignore=ignore))
               if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -101,7 +101,7 @@ def repack_s(model) -> float:
     """Seconds to repack every QuantLinear for its CPU op (the one-time cost at first use)."""
     import torch
 
-    from compressor.export.loader import QuantLinear
+    from compressor.runtime.quant_linear import QuantLinear
     from compressor.kernels import cpu
 
     start = time.perf_counter()

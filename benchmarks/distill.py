@@ -70,7 +70,7 @@ def run_student(job: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
         out = Path(tmp) / "export"
         from compressor.export.compressed_tensors import save_compressed
-        from compressor.algorithms.prune.structured import save_pruned
+        from compressor.export.pruned import save_pruned
         from compressor.core.state import is_quantized
 
         quantized = any(is_quantized(m) for m in student.modules())

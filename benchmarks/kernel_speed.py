@@ -199,7 +199,7 @@ def _quantize_model(model, setting: common.Setting) -> int:
     import torch
     from torch import nn
 
-    from compressor.export.loader import QuantLinear
+    from compressor.runtime.quant_linear import QuantLinear
     from compressor.core.pack import pack
     from compressor.core.scheme import QuantScheme, compute_qparams, quantize
 

@@ -112,7 +112,7 @@ def run_ours(job: dict) -> dict:
     record = record_for(job)
     record["versions"] = common.versions("torch", "transformers", "compressor")
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     model = common.load_fp32_model(path)
     if job["method"] != "fp32":
         calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])

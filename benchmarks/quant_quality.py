@@ -80,7 +80,7 @@ def run_ours(job: dict) -> dict:
     from compressor.recipe import registered_passes
 
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     model = common.load_fp32_model(path)
     if setting is not None:
         pass_name, extra = OUR_PASSES[method]

@@ -292,7 +292,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     record["versions"] = common.versions("torch", "transformers", "compressor")
     recipe = compressor.Recipe.from_dict(recipe_dict(job))
     path, tokenizer = common.load_tokenizer_and_path()
-    ids = common.eval_ids(tokenizer)
+    ids = common.eval_ids(tokenizer, job.get("split", "test"))
     model = common.load_fp32_model(path)
     if recipe.passes:
         kwargs = {}

@@ -28,10 +28,10 @@ def load_student(path: str | Path) -> nn.Module:
     Returns:
         The model in float32 on CPU, with quantization state and pruning masks attached.
     """
-    from compressor.api import is_export, load_model
     from compressor.algorithms.distill.students import trainable_from_export
     from compressor.core.hub import resolve_model
     from compressor.core.sparsity import attach_mask, is_pruned
+    from compressor.export.checkpoint import is_export, load_model
 
     path = resolve_model(path)
     model = load_model(path, dtype=torch.float32)
@@ -86,13 +86,13 @@ def distill_checkpoint(
     """
     from accelerate import PartialState
 
-    from compressor.api import load_model, load_tokenizer
     from compressor.calibration import calibration_set
     from compressor.core.atomic import check_output_dir
-    from compressor.export.compressed_tensors import save_compressed
     from compressor.core.hub import resolve_model
-    from compressor.algorithms.prune.structured import save_pruned
     from compressor.core.state import is_quantized
+    from compressor.export.checkpoint import load_model, load_tokenizer
+    from compressor.export.compressed_tensors import save_compressed
+    from compressor.export.pruned import save_pruned
 
     output = Path(output)
     check_output_dir(output, overwrite)

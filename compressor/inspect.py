@@ -1,120 +1,13 @@
-"""Describe a model directory or export without loading its weights (safetensors headers only)."""
+"""Describe a model directory or export without loading its weights: ``compressor inspect``'s text and plots
+(the reading is :mod:`compressor.export.summary`)."""
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 
-from compressor.export.loader import read_config, scheme_from_ct_args
+from compressor.export.summary import layer_sparsity, summarize
 
 __all__ = ["summarize", "format_summary", "layer_sparsity", "format_sparsity", "plot_sparsity"]
-
-_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8,
-               "F8_E4M3": 8, "F8_E5M2": 8}
-
-
-def _headers(path: Path) -> dict[str, dict]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        out.update(header)
-    return out
-
-
-def summarize(path: Path) -> dict:
-    """Sizes, schemes, bits per weight and loaders of a model directory.
-
-    Returns a dict with ``size_bytes`` (all files), ``weights_bytes`` (safetensors),
-    ``params`` (original parameter count), ``bits_per_weight`` (bits of quantized
-    linears incl. scales and zero points per weight, or the dtype width for an
-    unquantized model), ``model_bits_per_param``, ``schemes`` and ``loaders``.
-    """
-    path = Path(path)
-    config = read_config(path)
-    headers = _headers(path)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    wbytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    qcfg = config.get("quantization_config") or {}
-    layers: dict[str, dict] = {}
-    params, qbits, qweights = 0, 0, 0
-    for key, meta in headers.items():
-        nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
-        owner, _, leaf = key.rpartition(".")
-        if leaf == "weight_shape":
-            continue
-        if leaf.startswith("weight_") and f"{owner}.weight_packed" in headers:
-            layers.setdefault(owner, {"bytes": 0})["bytes"] += nbytes
-            if leaf == "weight_scale":
-                layers[owner]["shape"] = meta["shape"]
-            continue
-        params += math.prod(meta["shape"])
-    schemes = {}
-    for name, group in (qcfg.get("config_groups") or {}).items():
-        try:
-            schemes[name] = {"targets": group.get("targets"), "scheme": scheme_from_ct_args(group["weights"]).describe()}
-        except (ValueError, KeyError) as err:
-            schemes[name] = {"targets": group.get("targets"), "scheme": f"unsupported ({err})"}
-    shapes = _shapes(path) if layers else {}
-    for owner, info in layers.items():
-        n, k = shapes[owner]
-        params += n * k
-        qbits += info["bytes"] * 8
-        qweights += n * k
-    if qweights:
-        bpw = round(qbits / qweights, 3)
-    else:
-        dtypes = [m["dtype"] for m in headers.values()]
-        bpw = _DTYPE_BITS.get(max(set(dtypes), key=dtypes.count), None) if dtypes else None
-    return {
-        "path": str(path),
-        "architecture": (config.get("architectures") or ["?"])[0],
-        "size_bytes": size,
-        "weights_bytes": wbytes,
-        "params": params,
-        "quantized_layers": len(layers),
-        "bits_per_weight": bpw,
-        "model_bits_per_param": round(wbytes * 8 / params, 3) if params else None,
-        "schemes": schemes,
-        "ignore": qcfg.get("ignore", []),
-        "loaders": _loaders(qcfg, shapes if layers else {}),
-    }
-
-
-def _shapes(path: Path) -> dict[str, tuple[int, int]]:
-    """``weight_shape`` (N, K) of every packed layer (tiny tensors, read directly)."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                if key.endswith(".weight_shape"):
-                    n, k = fh.get_tensor(key).tolist()
-                    out[key.rpartition(".")[0]] = (int(n), int(k))
-    return out
-
-
-def _loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
-    if not qcfg:
-        return ["transformers", "compressor.load_model"]
-    if qcfg.get("quant_method") != "compressed-tensors":
-        return [f"transformers ({qcfg.get('quant_method')})"]
-    out = ["compressor.load_compressed"]
-    weights = [g["weights"] for g in (qcfg.get("config_groups") or {}).values()]
-    sizes = {w.get("group_size") for w in weights if w.get("group_size")}
-    ragged = any(k % gs for gs in sizes for _, k in shapes.values())
-    if ragged:
-        out.append("not transformers/compressed-tensors: a group size does not divide in_features (ragged groups)")
-    elif all(w.get("symmetric", True) for w in weights):
-        out.append("transformers + compressed-tensors")
-    else:
-        out.append("compressed-tensors decompression; not transformers (asymmetric zero points fail there, see docs/export.md)")
-    return out
 
 
 def format_summary(info: dict) -> str:
@@ -132,41 +25,6 @@ def format_summary(info: dict) -> str:
         lines.append(f"  not quantized      {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     lines.append(f"  loads with         {'; '.join(info['loaders'])}")
     return "\n".join(lines)
-
-
-def layer_sparsity(path: Path) -> dict[str, float]:
-    """Fraction of exactly-zero weights of every linear in a model directory or export.
-
-    A plain checkpoint's 2-D ``*.weight`` tensors are read as stored; a
-    pack-quantized export's layers are dequantized first (a pruned weight is
-    stored as the zero point's code, so it dequantizes to exactly 0).
-    Embeddings are left out.
-
-    Returns:
-        module name → sparsity in [0, 1], in checkpoint order.
-    """
-    from safetensors import safe_open
-    from torch import nn
-
-    path = Path(path)
-    config = read_config(path)
-    out: dict[str, float] = {}
-    if (config.get("quantization_config") or {}).get("format") == "pack-quantized":
-        from compressor.export.loader import QuantLinear, load_compressed
-
-        model = load_compressed(path, verify=False)
-        for name, m in model.named_modules():
-            if isinstance(m, QuantLinear):
-                out[name] = float((m.dequantized_weight() == 0).float().mean())
-            elif isinstance(m, nn.Linear) and m.weight is not model.get_input_embeddings().weight:
-                out[name] = float((m.weight == 0).float().mean())
-        return out
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                if key.endswith(".weight") and "embed" not in key and len(fh.get_slice(key).get_shape()) == 2:
-                    out[key[: -len(".weight")]] = float((fh.get_tensor(key) == 0).float().mean())
-    return out
 
 
 def format_sparsity(sparsity: dict[str, float]) -> str:

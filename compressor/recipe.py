@@ -1,4 +1,4 @@
-"""Recipes: an ordered list of pass configs, the pass registry, YAML I/O, overrides.
+"""Recipes: an ordered list of pass configs, YAML I/O, overrides.
 
 A recipe in YAML::
 
@@ -9,187 +9,24 @@ A recipe in YAML::
           ignore: [lm_head]
 
 Every config is a frozen, keyword-only dataclass; :func:`config_from_dict`
-rejects unknown keys with a suggestion, so a typo fails loudly.
+rejects unknown keys with a suggestion, so a typo fails loudly. The pass
+registry lives in :mod:`compressor.core.passes`; importing this module imports
+:mod:`compressor.passes`, whose explicit list registers every built-in pass.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
-from torch import nn
 
-__all__ = [
-    "PassConfig",
-    "Pass",
-    "Recipe",
-    "register_pass",
-    "registered_passes",
-    "config_from_dict",
-    "matches",
-    "select_modules",
-    "apply_overrides",
-]
+import compressor.passes  # noqa: F401  (fills the registry: the explicit list of built-in passes)
+from compressor.core.passes import Pass, PassConfig, config_from_dict, registered_passes
 
-_REGISTRY: dict[str, type["Pass"]] = {}
-
-
-@dataclass(frozen=True, kw_only=True)
-class PassConfig:
-    """Base of every pass config: which modules the pass touches.
-
-    Attributes:
-        targets: class names (``Linear``), exact module names, or ``re:`` regexes.
-        ignore: same forms; matched modules are skipped. Default ``["lm_head"]``.
-    """
-
-    targets: tuple[str, ...] = ("Linear",)
-    ignore: tuple[str, ...] = ("lm_head",)
-
-    def __post_init__(self) -> None:
-        for name in ("targets", "ignore"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-            for pattern in getattr(self, name):
-                if pattern.startswith("re:"):
-                    try:
-                        re.compile(pattern[3:])
-                    except re.error as err:
-                        raise ValueError(f"{name}: bad regular expression {pattern!r}: {err}") from None
-
-    def to_dict(self) -> dict:
-        return _to_plain(self)
-
-
-class Pass:
-    """A compression pass. Subclasses set ``name``, ``config_cls`` and implement :meth:`apply`.
-
-    ``requires_calibration`` tells the pipeline whether calibration data must
-    flow through the model before :meth:`apply`; ``model_level`` marks a pass
-    that transforms the whole model at once (rotate) and runs before any block
-    is compressed. The pipeline never checks class names.
-    """
-
-    name: ClassVar[str] = ""
-    config_cls: ClassVar[type[PassConfig]] = PassConfig
-    requires_calibration: ClassVar[bool] = False
-    model_level: ClassVar[bool] = False
-
-    def __init__(self, config: PassConfig):
-        if not isinstance(config, self.config_cls):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
-        self.config = config
-        # set by the sequential pipeline while it runs one stage of a true-sequential pass: the qualified
-        # names of that stage's linears (None: every target of the block)
-        self.stage: set[str] | None = None
-
-    @property
-    def staged(self) -> bool:
-        """Whether the pipeline should calibrate and compress this pass's linears stage by stage
-        (``true_sequential`` in its config), each stage seeing the inputs the earlier ones produce."""
-        return bool(getattr(self.config, "true_sequential", False))
-
-    def block_modules(self, block: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-        """:func:`select_modules` of ``block``, restricted to the current :attr:`stage`."""
-        found = select_modules(block, self.config, prefix)
-        return found if self.stage is None else [(n, m) for n, m in found if n in self.stage]
-
-    def apply(self, model: nn.Module, **context: Any) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator adding a pass to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    """Name → pass class for every registered pass."""
-    _load_builtin_passes()
-    return dict(_REGISTRY)
-
-
-def _load_builtin_passes() -> None:
-    from compressor.algorithms.quant import adaround, gptq  # noqa: F401  (register "adaround", "gptq")
-    from compressor.passes import rtn  # noqa: F401  (registers "rtn")
-    from compressor.passes import activations  # noqa: F401  (registers "quantize_activations")
-    from compressor.passes import prune, structured  # noqa: F401  (register "prune", "prune_structured")
-    from compressor.algorithms.transforms import ostquant, rotate  # noqa: F401  (register "ostquant", "rotate")
-    from compressor.passes import distill, distill_blocks  # noqa: F401  (register "distill", "distill_blocks")
-
-
-# ---------------------------------------------------------------- config I/O
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type of a config field."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if dataclasses.is_dataclass(value):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
-        return config_from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, where) if len(args) == 1 else value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        return tuple(value)
-    if tp is bool and not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def config_from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build the frozen dataclass ``cls`` from a mapping, rejecting unknown keys.
-
-    Raises:
-        ValueError: naming the unknown key, the closest valid one and the path.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown key {path!r} for {cls.__name__}{hint} Valid keys: {', '.join(names)}")
-        kwargs[key] = _coerce(hints[key], value, path)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{where or cls.__name__}: {err}") from None
+__all__ = ["Recipe", "apply_overrides", "registered_passes"]
 
 
 # ---------------------------------------------------------------- recipe
@@ -309,27 +146,3 @@ def _descend(node: Any, part: str, key: str) -> Any:
     if part not in node or node[part] is None:
         node[part] = {}
     return node[part]
-
-
-# ---------------------------------------------------------------- targets
-
-
-def matches(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
-    """Whether a module matches any pattern: class name (or a base class's), exact name, or ``re:`` regex."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif pattern == name or any(cls.__name__ == pattern for cls in type(module).__mro__):
-            return True
-    return False
-
-
-def select_modules(model: nn.Module, config: PassConfig, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module matching ``targets`` and not ``ignore``."""
-    out = []
-    for name, module in model.named_modules():
-        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if full and matches(full, module, config.targets) and not matches(full, module, config.ignore):
-            out.append((full, module))
-    return out

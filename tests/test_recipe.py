@@ -7,7 +7,8 @@ import yaml
 from tests.helpers import tiny_llama
 
 from compressor.passes.rtn import RTNConfig
-from compressor.recipe import Recipe, apply_overrides, config_from_dict, select_modules
+from compressor.recipe import Recipe, apply_overrides
+from compressor.core.passes import config_from_dict, select_modules
 
 BASE = {"seed": 3, "passes": [{"rtn": {"scheme": {"bits": 4, "group_size": 64}, "ignore": ["lm_head"]}}]}
 

@@ -1,12 +1,28 @@
-"""Model structure discovery: the one place that knows where decoder blocks and their parts live."""
+"""Model knowledge: the one place that knows where decoder blocks and their parts live, how heads are sized,
+which modules are attention and how transformers dispatches them.
+
+Families are data (:data:`LAYOUTS`), not per-model code; every other module asks
+here instead of naming ``self_attn`` or rewriting a config itself.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-__all__ = ["find_blocks", "DecoderLayout", "LAYOUTS", "layout_for"]
+__all__ = [
+    "find_blocks", "DecoderLayout", "LAYOUTS", "layout_for", "layout_of_config", "head_counts", "set_config_shapes",
+    "resize_mlp", "resize_attention", "block_config", "attention_head_dim", "attention_modules",
+    "eager_attention", "base_attention", "register_attention", "attention_function", "set_attention",
+    "attention_implementation", "set_attention_implementation",
+    "WRAPPABLE_ATTENTION",
+]
+
+log = logging.getLogger(__name__)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -56,6 +72,46 @@ class DecoderLayout:
     gate: str
     up: str
     down: str
+    qk_norm: str | None = None  # per-head query norm after q_proj (Qwen3, Gemma 3), None when absent
+
+    # the per-block fields, in forward order
+    BLOCK: ClassVar[tuple[str, ...]] = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
+    LINEARS: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def modules(self, block: nn.Module, where: str, keys: tuple[str, ...] = BLOCK) -> dict[str, nn.Module]:
+        """``{field: module}`` of one decoder block (``where`` names the block in errors).
+
+        Raises:
+            ValueError: the block has no module at one of the layout's paths.
+        """
+        out = {}
+        for key in keys:
+            try:
+                out[key] = block.get_submodule(getattr(self, key))
+            except AttributeError:
+                raise ValueError(f"{where} has no module {getattr(self, key)!r}; the architecture does not match "
+                                 "its layout in compressor.core.arch.LAYOUTS") from None
+        return out
+
+    def has_qk_norm(self, block: nn.Module) -> bool:
+        """Whether ``block`` normalizes queries (and keys) per head after their projections."""
+        if self.qk_norm is None:
+            return False
+        try:
+            block.get_submodule(self.qk_norm)
+        except AttributeError:
+            return False
+        return True
+
+    @property
+    def attention(self) -> str:
+        """The attention module's path inside a block (the parent of ``q``)."""
+        return self.q.rpartition(".")[0]
+
+    @property
+    def mlp(self) -> str:
+        """The MLP module's path inside a block (the parent of ``down``)."""
+        return self.down.rpartition(".")[0]
 
 
 _LLAMA_LIKE = DecoderLayout(
@@ -65,20 +121,204 @@ _LLAMA_LIKE = DecoderLayout(
 )
 
 # keyed by config.model_type; Qwen3's per-head q_norm/k_norm act after q/k_proj and are untouched by R1/R2
-LAYOUTS: dict[str, DecoderLayout] = {"llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE}
+LAYOUTS: dict[str, DecoderLayout] = {
+    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE,
+    "qwen3": replace(_LLAMA_LIKE, qk_norm="self_attn.q_norm"),
+}
 
 
-def layout_for(model: nn.Module) -> DecoderLayout:
+def layout_for(model: nn.Module, who: str = "rotate", kind: str = "rotation") -> DecoderLayout:
     """The :class:`DecoderLayout` of ``model`` from ``model.config.model_type``.
+
+    Raises:
+        ValueError: the family has no entry in :data:`LAYOUTS` (``who`` names the pass that needed it,
+            ``kind`` what it needed the layout for).
+    """
+    return layout_of_config(getattr(model, "config", None), who, type(model).__name__, kind)
+
+
+def layout_of_config(config: Any, who: str, what: str | None = None, kind: str = "decoder") -> DecoderLayout:
+    """The :class:`DecoderLayout` of a Hugging Face config's ``model_type``.
 
     Raises:
         ValueError: the family has no entry in :data:`LAYOUTS`.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = getattr(config, "model_type", None)
     if model_type not in LAYOUTS:
         raise ValueError(
-            f"rotate: no rotation layout for model_type={model_type!r} ({type(model).__name__}); supported: "
-            f"{sorted(LAYOUTS)} (RMSNorm decoders). Add a DecoderLayout to compressor.core.arch.LAYOUTS "
-            "for another RMSNorm family, or drop the rotate pass"
+            f"{who}: no {kind} layout for model_type={model_type!r}{f' ({what})' if what else ''}; supported: "
+            f"{sorted(LAYOUTS)} (RMSNorm decoders with a gated MLP). Add a DecoderLayout to "
+            f"compressor.core.arch.LAYOUTS for another such family, or drop the {who} pass"
         )
     return LAYOUTS[model_type]
+
+
+def head_counts(config: Any) -> tuple[int, int, int]:
+    """``(num_attention_heads, num_key_value_heads, head_dim)`` of a Hugging Face config.
+
+    ``head_dim`` is the config's own when it has one (after head pruning, or Gemma's), else
+    ``hidden_size // num_attention_heads``.
+    """
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, head_dim
+
+
+def set_config_shapes(config: Any, *, intermediate_size: int | None = None, num_heads: int | None = None,
+                      num_kv_heads: int | None = None, head_dim: int | None = None) -> dict[str, int]:
+    """Write the shrunk sizes into a Hugging Face config (in place); None leaves a field as it is.
+
+    ``head_dim`` is always written explicitly once heads change: after head
+    removal ``hidden_size // num_attention_heads`` no longer gives it.
+
+    Returns:
+        ``{config field: new value}`` for the fields whose value changed.
+    """
+    changed = {}
+    for field, value in (("intermediate_size", intermediate_size), ("num_attention_heads", num_heads),
+                         ("num_key_value_heads", num_kv_heads), ("head_dim", head_dim)):
+        if value is not None:
+            if getattr(config, field, None) != int(value):
+                changed[field] = int(value)
+            setattr(config, field, int(value))
+    return changed
+
+
+def resize_mlp(mlp: nn.Module, intermediate_size: int) -> None:
+    """Tell a gated MLP module (whose linears were already sliced) its new intermediate size."""
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = intermediate_size
+
+
+def resize_attention(attention: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Tell an attention module (whose projections were already sliced) its new head counts.
+
+    transformers 5.x attention reads ``head_dim`` and ``num_key_value_groups``; older
+    versions also ``num_heads``, ``num_key_value_heads`` and ``hidden_size``.
+    """
+    attention.num_key_value_groups = num_heads // num_kv_heads
+    for attr, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                        ("hidden_size", num_heads * head_dim)):
+        if hasattr(attention, attr):
+            setattr(attention, attr, value)
+
+
+def block_config(block: nn.Module) -> Any:
+    """The model config a Hugging Face block's submodules hold (attention and MLP keep ``self.config``).
+
+    Raises:
+        ValueError: no submodule holds a config with a ``model_type``.
+    """
+    for module in block.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) is not None:
+            return config
+    raise ValueError(f"{type(block).__name__} holds no Hugging Face config: this needs a transformers decoder "
+                     "(its attention/MLP modules keep model.config)")
+
+
+def attention_head_dim(attention: nn.Module, config: Any) -> int:
+    """The head width an attention module works with: its own ``head_dim``, else the config's (:func:`head_counts`)."""
+    return int(getattr(attention, "head_dim", None) or head_counts(config)[2])
+
+
+# ---------------------------------------------------------------- attention dispatch
+
+WRAPPABLE_ATTENTION = ("sdpa", "eager")  # implementations our attention wrappers call through (flash/flex: untested)
+
+
+def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the attention modules under ``root`` that dispatch through ``AttentionInterface``.
+
+    An attention module is the innermost module whose class name ends in
+    ``Attention``, that holds a ``config`` with ``_attn_implementation`` and
+    whose defining file uses transformers' ``ALL_ATTENTION_FUNCTIONS`` (every
+    modern transformers decoder: Llama, Mistral, Qwen2/3, Gemma, Phi-3...).
+    """
+    hits = []
+    for name, m in root.named_modules():
+        if not type(m).__name__.endswith("Attention") or not hasattr(getattr(m, "config", None), "_attn_implementation"):
+            continue
+        if getattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS", None) is None:
+            continue
+        hits.append((f"{prefix}.{name}" if prefix and name else (prefix or name), m))
+    # BertAttention holds BertSelfAttention: keep the one that calls the attention function
+    return [(n, m) for n, m in hits if not any(o.startswith(n + ".") for o, _ in hits)]
+
+
+def eager_attention(module: nn.Module) -> Callable:
+    """The model family's own ``eager_attention_forward`` (it lives in the model's file, not in the registry).
+
+    Raises:
+        ValueError: the module's file defines none.
+    """
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its module: load the model "
+                         "with attn_implementation='sdpa'")
+    return fn
+
+
+def base_attention(attention: nn.Module, what: str, wrapper_prefix: str) -> str:
+    """The attention implementation ``attention`` runs underneath any of our wrappers (``sdpa`` or ``eager``).
+
+    Args:
+        what: the feature that needs it, for the error message.
+        wrapper_prefix: the prefix of our registered wrappers' names (``"<prefix><base>"``).
+
+    Raises:
+        ValueError: no ``config._attn_implementation``, or an implementation other than sdpa / eager.
+    """
+    config = getattr(attention, "config", None)
+    if not hasattr(config, "_attn_implementation"):
+        raise ValueError(f"{type(attention).__name__} has no config._attn_implementation: {what} needs a "
+                         "transformers attention module")
+    impl = config._attn_implementation or "eager"
+    base = impl[len(wrapper_prefix):] if impl.startswith(wrapper_prefix) else impl
+    if base not in WRAPPABLE_ATTENTION:
+        raise ValueError(f"cannot {what} with attn_implementation={base!r}: load the model with "
+                         "attn_implementation='sdpa' or 'eager'")
+    if base == "eager":
+        eager_attention(attention)
+    return base
+
+
+def attention_function(base: str) -> Callable | None:
+    """transformers' registered attention function for ``base`` (None for ``eager``: each family has its own)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    return None if base == "eager" else AttentionInterface._global_mapping[base]
+
+
+def register_attention(name: str, fn: Callable, mask_like: str) -> None:
+    """Register ``fn`` with transformers' ``AttentionInterface`` as ``name``, with ``mask_like``'s mask function.
+
+    Idempotent: a name already registered is left as it is.
+    """
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    if name in AttentionInterface._global_mapping:
+        return
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[mask_like])
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The attention implementation ``model.config`` selects (``"eager"`` when unset)."""
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Select attention implementation ``name`` in ``model.config`` (every layer reads it from there)."""
+    model.config._attn_implementation = name
+
+
+def set_attention(attention: nn.Module, name: str) -> None:
+    """Point ``attention.config._attn_implementation`` (shared by every layer of the model) at ``name``."""
+    config = attention.config
+    impl = config._attn_implementation
+    if impl != name:
+        config._attn_implementation = name
+        log.info("attention implementation %s -> %s", impl, name)

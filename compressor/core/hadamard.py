@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "hadamard_factors",
+    "paley_matrix",
     "supported_bases",
     "hadamard_matrix",
     "normalized_hadamard",
@@ -125,7 +126,7 @@ def _paley_kind(m: int) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _paley(m: int) -> torch.Tensor:
+def paley_matrix(m: int) -> torch.Tensor:
     """Unnormalized Paley Hadamard matrix of order m, int8 (m, m). Cached: callers copy."""
     kind = _paley_kind(m)
     if kind == "I":  # H = I + [[0, 1ᵀ], [−1, Q]], Q antisymmetric (q ≡ 3 mod 4)
@@ -199,7 +200,7 @@ def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float64) -> torch.Tens
     h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=dtype)
     for _ in range(p.bit_length() - 1):  # Sylvester: H_{2p} = kron(H_2, H_p)
         h = torch.kron(h2, h)
-    return torch.kron(h, _paley(m).to(dtype)) if m > 1 else h
+    return torch.kron(h, paley_matrix(m).to(dtype)) if m > 1 else h
 
 
 def normalized_hadamard(n: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -259,7 +260,7 @@ def hadamard_transform(x: torch.Tensor, *, base: torch.Tensor | None = None, nor
     p, m = hadamard_factors(n)
     if m > 1:
         if base is None:
-            base = _paley(m).to(device=x.device, dtype=x.dtype)
+            base = paley_matrix(m).to(device=x.device, dtype=x.dtype)
         if base.shape != (m, m):
             raise ValueError(f"base must be the ({m}, {m}) Hadamard factor of size {n}, got {tuple(base.shape)}")
         y = x.reshape(*x.shape[:-1], p, m) @ base.T  # (..., p, m)

@@ -75,8 +75,12 @@ def resolve_model(name_or_path: str | Path, *, revision: str | None = None, trus
 
 def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cache = Path(constants.HF_HUB_CACHE)
     offline = bool(constants.HF_HUB_OFFLINE)

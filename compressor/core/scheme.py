@@ -32,6 +32,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quant",
+    "grouped",
+    "params_from_range",
 ]
 
 _OBSERVERS = ("minmax", "mse")
@@ -159,7 +161,7 @@ def _check_weight(w: torch.Tensor) -> None:
         )
 
 
-def _grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (N, K) to (N, G, width) by repeating each row's last column; mask (G, width)."""
     n, k = w.shape
     g = num_groups(k, width)
@@ -172,7 +174,7 @@ def _grouped(w: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w.view(n, g, width), valid.view(g, width)
 
 
-def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> QParams:
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme) -> QParams:
     """Scale and zero point from per-group ranges lo <= hi, both (N, G)."""
     eps = torch.finfo(lo.dtype).eps
     span = float(scheme.qmax - scheme.qmin)
@@ -265,10 +267,10 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
     """
     _check_weight(w)
     width = scheme.group_width(w.shape[1])
-    wg, valid = _grouped(w, width)  # (N, G, W), (G, W)
+    wg, valid = grouped(w, width)  # (N, G, W), (G, W)
     lo, hi = wg.amin(dim=2), wg.amax(dim=2)  # (N, G)
     if scheme.observer == "minmax":
-        return _params_from_range(lo, hi, scheme)
+        return params_from_range(lo, hi, scheme)
     return _mse_search(wg, valid, lo, hi, scheme)
 
 
@@ -276,12 +278,12 @@ def _mse_search(
     wg: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme
 ) -> QParams:
     """Grid search over shrink ratios p: range (p*lo, p*hi), keep the best per group."""
-    best = _params_from_range(lo, hi, scheme)
+    best = params_from_range(lo, hi, scheme)
     best_err = torch.full_like(lo, float("inf"))
     mask = valid.to(wg.dtype)  # (G, W)
     for i in range(scheme.mse_grid):
         p = 1.0 - scheme.mse_max_shrink * i / scheme.mse_grid
-        qp = _params_from_range(lo * p, hi * p, scheme)
+        qp = params_from_range(lo * p, hi * p, scheme)
         err = _group_error(wg, qp, scheme, mask)  # (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

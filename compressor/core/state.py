@@ -18,7 +18,9 @@ from torch import nn
 
 from compressor.core.scheme import QParams, QuantScheme
 
-__all__ = ["attach_qparams", "quant_state", "is_quantized"]
+__all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS"]
+
+QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx")  # what attach_qparams adds beside the weight
 
 
 def attach_qparams(
@@ -41,7 +43,7 @@ def attach_qparams(
     # embeddings) is untied instead of silently quantized in both places
     old = module.weight
     module.weight = nn.Parameter(weight.detach().to(old.dtype).contiguous(), requires_grad=old.requires_grad)
-    for name in ("weight_scale", "weight_zero_point", "weight_g_idx"):
+    for name in QUANT_BUFFERS:
         if name in module._buffers:
             del module._buffers[name]
     module.register_buffer("weight_scale", qp.scale.detach().clone())
@@ -53,6 +55,7 @@ def attach_qparams(
 
 
 def is_quantized(module: nn.Module) -> bool:
+    """Whether :func:`attach_qparams` was applied to ``module``."""
     return isinstance(getattr(module, "quant_scheme", None), QuantScheme)
 
 

@@ -4,9 +4,9 @@ accelerate placement (offload) and data-parallel runs under ``accelerate launch`
 from compressor.eval.choice import ChoiceItem, ChoiceResult, load_choice_tasks, score_choice_tasks
 from compressor.eval.compare import WindowScores, score_windows
 from compressor.eval.perplexity import PerplexityResult, perplexity, strided_windows
-from compressor.eval.placement import load_for_eval
 from compressor.eval.speed import SpeedResult, decode_speed, kernel_backend
 from compressor.eval.suite import SuiteConfig, evaluate_models
+from compressor.export.checkpoint import load_for_eval
 
 __all__ = [
     "ChoiceItem",

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
-from compressor.eval.placement import input_device
 from compressor.core.progress import progress
+from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
+from compressor.export.placement import input_device
 
 __all__ = ["ChoiceItem", "ChoiceResult", "SHIPPED_TASKS", "load_choice_tasks", "choice_logliks", "score_choice_tasks",
            "resolve_task_file", "split_tokens"]

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
-from compressor.eval.perplexity import PerplexityResult, strided_windows
-from compressor.eval.placement import input_device
 from compressor.core.progress import progress
+from compressor.eval.distributed import gather_in_order, is_main_process, split_for_process
+from compressor.eval.windows import PerplexityResult, strided_windows
+from compressor.export.placement import input_device
 
 __all__ = ["WindowScores", "check_context", "score_windows", "token_kl"]
 

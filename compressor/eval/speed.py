@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.eval.placement import input_device
+from compressor.export.placement import input_device
 
 __all__ = ["SpeedResult", "decode_speed", "kernel_backend"]
 
@@ -103,15 +103,15 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, steps: int, *, warmup: 
 def kernel_backend(model: nn.Module) -> str:
     """The dequant-matmul implementation the model's quantized linears run on.
 
-    Resolves the first :class:`~compressor.export.loader.QuantLinear`'s requested
+    Resolves the first :class:`~compressor.runtime.quant_linear.QuantLinear`'s requested
     backend for its device, scheme, (N, K) shape and the model's activation dtype
     (the input embedding's dtype) with :func:`compressor.kernels.dispatch.resolve_backend`.
 
     Returns:
         ``"reference"``, ``"triton"`` or ``"cpu"`` for exports; ``"dense"`` for a model without QuantLinear.
     """
-    from compressor.export.loader import QuantLinear
     from compressor.kernels.dispatch import resolve_backend
+    from compressor.runtime.quant_linear import QuantLinear
 
     layer = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
     if layer is None:

@@ -26,14 +26,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compressor.core.hub import resolve_model
 from compressor.eval.choice import ChoiceItem, load_choice_tasks, score_choice_tasks
 from compressor.eval.compare import WindowScores, score_windows
 from compressor.eval.distributed import is_main_process, num_processes, process_device
 from compressor.eval.lmeval import require_lm_eval, run_lm_eval
 from compressor.eval.perplexity import strided_windows
-from compressor.eval.placement import load_for_eval, parse_max_memory, placement_summary
 from compressor.eval.speed import decode_speed, kernel_backend
-from compressor.core.hub import resolve_model
+from compressor.export.checkpoint import load_for_eval
+from compressor.export.placement import parse_max_memory, placement_summary
 
 __all__ = ["SuiteConfig", "evaluate_models", "model_row"]
 
@@ -126,7 +127,7 @@ def model_row(path: str | Path, label: str, role: str) -> dict:
         ``model_bits_per_param`` (whole model), ``size_mb`` (all files, 1e6 bytes), ``params``,
         ``quantized_layers``.
     """
-    from compressor.inspect import summarize
+    from compressor.export.summary import summarize
 
     info = summarize(Path(path))
     return {"model": str(path), "label": label, "role": role, "bits_per_weight": info["bits_per_weight"],
@@ -144,7 +145,7 @@ def _labels(paths: list[Path]) -> list[str]:
 def _check_inputs(paths: list[Path], config: SuiteConfig) -> None:
     """Fail before any model loads: missing or corrupt checkpoints, a context the models cannot take,
     lm-eval tasks without lm_eval."""
-    from compressor.api import check_checkpoint
+    from compressor.export.checkpoint import check_checkpoint
     from compressor.export.loader import read_config
 
     if config.lm_eval_tasks:
@@ -164,7 +165,7 @@ def _check_inputs(paths: list[Path], config: SuiteConfig) -> None:
 
 def _tokenizer(paths: list[Path], trust_remote_code: bool = False) -> Any:
     """The base model's tokenizer; every other model that ships one must have the same vocabulary."""
-    from compressor.api import load_tokenizer
+    from compressor.export.checkpoint import load_tokenizer
 
     tok = load_tokenizer(paths[0], trust_remote_code=trust_remote_code)
     vocab = tok.get_vocab()

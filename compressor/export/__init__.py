@@ -1,1 +1,1 @@
-"""Export: bit packing, the compressed-tensors writer and the loader."""
+"""Floor 6, export: the compressed-tensors writer, the loader, checkpoints, summaries and accelerate placement."""

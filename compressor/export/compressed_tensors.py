@@ -15,7 +15,7 @@ Run-time parts (per-token input quantizers, the KV quantizer, online Hadamard
 transforms R4 / R3) go into ``input_activations``, ``kv_cache_scheme``,
 ``transform_config`` and our ``compressor`` extension key, with the transform
 matrices as ``<module>.<group>_<location>.weight`` (see
-:mod:`compressor.export.online`).
+:mod:`compressor.export.online_write`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from compressor.export import online
 from compressor.core.atomic import atomic_directory, write_manifest
 from compressor.core.pack import pack
-from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.scheme import QuantScheme, dequantize, quantize
+from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.state import is_quantized, quant_state
+from compressor.export import online_format, online_write
 
 __all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
 
@@ -116,13 +116,13 @@ def quantization_config(model: nn.Module) -> dict:
     One config group per distinct (weight scheme, activation order, input
     quantizer settings); ``input_activations``, ``kv_cache_scheme``,
     ``transform_config`` and the ``compressor`` extension describe the
-    run-time quantizers and online transforms (:mod:`compressor.export.online`).
+    run-time quantizers and online transforms (:mod:`compressor.export.online_write`).
 
     Raises:
         ValueError: no quantized layer, or run-time parts the format cannot record
-            (see :func:`compressor.export.online.check_online_exportable`).
+            (see :func:`compressor.export.online_write.check_online_exportable`).
     """
-    online.check_online_exportable(model)
+    online_write.check_online_exportable(model)
     groups: dict[tuple, list[str]] = {}
     linears = []
     for name, module in model.named_modules():
@@ -130,7 +130,7 @@ def quantization_config(model: nn.Module) -> dict:
             linears.append(name)
         if is_quantized(module):
             scheme, _, g_idx = quant_state(module)
-            groups.setdefault((scheme, g_idx is not None, online.input_settings(module)), []).append(name)
+            groups.setdefault((scheme, g_idx is not None, online_write.input_settings(module)), []).append(name)
     if not groups:
         raise ValueError("the model has no quantized layers: run a quantization pass before exporting")
     quantized = {n for names in groups.values() for n in names}
@@ -140,7 +140,7 @@ def quantization_config(model: nn.Module) -> dict:
         config_groups[f"group_{i}"] = {
             "targets": targets,
             "weights": scheme_to_ct_args(scheme, actorder),
-            "input_activations": None if act is None else online.input_activation_args(act[0], act[1]),
+            "input_activations": None if act is None else online_write.input_activation_args(act[0], act[1]),
             "output_activations": None,
             "format": FORMAT,
         }
@@ -152,17 +152,17 @@ def quantization_config(model: nn.Module) -> dict:
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": sorted(n for n in linears if n not in quantized),
-        "kv_cache_scheme": online.kv_cache_scheme(model),
+        "kv_cache_scheme": online_write.kv_cache_scheme(model),
         "global_compression_ratio": None,
         "sparsity_config": sparsity_config(model),
         "version": _ct_version(),
     }
-    transforms = online.transform_config(model)
+    transforms = online_write.transform_config(model)
     if transforms is not None:
         out["transform_config"] = transforms
-    ext = online.extension(model, clip_ratios)
+    ext = online_write.extension(model, clip_ratios)
     if ext is not None:
-        out[online.EXTENSION] = ext
+        out[online_format.EXTENSION] = ext
     return out
 
 
@@ -277,7 +277,7 @@ def save_compressed(
         if out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
             config["tie_word_embeddings"] = False  # lm_head was quantized on its own
     tensors = _state_dict(model)
-    tensors.update(online.transform_tensors(model))  # (n, n) float32 ±1, once per transform group and size
+    tensors.update(online_write.transform_tensors(model))  # (n, n) float32 ±1, once per transform group and size
     with atomic_directory(output, overwrite=overwrite) as tmp:
         _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -295,7 +295,7 @@ def save_compressed(
 def _versions() -> dict:
     import transformers
 
-    from compressor import __version__
+    from compressor._version import __version__
 
     versions = {"compressor": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:

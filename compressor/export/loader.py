@@ -3,7 +3,7 @@
 Besides the packed weights, an export may record per-token input quantizers
 (``input_activations``), a KV quantizer (``kv_cache_scheme``) and online
 Hadamard transforms (``transform_config``); the loader reattaches them
-(:mod:`compressor.export.online`) so the reloaded model computes what the
+(:mod:`compressor.export.online_read`) so the reloaded model computes what the
 exported one did.
 """
 
@@ -18,78 +18,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from compressor.export import online
 from compressor.core.atomic import MANIFEST, verify_manifest
-from compressor.core.pack import packed_width
-from compressor.kernels import dispatch
-from compressor.kernels.reference import dequantize_packed
-from compressor.core.scheme import QuantScheme, num_groups
-from compressor.recipe import matches
+from compressor.core.passes import matches
+from compressor.core.scheme import QuantScheme
+from compressor.export import online_format, online_read
+from compressor.runtime.activations import INPUT_CHILD
+from compressor.runtime.quant_linear import QuantLinear
 
-__all__ = ["QuantLinear", "load_compressed", "scheme_from_ct_args", "read_config"]
+__all__ = ["load_compressed", "scheme_from_ct_args", "read_config"]
 
 log = logging.getLogger(__name__)
 
 
-class QuantLinear(nn.Module):
-    """A linear layer whose weight stays packed; ``forward`` runs a dequant-matmul kernel.
-
-    Buffers (compressed-tensors names): ``weight_packed`` int32 (N, ceil(K*b/32)),
-    ``weight_scale`` (N, G), ``weight_zero_point`` int32 (ceil(N*b/32), G) when
-    asymmetric, ``weight_shape`` int64 (2,), ``weight_g_idx`` int32 (K,) with
-    activation order. Input (..., K) → output (..., N) in the input's dtype.
-
-    Optional children, as on a compressed ``nn.Linear``: ``input_transform``
-    (an online rotation, R4) runs first, then ``input_quantizer`` (per-token
-    fake quantization), then the kernel.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        scheme: QuantScheme,
-        *,
-        bias: bool = False,
-        actorder: bool = False,
-        dtype: torch.dtype = torch.float32,
-        backend: str = "auto",
-    ):
-        super().__init__()
-        self.in_features, self.out_features, self.scheme, self.backend = in_features, out_features, scheme, backend
-        groups = num_groups(in_features, scheme.group_width(in_features))
-        self.register_buffer("weight_packed", torch.empty(out_features, packed_width(in_features, scheme.bits), dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype))
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
-        zp = None if scheme.symmetric else torch.empty(packed_width(out_features, scheme.bits), groups, dtype=torch.int32)
-        self.register_buffer("weight_zero_point", zp)
-        self.register_buffer("weight_g_idx", torch.empty(in_features, dtype=torch.int32) if actorder else None)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._kernel_cache: dict = {}  # a backend's repacked copy of the weight (CPU int4 / int8 paths), keyed by tensor versions
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """(N, K) float weight in the scale dtype."""
-        return dequantize_packed(
-            self.weight_packed, self.weight_scale, self.weight_zero_point,
-            (self.out_features, self.in_features), self.scheme, self.weight_g_idx,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) → (..., N)."""
-        transform = self._modules.get(online.TRANSFORM_CHILD)
-        if transform is not None:  # R4 first: the quantizer below sees x Q, the input the fused weight expects
-            x = transform(x)
-        quantizer = self._modules.get(online.INPUT_CHILD)
-        if quantizer is not None:
-            x = quantizer(x)
-        return dispatch.dequant_matmul(
-            x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-            (self.out_features, self.in_features), self.scheme, self.weight_g_idx, self.bias,
-            backend=self.backend, cache=self._kernel_cache,
-        )
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
 
 
 def scheme_from_ct_args(args: dict) -> QuantScheme:
@@ -117,7 +57,7 @@ def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
     Raises:
         ValueError: a group without weights, with output activations, or with unsupported input activations.
     """
-    ext = (qcfg.get(online.EXTENSION) or {}).get("input_activations") or {}
+    ext = (qcfg.get(online_format.EXTENSION) or {}).get("input_activations") or {}
     groups = []
     for gname, g in qcfg["config_groups"].items():
         if not g.get("weights"):
@@ -129,7 +69,7 @@ def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
         act = None
         if g.get("input_activations"):
             act = (g["input_activations"], ext.get(gname), f"{path}: {gname}")
-            online.input_quantizer(*act)  # validates before any model is built
+            online_read.input_quantizer(*act)  # validates before any model is built
         groups.append((g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder")), act))
     return groups
 
@@ -207,9 +147,9 @@ def load_compressed(
         raise ValueError(f"{path} is not a compressed-tensors pack-quantized export; load it with transformers instead")
     if verify and (path / MANIFEST).is_file():
         verify_manifest(path)
-    online.check_transform_config(qcfg, str(path))
+    online_read.check_transform_config(qcfg, str(path))
     tensors = _load_tensors(path)
-    transform_tensors = online.pop_transform_tensors(qcfg, tensors)  # kept in float32, outside the state dict
+    transform_tensors = online_read.pop_transform_tensors(qcfg, tensors)  # kept in float32, outside the state dict
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -218,7 +158,7 @@ def load_compressed(
         dtype = scales[0].dtype if scales else torch.float32
     # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here
     tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-    impl = online.attn_implementation(qcfg)  # the one the exported quantizers wrapped (sdpa / eager)
+    impl = online_read.attn_implementation(qcfg)  # the one the exported quantizers wrapped (sdpa / eager)
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
     groups = _config_groups(qcfg, path)
@@ -234,7 +174,7 @@ def load_compressed(
                 q = QuantLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,
                                 actorder=actorder, dtype=dtype, backend=backend)
                 if act is not None:
-                    quantizers[name] = online.input_quantizer(*act)
+                    quantizers[name] = online_read.input_quantizer(*act)
                 model.set_submodule(name, q)
                 break
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -244,13 +184,13 @@ def load_compressed(
     still_meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if still_meta:
         raise ValueError(f"{path}: tensors missing from the checkpoint: {still_meta[:5]}")
-    online.attach_transforms(model, qcfg, transform_tensors, str(path))
+    online_read.attach_transforms(model, qcfg, transform_tensors, str(path))
     for name, quantizer in quantizers.items():  # QuantLinear.forward runs input_transform, then input_quantizer
-        model.get_submodule(name).add_module(online.INPUT_CHILD, quantizer)
-    online.attach_kv_quantizers(model, qcfg, str(path))
+        model.get_submodule(name).add_module(INPUT_CHILD, quantizer)
+    online_read.attach_kv_quantizers(model, qcfg, str(path))
     model.eval()
     if device_map is not None:
-        from compressor.eval.placement import place_model
+        from compressor.export.placement import place_model
 
         model = place_model(model, device_map)
     return model

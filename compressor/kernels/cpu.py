@@ -28,7 +28,7 @@ K = 72 and K = 100 did here) and 32-byte aligned rows, so
 asymmetric grids, ``g_idx``.
 
 The repack is a one-time cost per layer (:func:`prepare`, timed in
-``benchmarks/cpu_decode.py``); :class:`compressor.export.loader.QuantLinear`
+``benchmarks/cpu_decode.py``); :class:`compressor.runtime.quant_linear.QuantLinear`
 caches the result.
 """
 

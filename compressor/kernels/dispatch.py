@@ -25,34 +25,17 @@ with :func:`compressor.core.pack.unpack` and applies
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 import torch.nn.functional as F
 
 from compressor.core.pack import unpack
-from compressor.kernels import cpu, reference
 from compressor.core.scheme import QParams, QuantScheme, dequantize
+from compressor.kernels import cpu, reference
+from compressor.kernels.environment import interpreting, triton_unavailable
 
 __all__ = ["BACKENDS", "resolve_backend", "dequant_matmul", "triton_unavailable", "interpreting"]
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
-
-
-@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the import
-def triton_unavailable() -> str | None:
-    """Why the Triton kernels cannot be imported here (a sentence), or None when they can."""
-    try:
-        importlib.import_module("triton")
-    except ImportError as err:
-        return f"triton is not installed ({err}); install it with `pip install triton`"
-    return None
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_backend(

@@ -22,7 +22,7 @@ anywhere after ``rotate``; later passes see quantized activations:
 Export: ``compress(..., output=...)`` / ``save_compressed`` record the
 quantizers in ``quantization_config`` (``input_activations`` of the quantized
 linears' config groups, ``kv_cache_scheme``, clip ratio and exact KV settings
-under the ``compressor`` key; see :mod:`compressor.export.online`) and
+under the ``compressor`` key; see :mod:`compressor.export.online_format`) and
 ``load_compressed`` reattaches them. The linears whose inputs are quantized
 must have quantized weights: give this pass the weight pass's targets/ignore.
 """
@@ -31,15 +31,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
+from compressor.core.arch import attention_modules
+from compressor.core.fake_quant import check_bits, check_clip
+from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.runtime.activations import (
-    LEARNED_CLIP, ActivationQuantizer, KVQuantizer, _check_bits, _check_clip, attach_input_quantizer,
-    attach_kv_quantizer, attention_modules, qk_rotations,
+    LEARNED_CLIP,
+    ActivationQuantizer,
+    KVQuantizer,
+    attach_input_quantizer,
+    attach_kv_quantizer,
+    qk_rotations,
 )
-from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
 __all__ = ["ActivationQuantConfig", "ActivationQuantPass"]
 
@@ -79,10 +85,10 @@ class ActivationQuantConfig(PassConfig):
             raise ValueError("quantize_activations: bits and kv_bits are both null, so there is nothing to do: "
                              "set bits (linear inputs, e.g. 8) and/or kv_bits (keys and values, e.g. 4)")
         if self.bits is not None:
-            _check_bits(self.bits, "quantize_activations.bits")
+            check_bits(self.bits, "quantize_activations.bits")
         if self.kv_bits is not None:
-            _check_bits(self.kv_bits, "quantize_activations.kv_bits")
-        _check_clip(self.clip_ratio, "quantize_activations.clip_ratio")
+            check_bits(self.kv_bits, "quantize_activations.kv_bits")
+        check_clip(self.clip_ratio, "quantize_activations.clip_ratio")
         for name in ("symmetric", "kv_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantize_activations.{name} must be true or false, got {getattr(self, name)!r}")
@@ -103,6 +109,7 @@ class ActivationQuantPass(Pass):
 
     name = "quantize_activations"
     config_cls = ActivationQuantConfig
+    resumable: ClassVar[bool] = False  # a block restored from a checkpoint would come back without its quantizers
 
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context: Any) -> None:
         """Quantize the activations of ``model`` in place.
@@ -136,11 +143,8 @@ class ActivationQuantPass(Pass):
         kv = attention_modules(block, prefix) if self.config.kv_bits is not None else []
         self._attach(self._linears(block, prefix, None), kv)
 
-    def plan(self, model: nn.Module, ids: Any, config: Any) -> None:
-        """Refuse block checkpoints: a resumed block would come back without its (stateless) quantizers."""
-        if getattr(config, "checkpoint_dir", None) is not None:
-            raise ValueError("quantize_activations does not support checkpoint_dir yet (resumed blocks would lose "
-                             "their activation quantizers): run without checkpoint_dir")
+    def plan(self, model: nn.Module, input_ids: Any, sweep: Any) -> None:
+        """Say what a rotated model without R3 misses, before the block loop."""
         self._hint_r3(model)
 
     def _hint_r3(self, model: nn.Module) -> None:

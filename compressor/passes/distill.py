@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compressor.algorithms.distill.chunked import CHUNKED_KINDS
-from compressor.pipeline.trainer import DistillConfig, distill
-from compressor.recipe import Pass, PassConfig, register_pass
+from compressor.core.passes import Pass, PassConfig, register_pass
+from compressor.pipeline.trainer import DistillConfig, TrainSettings, distill
 
 __all__ = ["DistillPassConfig", "DistillPass"]
 
@@ -24,31 +24,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillPassConfig(PassConfig):
+class DistillPassConfig(TrainSettings, PassConfig):
     """Distillation as a recipe step (``targets`` / ``ignore`` are not used: the whole student trains).
 
     Attributes:
         steps, batch_size, grad_accum, lr, weight_decay, warmup, kind, temperature,
         alpha, chunk_size, mixed_precision, gradient_checkpointing, max_grad_norm:
-            as in :class:`compressor.pipeline.trainer.DistillConfig`.
+            the :class:`compressor.pipeline.trainer.TrainSettings`.
         data: a text source for the training windows; None: the calibration set.
         samples: windows drawn from ``data``.
         seq_len: tokens per window drawn from ``data``.
     """
 
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    alpha: float = 0.0
-    chunk_size: int = 256
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
     data: str | None = None
     samples: int = 256
     seq_len: int = 256
@@ -63,8 +50,7 @@ class DistillPassConfig(PassConfig):
 
     def trainer_config(self, seed: int = 0, quiet: bool = False) -> DistillConfig:
         """The :class:`DistillConfig` these settings describe."""
-        names = {f.name for f in fields(DistillConfig)}
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+        values = {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
         return DistillConfig(**values, seed=seed, quiet=quiet)
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compressor.algorithms.distill.students import prepare_student
+from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.pipeline.cache import select_rows
-from compressor.recipe import Pass, PassConfig, register_pass
 
 __all__ = ["BlockDistillConfig", "BlockDistillPass"]
 

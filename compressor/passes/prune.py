@@ -17,21 +17,21 @@ as both papers measure them on the dense model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from compressor.algorithms.hessian import HessianAccumulator
-from compressor.pipeline.inputs import SharedInputs
 from compressor.algorithms.prune import allocation as alloc
-from compressor.core.progress import progress
 from compressor.algorithms.prune.masks import SCOPES, check_sparsity, parse_structure, prune_count, select_mask
 from compressor.algorithms.prune.scores import InputNormAccumulator, magnitude_scores, wanda_scores
 from compressor.algorithms.prune.sparsegpt import sparsegpt_prune
+from compressor.core.passes import Pass, PassConfig, Sweep, register_pass, select_modules
+from compressor.core.progress import progress
 from compressor.core.sparsity import attach_mask
 from compressor.core.state import is_quantized
-from compressor.recipe import Pass, PassConfig, register_pass, select_modules
+from compressor.pipeline.inputs import SharedInputs
 
 __all__ = ["PruneConfig", "PrunePass", "METHODS"]
 
@@ -185,14 +185,14 @@ class PrunePass(Pass):
 
     # ------------------------------------------------------------ allocation
 
-    def plan(self, model: nn.Module, input_ids: torch.Tensor | None = None, pipeline=None) -> dict[str, float]:
+    def plan(self, model: nn.Module, input_ids: torch.Tensor | None = None, sweep: Sweep | None = None) -> dict[str, float]:
         """Decide every targeted linear's sparsity before any is pruned.
 
         Args:
             model: the dense model.
             input_ids: (S, L) int64 calibration ids; needed by ``owl`` and ``dp``.
-            pipeline: :class:`compressor.pipeline.sequential.PipelineConfig` of
-                the calibration sweep (its checkpointing is turned off).
+            sweep: runs the sequential pipeline's calibration over the model with given passes
+                (:func:`compressor.pipeline.schedule.sweeper`); needed by ``owl`` and ``dp``.
 
         Returns:
             linear name → sparsity (also kept in :attr:`sparsity_plan`).
@@ -206,17 +206,14 @@ class PrunePass(Pass):
             rule = alloc.global_magnitude if cfg.allocation == "global" else alloc.lamp
             plan = dict(zip([n for n, _ in linears], rule([m.weight.data for _, m in linears], cfg.sparsity)))
         else:
-            if input_ids is None:
+            if input_ids is None or sweep is None:
                 raise ValueError(f"allocation={cfg.allocation!r} measures the dense model on calibration data: "
                                  "pass calibration=... to compress()")
-            from compressor.pipeline.sequential import PipelineConfig, run_sequential
-
-            sweep = _AllocationSweep(cfg)
-            pipeline = replace(pipeline or PipelineConfig(), checkpoint_dir=None)
-            run_sequential(model, [sweep], input_ids, pipeline)
+            statistics = _AllocationSweep(cfg)
+            sweep([statistics])
             if cfg.allocation == "dp" and cfg.dp_distortion == "output":
-                sweep.probe(model, input_ids[: cfg.dp_probe], quiet=pipeline.quiet)
-            plan = sweep.allocate({n: m.weight.numel() for n, m in linears})
+                statistics.probe(model, input_ids[: cfg.dp_probe], quiet=sweep.quiet)
+            plan = statistics.allocate({n: m.weight.numel() for n, m in linears})
         self.sparsity_plan = plan
         done = alloc.achieved_sparsity([m.weight.numel() for _, m in linears], [plan[n] for n, _ in linears])
         log.info("prune: %s allocation, %d layers, sparsity %.3f-%.3f, overall %.4f", cfg.allocation, len(plan),
@@ -246,7 +243,7 @@ class PrunePass(Pass):
             raise ValueError(f"prune: no nn.Linear matches targets={list(self.config.targets)} "
                              f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`")
         if self.sparsity_plan is None and self.config.allocation != "uniform":
-            self.plan(model)
+            self.plan(model)  # global / lamp: weights only, no sweep
         log.info("prune: magnitude %s (%s) on %d layers", self.config.target, self.config.allocation, len(layers))
         for name, module in progress(layers, "prune", quiet=quiet):
             self._magnitude(name, module)
@@ -390,8 +387,8 @@ class _AllocationSweep(Pass):
             model: the dense model (unchanged on return).
             input_ids: (P, T) int64 probe sequences.
         """
-        from compressor.core.arch import find_blocks
         from compressor.algorithms.prune.probe import output_distortion
+        from compressor.core.arch import find_blocks
 
         blocks_name, blocks = find_blocks(model)
         prefixes = [f"{blocks_name}.{i}" for i in range(len(blocks))]

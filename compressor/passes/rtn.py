@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from compressor.core.progress import progress
 from compressor.core.layers import QUANTIZABLE, is_quantizable, layer_view
+from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
+from compressor.core.progress import progress
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 from compressor.core.sparsity import prune_mask
 from compressor.core.state import attach_qparams
-from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
 __all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module"]
 

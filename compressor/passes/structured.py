@@ -17,12 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.core.arch import DecoderLayout, find_blocks
-from compressor.pipeline.inputs import SharedInputs
-from compressor.core.progress import progress
 from compressor.algorithms.prune.masks import prune_count
 from compressor.algorithms.prune.scores import InputNormAccumulator
-from compressor.core.sparsity import is_pruned
 from compressor.algorithms.prune.structured import (
     UnitCovarianceAccumulator,
     head_scores,
@@ -30,11 +26,20 @@ from compressor.algorithms.prune.structured import (
     mlp_channel_scores,
     remove_heads,
     remove_mlp_channels,
-    set_config_shapes,
-    structured_layout,
 )
+from compressor.core.arch import (
+    DecoderLayout,
+    attention_head_dim,
+    block_config,
+    find_blocks,
+    layout_of_config,
+    set_config_shapes,
+)
+from compressor.core.passes import Pass, PassConfig, register_pass
+from compressor.core.progress import progress
+from compressor.core.sparsity import is_pruned
 from compressor.core.state import is_quantized
-from compressor.recipe import Pass, PassConfig, register_pass
+from compressor.pipeline.inputs import SharedInputs
 from compressor.runtime.online import online_transforms
 
 __all__ = ["SCORES", "HEAD_UNITS", "StructuredPruneConfig", "StructuredPrunePass"]
@@ -48,20 +53,8 @@ HEAD_UNITS = ("query", "group")
 # ---------------------------------------------------------------- one block
 
 
-def _block_config(block: nn.Module) -> Any:
-    """The model config a Hugging Face block's submodules hold (attention and MLP keep ``self.config``)."""
-    for module in block.modules():
-        config = getattr(module, "config", None)
-        if getattr(config, "model_type", None) is not None:
-            return config
-    raise ValueError(f"{type(block).__name__} holds no Hugging Face config: structured pruning needs a "
-                     "transformers decoder (its attention/MLP modules keep model.config)")
 
 
-def _head_dim(block: nn.Module, layout: DecoderLayout, config: Any) -> int:
-    attn = block.get_submodule(layout.q.rpartition(".")[0])
-    head_dim = getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
-    return int(head_dim or config.hidden_size // config.num_attention_heads)
 
 
 def _check_block(block: nn.Module, layout: DecoderLayout, prefix: str) -> None:
@@ -183,10 +176,10 @@ class StructuredPrunePass(Pass):
         Returns:
             the observed linears.
         """
-        config = _block_config(block)
-        layout = structured_layout(config)
+        config = block_config(block)
+        layout = layout_of_config(config, "prune_structured", kind="gated-MLP")
         _check_block(block, layout, prefix)
-        head_dim, watch = _head_dim(block, layout, config), []
+        head_dim, watch = attention_head_dim(block.get_submodule(layout.attention), config), []
         self._removals(block, layout, head_dim)  # a fraction that removes nothing fails before the forwards
         if self.config.mlp_fraction > 0:
             watch.append(layout.down)
@@ -230,10 +223,10 @@ class StructuredPrunePass(Pass):
 
     def _prune(self, block: nn.Module, prefix: str, stats: dict[str, Any]) -> None:
         cfg = self.config
-        config = _block_config(block)
-        layout = structured_layout(config)
+        config = block_config(block)
+        layout = layout_of_config(config, "prune_structured", kind="gated-MLP")
         _check_block(block, layout, prefix)
-        head_dim = _head_dim(block, layout, config)
+        head_dim = attention_head_dim(block.get_submodule(layout.attention), config)
         mlp_remove, head_remove = self._removals(block, layout, head_dim)
         sizes: dict[str, int] = {}
         if cfg.mlp_fraction > 0:

@@ -17,9 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compressor.core.sparsity import SparsityInfo, is_pruned
-from compressor.core.scheme import QuantScheme
-from compressor.core.state import is_quantized
+from compressor.core.module_state import STATE_KINDS
 
 __all__ = ["BlockCheckpoint"]
 
@@ -57,18 +55,19 @@ class BlockCheckpoint:
         return tensors.is_file() and meta.is_file()
 
     def save(self, i: int, block: nn.Module) -> None:
-        """Write block ``i``'s state, the schemes of its quantized modules and its pruning masks, atomically."""
+        """Write block ``i``'s state and every module's extra state (:data:`compressor.core.module_state.STATE_KINDS`:
+        quantization schemes, pruning masks...), atomically."""
         tensors_path, meta_path = self._paths(i)
         state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         # tied / shared tensors inside a block would make safetensors refuse; store copies
         state = {k: v.clone() for k, v in state.items()}
-        schemes = {name: m.quant_scheme.to_dict() for name, m in block.named_modules() if is_quantized(m)}
-        pruned = {name: vars(m.sparsity_info) for name, m in block.named_modules() if is_pruned(m)}
+        meta: dict[str, dict] = {kind.key: {} for kind in STATE_KINDS}
         for name, m in block.named_modules():
-            if is_pruned(m) and m._buffers.get("weight_mask") is not None:
-                # the mask itself, not weight != 0: after quantization some kept weights round to zero
-                state[f"{name}.weight_mask"] = m.weight_mask.detach().cpu().contiguous()
-        meta = {"schemes": schemes, "pruned": pruned}
+            for kind in STATE_KINDS:
+                described = kind.describe(m)
+                if described is not None:
+                    meta[kind.key][name] = described
+                    state.update({f"{name}.{b}": t for b, t in kind.extra_tensors(m).items()})
         for path, write in ((tensors_path, lambda p: save_file(state, str(p))),
                             (meta_path, lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))):
             tmp = path.with_suffix(path.suffix + ".tmp")
@@ -76,27 +75,19 @@ class BlockCheckpoint:
             os.replace(tmp, path)
 
     def load(self, i: int, block: nn.Module) -> None:
-        """Restore block ``i`` in place (weights, quantization buffers and schemes, pruning masks)."""
+        """Restore block ``i`` in place (weights, then every module's extra state)."""
         tensors_path, meta_path = self._paths(i)
         state = load_file(str(tensors_path))
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        schemes = meta["schemes"]
         device = next(block.parameters()).device
-        for name, info in meta.get("pruned", {}).items():
-            module = block.get_submodule(name)
-            module.sparsity_info = SparsityInfo(**info)
-            mask = state.pop(f"{name}.weight_mask", None)
-            if mask is not None:
-                module.register_buffer("weight_mask", mask.to(device), persistent=False)
-        for name, scheme in schemes.items():
-            module = block.get_submodule(name)
-            module.quant_scheme = QuantScheme(**scheme)
-            for buf in ("weight_scale", "weight_zero_point", "weight_g_idx"):
-                if f"{name}.{buf}" in state:
-                    module.register_buffer(buf, state.pop(f"{name}.{buf}").to(device))
-        quant_buffers = {f"{n}.{b}" for n in schemes for b in ("weight_scale", "weight_zero_point", "weight_g_idx")}
+        restored: set[str] = set()  # buffers the kinds put back themselves
+        for kind in STATE_KINDS:
+            for name, described in meta.get(kind.key, {}).items():
+                found = {b: state.pop(f"{name}.{b}") for b in kind.buffers if f"{name}.{b}" in state}
+                kind.restore(block.get_submodule(name), described, found, device)
+                restored |= {f"{name}.{b}" for b in kind.buffers}
         missing, unexpected = block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
-        missing = [k for k in missing if k not in quant_buffers]
+        missing = [k for k in missing if k not in restored]
         if missing or unexpected:
             raise ValueError(f"checkpoint {tensors_path} does not match the block (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}): delete the checkpoint directory and start again")

@@ -20,10 +20,10 @@ import logging
 import torch
 from torch import nn
 
-from compressor.pipeline.cache import to_device
 from compressor.core.layers import is_quantizable
+from compressor.core.passes import Pass, select_modules
 from compressor.core.progress import progress
-from compressor.recipe import Pass, select_modules
+from compressor.pipeline.cache import to_device
 
 __all__ = ["run_layerwise"]
 
@@ -74,7 +74,7 @@ def run_layerwise(model: nn.Module, passes: list[Pass], inputs: torch.Tensor, *,
                             p.name, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
             if not layers:
                 raise ValueError(f"{p.name}: no layer matches targets={list(p.config.targets)}")
-            fp_model = copy.deepcopy(model) if getattr(p, "wants_fp_inputs", False) else None
+            fp_model = copy.deepcopy(model) if p.wants_fp_inputs else None
             fp_modules = dict(fp_model.named_modules()) if fp_model is not None else {}
             for name, layer in progress(layers, p.name, quiet=quiet):
                 if fp_model is not None:

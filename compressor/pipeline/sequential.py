@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from compressor.core.arch import find_blocks
+from compressor.core.passes import Pass
+from compressor.core.progress import progress
 from compressor.pipeline.cache import ActivationCache
 from compressor.pipeline.checkpoint import BlockCheckpoint
-from compressor.core.progress import progress
-from compressor.recipe import Pass
 
 __all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]
 
@@ -153,16 +153,20 @@ def run_sequential(
     Args:
         model: a Hugging Face model (weights anywhere; each block is moved to
             the compute device while it is processed, then back).
-        passes: passes in recipe order. Calibrated passes implement
-            ``begin_block(block, prefix)`` (returning the modules whose inputs
-            they record, or None) / ``end_block(block, prefix, ...)``;
-            calibration-free passes implement ``compress_block(block, prefix)``.
+        passes: passes in recipe order, driven through the hooks declared on
+            :class:`compressor.core.passes.Pass`: calibrated passes through
+            ``begin_block`` / ``end_block``, calibration-free ones through ``compress_block``.
         input_ids: (S, L) int64 calibration sequences.
         config: device, cache location, batch size, checkpointing.
         fingerprint: identifies the run for checkpoint resume (recipe, data hash).
     """
     if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
         raise ValueError(f"calibration input_ids must be an int64 (S, L) tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if config.checkpoint_dir is not None:
+        for p in passes:
+            if not p.resumable:
+                raise ValueError(f"{p.name} does not support checkpoint_dir yet (a block resumed from a checkpoint "
+                                 "would come back without what it attached): run without checkpoint_dir")
     device = config.resolved_device()
     blocks_name, blocks = find_blocks(model)
     was_training = model.training
@@ -170,7 +174,7 @@ def run_sequential(
     ckpt = BlockCheckpoint(config.checkpoint_dir, fingerprint or {}) if config.checkpoint_dir else None
     cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config)
     # passes that reconstruct the full-precision model's block outputs need its activations too
-    fp_cache = cache.copy() if any(getattr(p, "wants_fp_targets", False) for p in passes) else None
+    fp_cache = cache.copy() if any(p.wants_fp_targets for p in passes) else None
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
@@ -208,7 +212,7 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
     pass pairs the streams, its full-precision forwards provide them (one
     forward saved per batch), otherwise they are computed up front.
     """
-    paired_first = bool(passes) and getattr(passes[0], "wants_fp_inputs", False) and not passes[0].staged
+    paired_first = bool(passes) and passes[0].wants_fp_inputs and not passes[0].staged
     fp_out = _fp_outputs(block, fp_cache) if not paired_first else None
     for k, p in enumerate(passes):
         if not p.requires_calibration:
@@ -219,7 +223,7 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
             for stage in stages:
                 p.stage = stage
                 observed = p.begin_block(block, prefix)
-                if getattr(p, "wants_fp_inputs", False):
+                if p.wants_fp_inputs:
                     out = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0 and paired_first)
                     if k == 0 and paired_first:
                         fp_out = out

@@ -35,7 +35,7 @@ from compressor.algorithms.distill.chunked import CHUNKED_KINDS, chunked_distill
 from compressor.algorithms.distill.students import StudentState, prepare_student
 from compressor.core.progress import progress
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "global_batch"]
+__all__ = ["TrainSettings", "DistillConfig", "DistillResult", "distill", "global_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ _STATE = "trainer_state.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """Settings of one distillation run.
+class TrainSettings:
+    """The training knobs of a distillation run, shared by :class:`DistillConfig` and the ``distill`` pass's config.
 
     Attributes:
         steps: optimizer steps.
@@ -62,10 +62,6 @@ class DistillConfig:
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate autocast).
         gradient_checkpointing: recompute the student's activations in backward.
         max_grad_norm: gradient clipping (0: off).
-        checkpoint_every: save a resumable checkpoint every this many steps (0: at the end only).
-        eval_every: call the ``evaluate`` callback every this many steps (0: never).
-        seed: data order and any randomness of the run.
-        quiet: no progress bar.
     """
 
     steps: int = 100
@@ -81,6 +77,19 @@ class DistillConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(TrainSettings):
+    """Settings of one distillation run: the :class:`TrainSettings`, plus
+
+    Attributes:
+        checkpoint_every: save a resumable checkpoint every this many steps (0: at the end only).
+        eval_every: call the ``evaluate`` callback every this many steps (0: never).
+        seed: data order and any randomness of the run.
+        quiet: no progress bar.
+    """
+
     checkpoint_every: int = 0
     eval_every: int = 0
     seed: int = 0

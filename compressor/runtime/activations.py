@@ -41,25 +41,33 @@ Where the quantizers live:
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
+from compressor.core.arch import attention_function, base_attention, eager_attention, register_attention, set_attention
+from compressor.core.fake_quant import (
+    check_bits,
+    check_clip,
+    check_group,
+    fake_quant_per_head,
+    fake_quant_per_token,
+    straight_through,
+)
 from compressor.runtime import online
 from compressor.runtime.online import OnlineHadamard
 
 __all__ = [
-    "fake_quant_per_token",
-    "fake_quant_per_head",
     "ActivationQuantizer",
     "KVQuantizer",
     "QKRotation",
     "attach_input_quantizer",
     "attach_kv_quantizer",
     "attach_qk_rotation",
-    "attention_modules",
+    "wrapped_attention",
+    "check_transform_first",
+    "unwrapped_attention",
     "activation_quantizers",
     "qk_rotations",
     "KV_ATTENTION_PREFIX",
@@ -74,146 +82,6 @@ QK_CHILD = "qk_rotation"
 # {"bits": int, "symmetric": bool, "clip_ratio": float}; quantize_activations uses it when its grid matches
 LEARNED_CLIP = "learned_clip"
 KV_ATTENTION_PREFIX = "compressor_kvquant:"
-MAX_BITS = 16
-KV_BASES = ("sdpa", "eager")  # attention implementations the KV quantizer wraps
-
-
-def _check_bits(bits: int, what: str = "bits") -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
-        raise ValueError(f"{what}={bits!r} is not supported: use an integer from 2 to {MAX_BITS} (8 or 4 usually)")
-
-
-def _check_clip(clip_ratio: float, what: str = "clip_ratio") -> None:
-    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0.0 < clip_ratio <= 1.0:
-        raise ValueError(f"{what}={clip_ratio!r} is out of range: use a ratio in (0, 1], e.g. 1.0 (no clipping) or 0.9")
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` in the forward, identity gradient to ``x``."""
-    return x + (torch.round(x) - x).detach()
-
-
-def _fake_quant_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor,
-                     range_grad: bool = False) -> torch.Tensor:
-    """Fake-quantize each row of x (..., K) over its last dim; float32/float64 in and out.
-
-    With ``range_grad`` (and ``x.requires_grad``) only the rounding is
-    straight-through: the gradient also flows through each row's scale, i.e.
-    its min / max (LSQ-style), so training sees that a smaller range means a
-    finer grid. Otherwise the result carries no gradient. ``clip_ratio`` may
-    be a 0-d float tensor that requires grad (a learned clip, OSTQuant's
-    ``learn_clip``); with ``range_grad`` it gets a gradient through the scale.
-    """
-    rnd = _round_ste if range_grad and x.requires_grad else torch.round
-    if symmetric:
-        qmax = float((1 << (bits - 1)) - 1)
-        qmin = -qmax - 1.0
-        scale = x.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax  # (..., 1)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
-        return torch.clamp(rnd(x / scale), qmin, qmax) * scale
-    qmax = float((1 << bits) - 1)
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0) * clip_ratio  # (..., 1), <= 0
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0) * clip_ratio  # (..., 1), >= 0
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.round(-lo / scale)  # in [0, qmax]; no gradient
-    return (torch.clamp(rnd(x / scale) + zp, 0.0, qmax) - zp) * scale
-
-
-def fake_quant_per_token(
-    x: torch.Tensor, bits: int, *, symmetric: bool = True, clip_ratio: float | torch.Tensor = 1.0,
-    range_grad: bool = False
-) -> torch.Tensor:
-    """Quantize-dequantize every token of ``x`` on its own grid (dynamic per-token).
-
-    Args:
-        x: (..., K) float activations; each row over the last dim is a token.
-        bits: 2-16.
-        symmetric: signed grid ``[-2^(b-1), 2^(b-1) - 1]`` without zero point,
-            or unsigned ``[0, 2^b - 1]`` with an integer zero point.
-        clip_ratio: in (0, 1]; the token's range is shrunk by it and values
-            beyond saturate. May be a 0-d float tensor, e.g. a learned ratio
-            that requires grad (OSTQuant's ``learn_clip``; with ``range_grad``
-            it gets a gradient through the scale); its value is the caller's
-            to keep in (0, 1], since checking it would synchronize the device.
-        range_grad: when ``x`` requires grad, the result does too: the
-            rounding is straight-through and the gradient also reaches each
-            token's min / max through its scale (for training transforms that
-            shrink the range; :mod:`compressor.algorithms.transforms.ostquant`). False:
-            the result is constant (wrap it in a straight-through estimator).
-
-    Returns:
-        (..., K), same dtype as ``x``; each token holds at most ``2^bits``
-        distinct values. Half precision is quantized in float32.
-
-    Raises:
-        ValueError: bad ``bits`` / ``clip_ratio`` or a non-float ``x``.
-    """
-    _check_bits(bits)
-    if isinstance(clip_ratio, torch.Tensor):
-        if clip_ratio.dim() != 0 or not clip_ratio.is_floating_point():
-            raise ValueError(f"clip_ratio as a tensor must be a 0-d float tensor, got shape "
-                             f"{tuple(clip_ratio.shape)} {clip_ratio.dtype}")
-    else:
-        _check_clip(clip_ratio)
-        clip_ratio = float(clip_ratio)
-    if not x.is_floating_point():
-        raise ValueError(f"activation fake quantization needs a float tensor, got {x.dtype}")
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return _fake_quant_rows(work, bits, symmetric, clip_ratio, range_grad).to(x.dtype)
-
-
-def fake_quant_per_head(
-    x: torch.Tensor,
-    bits: int,
-    *,
-    symmetric: bool = False,
-    group_size: int | None = None,
-    clip_ratio: float = 1.0,
-    range_grad: bool = False,
-) -> torch.Tensor:
-    """Per-head, per-token fake quantization of keys or values (QuaRot §4 / OSTQuant KV cache).
-
-    Args:
-        x: (B, H, T, D) keys or values (``H`` kv heads, ``D`` head_dim).
-        bits: 2-16.
-        symmetric: as :func:`fake_quant_per_token` (KV caches are usually asymmetric).
-        group_size: columns of head_dim sharing one scale; None means all of
-            head_dim (one scale per batch, head and token). Must divide D.
-        clip_ratio: in (0, 1].
-        range_grad: as :func:`fake_quant_per_token`.
-
-    Returns:
-        (B, H, T, D), same dtype; one scale per (b, h, t, group).
-
-    Raises:
-        ValueError: ``x`` is not 4-D, or ``group_size`` does not divide D.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"per-head quantization expects (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}")
-    d = x.shape[-1]
-    g = _check_group(group_size, d)
-    grouped = x.reshape(*x.shape[:-1], d // g, g)  # (B, H, T, D/g, g)
-    out = fake_quant_per_token(grouped, bits, symmetric=symmetric, clip_ratio=clip_ratio, range_grad=range_grad)
-    return out.reshape(x.shape)
-
-
-def _check_group(group_size: int | None, head_dim: int) -> int:
-    """The group width for ``head_dim``; raises naming the valid divisors."""
-    if group_size is None:
-        return head_dim
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or head_dim % group_size:
-        divisors = [k for k in range(1, head_dim + 1) if head_dim % k == 0]
-        raise ValueError(f"kv_group_size={group_size!r} does not divide head_dim={head_dim}: use one of {divisors} "
-                         "or null (the whole head)")
-    return group_size
-
-
-def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``q`` in the forward, identity gradient to ``x`` (straight-through estimator) when training through it."""
-    return x + (q - x).detach() if x.requires_grad else q
-
-
 class ActivationQuantizer(nn.Module):
     """Dynamic per-token fake quantization of a linear's input: x (..., K) → (..., K), same dtype.
 
@@ -228,14 +96,14 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0):
         super().__init__()
-        _check_bits(bits)
-        _check_clip(clip_ratio)
+        check_bits(bits)
+        check_clip(clip_ratio)
         self.bits, self.symmetric, self.clip_ratio = bits, symmetric, float(clip_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) float → (..., K) on each token's grid."""
         q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio)
-        return _straight_through(x, q)
+        return straight_through(x, q)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-token, clip_ratio={self.clip_ratio}"
@@ -258,7 +126,7 @@ class KVQuantizer(nn.Module):
     def __init__(self, bits: int, *, symmetric: bool = False, group_size: int | None = None, base: str = "sdpa",
                  range_grad: bool = False):
         super().__init__()
-        _check_bits(bits, "kv_bits")
+        check_bits(bits, "kv_bits")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"kv_group_size={group_size!r} is invalid: use a positive divisor of head_dim or null")
         self.bits, self.symmetric, self.group_size, self.base = bits, symmetric, group_size, base
@@ -270,8 +138,8 @@ class KVQuantizer(nn.Module):
         if self.range_grad:
             return (fake_quant_per_head(key, self.bits, range_grad=True, **kw),
                     fake_quant_per_head(value, self.bits, range_grad=True, **kw))
-        return (_straight_through(key, fake_quant_per_head(key, self.bits, **kw)),
-                _straight_through(value, fake_quant_per_head(value, self.bits, **kw)))
+        return (straight_through(key, fake_quant_per_head(key, self.bits, **kw)),
+                straight_through(value, fake_quant_per_head(value, self.bits, **kw)))
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -331,16 +199,18 @@ def _quantize_input(module: nn.Module, args: tuple, kwargs: dict):
     hook must already have run (it was attached first); a transform attached
     after the quantizer would rotate the quantized input, so that raises.
     """
-    if online._CHILD in module._modules:
-        _check_transform_first(module)
+    if online.TRANSFORM_CHILD in module._modules:
+        check_transform_first(module)
     return online.map_input(module, args, kwargs, INPUT_CHILD)
 
 
-def _check_transform_first(module: nn.Module) -> None:
+def check_transform_first(module: nn.Module) -> None:
+    """Raise unless ``module``'s online input transform (if any) runs before its input quantizer."""
     hooks = list(module._forward_pre_hooks.values())
-    if online._rotate_input in hooks and hooks.index(online._rotate_input) > hooks.index(_quantize_input):
+    rotations = [i for i, h in enumerate(hooks) if online.is_input_transform_hook(h)]
+    if rotations and rotations[0] > hooks.index(_quantize_input):
         raise ValueError(
-            f"{type(module).__name__}: its online {online._CHILD} was attached after its {INPUT_CHILD}, so it "
+            f"{type(module).__name__}: its online {online.TRANSFORM_CHILD} was attached after its {INPUT_CHILD}, so it "
             "would rotate already-quantized inputs; rotate the model first, then quantize activations "
             "(put the rotate pass first in the recipe)"
         )
@@ -366,18 +236,9 @@ def attach_input_quantizer(linear: nn.Linear, quantizer: ActivationQuantizer) ->
 # ---------------------------------------------------------------- keys and values
 
 
-def _eager_attention(module: nn.Module) -> Callable:
-    """The model family's own ``eager_attention_forward`` (it lives in the model's file, not in the registry)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its module: load the model "
-                         "with attn_implementation='sdpa' before quantizing its KV cache")
-    return fn
-
-
-def _kv_attention(base: str, registry: dict) -> Callable:
+def _kv_attention(base: str) -> Callable:
     """Attention function: R3 on query and key, then fake-quantize key and value, each when the module has it; then ``base``."""
-    shared = None if base == "eager" else registry[base]
+    shared = attention_function(base)
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs):
@@ -388,81 +249,37 @@ def _kv_attention(base: str, registry: dict) -> Callable:
         quantizer = module._modules.get(KV_CHILD)
         if quantizer is not None:
             key, value = quantizer(key, value)
-        fn = shared if shared is not None else _eager_attention(module)
+        fn = shared if shared is not None else eager_attention(module)
         return fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"kvquant_{base}_attention"
     return attention
 
 
+def unwrapped_attention(implementation: str) -> str:
+    """The implementation underneath our KV wrapper's name (``compressor_kvquant:sdpa`` → ``sdpa``); others as given."""
+    return implementation[len(KV_ATTENTION_PREFIX):] if implementation.startswith(KV_ATTENTION_PREFIX) else implementation
+
+
 def _register_kv_attention(base: str) -> str:
-    """Register ``compressor_kvquant:<base>`` (attention and mask functions) with transformers; returns the name.
-
-    Idempotent. The mask function is ``base``'s, so padding and causal masks
-    are built exactly as for ``base``.
-    """
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
+    """Register ``compressor_kvquant:<base>`` with transformers (idempotent); returns the name."""
     name = KV_ATTENTION_PREFIX + base
-    if name in AttentionInterface._global_mapping:
-        return name
-    if base not in KV_BASES:  # flash / flex kernels take other masks and dtypes: not wrapped (untested)
-        raise ValueError(f"cannot wrap attn_implementation={base!r}: load the model with "
-                         "attn_implementation='sdpa' or 'eager'")
-    masks = AttentionMaskInterface._global_mapping
-    AttentionInterface.register(name, _kv_attention(base, AttentionInterface._global_mapping))
-    AttentionMaskInterface.register(name, masks[base])
+    register_attention(name, _kv_attention(base), mask_like=base)
     return name
 
 
-def attention_modules(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the attention modules under ``root`` that dispatch through ``AttentionInterface``.
-
-    An attention module is the innermost module whose class name ends in
-    ``Attention``, that holds a ``config`` with ``_attn_implementation`` and
-    whose defining file uses transformers' ``ALL_ATTENTION_FUNCTIONS`` (every
-    modern transformers decoder: Llama, Mistral, Qwen2/3, Gemma, Phi-3...).
-    """
-    hits = []
-    for name, m in root.named_modules():
-        if not type(m).__name__.endswith("Attention") or not hasattr(getattr(m, "config", None), "_attn_implementation"):
-            continue
-        if getattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS", None) is None:
-            continue
-        hits.append((f"{prefix}.{name}" if prefix and name else (prefix or name), m))
-    # BertAttention holds BertSelfAttention: keep the one that calls the attention function
-    return [(n, m) for n, m in hits if not any(o.startswith(n + ".") for o, _ in hits)]
-
-
-def _wrapped_attention(attention: nn.Module, what: str) -> tuple[str, str]:
+def wrapped_attention(attention: nn.Module, what: str) -> tuple[str, str]:
     """``(base, name)``: the module's own implementation and our registered wrapper of it; changes nothing on the module.
+
+    The wrapper ``compressor_kvquant:<base>`` is registered with transformers once (its mask
+    function is ``base``'s, so padding and causal masks are built exactly as for ``base``).
 
     Raises:
         ValueError: no ``config._attn_implementation``, or an implementation
             other than sdpa / eager (``what`` says which feature needed it).
     """
-    config = getattr(attention, "config", None)
-    if not hasattr(config, "_attn_implementation"):
-        raise ValueError(f"{type(attention).__name__} has no config._attn_implementation: {what} needs a "
-                         "transformers attention module")
-    impl = config._attn_implementation or "eager"
-    base = impl[len(KV_ATTENTION_PREFIX):] if impl.startswith(KV_ATTENTION_PREFIX) else impl
-    if base not in KV_BASES:
-        raise ValueError(f"cannot {what} with attn_implementation={base!r}: load the model with "
-                         "attn_implementation='sdpa' or 'eager'")
-    if base == "eager":
-        _eager_attention(attention)
+    base = base_attention(attention, what, KV_ATTENTION_PREFIX)
     return base, _register_kv_attention(base)
-
-
-def _switch_attention(attention: nn.Module, name: str) -> None:
-    """Point ``attention.config._attn_implementation`` (shared by every layer) at our wrapper ``name``."""
-    config = attention.config
-    impl = config._attn_implementation
-    if impl != name:
-        config._attn_implementation = name
-        log.info("attention implementation %s -> %s", impl, name)
 
 
 def attach_kv_quantizer(attention: nn.Module, quantizer: KVQuantizer) -> None:
@@ -478,15 +295,15 @@ def attach_kv_quantizer(attention: nn.Module, quantizer: KVQuantizer) -> None:
         ValueError: no config / unsupported implementation, a group size that
             does not divide head_dim, or a module that already has one.
     """
-    base, name = _wrapped_attention(attention, "KV quantization")
+    base, name = wrapped_attention(attention, "KV quantization")
     if KV_CHILD in attention._modules:
         raise ValueError(f"{type(attention).__name__} already has a {KV_CHILD}; quantize the KV cache of a model once")
     head_dim = getattr(attention, "head_dim", None)
     if isinstance(head_dim, int):
-        _check_group(quantizer.group_size, head_dim)
+        check_group(quantizer.group_size, head_dim)
     quantizer.base = base
     attention.add_module(KV_CHILD, quantizer)
-    _switch_attention(attention, name)
+    set_attention(attention, name)
 
 
 def attach_qk_rotation(attention: nn.Module, rotation: QKRotation) -> None:
@@ -500,7 +317,7 @@ def attach_qk_rotation(attention: nn.Module, rotation: QKRotation) -> None:
         ValueError: no config / unsupported implementation, a rotation whose
             size is not the module's head_dim, or a module that already has one.
     """
-    base, name = _wrapped_attention(attention, "rotating queries and keys (R3)")
+    base, name = wrapped_attention(attention, "rotating queries and keys (R3)")
     if QK_CHILD in attention._modules:
         raise ValueError(f"{type(attention).__name__} already has a {QK_CHILD}; rotate a fresh model")
     head_dim = getattr(attention, "head_dim", None)
@@ -509,7 +326,7 @@ def attach_qk_rotation(attention: nn.Module, rotation: QKRotation) -> None:
                          f"{rotation.head_dim} wide")
     rotation.base = base
     attention.add_module(QK_CHILD, rotation)
-    _switch_attention(attention, name)
+    set_attention(attention, name)
 
 
 def activation_quantizers(model: nn.Module) -> list[str]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.core.hadamard import _paley, hadamard_factors, hadamard_transform
+from compressor.core.hadamard import hadamard_factors, hadamard_transform, paley_matrix
 
-__all__ = ["OnlineHadamard", "attach_input_transform", "online_transforms"]
+__all__ = ["TRANSFORM_CHILD", "OnlineHadamard", "attach_input_transform", "online_transforms", "is_input_transform_hook"]
 
-_CHILD = "input_transform"
+TRANSFORM_CHILD = "input_transform"
 
 
 class OnlineHadamard(nn.Module):
@@ -41,7 +41,7 @@ class OnlineHadamard(nn.Module):
         super().__init__()
         _, m = hadamard_factors(size)
         self.size = size
-        self.register_buffer("base", _paley(m).to(torch.float32) if m > 1 else None, persistent=False)
+        self.register_buffer("base", paley_matrix(m).to(torch.float32) if m > 1 else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., n) → (..., n), same dtype.
@@ -92,7 +92,12 @@ def map_input(module: nn.Module, args: tuple, kwargs: dict, child: str):
 
 def _rotate_input(module: nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook: replace the linear's input x by ``module.input_transform(x)``."""
-    return map_input(module, args, kwargs, _CHILD)
+    return map_input(module, args, kwargs, TRANSFORM_CHILD)
+
+
+def is_input_transform_hook(hook) -> bool:
+    """Whether ``hook`` (a forward pre-hook) is the one :func:`attach_input_transform` registers."""
+    return hook is _rotate_input
 
 
 def attach_input_transform(linear: nn.Linear, transform: nn.Module) -> None:
@@ -106,12 +111,12 @@ def attach_input_transform(linear: nn.Linear, transform: nn.Module) -> None:
     """
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"online transforms attach to nn.Linear, got {type(linear).__name__}")
-    if _CHILD in linear._modules:
-        raise ValueError(f"{linear} already has an online {_CHILD}; rotate a fresh model")
-    linear.add_module(_CHILD, transform)
+    if TRANSFORM_CHILD in linear._modules:
+        raise ValueError(f"{linear} already has an online {TRANSFORM_CHILD}; rotate a fresh model")
+    linear.add_module(TRANSFORM_CHILD, transform)
     linear.register_forward_pre_hook(_rotate_input, with_kwargs=True)
 
 
 def online_transforms(model: nn.Module) -> list[str]:
     """Qualified names of the linears of ``model`` that rotate their input at run time."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _CHILD in m._modules]
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and TRANSFORM_CHILD in m._modules]

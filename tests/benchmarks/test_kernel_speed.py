@@ -19,7 +19,7 @@ def test_exits_cleanly_without_cuda(bench, caplog):
 
 
 def test_quantize_model_replaces_linears(bench):
-    from compressor.export.loader import QuantLinear
+    from compressor.runtime.quant_linear import QuantLinear
 
     model = tiny_llama()
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -62,3 +62,11 @@ def test_shared_machine_is_said(tmp_path):
     results = _write(tmp_path, [_record("gptq", "w3g64", 35.6, loadavg=[3.9, 3.4, 2.0])])
     text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
     assert "1 of 1 records were written with a 5-minute load above 2.5" in text
+
+
+def test_dev_split_records_never_reach_the_docs(tmp_path):
+    dev = _record("gptq", "w3g64", 30.0)
+    dev["protocol"]["split"] = "dev"
+    results = _write(tmp_path, [dev, _record("gptq", "w3g64", 35.6)])
+    text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
+    assert "35.60" in text and "30.00" not in text

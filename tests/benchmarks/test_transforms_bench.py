@@ -24,7 +24,7 @@ def _keys(jobs) -> list[tuple[str, str, str]]:
 
 def test_default_plan_is_the_full_grid(bench):
     _, jobs, protocol = bench.plan([])
-    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "ost_steps": 100,
+    assert protocol == {"n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "split": "test", "ost_steps": 100,
                         "reload": False}
     assert all(j["n_calib"] == 128 and j["max_tokens"] == 32768 for j in jobs)
     expected = []
@@ -37,7 +37,8 @@ def test_default_plan_is_the_full_grid(bench):
 
 def test_quick_plan_keeps_one_gptq_job(bench):
     _, jobs, protocol = bench.plan(["--quick", "--threads", "2"])
-    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2, "ost_steps": 8, "reload": False}
+    assert protocol == {"n_calib": 8, "calib_len": 128, "max_tokens": 2048, "threads": 2, "split": "test", "ost_steps": 8,
+                        "reload": False}
     assert [k for k in _keys(jobs) if k[0] == "gptq"] == [("gptq", "w4a4kv4", "hadamard")]
     assert len(jobs) == 2 + 6 + 1
     _, jobs, _ = bench.plan(["--quick", "--methods", "gptq", "--settings", "w4a16"])  # explicit: not trimmed

@@ -157,7 +157,7 @@ def test_config_and_input_errors():
     with pytest.raises(ValueError, match="int64"):
         distill(teacher, tiny_llama(), DATA.float(), FAST)
     export_like = tiny_llama()
-    from compressor.export.loader import QuantLinear
+    from compressor.runtime.quant_linear import QuantLinear
     from compressor.core.scheme import QuantScheme
 
     export_like.model.layers[0].mlp.down_proj = QuantLinear(80, 64, QuantScheme(bits=4, group_size=16))

@@ -12,7 +12,7 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
 from compressor.core.atomic import verify_manifest
-from compressor.export.loader import QuantLinear
+from compressor.runtime.quant_linear import QuantLinear
 from compressor.kernels.cpu import Int4Weight
 from compressor.core.state import quant_state
 

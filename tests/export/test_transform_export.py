@@ -12,12 +12,13 @@ from torch import nn
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
-from compressor.export.loader import QuantLinear
-from compressor.export.online import StoredHadamard
+from compressor.runtime.quant_linear import QuantLinear
+from compressor.export.online_read import StoredHadamard
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.runtime.activations import (
-    KV_ATTENTION_PREFIX, KVQuantizer, activation_quantizers, attention_modules, qk_rotations,
+    KV_ATTENTION_PREFIX, KVQuantizer, activation_quantizers, qk_rotations,
 )
+from compressor.core.arch import attention_modules
 from compressor.core.hadamard import hadamard_matrix
 from compressor.runtime.online import OnlineHadamard, online_transforms
 

@@ -9,7 +9,7 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, save_compressed
 from compressor.core.arch import find_blocks
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
-from compressor.algorithms.quant import gptq as gptq_mod
+from compressor.passes import gptq as gptq_mod
 
 IDS = torch.randint(0, 96, (12, 24), generator=torch.Generator().manual_seed(0))
 GPTQ = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}}}]}
@@ -236,7 +236,7 @@ def test_asymmetric_gptq_through_the_pipeline_tracks_the_fp_model():
 
 def test_stages_follow_the_forward_and_group_linears_reading_one_input():
     from compressor.pipeline.sequential import _stages, capture_block_inputs
-    from compressor.algorithms.quant.gptq import GPTQConfig, GPTQPass
+    from compressor.passes.gptq import GPTQConfig, GPTQPass
 
     model = tiny_llama(layers=1)
     name, blocks = find_blocks(model)

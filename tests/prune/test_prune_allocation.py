@@ -122,6 +122,7 @@ from torch import nn  # noqa: E402
 from compressor import Recipe, compress  # noqa: E402
 from compressor.core.arch import find_blocks  # noqa: E402
 from compressor.pipeline.sequential import PipelineConfig  # noqa: E402
+from compressor.pipeline.schedule import sweeper  # noqa: E402
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))
 QUIET = PipelineConfig(batch_size=4, quiet=True)
@@ -159,7 +160,7 @@ def test_dp_plan_covers_every_block_linear():
 
     model = tiny_llama(layers=4)
     p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", scope="layer"))
-    plan = p.plan(model, IDS, QUIET)
+    plan = p.plan(model, IDS, sweeper(model, IDS, QUIET))
     assert set(plan) == {n for n, _ in _block_linears(model)}
     assert all(0 <= s < 1 for s in plan.values())
     assert len(set(plan.values())) > 1
@@ -235,7 +236,7 @@ def test_dp_output_plan_is_one_sparsity_per_block_within_the_span():
     model = tiny_llama(layers=4)
     p = PrunePass(PruneConfig(method="wanda", sparsity=0.6, allocation="dp", dp_distortion="output", dp_probe=2,
                               dp_span=0.2, dp_step=0.1))
-    plan = p.plan(model, IDS, QUIET)
+    plan = p.plan(model, IDS, sweeper(model, IDS, QUIET))
     assert set(plan) == {n for n, _ in _block_linears(model)}
     per_block = {}
     for n, s in plan.items():

@@ -11,14 +11,9 @@ from compressor import Recipe, compress
 from compressor.core.arch import LAYOUTS, find_blocks
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.algorithms.prune.structured import (
-    UnitCovarianceAccumulator,
-    head_scores,
-    keep_indices,
-    mlp_channel_scores,
-    remove_heads,
-    remove_mlp_channels,
-    save_pruned,
+    UnitCovarianceAccumulator, head_scores, keep_indices, mlp_channel_scores, remove_heads, remove_mlp_channels,
 )
+from compressor.export.pruned import save_pruned
 from compressor.passes.structured import StructuredPruneConfig, StructuredPrunePass
 
 IDS = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,8 @@ from torch import nn
 from compressor import Recipe, compress
 from compressor.core.arch import find_blocks
 from compressor.export.compressed_tensors import save_compressed
-from compressor.export.loader import QuantLinear, load_compressed
+from compressor.export.loader import load_compressed
+from compressor.runtime.quant_linear import QuantLinear
 from compressor.algorithms.hessian import HessianAccumulator
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.passes import prune as prune_pass

@@ -13,10 +13,9 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.passes.activations import ActivationQuantConfig
-from compressor.runtime.activations import (
-    KV_ATTENTION_PREFIX, ActivationQuantizer, KVQuantizer, activation_quantizers, attention_modules,
-    fake_quant_per_head, fake_quant_per_token,
-)
+from compressor.runtime.activations import KV_ATTENTION_PREFIX, ActivationQuantizer, KVQuantizer, activation_quantizers
+from compressor.core.fake_quant import fake_quant_per_head, fake_quant_per_token
+from compressor.core.arch import attention_modules
 from compressor.runtime.online import OnlineHadamard
 from compressor.algorithms.transforms.rotate import rotate_model
 

@@ -8,7 +8,8 @@ from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress, load_compressed, save_compressed
-from compressor.algorithms.quant.adaround import AdaRoundConfig, adaround_quantize, layer_view
+from compressor.algorithms.quant.adaround import AdaRoundConfig, adaround_quantize
+from compressor.core.layers import layer_view
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
 CFG = AdaRoundConfig(iters=150, batch_size=64, lr=5e-2)  # reg_weight: the default
@@ -105,7 +106,7 @@ def test_block_granularity_beats_rtn(tmp_path):
     (1, 6, 3, 1, 1, 1), (4, 4, 3, 2, 0, 1), (2, 6, (3, 1), (1, 2), (1, 0), 2), (1, 5, 1, 1, 0, 1),
 ])
 def test_conv_rows_reproduce_the_convolution(groups, out, kernel, stride, padding, dilation):
-    from compressor.algorithms.quant.adaround import conv_positions, conv_rows, rows_forward
+    from compressor.core.layers import conv_positions, conv_rows, rows_forward
 
     torch.manual_seed(3)
     conv = nn.Conv2d(4, out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -121,14 +122,14 @@ def test_conv_rows_reproduce_the_convolution(groups, out, kernel, stride, paddin
 
 
 def test_conv_with_unsupported_padding_is_refused():
-    from compressor.algorithms.quant.adaround import conv_rows
+    from compressor.core.layers import conv_rows
 
     with pytest.raises(ValueError, match="padding"):
         conv_rows(torch.randn(1, 2, 5, 5), nn.Conv2d(2, 2, 3, padding="same"), torch.tensor([0]))
 
 
 def test_asymmetric_reconstruction_needs_the_fp_stream():
-    from compressor.algorithms.quant.adaround import AdaRoundPass
+    from compressor.passes.adaround import AdaRoundPass
 
     layer = nn.Sequential(nn.Linear(8, 8))
     p = AdaRoundPass(AdaRoundConfig(iters=2, targets=("Linear",), ignore=(), asymmetric=True))

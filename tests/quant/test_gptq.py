@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.algorithms.quant.gptq import HessianAccumulator, gptq_quantize, refit_scales
+from compressor.algorithms.quant.gptq import gptq_quantize, refit_scales
+from compressor.algorithms.hessian import HessianAccumulator
 from compressor.core.scheme import QuantScheme, compute_qparams, dequantize, fake_quant, quantize
 
 

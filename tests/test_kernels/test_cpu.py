@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.export.loader import QuantLinear
+from compressor.runtime.quant_linear import QuantLinear
 from compressor.core.pack import pack
 from compressor.kernels import cpu, dispatch, reference
 from compressor.core.scheme import QuantScheme

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tests.test_kernels._triton_setup import make_weight, rel_err
 
-from compressor.export.loader import QuantLinear
+from compressor.runtime.quant_linear import QuantLinear
 from compressor.kernels import dispatch, reference
 
 

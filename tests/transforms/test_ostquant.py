@@ -13,10 +13,13 @@ from tests.helpers import tiny_llama
 import compressor
 from compressor.runtime.activations import qk_rotations
 from compressor.core.scheme import QuantScheme
+from compressor.algorithms.transforms import ost_block
 from compressor.algorithms.transforms import ostquant as ostquant_mod
 from compressor.core.hadamard import random_hadamard
 from compressor.runtime.online import online_transforms
-from compressor.algorithms.transforms.ostquant import OSTQuantConfig, cayley, kl_top, ostquant_model, qsur
+from compressor.algorithms.transforms.ost_block import cayley
+from compressor.algorithms.transforms.ostquant import OSTQuantConfig, kl_top, ostquant_model
+from compressor.algorithms.transforms.qsur import qsur
 from compressor.algorithms.transforms.rotate import rotate_model
 
 GEN = torch.Generator().manual_seed(0)
@@ -318,10 +321,10 @@ def test_range_grad_weight_quantizer_is_rtn_with_a_gradient_at_the_extremes(sche
 
     torch.manual_seed(0)
     w = torch.randn(6, 100, dtype=torch.float64, requires_grad=True)  # 100 = 2 groups of 48 + a ragged 4
-    out = ostquant_mod._ste_weight(w, scheme, range_grad=True)
+    out = ost_block.ste_weight(w, scheme, range_grad=True)
     assert torch.equal(out.detach(), fake_quant(w.detach(), compute_qparams(w.detach(), scheme), scheme))
     (grad,) = torch.autograd.grad((out ** 2).sum(), w)
-    (plain,) = torch.autograd.grad((ostquant_mod._ste_weight(w, scheme) ** 2).sum(), w)
+    (plain,) = torch.autograd.grad((ost_block.ste_weight(w, scheme) ** 2).sum(), w)
     assert torch.equal(plain, 2 * out.detach())  # identity straight-through: no range term
     assert ((grad - plain).abs() > 1e-9).any(dim=1).all()  # every row's range gets a gradient
 
@@ -345,7 +348,7 @@ def test_learn_clip_trains_one_ratio_per_block_input_and_leaves_them_on_the_line
     assert clips["sites"] == ["qkv", "o", "gate_up", "down"]
     flat = [r for row in clips["per_block"] for r in row]
     assert len(clips["per_block"]) == 2 and len(flat) == 8
-    assert all(ostquant_mod.CLIP_FLOOR <= r <= 1.0 for r in flat)
+    assert all(ost_block.CLIP_FLOOR <= r <= 1.0 for r in flat)
     assert any(abs(r - 0.95) > 1e-3 for r in flat)  # the ratios got a gradient and moved
     for i, block in enumerate(model.model.layers):
         row = clips["per_block"][i]
@@ -375,7 +378,7 @@ def test_quantize_activations_uses_learned_clips_only_on_their_own_grid(caplog):
 
 def test_learned_clip_ratio_gets_the_gradient_of_a_finer_grid():
     """With a tensor clip the quantizer matches the float path, and the ratio's gradient is finite and nonzero."""
-    from compressor.runtime.activations import _fake_quant_rows, fake_quant_per_token
+    from compressor.core.fake_quant import _fake_quant_rows, fake_quant_per_token
 
     torch.manual_seed(0)
     x = torch.randn(64, 32, dtype=torch.float64)

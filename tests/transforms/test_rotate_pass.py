@@ -9,7 +9,7 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.runtime.online import online_transforms
-from compressor.algorithms.transforms.rotate import RotateConfig
+from compressor.passes.rotate import RotateConfig
 
 IDS = torch.randint(0, 96, (10, 24), generator=torch.Generator().manual_seed(0))
 X = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -13,12 +13,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.runtime.activations import (
-    KV_ATTENTION_PREFIX, KVQuantizer, QKRotation, attach_kv_quantizer, attach_qk_rotation, attention_modules,
-    fake_quant_per_head, qk_rotations,
+    KV_ATTENTION_PREFIX, KVQuantizer, QKRotation, attach_kv_quantizer, attach_qk_rotation, qk_rotations,
 )
+from compressor.core.fake_quant import fake_quant_per_head
+from compressor.core.arch import attention_modules
 from compressor.core.hadamard import normalized_hadamard
 from compressor.runtime.online import online_transforms
-from compressor.algorithms.transforms.rotate import RotateConfig, rotate_model
+from compressor.algorithms.transforms.rotate import rotate_model
+from compressor.passes.rotate import RotateConfig
 
 X = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
 RTN4 = {"rtn": {"scheme": {"bits": 4, "group_size": -1}}}

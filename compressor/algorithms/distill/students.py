@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.core.arch import find_blocks
-from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.scheme import QParams, QuantScheme, fake_quant
+from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.state import attach_qparams, is_quantized, quant_state
 
 __all__ = ["StudentState", "drop_layers", "prepare_student", "trainable_from_export"]
@@ -94,7 +94,7 @@ def prepare_student(student: nn.Module, modules: Iterable[tuple[str, nn.Module]]
             them with :func:`trainable_from_export`), or quantized layers that
             are not ``nn.Linear``.
     """
-    from compressor.export.loader import QuantLinear
+    from compressor.runtime.quant_linear import QuantLinear
 
     state = StudentState()
     for name, m in modules if modules is not None else student.named_modules():
@@ -128,9 +128,9 @@ def trainable_from_export(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, changed in place.
     """
-    from compressor.export.loader import QuantLinear
     from compressor.core.pack import unpack
     from compressor.core.sparsity import attach_mask
+    from compressor.runtime.quant_linear import QuantLinear
 
     for name, q in list(model.named_modules()):
         if not isinstance(q, QuantLinear):

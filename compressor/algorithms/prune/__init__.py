@@ -1,1 +1,1 @@
-"""prune"""
+"""Pruning maths: scores, masks, SparseGPT, layer-wise allocation, structured removal."""

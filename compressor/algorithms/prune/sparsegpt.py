@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from compressor.algorithms.hessian import inverse_cholesky, one_cpu_thread
 from compressor.algorithms.prune.masks import SCOPES, check_sparsity, parse_structure, prune_count
 from compressor.algorithms.prune.scores import check_weight
-from compressor.algorithms.hessian import inverse_cholesky, one_cpu_thread
 
 __all__ = ["PruneResult", "sparsegpt_prune"]
 

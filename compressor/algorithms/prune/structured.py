@@ -1,4 +1,4 @@
-"""Structured pruning maths: score and remove whole MLP channels and attention heads; save the smaller model.
+"""Structured pruning maths: score and remove whole MLP channels and attention heads.
 
 Unlike :mod:`compressor.passes.prune` (zeros written into dense weights),
 structured pruning deletes rows and columns: a gated MLP loses channels ``c`` of
@@ -10,7 +10,7 @@ result (``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
 ``head_dim``) and it loads with ``AutoModelForCausalLM.from_pretrained``.
 The ``prune_structured`` recipe pass (statistics and the per-block loop) is
 :mod:`compressor.passes.structured`; the functions here are pure or act on
-one block.
+one block. :func:`compressor.export.pruned.save_pruned` writes the smaller model.
 
 GQA: the query heads of KV group ``g`` are the consecutive heads
 ``[g * n_rep, (g + 1) * n_rep)`` (``repeat_kv``). ``head_unit="query"`` removes
@@ -34,17 +34,12 @@ Scores (higher = keep), compared only within one layer:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from compressor.core.arch import LAYOUTS, DecoderLayout, find_blocks
-from compressor.core.atomic import atomic_directory, write_manifest
 from compressor.algorithms.prune.scores import check_weight
-from compressor.core.state import is_quantized
-from compressor.runtime.online import online_transforms
+from compressor.core.arch import DecoderLayout, resize_attention, resize_mlp
 
 __all__ = [
     "UnitCovarianceAccumulator",
@@ -54,9 +49,6 @@ __all__ = [
     "slice_linear",
     "remove_mlp_channels",
     "remove_heads",
-    "set_config_shapes",
-    "structured_layout",
-    "save_pruned",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,9 +209,7 @@ def remove_mlp_channels(block: nn.Module, layout: DecoderLayout, keep: torch.Ten
     _replace(block, layout.gate, slice_linear(block.get_submodule(layout.gate), keep, 0))
     _replace(block, layout.up, slice_linear(block.get_submodule(layout.up), keep, 0))
     _replace(block, layout.down, slice_linear(block.get_submodule(layout.down), keep, 1))
-    mlp = block.get_submodule(layout.down.rpartition(".")[0])
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
+    resize_mlp(block.get_submodule(layout.mlp), len(keep))
 
 
 def remove_heads(block: nn.Module, layout: DecoderLayout, keep_q: torch.Tensor, keep_kv: torch.Tensor,
@@ -254,13 +244,7 @@ def remove_heads(block: nn.Module, layout: DecoderLayout, keep_q: torch.Tensor, 
     if len(keep_kv) < n_kv:
         _replace(block, layout.k, slice_linear(block.get_submodule(layout.k), kv_idx, 0))
         _replace(block, layout.v, slice_linear(block.get_submodule(layout.v), kv_idx, 0))
-    attn = block.get_submodule(layout.q.rpartition(".")[0])
-    # transformers 5.x attention reads head_dim and num_key_value_groups; older versions also num_heads & co
-    attn.num_key_value_groups = len(keep_q) // len(keep_kv)
-    for attr, value in (("num_heads", len(keep_q)), ("num_key_value_heads", len(keep_kv)),
-                        ("hidden_size", len(keep_q) * head_dim)):
-        if hasattr(attn, attr):
-            setattr(attn, attr, value)
+    resize_attention(block.get_submodule(layout.attention), len(keep_q), len(keep_kv), head_dim)
 
 
 def _check_keep(keep: torch.Tensor, total: int, what: str) -> None:
@@ -270,102 +254,6 @@ def _check_keep(keep: torch.Tensor, total: int, what: str) -> None:
         raise ValueError(f"keep {what}: indices must be ascending, unique and in [0, {total})")
 
 
-def set_config_shapes(config: Any, *, intermediate_size: int | None = None, num_heads: int | None = None,
-                      num_kv_heads: int | None = None, head_dim: int | None = None) -> dict[str, int]:
-    """Write the shrunk sizes into a Hugging Face config (in place); None leaves a field as it is.
-
-    ``head_dim`` is always written explicitly once heads change: after head
-    removal ``hidden_size // num_attention_heads`` no longer gives it.
-
-    Returns:
-        ``{config field: new value}`` for the fields whose value changed.
-    """
-    changed = {}
-    for field, value in (("intermediate_size", intermediate_size), ("num_attention_heads", num_heads),
-                         ("num_key_value_heads", num_kv_heads), ("head_dim", head_dim)):
-        if value is not None:
-            if getattr(config, field, None) != int(value):
-                changed[field] = int(value)
-            setattr(config, field, int(value))
-    return changed
 
 
-def structured_layout(config: Any) -> DecoderLayout:
-    """The gated-MLP :class:`DecoderLayout` of a config's ``model_type``.
 
-    Raises:
-        ValueError: the family has no entry in :data:`compressor.core.arch.LAYOUTS`.
-    """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LAYOUTS:
-        raise ValueError(f"prune_structured: model_type={model_type!r} has no gated-MLP layout; supported: "
-                         f"{sorted(LAYOUTS)}. Add a DecoderLayout to compressor.core.arch.LAYOUTS for another "
-                         "gate/up/down family")
-    return LAYOUTS[model_type]
-
-
-# ---------------------------------------------------------------- export
-
-
-def _check_config_shapes(model: nn.Module) -> None:
-    """Every block must have the shapes its config describes, or a plain loader would fail.
-
-    Only families in :data:`compressor.core.arch.LAYOUTS` can have been pruned
-    structurally; other models are not checked.
-    """
-    config = model.config
-    if getattr(config, "model_type", None) not in LAYOUTS:
-        return
-    layout = LAYOUTS[config.model_type]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    want = {layout.q: config.num_attention_heads * head_dim, layout.k: config.num_key_value_heads * head_dim,
-            layout.gate: config.intermediate_size}
-    blocks_name, blocks = find_blocks(model)
-    for i, block in enumerate(blocks):
-        for path, out in want.items():
-            got = block.get_submodule(path).out_features
-            if got != out:
-                raise ValueError(f"{blocks_name}.{i}.{path} has {got} outputs but the config says {out}: the blocks "
-                                 "were pruned unevenly; a plain checkpoint needs the same shapes in every block")
-
-
-def save_pruned(model: nn.Module, output: str | Path, *, tokenizer: Any = None, recipe: Any = None,
-                info: dict | None = None, overwrite: bool = False) -> Path:
-    """Save an unquantized (e.g. structurally pruned) model as a plain Hugging Face directory, atomically.
-
-    ``model.save_pretrained`` writes into a temporary sibling directory that is
-    renamed into place only when complete; ``recipe.yaml`` and a sha256
-    manifest are written beside the weights.
-
-    Args:
-        model: a Hugging Face model without quantized layers or online transforms.
-        output: destination directory; must not exist unless ``overwrite``.
-        tokenizer: saved beside the weights when given.
-        recipe: a :class:`compressor.Recipe`, saved as ``recipe.yaml``.
-        info: extra provenance (seed, calibration hash, source model) for the manifest.
-        overwrite: replace an existing directory (only once the new one is complete).
-
-    Returns:
-        The output path.
-    """
-    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
-        raise ValueError(f"save_pruned writes Hugging Face models (save_pretrained); got {type(model).__name__}: "
-                         "save its state_dict with torch.save instead")
-    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
-    if quantized:
-        raise ValueError(f"{len(quantized)} layers are quantized (e.g. {quantized[0]}): export them with "
-                         "compressor.export.compressed_tensors.save_compressed, not save_pruned")
-    online = online_transforms(model)
-    if online:
-        raise ValueError(f"{online[0]} rotates its input online, which a plain checkpoint cannot record: "
-                         "rotate with r4=false or evaluate in memory")
-    _check_config_shapes(model)
-    with atomic_directory(output, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            recipe.save(tmp / "recipe.yaml")
-        write_manifest(tmp, {**(info or {}), **({"recipe": recipe.to_dict()} if recipe is not None else {})})
-    log.info("wrote %s", output)
-    return Path(output)

@@ -1,1 +1,1 @@
-"""quant"""
+"""Quantization maths: GPTQ/GPTAQ, AdaRound, batch-norm folding."""

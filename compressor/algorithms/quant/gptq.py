@@ -1,30 +1,25 @@
 """GPTQ (Frantar et al., arXiv 2210.17323): second-order error feedback while rounding.
 
 Maths in :func:`gptq_quantize` (pure, testable on an 8x6 matrix); statistics
-collection and application in :class:`GPTQPass`, a thin adapter the sequential
-pipeline drives block by block.
+collection and application in :class:`compressor.passes.gptq.GPTQPass`, a thin
+adapter the sequential pipeline drives block by block.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from compressor.algorithms.hessian import HessianAccumulator, inverse_cholesky, one_cpu_thread
-from compressor.pipeline.inputs import SharedInputs
-from compressor.core.sparsity import prune_mask
+from compressor.algorithms.hessian import inverse_cholesky, one_cpu_thread
 from compressor.core.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
-from compressor.core.state import attach_qparams
-from compressor.recipe import Pass, PassConfig, register_pass, select_modules
 
-__all__ = ["GPTQConfig", "GPTQPass", "GPTQResult", "gptq_quantize", "HessianAccumulator", "refit_scales"]
+__all__ = ["ACTORDER", "GPTQResult", "gptq_quantize", "refit_scales"]
 
 log = logging.getLogger(__name__)
 
-_ACTORDER = ("none", "static", "group")
+ACTORDER = ("none", "static", "group")
 
 
 @dataclass(frozen=True)
@@ -114,8 +109,8 @@ def gptq_quantize(
 
 def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25,
           refit=False, mask=None) -> GPTQResult:
-    if actorder not in _ACTORDER:
-        raise ValueError(f"actorder={actorder!r}: use one of {_ACTORDER}")
+    if actorder not in ACTORDER:
+        raise ValueError(f"actorder={actorder!r}: use one of {ACTORDER}")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"shapes do not fit: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
     if not torch.isfinite(weight).all():
@@ -301,119 +296,3 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of the remaining columns
         if P is not None:
             W[:, i2:] += W1 @ P[i1:i2, i2:]
-
-
-# ---------------------------------------------------------------- pass
-
-
-@dataclass(frozen=True, kw_only=True)
-class GPTQConfig(PassConfig):
-    """GPTQ weight quantization.
-
-    Attributes:
-        scheme: the weight scheme.
-        block_size: lazy-update block width (columns).
-        dampening: fraction of the mean Hessian diagonal added to the diagonal.
-        actorder: ``"none"``, ``"static"`` or ``"group"`` (see :func:`gptq_quantize`).
-        asymmetric: asymmetric calibration (GPTAQ, arXiv 2504.02692): also use the
-            full-precision model's inputs of each layer so the rounding absorbs the
-            error of the blocks before it. Costs a second (truncated) forward per
-            batch and one more K x K product per input.
-        asymmetric_weight: ``alpha`` of the asymmetric term.
-        refit_scales: after rounding, re-solve the group scales for the chosen
-            codes by least squares on the layer output (:func:`refit_scales`).
-            On by default: on SmolLM2 it lowered perplexity at every setting
-            measured (W3 g64 38.46 -> 35.61); ``false`` gives the paper's GPTQ.
-        true_sequential: quantize a block's linears stage by stage in forward
-            order (q/k/v, then o, then gate/up, then down), each stage's
-            Hessians taken on the inputs the already-quantized stages produce,
-            as the GPTQ reference code's ``--true-sequential``. Costs up to one
-            more (truncated) block forward per stage.
-    """
-
-    scheme: QuantScheme = field(default_factory=QuantScheme)
-    block_size: int = 128
-    dampening: float = 0.01
-    actorder: str = "static"
-    asymmetric: bool = False
-    asymmetric_weight: float = 0.25
-    refit_scales: bool = True
-    true_sequential: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.actorder not in _ACTORDER:
-            raise ValueError(f"actorder={self.actorder!r}: use one of {_ACTORDER}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
-        if self.asymmetric_weight < 0:
-            raise ValueError(f"asymmetric_weight={self.asymmetric_weight}: use a non-negative scale, e.g. 0.25")
-
-
-@register_pass
-class GPTQPass(Pass):
-    """Collect input Hessians of each targeted linear in a block, then quantize them with GPTQ."""
-
-    name = "gptq"
-    config_cls = GPTQConfig
-    requires_calibration = True
-
-    def __init__(self, config: GPTQConfig):
-        super().__init__(config)
-        self._inputs = SharedInputs()
-        self._fp: dict[str, torch.Tensor] = {}
-        self.stream = "compressed"
-
-    @property
-    def wants_fp_targets(self) -> bool:
-        """Asymmetric calibration needs the pipeline's full-precision stream."""
-        return self.config.asymmetric
-
-    @property
-    def wants_fp_inputs(self) -> bool:
-        """Run each batch of the full-precision stream through the hooks just before the compressed one."""
-        return self.config.asymmetric
-
-    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
-        """Register hooks accumulating the Hessian of every targeted linear in ``block``.
-
-        Linears fed the very same input tensor (q/k/v, gate/up) share one
-        accumulator, so each distinct input is multiplied out once.
-
-        Returns:
-            the observed linears (the pipeline stops each forward once it has entered the last).
-        """
-        linears = [(n, m) for n, m in self.block_modules(block, prefix) if isinstance(m, nn.Linear)]
-        return self._inputs.hook(linears, self._observe)
-
-    def _observe(self, name: str, x: torch.Tensor) -> None:
-        if self.stream == "fp":  # paired with the compressed stream's next batch
-            self._fp[name] = x
-            return
-        fp = self._fp.pop(name, None)
-        if self.config.asymmetric and fp is None:
-            raise ValueError(f"{name}: asymmetric GPTQ got no full-precision input for this batch; "
-                             "run it through compress() (the sequential pipeline pairs the streams)")
-        acc = self._inputs.accumulator(name, x, lambda: HessianAccumulator(x.shape[-1], x.device))
-        if acc is not None:
-            acc.add(x, fp)
-
-    def end_block(self, block: nn.Module, prefix: str, **context) -> None:
-        """Quantize the block's targeted linears from the collected Hessians."""
-        self._inputs.close()
-        modules = dict(self.block_modules(block, prefix))
-        for name, acc in self._inputs.stats.items():
-            module = modules[name]
-            try:
-                res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
-                                    dampening=self.config.dampening, actorder=self.config.actorder,
-                                    cross=acc.C, cross_weight=self.config.asymmetric_weight,
-                                    refit=self.config.refit_scales, mask=prune_mask(module))
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-            attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
-            log.debug("gptq %s loss %.4g", name, res.loss)
-        self._inputs.clear()
-        self._fp.clear()

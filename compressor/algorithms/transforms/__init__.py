@@ -1,1 +1,1 @@
-"""transforms"""
+"""Equivalent transforms: QuaRot rotations, OSTQuant, what they share (fusion), QSUR."""

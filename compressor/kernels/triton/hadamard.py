@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.dispatch import interpreting
 from compressor.core.hadamard import hadamard_factors, hadamard_matrix
+from compressor.kernels.environment import interpreting
 
 __all__ = ["plan", "hadamard_transform"]
 

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from compressor.kernels.dispatch import interpreting
+from compressor.kernels.environment import interpreting
 from compressor.kernels.triton import kernels
 
 __all__ = [

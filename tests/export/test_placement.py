@@ -9,7 +9,8 @@ import torch
 
 from compressor.cli import main
 from compressor.eval.perplexity import perplexity
-from compressor.eval.placement import load_for_eval, parse_max_memory, place_model, placement_summary
+from compressor.export.placement import parse_max_memory, place_model, placement_summary
+from compressor.export.checkpoint import load_for_eval
 from compressor.eval.suite import SuiteConfig
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["input_device", "load_for_eval", "parse_max_memory", "place_model", "placement_summary"]
+__all__ = ["input_device", "parse_max_memory", "place_model", "placement_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -82,62 +82,6 @@ def place_model(model: nn.Module, device_map: str | dict, max_memory: dict | Non
     return dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)
 
 
-def load_for_eval(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    device_map: str | dict | None = None,
-    max_memory: dict | None = None,
-    offload_folder: str | Path | None = None,
-    device: torch.device | str | None = None,
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """Load a checkpoint or export for evaluation, placed by accelerate.
-
-    Without ``max_memory`` and ``offload_folder`` this is :func:`compressor.api.load_model`.
-    With them, a Hugging Face checkpoint streams into place through ``from_pretrained``
-    (modules past the limits are offloaded to CPU, then to ``offload_folder``); an export
-    is built on CPU and dispatched by :func:`place_model`.
-
-    Args:
-        path: model directory or export.
-        dtype: parameter dtype (default: as stored).
-        backend: dequant-matmul backend for exports.
-        device_map: None (CPU), ``"auto"`` or an accelerate device map.
-        max_memory: accelerate ``max_memory`` (see :func:`parse_max_memory`); needs a device map.
-        offload_folder: a fresh folder for disk offload; needs a device map.
-        device: without a device map, move the model there (one device per process under
-            ``accelerate launch``).
-        trust_remote_code: allow the checkpoint's own modelling code to run.
-
-    Raises:
-        ValueError: ``max_memory`` or ``offload_folder`` without a device map.
-    """
-    from compressor.api import check_checkpoint, is_export, load_model
-    from compressor.export.loader import load_compressed
-    from compressor.core.hub import check_remote_code
-
-    if (max_memory or offload_folder) and device_map is None:
-        raise ValueError("max_memory and offload_folder place the model with accelerate: add --device-map auto")
-    if not (max_memory or offload_folder):
-        model = load_model(path, dtype=dtype, device_map=device_map, backend=backend,
-                           trust_remote_code=trust_remote_code)
-        return model.to(device) if device is not None and device_map is None else model
-    path = Path(path)
-    check_checkpoint(path)
-    max_memory = dict(max_memory) if max_memory else None  # accelerate converts the sizes in place
-    if is_export(path):
-        model = load_compressed(path, dtype=dtype, backend=backend)
-        return place_model(model, device_map, max_memory, offload_folder)
-    from transformers import AutoModelForCausalLM
-
-    check_remote_code(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", device_map=device_map,
-                                                 max_memory=max_memory, offload_folder=offload_folder,
-                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
-    log.info("device map: %s", getattr(model, "hf_device_map", None))
-    return model.eval()
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -1,0 +1,112 @@
+"""What the equivalent transforms share (rotate, ostquant): finding a fresh decoder, folding norms into linears,
+untying the head, choosing rotations, checking R3's attention modules, writing float64 results into weights.
+
+Every function here changes a model only where its docstring says so; sizes and
+architectures are checked before any weight changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.core.arch import attention_modules, find_blocks, layout_for
+from compressor.core.hadamard import random_hadamard
+from compressor.core.state import is_quantized
+from compressor.runtime.activations import qk_rotations, wrapped_attention
+from compressor.runtime.online import OnlineHadamard, online_transforms
+
+__all__ = ["random_orthogonal", "rotation_matrix", "submodule", "write_param", "fold_norm", "untie_embeddings",
+           "fresh_decoder", "r3_targets"]
+
+
+def random_orthogonal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A Haar-random orthogonal (n, n) matrix: QR of a seeded Gaussian, signs fixed by diag(R) (SpinQuant's random init)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).to(dtype)
+
+
+def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    """(n, n) float64 orthogonal matrix of the given kind."""
+    if kind == "hadamard":
+        return random_hadamard(n, seed=seed)
+    return random_orthogonal(n, seed=seed)
+
+
+def submodule(root: nn.Module, path: str, where: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"rotate: {where} has no module {path!r}; the architecture does not match its layout") from None
+
+
+def write_param(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a float64 result into a parameter, keeping its dtype and device."""
+    param.data.copy_(value.to(param.dtype))
+
+
+def fold_norm(norm: nn.Module, linears: list[nn.Linear], name: str) -> None:
+    """RMSNorm weight g into the following linears: W ← W diag(g); g ← 1."""
+    g = getattr(norm, "weight", None)
+    if not isinstance(g, torch.Tensor) or g.ndim != 1 or getattr(norm, "bias", None) is not None:
+        raise ValueError(f"rotate: {name} ({type(norm).__name__}) is not an RMSNorm with a (d,) weight and no bias; "
+                         "only RMSNorm decoders can be rotated exactly")
+    g64 = g.detach().double()
+    for lin in linears:
+        write_param(lin.weight, lin.weight.detach().double() * g64.to(lin.weight.device)[None, :])
+    g.data.fill_(1.0)
+
+
+def untie_embeddings(model: nn.Module, emb: nn.Module, head: nn.Module) -> bool:
+    """Give lm_head its own copy of a tied embedding weight; True when it was tied."""
+    if head.weight is not emb.weight:
+        return False
+    head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False  # keep save_pretrained / tie_weights from re-tying them
+    return True
+
+
+def fresh_decoder(model: nn.Module, who: str) -> tuple:
+    """``(layout, blocks_name, blocks, embedding, lm_head)`` of a model neither rotated nor quantized.
+
+    Raises:
+        ValueError: an unsupported family, a model already rotated or
+            quantized, or no nn.Embedding input / nn.Linear lm_head.
+    """
+    layout = layout_for(model, who)
+    if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
+        raise ValueError(f"{who}: the model is already rotated; run rotate or ostquant once, on a freshly loaded model")
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    if quantized:
+        raise ValueError(f"{who}: {quantized[0]} is already quantized; put the {who} pass before quantization passes")
+    blocks_name, blocks = find_blocks(model)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise ValueError(f"{who}: {type(model).__name__} needs an nn.Embedding input and an nn.Linear lm_head")
+    return layout, blocks_name, blocks, emb, head
+
+
+def r3_targets(model: nn.Module, head_dim: int) -> list[nn.Module]:
+    """The attention modules R3 attaches to, checked before any weight changes.
+
+    Raises:
+        ValueError: no attention module dispatching through transformers'
+            ``AttentionInterface``, an attention implementation other than
+            sdpa / eager, a head_dim without a Hadamard construction, or a
+            module whose head_dim differs from the config's.
+    """
+    found = attention_modules(model)
+    if not found:
+        raise ValueError(f"rotate: r3 needs transformers attention modules (dispatching through AttentionInterface), "
+                         f"and {type(model).__name__} has none; set r3=false")
+    OnlineHadamard(head_dim)  # raises for sizes without a Hadamard construction, listing the supported ones
+    for name, attn in found:
+        try:
+            wrapped_attention(attn, "rotate queries and keys (r3)")
+        except ValueError as err:
+            raise ValueError(f"rotate: {name}: {err}") from None
+        size = getattr(attn, "head_dim", head_dim)
+        if size != head_dim:
+            raise ValueError(f"rotate: {name} has head_dim={size}, not the config's {head_dim}; set r3=false")
+    return [attn for _, attn in found]

@@ -1,0 +1,235 @@
+"""Writing an export's run-time parts (online Hadamards, input and KV quantizers) into ``quantization_config``;
+the format is :mod:`compressor.export.online_format`."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from compressor.core.arch import attention_implementation, attention_modules
+from compressor.core.hadamard import hadamard_factors, hadamard_matrix, paley_matrix
+from compressor.core.state import is_quantized
+from compressor.export.online_format import EXTENSION_VERSION, R3, R4, is_pow2
+from compressor.runtime.activations import (
+    INPUT_CHILD,
+    KV_CHILD,
+    QK_CHILD,
+    ActivationQuantizer,
+    KVQuantizer,
+    QKRotation,
+    check_transform_first,
+    unwrapped_attention,
+)
+from compressor.runtime.online import TRANSFORM_CHILD, OnlineHadamard
+
+__all__ = ["input_activation_args", "input_settings", "check_online_exportable", "kv_cache_scheme", "transform_config",
+           "transform_tensors", "extension"]
+
+
+def _dynamic_args(bits: int, symmetric: bool, strategy: str, group_size: int | None) -> dict:
+    """compressed-tensors ``QuantizationArgs`` (as a dict) of a dynamic integer quantizer."""
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "group_size": group_size,
+        "strategy": strategy,
+        "block_structure": None,
+        "dynamic": True,
+        "actorder": None,
+        "observer": None,
+        "observer_kwargs": {},
+    }
+
+
+def input_settings(linear: nn.Module) -> tuple[int, bool, float] | None:
+    """``(bits, symmetric, clip_ratio)`` of the ``input_quantizer`` of ``linear``, or None (the key of its config group)."""
+    q = linear._modules.get(INPUT_CHILD)
+    return None if q is None else (q.bits, q.symmetric, q.clip_ratio)
+
+
+def input_activation_args(bits: int, symmetric: bool) -> dict:
+    """``input_activations`` of a config group: dynamic per-token integer quantization of the linear inputs.
+
+    The clip ratio has no compressed-tensors field; :func:`extension` records it.
+    """
+    return _dynamic_args(bits, symmetric, "token", None)
+
+
+def _fail(where: str, what: str, fix: str) -> NoReturn:
+    raise ValueError(f"{where}: {what}; {fix}")
+
+
+def check_online_exportable(model: nn.Module) -> None:
+    """Raise for run-time transforms or quantizers the export cannot record.
+
+    Exportable: an :class:`OnlineHadamard` ``input_transform`` on any
+    ``nn.Linear``; an :class:`ActivationQuantizer` ``input_quantizer`` on a
+    linear whose weight is quantized; a :class:`QKRotation` (R3) on attention
+    modules of one head_dim; one :class:`KVQuantizer` setting on every
+    attention module.
+
+    Raises:
+        ValueError: naming the module, what is wrong and the fix.
+    """
+    for name, m in model.named_modules():
+        t = m._modules.get(TRANSFORM_CHILD) if isinstance(m, nn.Linear) else None
+        if t is not None and type(t) is not OnlineHadamard:
+            _fail(name, f"its online {TRANSFORM_CHILD} is a {type(t).__name__}, and only online Hadamard transforms "
+                  "(rotate: r4) can be exported", "rotate with r4=false or evaluate the model in memory")
+        q = m._modules.get(INPUT_CHILD)
+        if q is None:
+            continue
+        if not isinstance(q, ActivationQuantizer) or not isinstance(m, nn.Linear):
+            _fail(name, f"its {INPUT_CHILD} is a {type(q).__name__} on a {type(m).__name__}; only per-token "
+                  "ActivationQuantizers on nn.Linear can be exported", "quantize activations with quantize_activations")
+        if not is_quantized(m):
+            _fail(name, "its input is quantized but its weight is not, and compressed-tensors config groups record "
+                  "input activations of quantized linears only", "give quantize_activations the same targets and "
+                  "ignore as the weight quantization pass (or quantize this linear's weight too)")
+        if t is not None:
+            try:
+                check_transform_first(m)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+    _kv_quantizer(model)
+    _r3_head_dim(model)
+
+
+def _kv_quantizer(model: nn.Module) -> KVQuantizer | None:
+    """The one KV quantizer setting of ``model`` (or None); raises for a partial or mixed KV quantization."""
+    attention = attention_modules(model)
+    found = [(n, a._modules[KV_CHILD]) for n, a in attention if KV_CHILD in a._modules]
+    known = {n for n, _ in attention}
+    stray = [n for n, m in model.named_modules() if KV_CHILD in m._modules and n not in known]
+    if stray:
+        _fail(stray[0], f"holds a {KV_CHILD} but is not a transformers attention module", "remove it")
+    if not found:
+        return None
+    if len(found) != len(attention):
+        missing = next(n for n, a in attention if KV_CHILD not in a._modules)
+        _fail(missing, f"has no {KV_CHILD} while {len(found)} other attention module(s) quantize their keys and "
+              "values; kv_cache_scheme covers every attention module", "quantize the KV cache of every layer "
+              "(quantize_activations with kv_bits) or of none")
+    for n, q in found:
+        if not isinstance(q, KVQuantizer):
+            _fail(n, f"its {KV_CHILD} is a {type(q).__name__}", "quantize the KV cache with quantize_activations")
+    settings = {(q.bits, q.symmetric, q.group_size) for _, q in found}
+    if len(settings) > 1:
+        _fail(found[0][0], f"attention modules quantize keys and values with different settings {sorted(settings, key=str)} "
+              "(bits, symmetric, group_size), and kv_cache_scheme holds one", "quantize the KV cache of every layer "
+              "with the same settings")
+    return found[0][1]
+
+
+def _r3_head_dim(model: nn.Module) -> int | None:
+    """head_dim of the R3 rotations of ``model`` (or None); raises for rotations the export cannot write."""
+    found = [(n, m._modules[QK_CHILD]) for n, m in model.named_modules() if QK_CHILD in m._modules]
+    for n, r in found:
+        if not isinstance(r, QKRotation) or type(r.hadamard) is not OnlineHadamard:
+            _fail(n, f"its {QK_CHILD} is not a Hadamard QKRotation", "rotate with r3=false or evaluate in memory")
+    dims = {r.head_dim for _, r in found}
+    if len(dims) > 1:
+        _fail(found[0][0], f"R3 rotations of different head dims {sorted(dims)}; one R3 scheme holds one head_dim",
+              "rotate with r3=false")
+    return dims.pop() if dims else None
+
+
+def kv_cache_scheme(model: nn.Module) -> dict | None:
+    """``quantization_config["kv_cache_scheme"]`` of ``model``: dynamic int per (batch, kv head, token, group), or None."""
+    q = _kv_quantizer(model)
+    if q is None:
+        return None
+    group = q.group_size or int(attention_modules(model)[0][1].head_dim)  # None: the whole head
+    return _dynamic_args(q.bits, q.symmetric, "group", group)
+
+
+def _linear_transforms(model: nn.Module) -> list[tuple[str, OnlineHadamard]]:
+    return [(n, m._modules[TRANSFORM_CHILD]) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and TRANSFORM_CHILD in m._modules]
+
+
+def _qk_transforms(model: nn.Module) -> list[tuple[str, OnlineHadamard]]:
+    return [(n, m._modules[QK_CHILD].hadamard) for n, m in model.named_modules() if QK_CHILD in m._modules]
+
+
+def _scheme(sizes: set[int], apply: list[dict], head_dim: int | None) -> dict:
+    """A compressed-tensors ``TransformScheme`` dict of our (stored) Hadamard transforms."""
+    return {
+        "type": "hadamard" if all(is_pow2(s) for s in sizes) else "random-hadamard",
+        "apply": apply,
+        "randomize": False,
+        "requires_grad": False,
+        "head_dim": head_dim,
+        "precision": "torch.float32",
+    }
+
+
+def _targs(targets: list[str], location: str, inverse: bool = False) -> dict:
+    return {"targets": targets, "location": location, "inverse": inverse, "ignore": []}
+
+
+def transform_config(model: nn.Module) -> dict | None:
+    """``quantization_config["transform_config"]`` for the online transforms of ``model``, or None.
+
+    Targets are exact module names (sorted). See the module docstring for the
+    schemes.
+    """
+    groups = {}
+    r4 = _linear_transforms(model)
+    if r4:
+        names = sorted(n for n, _ in r4)
+        groups[R4] = _scheme({t.size for _, t in r4}, [_targs(names, "input"), _targs(names, "weight_input", True)], None)
+    r3 = _qk_transforms(model)
+    if r3:
+        head_dim = _r3_head_dim(model)
+        names = sorted(n for n, _ in r3)
+        groups[R3] = _scheme({head_dim}, [_targs(names, "q_attn"), _targs(names, "k_cache")], head_dim)
+    return {"config_groups": groups} if groups else None
+
+
+def _hadamard_weight(transform: OnlineHadamard) -> torch.Tensor:
+    """compressed-tensors' transform weight of ``transform``: H (n, n) float32, ±1, with forward(x) = x H / √n.
+
+    OnlineHadamard(n) computes x kron(H_{2^a}, H_m)ᵀ / √n with its Paley
+    factor H_m as ``base``; built directly (no n×n transform of the identity).
+    """
+    n = transform.size
+    _, m = hadamard_factors(n)
+    base = None if transform.base is None else transform.base.detach().cpu()
+    if (base is None) != (m == 1) or (base is not None and not torch.equal(base, paley_matrix(m).to(base.dtype))):
+        raise ValueError(f"the online transform of size {n} holds a modified Hadamard factor; it cannot be exported")
+    return hadamard_matrix(n, dtype=torch.float32).T.contiguous()
+
+
+def transform_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The transform weights to store: one (n, n) float32 ±1 matrix per group and size, named
+    ``<first target>.<group>_<location>.weight`` (R4: ``..._input``, R3: ``..._q_attn``, shared with ``k_cache``)."""
+    out: dict[str, torch.Tensor] = {}
+    for group, location, items in ((R4, "input", _linear_transforms(model)), (R3, "q_attn", _qk_transforms(model))):
+        done: set[int] = set()
+        for name, t in items:
+            if t.size not in done:
+                done.add(t.size)
+                out[f"{name}.{group}_{location}.weight"] = _hadamard_weight(t)
+    return out
+
+
+def extension(model: nn.Module, clip_ratios: dict[str, float]) -> dict | None:
+    """``quantization_config["compressor"]``: settings compressed-tensors has no field for, or None when there are none.
+
+    Args:
+        model: the model being exported.
+        clip_ratios: ``{config group name: clip_ratio}`` of the groups whose input quantizers clip (ratio != 1).
+    """
+    out: dict[str, Any] = {}
+    if clip_ratios:
+        out["input_activations"] = {g: {"clip_ratio": c} for g, c in clip_ratios.items()}
+    kv = _kv_quantizer(model)
+    if kv is not None:
+        out["kv_cache"] = {"num_bits": kv.bits, "symmetric": kv.symmetric, "group_size": kv.group_size}
+    if kv is not None or _qk_transforms(model):
+        out["attn_implementation"] = unwrapped_attention(attention_implementation(model))
+    return {"version": EXTENSION_VERSION, **out} if out else None
