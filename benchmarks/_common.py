@@ -344,6 +344,22 @@ def add_protocol_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
                         "(for choosing hyper-parameters; default: %(default)s)")
 
 
+def add_set_arg(parser: argparse.ArgumentParser) -> None:
+    """``--set PASS.KEY=VALUE`` (repeatable): a recipe override for our pass of that name, recorded in the protocol
+    (the report never shows such runs: they are for choosing settings on the dev split)."""
+    parser.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
+                        help="recipe override for our pass of that name, e.g. ostquant.lr_clip=0.01 (repeatable; "
+                        "recorded in the protocol)")
+
+
+def with_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``recipe`` with the ``--set`` overrides whose pass it contains applied (a copy)."""
+    from compressor.recipe import apply_overrides
+
+    present = {next(iter(p)) for p in recipe.get("passes", [])}
+    return apply_overrides(recipe, [o for o in overrides if o.split("=", 1)[0].split(".")[0] in present])
+
+
 def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
     """``{n_calib, calib_len, max_tokens, threads, split}`` from :func:`add_protocol_args`'s options; exits on bad values."""
     for name in ("n_calib", "calib_len", "max_tokens", "threads"):

@@ -117,7 +117,7 @@ def run_ours(job: dict) -> dict:
     if job["method"] != "fp32":
         calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
         record["calibration"] = calib.to_dict()
-        recipe = compressor.Recipe.from_dict(recipe_for(job))
+        recipe = compressor.Recipe.from_dict(common.with_overrides(recipe_for(job), job.get("set", [])))
         record["recipe"] = recipe.to_dict()
         try:
             start = time.perf_counter()
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage by stage (q/k/v, o, gate/up, down) on the already-pruned stages' outputs "
                         "(prune: {true_sequential: true}); llm-compressor's runs are unchanged")
     common.add_output_arg(parser, "pruning")
+    common.add_set_arg(parser)
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON, help="python of the peer venv")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     if common.run_child_job(args, run_ours):
         return
     protocol = {**common.protocol_from_args(parser, args), "quick": args.quick}
+    if args.set:
+        protocol["set"] = args.set
     if args.batch_size is not None:
         if args.batch_size < 1:
             parser.error(f"--batch-size must be a positive integer, got {args.batch_size}")

@@ -132,9 +132,67 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
     return out + ("\n" + _provenance(used, source) + "\n" if source else "")
 
 
+HEADLINE_SETTINGS = ("w4g64", "w4pc", "w3g64")
+OURS = ("rtn", "gptq-norefit", "gptq", "gptaq")
+PEERS = ("llmc-gptq", "llmc-awq")
+LABELS = dict(QUANT_METHODS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound"}
+TIE = 0.01  # single-run differences under ~1% are ties (DESIGN.md, protocol)
+
+
+def _gap(ours: float, theirs: float, fp32: float | None) -> str:
+    """How ``ours`` compares with ``theirs``: a tie under 1%, else the relative difference (and the gap to fp32)."""
+    rel = (ours - theirs) / theirs
+    if abs(rel) < TIE:
+        return "tie"
+    text = f"{abs(rel):.1%} {'lower' if rel < 0 else 'higher'}"
+    if fp32 is not None and theirs > fp32:
+        text += f"; gap to fp32 {(ours - fp32) / (theirs - fp32):.2f}x the peer's"
+    return text
+
+
+def quant_headline(records: Records) -> str:
+    """README's comparison: the same algorithm side by side (our GPTQ with the scale refit off against
+    llm-compressor's GPTQ), then our best method against the best peer, at W4 g64, W4 per-channel, W3 g64."""
+    fp32_rec = newest(records, method="fp32", status="ok")
+    fp32 = fp32_rec["ppl"] if fp32_rec else None
+    rows, used = [], [fp32_rec] if fp32_rec else []
+
+    def ok(method: str, setting: str) -> dict | None:
+        r = newest(records, method=method, setting=setting)
+        return r if r and r.get("status") == "ok" and r.get("ppl") is not None else None
+
+    for name in HEADLINE_SETTINGS:
+        same = ok("gptq-norefit", name), ok("llmc-gptq", name)
+        ours = [r for r in (ok(m, name) for m in OURS) if r]
+        peers = [r for r in (ok(m, name) for m in PEERS) if r]
+        if not (all(same) or (ours and peers)):
+            continue
+        cells = [_setting_label(name)]
+        if all(same):
+            used += list(same)
+            cells.append(f"{same[0]['ppl']:.2f} / {same[1]['ppl']:.2f} ({_gap(same[0]['ppl'], same[1]['ppl'], fp32)})")
+        else:
+            cells.append("—")
+        if ours and peers:
+            best, peer = min(ours, key=lambda r: r["ppl"]), min(peers, key=lambda r: r["ppl"])
+            used += [best, peer]
+            cells.append(f"{best['ppl']:.2f} ({LABELS[best['method']]}) / {peer['ppl']:.2f} ({LABELS[peer['method']]}) "
+                         f"({_gap(best['ppl'], peer['ppl'], fp32)})")
+        else:
+            cells.append("—")
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return "_No full-protocol records in `benchmarks/results/quant_quality.jsonl` yet._\n"
+    head = ("| SmolLM2-135M, perplexity (fp32 {}) | same algorithm: our GPTQ, refit off / llm-compressor GPTQ "
+            "| our best / best peer measured |").format(f"{fp32:.2f}" if fp32 else "—")
+    out = head + "\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    return out + "\n" + _provenance([r for r in used if r], "quant_quality") + "\n"
+
+
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
+    "quant-headline": ("quant_quality", quant_headline),
 }
 
 

@@ -290,7 +290,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     record = base_record(job)
     record["machine"] = common.machine_info()
     record["versions"] = common.versions("torch", "transformers", "compressor")
-    recipe = compressor.Recipe.from_dict(recipe_dict(job))
+    recipe = compressor.Recipe.from_dict(common.with_overrides(recipe_dict(job), job.get("set", [])))
     path, tokenizer = common.load_tokenizer_and_path()
     ids = common.eval_ids(tokenizer, job.get("split", "test"))
     model = common.load_fp32_model(path)
@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(DEFAULT_METHODS)}; with --quick, gptq only for w4a4kv4 + hadamard)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     common.add_output_arg(parser, "transforms")
+    common.add_set_arg(parser)
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the peer venv, for the llmc-* transforms (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -401,6 +402,8 @@ def plan(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[dict[s
         parser.error(f"--ost-steps must be a positive integer, got {args.ost_steps}")
     protocol["ost_steps"] = args.ost_steps or OST_STEPS["quick" if args.quick else "full"]
     protocol["reload"] = args.reload
+    if args.set:
+        protocol["set"] = args.set
     return args, [{**job, **protocol} for job in jobs], protocol
 
 

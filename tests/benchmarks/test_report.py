@@ -70,3 +70,17 @@ def test_dev_split_records_never_reach_the_docs(tmp_path):
     results = _write(tmp_path, [dev, _record("gptq", "w3g64", 35.6)])
     text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
     assert "35.60" in text and "30.00" not in text
+
+
+def test_headline_compares_like_with_like_and_calls_ties(tmp_path):
+    results = _write(tmp_path, [
+        _record("fp32", "fp32", 23.07),
+        _record("gptq-norefit", "w4g64", 25.99), _record("llmc-gptq", "w4g64", 26.08),  # 0.3%: a tie
+        _record("gptq", "w4g64", 25.78),
+        _record("gptq-norefit", "w3g64", 36.0), _record("llmc-gptq", "w3g64", 38.39), _record("gptaq", "w3g64", 32.04),
+        _record("llmc-awq", "w3g64", 53.25),
+    ])
+    text = report.render("<!-- report:quant-headline -->\n<!-- /report:quant-headline -->\n", results)
+    assert "| W4 g64 | 25.99 / 26.08 (tie) | 25.78 (GPTQ) / 26.08 (llm-compressor GPTQ) (1.2% lower; gap to fp32 " in text
+    assert "| W3 g64 | 36.00 / 38.39 (6.2% lower;" in text and "32.04 (GPTAQ) / 38.39 (llm-compressor GPTQ)" in text
+    assert "fp32 23.07" in text and "W4 per-channel" not in text

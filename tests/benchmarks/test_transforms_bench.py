@@ -258,3 +258,14 @@ def test_gptaq_is_asymmetric_gptq_on_request_and_the_peers_skip_it(bench):
     assert passes[1] == {"gptq": {"scheme": bench.WEIGHTS, "asymmetric": True}}
     (_, gptq, _) = Recipe.from_dict(bench.recipe_dict(jobs[0])).build()
     assert gptq.config.asymmetric
+
+
+def test_dev_split_and_overrides_reach_the_recipe(bench):
+    """Choosing a setting: --split dev scores SOTU 2000-2009, --set changes our pass (and only where it exists)."""
+    _, jobs, protocol = bench.plan(["--transforms", "ostquant", "--methods", "gptq", "--settings", "w4a4kv4",
+                                    "--split", "dev", "--set", "ostquant.lr_clip=0.01", "--set", "rtn.scheme.bits=3"])
+    assert protocol["split"] == "dev" and protocol["set"] == ["ostquant.lr_clip=0.01", "rtn.scheme.bits=3"]
+    (job,) = jobs
+    recipe = bench.common.with_overrides(bench.recipe_dict(job), job["set"])
+    (ost,) = [p["ostquant"] for p in recipe["passes"] if "ostquant" in p]
+    assert ost["lr_clip"] == 0.01 and not any("rtn" in p for p in recipe["passes"])
