@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.core.coverage import format_coverage
 from compressor.export.summary import layer_sparsity, summarize
 
 __all__ = ["summarize", "format_summary", "layer_sparsity", "format_sparsity", "plot_sparsity"]
@@ -24,6 +25,8 @@ def format_summary(info: dict) -> str:
     if info["ignore"]:
         lines.append(f"  not quantized      {', '.join(info['ignore'][:8])}{' ...' if len(info['ignore']) > 8 else ''}")
     lines.append(f"  loads with         {'; '.join(info['loaders'])}")
+    if info.get("coverage"):
+        lines.append(f"  {format_coverage(info['coverage'])}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ __all__ = [
     "find_blocks", "DecoderLayout", "LAYOUTS", "layout_for", "layout_of_config", "head_counts", "set_config_shapes",
     "resize_mlp", "resize_attention", "block_config", "attention_head_dim", "attention_modules",
     "eager_attention", "base_attention", "register_attention", "attention_function", "set_attention",
-    "attention_implementation", "set_attention_implementation",
+    "attention_implementation", "set_attention_implementation", "PARAM_KINDS", "parameter_kinds",
     "WRAPPABLE_ATTENTION",
 ]
 
@@ -221,6 +221,57 @@ def block_config(block: nn.Module) -> Any:
 def attention_head_dim(attention: nn.Module, config: Any) -> int:
     """The head width an attention module works with: its own ``head_dim``, else the config's (:func:`head_counts`)."""
     return int(getattr(attention, "head_dim", None) or head_counts(config)[2])
+
+
+# ---------------------------------------------------------------- what each parameter is
+
+PARAM_KINDS = ("attention", "dense MLP", "experts", "router", "embeddings", "lm_head", "other")
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """``{parameter name: kind}`` for every parameter of ``model``, kinds from :data:`PARAM_KINDS`.
+
+    * ``embeddings``: the input embedding and any other lookup table (``nn.Embedding``, e.g.
+      Gemma 4's per-layer embeddings); ``lm_head``: the output embedding (a tied weight counts
+      once, as the embedding);
+    * ``experts``: parameters of a fused-experts module (class name ending in ``Experts``,
+      as transformers 5 lays out Qwen3-MoE, Mixtral, DeepSeek-V3, gpt-oss...) or any 3-D weight;
+    * ``router``: a module whose class name holds ``Router`` / ``TopK`` / ``Gate`` (but not
+      ``GateUp``), or a linear named ``gate`` / ``router`` that sits beside fused experts;
+    * ``attention``: inside an attention module (:func:`attention_modules`, or a path through
+      ``attn`` / ``attention``); ``dense MLP``: inside ``mlp`` / ``feed_forward`` / ``ffn``;
+    * ``other``: the rest (norms outside those modules, convolutions of non-decoders...).
+    """
+    modules = dict(model.named_modules())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    attention = {name for name, _ in attention_modules(model)}
+    experts = {name for name, m in modules.items() if type(m).__name__.endswith("Experts")}
+    kinds = {}
+    for full, param in model.named_parameters():  # shared (tied) parameters are listed once
+        owner_name = full.rpartition(".")[0]
+        owner = modules.get(owner_name)
+        parts = owner_name.split(".")
+        cls = type(owner).__name__
+        beside_experts = any(f"{owner_name.rpartition('.')[0]}.{e.rpartition('.')[2]}" in experts for e in experts)
+        if owner is not None and owner is head and owner is not emb:
+            kind = "lm_head"
+        elif owner is not None and (owner is emb or isinstance(owner, nn.Embedding)):
+            kind = "embeddings"
+        elif param.ndim == 3 or any(owner_name == e or owner_name.startswith(e + ".") for e in experts):
+            kind = "experts"
+        elif (any(k in cls for k in ("Router", "TopK")) or (cls.endswith("Gate") and "GateUp" not in cls)
+              or (parts[-1] in ("gate", "router") and beside_experts)):
+            kind = "router"
+        elif any(owner_name == a or owner_name.startswith(a + ".") for a in attention) or any(
+                ("attn" in p or "attention" in p) and "norm" not in p for p in parts):
+            kind = "attention"
+        elif any(p in ("mlp", "feed_forward", "ffn", "block_sparse_moe") or p.startswith("mlp") for p in parts):
+            kind = "dense MLP"
+        else:
+            kind = "other"
+        kinds[full] = kind
+    return kinds
 
 
 # ---------------------------------------------------------------- attention dispatch

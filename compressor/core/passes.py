@@ -107,7 +107,10 @@ class Pass:
     * ``wants_fp_targets``: needs the full-precision model's block outputs (passed to
       :meth:`end_block` as ``targets``);
     * ``resumable``: what it does to a block survives a block checkpoint (weights and the
-      :mod:`compressor.core.module_state` kinds); the pipeline refuses ``checkpoint_dir`` otherwise.
+      :mod:`compressor.core.module_state` kinds); the pipeline refuses ``checkpoint_dir`` otherwise;
+    * ``weight_pass``: ``"quantize"`` or ``"prune"`` when it compresses the weights its targets match
+      (None otherwise); the pipeline refuses a recipe whose weight passes of a kind would leave a
+      large weight untouched (:func:`compressor.core.coverage.check_untouched`) and reports coverage.
     """
 
     name: ClassVar[str] = ""
@@ -119,6 +122,7 @@ class Pass:
     wants_fp_inputs: ClassVar[bool] = False
     wants_fp_targets: ClassVar[bool] = False
     resumable: ClassVar[bool] = True
+    weight_pass: ClassVar[str | None] = None
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_cls):

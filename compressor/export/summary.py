@@ -8,6 +8,7 @@ import math
 import struct
 from pathlib import Path
 
+from compressor.core.atomic import MANIFEST
 from compressor.export.loader import read_config, scheme_from_ct_args
 
 __all__ = ["summarize", "layer_sparsity"]
@@ -33,7 +34,8 @@ def summarize(path: Path) -> dict:
     Returns a dict with ``size_bytes`` (all files), ``weights_bytes`` (safetensors),
     ``params`` (original parameter count), ``bits_per_weight`` (bits of quantized
     linears incl. scales and zero points per weight, or the dtype width for an
-    unquantized model), ``model_bits_per_param``, ``schemes`` and ``loaders``.
+    unquantized model), ``model_bits_per_param``, ``schemes``, ``loaders`` and ``coverage``
+    (what compress recorded in the manifest: :func:`compressor.core.coverage.coverage`, or None).
     """
     path = Path(path)
     config = read_config(path)
@@ -83,7 +85,17 @@ def summarize(path: Path) -> dict:
         "schemes": schemes,
         "ignore": qcfg.get("ignore", []),
         "loaders": _loaders(qcfg, shapes if layers else {}),
+        "coverage": _manifest(path).get("coverage"),
     }
+
+
+def _manifest(path: Path) -> dict:
+    """The export's manifest (provenance written by compress), or {} for a directory without one."""
+    file = path / MANIFEST
+    try:
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, int]]:

@@ -38,6 +38,7 @@ class AdaRoundPass(Pass):
 
     name = "adaround"
     config_cls = AdaRoundConfig
+    weight_pass = "quantize"
     requires_calibration = True
 
     def __init__(self, config: AdaRoundConfig):

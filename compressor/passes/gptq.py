@@ -78,6 +78,7 @@ class GPTQPass(Pass):
 
     name = "gptq"
     config_cls = GPTQConfig
+    weight_pass = "quantize"
     requires_calibration = True
 
     def __init__(self, config: GPTQConfig):

@@ -172,6 +172,7 @@ class PrunePass(Pass):
 
     name = "prune"
     config_cls = PruneConfig
+    weight_pass = "prune"
 
     def __init__(self, config: PruneConfig):
         super().__init__(config)

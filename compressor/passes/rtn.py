@@ -55,6 +55,7 @@ class RTNPass(Pass):
 
     name = "rtn"
     config_cls = RTNConfig
+    weight_pass = "quantize"
 
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context) -> None:
         """Quantize the targeted layers of ``model`` (restricted to names in ``only`` when given)."""

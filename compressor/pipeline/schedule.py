@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compressor.core.arch import find_blocks
+from compressor.core.coverage import check_untouched, coverage, format_coverage
 from compressor.core.passes import Pass, Sweep, select_modules
 from compressor.pipeline.layerwise import run_layerwise
 from compressor.pipeline.sequential import PipelineConfig, run_sequential
@@ -107,13 +108,16 @@ def run_passes(
         quiet: no progress bars.
 
     Returns:
-        Provenance: ``{"calibration": {"sha256", "sequences", "seq_len"}}`` when data was used, else ``{}``.
+        Provenance: ``{"calibration": {"sha256", "sequences", "seq_len"}}`` when data was used, and
+        ``{"coverage": ...}`` (:func:`compressor.core.coverage.coverage`) when a pass compresses weights.
 
     Raises:
-        ValueError: passes out of order, data missing for a pass that needs it, or a
-            calibrated pass targeting modules outside the decoder blocks.
+        ValueError: passes out of order, data missing for a pass that needs it, a
+            calibrated pass targeting modules outside the decoder blocks, or a large weight
+            the weight passes would leave untouched.
     """
     lead, middle, tail = split_passes(passes)
+    check_untouched(model, passes)  # before any work: a large weight no target reaches is an error, not a skip
 
     def data(group: list[Pass]) -> torch.Tensor:
         names = [p.name for p in group if p.requires_calibration] or [p.name for p in group]
@@ -163,6 +167,9 @@ def run_passes(
             ids = calibration_ids([p.name])
         p.apply(model, teacher=teacher, calibration_ids=ids, tokenizer=tokenizer, seed=seed, quiet=quiet)
     del teacher
+    if any(p.weight_pass for p in passes):
+        info["coverage"] = coverage(model, passes)
+        log.info("%s", format_coverage(info["coverage"]))
     return info
 
 
