@@ -45,7 +45,8 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q $(PIP)
 	$(LATEST)/bin/python -m pip install -q -r requirements/torch-cpu.in
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	# torch stays the CPU build on this disk (-c): an eager upgrade would fetch a multi-GB CUDA release
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements/torch-cpu.in -e '.[dev]'
 	@echo "versions that differ from $(LOCK) (< lock, > newest allowed):"
 	@$(LATEST)/bin/python -m pip freeze --exclude-editable | tr 'A-Z_' 'a-z-' | sort > $(LATEST)/versions.txt
 	@grep -E '^[a-z0-9._-]+==' $(LOCK) | sort | diff - $(LATEST)/versions.txt | grep '^[<>]' || echo "  none"
