@@ -40,12 +40,23 @@ class FusedProjection(nn.Module):
 
 
 def test_moe_experts_untargeted_is_an_error_that_names_them_and_the_fix():
+    """``targets: [Linear]`` (the default before fused experts were supported) leaves the experts out: an error."""
+    linear_only = {"rtn": {**RTN["rtn"], "targets": ["Linear"]}}
     with pytest.raises(ValueError) as err:
-        compress(tiny_qwen3_moe(), Recipe.from_dict({"passes": [RTN]}), quiet=True)
+        compress(tiny_qwen3_moe(), Recipe.from_dict({"passes": [linear_only]}), quiet=True)
     text = str(err.value)
     assert "rtn would leave model.layers.0.mlp.experts.gate_up_proj (8, 64, 64)" in text
-    assert "72.0% of the parameters, experts" in text and "Qwen3MoeExperts parameters" in text
+    assert "72.0% of the parameters, experts" in text and "Qwen3MoeExperts parameters, which no target" in text
     assert f"add '{EXPERTS_IGNORE}' to the ignore list" in text
+
+
+def test_default_targets_quantize_the_experts():
+    model = tiny_qwen3_moe()
+    recipe = Recipe.from_dict({"passes": [RTN]})
+    compress(model, recipe, quiet=True)
+    cov = coverage(model, recipe.build())
+    assert cov["kinds"]["experts"] == {"total": 8 * (64 * 64 + 64 * 32) * 2, "targeted": 8 * (64 * 64 + 64 * 32) * 2,
+                                       "compressed": 8 * (64 * 64 + 64 * 32) * 2}
 
 
 def test_ignored_experts_run_and_coverage_says_what_was_left():

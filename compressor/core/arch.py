@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "resize_mlp", "resize_attention", "block_config", "attention_head_dim", "attention_modules",
     "eager_attention", "base_attention", "register_attention", "attention_function", "set_attention",
     "attention_implementation", "set_attention_implementation", "PARAM_KINDS", "parameter_kinds",
+    "ExpertsLayout", "GATE_UP_DOWN", "experts_layout", "is_experts_module", "EXPERT_CHECKPOINT_NAMES",
+    "expert_checkpoint_names",
     "WRAPPABLE_ATTENTION",
 ]
 
@@ -221,6 +225,109 @@ def block_config(block: nn.Module) -> Any:
 def attention_head_dim(attention: nn.Module, config: Any) -> int:
     """The head width an attention module works with: its own ``head_dim``, else the config's (:func:`head_counts`)."""
     return int(getattr(attention, "head_dim", None) or head_counts(config)[2])
+
+
+# ---------------------------------------------------------------- fused MoE experts
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a fused-experts module stores its experts (transformers 5: one 3-D parameter per projection).
+
+    ``params`` maps each fused parameter, (E, N, K) with every expert's matrix in ``nn.Linear``
+    orientation (out, in), to the per-expert linears its rows split into, in order, as checkpoints
+    and vLLM name them (``experts.{e}.gate_proj``...): ``gate_up_proj`` (E, 2I, H) holds ``gate_proj``
+    then ``up_proj``; ``down_proj`` (E, H, I) is ``down_proj``.
+    """
+
+    params: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def splits(self, param: str) -> tuple[str, ...]:
+        return dict(self.params)[param]
+
+    def inputs(self, module: nn.Module, expert: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each fused parameter of ``expert`` multiplies when the expert gets tokens ``x`` (T, H):
+        ``{"gate_up_proj": x, "down_proj": act(x W_gate[e]ᵀ) * (x W_up[e]ᵀ)}`` (T, I)."""
+        gate, up = F.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
+        return {"gate_up_proj": x, "down_proj": module.act_fn(gate) * up}
+
+
+# Qwen3-MoE, Qwen3.5-MoE, Mixtral, OLMoE, Granite-MoE, DeepSeek-V3, GLM-4-MoE: forward is
+# act(x W_gate[e]ᵀ) * (x W_up[e]ᵀ) then W_down[e], with gate_up = [W_gate; W_up] row-stacked
+GATE_UP_DOWN = ExpertsLayout((("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))))
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """Whether ``module`` holds fused MoE experts: a class named ``*Experts`` with 3-D parameters (whether or
+    not :func:`experts_layout` knows its layout)."""
+    return type(module).__name__.endswith("Experts") and any(
+        p.ndim == 3 for p in module.parameters(recurse=False))
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | None:
+    """The :class:`ExpertsLayout` of a fused-experts module, or None (not experts, or a layout we do not know).
+
+    Known: :data:`GATE_UP_DOWN` (no biases, ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)).
+    gpt-oss stores its experts transposed, with biases: not known yet.
+    """
+    if not is_experts_module(module):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if set(params) != {"gate_up_proj", "down_proj"} or gate_up.ndim != 3 or down.ndim != 3:
+        return None
+    e, two_i, h = gate_up.shape
+    if down.shape != (e, h, two_i // 2) or two_i % 2:
+        return None
+    return GATE_UP_DOWN
+
+
+@dataclass(frozen=True)
+class ExpertCheckpointNames:
+    """How a family's checkpoints (and vLLM) name per-expert linears: ``{experts}.{e}.{name}.weight``.
+
+    Attributes:
+        names: per-expert linear (``gate_proj``, ``up_proj``, ``down_proj``) -> its checkpoint name.
+        renames: ``(in the model, in the checkpoint)`` substrings of every tensor name that differ
+            (Mixtral's ``.mlp.`` is ``.block_sparse_moe.`` in its checkpoints).
+        fused: the checkpoints keep the experts fused (Granite-MoE's ``input_linear``): no per-expert names.
+    """
+
+    names: tuple[tuple[str, str], ...] = (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj"))
+    renames: tuple[tuple[str, str], ...] = ()
+    fused: bool = False
+
+    def name(self, linear: str) -> str:
+        return dict(self.names)[linear]
+
+    def to_checkpoint(self, key: str) -> str:
+        for ours, theirs in self.renames:
+            key = key.replace(ours, theirs)
+        return key
+
+    def from_checkpoint(self, key: str) -> str:
+        for ours, theirs in self.renames:
+            key = key.replace(theirs, ours)
+        return key
+
+
+# model_type -> checkpoint names, read from transformers' conversion_mapping.py (5.25) and vLLM's model files;
+# families not listed use gate_proj / up_proj / down_proj with no renames (Qwen2/3-MoE, OLMoE, DeepSeek-V2/3,
+# GLM-4-MoE)
+EXPERT_CHECKPOINT_NAMES: dict[str, ExpertCheckpointNames] = {
+    "mixtral": ExpertCheckpointNames(names=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+                                     renames=((".mlp.", ".block_sparse_moe."),)),
+    "minimax": ExpertCheckpointNames(names=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+                                     renames=((".mlp.", ".block_sparse_moe."),)),
+    "granitemoe": ExpertCheckpointNames(fused=True),
+    "granitemoeshared": ExpertCheckpointNames(fused=True),
+    "granitemoehybrid": ExpertCheckpointNames(fused=True),
+}
+
+
+def expert_checkpoint_names(config: Any) -> ExpertCheckpointNames:
+    """:class:`ExpertCheckpointNames` of a model config's family."""
+    return EXPERT_CHECKPOINT_NAMES.get(getattr(config, "model_type", None), ExpertCheckpointNames())
 
 
 # ---------------------------------------------------------------- what each parameter is

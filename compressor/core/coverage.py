@@ -19,7 +19,7 @@ from torch import nn
 from compressor.core.arch import PARAM_KINDS, parameter_kinds
 from compressor.core.passes import Pass, matches, select_modules
 from compressor.core.sparsity import is_pruned
-from compressor.core.state import is_quantized
+from compressor.core.state import EXPERT_SUFFIXES, is_experts_quantized, is_quantized
 
 __all__ = ["coverage", "format_coverage", "check_untouched", "UNTOUCHED_LIMIT"]
 
@@ -27,12 +27,33 @@ UNTOUCHED_LIMIT = 0.01  # a weight holding this fraction of the parameters may n
 
 
 def _targeted(model: nn.Module, passes: list[Pass]) -> set[str]:
-    """Names of the weights the passes' targets reach: each matched module's own parameters of two or more
-    dimensions (biases and norms are not what a weight pass compresses)."""
+    """Names of the weights the passes' targets reach and the passes compress (:meth:`Pass.compressible`):
+    each such module's own parameters of two or more dimensions (biases and norms are not what a weight pass
+    compresses)."""
     out = set()
     for p in passes:
         for name, module in select_modules(model, p.config):
-            out |= {f"{name}.{n}" for n, w in module.named_parameters(recurse=False) if w.ndim >= 2}
+            if p.compressible(module):
+                out |= {f"{name}.{n}" for n, w in module.named_parameters(recurse=False) if w.ndim >= 2}
+    return out
+
+
+def _compressed(owner: nn.Module | None, leaf: str) -> bool:
+    """Whether parameter ``leaf`` of ``owner`` was quantized or pruned."""
+    if owner is None:
+        return False
+    if leaf == "weight" and (is_quantized(owner) or is_pruned(owner)):
+        return True
+    return is_experts_quantized(owner) and leaf + EXPERT_SUFFIXES[0] in owner._buffers
+
+
+def _matched_but_not_compressed(model: nn.Module, passes: list[Pass]) -> dict[str, list[str]]:
+    """Module name -> the passes whose targets match it but which do not compress its kind of module."""
+    out: dict[str, list[str]] = {}
+    for p in passes:
+        for name, module in select_modules(model, p.config):
+            if not p.compressible(module):
+                out.setdefault(name, []).append(p.name)
     return out
 
 
@@ -56,8 +77,7 @@ def coverage(model: nn.Module, passes: list[Pass]) -> dict:
         row = out[kinds[name]]
         row["total"] += param.numel()
         row["targeted"] += param.numel() if name in targeted else 0
-        done = owner is not None and leaf == "weight" and (is_quantized(owner) or is_pruned(owner))
-        row["compressed"] += param.numel() if done else 0
+        row["compressed"] += param.numel() if _compressed(owner, leaf) else 0
     kept = {k: v for k, v in out.items() if v["total"]}
     return {key: sum(v[key] for v in kept.values()) for key in ("total", "targeted", "compressed")} | {"kinds": kept}
 
@@ -102,8 +122,9 @@ def check_untouched(model: nn.Module, passes: list[Pass], limit: float = UNTOUCH
         if p.weight_pass:
             by_kind.setdefault(p.weight_pass, []).append(p)
     problems: dict[tuple[str, str, str], list[tuple[str, nn.Parameter]]] = {}  # (passes, ignore entry, why) -> tensors
-    for kind, group in by_kind.items():
+    for group in by_kind.values():
         targeted = _targeted(model, group)
+        unsupported = _matched_but_not_compressed(model, group)
         for name, param in model.named_parameters():
             if param.ndim < 2 or param.numel() < limit * total or name in targeted or kinds[name] == "embeddings":
                 continue
@@ -111,9 +132,14 @@ def check_untouched(model: nn.Module, passes: list[Pass], limit: float = UNTOUCH
             owner = modules[owner_name]
             if any(matches(owner_name, owner, p.config.ignore) for p in group):
                 continue
-            why = (f"{type(owner).__name__} parameters, which no target matches (fused MoE experts and other "
-                   "non-Linear weights are not compressed by these passes yet)" if not isinstance(owner, nn.Linear)
-                   else "no target matches them")
+            if owner_name in unsupported:
+                why = (f"{type(owner).__name__} parameters, which {', '.join(unsupported[owner_name])} cannot "
+                       "compress yet (fused MoE experts: rtn quantizes the gate/up/down layout, "
+                       "compressor.core.arch.experts_layout)")
+            elif not isinstance(owner, nn.Linear):
+                why = f"{type(owner).__name__} parameters, which no target matches"
+            else:
+                why = "no target matches them"
             passes_named = ", ".join(sorted({p.name for p in group}))
             problems.setdefault((passes_named, _ignore_entry(owner_name), why), []).append((name, param))
     if problems:

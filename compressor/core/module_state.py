@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.core.arch import GATE_UP_DOWN
 from compressor.core.scheme import QuantScheme
 from compressor.core.sparsity import SparsityInfo, is_pruned
-from compressor.core.state import QUANT_BUFFERS, is_quantized
+from compressor.core.state import EXPERT_SUFFIXES, QUANT_BUFFERS, is_experts_quantized, is_quantized
 
 __all__ = ["StateKind", "STATE_KINDS"]
 
@@ -55,6 +56,12 @@ def _restore_quant(module: nn.Module, scheme: dict, tensors: dict[str, torch.Ten
         module.register_buffer(name, tensor.to(device))
 
 
+def _restore_experts(module: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    module.experts_scheme = QuantScheme(**scheme)
+    for name, tensor in tensors.items():
+        module.register_buffer(name, tensor.to(device))
+
+
 def _mask_tensor(module: nn.Module) -> dict[str, torch.Tensor]:
     # the mask itself, not weight != 0: after quantization some kept weights round to zero
     mask = module._buffers.get("weight_mask") if is_pruned(module) else None
@@ -67,4 +74,6 @@ STATE_KINDS: tuple[StateKind, ...] = (
               _restore_sparsity),
     StateKind("schemes", lambda m: m.quant_scheme.to_dict() if is_quantized(m) else None, lambda m: {},
               QUANT_BUFFERS, _restore_quant),
+    StateKind("expert_schemes", lambda m: m.experts_scheme.to_dict() if is_experts_quantized(m) else None,
+              lambda m: {}, tuple(p + s for p, _ in GATE_UP_DOWN.params for s in EXPERT_SUFFIXES), _restore_experts),
 )

@@ -19,6 +19,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from compressor.core.arch import is_experts_module
+from compressor.core.layers import is_quantizable
+
 __all__ = [
     "PassConfig",
     "Pass",
@@ -31,6 +34,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type["Pass"]] = {}
+EXPERTS_TARGET = "Experts"  # the target that matches every fused MoE experts module
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,11 +42,14 @@ class PassConfig:
     """Base of every pass config: which modules the pass touches.
 
     Attributes:
-        targets: class names (``Linear``), exact module names, or ``re:`` regexes.
+        targets: class names (``Linear``), ``Experts`` (every fused MoE experts module,
+            :func:`compressor.core.arch.is_experts_module`), exact module names, or ``re:`` regexes.
+            Default ``["Linear", "Experts"]``: a pass compresses what it can of them
+            (:meth:`Pass.compressible`), and the pipeline refuses to leave a large one untouched.
         ignore: same forms; matched modules are skipped. Default ``["lm_head"]``.
     """
 
-    targets: tuple[str, ...] = ("Linear",)
+    targets: tuple[str, ...] = ("Linear", "Experts")
     ignore: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self) -> None:
@@ -144,6 +151,14 @@ class Pass:
         """:func:`select_modules` of ``block``, restricted to the current :attr:`stage`."""
         found = select_modules(block, self.config, prefix)
         return found if self.stage is None else [(n, m) for n, m in found if n in self.stage]
+
+    def compressible(self, module: nn.Module) -> bool:
+        """Whether this pass compresses ``module`` when its targets match it (coverage counts only these).
+
+        Default: the layers :func:`compressor.core.layers.is_quantizable` handles (``nn.Linear``,
+        HF ``Conv1D``, ``nn.Conv2d``); a pass that also compresses fused MoE experts says so here.
+        """
+        return is_quantizable(module)
 
     # ------------------------------------------------------------ hooks (defaults: nothing to do)
 
@@ -258,11 +273,14 @@ def config_from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 
 def matches(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
-    """Whether a module matches any pattern: class name (or a base class's), exact name, or ``re:`` regex."""
+    """Whether a module matches any pattern: class name (or a base class's), exact name, ``re:`` regex, or
+    ``Experts`` for a fused MoE experts module."""
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.match(pattern[3:], name):
                 return True
+        elif pattern == EXPERTS_TARGET and is_experts_module(module):
+            return True
         elif pattern == name or any(cls.__name__ == pattern for cls in type(module).__mro__):
             return True
     return False

@@ -9,6 +9,12 @@ A quantized module keeps its ``weight`` parameter holding the dequantized
 
 Export re-derives the integer codes from the weight and checks that the
 weight is exactly on its grid.
+
+A fused-experts module (:func:`compressor.core.arch.experts_layout`) keeps its
+3-D parameters, each expert's (N, K) matrix on its own grid, and gains per
+quantized parameter ``P`` a ``P_scale`` buffer (E, N, G) and a
+``P_zero_point`` buffer (E, N, G) or none, plus the ``experts_scheme``
+attribute (:func:`attach_expert_qparams`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from torch import nn
 
 from compressor.core.scheme import QParams, QuantScheme
 
-__all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS"]
+__all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS", "attach_expert_qparams",
+           "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES"]
 
 QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx")  # what attach_qparams adds beside the weight
+EXPERT_SUFFIXES = ("_scale", "_zero_point")  # what attach_expert_qparams adds beside each fused parameter
 
 
 def attach_qparams(
@@ -65,3 +73,44 @@ def quant_state(module: nn.Module) -> tuple[QuantScheme, QParams, torch.Tensor |
         return None
     zp = module._buffers.get("weight_zero_point")
     return module.quant_scheme, QParams(module.weight_scale, zp), module._buffers.get("weight_g_idx")
+
+
+def attach_expert_qparams(module: nn.Module, param: str, scheme: QuantScheme, qp: QParams) -> None:
+    """Record the quantization parameters of one fused-experts parameter (its values were already rounded in place).
+
+    Args:
+        module: the fused-experts module.
+        param: the parameter's name (``gate_up_proj``); its (E, N, K) data holds each expert's dequantized matrix.
+        scheme: the scheme every expert of every quantized parameter of the module uses.
+        qp: scale and zero point, (E, N, G).
+
+    Raises:
+        ValueError: another parameter of the module was quantized with a different scheme.
+    """
+    old = getattr(module, "experts_scheme", None)
+    if old is not None and old != scheme:
+        raise ValueError(f"{param}: the module's experts were already quantized with {old.describe()}, "
+                         f"not {scheme.describe()}: one scheme per experts module")
+    for suffix in EXPERT_SUFFIXES:
+        module._buffers.pop(param + suffix, None)
+    module.register_buffer(param + "_scale", qp.scale.detach().clone())
+    if qp.zero_point is not None:
+        module.register_buffer(param + "_zero_point", qp.zero_point.detach().clone())
+    module.experts_scheme = scheme
+
+
+def is_experts_quantized(module: nn.Module) -> bool:
+    """Whether :func:`attach_expert_qparams` was applied to ``module``."""
+    return isinstance(getattr(module, "experts_scheme", None), QuantScheme)
+
+
+def experts_quant_state(module: nn.Module) -> tuple[QuantScheme, dict[str, QParams]] | None:
+    """``(scheme, {parameter name: qparams (E, N, G)})`` of a quantized fused-experts module, or None."""
+    if not is_experts_quantized(module):
+        return None
+    params = {}
+    for name in dict(module.named_parameters(recurse=False)):
+        scale = module._buffers.get(name + "_scale")
+        if scale is not None:
+            params[name] = QParams(scale, module._buffers.get(name + "_zero_point"))
+    return module.experts_scheme, params

@@ -8,6 +8,14 @@ Per quantized linear ``name`` the checkpoint holds:
 * ``name.weight_shape``      int64 (2,) = (N, K)
 * ``name.weight_g_idx``      int32 (K,) (activation order only)
 
+Fused MoE experts (:func:`compressor.core.arch.experts_layout`) are written one
+linear per expert, as the family's checkpoints and vLLM's fused-MoE
+compressed-tensors loader name them: ``{experts}.{e}.gate_proj.weight_packed``
+and so on (Mixtral: ``w1`` / ``w3`` / ``w2`` under ``block_sparse_moe``; see
+:data:`compressor.core.arch.EXPERT_CHECKPOINT_NAMES`), each with the four
+tensors above. vLLM matches ``{experts}.0.gate_proj`` against the config
+groups' targets, so a ``Linear`` target covers them.
+
 and ``config.json["quantization_config"]`` describes the schemes so that
 transformers (with compressed-tensors) and vLLM load the directory.
 
@@ -29,14 +37,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compressor.core.arch import ExpertCheckpointNames, expert_checkpoint_names, experts_layout, parameter_kinds
 from compressor.core.atomic import atomic_directory, write_manifest
 from compressor.core.pack import pack
-from compressor.core.scheme import QuantScheme, dequantize, quantize
+from compressor.core.scheme import QParams, QuantScheme, dequantize, quantize
 from compressor.core.sparsity import is_pruned, prune_mask
-from compressor.core.state import is_quantized, quant_state
+from compressor.core.state import experts_quant_state, is_experts_quantized, is_quantized, quant_state
 from compressor.export import online_format, online_write
 
-__all__ = ["compress_module_state", "scheme_to_ct_args", "quantization_config", "save_compressed", "FORMAT"]
+__all__ = ["compress_module_state", "compress_experts_state", "scheme_to_ct_args", "quantization_config",
+           "save_compressed", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +89,21 @@ def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{type(module).__name__} layers cannot be exported yet: pack-quantized export covers nn.Linear")
     scheme, qp, g_idx = state
+    out = _pack_matrix(module.weight.detach(), qp, scheme, g_idx)
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = module.bias.detach().contiguous()
+    return out
+
+
+def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """``weight_packed``, ``weight_scale``, ``weight_shape`` (and ``weight_zero_point``, ``weight_g_idx``) of one
+    (N, K) dequantized matrix with its (N, G) qparams.
+
+    Raises:
+        ValueError: ``w`` is not exactly on its grid, or the scheme cannot be exported.
+    """
     scheme_to_ct_args(scheme)  # refuses unexportable schemes
-    w = module.weight.detach()
     q = quantize(w, qp, scheme, g_idx)
     if not torch.equal(dequantize(q, qp, scheme, g_idx).to(w.dtype), w):
         raise ValueError(
@@ -97,8 +120,39 @@ def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
         out["weight_zero_point"] = pack(qp.zero_point.round().to(torch.int8), scheme.bits, dim=0)
     if g_idx is not None:
         out["weight_g_idx"] = g_idx.to(torch.int32).contiguous()
-    if getattr(module, "bias", None) is not None:
-        out["bias"] = module.bias.detach().contiguous()
+    return out
+
+
+def compress_experts_state(module: nn.Module, names: ExpertCheckpointNames) -> dict[str, torch.Tensor]:
+    """Packed tensors of a quantized fused-experts module, one linear per expert; the module is not modified.
+
+    Returns:
+        ``{"{e}.{linear}.{tensor}": ...}`` with ``linear`` the family's checkpoint name of each expert's
+        gate / up / down projection and ``tensor`` as for :func:`compress_module_state`.
+
+    Raises:
+        ValueError: not quantized, a layout or family whose checkpoints keep experts fused, or an off-grid weight.
+    """
+    state = experts_quant_state(module)
+    layout = experts_layout(module)
+    if state is None or layout is None:
+        raise ValueError("module is not a quantized fused-experts module")
+    if names.fused:
+        raise ValueError("this family's checkpoints keep the experts fused (e.g. Granite-MoE's input_linear), which "
+                         "compressed-tensors loaders do not read quantized: add the experts to ignore to export")
+    scheme, qparams = state
+    out = {}
+    for pname, splits in layout.params:
+        if pname not in qparams:
+            raise ValueError(f"{pname} was not quantized, but the module's other experts were")
+        param, qp = getattr(module, pname).detach(), qparams[pname]
+        for e in range(param.shape[0]):
+            rows = param.shape[1] // len(splits)
+            for i, linear in enumerate(splits):
+                part = slice(i * rows, (i + 1) * rows)
+                zp = None if qp.zero_point is None else qp.zero_point[e, part]
+                packed = _pack_matrix(param[e, part], QParams(qp.scale[e, part], zp), scheme)
+                out.update({f"{e}.{names.name(linear)}.{k}": v for k, v in packed.items()})
     return out
 
 
@@ -123,6 +177,7 @@ def quantization_config(model: nn.Module) -> dict:
             (see :func:`compressor.export.online_write.check_online_exportable`).
     """
     online_write.check_online_exportable(model)
+    names = expert_checkpoint_names(model.config)
     groups: dict[tuple, list[str]] = {}
     linears = []
     for name, module in model.named_modules():
@@ -131,12 +186,16 @@ def quantization_config(model: nn.Module) -> dict:
         if is_quantized(module):
             scheme, _, g_idx = quant_state(module)
             groups.setdefault((scheme, g_idx is not None, online_write.input_settings(module)), []).append(name)
+        elif is_experts_quantized(module):  # vLLM matches "{name}.0.gate_proj" etc. against the targets
+            linear_names = "|".join(names.name(n) for _, splits in experts_layout(module).params for n in splits)
+            target = rf"re:^{_escape(names.to_checkpoint(name))}\.\d+\.({linear_names})$"
+            groups.setdefault((experts_quant_state(module)[0], False, None), []).append(target)
     if not groups:
         raise ValueError("the model has no quantized layers: run a quantization pass before exporting")
-    quantized = {n for names in groups.values() for n in names}
+    quantized = {n for group_names in groups.values() for n in group_names}
     config_groups, clip_ratios = {}, {}
-    for i, ((scheme, actorder, act), names) in enumerate(groups.items()):
-        targets = ["Linear"] if len(groups) == 1 else sorted(names)
+    for i, ((scheme, actorder, act), group_names) in enumerate(groups.items()):
+        targets = ["Linear"] if len(groups) == 1 else sorted(names.to_checkpoint(n) for n in group_names)
         config_groups[f"group_{i}"] = {
             "targets": targets,
             "weights": scheme_to_ct_args(scheme, actorder),
@@ -151,7 +210,7 @@ def quantization_config(model: nn.Module) -> dict:
         "format": FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": sorted(n for n in linears if n not in quantized),
+        "ignore": sorted({names.to_checkpoint(n) for n in linears + _routers(model) if n not in quantized}),
         "kv_cache_scheme": online_write.kv_cache_scheme(model),
         "global_compression_ratio": None,
         "sparsity_config": sparsity_config(model),
@@ -164,6 +223,15 @@ def quantization_config(model: nn.Module) -> dict:
     if ext is not None:
         out[online_format.EXTENSION] = ext
     return out
+
+
+def _routers(model: nn.Module) -> list[str]:
+    """Names of the MoE routers (kept in full precision; listed in ``ignore`` so loaders leave them be)."""
+    return sorted({name.rpartition(".")[0] for name, kind in parameter_kinds(model).items() if kind == "router"})
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", "\\.")
 
 
 def sparsity_config(model: nn.Module) -> dict | None:
@@ -192,25 +260,28 @@ def sparsity_config(model: nn.Module) -> dict | None:
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Model tensors with quantized linears packed; tied (shared) tensors stored once."""
+    """Model tensors with quantized linears and experts packed, named as the family's checkpoints name them
+    (:class:`compressor.core.arch.ExpertCheckpointNames`); tied (shared) tensors stored once."""
     quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+    experts = {name: m for name, m in model.named_modules() if is_experts_quantized(m)}
+    names = expert_checkpoint_names(model.config)
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for key, tensor in model.state_dict(keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
-        if owner in quantized:
+        if owner in quantized or owner in experts:
             continue
         ptr = tensor.data_ptr()
         if ptr in seen and tensor.numel():
             continue  # tied to an earlier tensor (e.g. lm_head ↔ embed_tokens)
         seen[ptr] = key
-        out[key] = tensor.detach().contiguous()
-    for name, module in quantized.items():
+        out[names.to_checkpoint(key)] = tensor.detach().contiguous()
+    for name, module in list(quantized.items()) + list(experts.items()):
         try:
-            packed = compress_module_state(module)
+            packed = compress_module_state(module) if name in quantized else compress_experts_state(module, names)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-        out.update({f"{name}.{k}": v for k, v in packed.items()})
+        out.update({names.to_checkpoint(f"{name}.{k}"): v for k, v in packed.items()})
     return out
 
 

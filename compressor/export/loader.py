@@ -18,11 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from compressor.core.arch import expert_checkpoint_names, experts_layout
 from compressor.core.atomic import MANIFEST, verify_manifest
 from compressor.core.passes import matches
 from compressor.core.scheme import QuantScheme
 from compressor.export import online_format, online_read
 from compressor.runtime.activations import INPUT_CHILD
+from compressor.runtime.quant_experts import QuantExperts
 from compressor.runtime.quant_linear import QuantLinear
 
 __all__ = ["load_compressed", "scheme_from_ct_args", "read_config"]
@@ -103,6 +105,28 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _attach_quant_experts(model: nn.Module, tensors: dict[str, torch.Tensor], groups: list[tuple], names,
+                          dtype: torch.dtype, backend: str, path: Path) -> None:
+    """Replace each fused-experts module whose experts the export stores packed by a :class:`QuantExperts`."""
+    ckpt = (names.name("gate_proj"), names.name("up_proj"), names.name("down_proj"))
+    for name, module in list(model.named_modules()):
+        layout = experts_layout(module)
+        if layout is None or f"{name}.0.{ckpt[0]}.weight_packed" not in tensors:
+            continue
+        probe = names.to_checkpoint(f"{name}.0.{ckpt[0]}")
+        found = [(scheme, act) for targets, scheme, _, act in groups
+                 if "Linear" in targets or matches(probe, nn.Linear(1, 1, device="meta"), tuple(targets))]
+        if not found:
+            raise ValueError(f"{path}: {probe}.weight_packed is stored but no config group targets it: the "
+                             "checkpoint does not match its config.json")
+        scheme, act = found[0]
+        if act is not None:
+            raise ValueError(f"{path}: {name}: quantized inputs of fused experts are not supported by this loader")
+        e, two_i, h = module.gate_up_proj.shape
+        model.set_submodule(name, QuantExperts(e, h, two_i // 2, scheme, names=ckpt, act_fn=module.act_fn,
+                                               dtype=dtype, backend=backend))
+
+
 def _model_class(config):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -162,7 +186,10 @@ def load_compressed(
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
     groups = _config_groups(qcfg, path)
-    ignore = tuple(qcfg.get("ignore") or ())
+    names = expert_checkpoint_names(config)
+    tensors = {names.from_checkpoint(k): t for k, t in tensors.items()}  # Mixtral's block_sparse_moe -> mlp
+    ignore = tuple(names.from_checkpoint(n) for n in qcfg.get("ignore") or ())
+    _attach_quant_experts(model, tensors, groups, names, dtype, backend, path)
     quantizers = {}  # attached after the transforms, so print(model) lists them in the order they run
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or matches(name, module, ignore):

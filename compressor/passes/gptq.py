@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from compressor.algorithms.hessian import HessianAccumulator
 from compressor.algorithms.quant.gptq import ACTORDER, gptq_quantize
+from compressor.core.arch import experts_layout
+from compressor.core.layers import is_quantizable
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme
 from compressor.core.sparsity import prune_mask
-from compressor.core.state import attach_qparams
+from compressor.core.state import attach_expert_qparams, attach_qparams
+from compressor.passes.rtn import round_matrix, stack_qparams
 from compressor.pipeline.inputs import SharedInputs
 
 __all__ = ["GPTQConfig", "GPTQPass"]
@@ -49,6 +53,12 @@ class GPTQConfig(PassConfig):
             Hessians taken on the inputs the already-quantized stages produce,
             as the GPTQ reference code's ``--true-sequential``. Costs up to one
             more (truncated) block forward per stage.
+        moe_calibration: fused MoE experts: ``"routed"`` (each expert's Hessians from the
+            tokens the router sends it) or ``"all_experts"`` (every calibration token through
+            every expert, for statistics only: the block's output keeps the real routing,
+            as llm-compressor's ``moe_calibrate_all_experts``).
+        min_expert_tokens: an expert that gets fewer calibration tokens than this is
+            rounded to nearest instead (its Hessian says too little); a warning counts them.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -59,9 +69,13 @@ class GPTQConfig(PassConfig):
     asymmetric_weight: float = 0.25
     refit_scales: bool = True
     true_sequential: bool = False
+    moe_calibration: str = "routed"
+    min_expert_tokens: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.moe_calibration not in ("routed", "all_experts"):
+            raise ValueError(f"moe_calibration={self.moe_calibration!r}: use 'routed' or 'all_experts'")
         if self.actorder not in ACTORDER:
             raise ValueError(f"actorder={self.actorder!r}: use one of {ACTORDER}")
         if self.block_size < 1:
@@ -85,6 +99,14 @@ class GPTQPass(Pass):
         super().__init__(config)
         self._inputs = SharedInputs()
         self._fp: dict[str, torch.Tensor] = {}
+        self._experts: dict[str, nn.Module] = {}
+        # experts module name -> {"tokens": (E,) routed token counts, param: [HessianAccumulator | None] * E}
+        self._expert_stats: dict[str, dict] = {}
+        self._expert_hooks: list = []
+
+    def compressible(self, module: nn.Module) -> bool:
+        """Layers and fused-experts modules of a known layout."""
+        return is_quantizable(module) or experts_layout(module) is not None
 
     @property
     def wants_fp_targets(self) -> bool:
@@ -105,8 +127,37 @@ class GPTQPass(Pass):
         Returns:
             the observed linears (the pipeline stops each forward once it has entered the last).
         """
-        linears = [(n, m) for n, m in self.block_modules(block, prefix) if isinstance(m, nn.Linear)]
-        return self._inputs.hook(linears, self._observe)
+        found = self.block_modules(block, prefix)
+        linears = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
+        self._experts = {n: m for n, m in found if experts_layout(m) is not None}
+        for name, module in self._experts.items():
+            self._expert_hooks.append(module.register_forward_pre_hook(partial(self._observe_experts, name),
+                                                                       with_kwargs=True))
+        return self._inputs.hook(linears, self._observe) + list(self._experts.values())
+
+    def _observe_experts(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Add each expert's inputs to its Hessians: the tokens routed to it (or all, ``all_experts``)."""
+        if self.stream == "fp":
+            return  # GPTAQ's asymmetric term is not applied to experts: the two streams route differently
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
+        x, index = values[0], values[1]
+        x = x.reshape(-1, x.shape[-1])
+        index = index.reshape(x.shape[0], -1)
+        layout = experts_layout(module)
+        n_experts = getattr(module, layout.params[0][0]).shape[0]
+        stats = self._expert_stats.setdefault(
+            name, {"tokens": torch.zeros(n_experts, dtype=torch.int64)} | {p: [None] * n_experts for p, _ in layout.params})
+        routed = torch.stack([(index == e).any(-1) for e in range(n_experts)])  # (E, T)
+        stats["tokens"] += routed.sum(-1).cpu()
+        with torch.no_grad():
+            for e in range(n_experts):
+                tokens = x if self.config.moe_calibration == "all_experts" else x[routed[e]]
+                if not tokens.shape[0]:
+                    continue
+                for pname, inp in layout.inputs(module, e, tokens).items():
+                    if stats[pname][e] is None:
+                        stats[pname][e] = HessianAccumulator(inp.shape[-1], inp.device)
+                    stats[pname][e].add(inp)
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         if self.stream == "fp":  # paired with the compressed stream's next batch
@@ -135,5 +186,47 @@ class GPTQPass(Pass):
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
             log.debug("gptq %s loss %.4g", name, res.loss)
+        for h in self._expert_hooks:
+            h.remove()
+        self._expert_hooks.clear()
+        for name, module in self._experts.items():
+            self._quantize_experts(name, module, self._expert_stats.get(name))
+        self._experts.clear()
+        self._expert_stats.clear()
         self._inputs.clear()
         self._fp.clear()
+
+    def _quantize_experts(self, name: str, module: nn.Module, stats: dict | None) -> None:
+        """GPTQ each expert's gate/up and down from its own Hessians, in place, one expert at a time; experts
+        with fewer than ``min_expert_tokens`` tokens are rounded to nearest."""
+        c = self.config
+        layout = experts_layout(module)
+        # "group" activation order needs a g_idx per expert matrix, which the per-expert export does not carry
+        actorder = "static" if c.actorder == "group" else c.actorder
+        n_experts = getattr(module, layout.params[0][0]).shape[0]
+        tokens = stats["tokens"] if stats else torch.zeros(n_experts, dtype=torch.int64)
+        all_tokens = c.moe_calibration == "all_experts" and stats is not None
+        rounded = [e for e in range(n_experts) if not all_tokens and int(tokens[e]) < c.min_expert_tokens]
+        for pname, _ in layout.params:
+            param = getattr(module, pname)
+            qps = []
+            with torch.no_grad():
+                for e in range(n_experts):
+                    w = param.data[e]
+                    acc = stats[pname][e] if stats else None
+                    if e in rounded or acc is None:
+                        new, qp = round_matrix(w, c.scheme)
+                    else:
+                        try:
+                            res = gptq_quantize(w, acc.H, c.scheme, block_size=c.block_size, dampening=c.dampening,
+                                                actorder=actorder, refit=c.refit_scales)
+                        except ValueError as err:
+                            raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
+                        new, qp = res.weight, res.qparams
+                    w.copy_(new)
+                    qps.append(qp)
+            attach_expert_qparams(module, pname, c.scheme, stack_qparams(qps))
+        if rounded:
+            log.warning("gptq %s: %d of %d experts got fewer than min_expert_tokens=%d calibration tokens and were "
+                        "rounded to nearest instead (more calibration data, or moe_calibration: all_experts, helps)",
+                        name, len(rounded), n_experts, c.min_expert_tokens)

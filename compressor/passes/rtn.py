@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from compressor.core.arch import experts_layout
 from compressor.core.layers import QUANTIZABLE, is_quantizable, layer_view
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.core.progress import progress
-from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
+from compressor.core.scheme import QParams, QuantScheme, compute_qparams, fake_quant
 from compressor.core.sparsity import prune_mask
-from compressor.core.state import attach_qparams
+from compressor.core.state import attach_expert_qparams, attach_qparams
 
-__all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module"]
+__all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module", "rtn_quantize_experts", "round_matrix",
+           "stack_qparams"]
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +52,84 @@ def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
     attach_qparams(module, scheme, qp, to_weight(fake_quant(w, qp, scheme)))
 
 
+def rtn_quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
+    """Quantize every expert of a fused-experts module in place, each projection as its own (N, K) matrix.
+
+    Each fused parameter (E, N, K) (:func:`compressor.core.arch.experts_layout`) is
+    rounded one expert at a time into its own storage, so no second full-precision
+    copy of the experts is made. Scales and zero points are per row and group, so
+    rounding ``gate_up_proj[e]`` (2I, H) at once gives exactly what rounding
+    ``gate_proj`` and ``up_proj`` separately would.
+
+    Raises:
+        ValueError: the module's layout is not known, or the scheme has a float zero point.
+    """
+    layout = experts_layout(module)
+    if layout is None:
+        raise ValueError(f"{type(module).__name__}: unknown fused-experts layout (see compressor.core.arch.experts_layout)")
+    if scheme.float_zero_point:
+        raise ValueError("fused experts need zero_point='int' or a symmetric scheme")
+    for pname, _ in layout.params:
+        param = getattr(module, pname)
+        qps = []
+        with torch.no_grad():
+            for e in range(param.shape[0]):
+                w = param.data[e]
+                rounded, qp = round_matrix(w, scheme)
+                w.copy_(rounded)
+                qps.append(qp)
+        attach_expert_qparams(module, pname, scheme, stack_qparams(qps))
+
+
+def round_matrix(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
+    """Round an (N, K) matrix to its nearest grid point: ``(dequantized (N, K), qparams (N, G))`` in ``w``'s dtype."""
+    qp = compute_qparams(w.float(), scheme)
+    qp = QParams(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
+    return fake_quant(w, qp, scheme), qp
+
+
+def stack_qparams(qps: list[QParams]) -> QParams:
+    """E per-expert (N, G) qparams → one (E, N, G)."""
+    zp = None if qps[0].zero_point is None else torch.stack([q.zero_point for q in qps])
+    return QParams(torch.stack([q.scale for q in qps]), zp)
+
+
 @register_pass
 class RTNPass(Pass):
-    """Quantize every targeted layer (nn.Linear, HF Conv1D, nn.Conv2d) with round-to-nearest."""
+    """Quantize every targeted layer (nn.Linear, HF Conv1D, nn.Conv2d, fused MoE experts) with round-to-nearest."""
 
     name = "rtn"
     config_cls = RTNConfig
     weight_pass = "quantize"
 
+    def compressible(self, module: nn.Module) -> bool:
+        """Layers and fused-experts modules of a known layout."""
+        return is_quantizable(module) or experts_layout(module) is not None
+
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context) -> None:
         """Quantize the targeted layers of ``model`` (restricted to names in ``only`` when given)."""
         layers = [(n, m) for n, m in select_modules(model, self.config)
-                  if is_quantizable(m) and (only is None or n in only)]
+                  if self.compressible(m) and (only is None or n in only)]
         if not layers and only is None:
             raise ValueError(
                 f"rtn: no {QUANTIZABLE} layer matches targets={list(self.config.targets)} "
                 f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`"
             )
-        log.info("rtn: %s on %d layers", self.config.scheme.describe(), len(layers))
+        experts = sum(not is_quantizable(m) for _, m in layers)
+        log.info("rtn: %s on %d layers%s", self.config.scheme.describe(), len(layers) - experts,
+                 f" and {experts} fused-experts modules" if experts else "")
         self._quantize(layers, quiet)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         """Quantize the targeted layers inside one block (sequential pipeline)."""
-        self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if is_quantizable(m)], True)
+        self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if self.compressible(m)], True)
 
     def _quantize(self, layers: list[tuple[str, nn.Module]], quiet: bool) -> None:
         for name, module in progress(layers, "rtn", quiet=quiet):
             try:
-                rtn_quantize_module(module, self.config.scheme)
+                if is_quantizable(module):
+                    rtn_quantize_module(module, self.config.scheme)
+                else:
+                    rtn_quantize_experts(module, self.config.scheme)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None

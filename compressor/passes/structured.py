@@ -132,7 +132,7 @@ class StructuredPruneConfig(PassConfig):
             raise ValueError(f"score={self.score!r}: use one of {SCORES}")
         if self.head_unit not in HEAD_UNITS:
             raise ValueError(f"head_unit={self.head_unit!r}: use one of {HEAD_UNITS}")
-        if self.targets != ("Linear",) or set(self.ignore) - {"lm_head"}:
+        if self.targets != PassConfig().targets or set(self.ignore) - {"lm_head"}:
             raise ValueError("prune_structured prunes every decoder block alike (a plain config has one "
                              "intermediate_size and one head count): remove targets/ignore from its config")
 
