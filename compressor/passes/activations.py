@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from compressor.core.arch import attention_modules
+from compressor.core.arch import attention_modules, is_experts_module
 from compressor.core.fake_quant import check_bits, check_clip
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.runtime.activations import (
@@ -119,6 +119,7 @@ class ActivationQuantPass(Pass):
             only: restrict the linears to these names and skip the KV cache
                 (``compress`` passes the targets outside the decoder blocks here).
         """
+        self._refuse_experts(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         linears = self._linears(model, "", head)
         if only is not None:
@@ -144,8 +145,20 @@ class ActivationQuantPass(Pass):
         self._attach(self._linears(block, prefix, None), kv)
 
     def plan(self, model: nn.Module, input_ids: Any, sweep: Any) -> None:
-        """Say what a rotated model without R3 misses, before the block loop."""
+        """Refuse fused experts and say what a rotated model without R3 misses, before the block loop."""
+        self._refuse_experts(model)
         self._hint_r3(model)
+
+    def _refuse_experts(self, model: nn.Module) -> None:
+        """Fail when the targets reach fused MoE experts, whose inputs this pass cannot quantize yet."""
+        if self.config.bits is None:
+            return
+        experts = [n for n, m in select_modules(model, self.config) if is_experts_module(m)]
+        if experts:
+            raise ValueError(
+                f"quantize_activations: bits={self.config.bits} would leave the inputs of the fused MoE experts "
+                f"{experts[:2]}{' ...' if len(experts) > 2 else ''} in full precision: quantized expert inputs are "
+                "not supported yet. To run the experts weight-only, add 'Experts' to this pass's ignore list")
 
     def _hint_r3(self, model: nn.Module) -> None:
         """Say so when a rotated model gets a quantized KV cache without R3 (QuaRot rotates its keys)."""
