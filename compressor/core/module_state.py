@@ -50,16 +50,15 @@ def _restore_sparsity(module: nn.Module, info: dict, tensors: dict[str, torch.Te
         module.register_buffer("weight_mask", mask.to(device), persistent=False)
 
 
-def _restore_quant(module: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    module.quant_scheme = QuantScheme(**scheme)
-    for name, tensor in tensors.items():
-        module.register_buffer(name, tensor.to(device))
+def _scheme_restorer(attribute: str) -> Callable[[nn.Module, dict, dict[str, torch.Tensor], torch.device], None]:
+    """A ``restore`` that sets the module's scheme ``attribute`` and registers the saved qparam buffers."""
 
+    def restore(module: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        setattr(module, attribute, QuantScheme(**scheme))
+        for name, tensor in tensors.items():
+            module.register_buffer(name, tensor.to(device))
 
-def _restore_experts(module: nn.Module, scheme: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    module.experts_scheme = QuantScheme(**scheme)
-    for name, tensor in tensors.items():
-        module.register_buffer(name, tensor.to(device))
+    return restore
 
 
 def _mask_tensor(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +72,8 @@ STATE_KINDS: tuple[StateKind, ...] = (
     StateKind("pruned", lambda m: vars(m.sparsity_info) if is_pruned(m) else None, _mask_tensor, ("weight_mask",),
               _restore_sparsity),
     StateKind("schemes", lambda m: m.quant_scheme.to_dict() if is_quantized(m) else None, lambda m: {},
-              QUANT_BUFFERS, _restore_quant),
+              QUANT_BUFFERS, _scheme_restorer("quant_scheme")),
     StateKind("expert_schemes", lambda m: m.experts_scheme.to_dict() if is_experts_quantized(m) else None,
-              lambda m: {}, tuple(p + s for p, _ in GATE_UP_DOWN.params for s in EXPERT_SUFFIXES), _restore_experts),
+              lambda m: {}, tuple(p + s for p, _ in GATE_UP_DOWN.params for s in EXPERT_SUFFIXES),
+              _scheme_restorer("experts_scheme")),
 )

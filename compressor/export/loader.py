@@ -114,8 +114,9 @@ def _attach_quant_experts(model: nn.Module, tensors: dict[str, torch.Tensor], gr
         if layout is None or f"{name}.0.{ckpt[0]}.weight_packed" not in tensors:
             continue
         probe = names.to_checkpoint(f"{name}.0.{ckpt[0]}")
+        # vLLM reads each expert as a Linear named probe: a "Linear" target covers it, as a name or regex may
         found = [(scheme, act) for targets, scheme, _, act in groups
-                 if "Linear" in targets or matches(probe, nn.Linear(1, 1, device="meta"), tuple(targets))]
+                 if matches(probe, nn.Linear(1, 1, device="meta"), tuple(targets))]
         if not found:
             raise ValueError(f"{path}: {probe}.weight_packed is stored but no config group targets it: the "
                              "checkpoint does not match its config.json")

@@ -20,8 +20,8 @@ from compressor.core.layers import is_quantizable
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme
 from compressor.core.sparsity import prune_mask
-from compressor.core.state import attach_expert_qparams, attach_qparams
-from compressor.passes.rtn import round_matrix, stack_qparams
+from compressor.core.state import attach_qparams
+from compressor.passes.rtn import quantize_experts, round_matrix
 from compressor.pipeline.inputs import SharedInputs
 
 __all__ = ["GPTQConfig", "GPTQPass"]
@@ -207,25 +207,19 @@ class GPTQPass(Pass):
         tokens = stats["tokens"] if stats else torch.zeros(n_experts, dtype=torch.int64)
         all_tokens = c.moe_calibration == "all_experts" and stats is not None
         rounded = [e for e in range(n_experts) if not all_tokens and int(tokens[e]) < c.min_expert_tokens]
-        for pname, _ in layout.params:
-            param = getattr(module, pname)
-            qps = []
-            with torch.no_grad():
-                for e in range(n_experts):
-                    w = param.data[e]
-                    acc = stats[pname][e] if stats else None
-                    if e in rounded or acc is None:
-                        new, qp = round_matrix(w, c.scheme)
-                    else:
-                        try:
-                            res = gptq_quantize(w, acc.H, c.scheme, block_size=c.block_size, dampening=c.dampening,
-                                                actorder=actorder, refit=c.refit_scales)
-                        except ValueError as err:
-                            raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
-                        new, qp = res.weight, res.qparams
-                    w.copy_(new)
-                    qps.append(qp)
-            attach_expert_qparams(module, pname, c.scheme, stack_qparams(qps))
+
+        def solve(pname: str, e: int, w: torch.Tensor):
+            acc = stats[pname][e] if stats else None
+            if e in rounded or acc is None:
+                return round_matrix(w, c.scheme)
+            try:
+                res = gptq_quantize(w, acc.H, c.scheme, block_size=c.block_size, dampening=c.dampening,
+                                    actorder=actorder, refit=c.refit_scales)
+            except ValueError as err:
+                raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
+            return res.weight, res.qparams
+
+        quantize_experts(module, c.scheme, solve)
         if rounded:
             log.warning("gptq %s: %d of %d experts got fewer than min_expert_tokens=%d calibration tokens and were "
                         "rounded to nearest instead (more calibration data, or moe_calibration: all_experts, helps)",

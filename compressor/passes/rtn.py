@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from compressor.core.sparsity import prune_mask
 from compressor.core.state import attach_expert_qparams, attach_qparams
 
 __all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module", "rtn_quantize_experts", "round_matrix",
-           "stack_qparams"]
+           "stack_qparams", "quantize_experts"]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,9 @@ def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
         if scheme.float_zero_point:
             raise ValueError("a pruned layer needs a grid with an exact zero: use symmetric or zero_point='int'")
         w = w.masked_fill(~keep, 0)
-    qp = compute_qparams(w.float(), scheme)
-    qp = type(qp)(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
     # a zero weight quantizes to the zero point (or 0), which dequantizes to exactly 0: masks survive
-    attach_qparams(module, scheme, qp, to_weight(fake_quant(w, qp, scheme)))
+    rounded, qp = round_matrix(w, scheme)
+    attach_qparams(module, scheme, qp, to_weight(rounded))
 
 
 def rtn_quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
@@ -69,14 +69,27 @@ def rtn_quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
         raise ValueError(f"{type(module).__name__}: unknown fused-experts layout (see compressor.core.arch.experts_layout)")
     if scheme.float_zero_point:
         raise ValueError("fused experts need zero_point='int' or a symmetric scheme")
-    for pname, _ in layout.params:
+    quantize_experts(module, scheme, lambda _param, _expert, w: round_matrix(w, scheme))
+
+
+def quantize_experts(module: nn.Module, scheme: QuantScheme,
+                     solve: Callable[[str, int, torch.Tensor], tuple[torch.Tensor, QParams]]) -> None:
+    """Replace each expert's matrix of every fused parameter of a known layout by ``solve``'s, in place, one expert
+    at a time, and record the stacked qparams (:func:`compressor.core.state.attach_expert_qparams`).
+
+    Args:
+        module: a fused-experts module (:func:`compressor.core.arch.experts_layout` not None).
+        scheme: the scheme ``solve`` quantizes to.
+        solve: ``(parameter name, expert, (N, K) weight) -> (dequantized (N, K), qparams (N, G))``.
+    """
+    for pname, _ in experts_layout(module).params:
         param = getattr(module, pname)
         qps = []
         with torch.no_grad():
             for e in range(param.shape[0]):
                 w = param.data[e]
-                rounded, qp = round_matrix(w, scheme)
-                w.copy_(rounded)
+                new, qp = solve(pname, e, w)
+                w.copy_(new)
                 qps.append(qp)
         attach_expert_qparams(module, pname, scheme, stack_qparams(qps))
 
