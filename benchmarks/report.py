@@ -189,11 +189,81 @@ def quant_headline(records: Records) -> str:
     return out + "\n" + _provenance([r for r in used if r], "quant_quality") + "\n"
 
 
+def _scheme_rows(records: Records) -> list[tuple[str, str]]:
+    """(scheme, dtype) pairs of the records, in first-seen order."""
+    return list(dict.fromkeys((r["scheme"], r["dtype"]) for r in records))
+
+
+def serve_check(records: Records) -> str:
+    """docs/serving.md: our exports through vLLM CPU against our loader (benchmarks/serve_check.py)."""
+    rows, used = [], []
+    for scheme, dtype in _scheme_rows(records):
+        r = newest(records, scheme=scheme, dtype=dtype)
+        used.append(r)
+        if not r.get("ran"):
+            run = f"no: `{r.get('error', '?')[:120]}`"
+            cells = [run, "—", "—", "—"]
+        else:
+            floor = r.get("floor") or {}
+            kernel = "; ".join(k.split(" for ")[0] for k in r.get("kernels", [])) or "unquantized"
+            cells = [f"yes ({kernel})",
+                     f"{r['greedy_equal']}/{r['prompts']} (floor {floor.get('greedy_equal', '—')}/{r['prompts']})",
+                     f"{r['text_mean_abs_diff']:.4f} (floor {floor.get('text_mean_abs_diff', float('nan')):.4f})",
+                     f"{r['text_nll_ours']:.4f} / {r['text_nll_vllm']:.4f}"]
+        status = r["status"].split(":")[0] if r["status"].startswith("fail") else r["status"]
+        rows.append(f"| {scheme} | {dtype} | {r.get('format') or 'unquantized'} | {r['verdict']} | "
+                    + " | ".join(cells) + f" | {status} |")
+    if not rows:
+        return "_No records in `benchmarks/results/serve_check.jsonl` yet._\n"
+    head = ("| scheme | dtype | format | vLLM CPU, by our rules | vLLM ran it | greedy continuations identical "
+            "| mean abs. diff. of text logprobs | text NLL ours / vLLM | check |")
+    return (head + "\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            + _provenance(used, "serve_check") + "\n")
+
+
+def vllm_decode(records: Records) -> str:
+    """docs/serving.md: vLLM CPU decode tokens/s per served scheme, batch 1 and 16."""
+    rows, used = [], []
+    batches = sorted({r["batch"] for r in records})
+    for scheme, dtype in _scheme_rows(records):
+        found = [newest(records, scheme=scheme, dtype=dtype, batch=b) for b in batches]
+        used += [r for r in found if r]
+        cells = [f"{r['tokens_per_s']:.1f}" if r else "—" for r in found]
+        rows.append(f"| {scheme} | {dtype} | " + " | ".join(cells) + " |")
+    if not rows:
+        return "_No records in `benchmarks/results/vllm_decode.jsonl` yet._\n"
+    head = "| scheme | dtype | " + " | ".join(f"tokens/s, batch {b}" for b in batches) + " |"
+    sep = "|---|---|" + "---|" * len(batches)
+    return head + "\n" + sep + "\n" + "\n".join(rows) + "\n\n" + _provenance(used, "vllm_decode") + "\n"
+
+
+def vllm_int8_probe(records: Records) -> str:
+    """docs/serving.md: vLLM CPU's int8 GEMM against the exact product, by weight-code range."""
+    limits = sorted({r["code_limit"] for r in records})
+    shapes = list(dict.fromkeys((r["m"], r["k"], r["n"]) for r in records))
+    rows, used = [], []
+    for m, k, n in shapes:
+        found = [newest(records, m=m, k=k, n=n, code_limit=lim) for lim in limits]
+        used += [r for r in found if r]
+        rows.append(f"| {m} x {k} x {n} | " + " | ".join(f"{r['rel_err']:.2g}" if r else "—" for r in found) + " |")
+    if not rows:
+        return "_No records in `benchmarks/results/vllm_int8_probe.jsonl` yet._\n"
+    cpu = "VNNI" if any(r.get("vnni") for r in used) else "AMX" if any(r.get("amx") for r in used) else "no VNNI, no AMX"
+    head = f"| M x K x N ({cpu}) | " + " | ".join(f"relative error, codes in [-{lim}, {lim - 1}]" for lim in limits) + " |"
+    return (head + "\n|---|" + "---|" * len(limits) + "\n" + "\n".join(rows) + "\n\n"
+            + _provenance(used, "vllm_int8_probe") + "\n")
+
+
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
+    "serve-check": ("serve_check", serve_check),
+    "vllm-decode": ("vllm_decode", vllm_decode),
+    "vllm-int8-probe": ("vllm_int8_probe", vllm_int8_probe),
 }
+# benchmarks without a calibration / evaluation protocol: every record counts
+NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe"}
 
 
 # ---------------------------------------------------------------- rewriting
@@ -213,7 +283,7 @@ def render(text: str, results: Path = common.RESULTS) -> str:
             raise ValueError(f"unknown report block {name!r}: known are {sorted(TABLES)}")
         bench, build = TABLES[name]
         if bench not in cache:
-            cache[bench] = [r for r in load_records(bench, results) if full_protocol(r)]
+            cache[bench] = [r for r in load_records(bench, results) if bench in NO_PROTOCOL or full_protocol(r)]
         return match.group(1) + build(cache[bench]) + match.group(4)
 
     return BLOCK.sub(rebuild, text)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compressor.core.hub import BIN_ONLY_HINT, check_remote_code, resolve_model
-from compressor.export.loader import load_compressed, read_config
+from compressor.export.loader import is_readable_config, load_compressed, read_config
 from compressor.export.placement import place_model
 
 __all__ = ["load_model", "load_tokenizer", "load_for_eval", "is_export", "check_checkpoint"]
@@ -22,9 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def is_export(path: str | Path) -> bool:
-    """Whether ``path`` holds a compressed-tensors pack-quantized checkpoint."""
-    qcfg = read_config(Path(path)).get("quantization_config") or {}
-    return qcfg.get("quant_method") == "compressed-tensors" and qcfg.get("format") == "pack-quantized"
+    """Whether ``path`` holds a compressed-tensors checkpoint :func:`load_compressed` reads."""
+    return is_readable_config(read_config(Path(path)).get("quantization_config"))
 
 
 def check_checkpoint(path: str | Path) -> None:

@@ -19,6 +19,23 @@ groups' targets, so a ``Linear`` target covers them.
 and ``config.json["quantization_config"]`` describes the schemes so that
 transformers (with compressed-tensors) and vLLM load the directory.
 
+W8A8 (8-bit integer weights with 8-bit integer input quantizers) is written
+``int-quantized`` instead, the layout vLLM's int8 W8A8 path
+(``CompressedTensorsW8A8Int8``) reads: per linear ``name.weight`` int8 (N, K),
+the codes themselves; ``name.weight_scale`` (N, G); ``name.weight_zero_point``
+int8 (N, G), unpacked (asymmetric only); ``name.weight_g_idx`` (activation
+order only). The config group says ``"format": "int-quantized"``; a model
+whose groups differ says ``"mixed-precision"`` at the top, as compressed-tensors
+does. W4A8 and W4A4 stay packed at 4 bits (``pack-quantized``).
+
+W7A8 (7-bit weights, 8-bit inputs) is written the same way with ``num_bits: 8``
+(the codes, in [-64, 63], are valid 8-bit codes; vLLM's W8A8 path wants 8) and
+the true width in our extension (``compressor.weights.<group>.num_bits: 7``).
+It is what vLLM's CPU build computes exactly on x86 CPUs without VNNI: there
+oneDNN's int8 GEMM sums pairs of u8 x s8 products in int16
+(``vpmaddubsw``), which saturates once a weight code passes 64 in magnitude
+(docs/serving.md).
+
 Run-time parts (per-token input quantizers, the KV quantizer, online Hadamard
 transforms R4 / R3) go into ``input_activations``, ``kv_cache_scheme``,
 ``transform_config`` and our ``compressor`` extension key, with the transform
@@ -43,14 +60,16 @@ from compressor.core.pack import pack
 from compressor.core.scheme import QParams, QuantScheme, dequantize, quantize
 from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.state import experts_quant_state, is_experts_quantized, is_quantized, quant_state
-from compressor.export import online_format, online_write
+from compressor.export import online_format, online_write, runtimes
 
 __all__ = ["compress_module_state", "compress_experts_state", "scheme_to_ct_args", "quantization_config",
-           "save_compressed", "FORMAT"]
+           "save_compressed", "group_format", "FORMAT", "INT_FORMAT", "MIXED_FORMAT"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pack-quantized"
+INT_FORMAT = "int-quantized"  # unpacked int8 codes: W8A8
+MIXED_FORMAT = "mixed-precision"  # top-level format when config groups differ
 _CT_VERSION_FALLBACK = "0.12.0"
 
 
@@ -76,8 +95,18 @@ def scheme_to_ct_args(scheme: QuantScheme, actorder: bool = False) -> dict:
     }
 
 
-def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Packed tensors of one quantized linear; the module is not modified.
+def group_format(scheme: QuantScheme, input_bits: int | None) -> str:
+    """compressed-tensors format of a config group: ``int-quantized`` for W8A8 and W7A8, else ``pack-quantized``.
+
+    Args:
+        scheme: the weight scheme.
+        input_bits: bits of the group's per-token input quantizer, or None (weight-only).
+    """
+    return INT_FORMAT if scheme.bits in (7, 8) and input_bits == 8 else FORMAT
+
+
+def compress_module_state(module: nn.Module, fmt: str = FORMAT) -> dict[str, torch.Tensor]:
+    """Stored tensors of one quantized linear in format ``fmt`` (see the module docstring); the module is not modified.
 
     Raises:
         ValueError: the weight is not exactly on its quantization grid (it was
@@ -89,16 +118,17 @@ def compress_module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{type(module).__name__} layers cannot be exported yet: pack-quantized export covers nn.Linear")
     scheme, qp, g_idx = state
-    out = _pack_matrix(module.weight.detach(), qp, scheme, g_idx)
+    out = _pack_matrix(module.weight.detach(), qp, scheme, g_idx, fmt)
     if getattr(module, "bias", None) is not None:
         out["bias"] = module.bias.detach().contiguous()
     return out
 
 
-def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None
-                 ) -> dict[str, torch.Tensor]:
+def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch.Tensor | None = None,
+                 fmt: str = FORMAT) -> dict[str, torch.Tensor]:
     """``weight_packed``, ``weight_scale``, ``weight_shape`` (and ``weight_zero_point``, ``weight_g_idx``) of one
-    (N, K) dequantized matrix with its (N, G) qparams.
+    (N, K) dequantized matrix with its (N, G) qparams; for ``int-quantized``, ``weight`` int8 (N, K) in place of
+    the packed codes and shape, and the zero point unpacked (N, G) int8.
 
     Raises:
         ValueError: ``w`` is not exactly on its grid, or the scheme cannot be exported.
@@ -111,13 +141,17 @@ def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch
             "re-run the quantization pass before exporting"
         )
     n, k = w.shape
-    out = {
-        "weight_packed": pack(q, scheme.bits, dim=1),
-        "weight_scale": qp.scale.detach().to(w.dtype).contiguous(),
-        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
-    }
-    if qp.zero_point is not None:
-        out["weight_zero_point"] = pack(qp.zero_point.round().to(torch.int8), scheme.bits, dim=0)
+    scale = qp.scale.detach().to(w.dtype).contiguous()
+    zp = None if qp.zero_point is None else qp.zero_point.round().to(torch.int8)
+    if fmt == INT_FORMAT:
+        out = {"weight": q.to(torch.int8).contiguous(), "weight_scale": scale}
+        if zp is not None:
+            out["weight_zero_point"] = zp.contiguous()
+    else:
+        out = {"weight_packed": pack(q, scheme.bits, dim=1), "weight_scale": scale,
+               "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        if zp is not None:
+            out["weight_zero_point"] = pack(zp, scheme.bits, dim=0)
     if g_idx is not None:
         out["weight_g_idx"] = g_idx.to(torch.int32).contiguous()
     return out
@@ -193,21 +227,26 @@ def quantization_config(model: nn.Module) -> dict:
     if not groups:
         raise ValueError("the model has no quantized layers: run a quantization pass before exporting")
     quantized = {n for group_names in groups.values() for n in group_names}
-    config_groups, clip_ratios = {}, {}
+    config_groups, clip_ratios, weight_bits = {}, {}, {}
     for i, ((scheme, actorder, act), group_names) in enumerate(groups.items()):
         targets = ["Linear"] if len(groups) == 1 else sorted(names.to_checkpoint(n) for n in group_names)
+        fmt = group_format(scheme, None if act is None else act[0])
+        weights = scheme_to_ct_args(scheme, actorder)
+        if fmt == INT_FORMAT and scheme.bits < 8:  # 7-bit codes, stored and declared as 8-bit ones
+            weights["num_bits"], weight_bits[f"group_{i}"] = 8, scheme.bits
         config_groups[f"group_{i}"] = {
             "targets": targets,
-            "weights": scheme_to_ct_args(scheme, actorder),
+            "weights": weights,
             "input_activations": None if act is None else online_write.input_activation_args(act[0], act[1]),
             "output_activations": None,
-            "format": FORMAT,
+            "format": fmt,
         }
         if act is not None and act[2] != 1.0:
             clip_ratios[f"group_{i}"] = act[2]
+    formats = {g["format"] for g in config_groups.values()}
     out = {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": sorted({names.to_checkpoint(n) for n in linears + _routers(model) if n not in quantized}),
@@ -219,7 +258,7 @@ def quantization_config(model: nn.Module) -> dict:
     transforms = online_write.transform_config(model)
     if transforms is not None:
         out["transform_config"] = transforms
-    ext = online_write.extension(model, clip_ratios)
+    ext = online_write.extension(model, clip_ratios, weight_bits)
     if ext is not None:
         out[online_format.EXTENSION] = ext
     return out
@@ -278,11 +317,19 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[names.to_checkpoint(key)] = tensor.detach().contiguous()
     for name, module in list(quantized.items()) + list(experts.items()):
         try:
-            packed = compress_module_state(module) if name in quantized else compress_experts_state(module, names)
+            if name in quantized:
+                packed = compress_module_state(module, group_format(module.quant_scheme, _input_bits(module)))
+            else:
+                packed = compress_experts_state(module, names)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         out.update({names.to_checkpoint(f"{name}.{k}"): v for k, v in packed.items()})
     return out
+
+
+def _input_bits(linear: nn.Module) -> int | None:
+    settings = online_write.input_settings(linear)
+    return None if settings is None else settings[0]
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], root: Path, max_shard_bytes: int) -> None:
@@ -319,7 +366,7 @@ def save_compressed(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write ``model`` as a compressed-tensors ``pack-quantized`` directory, atomically.
+    """Write ``model`` as a compressed-tensors directory (``pack-quantized``; W8A8 ``int-quantized``), atomically.
 
     Args:
         model: a Hugging Face model whose targeted linears carry quantization
@@ -347,6 +394,7 @@ def save_compressed(
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
         if out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
             config["tie_word_embeddings"] = False  # lm_head was quantized on its own
+    _note_runtimes(model, config["quantization_config"], output)
     tensors = _state_dict(model)
     tensors.update(online_write.transform_tensors(model))  # (n, n) float32 ±1, once per transform group and size
     with atomic_directory(output, overwrite=overwrite) as tmp:
@@ -361,6 +409,16 @@ def save_compressed(
         write_manifest(tmp, {"compressor": _versions(), **(info or {}), **({"recipe": recipe.to_dict()} if recipe else {})})
     log.info("wrote %s", output)
     return Path(output)
+
+
+def _note_runtimes(model: nn.Module, qcfg: dict, output: str | Path) -> None:
+    """Say, in one line, when vLLM cannot serve the export, and which runtimes load it."""
+    blockers = runtimes.vllm_blockers(qcfg)
+    if blockers:
+        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if is_quantized(m)}
+        can = [r for r in runtimes.loaders(qcfg, shapes) if not r.startswith("not ")]
+        log.warning("%s: vLLM cannot serve this export (%s); it loads with %s", output, "; ".join(blockers),
+                    ", ".join(can))
 
 
 def _versions() -> dict:

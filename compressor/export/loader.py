@@ -20,6 +20,7 @@ from torch import nn
 
 from compressor.core.arch import expert_checkpoint_names, experts_layout
 from compressor.core.atomic import MANIFEST, verify_manifest
+from compressor.core.pack import pack
 from compressor.core.passes import matches
 from compressor.core.scheme import QuantScheme
 from compressor.export import online_format, online_read
@@ -27,11 +28,19 @@ from compressor.runtime.activations import INPUT_CHILD
 from compressor.runtime.quant_experts import QuantExperts
 from compressor.runtime.quant_linear import QuantLinear
 
-__all__ = ["load_compressed", "scheme_from_ct_args", "read_config"]
+__all__ = ["load_compressed", "scheme_from_ct_args", "read_config", "is_readable_config", "READABLE_FORMATS"]
 
 log = logging.getLogger(__name__)
 
+# compressed-tensors formats this loader reads: packed codes, int8 codes (W8A8), or groups of both
+READABLE_FORMATS = ("pack-quantized", "int-quantized", "mixed-precision")
+_GROUP_FORMATS = ("pack-quantized", "int-quantized")
 
+
+def is_readable_config(qcfg: dict | None) -> bool:
+    """Whether a ``quantization_config`` describes a compressed-tensors export :func:`load_compressed` reads."""
+    qcfg = qcfg or {}
+    return qcfg.get("quant_method") == "compressed-tensors" and qcfg.get("format") in READABLE_FORMATS
 
 
 def scheme_from_ct_args(args: dict) -> QuantScheme:
@@ -54,12 +63,14 @@ def scheme_from_ct_args(args: dict) -> QuantScheme:
 
 
 def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
-    """``(targets, weight scheme, actorder, input quantizer args or None)`` of each config group.
+    """``(targets, weight scheme, actorder, input quantizer args or None, format)`` of each config group.
 
     Raises:
-        ValueError: a group without weights, with output activations, or with unsupported input activations.
+        ValueError: a group without weights, with output activations, unsupported input activations, or a
+            storage format this loader does not read.
     """
     ext = (qcfg.get(online_format.EXTENSION) or {}).get("input_activations") or {}
+    ext_weights = (qcfg.get(online_format.EXTENSION) or {}).get("weights") or {}  # true widths (7-bit W8A8 codes)
     groups = []
     for gname, g in qcfg["config_groups"].items():
         if not g.get("weights"):
@@ -72,8 +83,32 @@ def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
         if g.get("input_activations"):
             act = (g["input_activations"], ext.get(gname), f"{path}: {gname}")
             online_read.input_quantizer(*act)  # validates before any model is built
-        groups.append((g["targets"], scheme_from_ct_args(g["weights"]), bool(g["weights"].get("actorder")), act))
+        fmt = g.get("format") or qcfg.get("format")
+        if fmt not in _GROUP_FORMATS:
+            raise ValueError(f"{path}: config group {gname!r} is stored {fmt!r}; this loader reads "
+                             f"{' and '.join(_GROUP_FORMATS)}: load the model with vLLM or transformers")
+        weights = {**g["weights"], **ext_weights.get(gname, {})}
+        groups.append((g["targets"], scheme_from_ct_args(weights), bool(weights.get("actorder")), act, fmt))
     return groups
+
+
+def _pack_int_quantized(tensors: dict[str, torch.Tensor], name: str, scheme: QuantScheme, path: Path) -> None:
+    """Turn an ``int-quantized`` linear's ``weight`` (N, K) int8 codes (and unpacked zero point) into the packed
+    tensors :class:`QuantLinear` holds, in place."""
+    codes = tensors.pop(f"{name}.weight", None)
+    if codes is None or codes.dtype != torch.int8 or codes.dim() != 2:
+        found = "missing" if codes is None else f"{codes.dtype} {tuple(codes.shape)}"
+        raise ValueError(f"{path}: {name}.weight should hold int8 (N, K) codes in an int-quantized group, "
+                         f"but is {found}: the checkpoint does not match its config.json")
+    lo, hi = -(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1
+    if int(codes.min()) < lo or int(codes.max()) > hi:
+        raise ValueError(f"{path}: {name}.weight holds codes outside the {scheme.bits}-bit range [{lo}, {hi}]: "
+                         "the checkpoint does not match its config.json")
+    tensors[f"{name}.weight_packed"] = pack(codes, scheme.bits, dim=1)
+    tensors[f"{name}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
+    zp = tensors.get(f"{name}.weight_zero_point")
+    if zp is not None:
+        tensors[f"{name}.weight_zero_point"] = pack(zp.to(torch.int8), scheme.bits, dim=0)
 
 
 def read_config(path: Path) -> dict:
@@ -115,7 +150,7 @@ def _attach_quant_experts(model: nn.Module, tensors: dict[str, torch.Tensor], gr
             continue
         probe = names.to_checkpoint(f"{name}.0.{ckpt[0]}")
         # vLLM reads each expert as a Linear named probe: a "Linear" target covers it, as a name or regex may
-        found = [(scheme, act) for targets, scheme, _, act in groups
+        found = [(scheme, act) for targets, scheme, _, act, _ in groups
                  if matches(probe, nn.Linear(1, 1, device="meta"), tuple(targets))]
         if not found:
             raise ValueError(f"{path}: {probe}.weight_packed is stored but no config group targets it: the "
@@ -143,7 +178,7 @@ def load_compressed(
     backend: str = "auto",
     verify: bool = True,
 ) -> nn.Module:
-    """Load a ``pack-quantized`` export with :class:`QuantLinear` layers.
+    """Load a compressed-tensors export (``pack-quantized``, ``int-quantized`` or both) with :class:`QuantLinear` layers.
 
     Input quantizers (``input_activations`` of a config group, clip ratio from
     our ``compressor`` extension key), online transforms (``transform_config``,
@@ -168,8 +203,9 @@ def load_compressed(
     path = Path(path)
     raw = read_config(path)
     qcfg = raw.get("quantization_config")
-    if not qcfg or qcfg.get("quant_method") != "compressed-tensors" or qcfg.get("format") != "pack-quantized":
-        raise ValueError(f"{path} is not a compressed-tensors pack-quantized export; load it with transformers instead")
+    if not is_readable_config(qcfg):
+        raise ValueError(f"{path} is not a compressed-tensors export in a format this loader reads "
+                         f"({', '.join(READABLE_FORMATS)}); load it with transformers instead")
     if verify and (path / MANIFEST).is_file():
         verify_manifest(path)
     online_read.check_transform_config(qcfg, str(path))
@@ -195,8 +231,10 @@ def load_compressed(
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or matches(name, module, ignore):
             continue
-        for targets, scheme, actorder, act in groups:
+        for targets, scheme, actorder, act, fmt in groups:
             if matches(name, module, tuple(targets)):
+                if fmt == "int-quantized":
+                    _pack_int_quantized(tensors, name, scheme, path)
                 if f"{name}.weight_packed" not in tensors:
                     raise ValueError(f"{path}: {name}.weight_packed is missing: the checkpoint is incomplete or corrupt")
                 q = QuantLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,

@@ -29,7 +29,8 @@ in the keys compressed-tensors and llm-compressor write:
   apply the stored matrix as a dense ``x H / √n``.
 * ``compressor`` (:data:`EXTENSION`; other loaders ignore it): what
   ``QuantizationArgs`` cannot hold: ``clip_ratio`` per config group when it is
-  not 1, the KV quantizer's exact settings (``group_size: null`` = the whole
+  not 1, the true width of 7-bit weight codes declared 8-bit
+  (``weights.<group>.num_bits``), the KV quantizer's exact settings (``group_size: null`` = the whole
   head) and the attention implementation the quantizers wrap (``sdpa`` /
   ``eager``).
 

@@ -217,16 +217,20 @@ def transform_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def extension(model: nn.Module, clip_ratios: dict[str, float]) -> dict | None:
+def extension(model: nn.Module, clip_ratios: dict[str, float], weight_bits: dict[str, int] | None = None) -> dict | None:
     """``quantization_config["compressor"]``: settings compressed-tensors has no field for, or None when there are none.
 
     Args:
         model: the model being exported.
         clip_ratios: ``{config group name: clip_ratio}`` of the groups whose input quantizers clip (ratio != 1).
+        weight_bits: ``{config group name: bits}`` of the groups whose codes use fewer bits than their
+            ``num_bits`` says (7-bit codes in an 8-bit ``int-quantized`` group).
     """
     out: dict[str, Any] = {}
     if clip_ratios:
         out["input_activations"] = {g: {"clip_ratio": c} for g, c in clip_ratios.items()}
+    if weight_bits:
+        out["weights"] = {g: {"num_bits": b} for g, b in weight_bits.items()}
     kv = _kv_quantizer(model)
     if kv is not None:
         out["kv_cache"] = {"num_bits": kv.bits, "symmetric": kv.symmetric, "group_size": kv.group_size}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from compressor.core.atomic import MANIFEST
 from compressor.export.loader import read_config, scheme_from_ct_args
+from compressor.export.runtimes import loaders
 
 __all__ = ["summarize", "layer_sparsity"]
 
@@ -45,15 +46,17 @@ def summarize(path: Path) -> dict:
     qcfg = config.get("quantization_config") or {}
     layers: dict[str, dict] = {}
     params, qbits, qweights = 0, 0, 0
+    # int-quantized (W8A8) layers store their codes unpacked as an int8 "weight" beside a "weight_scale"
+    int_codes = {key.rpartition(".")[0]: tuple(meta["shape"]) for key, meta in headers.items()
+                 if key.endswith(".weight") and meta["dtype"] == "I8"
+                 and f"{key.rpartition('.')[0]}.weight_scale" in headers}
     for key, meta in headers.items():
         nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
         owner, _, leaf = key.rpartition(".")
         if leaf == "weight_shape":
             continue
-        if leaf.startswith("weight_") and f"{owner}.weight_packed" in headers:
+        if leaf.startswith("weight") and (f"{owner}.weight_packed" in headers or owner in int_codes):
             layers.setdefault(owner, {"bytes": 0})["bytes"] += nbytes
-            if leaf == "weight_scale":
-                layers[owner]["shape"] = meta["shape"]
             continue
         params += math.prod(meta["shape"])
     schemes = {}
@@ -62,7 +65,7 @@ def summarize(path: Path) -> dict:
             schemes[name] = {"targets": group.get("targets"), "scheme": scheme_from_ct_args(group["weights"]).describe()}
         except (ValueError, KeyError) as err:
             schemes[name] = {"targets": group.get("targets"), "scheme": f"unsupported ({err})"}
-    shapes = _shapes(path) if layers else {}
+    shapes = {**_shapes(path), **int_codes} if layers else {}
     for owner, info in layers.items():
         n, k = shapes[owner]
         params += n * k
@@ -84,7 +87,7 @@ def summarize(path: Path) -> dict:
         "model_bits_per_param": round(wbytes * 8 / params, 3) if params else None,
         "schemes": schemes,
         "ignore": qcfg.get("ignore", []),
-        "loaders": _loaders(qcfg, shapes if layers else {}),
+        "loaders": loaders(qcfg, shapes if layers else {}),
         "coverage": _manifest(path).get("coverage"),
     }
 
@@ -112,24 +115,6 @@ def _shapes(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
-    if not qcfg:
-        return ["transformers", "compressor.load_model"]
-    if qcfg.get("quant_method") != "compressed-tensors":
-        return [f"transformers ({qcfg.get('quant_method')})"]
-    out = ["compressor.load_compressed"]
-    weights = [g["weights"] for g in (qcfg.get("config_groups") or {}).values()]
-    sizes = {w.get("group_size") for w in weights if w.get("group_size")}
-    ragged = any(k % gs for gs in sizes for _, k in shapes.values())
-    if ragged:
-        out.append("not transformers/compressed-tensors: a group size does not divide in_features (ragged groups)")
-    elif all(w.get("symmetric", True) for w in weights):
-        out.append("transformers + compressed-tensors")
-    else:
-        out.append("compressed-tensors decompression; not transformers (asymmetric zero points fail there, see docs/export.md)")
-    return out
-
-
 def layer_sparsity(path: Path) -> dict[str, float]:
     """Fraction of exactly-zero weights of every linear in a model directory or export.
 
@@ -147,7 +132,9 @@ def layer_sparsity(path: Path) -> dict[str, float]:
     path = Path(path)
     config = read_config(path)
     out: dict[str, float] = {}
-    if (config.get("quantization_config") or {}).get("format") == "pack-quantized":
+    from compressor.export.loader import is_readable_config
+
+    if is_readable_config(config.get("quantization_config")):
         from compressor.export.loader import load_compressed
         from compressor.runtime.quant_linear import QuantLinear
 

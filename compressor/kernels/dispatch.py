@@ -151,7 +151,19 @@ def dequant_matmul(
     if scheme.float_zero_point:
         w = dequantize(unpack(packed, scheme.bits, k, dim=1), QParams(scale, zero_point), scheme, g_idx)
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if cache is not None and cache.get("keep_dense"):  # opted in: the dequantized weight is kept, memory for speed
+        return F.linear(x, _dense_weight(cache, x.dtype, packed, scale, zero_point, shape, scheme, g_idx),
+                        None if bias is None else bias.to(x.dtype))
     return reference.dequant_matmul(x, packed, scale, zero_point, shape, scheme, g_idx, bias)
+
+
+def _dense_weight(cache, dtype, packed, scale, zero_point, shape, scheme, g_idx) -> torch.Tensor:
+    """The reference path's (N, K) dequantized weight in ``dtype``, from ``cache`` while the tensors are unchanged."""
+    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (packed, scale, zero_point, g_idx) if t is not None)
+    if cache.get("dense_key") != key:
+        cache.update(dense_key=key, dense=reference.dequantize_packed(packed, scale, zero_point, shape, scheme,
+                                                                      g_idx).to(dtype))
+    return cache["dense"]
 
 
 def _cpu_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.Int4Weight | cpu.Int8Weight:

@@ -72,5 +72,14 @@ class QuantLinear(nn.Module):
             backend=self.backend, cache=self._kernel_cache,
         )
 
+    def keep_dequantized(self, keep: bool = True) -> None:
+        """Keep the dequantized (N, K) weight between calls on the reference backend: the same numbers, computed once,
+        at the cost of a full-precision copy of the weight (for evaluating many short forwards, e.g. greedy decoding)."""
+        if keep:
+            self._kernel_cache["keep_dense"] = True
+        else:
+            for key in ("keep_dense", "dense", "dense_key"):
+                self._kernel_cache.pop(key, None)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"

@@ -92,3 +92,23 @@ def test_quant_linear_compiles_fullgraph():
     x = torch.randn(3, 96).half()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # the custom op traces via its fake impl
     assert rel_err(compiled(x), layer(x)) <= 1e-6
+
+
+def test_keep_dequantized_gives_the_same_numbers_once_computed():
+    """Opting in keeps the reference path's dense weight: bit-identical outputs, recomputed when a tensor changes."""
+    scheme, packed, scale, zp, _ = make_weight(40, 96, 4, 32, False)
+    layer = QuantLinear(96, 40, scheme, bias=True, dtype=torch.float32, backend="reference")
+    layer.weight_packed.copy_(packed)
+    layer.weight_scale.copy_(scale)
+    layer.weight_zero_point.copy_(zp)
+    layer.bias.data.copy_(torch.randn(40))
+    x = torch.randn(2, 5, 96)
+    plain = layer(x)
+    layer.keep_dequantized()
+    assert torch.equal(layer(x), plain) and torch.equal(layer(x), plain)
+    dense = layer._kernel_cache["dense"]
+    assert torch.equal(dense, layer.dequantized_weight())
+    layer.weight_scale.mul_(2)  # a changed tensor is seen (its version moves)
+    assert not torch.equal(layer(x), plain) and layer._kernel_cache["dense"] is not dense
+    layer.keep_dequantized(False)
+    assert "dense" not in layer._kernel_cache

@@ -1,0 +1,118 @@
+"""Which runtimes load an export, read from its ``quantization_config`` (and the packed layers' shapes).
+
+The vLLM rules are vLLM 0.32.0's, read in its source
+(``model_executor/layers/quantization/compressed_tensors/compressed_tensors.py``
+and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
+``make serve-check`` (docs/serving.md):
+
+* ``int-quantized`` W8A8 (8-bit symmetric per-channel weights, 8-bit dynamic
+  per-token inputs) is ``CompressedTensorsW8A8Int8``; on CPU its oneDNN kernel
+  ships in every x86 build. Asymmetric or grouped 8-bit weights with 8-bit
+  inputs match no scheme (``_is_dynamic_token_w8a8`` wants symmetric channel
+  or tensor weights) and vLLM raises. Without VNNI (AVX2-only x86) oneDNN
+  sums pairs of u8 x s8 products in int16 (``vpmaddubsw``), which saturates
+  once a weight code passes 64 in magnitude: measured here, a layer with
+  full-range codes is 13% off, one with codes in [-64, 63] exact. So 7-bit
+  codes (``bits: 7``, exported as 8-bit ``int-quantized``) are exact on every
+  x86 CPU, full 8-bit codes only with VNNI or AMX.
+* ``pack-quantized`` weight-only (W2-W8 A16) is ``CompressedTensorsWNA16``; on
+  CPU only 4-bit weights have a kernel (``CPUWNA16LinearKernel``:
+  ``uint4`` / ``uint4b8``), and ``cpu_gemm_wna16`` is compiled into the
+  AVX-512 builds of vLLM's kernels only, not the AVX2 one.
+* ``pack-quantized`` with input quantizers (W4A8, W4A4) is
+  ``CompressedTensorsWNA8Int`` / ``WNA4Int`` (GPU kernels); no CPU kernel.
+* ``kv_cache_scheme``: only ``float`` 8-bit, symmetric, tensor or head
+  strategy; our integer KV quantizers are refused.
+"""
+
+from __future__ import annotations
+
+__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "NO"]
+
+YES = "yes"
+WITH_VNNI = "yes, exact with VNNI or AMX (AVX2-only CPUs saturate 8-bit weight codes: quantize with bits: 7)"
+AVX512_ONLY = "AVX-512 builds only"
+NO = "no"
+
+
+def _groups(qcfg: dict) -> list[tuple[str, dict, dict | None, str]]:
+    """``(name, weights args, input args or None, format)`` of each config group."""
+    return [(name, g.get("weights") or {}, g.get("input_activations"), g.get("format") or qcfg.get("format"))
+            for name, g in (qcfg.get("config_groups") or {}).items()]
+
+
+def vllm_blockers(qcfg: dict) -> list[str]:
+    """Why vLLM (0.32.0, any device) cannot serve an export, one reason per entry; empty when nothing is known to.
+
+    Args:
+        qcfg: ``config.json["quantization_config"]`` of a compressed-tensors export.
+    """
+    out = []
+    for name, w, act, fmt in _groups(qcfg):
+        bits = f"W{w.get('num_bits')}A{act.get('num_bits') if act else 16}"
+        if act and fmt == "int-quantized":
+            if not w.get("symmetric", True) or w.get("strategy") not in ("channel", "tensor"):
+                out.append(f"{name}: {bits} int-quantized needs symmetric per-channel weights "
+                           "(quantize with symmetric: true, group_size: -1)")
+        if act and not act.get("symmetric", True) and fmt == "pack-quantized":
+            out.append(f"{name}: {bits} with asymmetric inputs has no packed-weight kernel (symmetric inputs only)")
+    kv = qcfg.get("kv_cache_scheme")
+    if kv and (kv.get("type") != "float" or kv.get("num_bits") != 8):
+        out.append(f"a {kv.get('num_bits')}-bit {kv.get('type')} KV cache (vLLM quantizes the KV cache to FP8 only)")
+    r3 = [g for g, spec in ((qcfg.get("transform_config") or {}).get("config_groups") or {}).items()
+          if any(a.get("location") in ("q_attn", "k_cache") for a in spec.get("apply", []))]
+    if r3:
+        out.append(f"online rotation of queries and keys ({', '.join(r3)}): vLLM's attention does not apply it")
+    clip = ((qcfg.get("compressor") or {}).get("input_activations") or {})
+    if clip:
+        out.append(f"input clip ratios below 1 ({', '.join(sorted(clip))}) are a compressor extension vLLM ignores")
+    return out
+
+
+def vllm_cpu(qcfg: dict) -> str:
+    """What vLLM 0.32.0's CPU build does with an export: :data:`YES`, :data:`WITH_VNNI`, :data:`AVX512_ONLY` or
+    :data:`NO` (see the module docstring); the weakest verdict over the config groups."""
+    if vllm_blockers(qcfg):
+        return NO
+    true_bits = ((qcfg.get("compressor") or {}).get("weights") or {})
+    kinds = set()
+    for name, w, act, fmt in _groups(qcfg):
+        if act and fmt == "int-quantized" and w.get("num_bits") == 8 and act.get("num_bits") == 8:
+            kinds.add(YES if true_bits.get(name, {}).get("num_bits", 8) <= 7 else WITH_VNNI)
+        elif act is None and w.get("num_bits") == 4:
+            kinds.add(AVX512_ONLY)
+        else:
+            kinds.add(NO)
+    return next((v for v in (NO, AVX512_ONLY, WITH_VNNI, YES) if v in kinds), NO)
+
+
+def loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """Runtimes that load a model directory, each with its conditions.
+
+    Args:
+        qcfg: ``config.json["quantization_config"]``, or {} for an unquantized model.
+        shapes: ``(N, K)`` of every quantized linear (to spot group sizes that do not divide K).
+    """
+    if not qcfg:
+        return ["transformers", "compressor.load_model", "vLLM"]
+    if qcfg.get("quant_method") != "compressed-tensors":
+        return [f"transformers ({qcfg.get('quant_method')})"]
+    out = ["compressor.load_compressed"]
+    groups = _groups(qcfg)
+    sizes = {w.get("group_size") for _, w, _, _ in groups if w.get("group_size")}
+    ragged = any(k % gs for gs in sizes for _, k in shapes.values())
+    if ragged:
+        out.append("not transformers/compressed-tensors: a group size does not divide in_features (ragged groups)")
+    elif all(w.get("symmetric", True) or fmt != "pack-quantized" for _, w, _, fmt in groups):
+        out.append("transformers + compressed-tensors")
+    else:  # int-quantized zero points are stored unpacked, and transformers reads those
+        out.append("compressed-tensors decompression; not transformers (packed asymmetric zero points fail there, "
+                   "see docs/export.md)")
+    blockers = [] if ragged else vllm_blockers(qcfg)
+    if ragged:
+        out.append("not vLLM (ragged groups)")
+    elif blockers:
+        out.append(f"not vLLM ({'; '.join(blockers)})")
+    else:
+        out.append(f"vLLM (CPU: {vllm_cpu(qcfg)}; CUDA: by format, untested)")
+    return out
