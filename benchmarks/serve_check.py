@@ -14,25 +14,28 @@ ids through our ``load_compressed`` and through ``vllm.LLM`` (in ``.venv-vllm``,
 The ``none`` scheme (the unquantized checkpoint: our ``load_model`` against vLLM) is the control: it
 shows what the two runtimes' float kernels alone do (fp32: the same tokens, logprobs within 1e-4).
 
-The floor: our own loader run again with every embedding multiplied by ``1 + eps * noise`` (seeded),
-a perturbation the size of the dtype's rounding (eps 1e-6 in float32, 4e-3 in bfloat16). Weight-only schemes shrug it off. Schemes that quantize
-activations per token do not: a rounding boundary crossed in one layer changes a code, the change
-crosses more boundaries downstream, and by the last layer the two runs differ by about as much as A8
-quantization itself (SmolLM2 W8A8, fp32: mean |d logprob| 0.19 from a 1e-7 perturbation, 0.19 between
-W8A8 and W8A16). No two implementations that are not bit-identical in every float op can agree token
-for token there, so such a scheme is held to the floor instead.
+The floor: our own loader run again with every embedding multiplied by ``1 + eps * noise``, a
+perturbation the size of the dtype's rounding (eps 1e-6 in float32, 4e-3 in bfloat16), with
+:data:`FLOOR_SEEDS` noise seeds; the floor is the worst of them. Weight-only schemes shrug it off.
+Schemes that quantize activations per token do not: a rounding boundary crossed in one layer changes a
+code, the change crosses more boundaries downstream, and by the last layer the two runs differ by about
+as much as A8 quantization itself (SmolLM2 W7A8, fp32: mean |d logprob| 0.19 from a 1e-7 perturbation,
+0.19 between W8A8 and W8A16; the text's mean NLL moves by up to 0.01 nats in fp32, 0.03 in bf16). No two
+implementations that are not bit-identical in every float op can agree token for token there, so such
+a scheme is held to the floor instead.
 
-A scheme passes when
+A scheme matches when
 
 * its floor keeps all 8 continuations (weight-only): at least 7 of 8 continuations identical, and mean
   |d logprob| over the text within ``max(TEXT_TOLERANCE[dtype], 1.25 x floor)``;
-* its floor does not (activations quantized): mean |d logprob| within 1.25 x floor and the text's mean
-  NLL within :data:`NLL_TOLERANCE` nats of ours (about 1% perplexity).
+* its floor does not (activations quantized): mean |d logprob| within 1.25 x the floor's, and the
+  text's mean NLL within ``max(NLL_TOLERANCE, 2 x the floor's largest NLL shift)`` of ours.
 
 Whether vLLM's CPU build should run a scheme, and exactly, comes from
 :func:`compressor.export.runtimes.vllm_cpu` (rules read in vLLM's source, and the oneDNN int16
-saturation measured here). The check fails when a scheme that should run does not, or does not match,
-and also when one that should not run or should not match does (so the rules stay true).
+saturation measured here). The check fails when a scheme that should run does not, or does not match;
+also when one that should not run does, and (in float32, where the floor is narrow enough to tell)
+when one that should not match does, so the rules stay true.
 
     python -m benchmarks.serve_check                   # every scheme, fp32; records to benchmarks/results
     python -m benchmarks.serve_check --schemes w8a8 --dtypes float32,bfloat16 --speed
@@ -74,7 +77,8 @@ MIN_EQUAL = 7  # of 8 prompts
 # runtimes) sits far below these (docs/serving.md)
 TEXT_TOLERANCE = {"float32": 0.02, "bfloat16": 0.15}
 FLOOR_FACTOR = 1.25
-NLL_TOLERANCE = 0.01  # nats per token of the text
+FLOOR_SEEDS = 3
+NLL_TOLERANCE = 0.01  # nats per token of the text, at least
 PERTURB = {"float32": 1e-6, "bfloat16": 4e-3}  # about half the dtype's rounding step
 SPEED = {"batches": [1, 16], "new_tokens": 64}
 
@@ -149,11 +153,11 @@ def export(scheme: str, source: Path, tokenizer, root: Path) -> tuple[Path, dict
     return out, read_config(out)["quantization_config"]
 
 
-def ours(path: Path, dtype: str, job: dict[str, Any], perturb: float = 0.0) -> dict[str, Any]:
+def ours(path: Path, dtype: str, job: dict[str, Any], perturb: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Our loader's answers to ``job``: greedy tokens, first-position top-k logprobs, text logprobs.
 
-    ``perturb``: multiply every embedding by ``1 + perturb * noise`` (standard normal, seed 0, in float32,
-    then rounded to ``dtype``): the floor.
+    ``perturb``: multiply every embedding by ``1 + perturb * noise`` (standard normal from ``seed``, in
+    float32, then rounded to ``dtype``): a floor run.
     """
     import torch
 
@@ -167,7 +171,7 @@ def ours(path: Path, dtype: str, job: dict[str, Any], perturb: float = 0.0) -> d
         if isinstance(module, QuantLinear):
             module.keep_dequantized()
     if perturb:
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
 
         def jitter(module, args, out):
             return (out.float() * (1 + perturb * torch.randn(out.shape, generator=gen))).to(out.dtype)
@@ -267,21 +271,32 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def floor_of(mine: dict[str, Any], perturbed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst agreement between our answers and our answers under each perturbation."""
+    runs = [compare(mine, p) for p in perturbed]
+    return {"seeds": len(runs), "prompts": runs[0]["prompts"],
+            "greedy_equal": min(r["greedy_equal"] for r in runs),
+            "text_mean_abs_diff": max(r["text_mean_abs_diff"] for r in runs),
+            "text_max_abs_diff": max(r["text_max_abs_diff"] for r in runs),
+            "text_nll_shift": round(max(abs(r["text_nll_vllm"] - r["text_nll_ours"]) for r in runs), 5)}
+
+
 def verdict_of(record: dict[str, Any], floor: dict[str, Any], dtype: str) -> tuple[bool, str]:
-    """Whether vLLM matched ours on a scheme (see the module docstring), and why not."""
+    """Whether vLLM matched ours on a scheme (see the module docstring), and why not; sets ``record["tolerance"]``."""
     if floor["greedy_equal"] == floor["prompts"]:  # weight-only: token for token
-        tol = max(TEXT_TOLERANCE[dtype], FLOOR_FACTOR * floor["text_mean_abs_diff"])
-        if record["greedy_equal"] < MIN_EQUAL:
-            return False, f"greedy {record['greedy_equal']}/{record['prompts']} identical (need {MIN_EQUAL})"
+        tol = {"min_greedy_equal": MIN_EQUAL,
+               "text_mean_abs_diff": round(max(TEXT_TOLERANCE[dtype], FLOOR_FACTOR * floor["text_mean_abs_diff"]), 5)}
     else:  # activations quantized: held to the floor
-        tol = FLOOR_FACTOR * floor["text_mean_abs_diff"]
-        dnll = abs(record["text_nll_vllm"] - record["text_nll_ours"])
-        if dnll > NLL_TOLERANCE:
-            return False, f"text NLL {record['text_nll_vllm']} against our {record['text_nll_ours']}"
-    record["tolerance"] = {"text_mean_abs_diff": round(tol, 5), **({"min_greedy_equal": MIN_EQUAL}
-                           if floor["greedy_equal"] == floor["prompts"] else {"text_nll_abs_diff": NLL_TOLERANCE})}
-    if record["text_mean_abs_diff"] > tol:
-        return False, f"text mean |dlogp| {record['text_mean_abs_diff']} > {round(tol, 5)}"
+        tol = {"text_mean_abs_diff": round(FLOOR_FACTOR * floor["text_mean_abs_diff"], 5),
+               "text_nll_abs_diff": round(max(NLL_TOLERANCE, 2 * floor["text_nll_shift"]), 5)}
+    record["tolerance"] = tol
+    if record["greedy_equal"] < tol.get("min_greedy_equal", 0):
+        return False, f"greedy {record['greedy_equal']}/{record['prompts']} identical (need {MIN_EQUAL})"
+    dnll = abs(record["text_nll_vllm"] - record["text_nll_ours"])
+    if dnll > tol.get("text_nll_abs_diff", float("inf")):
+        return False, f"text NLL {record['text_nll_vllm']} against our {record['text_nll_ours']}"
+    if record["text_mean_abs_diff"] > tol["text_mean_abs_diff"]:
+        return False, f"text mean |dlogp| {record['text_mean_abs_diff']} > {tol['text_mean_abs_diff']}"
     return True, ""
 
 
@@ -306,20 +321,19 @@ def check_one(scheme: str, dtype: str, source: Path, tokenizer, job: dict, args)
     record.update(ran=True, vllm=theirs["vllm"], load_s=theirs["load_s"], vllm_exit_status=theirs["exit_status"])
     mine = ours(path, dtype, job)
     record.update(compare(mine, theirs))
-    floor = compare(mine, ours(path, dtype, job, perturb=PERTURB[dtype]))
-    record["floor"] = {k: floor[k] for k in ("greedy_equal", "parted_at", "text_mean_abs_diff", "text_max_abs_diff",
-                                               "text_nll_vllm")}
-    record["floor"]["text_nll_perturbed"] = record["floor"].pop("text_nll_vllm")
-    matched, why = verdict_of(record, floor, dtype)
+    record["floor"] = floor_of(mine, [ours(path, dtype, job, perturb=PERTURB[dtype], seed=s) for s in range(FLOOR_SEEDS)])
+    matched, why = verdict_of(record, record["floor"], dtype)
     record["matched"] = matched
     if not runs:
         record["status"] = "fail: vLLM ran a scheme compressor.export.runtimes says it cannot: update the rules"
     elif matched == exact:
         record["status"] = "pass" if matched else f"pass (does not match on this CPU, as the rules say: {why})"
-    elif matched:
+    elif not matched:
+        record["status"] = f"fail: {why}"
+    elif dtype == "float32":
         record["status"] = "fail: vLLM matched where compressor.export.runtimes says it cannot here: update the rules"
     else:
-        record["status"] = f"fail: {why}"
+        record["status"] = f"pass (inexact on this CPU by the rules, but within the {dtype} floor, which hides it)"
     for row in theirs.get("speed", []):
         common.emit({"bench": SPEED_BENCH, "model": common.MODEL_NAME, "scheme": scheme, "dtype": dtype,
                      "vllm": theirs["vllm"], **row}, args.speed_output)

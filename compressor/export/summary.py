@@ -60,11 +60,17 @@ def summarize(path: Path) -> dict:
             continue
         params += math.prod(meta["shape"])
     schemes = {}
+    true_bits = (qcfg.get("compressor") or {}).get("weights") or {}  # 7-bit codes declared 8-bit
     for name, group in (qcfg.get("config_groups") or {}).items():
         try:
-            schemes[name] = {"targets": group.get("targets"), "scheme": scheme_from_ct_args(group["weights"]).describe()}
+            desc = scheme_from_ct_args({**group["weights"], **true_bits.get(name, {})}).describe()
         except (ValueError, KeyError) as err:
-            schemes[name] = {"targets": group.get("targets"), "scheme": f"unsupported ({err})"}
+            desc = f"unsupported ({err})"
+        act = group.get("input_activations")
+        if act:
+            desc += f", inputs A{act.get('num_bits')} per-token {'sym' if act.get('symmetric', True) else 'asym'}"
+        fmt = group.get("format") or qcfg.get("format")
+        schemes[name] = {"targets": group.get("targets"), "scheme": desc + (f" ({fmt})" if fmt else "")}
     shapes = {**_shapes(path), **int_codes} if layers else {}
     for owner, info in layers.items():
         n, k = shapes[owner]

@@ -29,8 +29,12 @@ def _record(equal, mean, nll_ours=3.3, nll_vllm=3.3):
             "text_nll_vllm": nll_vllm}
 
 
+def _floor(equal, mean, shift=0.0):
+    return {"greedy_equal": equal, "prompts": 8, "text_mean_abs_diff": mean, "text_nll_shift": shift}
+
+
 def test_weight_only_schemes_are_held_token_for_token():
-    floor = _record(8, 1e-6)
+    floor = _floor(8, 1e-6)
     assert sc.verdict_of(_record(8, 1e-4), floor, "float32") == (True, "")
     ok, why = sc.verdict_of(_record(6, 1e-4), floor, "float32")
     assert not ok and "greedy 6/8" in why
@@ -39,14 +43,23 @@ def test_weight_only_schemes_are_held_token_for_token():
 
 
 def test_activation_quantized_schemes_are_held_to_the_floor():
-    floor = _record(3, 0.2)  # a 1e-6 nudge already parts 5 of 8 continuations
-    rec = _record(1, 0.24)
+    floor = _floor(3, 0.2, shift=0.008)  # a 1e-6 nudge already parts 5 of 8 continuations
+    rec = _record(1, 0.24, 3.3, 3.315)
     assert sc.verdict_of(rec, floor, "float32") == (True, "")
-    assert rec["tolerance"] == {"text_mean_abs_diff": 0.25, "text_nll_abs_diff": sc.NLL_TOLERANCE}
+    assert rec["tolerance"] == {"text_mean_abs_diff": 0.25, "text_nll_abs_diff": 0.016}
     ok, why = sc.verdict_of(_record(2, 0.28), floor, "float32")
     assert not ok and "0.28 > 0.25" in why
     ok, why = sc.verdict_of(_record(2, 0.21, 3.31, 3.38), floor, "float32")  # saturated kernels: NLL 2% worse
     assert not ok and "NLL" in why
+    assert sc.verdict_of(_record(2, 0.21, 3.31, 3.318), _floor(3, 0.2, shift=0.001), "float32")[0]  # 0.01 at least
+
+
+def test_the_floor_is_the_worst_seed():
+    mine = _answers([[1, 2], [3, 4]], [-1.0, -1.0])
+    nudged = [_answers([[1, 2], [3, 4]], [-1.0, -1.2]), _answers([[1, 2], [3, 0]], [-1.1, -1.0])]
+    floor = sc.floor_of(mine, nudged)
+    assert floor == {"seeds": 2, "prompts": 2, "greedy_equal": 1, "text_mean_abs_diff": 0.1, "text_max_abs_diff": 0.2,
+                     "text_nll_shift": 0.1}
 
 
 def test_expectations_follow_the_rules_and_the_cpu():
