@@ -201,7 +201,7 @@ def serve_check(records: Records) -> str:
         r = newest(records, scheme=scheme, dtype=dtype)
         used.append(r)
         if not r.get("ran"):
-            run = f"no: `{r.get('error', '?')[:120]}`"
+            run = f"no: `{r.get('error', '?').split('; ')[0][:150]}`"
             cells = [run, "—", "—", "—"]
         else:
             floor = r.get("floor") or {}

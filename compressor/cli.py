@@ -12,7 +12,10 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("compressor")
 
-_PRESETS = {"w2a16": 2, "w3a16": 3, "w4a16": 4, "w8a16": 8}
+# preset -> (weight bits, input activation bits or None); the A8 ones are symmetric per-channel weights with 8-bit
+# per-token inputs, exported int-quantized for vLLM's W8A8 path (w7a8: 7-bit codes, exact on CPUs without VNNI)
+_PRESETS = {"w2a16": (2, None), "w3a16": (3, None), "w4a16": (4, None), "w8a16": (8, None),
+            "w8a8": (8, 8), "w7a8": (7, 8)}
 
 
 def _add_hub_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -31,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="Hugging Face model directory or Hub repo id (e.g. Qwen/Qwen3-0.6B)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", type=Path, help="recipe YAML")
-    src.add_argument("--scheme", choices=sorted(_PRESETS), help="round-to-nearest preset (weight-only)")
-    c.add_argument("--group-size", type=int, default=128, help="with --scheme: group size, -1 = per-channel")
-    c.add_argument("--symmetric", action="store_true", help="with --scheme: symmetric (default asymmetric)")
+    src.add_argument("--scheme", choices=sorted(_PRESETS), help="preset: weight-only (wNa16), or W8A8 / W7A8 "
+                     "(symmetric per-channel weights, 8-bit per-token inputs)")
+    c.add_argument("--group-size", type=int, default=None,
+                   help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
+    c.add_argument("--symmetric", action="store_true",
+                   help="with --scheme: symmetric (default asymmetric; W8A8 / W7A8: always symmetric)")
     c.add_argument("--observer", choices=("minmax", "mse"), default="minmax", help="with --scheme")
     c.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="with --scheme: rounding method")
     c.add_argument("--calibration", default="sotu:1790-1999", help="calibration text for data-driven passes")
@@ -130,9 +136,13 @@ def _recipe(args):
             raise FileNotFoundError(f"recipe file {args.recipe} does not exist")
         data = yaml.safe_load(args.recipe.read_text(encoding="utf-8")) or {}
     else:
-        scheme = {"bits": _PRESETS[args.scheme], "group_size": args.group_size,
-                  "symmetric": args.symmetric, "observer": args.observer}
+        bits, act_bits = _PRESETS[args.scheme]
+        group_size = args.group_size if args.group_size is not None else (-1 if act_bits else 128)
+        scheme = {"bits": bits, "group_size": group_size, "symmetric": args.symmetric or bool(act_bits),
+                  "observer": args.observer}
         data = {"passes": [{args.method: {"scheme": scheme}}]}
+        if act_bits:
+            data["passes"].append({"quantize_activations": {"bits": act_bits}})
     return Recipe.from_dict(apply_overrides(data, args.overrides))
 
 

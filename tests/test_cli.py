@@ -42,6 +42,24 @@ def test_recipe_file_and_overrides(tiny_model_dir, tmp_path):
     assert (cfg["num_bits"], cfg["group_size"], cfg["symmetric"]) == (3, 16, True)
 
 
+@pytest.mark.parametrize("preset,bits", [("w8a8", 8), ("w7a8", 7)])
+def test_w8a8_presets_export_int_quantized_for_vllm(tiny_model_dir, tmp_path, capsys, preset, bits):
+    """--scheme w8a8 / w7a8: symmetric per-channel weights and 8-bit per-token inputs, in vLLM's W8A8 layout."""
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_model_dir), "--scheme", preset, "-o", str(out), "-q"]) == 0
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qcfg["config_groups"]["group_0"]
+    assert qcfg["format"] == "int-quantized" and group["format"] == "int-quantized"
+    assert (group["weights"]["num_bits"], group["weights"]["strategy"], group["weights"]["symmetric"]) == (8, "channel", True)
+    assert group["input_activations"]["num_bits"] == 8 and group["input_activations"]["strategy"] == "token"
+    assert (qcfg.get("compressor") or {}).get("weights", {}).get("group_0", {}).get("num_bits", 8) == bits
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["schemes"]["group_0"]["scheme"].startswith(f"W{bits} per-channel sym, inputs A8 per-token sym")
+    assert any(r.startswith("vLLM (CPU: yes") for r in info["loaders"])
+
+
 def test_missing_model(tmp_path, caplog):
     assert _compress(tmp_path / "nope", tmp_path / "out") == 2
     assert "does not exist" in caplog.text and not (tmp_path / "out").exists()
