@@ -157,21 +157,25 @@ def dequant_matmul(
     return reference.dequant_matmul(x, packed, scale, zero_point, shape, scheme, g_idx, bias)
 
 
+def _cached(cache: dict | None, slot: str, dtype: torch.dtype, tensors: tuple, build):
+    """``build()``, kept in ``cache[slot]`` while ``tensors`` are unchanged (same storage, same version) and the
+    activation dtype is the same; rebuilt each call without a cache."""
+    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+    if cache is not None and cache.get(f"{slot}_key") == key:
+        return cache[slot]
+    value = build()
+    if cache is not None:
+        cache.update({f"{slot}_key": key, slot: value})
+    return value
+
+
 def _dense_weight(cache, dtype, packed, scale, zero_point, shape, scheme, g_idx) -> torch.Tensor:
     """The reference path's (N, K) dequantized weight in ``dtype``, from ``cache`` while the tensors are unchanged."""
-    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (packed, scale, zero_point, g_idx) if t is not None)
-    if cache.get("dense_key") != key:
-        cache.update(dense_key=key, dense=reference.dequantize_packed(packed, scale, zero_point, shape, scheme,
-                                                                      g_idx).to(dtype))
-    return cache["dense"]
+    return _cached(cache, "dense", dtype, (packed, scale, zero_point, g_idx),
+                   lambda: reference.dequantize_packed(packed, scale, zero_point, shape, scheme, g_idx).to(dtype))
 
 
 def _cpu_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.Int4Weight | cpu.Int8Weight:
     """The CPU op's copy of this weight, from ``cache`` while the tensors are unchanged (same storage, version)."""
-    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in (packed, scale, zero_point) if t is not None)
-    if cache is not None and cache.get("cpu_key") == key:
-        return cache["cpu"]
-    weight = cpu.prepare(packed, scale, zero_point, shape, scheme, dtype)
-    if cache is not None:
-        cache.update(cpu_key=key, cpu=weight)
-    return weight
+    return _cached(cache, "cpu", dtype, (packed, scale, zero_point),
+                   lambda: cpu.prepare(packed, scale, zero_point, shape, scheme, dtype))

@@ -71,24 +71,27 @@ def test_float_zero_point_on_both_backends(backend):
     assert rel_err(out, x.double() @ w.double().T) <= 1e-3
 
 
-def test_quant_linear_on_triton_backend():
+def _layer(dtype, backend, bias=False):
+    """A 96 -> 40 W4 g32 asymmetric QuantLinear holding a random weight (and bias), with its packed tensors."""
     scheme, packed, scale, zp, _ = make_weight(40, 96, 4, 32, False)
-    layer = QuantLinear(96, 40, scheme, bias=True, dtype=torch.float16, backend="triton")
+    layer = QuantLinear(96, 40, scheme, bias=bias, dtype=dtype, backend=backend)
     layer.weight_packed.copy_(packed)
     layer.weight_scale.copy_(scale)
     layer.weight_zero_point.copy_(zp)
-    layer.bias.data.copy_(torch.randn(40).half())
+    if bias:
+        layer.bias.data.copy_(torch.randn(40).to(dtype))
+    return layer, scheme, packed, scale, zp
+
+
+def test_quant_linear_on_triton_backend():
+    layer, scheme, packed, scale, zp = _layer(torch.float16, "triton", bias=True)
     x = torch.randn(2, 5, 96).half()
     expected = reference.dequant_matmul(x, packed, scale, zp, (40, 96), scheme, None, layer.bias)
     assert rel_err(layer(x), expected) <= 1e-3
 
 
 def test_quant_linear_compiles_fullgraph():
-    scheme, packed, scale, zp, _ = make_weight(40, 96, 4, 32, False)
-    layer = QuantLinear(96, 40, scheme, dtype=torch.float16, backend="triton")
-    layer.weight_packed.copy_(packed)
-    layer.weight_scale.copy_(scale)
-    layer.weight_zero_point.copy_(zp)
+    layer = _layer(torch.float16, "triton")[0]
     x = torch.randn(3, 96).half()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # the custom op traces via its fake impl
     assert rel_err(compiled(x), layer(x)) <= 1e-6
@@ -96,12 +99,7 @@ def test_quant_linear_compiles_fullgraph():
 
 def test_keep_dequantized_gives_the_same_numbers_once_computed():
     """Opting in keeps the reference path's dense weight: bit-identical outputs, recomputed when a tensor changes."""
-    scheme, packed, scale, zp, _ = make_weight(40, 96, 4, 32, False)
-    layer = QuantLinear(96, 40, scheme, bias=True, dtype=torch.float32, backend="reference")
-    layer.weight_packed.copy_(packed)
-    layer.weight_scale.copy_(scale)
-    layer.weight_zero_point.copy_(zp)
-    layer.bias.data.copy_(torch.randn(40))
+    layer = _layer(torch.float32, "reference", bias=True)[0]
     x = torch.randn(2, 5, 96)
     plain = layer(x)
     layer.keep_dequantized()
