@@ -107,6 +107,10 @@ SCHEMES: dict[str, dict | None] = {
 }
 
 
+VNNI = {"avx512_vnni", "avx_vnni"}  # /proc/cpuinfo flags of int8 dot products accumulated in 32 bits
+AMX = "amx_int8"
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -126,7 +130,7 @@ def expectation(verdict: str, flags: set[str]) -> tuple[bool, bool]:
     if verdict == runtimes.YES:
         return True, True
     if verdict == runtimes.WITH_VNNI:
-        return True, bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        return True, bool(flags & (VNNI | {AMX}))
     if verdict == runtimes.AVX512_ONLY:
         return "avx512f" in flags, "avx512f" in flags
     return False, False
@@ -153,30 +157,48 @@ def export(scheme: str, source: Path, tokenizer, root: Path) -> tuple[Path, dict
     return out, read_config(out)["quantization_config"]
 
 
-def ours(path: Path, dtype: str, job: dict[str, Any], perturb: float = 0.0, seed: int = 0) -> dict[str, Any]:
-    """Our loader's answers to ``job``: greedy tokens, first-position top-k logprobs, text logprobs.
-
-    ``perturb``: multiply every embedding by ``1 + perturb * noise`` (standard normal from ``seed``, in
-    float32, then rounded to ``dtype``): a floor run.
-    """
+def load_ours(path: Path, dtype: str):
+    """Our loader's model of ``path`` in ``dtype``, each quantized weight dequantized once (the same numbers)."""
     import torch
 
     from compressor.export.checkpoint import load_model
-
     from compressor.runtime.quant_linear import QuantLinear
 
     model = load_model(str(path), dtype=getattr(torch, dtype))  # an export goes through load_compressed
     model.eval()
-    for module in model.modules():  # the same numbers, the weight dequantized once instead of every step
+    for module in model.modules():  # instead of dequantizing every weight at every decoding step
         if isinstance(module, QuantLinear):
             module.keep_dequantized()
+    return model
+
+
+def ours(model, job: dict[str, Any], perturb: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Our model's answers to ``job``: greedy tokens, first-position top-k logprobs, text logprobs.
+
+    ``perturb``: multiply every embedding by ``1 + perturb * noise`` (standard normal from ``seed``, in
+    float32, then rounded to the model's dtype) for this call only: a floor run.
+    """
+    import torch
+
+    hook = None
     if perturb:
         gen = torch.Generator().manual_seed(seed)
 
         def jitter(module, args, out):
             return (out.float() * (1 + perturb * torch.randn(out.shape, generator=gen))).to(out.dtype)
 
-        model.get_input_embeddings().register_forward_hook(jitter)
+        hook = model.get_input_embeddings().register_forward_hook(jitter)
+    try:
+        return _answers(model, job)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _answers(model, job: dict[str, Any]) -> dict[str, Any]:
+    """:func:`ours` without the perturbation."""
+    import torch
+
     greedy, first_top = [], []
     with torch.no_grad():
         for ids in job["prompts"]:
@@ -197,23 +219,29 @@ def ours(path: Path, dtype: str, job: dict[str, Any], perturb: float = 0.0, seed
     return {"greedy": greedy, "first_top": first_top, "text_logprobs": [None] + [float(x) for x in scored]}
 
 
-def vllm(path: Path, dtype: str, job: dict[str, Any], python: Path, speed: bool) -> tuple[dict | None, str]:
-    """vLLM's answers to ``job`` (None when it wrote none) and its log.
+def run_worker(python: Path, job: dict[str, Any], timeout: int) -> tuple[dict | None, str]:
+    """Run :mod:`benchmarks._vllm_worker` on ``job`` in the vLLM venv: its result (None when it wrote none) and log.
 
     A result counts when the worker wrote it, whatever its exit status: vLLM 0.32.0's CPU build sometimes
     aborts while shutting down, after the work is done ("terminate called without an active exception",
-    status 134); the answer then carries ``exit_status``.
+    status 134); the result then carries ``exit_status``.
     """
     with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
         job_file, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps({**job, "model": str(path), "dtype": dtype, **({"speed": SPEED} if speed else {})}))
+        job_file.write_text(json.dumps(job))
         run = subprocess.run([str(python), "-m", "benchmarks._vllm_worker", str(job_file), str(result)],
-                             cwd=common.ROOT, capture_output=True, text=True, timeout=1800,
+                             cwd=common.ROOT, capture_output=True, text=True, timeout=timeout,
                              env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "TOKENIZERS_PARALLELISM": "false"})
         logtext = run.stdout + run.stderr
         if not result.is_file():
             return None, logtext
         return {**json.loads(result.read_text()), "exit_status": run.returncode}, logtext
+
+
+def vllm(path: Path, dtype: str, job: dict[str, Any], python: Path, speed: bool) -> tuple[dict | None, str]:
+    """vLLM's answers to ``job`` for the model at ``path`` (None when it gave none) and its log."""
+    return run_worker(python, {**job, "model": str(path), "dtype": dtype, **({"speed": SPEED} if speed else {})},
+                      timeout=1800)
 
 
 def kernels(logtext: str) -> list[str]:
@@ -319,9 +347,11 @@ def check_one(scheme: str, dtype: str, source: Path, tokenizer, job: dict, args)
         record["status"] = "pass" if not runs else "fail: vLLM should run this scheme here but did not"
         return record
     record.update(ran=True, vllm=theirs["vllm"], load_s=theirs["load_s"], vllm_exit_status=theirs["exit_status"])
-    mine = ours(path, dtype, job)
+    model = load_ours(path, dtype)
+    mine = ours(model, job)
     record.update(compare(mine, theirs))
-    record["floor"] = floor_of(mine, [ours(path, dtype, job, perturb=PERTURB[dtype], seed=s) for s in range(FLOOR_SEEDS)])
+    record["floor"] = floor_of(mine, [ours(model, job, perturb=PERTURB[dtype], seed=s) for s in range(FLOOR_SEEDS)])
+    del model
     matched, why = verdict_of(record, record["floor"], dtype)
     record["matched"] = matched
     if not runs:
@@ -346,19 +376,14 @@ PROBE = {"shapes": [[1, 576, 192], [512, 576, 1536], [512, 1536, 576]], "limits"
 
 def probe(args) -> None:
     """One record per shape and code limit: vLLM's CPU int8 GEMM against the exact product (docs/serving.md)."""
-    with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
-        job_file, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps({"probe": PROBE}))
-        run = subprocess.run([str(args.vllm_python), "-m", "benchmarks._vllm_worker", str(job_file), str(result)],
-                             cwd=common.ROOT, capture_output=True, text=True, timeout=600)
-        if not result.is_file():
-            log.error("the int8 probe failed: %s", vllm_error(run.stdout + run.stderr))
-            return
-        out = json.loads(result.read_text())
+    out, logtext = run_worker(args.vllm_python, {"probe": PROBE}, timeout=600)
+    if out is None:
+        log.error("the int8 probe failed: %s", vllm_error(logtext))
+        return
     flags = cpu_flags()
     for row in out["probe"]:
-        common.emit({"bench": PROBE_BENCH, "vllm": out["vllm"], "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}),
-                     "amx": "amx_int8" in flags, **row}, args.probe_output)
+        common.emit({"bench": PROBE_BENCH, "vllm": out["vllm"], "vnni": bool(flags & VNNI), "amx": AMX in flags,
+                     **row}, args.probe_output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,11 +101,10 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
 
 def encode(fmt: BlockFormat, p: Params) -> torch.Tensor:
     """The bytes of ``p`` in format ``fmt``: (R, B * fmt.nbytes) uint8, rows of blocks as ggml lays them out."""
+    rows, blocks = p.d.shape  # every format has one fp16 d per block
     if fmt is Q8_0:
-        rows, blocks = p.d.shape
         out = torch.cat([_fp16_bytes(p.d), p.q.to(torch.int8).view(torch.uint8)], dim=-1)
     elif fmt is Q4_K:
-        rows, blocks = p.d.shape
         sc, m = p.sc.to(torch.int32), p.m.to(torch.int32)
         scales = torch.cat([
             (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
@@ -116,7 +115,6 @@ def encode(fmt: BlockFormat, p: Params) -> torch.Tensor:
         qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(rows, blocks, 128)
         out = torch.cat([_fp16_bytes(p.d), _fp16_bytes(p.dmin), _u8(scales), _u8(qs)], dim=-1)
     elif fmt is Q6_K:
-        rows, blocks = p.d.shape
         q = p.q.to(torch.int32).reshape(rows, blocks, 2, 128)  # two halves of 128
         low, high = q & 15, q >> 4
         ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, blocks, 128)

@@ -71,6 +71,19 @@ def test_expectations_follow_the_rules_and_the_cpu():
     assert sc.expectation(runtimes.NO, {"avx512f", "amx_int8"}) == (False, False)
 
 
+def test_our_side_answers_and_a_floor_run_leaves_the_model_as_it_was():
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    job = {"prompts": [[1, 2, 3], [4, 5]], "text": list(range(10, 30)), "new_tokens": 4, "top_k": 5}
+    first = sc.ours(model, job)
+    assert [len(g) for g in first["greedy"]] == [4, 4] and len(first["first_top"][0]) == 5
+    assert first["text_logprobs"][0] is None and len(first["text_logprobs"]) == 20
+    nudged = sc.ours(model, job, perturb=1e-3, seed=1)
+    assert nudged["text_logprobs"] != first["text_logprobs"]
+    assert sc.ours(model, job) == first  # the nudge was for that call only
+
+
 def test_log_parsing():
     log = ("(Worker pid=1) INFO [__init__.py:846] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n"
            "(Worker pid=1) INFO [__init__.py:846] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n"
