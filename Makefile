@@ -14,7 +14,7 @@ VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check bench-setup bench-quick bench bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-compare bench-setup bench-quick bench bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -84,6 +84,16 @@ vllm-venv: $(VLLM_VENV)/.installed
 serve-check: fixtures vllm-venv
 	$(PY) -m benchmarks.serve_check --check --output out/serve-check.jsonl --speed-output out/vllm-decode.jsonl
 
+# llama.cpp's llama-quantize / llama-imatrix / llama-perplexity, built from source into .llama/bin (~5 min)
+llama-tools: .llama/bin/llama-perplexity
+
+.llama/bin/llama-perplexity:
+	bash benchmarks/setup_llama_cpp.sh
+
+# our GGUF Q4_K_M of SmolLM2 against llama-quantize's, with and without imatrix (docs/serving.md; ~20 min)
+gguf-compare: fixtures llama-tools
+	$(PY) -m benchmarks.gguf_compare
+
 # side-by-side benchmarks (docs: benchmarks/README.md); peers live in their own venv
 bench-setup: fixtures
 	bash benchmarks/setup_peers.sh
@@ -107,4 +117,4 @@ bench-kernels: install
 	$(PY) -m benchmarks.kernel_speed
 
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-lock out .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock out .pytest_cache .llama

@@ -254,6 +254,33 @@ def vllm_int8_probe(records: Records) -> str:
             + _provenance(used, "vllm_int8_probe") + "\n")
 
 
+GGUF_LABELS = {"f32": "F32 (ours; llama-quantize's input)", "llama.cpp": "llama-quantize",
+               "llama.cpp+imatrix": "llama-quantize --imatrix", "ours-nearest": "ours, imatrix-weighted scales, nearest codes",
+               "ours-gptq": "ours, imatrix-weighted scales, GPTQ codes"}
+
+
+def gguf(records: Records) -> str:
+    """docs/serving.md: our GGUF files against llama-quantize's on SmolLM2 (benchmarks/gguf_compare.py)."""
+    full = [r for r in records if not r.get("quick") and r.get("split") == "test" and r.get("status") == "ok"
+            and not r.get("set")
+            and r.get("n_calib") == common.FULL["n_calib"] and r.get("max_tokens") == common.FULL["max_tokens"]]
+    rows, used = [], []
+    for mix in dict.fromkeys(r["mix"] for r in full if r["mix"] != "F32"):
+        for variant in GGUF_LABELS:
+            r = newest(full, variant=variant, mix="F32" if variant == "f32" else mix)
+            if r is None:
+                continue
+            used.append(r)
+            kinds = ", ".join(f"{n} {k}" for k, n in r["formats"].items())
+            rows.append(f"| {r['mix']} | {GGUF_LABELS[variant]} | {kinds} | {r['file_bytes'] / 1e6:.2f} | "
+                        f"{r['quantize_s']:.0f} | {r['ppl_llama_cpp']:.4f} | {r['ppl']:.4f} |")
+    if not rows:
+        return "_No records in `benchmarks/results/gguf.jsonl` yet._\n"
+    head = ("| mix | quantizer | tensors by format | file MB | quantize s | perplexity, llama-perplexity "
+            "(64 chunks of 512) | perplexity, our protocol (file read back by gguf) |")
+    return head + "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + _provenance(used, "gguf") + "\n"
+
+
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
@@ -261,9 +288,10 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "serve-check": ("serve_check", serve_check),
     "vllm-decode": ("vllm_decode", vllm_decode),
     "vllm-int8-probe": ("vllm_int8_probe", vllm_int8_probe),
+    "gguf": ("gguf", gguf),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
-NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe"}
+NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder
 
 
 # ---------------------------------------------------------------- rewriting

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.core.atomic import check_output_dir
+from compressor.core.atomic import check_output_dir, check_output_file
 from compressor.core.hub import resolve_model
 from compressor.core.state import is_quantized
 from compressor.export.checkpoint import check_checkpoint, is_export, load_model, load_tokenizer
 from compressor.export.compressed_tensors import save_compressed, sparsity_config
+from compressor.export.gguf import gguf_missing, save_gguf
 from compressor.export.pruned import save_pruned
 from compressor.pipeline.schedule import run_passes
 from compressor.pipeline.sequential import PipelineConfig
@@ -52,7 +53,8 @@ def compress(
             (e.g. images (S, 3, H, W)) runs the layer-by-layer pipeline instead.
         output: export directory (checked before any work; written atomically): a packed
             compressed-tensors export when a layer is quantized, else a plain Hugging Face
-            checkpoint (pruned models; structured pruning makes its matrices smaller).
+            checkpoint (pruned models; structured pruning makes its matrices smaller). A recipe with a
+            ``gguf`` pass writes one GGUF file for llama.cpp instead: ``output`` names the ``.gguf`` file.
         tokenizer: saved beside the export; loaded from the checkpoint when
             ``model`` is a path.
         overwrite: replace an existing ``output``.
@@ -65,7 +67,17 @@ def compress(
     Returns:
         The compressed model (quantized linears hold on-grid weights).
     """
-    if output is not None:
+    passes = recipe.build()
+    if not passes:
+        raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
+    gguf_mix = _gguf_mix(passes)
+    if output is not None and gguf_mix is not None:
+        if gguf_missing():
+            raise ValueError(gguf_missing())
+        if Path(output).suffix != ".gguf":
+            raise ValueError(f"a recipe with a gguf pass writes one llama.cpp file: name it *.gguf, not {output}")
+        check_output_file(output, overwrite)
+    elif output is not None:
         check_output_dir(output, overwrite)
     source = None
     if isinstance(model, (str, Path)):
@@ -74,9 +86,6 @@ def compress(
         model = load_model(path, trust_remote_code=trust_remote_code)
         if tokenizer is None:
             tokenizer = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
-    passes = recipe.build()
-    if not passes:
-        raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     torch.manual_seed(recipe.seed)
     info: dict = {"source_model": source, "seed": recipe.seed}
 
@@ -86,7 +95,11 @@ def compress(
     info |= run_passes(model, passes, calibration_ids=calibration_ids if calibration is not None else None,
                        config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
                        tokenizer=tokenizer, seed=recipe.seed, quiet=quiet)
-    if output is not None:
+    if output is not None and gguf_mix is not None:
+        if tokenizer is None:
+            raise ValueError("a GGUF file carries the tokenizer: pass tokenizer=... (or the model as a path)")
+        info["gguf"] = save_gguf(model, output, tokenizer=tokenizer, mix=gguf_mix, overwrite=overwrite, quiet=quiet)
+    elif output is not None:
         if any(is_quantized(m) for m in model.modules()):
             save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
         else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
@@ -99,6 +112,22 @@ def compress(
 
 
 
+
+
+def _gguf_mix(passes: list) -> str | None:
+    """The mix of the recipe's ``gguf`` pass (None without one).
+
+    Raises:
+        ValueError: a gguf pass is combined with another quantizing pass, which the GGUF file could not hold.
+    """
+    mixes = [p.config.mix for p in passes if p.name == "gguf"]
+    if not mixes:
+        return None
+    others = [p.name for p in passes if p.weight_pass == "quantize" and p.name != "gguf"]
+    if len(mixes) > 1 or others:
+        raise ValueError(f"a gguf pass chooses every linear's llama.cpp format itself: drop {others or 'the second gguf pass'} "
+                         "from the recipe (transforms such as rotate and pruning may run before it)")
+    return mixes[0]
 
 
 def _calibration_ids(calibration: Any, tokenizer: Any, seed: int, names: list[str]) -> torch.Tensor:

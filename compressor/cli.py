@@ -16,6 +16,8 @@ log = logging.getLogger("compressor")
 # per-token inputs, exported int-quantized for vLLM's W8A8 path (w7a8: 7-bit codes, exact on CPUs without VNNI)
 _PRESETS = {"w2a16": (2, None), "w3a16": (3, None), "w4a16": (4, None), "w8a16": (8, None),
             "w8a8": (8, 8), "w7a8": (7, 8)}
+# preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
+_GGUF_PRESETS = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 
 
 def _add_hub_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -34,14 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="Hugging Face model directory or Hub repo id (e.g. Qwen/Qwen3-0.6B)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", type=Path, help="recipe YAML")
-    src.add_argument("--scheme", choices=sorted(_PRESETS), help="preset: weight-only (wNa16), or W8A8 / W7A8 "
-                     "(symmetric per-channel weights, 8-bit per-token inputs)")
+    src.add_argument("--scheme", choices=sorted(_PRESETS) + sorted(_GGUF_PRESETS),
+                     help="preset: weight-only (wNa16), W8A8 / W7A8 (symmetric per-channel weights, 8-bit per-token "
+                     "inputs), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
     c.add_argument("--symmetric", action="store_true",
                    help="with --scheme: symmetric (default asymmetric; W8A8 / W7A8: always symmetric)")
     c.add_argument("--observer", choices=("minmax", "mse"), default="minmax", help="with --scheme")
-    c.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="with --scheme: rounding method")
+    c.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="with --scheme: rounding method (GGUF mixes: rtn = nearest codes on imatrix-weighted scales, "
+                   "as llama-quantize --imatrix; gptq = GPTQ codes on them)")
     c.add_argument("--calibration", default="sotu:1790-1999", help="calibration text for data-driven passes")
     c.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
@@ -52,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save each finished block there; rerunning the same command resumes")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. rtn.scheme.bits=3 (repeatable)")
-    c.add_argument("--output", "-o", type=Path, required=True, help="export directory")
+    c.add_argument("--output", "-o", type=Path, required=True,
+                   help="export directory (a .gguf file with a GGUF scheme or a recipe with a gguf pass)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     _add_hub_args(c, "the model")
@@ -135,6 +141,9 @@ def _recipe(args):
         if not args.recipe.is_file():
             raise FileNotFoundError(f"recipe file {args.recipe} does not exist")
         data = yaml.safe_load(args.recipe.read_text(encoding="utf-8")) or {}
+    elif args.scheme in _GGUF_PRESETS:
+        method = "gptq" if args.method == "gptq" else "nearest"
+        data = {"passes": [{"gguf": {"mix": _GGUF_PRESETS[args.scheme], "method": method}}]}
     else:
         bits, act_bits = _PRESETS[args.scheme]
         group_size = args.group_size if args.group_size is not None else (-1 if act_bits else 128)

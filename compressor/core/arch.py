@@ -23,7 +23,7 @@ __all__ = [
     "attention_implementation", "set_attention_implementation", "PARAM_KINDS", "parameter_kinds",
     "ExpertsLayout", "GATE_UP_DOWN", "experts_layout", "is_experts_module", "EXPERT_CHECKPOINT_NAMES",
     "expert_checkpoint_names",
-    "WRAPPABLE_ATTENTION",
+    "WRAPPABLE_ATTENTION", "GGUFArch", "GGUF_ARCHS", "GGUF_TENSOR_NAMES", "gguf_arch",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,55 @@ def layout_of_config(config: Any, who: str, what: str | None = None, kind: str =
             f"compressor.core.arch.LAYOUTS for another such family, or drop the {who} pass"
         )
     return LAYOUTS[model_type]
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp names a family in a GGUF file.
+
+    Attributes:
+        name: ``general.architecture`` (also the prefix of the family's hyper-parameter keys).
+        rope_permute: q/k rows are reordered from Hugging Face's half-split rotary layout to the interleaved
+            one llama.cpp's ``llama`` graph expects (``LlamaModel.permute`` in llama.cpp's
+            ``conversion/llama.py``): rows ``(head, 2, d/2)`` become ``(head, d/2, 2)``.
+        pre_tokenizers: a tokenizer's fingerprint (sha256 of its BPE vocabulary, merges and pre-tokenizer,
+            :func:`compressor.export.gguf.tokenizer_fingerprint`) -> the ``tokenizer.ggml.pre`` name llama.cpp's
+            converter gives it (it too recognises a tokenizer by what it is, a hash of its output on a probe text).
+    """
+
+    name: str
+    rope_permute: bool
+    pre_tokenizers: dict[str, str]
+
+
+# SmolLM / SmolLM2's tokenizer (all sizes share it); llama.cpp's converter calls it "smollm"
+_PRE_TOKENIZERS = {"07a708090cd86dd463f51cc1960ffe6d83abda3356623db6a3446a6300bc3180": "smollm"}
+
+# keyed by config.model_type; checked against llama.cpp's own converter and runtime for llama (SmolLM2):
+# benchmarks/gguf_compare.py. Mistral's Hugging Face layout converts the same way (llama.cpp's MistralModel
+# is a LlamaModel).
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", True, _PRE_TOKENIZERS),
+    "mistral": GGUFArch("llama", True, _PRE_TOKENIZERS),
+}
+
+# DecoderLayout field -> llama.cpp's name for the tensor inside block ``blk.{i}``
+GGUF_TENSOR_NAMES = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+                     "mlp_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+def gguf_arch(config: Any) -> GGUFArch:
+    """The :class:`GGUFArch` of a Hugging Face config.
+
+    Raises:
+        ValueError: the family has no entry in :data:`GGUF_ARCHS`.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GGUF_ARCHS:
+        raise ValueError(f"GGUF export: model_type={model_type!r} has no entry in compressor.core.arch.GGUF_ARCHS "
+                         f"(supported: {sorted(GGUF_ARCHS)}); export it as compressed-tensors instead (drop the gguf "
+                         "pass), or add the family after checking its tensor names with llama.cpp's converter")
+    return GGUF_ARCHS[model_type]
 
 
 def head_counts(config: Any) -> tuple[int, int, int]:

@@ -19,7 +19,8 @@ from typing import Iterator
 
 from compressor.core.paths import sha256_file
 
-__all__ = ["atomic_directory", "check_output_dir", "write_manifest", "verify_manifest", "MANIFEST"]
+__all__ = ["atomic_directory", "check_output_dir", "atomic_file", "check_output_file", "write_manifest",
+           "verify_manifest", "MANIFEST"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,40 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} exists and is not a directory")
     return path
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output file unless ``overwrite`` (and a directory always); call before any long work."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"output path {path} is a directory: name a file, e.g. {path / 'model.gguf'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output file {path} already exists: choose another path or pass --overwrite")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path that becomes ``path`` (fsynced, renamed) when the block succeeds.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = check_output_file(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the disk while writing {path}; nothing was replaced") from err
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 from compressor.core.arch import PARAM_KINDS, parameter_kinds
 from compressor.core.passes import Pass, matches, select_modules
 from compressor.core.sparsity import is_pruned
-from compressor.core.state import EXPERT_SUFFIXES, is_experts_quantized, is_quantized
+from compressor.core.state import EXPERT_SUFFIXES, gguf_state, is_experts_quantized, is_quantized
 
 __all__ = ["coverage", "format_coverage", "check_untouched", "UNTOUCHED_LIMIT"]
 
@@ -42,7 +42,7 @@ def _compressed(owner: nn.Module | None, leaf: str) -> bool:
     """Whether parameter ``leaf`` of ``owner`` was quantized or pruned."""
     if owner is None:
         return False
-    if leaf == "weight" and (is_quantized(owner) or is_pruned(owner)):
+    if leaf == "weight" and (is_quantized(owner) or is_pruned(owner) or gguf_state(owner) is not None):
         return True
     return is_experts_quantized(owner) and leaf + EXPERT_SUFFIXES[0] in owner._buffers
 

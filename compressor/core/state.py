@@ -15,6 +15,11 @@ A fused-experts module (:func:`compressor.core.arch.experts_layout`) keeps its
 quantized parameter ``P`` a ``P_scale`` buffer (E, N, G) and a
 ``P_zero_point`` buffer (E, N, G) or none, plus the ``experts_scheme``
 attribute (:func:`attach_expert_qparams`).
+
+A linear quantized into a llama.cpp block format (the ``gguf`` pass) keeps its
+dequantized ``weight`` and gains the ``gguf_tensor`` attribute,
+``(format name, block parameters)`` (:func:`attach_gguf`), which the GGUF
+writer encodes as is.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.core import gguf_blocks
 from compressor.core.scheme import QParams, QuantScheme
 
 __all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS", "attach_expert_qparams",
-           "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES"]
+           "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES", "attach_gguf", "gguf_state"]
 
 QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx")  # what attach_qparams adds beside the weight
 EXPERT_SUFFIXES = ("_scale", "_zero_point")  # what attach_expert_qparams adds beside each fused parameter
@@ -114,3 +120,26 @@ def experts_quant_state(module: nn.Module) -> tuple[QuantScheme, dict[str, QPara
         if scale is not None:
             params[name] = QParams(scale, module._buffers.get(name + "_zero_point"))
     return module.experts_scheme, params
+
+
+def attach_gguf(module: nn.Module, fmt: gguf_blocks.BlockFormat, params: gguf_blocks.Params) -> None:
+    """Store a linear's llama.cpp block parameters and put its weight on their grid (in place).
+
+    Args:
+        module: the ``nn.Linear``; its ``weight`` becomes the (N, K) dequantized weight in its own dtype (a new
+            Parameter, so a tied weight is untied rather than changed in both places).
+        fmt: the block format.
+        params: its parameters for the (N, K) weight.
+    """
+    old = module.weight
+    weight = gguf_blocks.dequantize(fmt, params).to(old.dtype).to(old.device)
+    module.weight = nn.Parameter(weight.contiguous(), requires_grad=old.requires_grad)
+    module.gguf_tensor = (fmt.name, params)
+
+
+def gguf_state(module: nn.Module) -> tuple[gguf_blocks.BlockFormat, gguf_blocks.Params] | None:
+    """``(format, parameters)`` of a linear :func:`attach_gguf` quantized, or None."""
+    state = getattr(module, "gguf_tensor", None)
+    if state is None:
+        return None
+    return gguf_blocks.FORMATS[state[0]], state[1]

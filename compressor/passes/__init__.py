@@ -12,6 +12,7 @@ from compressor.passes import (  # noqa: F401  (each registers its pass)
     adaround,  # adaround
     distill,  # distill
     distill_blocks,  # distill_blocks
+    gguf,  # gguf
     gptq,  # gptq
     ostquant,  # ostquant
     prune,  # prune

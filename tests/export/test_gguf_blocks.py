@@ -19,6 +19,8 @@ def _random_params(fmt, rows=3, blocks=2):
     d = (torch.rand(rows, blocks, generator=GEN) * 0.01 + 1e-4).half()
     if fmt is gb.Q8_0:
         return gb.Q8Params(d, r(-127, 128, rows, blocks, 32).to(torch.int8))
+    if fmt is gb.Q5_0:
+        return gb.Q5Params(d, r(0, 32, rows, blocks, 32).to(torch.uint8))
     if fmt is gb.Q4_K:
         dmin = (torch.rand(rows, blocks, generator=GEN) * 0.01).half()
         return gb.Q4KParams(d, dmin, r(0, 64, rows, blocks, 8).to(torch.uint8), r(0, 64, rows, blocks, 8).to(torch.uint8),
@@ -26,13 +28,13 @@ def _random_params(fmt, rows=3, blocks=2):
     return gb.Q6KParams(d, r(-128, 128, rows, blocks, 16).to(torch.int8), r(0, 64, rows, blocks, 16, 16).to(torch.uint8))
 
 
-@pytest.mark.parametrize("fmt", [gb.Q8_0, gb.Q4_K, gb.Q6_K], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", list(gb.FORMATS.values()), ids=lambda f: f.name)
 def test_format_constants_are_ggmls(fmt):
     qtype = GGMLQuantizationType[fmt.name]
     assert int(qtype) == fmt.ggml_type and GGML_QUANT_SIZES[qtype] == (fmt.block, fmt.nbytes)
 
 
-@pytest.mark.parametrize("fmt", [gb.Q8_0, gb.Q4_K, gb.Q6_K], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", list(gb.FORMATS.values()), ids=lambda f: f.name)
 def test_gguf_reads_our_bytes_as_our_weights(fmt):
     """Every field at every position: random codes, scales and mins, encoded by us, decoded by gguf, bit-exact."""
     p = _random_params(fmt)
@@ -44,7 +46,7 @@ def test_gguf_reads_our_bytes_as_our_weights(fmt):
     assert np.array_equal(theirs, ours.numpy())
 
 
-@pytest.mark.parametrize("fmt", [gb.Q8_0, gb.Q4_K, gb.Q6_K], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", list(gb.FORMATS.values()), ids=lambda f: f.name)
 def test_rtn_codes_stay_in_range_and_round_to_the_grid(fmt):
     w = torch.randn(4, 512, generator=GEN) * 0.02
     w[0, :256] = 0.0  # an all-zero block: no division by zero, dequantizes to zeros
@@ -52,8 +54,8 @@ def test_rtn_codes_stay_in_range_and_round_to_the_grid(fmt):
     back = gb.dequantize(fmt, p)
     assert torch.equal(back[0, :256], torch.zeros(256))
     rel = ((back - w).norm() / w.norm()).item()
-    assert rel < {"Q8_0": 0.01, "Q6_K": 0.03, "Q4_K": 0.12}[fmt.name]
-    lo, hi = {"Q8_0": (-127, 127), "Q4_K": (0, 15), "Q6_K": (0, 63)}[fmt.name]
+    assert rel < {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_0": 0.06, "Q4_K": 0.12}[fmt.name]
+    lo, hi = {"Q8_0": (-127, 127), "Q5_0": (0, 31), "Q4_K": (0, 15), "Q6_K": (0, 63)}[fmt.name]
     assert int(p.q.min()) >= lo and int(p.q.max()) <= hi
     # nearest grid point: no neighbouring code inside the grid is closer to the weight
     err = (back - w).abs()
@@ -80,3 +82,79 @@ def test_rows_that_do_not_fill_blocks_and_nan_are_refused():
     bad[1, 7] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         gb.rtn(gb.Q6_K, bad)
+
+
+def test_q5_0_rtn_matches_llama_cpps_reference_quantizer_in_error():
+    """Q5_0 as ggml's quantize_row_q5_0_ref does it (signed peak on -16): our error within 1% of gguf's own."""
+    w = torch.randn(8, 1024, generator=GEN)
+    ours = gb.dequantize(gb.Q5_0, gb.rtn(gb.Q5_0, w))
+    raw = gguf_quants.quantize(w.numpy(), GGMLQuantizationType.Q5_0)
+    theirs = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType.Q5_0))
+    assert (ours - w).norm() <= (theirs - w).norm() * 1.01
+
+
+@pytest.mark.parametrize("fmt", list(gb.FORMATS.values()), ids=lambda f: f.name)
+def test_grid_and_with_codes_describe_the_same_weights(fmt):
+    """grid(p): step * q - offset per group is the dequantized weight; with_codes puts any codes back."""
+    w = torch.randn(4, 512, generator=GEN) * 0.05
+    p = gb.choose(fmt, w)
+    g = gb.grid(fmt, p)
+    codes = p.q.reshape(4, 512).long()
+    lo = g.step.repeat_interleave(g.width, 1) * codes - g.offset.repeat_interleave(g.width, 1)
+    assert torch.allclose(lo, gb.dequantize(fmt, p), atol=1e-6, rtol=1e-5)
+    other = torch.randint(g.qmin, g.qmax + 1, (4, 512), generator=GEN)
+    assert torch.equal(gb.with_codes(fmt, p, other).q.reshape(4, 512).long(), other)
+    with pytest.raises(ValueError, match="codes must lie"):
+        gb.with_codes(fmt, p, other + (g.qmax - g.qmin + 1))
+
+
+@pytest.mark.parametrize("fmt", [gb.Q5_0, gb.Q4_K, gb.Q6_K], ids=lambda f: f.name)
+def test_choose_lowers_the_importance_weighted_error(fmt):
+    """The scale search never does worse than round-up scales on the weighted error it minimises (the
+    super-block rounding of K-quant scales aside, by a margin on heavy-tailed weights)."""
+    w = torch.randn(16, 512, generator=GEN) * torch.rand(16, 512, generator=GEN) ** 3
+    imp = torch.rand(512, generator=GEN) ** 4 * 10
+    def err(p):
+        return ((gb.dequantize(fmt, p) - w) ** 2 * imp).sum()
+    assert err(gb.choose(fmt, w, imp)) < err(gb.rtn(fmt, w))
+    with pytest.raises(ValueError, match="one entry per column"):
+        gb.choose(fmt, w, imp[:10])
+
+
+@pytest.mark.parametrize("fmt", list(gb.FORMATS.values()), ids=lambda f: f.name)
+def test_gptq_on_grid_beats_nearest_and_equals_it_without_correlations(fmt):
+    from compressor.algorithms.quant.gptq import gptq_on_grid
+
+    x = torch.randn(2048, 256, generator=GEN) @ (torch.eye(256) + 0.2 * torch.randn(256, 256, generator=GEN))
+    H = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(32, 256, generator=GEN) * 0.05
+    p = gb.choose(fmt, w, H.diagonal())
+    g = gb.grid(fmt, p)
+    codes, _ = gptq_on_grid(w, H, g)
+    assert int(codes.min()) >= g.qmin and int(codes.max()) <= g.qmax
+
+    def out_err(pp):
+        d = gb.dequantize(fmt, pp) - w
+        return torch.einsum("nk,kl,nl->", d, H, d)
+
+    assert out_err(gb.with_codes(fmt, p, codes)) < 0.8 * out_err(p)
+    # uncorrelated inputs: no error feedback between columns, so GPTQ's codes are the nearest ones
+    diag = torch.diag(H.diagonal())
+    nearest, _ = gptq_on_grid(w, diag, g, dampening=0.0)
+    assert torch.equal(nearest, p.q.reshape(32, 256).long())
+
+
+def test_mix_follows_llama_quantize_for_smollm2_shapes():
+    """Q4_K_M for 30 layers of width 576 / 1536 (llama.cpp's llama_tensor_get_type and fallbacks)."""
+    mix = lambda role, layer, k, **kw: gb.mix_format("Q4_K_M", role, layer, 30, k, **kw).name  # noqa: E731
+    more = [i for i in range(30) if mix("ffn_down", i, 1536) == "Q6_K"]
+    assert more == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert {mix("ffn_down", i, 1536) for i in range(30) if i not in more} == {"Q4_K"}
+    assert mix("attn_v", 0, 576) == "Q8_0" and mix("attn_v", 3, 576) == "Q5_0"  # Q6_K / Q4_K fall back at 576
+    assert mix("attn_q", 0, 576) == "Q5_0" and mix("ffn_up", 7, 576) == "Q5_0"
+    assert mix("token_embd", 0, 576, tied=True) == "Q8_0" and mix("output", 0, 4096) == "Q6_K"
+    assert mix("token_embd", 0, 4096) == "Q4_K"
+    assert gb.mix_format("Q6_K", "attn_q", 0, 30, 576).name == "Q8_0"
+    assert gb.mix_format("F32", "attn_q", 0, 30, 576) is None
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gb.mix_format("Q8_0", "attn_q", 0, 30, 80)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from compressor.algorithms.hessian import inverse_cholesky, one_cpu_thread
+from compressor.core.gguf_blocks import Grid
 from compressor.core.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
 
-__all__ = ["ACTORDER", "GPTQResult", "gptq_quantize", "refit_scales"]
+__all__ = ["ACTORDER", "GPTQResult", "gptq_quantize", "gptq_on_grid", "refit_scales"]
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +254,79 @@ def refit_scales(
     return QParams(scale, qparams.zero_point)
 
 
+def gptq_on_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: Grid,
+    *,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    actorder: bool = True,
+    cross: torch.Tensor | None = None,
+    cross_weight: float = 0.25,
+) -> tuple[torch.Tensor, float]:
+    """GPTQ's codes on a grid fixed beforehand (e.g. a llama.cpp block format's scales and mins).
+
+    The column sweep and error feedback of :func:`gptq_quantize`, but each weight rounds onto
+    ``grid.step * q - grid.offset`` of its group (``grid.width`` consecutive columns), with ``q`` clamped to
+    ``[grid.qmin, grid.qmax]``; the grid itself never moves, so any processing order keeps the groups.
+
+    Args:
+        weight: (N, K) float weight.
+        hessian: (K, K) ``2 X X^T / n`` of the layer inputs.
+        grid: :class:`~compressor.core.gguf_blocks.Grid` with (N, K / width) step and offset.
+        block_size: lazy-update block width (columns).
+        dampening: fraction of the mean Hessian diagonal added to the diagonal.
+        actorder: process columns by decreasing Hessian diagonal.
+        cross: optional (K, K) GPTAQ cross term (see :func:`gptq_quantize`).
+        cross_weight: its scale ``alpha``.
+
+    Returns:
+        ``(codes, loss)``: (N, K) int64 codes in natural column order, and the summed per-column losses.
+    """
+    n, k = weight.shape
+    if hessian.shape != (k, k) or grid.step.shape != (n, k // grid.width) or k % grid.width:
+        raise ValueError(f"shapes do not fit: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}, "
+                         f"grid {tuple(grid.step.shape)} of width {grid.width}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has NaN/inf entries: fix or reload the checkpoint before quantizing")
+    with one_cpu_thread(weight.device):
+        W = weight.detach().float().clone()
+        H = hessian.detach().float().clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(k, device=W.device)
+        W, H = W[:, perm], H[perm][:, perm]
+        Hinv = inverse_cholesky(H, dampening)
+        P = None
+        if cross is not None:
+            C = cross.detach().float().clone()
+            C[:, dead] = 0.0
+            C = C[perm][:, perm]
+            P = cross_weight * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
+        col_group = (torch.arange(k, device=W.device) // grid.width)[perm]
+        zero_step = grid.step == 0
+        step = torch.where(zero_step, torch.ones_like(grid.step), grid.step)
+
+        def fq(w, g):
+            q = torch.round((w + grid.offset[:, g]) / step[:, g]).clamp(grid.qmin, grid.qmax)
+            deq = torch.where(zero_step[:, g], -grid.offset[:, g], step[:, g] * q - grid.offset[:, g])
+            return q, deq
+
+        codes = torch.zeros(n, k, device=W.device)
+        loss = torch.zeros(n, device=W.device)
+        _column_loop(W, Hinv, None, None, True, col_group, None, None, codes, loss, grid.width, block_size, P, fq=fq)
+        return codes[:, torch.argsort(perm)].long(), float(loss.sum())
+
+
 def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None,
-                 keep=None) -> None:
+                 keep=None, fq=None) -> None:
     """GPTQ's column sweep (in place on W, scale, zp, codes, loss), processed order.
 
     ``P`` (K, K), when given, adds GPTAQ's asymmetric term: column ``w`` also
     moves the later columns by ``w P[j, :]``. ``keep`` (N, K) bool, when given,
-    forces the pruned weights to the grid's exact zero.
+    forces the pruned weights to the grid's exact zero. ``fq(w, g)`` (N,) column, group
+    -> (codes, dequantized), when given, rounds onto a fixed grid instead of ``scale``/``zp``.
     """
     k = W.shape[1]
     for i1 in range(0, k, step):
@@ -279,7 +346,10 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
                 if zp is not None:
                     zp[:, g] = qp.zero_point[:, 0]
             w = W1[:, i]
-            q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme)
+            if fq is not None:
+                q, deq = fq(w, g)
+            else:
+                q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme)
             if keep is not None:
                 kept = keep[:, col]
                 q = torch.where(kept, q, 0.0 if zp is None else zp[:, g])
