@@ -14,7 +14,7 @@ VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-compare bench-setup bench-quick bench bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -89,6 +89,11 @@ llama-tools: .llama/bin/llama-perplexity
 
 .llama/bin/llama-perplexity:
 	bash benchmarks/setup_llama_cpp.sh
+
+# llama.cpp reads our GGUF files as we mean them: its perplexity of our F32 and Q4_K_M SmolLM2 against our
+# loader's on its protocol (~4 min after the tools)
+gguf-check: fixtures llama-tools
+	$(PY) -m benchmarks.gguf_compare --quick --check --variants f32,llama.cpp,ours-gptq --output out/gguf-check.jsonl
 
 # our GGUF Q4_K_M of SmolLM2 against llama-quantize's, with and without imatrix (docs/serving.md; ~20 min)
 gguf-compare: fixtures llama-tools

@@ -2,6 +2,7 @@
 
     python -m benchmarks.gguf_compare                 # Q4_K_M: llama-quantize with / without imatrix, ours nearest / GPTQ
     python -m benchmarks.gguf_compare --quick         # smoke run: 8 calibration windows, 4 perplexity chunks
+    python -m benchmarks.gguf_compare --quick --check --variants f32,llama.cpp,ours-gptq   # make gguf-check (CI)
 
 llama.cpp's tools come from ``make llama-tools`` (``benchmarks/setup_llama_cpp.sh`` builds ``llama-quantize``,
 ``llama-imatrix`` and ``llama-perplexity`` from the llama.cpp that llama-cpp-python 0.3.36 vendors, into
@@ -11,6 +12,10 @@ llama.cpp's tools come from ``make llama-tools`` (``benchmarks/setup_llama_cpp.s
   text itself and scores the second half of each 512-token chunk: its own protocol);
 * **our protocol's perplexity** (DESIGN.md: the first 32768 tokens in windows of 512): the file read back by
   gguf's dequantizer into the fp32 model (:func:`compressor.export.gguf.load_gguf_weights`);
+* **llama.cpp's protocol in our loader** (:func:`llama_protocol_ppl`): the same read-back model scored as
+  llama-perplexity scores, on our tokenization: equal to llama.cpp's figure up to its arithmetic (its quantized
+  matmuls round the activations to 8 bits) when llama.cpp reads the file as we mean it (tokenizer, q/k row order,
+  formats);
 * file size, and the time to quantize (ours: the calibrated pass plus writing; llama.cpp: llama-imatrix plus
   llama-quantize, each with 2 threads).
 
@@ -41,6 +46,10 @@ BENCH = "gguf"
 LLAMA_BIN = common.ROOT / ".llama" / "bin"
 WORK = common.ROOT / "out" / "gguf"
 VARIANTS = ("f32", "llama.cpp", "llama.cpp+imatrix", "ours-nearest", "ours-gptq")
+# --check: llama.cpp's perplexity against our loader's on its protocol, relative. F32 files must agree to float
+# rounding (measured 6e-5); quantized ones differ by llama.cpp's 8-bit rounding of the activations in its
+# quantized matmuls (measured 0.4-0.7% on SmolLM2 Q4_K_M, 4 chunks)
+CHECK_TOLERANCE = {"F32": 0.001, "quantized": 0.015}
 
 
 def run(cmd: list[str], log_path: Path) -> float:
@@ -65,6 +74,22 @@ def llama_ppl(bin_dir: Path, path: Path, text: Path, chunks: int, work: Path) ->
     return float(found.group(1))
 
 
+def llama_protocol_ppl(model, ids, chunks: int) -> float:
+    """llama-perplexity's protocol in our loader: chunk ``j`` is tokens ``[512 j, 512 (j + 1))``, and only the
+    tokens after its first half are scored (255 per chunk; ``tools/perplexity/perplexity.cpp``, ``first =
+    n_ctx / 2``); SmolLM2's GGUF says add_bos false, so no token is replaced by BOS."""
+    import torch
+
+    first, nll, count = common.CTX // 2, 0.0, 0
+    with torch.no_grad():
+        for j in range(min(chunks, ids.numel() // common.CTX)):
+            x = ids[j * common.CTX:(j + 1) * common.CTX]
+            logp = torch.log_softmax(model(x[None]).logits[0, first:-1].double(), -1)
+            nll -= float(logp.gather(1, x[first + 1:, None]).sum())
+            count += common.CTX - first - 1
+    return float(torch.tensor(nll / count).exp())
+
+
 def formats(path: Path) -> dict[str, str]:
     import gguf
 
@@ -83,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a gguf pass option for our variants, e.g. refit_scales=true (dev-split runs choose "
                         "them; records with --set are not reported)")
     parser.add_argument("--skip-llama-ppl", action="store_true", help="only our protocol's perplexity (dev runs)")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless every variant ran and llama.cpp's "
+                        "perplexity matches our loader's on llama.cpp's protocol (CHECK_TOLERANCE)")
     common.add_output_arg(parser, BENCH)
     args = parser.parse_args(argv)
     common.setup_logging()
@@ -134,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                    work / "imatrix.log")
 
     reference_formats = None
+    failed = []
     for variant in variants:
         record: dict[str, Any] = {"bench": BENCH, "model": common.MODEL_NAME, "variant": variant,
                                   "mix": "F32" if variant == "f32" else args.mix, "split": args.split,
@@ -173,17 +201,29 @@ def main(argv: list[str] | None = None) -> int:
             load_gguf_weights(model, path)
             with torch.no_grad():
                 ours = common.perplexity(model, ids, size["max_tokens"])
+                ours_llama = None if args.skip_llama_ppl else llama_protocol_ppl(model, ids, chunks)
             record.update({"file_bytes": path.stat().st_size, "quantize_s": round(seconds, 1),
                            "ppl_llama_cpp": None if args.skip_llama_ppl
                            else llama_ppl(args.llama_bin, path, eval_text, chunks, work),
+                           "ppl_llama_protocol_ours": None if ours_llama is None else round(ours_llama, 4),
                            "ppl": ours["ppl"], "eval_tokens": ours["eval_tokens"],
                            "formats": {k: sum(1 for v in kinds.values() if v == k) for k in sorted(set(kinds.values()))},
                            "status": "ok"})
         except (RuntimeError, OSError, ValueError) as err:
             record["status"] = f"error: {common.error_text(err, 600)}"
         record["versions"] = common.versions("gguf", "torch", "transformers") | {"llama.cpp": "llama-cpp-python 0.3.36"}
+        if record["status"] == "ok" and record.get("ppl_llama_protocol_ours"):
+            rel = record["ppl_llama_cpp"] / record["ppl_llama_protocol_ours"] - 1
+            tol = CHECK_TOLERANCE["F32" if variant == "f32" else "quantized"]
+            record["llama_cpp_vs_ours"] = round(rel, 6)
+            if abs(rel) > tol:
+                record["status"] = f"fail: llama.cpp's perplexity is {rel:+.2%} off our loader's (tolerance {tol:.1%})"
         common.emit(record, output)
-    return 0
+        if record["status"] != "ok":
+            failed.append(f"{variant}: {record['status']}")
+    for line in failed:
+        log.error(line)
+    return 1 if failed and args.check else 0
 
 
 if __name__ == "__main__":

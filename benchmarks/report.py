@@ -272,13 +272,16 @@ def gguf(records: Records) -> str:
                 continue
             used.append(r)
             kinds = ", ".join(f"{n} {k}" for k, n in r["formats"].items())
+            ours_llama = r.get("ppl_llama_protocol_ours")
             rows.append(f"| {r['mix']} | {GGUF_LABELS[variant]} | {kinds} | {r['file_bytes'] / 1e6:.2f} | "
-                        f"{r['quantize_s']:.0f} | {r['ppl_llama_cpp']:.4f} | {r['ppl']:.4f} |")
+                        f"{r['quantize_s']:.0f} | {r['ppl_llama_cpp']:.4f} | "
+                        f"{'—' if ours_llama is None else f'{ours_llama:.4f}'} | {r['ppl']:.4f} |")
     if not rows:
         return "_No records in `benchmarks/results/gguf.jsonl` yet._\n"
-    head = ("| mix | quantizer | tensors by format | file MB | quantize s | perplexity, llama-perplexity "
-            "(64 chunks of 512) | perplexity, our protocol (file read back by gguf) |")
-    return head + "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + _provenance(used, "gguf") + "\n"
+    head = ("| mix | quantizer | tensors by format | file MB | quantize s | perplexity by llama.cpp "
+            "(llama-perplexity, 64 chunks of 512) | the same protocol, file read back into our loader "
+            "| perplexity, our protocol (file read back) |")
+    return head + "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + _provenance(used, "gguf") + "\n"
 
 
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records

@@ -37,7 +37,7 @@ from compressor.core.atomic import atomic_file
 from compressor.core.progress import progress
 from compressor.core.state import gguf_state, is_experts_quantized, is_quantized
 
-__all__ = ["save_gguf", "load_gguf_weights", "tokenizer_fingerprint", "gguf_missing"]
+__all__ = ["save_gguf", "load_gguf_weights", "summarize_gguf", "tokenizer_fingerprint", "gguf_missing"]
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,26 @@ def _vocab(tokenizer: Any, directory: Path, n_vocab: int, arch, pre: str | None)
     return tokens, types, pre
 
 
+def _hyperparameters(w: Any, config: Any, n_layers: int, file_type: int, n_vocab: int) -> None:
+    """The ``general.*`` and ``{arch}.*`` keys llama.cpp's converter writes for a Llama-family config."""
+    n_heads, n_kv, head_dim = head_counts(config)
+    w.add_type("model")
+    w.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+    w.add_block_count(n_layers)
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_file_type(file_type)
+    w.add_vocab_size(n_vocab)
+    w.add_rope_dimension_count(head_dim)
+
+
 def save_gguf(
     model: nn.Module,
     path: str | Path,
@@ -252,8 +272,7 @@ def save_gguf(
             raise ValueError(f"{name} has a bias, which llama.cpp's {arch.name} graph does not read; "
                              "export compressed-tensors instead")
     path = Path(path)
-    n_heads, n_kv, head_dim = head_counts(config)
-    theta = _rope_theta(config)
+    _rope_theta(config)  # refuse rope scaling before any work
     slots = _names(model)
     n_layers = len(find_blocks(model)[1])
     tied = "output.weight" not in slots
@@ -281,46 +300,38 @@ def save_gguf(
             stats["quantized_params"] += weight.numel()
             stats["quantized_bytes"] += rows.numel()
 
-    with tempfile.TemporaryDirectory() as tmp, atomic_file(path, overwrite) as out:
-        tokenizer.save_pretrained(tmp)
-        tokens, types, pre = _vocab(tokenizer, Path(tmp), n_vocab, arch, tokenizer_pre)
-        w = gguf.GGUFWriter(str(out), arch.name)
-        w.add_type("model")
-        w.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
-        w.add_block_count(n_layers)
-        w.add_context_length(int(config.max_position_embeddings))
-        w.add_embedding_length(int(config.hidden_size))
-        w.add_feed_forward_length(int(config.intermediate_size))
-        w.add_head_count(n_heads)
-        w.add_head_count_kv(n_kv)
-        w.add_rope_freq_base(theta)
-        w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_file_type(gguf_blocks.FILE_TYPES[mix])
-        w.add_vocab_size(n_vocab)
-        w.add_rope_dimension_count(head_dim)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
-        # whether the tokenizer adds BOS (and EOS), when its saved config does not say: llama.cpp's default differs
-        probe, bos, eos = tokenizer("x")["input_ids"], tokenizer.bos_token_id, tokenizer.eos_token_id
-        special.add_special_token.setdefault("bos", bos is not None and probe[:1] == [bos])
-        if eos is not None and probe[-1:] == [eos]:
-            special.add_special_token.setdefault("eos", True)
-        special.add_to_gguf(w, quiet=True)
-        for name, rows, fmt in entries:
-            if fmt is None:
-                w.add_tensor(name, rows.numpy())
-            else:
-                w.add_tensor(name, rows.numpy(), raw_dtype=gguf.GGMLQuantizationType[fmt.name])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
-        w.close()
+    quiet_writer = logging.getLogger("gguf")  # its INFO lines repeat what we log below
+    level = quiet_writer.level
+    quiet_writer.setLevel(max(level, logging.WARNING))
+    try:
+        with tempfile.TemporaryDirectory() as tmp, atomic_file(path, overwrite) as out:
+            tokenizer.save_pretrained(tmp)
+            tokens, types, pre = _vocab(tokenizer, Path(tmp), n_vocab, arch, tokenizer_pre)
+            w = gguf.GGUFWriter(str(out), arch.name)
+            _hyperparameters(w, config, n_layers, gguf_blocks.FILE_TYPES[mix], n_vocab)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(pre)
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+            # whether the tokenizer adds BOS (and EOS), when its saved config does not say: llama.cpp's default differs
+            probe, bos, eos = tokenizer("x")["input_ids"], tokenizer.bos_token_id, tokenizer.eos_token_id
+            special.add_special_token.setdefault("bos", bos is not None and probe[:1] == [bos])
+            if eos is not None and probe[-1:] == [eos]:
+                special.add_special_token.setdefault("eos", True)
+            special.add_to_gguf(w, quiet=True)
+            for name, rows, fmt in entries:
+                if fmt is None:
+                    w.add_tensor(name, rows.numpy())
+                else:
+                    w.add_tensor(name, rows.numpy(), raw_dtype=gguf.GGMLQuantizationType[fmt.name])
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=False)
+            w.close()
+    finally:
+        quiet_writer.setLevel(level)
     size = path.stat().st_size
     q = stats["quantized_params"]
     info = {"path": str(path), "bytes": size, "mix": mix, "formats": stats["formats"], "params": q,
@@ -328,3 +339,35 @@ def save_gguf(
     log.info("gguf %s: %s, %.1f MB%s", path, ", ".join(f"{n} {k}" for k, n in sorted(stats["formats"].items())),
              size / 1e6, f", {info['bits_per_weight']} bits per quantized weight" if q else "")
     return info
+
+
+def summarize_gguf(path: str | Path) -> dict:
+    """``compressor inspect`` of a GGUF file, without dequantizing: the keys of
+    :func:`compressor.export.summary.summarize` (``schemes`` by block format, ``loaders`` llama.cpp's)."""
+    missing = gguf_missing()
+    if missing:
+        raise ValueError(missing)
+    import gguf
+
+    path = Path(path)
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    params = qparams = qbits = 0
+    tensors_of: dict[str, int] = {}  # block format -> tensors stored in it
+    for t in reader.tensors:
+        n = int(np.prod(t.shape))
+        params += n
+        kind = t.tensor_type.name
+        if kind not in ("F32", "F16", "BF16"):
+            qparams += n
+            qbits += 8 * int(t.n_bytes)
+            tensors_of[kind] = tensors_of.get(kind, 0) + 1
+    quantized = sum(tensors_of.values())
+    schemes = {k: {"scheme": f"llama.cpp {k}", "targets": f"{n} tensors"} for k, n in tensors_of.items()}
+    size = path.stat().st_size
+    return {"path": str(path), "architecture": f"GGUF {arch}", "size_bytes": size, "weights_bytes": size,
+            "params": params, "quantized_layers": quantized,
+            "bits_per_weight": round(qbits / qparams, 4) if qparams else None,
+            "model_bits_per_param": round(8 * size / params, 4) if params else None, "schemes": schemes,
+            "ignore": [], "loaders": ["llama.cpp, Ollama, LM Studio (GGUF)", "compressor load_gguf_weights"],
+            "coverage": None}

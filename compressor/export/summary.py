@@ -39,6 +39,10 @@ def summarize(path: Path) -> dict:
     (what compress recorded in the manifest: :func:`compressor.core.coverage.coverage`, or None).
     """
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from compressor.export.gguf import summarize_gguf
+
+        return summarize_gguf(path)
     config = read_config(path)
     headers = _headers(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

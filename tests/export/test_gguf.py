@@ -149,10 +149,32 @@ def test_bad_gguf_requests_are_refused_before_any_work(tokenizer, tmp_path):
                                         num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="GGUF_ARCHS"):
         save_gguf(qwen, tmp_path / "q.gguf", tokenizer=tokenizer)
+    from tests.helpers import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        save_gguf(_model(96), tmp_path / "w.gguf", tokenizer=tiny_tokenizer(), mix="F32")
+    assert not (tmp_path / "w.gguf").exists()
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     with pytest.raises(FileExistsError):
         save_gguf(_model(VOCAB), tmp_path / "exists.gguf", tokenizer=tokenizer, mix="F32")
     assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+
+
+def test_an_unknown_bpe_tokenizer_needs_its_llama_cpp_name(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from compressor.export.gguf import save_gguf
+
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "c": 3}, merges=[("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    with pytest.raises(ValueError, match="tokenizer_pre=NAME"):
+        save_gguf(_model(4), tmp_path / "m.gguf", tokenizer=tok, mix="F32")
+    save_gguf(_model(4), tmp_path / "m.gguf", tokenizer=tok, mix="F32", tokenizer_pre="gpt2")
+    fields, _ = _read(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.pre"] == "gpt2" and fields["tokenizer.ggml.tokens"] == ["a", "b", "ab", "c"]
+    assert fields["tokenizer.ggml.merges"] == ["a b"]
 
 
 def test_cli_writes_a_q4_k_m_file(smollm2_path, tokenizer, tmp_path):
@@ -167,5 +189,11 @@ def test_cli_writes_a_q4_k_m_file(smollm2_path, tokenizer, tmp_path):
                str(tmp_path / "calib.txt"), "--num-samples", "4", "--seq-len", "64", "-o", str(out), "--quiet"])
     assert rc == 0 and out.is_file()
     fields, tensors = _read(out)
+    assert main(["inspect", str(out)]) == 0
+    from compressor.inspect import summarize
+
+    info = summarize(out)
+    assert info["quantized_layers"] == 2 * 7 + 1 and "Q6_K" in info["schemes"]
+    assert 4.5 < info["bits_per_weight"] < 8.5
     assert fields["general.file_type"] == 15
     assert [tensors[f"blk.{i}.ffn_down.weight"][0] for i in range(2)] == ["Q4_K", "Q6_K"]
