@@ -72,8 +72,8 @@ def compress(
         raise ValueError("the recipe has no passes: add one, e.g. '- rtn: {scheme: {bits: 4, group_size: 64}}'")
     gguf_mix = _gguf_mix(passes)
     if output is not None and gguf_mix is not None:
-        if gguf_missing():
-            raise ValueError(gguf_missing())
+        if why := gguf_missing():
+            raise ValueError(why)
         if Path(output).suffix != ".gguf":
             raise ValueError(f"a recipe with a gguf pass writes one llama.cpp file: name it *.gguf, not {output}")
         check_output_file(output, overwrite)

@@ -25,7 +25,7 @@ from compressor.core.arch import GGUF_TENSOR_NAMES, DecoderLayout, block_config,
 from compressor.core.passes import PassConfig, register_pass
 from compressor.core.scheme import QParams, QuantScheme
 from compressor.core.state import attach_gguf
-from compressor.passes.gptq import GPTQPass
+from compressor.passes.gptq import GPTQPass, check_sweep_options
 
 __all__ = ["GGUFConfig", "GGUFPass", "METHODS"]
 
@@ -73,10 +73,7 @@ class GGUFConfig(PassConfig):
                              "(an unquantized GGUF needs no pass: compressor.export.gguf.save_gguf(mix='F32'))")
         if self.method not in METHODS:
             raise ValueError(f"gguf method={self.method!r}: use one of {METHODS}")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
-        if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
+        check_sweep_options(self.block_size, self.dampening)
 
 
 @register_pass
@@ -88,13 +85,18 @@ class GGUFPass(GPTQPass):
     weight_pass = "quantize"
     requires_calibration = True
 
+    def __init__(self, config: GGUFConfig):
+        super().__init__(config)
+        self._block_roles: dict[str, str] = {}  # the current block's linears -> llama.cpp role (begin_block)
+
     def compressible(self, module: nn.Module) -> bool:
         """Linears only: llama.cpp's MoE tensors are not written by this exporter yet."""
         return isinstance(module, nn.Linear)
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
-        """Register the Hessian hooks (:meth:`GPTQPass.begin_block`) after checking the block's layout."""
-        self._roles(block, prefix)
+        """Name the block's linears as llama.cpp does (refusing one it has no name for), then register the
+        Hessian hooks (:meth:`GPTQPass.begin_block`)."""
+        self._block_roles = self._roles(block, prefix)
         return super().begin_block(block, prefix)
 
     def _roles(self, block: nn.Module, prefix: str) -> dict[str, str]:
@@ -120,7 +122,7 @@ class GGUFPass(GPTQPass):
         c = self.config
         self._inputs.close()
         modules = dict(self.block_modules(block, prefix))
-        roles = self._roles(block, prefix)
+        roles = self._block_roles
         layer = int(prefix.rsplit(".", 1)[-1])
         n_layers = int(block_config(block).num_hidden_layers)
         for name, acc in self._inputs.stats.items():

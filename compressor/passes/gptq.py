@@ -24,10 +24,18 @@ from compressor.core.state import attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
 from compressor.pipeline.inputs import SharedInputs
 
-__all__ = ["GPTQConfig", "GPTQPass"]
+__all__ = ["GPTQConfig", "GPTQPass", "check_sweep_options"]
 
 log = logging.getLogger(__name__)
 
+
+
+def check_sweep_options(block_size: int, dampening: float) -> None:
+    """Refuse a GPTQ column sweep's lazy-update block width or dampening out of range (ValueError)."""
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size}: use a positive number of columns, e.g. 128")
+    if not 0 <= dampening < 1:
+        raise ValueError(f"dampening={dampening}: use a fraction in [0, 1), e.g. 0.01")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,10 +86,7 @@ class GPTQConfig(PassConfig):
             raise ValueError(f"moe_calibration={self.moe_calibration!r}: use 'routed' or 'all_experts'")
         if self.actorder not in ACTORDER:
             raise ValueError(f"actorder={self.actorder!r}: use one of {ACTORDER}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size}: use a positive number of columns, e.g. 128")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening={self.dampening}: use a fraction in [0, 1), e.g. 0.01")
+        check_sweep_options(self.block_size, self.dampening)
         if self.asymmetric_weight < 0:
             raise ValueError(f"asymmetric_weight={self.asymmetric_weight}: use a non-negative scale, e.g. 0.25")
 

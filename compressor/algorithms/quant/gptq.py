@@ -147,18 +147,10 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
                             None if static_qp.zero_point is None else static_qp.zero_point.to(dtype).float())
 
     dev = W.device
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder != "none" else torch.arange(k, device=dev)
-    W, H = W[:, perm], H[perm][:, perm]
+    perm, Hinv, P = _sweep_factors(H, dead, actorder != "none", dampening, cross, cross_weight)
+    W = W[:, perm]
     if keep is not None:
         keep = keep[:, perm]
-    Hinv = inverse_cholesky(H, dampening)  # (K, K) upper Cholesky factor of H^-1
-    P = None
-    if cross is not None:
-        C = cross.detach().to(torch.float32).clone()
-        C[:, dead] = 0.0
-        C = C[perm][:, perm]
-        # the extra feedback of GPTAQ: each processed column w also moves the later ones by w P[j, :]
-        P = cross_weight * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
 
     natural_group = torch.arange(k, device=dev) // width  # (K,)
     col_group = natural_group[perm] if static_qp is not None else natural_group  # group of each processed column
@@ -295,15 +287,8 @@ def gptq_on_grid(
         H = hessian.detach().float().clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
-        perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(k, device=W.device)
-        W, H = W[:, perm], H[perm][:, perm]
-        Hinv = inverse_cholesky(H, dampening)
-        P = None
-        if cross is not None:
-            C = cross.detach().float().clone()
-            C[:, dead] = 0.0
-            C = C[perm][:, perm]
-            P = cross_weight * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
+        perm, Hinv, P = _sweep_factors(H, dead, actorder, dampening, cross, cross_weight)
+        W = W[:, perm]
         col_group = (torch.arange(k, device=W.device) // grid.width)[perm]
         zero_step = grid.step == 0
         step = torch.where(zero_step, torch.ones_like(grid.step), grid.step)
@@ -317,6 +302,25 @@ def gptq_on_grid(
         loss = torch.zeros(n, device=W.device)
         _column_loop(W, Hinv, None, None, True, col_group, None, None, codes, loss, grid.width, block_size, P, fq=fq)
         return codes[:, torch.argsort(perm)].long(), float(loss.sum())
+
+
+def _sweep_factors(H: torch.Tensor, dead: torch.Tensor, reorder: bool, dampening: float,
+                   cross: torch.Tensor | None, cross_weight: float):
+    """``(perm, Hinv, P)`` of a column sweep: the processing order (decreasing Hessian diagonal when
+    ``reorder``), the upper Cholesky factor of the reordered, dampened ``H^-1`` (K, K), and GPTAQ's extra
+    feedback ``P`` (K, K) from ``cross`` (None without one). ``H`` (K, K) float32 already has its ``dead``
+    columns' diagonal set to 1."""
+    k = H.shape[0]
+    perm = torch.argsort(torch.diag(H), descending=True) if reorder else torch.arange(k, device=H.device)
+    Hinv = inverse_cholesky(H[perm][:, perm], dampening)
+    P = None
+    if cross is not None:
+        C = cross.detach().to(torch.float32).clone()
+        C[:, dead] = 0.0
+        C = C[perm][:, perm]
+        # the extra feedback of GPTAQ: each processed column w also moves the later ones by w P[j, :]
+        P = cross_weight * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
+    return perm, Hinv, P
 
 
 def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None,
