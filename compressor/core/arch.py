@@ -131,6 +131,25 @@ LAYOUTS: dict[str, DecoderLayout] = {
 }
 
 
+# linears that runtimes fuse into one matmul (vLLM's packed_modules_mapping: qkv_proj, gate_up_proj); a format with a
+# per-matrix scale (NVFP4's global scale) must give the members of one fused group the same one, since vLLM keeps a
+# single scale per fused layer (the largest of its shards')
+FUSED_SHARDS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                             ("w1", "w3"), ("query", "key", "value"))
+
+
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """``names`` (module paths) grouped as runtimes fuse them: siblings under one parent whose leaf names are one
+    :data:`FUSED_SHARDS` entry's members form a group; every other name is a group of its own. Order kept."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        shard = next((i for i, members in enumerate(FUSED_SHARDS) if leaf in members), None)
+        key = (parent, shard) if shard is not None else (name,)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def layout_for(model: nn.Module, who: str = "rotate", kind: str = "rotation") -> DecoderLayout:
     """The :class:`DecoderLayout` of ``model`` from ``model.config.model_type``.
 

@@ -12,6 +12,17 @@ decompress bit-exactly there:
   ``w ≈ (q - qmin) * scale + offset`` with a float offset (the group minimum).
   It is not expressible in compressed-tensors and cannot be exported.
 
+Float element grids (``type="float"``, :mod:`compressor.core.floats`): the codes are FP8 E4M3 (8 bits) or
+FP4 E2M1 (4 bits) values, always symmetric, ``w ≈ v * scale`` with the scale stored as
+
+* ``scale_format="float"``: the weight's dtype (FP8 per channel or group, compressed-tensors ``float-quantized``);
+* ``"e4m3"``: NVFP4 (group 16): an E4M3 scale per group and one float32 ``global_scale`` per matrix,
+  ``w ≈ v * (scale / global_scale)`` (compressed-tensors ``nvfp4-pack-quantized``);
+* ``"e8m0"``: MXFP4 (group 32): a power-of-two scale per group (``mxfp4-pack-quantized``).
+
+:func:`quantize` returns their storage codes as int8 (the E4M3 byte, or the E2M1 nibble), so code tensors are
+int8 for every scheme.
+
 Groups run along the input (last) dimension. When ``group_size`` does not
 divide the width the last group is ragged (shorter), as in compressed-tensors.
 """
@@ -22,6 +33,8 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from compressor.core import floats
 
 __all__ = [
     "QuantScheme",
@@ -34,10 +47,19 @@ __all__ = [
     "fake_quant",
     "grouped",
     "params_from_range",
+    "global_scale",
+    "float_params",
+    "cast_params",
+    "shared_global_scales",
+    "NVFP4_GROUP",
+    "MXFP4_GROUP",
 ]
 
 _OBSERVERS = ("minmax", "mse")
 _ZERO_POINTS = ("int", "float")
+_TYPES = ("int", "float")
+_SCALE_FORMATS = ("float", "e4m3", "e8m0")
+NVFP4_GROUP, MXFP4_GROUP = 16, 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +79,9 @@ class QuantScheme:
         mse_grid: number of clipping ratios tried by the MSE observer.
         mse_max_shrink: the smallest ratio tried is ``1 - mse_max_shrink``.
         mse_norm: exponent of the MSE observer's error.
+        type: ``"int"`` or ``"float"`` (FP8 E4M3 for 8 bits, FP4 E2M1 for 4; symmetric only).
+        scale_format: how scales are stored: ``"float"`` (the weight's dtype), ``"e4m3"`` (NVFP4: E4M3
+            group scales under a float32 global scale) or ``"e8m0"`` (MXFP4: powers of two). Float types only.
     """
 
     bits: int = 4
@@ -67,8 +92,21 @@ class QuantScheme:
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    type: str = "int"
+    scale_format: str = "float"
 
     def __post_init__(self) -> None:
+        if self.type not in _TYPES:
+            raise ValueError(f"type={self.type!r} is unknown: use one of {_TYPES}")
+        if self.scale_format not in _SCALE_FORMATS:
+            raise ValueError(f"scale_format={self.scale_format!r} is unknown: use one of {_SCALE_FORMATS}")
+        if self.type == "float":
+            floats.element_format(self.bits)  # 8 or 4
+            if not self.symmetric:
+                raise ValueError("float weight grids are symmetric: set symmetric: true")
+        elif self.scale_format != "float":
+            raise ValueError(f"scale_format={self.scale_format!r} applies to float weights: set type: float "
+                             "(e.g. bits 4, group_size 16, scale_format e4m3 for NVFP4)")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
@@ -87,12 +125,31 @@ class QuantScheme:
             )
 
     @property
+    def is_float(self) -> bool:
+        """Whether the codes are float values (FP8 / FP4) rather than integers."""
+        return self.type == "float"
+
+    @property
+    def element(self) -> floats.FloatFormat:
+        """The float element format (E4M3 or E2M1) of a float scheme."""
+        if not self.is_float:
+            raise ValueError(f"{self.describe()} has integer codes, not a float element format")
+        return floats.element_format(self.bits)
+
+    @property
     def qmin(self) -> int:
+        self._integer_only("qmin")
         return -(1 << (self.bits - 1))
 
     @property
     def qmax(self) -> int:
+        self._integer_only("qmax")
         return (1 << (self.bits - 1)) - 1
+
+    def _integer_only(self, what: str) -> None:
+        if self.is_float:
+            raise ValueError(f"{what} is defined for integer grids; {self.describe()} is a float grid "
+                             "(this algorithm does not support float formats yet: use rtn or gptq)")
 
     @property
     def float_zero_point(self) -> bool:
@@ -112,6 +169,8 @@ class QuantScheme:
     def bits_per_weight(self, in_features: int, scale_bits: int = 16) -> float:
         """Storage bits per weight including scales (and zero points)."""
         groups = num_groups(in_features, self.group_width(in_features))
+        if self.scale_format != "float":
+            scale_bits = 8
         extra = scale_bits + (0 if self.symmetric else self.bits)
         return self.bits + groups * extra / in_features
 
@@ -120,6 +179,12 @@ class QuantScheme:
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        if self.is_float:
+            name = {"e4m3": "NVFP4" if self.bits == 4 else "FP8", "e8m0": "MXFP4" if self.bits == 4 else "MXFP8"}
+            elem = self.element.name.upper()
+            scales = "" if self.scale_format == "float" else f" {self.scale_format.upper()} scales"
+            prefix = name.get(self.scale_format, "FP8" if self.bits == 8 else "FP4")
+            return f"{prefix} ({elem} {g}{scales})" + (" mse" if self.observer == "mse" else "")
         kind = "sym" if self.symmetric else ("asym-float-zp" if self.float_zero_point else "asym")
         return f"W{self.bits} {g} {kind}" + (" mse" if self.observer == "mse" else "")
 
@@ -129,13 +194,23 @@ class QParams:
     """Quantization parameters of one matrix.
 
     Attributes:
-        scale: (N, G) in the weight's float dtype.
+        scale: (N, G) in the weight's float dtype (float32 holding E4M3 or power-of-two values for
+            ``scale_format`` e4m3 / e8m0).
         zero_point: (N, G) integer-valued, same dtype as ``scale`` (asymmetric
             int scheme), a float offset (``zero_point="float"``), or None.
+        global_scale: float32 (1,) for ``scale_format="e4m3"`` (NVFP4): the effective scale is
+            ``scale / global_scale``; None otherwise.
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor | None
+    global_scale: torch.Tensor | None = None
+
+    def effective_scale(self) -> torch.Tensor:
+        """(N, G) multiplier of the codes' values: ``scale``, or ``scale / global_scale`` (float32) for NVFP4."""
+        if self.global_scale is None:
+            return self.scale
+        return self.scale.float() / self.global_scale.float()
 
 
 def num_groups(in_features: int, group_width: int) -> int:
@@ -212,10 +287,15 @@ def quantize(
             ``arange(K) // group_width``.
 
     Returns:
-        (N, K) int8 codes in ``[scheme.qmin, scheme.qmax]``.
+        (N, K) int8 codes in ``[scheme.qmin, scheme.qmax]``; for float schemes the storage codes of the
+        nearest grid values (ties to even, saturating), see :mod:`compressor.core.floats`.
     """
     k = w.shape[1]
     width = scheme.group_width(k)
+    if scheme.is_float:
+        eff = _expand(qp.effective_scale(), k, width, g_idx)
+        eff = eff.to(w.dtype) if qp.global_scale is None and scheme.scale_format == "float" else eff.float()
+        return floats.encode(scheme.element, floats.round_to_grid(scheme.element, w.to(eff.dtype) / eff))
     scale = _expand(qp.scale, k, width, g_idx).to(w.dtype)
     if scheme.float_zero_point:
         off = _expand(qp.zero_point, k, width, g_idx).to(w.dtype)
@@ -234,10 +314,13 @@ def dequantize(
     """Float weight from integer codes: (N, K) int → (N, K) in ``qp.scale.dtype``.
 
     Same operation order as compressed-tensors: ``(q - zp) * scale`` in the
-    scale's dtype.
+    scale's dtype; float codes: ``value * (scale / global_scale)`` in float32 for NVFP4.
     """
     k = q.shape[1]
     width = scheme.group_width(k)
+    if scheme.is_float:
+        eff = _expand(qp.effective_scale(), k, width, g_idx)
+        return floats.decode(scheme.element, q, eff.dtype) * eff
     scale = _expand(qp.scale, k, width, g_idx)
     w = q.to(scale.dtype)
     if scheme.float_zero_point:
@@ -254,21 +337,29 @@ def fake_quant(
     return dequantize(quantize(w, qp, scheme, g_idx), qp, scheme, g_idx).to(w.dtype)
 
 
-def compute_qparams(w: torch.Tensor, scheme: QuantScheme) -> QParams:
+def compute_qparams(w: torch.Tensor, scheme: QuantScheme, *, gscale: torch.Tensor | None = None) -> QParams:
     """Per-group scale and zero point of a weight matrix.
 
     Args:
         w: (N, K) float weight, finite.
         scheme: the scheme; ``observer="mse"`` searches a shrink ratio per group.
+        gscale: NVFP4's global scale to use instead of ``w``'s own (a slice of a larger matrix).
 
     Returns:
         :class:`QParams` with scale and zero point of shape (N, G),
-        ``G = ceil(K / group_width)``, in ``w.dtype``.
+        ``G = ceil(K / group_width)``, in ``w.dtype`` (float32 for E4M3 / E8M0 scales, with NVFP4's
+        global scale).
     """
     _check_weight(w)
     width = scheme.group_width(w.shape[1])
     wg, valid = grouped(w, width)  # (N, G, W), (G, W)
     lo, hi = wg.amin(dim=2), wg.amax(dim=2)  # (N, G)
+    if scheme.is_float:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        gs = global_scale(w, scheme) if gscale is None else gscale
+        if scheme.observer == "minmax":
+            return float_params(amax, scheme, gs)
+        return _mse_search_float(wg, valid, amax, scheme, gs)
     if scheme.observer == "minmax":
         return params_from_range(lo, hi, scheme)
     return _mse_search(wg, valid, lo, hi, scheme)
@@ -306,3 +397,92 @@ def _group_error(wg: torch.Tensor, qp: QParams, scheme: QuantScheme, mask: torch
         q = torch.clamp(torch.round(wg / scale + zp), scheme.qmin, scheme.qmax)
         deq = (q - zp) * scale
     return ((wg - deq).abs().pow(scheme.mse_norm) * mask).sum(dim=2)
+
+
+def global_scale(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor | None:
+    """NVFP4's per-matrix float32 (1,) global scale ``448 * 6 / max|w|`` (so the largest group scale fills E4M3's
+    range), or None for schemes without one; 1 for an all-zero matrix."""
+    if scheme.scale_format != "e4m3":
+        return None
+    amax = w.detach().abs().max().float()
+    top = floats.E4M3.max * scheme.element.max
+    gs = top / amax if float(amax) > 0 else torch.tensor(1.0)
+    return gs.reshape(1).to(torch.float32)
+
+
+def float_params(amax: torch.Tensor, scheme: QuantScheme, gscale: torch.Tensor | None = None) -> QParams:
+    """Scales of a float scheme from per-group maxima of |w|.
+
+    Args:
+        amax: (N, G) float, >= 0.
+        scheme: a float scheme.
+        gscale: NVFP4's global scale (:func:`global_scale`); required for ``scale_format="e4m3"``.
+
+    Returns:
+        ``float``: ``amax / elem_max`` in ``amax.dtype``; ``e4m3``: E4M3-rounded ``amax / 6 * global_scale``
+        (float32) with the global scale; ``e8m0``: :func:`compressor.core.floats.mx_scale` (float32).
+    """
+    fmt = scheme.element
+    if scheme.scale_format == "e8m0":
+        return QParams(floats.mx_scale(amax, fmt), None)
+    if scheme.scale_format == "e4m3":
+        if gscale is None:
+            raise ValueError("E4M3 group scales need the matrix's global scale")
+        return QParams(floats.round_scale_e4m3(amax.float() / fmt.max * gscale), None, gscale)
+    scale = amax / fmt.max
+    eps = torch.finfo(scale.dtype).eps
+    return QParams(torch.where(scale == 0, torch.full_like(scale, eps), scale), None)
+
+
+def _mse_search_float(wg: torch.Tensor, valid: torch.Tensor, amax: torch.Tensor, scheme: QuantScheme,
+                      gscale: torch.Tensor | None) -> QParams:
+    """Shrink-ratio search for float grids: each group keeps the scale (as the format stores it) whose
+    ``sum |w - fq(w)|^norm`` is lowest; the global scale stays that of the whole matrix."""
+    best = float_params(amax, scheme, gscale)
+    best_err = _float_group_error(wg, best, scheme, valid.to(wg.dtype))
+    for i in range(1, scheme.mse_grid):
+        p = 1.0 - scheme.mse_max_shrink * i / scheme.mse_grid
+        qp = float_params(amax * p, scheme, gscale)
+        err = _float_group_error(wg, qp, scheme, valid.to(wg.dtype))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(torch.where(better, qp.scale, best.scale), None, gscale)
+    return best
+
+
+def _float_group_error(wg: torch.Tensor, qp: QParams, scheme: QuantScheme, mask: torch.Tensor) -> torch.Tensor:
+    """sum over a group of |w - fq(w)|^norm for grouped weights (N, G, W) on a float grid → (N, G)."""
+    eff = qp.effective_scale().unsqueeze(-1).to(torch.float32)
+    w = wg.float()
+    deq = floats.round_to_grid(scheme.element, w / eff) * eff
+    return ((w - deq).abs().pow(scheme.mse_norm) * mask).sum(dim=2)
+
+
+def cast_params(qp: QParams, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
+    """``qp`` with scale and zero point in ``dtype``; E4M3 / E8M0 scales and the global scale stay float32
+    (their values need not be representable in a half type)."""
+    if scheme.scale_format != "float":
+        return QParams(qp.scale.float(), None, qp.global_scale)
+    return QParams(qp.scale.to(dtype), None if qp.zero_point is None else qp.zero_point.to(dtype), qp.global_scale)
+
+
+def shared_global_scales(weights: dict[str, torch.Tensor], groups: list[list[str]], scheme: QuantScheme
+                         ) -> dict[str, torch.Tensor | None]:
+    """NVFP4 global scales shared within each group of matrices (what a runtime fuses into one layer gets one:
+    that of the group's largest weight, so no member's group scales overflow E4M3); None for other schemes.
+
+    Args:
+        weights: name → (N, K) weight.
+        groups: lists of names (:func:`compressor.core.arch.fused_groups`).
+        scheme: the scheme.
+    """
+    out: dict[str, torch.Tensor | None] = {name: None for name in weights}
+    if scheme.scale_format != "e4m3":
+        return out
+    for group in groups:
+        members = [n for n in group if n in weights]
+        if not members:
+            continue
+        gs = min((global_scale(weights[n], scheme) for n in members), key=float)
+        out.update({n: gs for n in members})
+    return out

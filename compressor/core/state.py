@@ -4,6 +4,7 @@ A quantized module keeps its ``weight`` parameter holding the dequantized
 (on-grid) values, so the model runs unchanged, and gains:
 
 * ``weight_scale`` buffer (N, G), ``weight_zero_point`` buffer (N, G) or absent,
+  ``weight_global_scale`` float32 (1,) for NVFP4 (:class:`compressor.core.scheme.QParams`),
   ``weight_g_idx`` buffer (K,) int32 when columns were reordered (actorder);
 * ``quant_scheme`` attribute, the :class:`QuantScheme`.
 
@@ -33,8 +34,8 @@ from compressor.core.scheme import QParams, QuantScheme
 __all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS", "attach_expert_qparams",
            "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES", "attach_gguf", "gguf_state"]
 
-QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx")  # what attach_qparams adds beside the weight
-EXPERT_SUFFIXES = ("_scale", "_zero_point")  # what attach_expert_qparams adds beside each fused parameter
+QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")  # what attach_qparams adds beside the weight
+EXPERT_SUFFIXES = ("_scale", "_zero_point", "_global_scale")  # what attach_expert_qparams adds beside each fused parameter
 
 
 def attach_qparams(
@@ -63,6 +64,8 @@ def attach_qparams(
     module.register_buffer("weight_scale", qp.scale.detach().clone())
     if qp.zero_point is not None:
         module.register_buffer("weight_zero_point", qp.zero_point.detach().clone())
+    if qp.global_scale is not None:
+        module.register_buffer("weight_global_scale", qp.global_scale.detach().clone())
     if g_idx is not None:
         module.register_buffer("weight_g_idx", g_idx.detach().to(torch.int32).clone())
     module.quant_scheme = scheme
@@ -78,7 +81,8 @@ def quant_state(module: nn.Module) -> tuple[QuantScheme, QParams, torch.Tensor |
     if not is_quantized(module):
         return None
     zp = module._buffers.get("weight_zero_point")
-    return module.quant_scheme, QParams(module.weight_scale, zp), module._buffers.get("weight_g_idx")
+    qp = QParams(module.weight_scale, zp, module._buffers.get("weight_global_scale"))
+    return module.quant_scheme, qp, module._buffers.get("weight_g_idx")
 
 
 def attach_expert_qparams(module: nn.Module, param: str, scheme: QuantScheme, qp: QParams) -> None:
@@ -102,6 +106,8 @@ def attach_expert_qparams(module: nn.Module, param: str, scheme: QuantScheme, qp
     module.register_buffer(param + "_scale", qp.scale.detach().clone())
     if qp.zero_point is not None:
         module.register_buffer(param + "_zero_point", qp.zero_point.detach().clone())
+    if qp.global_scale is not None:
+        module.register_buffer(param + "_global_scale", qp.global_scale.detach().clone())
     module.experts_scheme = scheme
 
 
@@ -118,7 +124,8 @@ def experts_quant_state(module: nn.Module) -> tuple[QuantScheme, dict[str, QPara
     for name in dict(module.named_parameters(recurse=False)):
         scale = module._buffers.get(name + "_scale")
         if scale is not None:
-            params[name] = QParams(scale, module._buffers.get(name + "_zero_point"))
+            params[name] = QParams(scale, module._buffers.get(name + "_zero_point"),
+                                   module._buffers.get(name + "_global_scale"))
     return module.experts_scheme, params
 
 

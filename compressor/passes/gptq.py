@@ -15,10 +15,10 @@ from torch import nn
 
 from compressor.algorithms.hessian import HessianAccumulator
 from compressor.algorithms.quant.gptq import ACTORDER, gptq_quantize
-from compressor.core.arch import experts_layout
+from compressor.core.arch import experts_layout, fused_groups
 from compressor.core.layers import is_quantizable
 from compressor.core.passes import Pass, PassConfig, register_pass
-from compressor.core.scheme import QuantScheme
+from compressor.core.scheme import QuantScheme, shared_global_scales
 from compressor.core.sparsity import prune_mask
 from compressor.core.state import attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
@@ -53,7 +53,8 @@ class GPTQConfig(PassConfig):
             batch and one more K x K product per input.
         asymmetric_weight: ``alpha`` of the asymmetric term.
         refit_scales: after rounding, re-solve the group scales for the chosen
-            codes by least squares on the layer output (:func:`refit_scales`).
+            codes by least squares on the layer output (:func:`refit_scales`). Integer grids only: float
+            formats (FP8, NVFP4, MXFP4) keep the scales their format stores.
             On by default: on SmolLM2 it lowered perplexity at every setting
             measured (W3 g64 38.46 -> 35.61); ``false`` gives the paper's GPTQ.
         true_sequential: quantize a block's linears stage by stage in forward
@@ -87,6 +88,9 @@ class GPTQConfig(PassConfig):
         if self.actorder not in ACTORDER:
             raise ValueError(f"actorder={self.actorder!r}: use one of {ACTORDER}")
         check_sweep_options(self.block_size, self.dampening)
+        if self.scheme.is_float and self.actorder == "group":
+            raise ValueError(f"gptq: {self.scheme.describe()} takes actorder none or static (float formats store "
+                             "no column order)")
         if self.asymmetric_weight < 0:
             raise ValueError(f"asymmetric_weight={self.asymmetric_weight}: use a non-negative scale, e.g. 0.25")
 
@@ -176,17 +180,24 @@ class GPTQPass(Pass):
         if acc is not None:
             acc.add(x, fp)
 
+    @property
+    def _refit(self) -> bool:
+        return self.config.refit_scales and not self.config.scheme.is_float
+
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""
         self._inputs.close()
         modules = dict(self.block_modules(block, prefix))
+        names = list(self._inputs.stats)
+        gscales = shared_global_scales({n: modules[n].weight.data for n in names}, fused_groups(names),
+                                       self.config.scheme)  # from the weights before any is quantized
         for name, acc in self._inputs.stats.items():
             module = modules[name]
             try:
                 res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
                                     dampening=self.config.dampening, actorder=self.config.actorder,
                                     cross=acc.C, cross_weight=self.config.asymmetric_weight,
-                                    refit=self.config.refit_scales, mask=prune_mask(module))
+                                    refit=self._refit, mask=prune_mask(module), gscale=gscales[name])
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
@@ -219,7 +230,7 @@ class GPTQPass(Pass):
                 return round_matrix(w, c.scheme)
             try:
                 res = gptq_quantize(w, acc.H, c.scheme, block_size=c.block_size, dampening=c.dampening,
-                                    actorder=actorder, refit=c.refit_scales)
+                                    actorder=actorder, refit=self._refit)
             except ValueError as err:
                 raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
             return res.weight, res.qparams

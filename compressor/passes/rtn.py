@@ -9,11 +9,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.core.arch import experts_layout
+from compressor.core.arch import experts_layout, fused_groups
 from compressor.core.layers import QUANTIZABLE, is_quantizable, layer_view
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.core.progress import progress
-from compressor.core.scheme import QParams, QuantScheme, compute_qparams, fake_quant
+from compressor.core.scheme import (
+    QParams,
+    QuantScheme,
+    cast_params,
+    compute_qparams,
+    fake_quant,
+    shared_global_scales,
+)
 from compressor.core.sparsity import prune_mask
 from compressor.core.state import attach_expert_qparams, attach_qparams
 
@@ -34,12 +41,13 @@ class RTNConfig(PassConfig):
     scheme: QuantScheme = field(default_factory=QuantScheme)
 
 
-def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
+def rtn_quantize_module(module: nn.Module, scheme: QuantScheme, gscale: torch.Tensor | None = None) -> None:
     """Quantize ``module.weight`` in place to the nearest grid point.
 
     The groups run along the input of the layer's (N, K) view (:func:`layer_view`):
     a Conv2d (O, I/g, kh, kw) is quantized as (O, I/g*kh*kw).
-    A pruned layer (:func:`compressor.core.sparsity.prune_mask`) keeps its zeros.
+    A pruned layer (:func:`compressor.core.sparsity.prune_mask`) keeps its zeros. ``gscale``: NVFP4's global
+    scale when it is shared with fused siblings (:func:`compressor.core.scheme.shared_global_scales`).
     """
     w, _, to_weight = layer_view(module)
     keep = prune_mask(module)
@@ -48,7 +56,7 @@ def rtn_quantize_module(module: nn.Module, scheme: QuantScheme) -> None:
             raise ValueError("a pruned layer needs a grid with an exact zero: use symmetric or zero_point='int'")
         w = w.masked_fill(~keep, 0)
     # a zero weight quantizes to the zero point (or 0), which dequantizes to exactly 0: masks survive
-    rounded, qp = round_matrix(w, scheme)
+    rounded, qp = round_matrix(w, scheme, gscale)
     attach_qparams(module, scheme, qp, to_weight(rounded))
 
 
@@ -81,7 +89,13 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme,
         module: a fused-experts module (:func:`compressor.core.arch.experts_layout` not None).
         scheme: the scheme ``solve`` quantizes to.
         solve: ``(parameter name, expert, (N, K) weight) -> (dequantized (N, K), qparams (N, G))``.
+
+    Raises:
+        ValueError: NVFP4 (per-matrix global scales, which fused gate/up parameters do not have per projection).
     """
+    if scheme.scale_format == "e4m3":
+        raise ValueError(f"{scheme.describe()} on fused MoE experts is not supported yet (each projection needs its "
+                         "own global scale): add the experts to ignore, or use MXFP4 / FP8 for them")
     for pname, _ in experts_layout(module).params:
         param = getattr(module, pname)
         qps = []
@@ -94,17 +108,19 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme,
         attach_expert_qparams(module, pname, scheme, stack_qparams(qps))
 
 
-def round_matrix(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
-    """Round an (N, K) matrix to its nearest grid point: ``(dequantized (N, K), qparams (N, G))`` in ``w``'s dtype."""
-    qp = compute_qparams(w.float(), scheme)
-    qp = QParams(qp.scale.to(w.dtype), None if qp.zero_point is None else qp.zero_point.to(w.dtype))
+def round_matrix(w: torch.Tensor, scheme: QuantScheme, gscale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, QParams]:
+    """Round an (N, K) matrix to its nearest grid point: ``(dequantized (N, K), qparams (N, G))`` in ``w``'s dtype
+    (``gscale``: a shared NVFP4 global scale instead of the matrix's own)."""
+    qp = cast_params(compute_qparams(w.float(), scheme, gscale=gscale), scheme, w.dtype)
     return fake_quant(w, qp, scheme), qp
 
 
 def stack_qparams(qps: list[QParams]) -> QParams:
     """E per-expert (N, G) qparams → one (E, N, G)."""
     zp = None if qps[0].zero_point is None else torch.stack([q.zero_point for q in qps])
-    return QParams(torch.stack([q.scale for q in qps]), zp)
+    gs = None if qps[0].global_scale is None else torch.stack([q.global_scale for q in qps])
+    return QParams(torch.stack([q.scale for q in qps]), zp, gs)
 
 
 @register_pass
@@ -138,10 +154,13 @@ class RTNPass(Pass):
         self._quantize([(n, m) for n, m in select_modules(block, self.config, prefix) if self.compressible(m)], True)
 
     def _quantize(self, layers: list[tuple[str, nn.Module]], quiet: bool) -> None:
+        scheme = self.config.scheme
+        gscales = shared_global_scales({n: layer_view(m)[0] for n, m in layers if is_quantizable(m)},
+                                       fused_groups([n for n, _ in layers]), scheme)
         for name, module in progress(layers, "rtn", quiet=quiet):
             try:
                 if is_quantizable(module):
-                    rtn_quantize_module(module, self.config.scheme)
+                    rtn_quantize_module(module, self.config.scheme, gscales.get(name))
                 else:
                     rtn_quantize_experts(module, self.config.scheme)
             except ValueError as err:

@@ -89,6 +89,9 @@ class AdaRoundConfig(PassConfig):
             raise ValueError(f"adaround: granularity={self.granularity!r}: use 'layer' or 'block'")
         if self.lr <= 0 or self.reg_weight < 0:
             raise ValueError("adaround: lr must be > 0 and reg_weight >= 0")
+        if self.scheme.is_float:
+            raise ValueError(f"adaround: {self.scheme.describe()} is a float grid, which AdaRound does not round on "
+                             "yet: use gptq (or rtn) for FP8 / NVFP4 / MXFP4")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,16 @@ import torch
 
 from compressor.algorithms.hessian import inverse_cholesky, one_cpu_thread
 from compressor.core.gguf_blocks import Grid
-from compressor.core.scheme import QParams, QuantScheme, compute_qparams, dequantize, num_groups
+from compressor.core import floats
+from compressor.core.scheme import (
+    QParams,
+    QuantScheme,
+    cast_params,
+    compute_qparams,
+    dequantize,
+    global_scale,
+    num_groups,
+)
 
 __all__ = ["ACTORDER", "GPTQResult", "gptq_quantize", "gptq_on_grid", "refit_scales"]
 
@@ -42,16 +51,24 @@ class GPTQResult:
     loss: float
 
 
-def _column_params(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
-    """Scale / zero point for a (N, c) slice treated as one group, rounded to ``dtype``."""
+def _column_params(w: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype,
+                   gscale: torch.Tensor | None = None) -> QParams:
+    """Scale / zero point for a (N, c) slice treated as one group, rounded to ``dtype`` (E4M3 / E8M0 scales
+    stay float32; NVFP4 uses the whole matrix's global scale ``gscale``)."""
     single = QuantScheme(**{**scheme.to_dict(), "group_size": -1})
-    qp = compute_qparams(w, single)
-    zp = None if qp.zero_point is None else qp.zero_point.to(dtype).float()
-    return QParams(qp.scale.to(dtype).float(), zp)
+    qp = cast_params(compute_qparams(w, single, gscale=gscale), scheme, dtype)
+    zp = None if qp.zero_point is None else qp.zero_point.float()
+    return QParams(qp.scale.float(), zp, qp.global_scale)
 
 
-def _fq_column(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme):
-    """Quantize one column (N,) with per-row scale / zero point (N,): (codes, dequantized)."""
+def _fq_column(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, scheme: QuantScheme,
+               gscale: torch.Tensor | None = None):
+    """Quantize one column (N,) with per-row scale / zero point (N,): (codes, dequantized); float schemes give
+    the grid values as codes (``w ≈ value * scale / gscale``)."""
+    if scheme.is_float:
+        eff = scale if gscale is None else scale / gscale
+        v = floats.round_to_grid(scheme.element, w / eff)
+        return v, v * eff
     q = w / scale
     if zp is not None:
         q = q + zp
@@ -73,6 +90,7 @@ def gptq_quantize(
     cross_weight: float = 0.25,
     refit: bool = False,
     mask: torch.Tensor | None = None,
+    gscale: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize a weight matrix with GPTQ.
 
@@ -100,16 +118,19 @@ def gptq_quantize(
             symmetric) and their whole value is fed back into the remaining
             columns, as SparseGPT does for its joint sparse + quantized mode
             (arXiv 2301.00774, Sec. 3.5); group parameters see the kept weights only.
+        gscale: NVFP4 only: a float32 (1,) global scale to use instead of the matrix's own (one shared by the
+            linears a runtime fuses, :func:`compressor.core.scheme.shared_global_scales`).
 
     Returns:
         :class:`GPTQResult`.
     """
     with one_cpu_thread(weight.device):
-        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight, refit, mask)
+        return _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross, cross_weight, refit, mask,
+                     gscale)
 
 
 def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross=None, cross_weight=0.25,
-          refit=False, mask=None) -> GPTQResult:
+          refit=False, mask=None, gscale=None) -> GPTQResult:
     if actorder not in ACTORDER:
         raise ValueError(f"actorder={actorder!r}: use one of {ACTORDER}")
     if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -126,6 +147,9 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
                              f"got {mask.dtype} {tuple(mask.shape)}")
         if scheme.float_zero_point:
             raise ValueError("a pruned layer needs a grid with an exact zero: use symmetric or zero_point='int'")
+    if refit and scheme.is_float:
+        raise ValueError(f"refit re-solves free float scales; {scheme.describe()} stores its scales on a grid of "
+                         "their own: set refit: false")
     dtype = dtype or weight.dtype
     n, k = weight.shape
     width = scheme.group_width(k)
@@ -139,12 +163,14 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
+    if gscale is None:
+        gscale = global_scale(W, scheme)  # NVFP4: one per matrix, from the (masked) original weight
     static_qp = None
     if actorder == "static" or scheme.group_size == -1:
         # parameters fixed up front from the original weight, natural groups
-        static_qp = compute_qparams(W, scheme)
-        static_qp = QParams(static_qp.scale.to(dtype).float(),
-                            None if static_qp.zero_point is None else static_qp.zero_point.to(dtype).float())
+        static_qp = cast_params(compute_qparams(W, scheme, gscale=gscale), scheme, dtype)
+        static_qp = QParams(static_qp.scale.float(),
+                            None if static_qp.zero_point is None else static_qp.zero_point.float(), gscale)
 
     dev = W.device
     perm, Hinv, P = _sweep_factors(H, dead, actorder != "none", dampening, cross, cross_weight)
@@ -162,14 +188,15 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     step = block_size if static_qp is not None else width * max(1, block_size // width)
     codes = torch.zeros(n, k, device=dev)
     loss = torch.zeros(n, device=dev)
-    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P, keep)
+    _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P, keep,
+                 gscale=gscale)
 
     inv = torch.argsort(perm)
-    codes = codes[:, inv].to(torch.int8)
+    codes = floats.encode(scheme.element, codes[:, inv]) if scheme.is_float else codes[:, inv].to(torch.int8)
     g_idx = None
     if actorder == "group":
         g_idx = col_group[inv].to(torch.int32)  # processing position // width, in natural column order
-    qp = QParams(scale.to(dtype), None if zp is None else zp.to(dtype))
+    qp = cast_params(QParams(scale, None if zp is None else zp, gscale), scheme, dtype)
     if refit and not scheme.float_zero_point:
         W_orig = weight.detach().float() if mask is None else weight.detach().float().masked_fill(~mask, 0.0)
         target = hessian.detach().to(torch.float32)
@@ -324,13 +351,14 @@ def _sweep_factors(H: torch.Tensor, dead: torch.Tensor, reorder: bool, dampening
 
 
 def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P=None,
-                 keep=None, fq=None) -> None:
+                 keep=None, fq=None, gscale=None) -> None:
     """GPTQ's column sweep (in place on W, scale, zp, codes, loss), processed order.
 
     ``P`` (K, K), when given, adds GPTAQ's asymmetric term: column ``w`` also
     moves the later columns by ``w P[j, :]``. ``keep`` (N, K) bool, when given,
     forces the pruned weights to the grid's exact zero. ``fq(w, g)`` (N,) column, group
-    -> (codes, dequantized), when given, rounds onto a fixed grid instead of ``scale``/``zp``.
+    -> (codes, dequantized), when given, rounds onto a fixed grid instead of ``scale``/``zp``. ``gscale`` is
+    NVFP4's global scale (float schemes' codes are their grid values).
     """
     k = W.shape[1]
     for i1 in range(0, k, step):
@@ -345,7 +373,7 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
                 group = W1[:, i : i + width]
                 if keep is not None:  # pruned entries drifted with the feedback; they will be zero
                     group = group.masked_fill(~keep[:, col : col + group.shape[1]], 0.0)
-                qp = _column_params(group, scheme, dtype)
+                qp = _column_params(group, scheme, dtype, gscale)
                 scale[:, g] = qp.scale[:, 0]
                 if zp is not None:
                     zp[:, g] = qp.zero_point[:, 0]
@@ -353,7 +381,7 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
             if fq is not None:
                 q, deq = fq(w, g)
             else:
-                q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme)
+                q, deq = _fq_column(w, scale[:, g], None if zp is None else zp[:, g], scheme, gscale)
             if keep is not None:
                 kept = keep[:, col]
                 q = torch.where(kept, q, 0.0 if zp is None else zp[:, g])
