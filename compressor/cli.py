@@ -16,6 +16,12 @@ log = logging.getLogger("compressor")
 # per-token inputs, exported int-quantized for vLLM's W8A8 path (w7a8: 7-bit codes, exact on CPUs without VNNI)
 _PRESETS = {"w2a16": (2, None), "w3a16": (3, None), "w4a16": (4, None), "w8a16": (8, None),
             "w8a8": (8, 8), "w7a8": (7, 8)}
+# float weight-only presets -> scheme (compressed-tensors float-quantized / nvfp4- / mxfp4-pack-quantized)
+_FLOAT_PRESETS = {
+    "w8a16-fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
+    "w4a16-nvfp4": {"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
+    "w4a16-mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
+}
 # preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
 _GGUF_PRESETS = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 
@@ -36,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="Hugging Face model directory or Hub repo id (e.g. Qwen/Qwen3-0.6B)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", type=Path, help="recipe YAML")
-    src.add_argument("--scheme", choices=sorted(_PRESETS) + sorted(_GGUF_PRESETS),
+    src.add_argument("--scheme", choices=sorted(_PRESETS) + sorted(_FLOAT_PRESETS) + sorted(_GGUF_PRESETS),
                      help="preset: weight-only (wNa16), W8A8 / W7A8 (symmetric per-channel weights, 8-bit per-token "
-                     "inputs), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
+                     "inputs), float weight-only (w8a16-fp8 per channel, w4a16-nvfp4, w4a16-mxfp4; their group size "
+                     "is fixed), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
     c.add_argument("--symmetric", action="store_true",
@@ -144,6 +151,13 @@ def _recipe(args):
     elif args.scheme in _GGUF_PRESETS:
         method = "gptq" if args.method == "gptq" else "nearest"
         data = {"passes": [{"gguf": {"mix": _GGUF_PRESETS[args.scheme], "method": method}}]}
+    elif args.scheme in _FLOAT_PRESETS:
+        scheme = {**_FLOAT_PRESETS[args.scheme], "observer": args.observer}
+        if args.group_size is not None and args.scheme != "w8a16-fp8":
+            raise ValueError(f"--group-size: {args.scheme} has a fixed group size ({scheme['group_size']})")
+        if args.group_size is not None:
+            scheme["group_size"] = args.group_size
+        data = {"passes": [{args.method: {"scheme": scheme}}]}
     else:
         bits, act_bits = _PRESETS[args.scheme]
         group_size = args.group_size if args.group_size is not None else (-1 if act_bits else 128)

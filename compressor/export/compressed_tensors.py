@@ -28,6 +28,14 @@ order only). The config group says ``"format": "int-quantized"``; a model
 whose groups differ says ``"mixed-precision"`` at the top, as compressed-tensors
 does. W4A8 and W4A4 stay packed at 4 bits (``pack-quantized``).
 
+Float weights (:mod:`compressor.core.floats`) use compressed-tensors' float formats, the layouts vLLM's
+``CompressedTensorsW8A16Fp8`` / ``W8A8Fp8``, ``W4A16Fp4`` / ``W4A4Fp4`` (NVFP4) and MXFP4 schemes read:
+FP8 ``float-quantized`` (``weight`` float8_e4m3fn (N, K) + ``weight_scale`` (N, G)); NVFP4
+``nvfp4-pack-quantized`` (``weight_packed`` uint8 (N, K/2), E2M1 nibbles, even column low; ``weight_scale``
+float8_e4m3fn (N, K/16); ``weight_global_scale`` float32 (1,), dequantized ``v * scale / global_scale``);
+MXFP4 ``mxfp4-pack-quantized`` (``weight_packed`` as NVFP4, ``weight_scale`` uint8 E8M0 (N, K/32),
+``2^(s - 127)``). Checked against compressed-tensors' own decompressors (tests/export).
+
 W7A8 (7-bit weights, 8-bit inputs) is written the same way with ``num_bits: 8``
 (the codes, in [-64, 63], are valid 8-bit codes; vLLM's W8A8 path wants 8) and
 the true width in our extension (``compressor.weights.<group>.num_bits: 7``).
@@ -57,24 +65,35 @@ from torch import nn
 from compressor.core.arch import ExpertCheckpointNames, expert_checkpoint_names, experts_layout, parameter_kinds
 from compressor.core.atomic import atomic_directory, write_manifest
 from compressor.core.pack import pack
-from compressor.core.scheme import QParams, QuantScheme, dequantize, quantize
+from compressor.core import floats
+from compressor.core.scheme import MXFP4_GROUP, NVFP4_GROUP, QParams, QuantScheme, dequantize, quantize
 from compressor.core.sparsity import is_pruned, prune_mask
 from compressor.core.state import experts_quant_state, is_experts_quantized, is_quantized, quant_state
 from compressor.export import online_format, online_write, runtimes
 
 __all__ = ["compress_module_state", "compress_experts_state", "scheme_to_ct_args", "quantization_config",
-           "save_compressed", "group_format", "FORMAT", "INT_FORMAT", "MIXED_FORMAT"]
+           "save_compressed", "group_format", "FORMAT", "INT_FORMAT", "MIXED_FORMAT", "FLOAT_FORMATS"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pack-quantized"
 INT_FORMAT = "int-quantized"  # unpacked int8 codes: W8A8
+# float weights: (bits, scale_format) -> compressed-tensors format
+FLOAT_FORMATS = {(8, "float"): "float-quantized", (4, "e4m3"): "nvfp4-pack-quantized",
+                 (4, "e8m0"): "mxfp4-pack-quantized"}
 MIXED_FORMAT = "mixed-precision"  # top-level format when config groups differ
 _CT_VERSION_FALLBACK = "0.12.0"
 
 
 def scheme_to_ct_args(scheme: QuantScheme, actorder: bool = False) -> dict:
-    """compressed-tensors ``QuantizationArgs`` dict for a weight scheme."""
+    """compressed-tensors ``QuantizationArgs`` dict for a weight scheme.
+
+    Raises:
+        ValueError: the scheme has no compressed-tensors form (float zero points; FP4 other than NVFP4 / MXFP4;
+            float weights with activation-order groups).
+    """
+    if scheme.is_float:
+        return _float_ct_args(scheme, actorder)
     if scheme.float_zero_point:
         raise ValueError(
             "zero_point='float' (GGUF-style min offset) cannot be expressed in compressed-tensors; "
@@ -95,13 +114,38 @@ def scheme_to_ct_args(scheme: QuantScheme, actorder: bool = False) -> dict:
     }
 
 
+def _float_ct_args(scheme: QuantScheme, actorder: bool) -> dict:
+    """``QuantizationArgs`` of FP8 (``float-quantized``), NVFP4 and MXFP4 weights, as compressed-tensors'
+    presets FP8_DYNAMIC / NVFP4A16 / MXFP4A16 write them."""
+    if actorder:
+        raise ValueError(f"{scheme.describe()}: activation-order groups (g_idx) have no float-format layout; "
+                         "quantize with actorder: static or none")
+    args = {"num_bits": scheme.bits, "type": "float", "symmetric": True, "dynamic": False, "block_structure": None,
+            "actorder": None, "observer": scheme.observer, "observer_kwargs": {}}
+    if scheme.bits == 8 and scheme.scale_format == "float":
+        per_channel = scheme.group_size == -1
+        return {**args, "group_size": None if per_channel else scheme.group_size,
+                "strategy": "channel" if per_channel else "group"}
+    if scheme.bits == 4 and scheme.scale_format == "e4m3" and scheme.group_size == NVFP4_GROUP:
+        return {**args, "group_size": NVFP4_GROUP, "strategy": "tensor_group", "scale_dtype": "torch.float8_e4m3fn"}
+    if scheme.bits == 4 and scheme.scale_format == "e8m0" and scheme.group_size == MXFP4_GROUP:
+        return {**args, "group_size": MXFP4_GROUP, "strategy": "group", "scale_dtype": "torch.uint8"}
+    raise ValueError(f"{scheme.describe()} has no compressed-tensors format: export FP8 with float scales "
+                     f"(scale_format: float), NVFP4 (bits 4, group_size {NVFP4_GROUP}, scale_format e4m3) or MXFP4 "
+                     f"(bits 4, group_size {MXFP4_GROUP}, scale_format e8m0)")
+
+
 def group_format(scheme: QuantScheme, input_bits: int | None) -> str:
-    """compressed-tensors format of a config group: ``int-quantized`` for W8A8 and W7A8, else ``pack-quantized``.
+    """compressed-tensors format of a config group: ``int-quantized`` for W8A8 and W7A8, ``float-quantized`` for
+    FP8 weights, ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` for FP4, else ``pack-quantized``.
 
     Args:
         scheme: the weight scheme.
         input_bits: bits of the group's per-token input quantizer, or None (weight-only).
     """
+    if scheme.is_float:
+        _float_ct_args(scheme, False)  # refuses float schemes without a format
+        return FLOAT_FORMATS[(scheme.bits, scheme.scale_format)]
     return INT_FORMAT if scheme.bits in (7, 8) and input_bits == 8 else FORMAT
 
 
@@ -133,7 +177,7 @@ def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch
     Raises:
         ValueError: ``w`` is not exactly on its grid, or the scheme cannot be exported.
     """
-    scheme_to_ct_args(scheme)  # refuses unexportable schemes
+    scheme_to_ct_args(scheme, g_idx is not None)  # refuses unexportable schemes
     q = quantize(w, qp, scheme, g_idx)
     if not torch.equal(dequantize(q, qp, scheme, g_idx).to(w.dtype), w):
         raise ValueError(
@@ -141,6 +185,8 @@ def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch
             "re-run the quantization pass before exporting"
         )
     n, k = w.shape
+    if scheme.is_float:
+        return _float_tensors(q, qp, scheme, w.dtype)
     scale = qp.scale.detach().to(w.dtype).contiguous()
     zp = None if qp.zero_point is None else qp.zero_point.round().to(torch.int8)
     if fmt == INT_FORMAT:
@@ -154,6 +200,31 @@ def _pack_matrix(w: torch.Tensor, qp: QParams, scheme: QuantScheme, g_idx: torch
             out["weight_zero_point"] = pack(zp, scheme.bits, dim=0)
     if g_idx is not None:
         out["weight_g_idx"] = g_idx.to(torch.int32).contiguous()
+    return out
+
+
+def _float_tensors(codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stored tensors of an (N, K) float-coded matrix (int8 storage codes from :func:`quantize`):
+
+    * FP8 (``float-quantized``): ``weight`` float8_e4m3fn (N, K), ``weight_scale`` (N, G) in ``dtype``;
+    * NVFP4: ``weight_packed`` uint8 (N, K/2), two E2M1 nibbles a byte, the even column in the low nibble;
+      ``weight_scale`` float8_e4m3fn (N, K/16); ``weight_global_scale`` float32 (1,);
+    * MXFP4: ``weight_packed`` as NVFP4; ``weight_scale`` uint8 E8M0 exponents (N, K/32).
+    """
+    n, k = codes.shape
+    if scheme.bits == 8:
+        return {"weight": codes.contiguous().view(torch.uint8).view(torch.float8_e4m3fn),
+                "weight_scale": qp.scale.detach().to(dtype).contiguous()}
+    if k % scheme.group_size:
+        raise ValueError(f"in_features={k} is not a multiple of {scheme.describe()}'s group size: FP4 formats have "
+                         "no ragged last group; add the layer to ignore")
+    nib = codes.to(torch.uint8)
+    out = {"weight_packed": (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()}
+    if scheme.scale_format == "e4m3":
+        out["weight_scale"] = qp.scale.detach().float().to(torch.float8_e4m3fn).contiguous()
+        out["weight_global_scale"] = qp.global_scale.detach().float().reshape(1).contiguous()
+    else:
+        out["weight_scale"] = floats.e8m0_encode(qp.scale).contiguous()
     return out
 
 
@@ -185,7 +256,8 @@ def compress_experts_state(module: nn.Module, names: ExpertCheckpointNames) -> d
             for i, linear in enumerate(splits):
                 part = slice(i * rows, (i + 1) * rows)
                 zp = None if qp.zero_point is None else qp.zero_point[e, part]
-                packed = _pack_matrix(param[e, part], QParams(qp.scale[e, part], zp), scheme)
+                gs = None if qp.global_scale is None else qp.global_scale[e]
+                packed = _pack_matrix(param[e, part], QParams(qp.scale[e, part], zp, gs), scheme)
                 out.update({f"{e}.{names.name(linear)}.{k}": v for k, v in packed.items()})
     return out
 

@@ -25,6 +25,7 @@ from compressor.core.passes import matches
 from compressor.core.scheme import QuantScheme
 from compressor.export import online_format, online_read
 from compressor.runtime.activations import INPUT_CHILD
+from compressor.runtime.float_linear import FloatQuantLinear
 from compressor.runtime.quant_experts import QuantExperts
 from compressor.runtime.quant_linear import QuantLinear
 
@@ -32,9 +33,13 @@ __all__ = ["load_compressed", "scheme_from_ct_args", "read_config", "is_readable
 
 log = logging.getLogger(__name__)
 
-# compressed-tensors formats this loader reads: packed codes, int8 codes (W8A8), or groups of both
-READABLE_FORMATS = ("pack-quantized", "int-quantized", "mixed-precision")
-_GROUP_FORMATS = ("pack-quantized", "int-quantized")
+_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# compressed-tensors formats this loader reads: packed codes, int8 codes (W8A8), float weights, or a mix
+_FLOAT_GROUP_FORMATS = ("float-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
+_GROUP_FORMATS = ("pack-quantized", "int-quantized") + _FLOAT_GROUP_FORMATS
+READABLE_FORMATS = _GROUP_FORMATS + ("mixed-precision",)
+_SCALE_DTYPES = {None: "float", "torch.float8_e4m3fn": "e4m3", "torch.uint8": "e8m0"}
 
 
 def is_readable_config(qcfg: dict | None) -> bool:
@@ -49,9 +54,18 @@ def scheme_from_ct_args(args: dict) -> QuantScheme:
     Raises:
         ValueError: for schemes this runtime cannot execute (float types, blocks, tensor strategy).
     """
-    if args.get("type", "int") != "int":
-        raise ValueError(f"unsupported weight type {args.get('type')!r}: only integer weights are supported")
+    if args.get("type", "int") not in ("int", "float"):
+        raise ValueError(f"unsupported weight type {args.get('type')!r}: integer and float weights are supported")
     strategy = args.get("strategy") or ("group" if args.get("group_size") else "channel")
+    if args.get("type") == "float":
+        scale_dtype = args.get("scale_dtype")
+        if scale_dtype not in _SCALE_DTYPES or strategy not in ("group", "channel", "tensor_group"):
+            raise ValueError(f"unsupported float weights (strategy {strategy!r}, scale_dtype {scale_dtype!r}): this "
+                             "loader reads FP8 per channel or group, NVFP4 and MXFP4")
+        return QuantScheme(bits=int(args["num_bits"]), type="float", symmetric=True,
+                           group_size=int(args["group_size"]) if args.get("group_size") else -1,
+                           scale_format=_SCALE_DTYPES[scale_dtype],
+                           observer=args.get("observer") if args.get("observer") in ("minmax", "mse") else "minmax")
     if strategy not in ("group", "channel"):
         raise ValueError(f"unsupported weight strategy {strategy!r}: only 'group' and 'channel' are supported")
     return QuantScheme(
@@ -111,6 +125,26 @@ def _pack_int_quantized(tensors: dict[str, torch.Tensor], name: str, scheme: Qua
         tensors[f"{name}.weight_zero_point"] = pack(zp.to(torch.int8), scheme.bits, dim=0)
 
 
+def _check_float_tensors(tensors: dict[str, torch.Tensor], name: str, module: nn.Linear, scheme: QuantScheme,
+                         path: Path) -> None:
+    """Refuse a float-format linear whose stored tensors do not have the layout its config group describes."""
+    n, k = module.out_features, module.in_features
+    g = -(-k // scheme.group_width(k))
+    if scheme.bits == 8:
+        want = {"weight": (torch.float8_e4m3fn, (n, k)), "weight_scale": (None, (n, g))}
+    else:
+        want = {"weight_packed": (torch.uint8, (n, k // 2)),
+                "weight_scale": (torch.float8_e4m3fn if scheme.scale_format == "e4m3" else torch.uint8, (n, g))}
+        if scheme.scale_format == "e4m3":
+            want["weight_global_scale"] = (torch.float32, (1,))
+    for leaf, (dt, shape) in want.items():
+        t = tensors.get(f"{name}.{leaf}")
+        if t is None or tuple(t.shape) != shape or (dt is not None and t.dtype != dt):
+            found = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise ValueError(f"{path}: {name}.{leaf} should be {dt or 'float'} {shape} for {scheme.describe()}, but "
+                             f"is {found}: the checkpoint does not match its config.json")
+
+
 def read_config(path: Path) -> dict:
     """config.json of a model directory, with clear errors."""
     path = Path(path)
@@ -156,6 +190,9 @@ def _attach_quant_experts(model: nn.Module, tensors: dict[str, torch.Tensor], gr
             raise ValueError(f"{path}: {probe}.weight_packed is stored but no config group targets it: the "
                              "checkpoint does not match its config.json")
         scheme, act = found[0]
+        if scheme.is_float:
+            raise ValueError(f"{path}: {name}: fused experts in {scheme.describe()} are not read by this loader yet; "
+                             "serve the export with vLLM")
         if act is not None:
             raise ValueError(f"{path}: {name}: quantized inputs of fused experts are not supported by this loader")
         e, two_i, h = module.gate_up_proj.shape
@@ -178,7 +215,8 @@ def load_compressed(
     backend: str = "auto",
     verify: bool = True,
 ) -> nn.Module:
-    """Load a compressed-tensors export (``pack-quantized``, ``int-quantized`` or both) with :class:`QuantLinear` layers.
+    """Load a compressed-tensors export with :class:`QuantLinear` layers (``pack-quantized``, ``int-quantized``) and
+    :class:`FloatQuantLinear` layers (``float-quantized``, ``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``).
 
     Input quantizers (``input_activations`` of a config group, clip ratio from
     our ``compressor`` extension key), online transforms (``transform_config``,
@@ -215,10 +253,13 @@ def load_compressed(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if dtype is None:
-        scales = [t for k, t in tensors.items() if k.endswith(".weight_scale")]
-        dtype = scales[0].dtype if scales else torch.float32
-    # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here
-    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        scales = [t for k, t in tensors.items() if k.endswith(".weight_scale") and t.dtype in _MODEL_DTYPES]
+        others = [t for k, t in tensors.items() if t.dtype in _MODEL_DTYPES and not k.endswith("_global_scale")]
+        dtype = scales[0].dtype if scales else others[0].dtype if others else torch.float32
+    # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here; FP8
+    # weights and scales and NVFP4's float32 global scales stay as stored
+    tensors = {k: t.to(dtype) if t.dtype in _MODEL_DTYPES and not k.endswith("_global_scale") else t
+               for k, t in tensors.items()}
     impl = online_read.attn_implementation(qcfg)  # the one the exported quantizers wrapped (sdpa / eager)
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
@@ -233,6 +274,14 @@ def load_compressed(
             continue
         for targets, scheme, actorder, act, fmt in groups:
             if matches(name, module, tuple(targets)):
+                if fmt in _FLOAT_GROUP_FORMATS:
+                    _check_float_tensors(tensors, name, module, scheme, path)
+                    q = FloatQuantLinear(module.in_features, module.out_features, scheme,
+                                         bias=module.bias is not None, dtype=dtype, backend=backend)
+                    if act is not None:
+                        quantizers[name] = online_read.input_quantizer(*act)
+                    model.set_submodule(name, q)
+                    break
                 if fmt == "int-quantized":
                     _pack_int_quantized(tensors, name, scheme, path)
                 if f"{name}.weight_packed" not in tensors:

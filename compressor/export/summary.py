@@ -51,9 +51,12 @@ def summarize(path: Path) -> dict:
     layers: dict[str, dict] = {}
     params, qbits, qweights = 0, 0, 0
     # int-quantized (W8A8) layers store their codes unpacked as an int8 "weight" beside a "weight_scale"
+    # so do float-quantized (FP8) layers, as float8_e4m3fn; packed FP4 (NVFP4 / MXFP4) keeps two codes a byte
     int_codes = {key.rpartition(".")[0]: tuple(meta["shape"]) for key, meta in headers.items()
-                 if key.endswith(".weight") and meta["dtype"] == "I8"
+                 if key.endswith(".weight") and meta["dtype"] in ("I8", "F8_E4M3")
                  and f"{key.rpartition('.')[0]}.weight_scale" in headers}
+    int_codes.update({key.rpartition(".")[0]: (meta["shape"][0], 2 * meta["shape"][1]) for key, meta in headers.items()
+                      if key.endswith(".weight_packed") and meta["dtype"] == "U8"})
     for key, meta in headers.items():
         nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
         owner, _, leaf = key.rpartition(".")

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from compressor.core import floats
 from compressor.core.pack import unpack
 from compressor.core.scheme import QParams, QuantScheme, dequantize
 
-__all__ = ["dequantize_packed", "dequant_matmul"]
+__all__ = ["dequantize_packed", "dequant_matmul", "dequantize_float", "unpack_fp4"]
 
 
 def dequantize_packed(
@@ -54,3 +55,45 @@ def dequant_matmul(
     """``x @ dequant(W).T + bias``: x (..., K) → (..., N) in ``x.dtype``."""
     w = dequantize_packed(packed, scale, zero_point, shape, scheme, g_idx).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def unpack_fp4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """E2M1 storage nibbles of a packed FP4 matrix: uint8 (N, K/2), even column in the low nibble → int8 (N, K)."""
+    n = packed.shape[0]
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out.to(torch.int8)
+
+
+def dequantize_float(
+    tensors: dict[str, torch.Tensor],
+    shape: tuple[int, int],
+    scheme: QuantScheme,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Float weight of one linear stored in a compressed-tensors float format (see
+    :mod:`compressor.export.compressed_tensors`).
+
+    Args:
+        tensors: FP8 ``{"weight": float8_e4m3fn (N, K), "weight_scale": (N, G)}``; NVFP4 ``{"weight_packed": uint8
+            (N, K/2), "weight_scale": float8_e4m3fn (N, K/16), "weight_global_scale": float32 (1,)}``; MXFP4
+            ``{"weight_packed": uint8 (N, K/2), "weight_scale": uint8 (N, K/32)}``.
+        shape: (N, K).
+        scheme: the float scheme.
+        dtype: the result's dtype.
+
+    Returns:
+        (N, K) in ``dtype``: ``value * scale`` (FP8 in the scale's dtype, as compressed-tensors does), ``value *
+        (scale / global_scale)`` in float32 (NVFP4), ``value * 2^(e - 127)`` (MXFP4), then cast.
+    """
+    k = int(shape[1])
+    if scheme.bits == 8:
+        codes = tensors["weight"].view(torch.uint8).view(torch.int8)
+        return dequantize(codes, QParams(tensors["weight_scale"], None), scheme).to(dtype)
+    codes = unpack_fp4(tensors["weight_packed"], k)
+    if scheme.scale_format == "e4m3":
+        qp = QParams(tensors["weight_scale"].float(), None, tensors["weight_global_scale"].float())
+    else:
+        qp = QParams(floats.e8m0_decode(tensors["weight_scale"]), None)
+    return dequantize(codes, qp, scheme).to(dtype)

@@ -40,11 +40,12 @@ class _FakeQuantSTE(nn.Module):
         self.scheme = scheme
         self.register_buffer("scale", qp.scale.detach().clone())
         self.register_buffer("zero_point", None if qp.zero_point is None else qp.zero_point.detach().clone())
+        self.register_buffer("global_scale", None if qp.global_scale is None else qp.global_scale.detach().clone())
         self.register_buffer("g_idx", None if g_idx is None else g_idx.detach().clone())
         self.register_buffer("mask", None if mask is None else mask.detach().clone())
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        q = fake_quant(latent, QParams(self.scale, self.zero_point), self.scheme, self.g_idx)
+        q = fake_quant(latent, QParams(self.scale, self.zero_point, self.global_scale), self.scheme, self.g_idx)
         out = latent + (q - latent).detach()  # value on the grid, gradient of the identity
         return out if self.mask is None else out * self.mask
 
@@ -94,12 +95,13 @@ def prepare_student(student: nn.Module, modules: Iterable[tuple[str, nn.Module]]
             them with :func:`trainable_from_export`), or quantized layers that
             are not ``nn.Linear``.
     """
+    from compressor.runtime.float_linear import FloatQuantLinear
     from compressor.runtime.quant_linear import QuantLinear
 
     state = StudentState()
     for name, m in modules if modules is not None else student.named_modules():
-        if isinstance(m, QuantLinear):
-            raise ValueError(f"{name} is a packed QuantLinear: call "
+        if isinstance(m, (QuantLinear, FloatQuantLinear)):
+            raise ValueError(f"{name} is a packed {type(m).__name__}: call "
                              "compressor.algorithms.distill.students.trainable_from_export(model) before distilling it")
         mask = prune_mask(m) if is_pruned(m) else None
         if is_quantized(m):
@@ -130,9 +132,18 @@ def trainable_from_export(model: nn.Module) -> nn.Module:
     """
     from compressor.core.pack import unpack
     from compressor.core.sparsity import attach_mask
+    from compressor.runtime.float_linear import FloatQuantLinear
     from compressor.runtime.quant_linear import QuantLinear
 
     for name, q in list(model.named_modules()):
+        if isinstance(q, FloatQuantLinear):
+            w = q.dequantized_weight()
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, dtype=w.dtype)
+            if q.bias is not None:
+                lin.bias = nn.Parameter(q.bias.detach().clone())
+            attach_qparams(lin, q.scheme, q.qparams(), w)
+            model.set_submodule(name, lin)
+            continue
         if not isinstance(q, QuantLinear):
             continue
         w = q.dequantized_weight()

@@ -1,0 +1,83 @@
+"""The run-time linear layer of a float-format export (FP8, NVFP4, MXFP4): weights stay in their stored form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.core import floats
+from compressor.core.scheme import QParams, QuantScheme
+from compressor.kernels.reference import dequantize_float
+from compressor.runtime.activations import INPUT_CHILD
+from compressor.runtime.online import TRANSFORM_CHILD
+
+__all__ = ["FloatQuantLinear", "FLOAT_BACKENDS"]
+
+FLOAT_BACKENDS = ("auto", "reference")
+
+
+class FloatQuantLinear(nn.Module):
+    """A linear layer whose weight stays FP8 or packed FP4; ``forward`` dequantizes it and multiplies.
+
+    Buffers (compressed-tensors names, :mod:`compressor.export.compressed_tensors`): FP8 ``weight``
+    float8_e4m3fn (N, K) and ``weight_scale`` (N, G); NVFP4 ``weight_packed`` uint8 (N, K/2), ``weight_scale``
+    float8_e4m3fn (N, K/16) and ``weight_global_scale`` float32 (1,); MXFP4 ``weight_packed`` and ``weight_scale``
+    uint8 (N, K/32). Input (..., K) → output (..., N) in the input's dtype.
+
+    Only the torch reference path runs these formats for now: ``backend`` must be ``"auto"`` or ``"reference"``.
+    Optional children ``input_transform`` and ``input_quantizer`` run first, as on :class:`QuantLinear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        super().__init__()
+        if not scheme.is_float:
+            raise ValueError(f"{scheme.describe()} is an integer scheme: use QuantLinear")
+        if backend not in FLOAT_BACKENDS:
+            raise ValueError(f"backend={backend!r}: float formats ({scheme.describe()}) run on the torch reference "
+                             f"path only so far; use one of {FLOAT_BACKENDS}")
+        self.in_features, self.out_features, self.scheme, self.dtype = in_features, out_features, scheme, dtype
+        n, k = out_features, in_features
+        groups = -(-k // scheme.group_width(k))
+        if scheme.bits == 8:
+            self.register_buffer("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn))
+            self.register_buffer("weight_scale", torch.empty(n, groups, dtype=dtype))
+        else:
+            self.register_buffer("weight_packed", torch.empty(n, k // 2, dtype=torch.uint8))
+            e4m3 = scheme.scale_format == "e4m3"
+            self.register_buffer("weight_scale", torch.empty(n, groups, dtype=torch.float8_e4m3fn if e4m3 else torch.uint8))
+            if e4m3:
+                self.register_buffer("weight_global_scale", torch.empty(1, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype), requires_grad=False) if bias else None
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by compressed-tensors name."""
+        return {k: v for k, v in self._buffers.items() if v is not None}
+
+    def qparams(self) -> QParams:
+        """The in-memory parameters (:class:`compressor.core.scheme.QParams`) of the stored scales: (N, G) in the
+        layer's dtype (FP8) or float32 (E4M3 scales with the global scale; E8M0 decoded to powers of two)."""
+        if self.scheme.bits == 8:
+            return QParams(self.weight_scale.detach().clone(), None)
+        if self.scheme.scale_format == "e4m3":
+            return QParams(self.weight_scale.float(), None, self.weight_global_scale.detach().float().clone())
+        return QParams(floats.e8m0_decode(self.weight_scale), None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, K) float weight in the layer's dtype."""
+        return dequantize_float(self.stored(), (self.out_features, self.in_features), self.scheme, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) → (..., N)."""
+        transform = self._modules.get(TRANSFORM_CHILD)
+        if transform is not None:
+            x = transform(x)
+        quantizer = self._modules.get(INPUT_CHILD)
+        if quantizer is not None:
+            x = quantizer(x)
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"

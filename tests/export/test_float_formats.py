@@ -1,0 +1,178 @@
+"""FP8, NVFP4 and MXFP4 weight exports: compressed-tensors layouts, bit-exact reload, compressed-tensors' own
+decompressors, transformers, the CLI presets and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.helpers import tiny_llama
+
+from compressor import Recipe, compress, load_compressed, save_compressed
+from compressor.core.state import quant_state
+from compressor.export import compressed_tensors as ct_export
+from compressor.export.summary import summarize
+from compressor.runtime.float_linear import FloatQuantLinear
+
+X = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+SCHEMES = {
+    "fp8": ({"type": "float", "bits": 8, "group_size": -1, "symmetric": True}, "float-quantized"),
+    "nvfp4": ({"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
+              "nvfp4-pack-quantized"),
+    "mxfp4": ({"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
+              "mxfp4-pack-quantized"),
+}
+
+
+def _model(name, method="rtn", dtype=torch.float32, **extra):
+    model = tiny_llama(inter=96).to(dtype)
+    recipe = Recipe.from_dict({"passes": [{method: {"scheme": SCHEMES[name][0], **extra}}]})
+    calibration = None
+    if method == "gptq":
+        calibration = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    compress(model, recipe, calibration=calibration, quiet=True)
+    return model, recipe
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_float_export_has_the_compressed_tensors_layout_and_reloads_bit_exactly(tmp_path, name, method):
+    model, recipe = _model(name, method)
+    ref = _logits(model)
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt = SCHEMES[name][1]
+    assert qcfg["format"] == fmt and qcfg["config_groups"]["group_0"]["weights"]["type"] == "float"
+    sd = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj"  # (64, 96)
+    if name == "fp8":
+        assert sd[f"{key}.weight"].dtype == torch.float8_e4m3fn and sd[f"{key}.weight"].shape == (64, 96)
+        assert sd[f"{key}.weight_scale"].shape == (64, 1)
+    else:
+        assert sd[f"{key}.weight_packed"].dtype == torch.uint8 and sd[f"{key}.weight_packed"].shape == (64, 48)
+        scale = sd[f"{key}.weight_scale"]
+        assert scale.shape == (64, 96 // SCHEMES[name][0]["group_size"])
+        assert scale.dtype == (torch.float8_e4m3fn if name == "nvfp4" else torch.uint8)
+        assert (f"{key}.weight_global_scale" in sd) == (name == "nvfp4")
+    loaded = load_compressed(out)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, FloatQuantLinear)
+    assert torch.equal(_logits(loaded), ref)
+    info = summarize(out)
+    assert info["quantized_layers"] == 14
+    assert 4 < info["bits_per_weight"] < (9 if name == "fp8" else 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_compressed_tensors_decompresses_our_float_tensors_to_our_weights(name, dtype):
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    compressor = {"fp8": FloatQuantizationCompressor, "nvfp4": NVFP4PackedCompressor,
+                  "mxfp4": MXFP4PackedCompressor}[name]
+    model, _ = _model(name, dtype=dtype)
+    for module in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
+        args = ct_export.scheme_to_ct_args(quant_state(module)[0])
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+        out = compressor.decompress(ct_export.compress_module_state(module, SCHEMES[name][1]), scheme)["weight"]
+        # compressed-tensors decompresses FP4 to bfloat16: our weight rounded to it is theirs, exactly
+        assert torch.equal(out, module.weight.to(out.dtype))
+        if out.dtype == dtype:
+            assert torch.equal(out, module.weight)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_transformers_loads_our_float_exports(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    model, recipe = _model(name, dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(save_compressed(model, tmp_path / "e", recipe=recipe), dtype=torch.bfloat16)
+    got, ref = _logits(hf), _logits(model)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 0.01
+
+
+def test_cli_presets_compress_and_reload(tmp_path, tiny_model_dir, caplog):
+    from compressor.cli import main
+
+    for preset, fmt in (("w4a16-nvfp4", "nvfp4-pack-quantized"), ("w8a16-fp8", "float-quantized")):
+        out = tmp_path / preset
+        assert main(["compress", str(tiny_model_dir), "--scheme", preset, "-o", str(out), "-q"]) == 0
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == fmt
+        assert isinstance(load_compressed(out).model.layers[0].mlp.up_proj, FloatQuantLinear)
+    assert main(["compress", str(tiny_model_dir), "--scheme", "w4a16-mxfp4", "--group-size", "64", "-o",
+                 str(tmp_path / "x"), "-q"]) != 0
+    assert "fixed group size" in caplog.text and not (tmp_path / "x").exists()
+
+
+def test_float_schemes_without_a_format_or_pass_are_refused(tmp_path):
+    model = tiny_llama(inter=96)
+    odd = {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e4m3"}
+    compress(model, Recipe.from_dict({"passes": [{"rtn": {"scheme": odd}}]}), quiet=True)
+    with pytest.raises(ValueError, match="NVFP4 .bits 4, group_size 16"):
+        save_compressed(model, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match="AdaRound does not round"):
+        Recipe.from_dict({"passes": [{"adaround": {"scheme": SCHEMES["nvfp4"][0]}}]}).build()
+    with pytest.raises(ValueError, match="actorder none or static"):
+        Recipe.from_dict({"passes": [{"gptq": {"scheme": SCHEMES["mxfp4"][0], "actorder": "group"}}]}).build()
+    ragged = tiny_llama(inter=80)  # down_proj's 80 columns are 2.5 MXFP4 groups
+    compress(ragged, Recipe.from_dict({"passes": [{"rtn": {"scheme": SCHEMES["mxfp4"][0]}}]}), quiet=True)
+    with pytest.raises(ValueError, match="no ragged last group"):
+        save_compressed(ragged, tmp_path / "r")
+
+
+def test_loader_refuses_float_tensors_that_do_not_match_the_config(tmp_path):
+    from safetensors.torch import save_file
+
+    model, recipe = _model("nvfp4")
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    sd = load_file(out / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight_scale"] = sd["model.layers.0.mlp.up_proj.weight_scale"].float()
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="up_proj.weight_scale should be torch.float8_e4m3fn"):
+        load_compressed(out, verify=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_fused_siblings_share_one_global_scale(tmp_path, method):
+    """vLLM runs q/k/v and gate/up as one fused layer with one global scale (the largest of the shards'), so
+    the shards must be exported with the same one."""
+    from compressor.core.arch import fused_groups
+
+    assert fused_groups(["a.q_proj", "a.k_proj", "a.v_proj", "a.o_proj", "b.q_proj", "m.gate_proj", "m.up_proj"]) == [
+        ["a.q_proj", "a.k_proj", "a.v_proj"], ["a.o_proj"], ["b.q_proj"], ["m.gate_proj", "m.up_proj"]]
+    model, recipe = _model("nvfp4", method)
+    sd = load_file(save_compressed(model, tmp_path / "e", recipe=recipe) / "model.safetensors")
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        gs = {n: float(sd[f"{p}{n}.weight_global_scale"]) for n in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+        assert gs["self_attn.q_proj"] == gs["self_attn.k_proj"] == gs["self_attn.v_proj"]
+        assert gs["mlp.gate_proj"] == gs["mlp.up_proj"]
+        qkv = [model.model.layers[layer].self_attn.get_submodule(n).weight for n in ("q_proj", "k_proj", "v_proj")]
+        assert gs["self_attn.q_proj"] == pytest.approx(448 * 6 / max(float(w.detach().abs().max()) for w in qkv), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_a_loaded_float_export_turns_back_into_trainable_linears_and_reexports_identically(tmp_path, name):
+    from compressor.algorithms.distill.students import trainable_from_export
+
+    model, recipe = _model(name)
+    first = save_compressed(model, tmp_path / "a", recipe=recipe)
+    loaded = trainable_from_export(load_compressed(first))
+    assert not any(isinstance(m, FloatQuantLinear) for m in loaded.modules())
+    assert torch.equal(_logits(loaded), _logits(model))
+    second = save_compressed(loaded, tmp_path / "b")
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
