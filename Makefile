@@ -14,7 +14,7 @@ VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-float bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -112,6 +112,10 @@ bench-quick: bench-setup
 bench: bench-setup
 	$(PY) -m benchmarks.quant_quality
 	$(PY) -m benchmarks.cnn_adaround
+
+# FP8 / NVFP4 / MXFP4 weights, ours beside llm-compressor's presets (~2 h on 2 CPU cores)
+bench-float: bench-setup
+	$(PY) -m benchmarks.quant_quality --settings fp8,nvfp4,mxfp4 --methods fp32,rtn,rtn-mse,gptq,gptq-mse,llmc-rtn,llmc-gptq
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures

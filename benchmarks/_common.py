@@ -56,34 +56,58 @@ WEIGHT_PASSES = {
     "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (GPTAQ, arXiv 2504.02692)
 }
 _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
+# float weight formats: name -> (bits, group size, our scale_format); weights symmetric, inputs in 16 bits
+FLOAT_SETTINGS = {"fp8": (8, -1, "float"), "nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0")}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A weight-quantization setting: ``bits`` and ``group_size`` (-1 = per output channel), asymmetric."""
+    """A weight-quantization setting: ``bits`` and ``group_size`` (-1 = per output channel), asymmetric integers;
+    or, with ``fmt`` one of :data:`FLOAT_SETTINGS`, a float format (FP8 per channel, NVFP4, MXFP4)."""
 
     bits: int
     group_size: int
+    fmt: str = "int"
 
     @property
     def name(self) -> str:
+        if self.fmt != "int":
+            return self.fmt
         return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
 
     def scheme(self) -> dict[str, Any]:
         """Our recipe's ``scheme`` mapping."""
+        if self.fmt != "int":
+            return {"type": "float", "bits": self.bits, "group_size": self.group_size, "symmetric": True,
+                    "scale_format": FLOAT_SETTINGS[self.fmt][2]}
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": False}
+
+    def job(self) -> dict[str, Any]:
+        """The fields a child process rebuilds the setting from (:func:`setting_of`)."""
+        return {"bits": self.bits, "group_size": self.group_size, "fmt": self.fmt}
+
+
+def setting_of(job: dict[str, Any]) -> Setting | None:
+    """The setting of a child's job (None for the fp32 baseline)."""
+    if job.get("bits") is None:
+        return None
+    return Setting(job["bits"], job["group_size"], job.get("fmt", "int"))
 
 
 def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
-    """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1).
+    """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1); ``nvfp4`` → Setting(4, 16, "nvfp4").
 
     Raises:
         ValueError: an unknown form, or W4 g32 (SmolLM2's weights already lie on
             that grid, so every method is lossless there) unless ``allow_lossless``.
     """
+    if text.strip().lower() in FLOAT_SETTINGS:
+        fmt = text.strip().lower()
+        return Setting(*FLOAT_SETTINGS[fmt][:2], fmt=fmt)
     match = _SETTING_RE.match(text.strip().lower())
     if not match:
-        raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc")
+        raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc, "
+                         f"or a float format ({', '.join(FLOAT_SETTINGS)})")
     bits, group = int(match.group(1)), match.group(2)
     setting = Setting(bits, -1 if group is None else int(group))
     if setting.group_size == 0:
@@ -200,7 +224,8 @@ def base_record(method: str, setting: Setting | None) -> dict[str, Any]:
         "setting": setting.name if setting else "fp32",
         "bits": setting.bits if setting else None,
         "group_size": setting.group_size if setting else None,
-        "symmetric": False if setting else None,
+        "symmetric": (setting.fmt != "int") if setting else None,
+        **({"format": setting.fmt} if setting and setting.fmt != "int" else {}),
         "ppl": None,
         "compress_s": None,
         "peak_rss_mb": None,

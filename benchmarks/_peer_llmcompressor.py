@@ -33,14 +33,25 @@ from benchmarks import _common as common
 
 log = logging.getLogger("benchmarks.peer")
 
-PEER_METHODS = ("llmc-gptq", "llmc-awq")
+PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
+
+
+# float settings -> llm-compressor's preset scheme (weight-only); FP8 per channel has no A16 preset: its weights
+# are those of FP8_DYNAMIC
+_FLOAT_PRESETS = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 
 
 def _quant_scheme(setting: common.Setting):
-    """The compressed-tensors weight scheme for one setting (asymmetric int, W-only)."""
+    """The compressed-tensors weight scheme for one setting (asymmetric int, or a float format; W-only)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if setting.group_size == -1:
+    if setting.fmt in _FLOAT_PRESETS:
+        from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+        return {"group_0": preset_name_to_scheme(_FLOAT_PRESETS[setting.fmt], ["Linear"])}
+    if setting.fmt == "fp8":
+        weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    elif setting.group_size == -1:
         weights = QuantizationArgs(num_bits=setting.bits, type="int", symmetric=False, strategy="channel")
     else:
         weights = QuantizationArgs(
@@ -60,6 +71,8 @@ def _recipe(method: str, setting: common.Setting) -> list:
     common_args = {"config_groups": groups, "targets": ["Linear"], "ignore": ["lm_head"], "bypass_divisibility_checks": True}
     if method == "llmc-gptq":
         return [GPTQModifier(**common_args)]
+    if method == "llmc-rtn":  # round to nearest with llm-compressor's observers, no calibration needed
+        return [QuantizationModifier(**common_args)]
     if method == "llmc-awq":
         return [AWQModifier(), QuantizationModifier(**common_args)]
     raise ValueError(f"unknown peer method {method!r}: use one of {PEER_METHODS}")
@@ -93,7 +106,7 @@ def run(job: dict) -> dict:
     import torch
 
     method = job["method"]
-    setting = common.Setting(job["bits"], job["group_size"])
+    setting = common.setting_of(job)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     record = common.base_record(method, setting)

@@ -32,10 +32,16 @@ DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 
 # method → (our pass, its settings beyond the scheme)
 # gptq-norefit: our GPTQ without the least-squares scale refit, the like-for-like twin of llm-compressor's GPTQ
-OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {})}
+# rtn-mse / gptq-mse: the scales searched per group (observer mse; the "scheme" entry merges into the setting's)
+OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
+                                     "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
+                                     "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}})}
 OUR_METHODS = tuple(OUR_PASSES)
-PEER_METHODS = ("llmc-gptq", "llmc-awq")
+PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
+# the integer table's methods (make bench); the float formats add rtn-mse, gptq-mse and llmc-rtn (make bench-float)
+DEFAULT_METHODS = ("fp32", "rtn", "gptq-norefit", "gptq", "gptaq", "adaround", "llmc-gptq", "llmc-awq")
+FLOAT_METHODS = ("fp32", "rtn", "rtn-mse", "gptq", "gptq-mse", "llmc-rtn", "llmc-gptq")
 
 
 # ---------------------------------------------------------------- child: our methods
@@ -50,7 +56,7 @@ def _unavailable_reason(method: str) -> str | None:
     name, extra = OUR_PASSES[method]
     if name not in passes:
         return f"pass {name!r} is not registered (registered: {sorted(passes)})"
-    unknown = set(extra) - set(passes[name].config_cls.__dataclass_fields__)
+    unknown = set(extra) - set(passes[name].config_cls.__dataclass_fields__) - {"scheme"}
     if unknown:
         return f"pass {name!r} has no setting {sorted(unknown)} in this version"
     if passes[name].requires_calibration and "calibration" not in inspect.signature(compressor.compress).parameters:
@@ -63,7 +69,7 @@ def run_ours(job: dict) -> dict:
     import torch
 
     method = job["method"]
-    setting = None if method == "fp32" else common.Setting(job["bits"], job["group_size"])
+    setting = None if method == "fp32" else common.setting_of(job)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     record = common.base_record(method, setting)
@@ -92,7 +98,8 @@ def run_ours(job: dict) -> dict:
             kwargs["calibration"] = calib.input_ids
         from compressor.recipe import apply_overrides
 
-        data = {"passes": [{pass_name: {"scheme": setting.scheme(), **extra}}]}
+        extra = dict(extra)
+        data = {"passes": [{pass_name: {"scheme": {**setting.scheme(), **extra.pop("scheme", {})}, **extra}}]}
         sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
         if sets:
             record["overrides"] = sets
@@ -121,7 +128,7 @@ def run_ours(job: dict) -> dict:
 def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
     """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
     method = job["method"]
-    setting = None if method == "fp32" else common.Setting(job["bits"], job["group_size"])
+    setting = None if method == "fp32" else common.setting_of(job)
     if method in PEER_METHODS:
         missing = common.missing_peer(peer_python)
         if missing:
@@ -140,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Cost on 2 cores: rtn ~1-2 min/setting, llm-compressor GPTQ ~10 min/setting, "
         "llm-compressor AWQ ~80 min/setting. See benchmarks/README.md.",
     )
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)} (default: all)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma list of {', '.join(ALL_METHODS)} (default: %(default)s; for the float formats: "
+                        f"{','.join(FLOAT_METHODS)})")
     parser.add_argument("--settings", default=",".join(common.DEFAULT_SETTINGS),
-                        help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric (default: %(default)s)")
+                        help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric, or float weight formats "
+                        f"{', '.join(common.FLOAT_SETTINGS)} (default: %(default)s)")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     common.add_output_arg(parser, "quant_quality")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         if method == "fp32":
             jobs.append({"method": method, "bits": None, "group_size": None, **protocol})
         else:
-            jobs += [{"method": method, "bits": s.bits, "group_size": s.group_size, **protocol} for s in settings]
+            jobs += [{"method": method, **s.job(), **protocol} for s in settings]
     log.info("%d runs: %s", len(jobs), ", ".join(f"{j['method']}:{j['bits']}/{j['group_size']}" for j in jobs))
     done = []
     for job in jobs:

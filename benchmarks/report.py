@@ -62,7 +62,13 @@ def newest(records: Records, **match: Any) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
+FLOAT_LABELS = {"fp8": "FP8 E4M3 per-channel", "nvfp4": "NVFP4 (E2M1 g16, E4M3 scales)",
+                "mxfp4": "MXFP4 (E2M1 g32, E8M0 scales)"}
+
+
 def _setting_label(name: str) -> str:
+    if name in FLOAT_LABELS:
+        return FLOAT_LABELS[name]
     setting = common.parse_setting(name, allow_lossless=True)
     group = "per-channel" if setting.group_size == -1 else f"g{setting.group_size}"
     return f"W{setting.bits} {group}"
@@ -259,6 +265,45 @@ GGUF_LABELS = {"f32": "F32 (ours; llama-quantize's input)", "llama.cpp": "llama-
                "ours-gptq": "ours, imatrix-weighted scales, GPTQ codes"}
 
 
+FLOAT_METHODS = [("rtn", "RTN"), ("rtn-mse", "RTN, MSE scales"), ("gptq", "GPTQ"), ("gptq-mse", "GPTQ, MSE scales"),
+                 ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
+OUR_FLOAT = ("rtn", "rtn-mse", "gptq", "gptq-mse")
+
+
+def float_formats(records: Records) -> str:
+    """docs/benchmarks.md: SmolLM2 with float weights (FP8, NVFP4, MXFP4; 16-bit inputs), ours beside
+    llm-compressor's presets, and our best gap to fp32 as a multiple of the peer's best."""
+    fp32 = newest(records, method="fp32", status="ok")
+    rows, used = [], []
+    for name in common.FLOAT_SETTINGS:
+        cells = {m: newest(records, method=m, setting=name) for m, _ in FLOAT_METHODS}
+        if not any(cells.values()):
+            continue
+        used += [r for r in cells.values() if r]
+        ok = {m: r["ppl"] for m, r in cells.items() if r and r.get("status") == "ok" and r.get("ppl") is not None}
+        row = [FLOAT_LABELS[name]]
+        for method, _ in FLOAT_METHODS:
+            r = cells[method]
+            row.append("—" if r is None else f"{ok[method]:.2f}" if method in ok else (r.get("status") or "failed"))
+        ours = [ok[m] for m in OUR_FLOAT if m in ok]
+        peers = [ok[m] for m in ("llmc-rtn", "llmc-gptq") if m in ok]
+        ratio = "—"
+        if fp32 and ours and peers and min(peers) > fp32["ppl"]:
+            ratio = f"{(min(ours) - fp32['ppl']) / (min(peers) - fp32['ppl']):.2f}x"
+        times = [cells[m] and cells[m].get("compress_s") for m in ("gptq", "gptq-mse", "llmc-gptq")]
+        row += [ratio, " / ".join(f"{t:.0f}" if t else "—" for t in times)]
+        rows.append("| " + " | ".join(row) + " |")
+    if not rows:
+        return "_No full-protocol float-format records in `benchmarks/results/quant_quality.jsonl` yet._\n"
+    head = ["format", *(f"{label} ppl" for _, label in FLOAT_METHODS), "our best gap to fp32 / the peer's best",
+            "compress s (GPTQ / GPTQ MSE / llmc GPTQ)"]
+    out = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows) + "\n"
+    if fp32:
+        used.append(fp32)
+        out += f"\nfp32: {fp32['ppl']:.2f}.\n"
+    return out + "\n" + _provenance(used, "quant_quality") + "\n"
+
+
 def gguf(records: Records) -> str:
     """docs/serving.md: our GGUF files against llama-quantize's on SmolLM2 (benchmarks/gguf_compare.py)."""
     full = [r for r in records if not r.get("quick") and r.get("split") == "test" and r.get("status") == "ok"
@@ -292,6 +337,7 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "vllm-decode": ("vllm_decode", vllm_decode),
     "vllm-int8-probe": ("vllm_int8_probe", vllm_int8_probe),
     "gguf": ("gguf", gguf),
+    "float-formats": ("quant_quality", float_formats),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder

@@ -84,3 +84,23 @@ def test_headline_compares_like_with_like_and_calls_ties(tmp_path):
     assert "| W4 g64 | 25.99 / 26.08 (tie) | 25.78 (GPTQ) / 26.08 (llm-compressor GPTQ) (1.2% lower; gap to fp32 " in text
     assert "| W3 g64 | 36.00 / 38.39 (6.2% lower;" in text and "32.04 (GPTAQ) / 38.39 (llm-compressor GPTQ)" in text
     assert "fp32 23.07" in text and "W4 per-channel" not in text
+
+
+def test_float_formats_table_gives_each_method_and_our_gap_as_a_multiple_of_the_peers(tmp_path):
+    from benchmarks import _common as common
+
+    assert common.parse_setting("nvfp4") == common.Setting(4, 16, "nvfp4")
+    assert common.parse_setting("mxfp4").scheme() == {"type": "float", "bits": 4, "group_size": 32, "symmetric": True,
+                                                      "scale_format": "e8m0"}
+    assert common.setting_of(common.parse_setting("fp8").job()) == common.Setting(8, -1, "fp8")
+    results = _write(tmp_path, [
+        _record("fp32", "fp32", 20.0),
+        _record("rtn", "nvfp4", 26.0),
+        _record("gptq", "nvfp4", 22.0, compress_s=500.0),
+        _record("llmc-rtn", "nvfp4", 27.0),
+        _record("llmc-gptq", "nvfp4", 24.0, compress_s=400.0),
+        _record("rtn", "w4g64", 29.0),  # integer settings stay in their own table
+    ])
+    text = report.render("<!-- report:float-formats -->\n<!-- /report:float-formats -->\n", results)
+    assert "| NVFP4 (E2M1 g16, E4M3 scales) | 26.00 | — | 22.00 | — | 27.00 | 24.00 | 0.50x | 500 / — / 400 |" in text
+    assert "MXFP4" not in text and "29.00" not in text and "fp32: 20.00." in text
