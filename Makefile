@@ -113,9 +113,9 @@ bench: bench-setup
 	$(PY) -m benchmarks.quant_quality
 	$(PY) -m benchmarks.cnn_adaround
 
-# FP8 / NVFP4 / MXFP4 weights, ours beside llm-compressor's presets (~2 h on 2 CPU cores)
+# FP8 / NVFP4 / MXFP4 weights, ours beside llm-compressor's presets; the dev split picks our GPTQ's observer (~70 min)
 bench-float: bench-setup
-	$(PY) -m benchmarks.quant_quality --settings fp8,nvfp4,mxfp4 --methods fp32,rtn,rtn-mse,gptq,gptq-mse,llmc-rtn,llmc-gptq
+	PY=$(PY) bash benchmarks/float_formats.sh
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures

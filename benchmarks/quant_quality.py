@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         record["protocol"] = {"quick": args.quick, **protocol}
         common.emit(record, args.output)
         done.append(record)
-    from benchmarks.report import quant_quality
+    from benchmarks.report import float_formats, quant_quality
 
-    log.info("this run (appended to %s):\n%s", args.output, quant_quality(done, source=None))
+    table = float_formats(done) if all(s.fmt != "int" for s in settings) else quant_quality(done, source=None)
+    log.info("this run (appended to %s):\n%s", args.output, table)
 
 
 if __name__ == "__main__":

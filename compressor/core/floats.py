@@ -24,7 +24,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["FloatFormat", "E4M3", "E2M1", "ELEMENTS", "element_format", "round_to_grid", "encode", "decode",
+__all__ = ["FloatFormat", "E4M3", "E2M1", "ELEMENTS", "element_format", "round_to_grid", "round_to_grid_reference",
+           "encode", "decode",
            "e8m0_encode", "e8m0_decode", "mx_scale", "round_scale_e4m3", "E8M0_MIN_EXP", "E8M0_MAX_EXP"]
 
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127  # codes 0 and 254; 255 is NaN
@@ -101,6 +102,10 @@ def _magnitude_index(fmt: FloatFormat, x: torch.Tensor) -> torch.Tensor:
 def round_to_grid(fmt: FloatFormat, x: torch.Tensor) -> torch.Tensor:
     """Nearest representable value of ``x`` (ties to even, saturating at ±max), in ``x``'s dtype.
 
+    E4M3 uses torch's ``float8_e4m3fn`` cast of the clamped value (round to nearest even); E2M1 rounds
+    ``|x|`` on the spacing of its binade (0.5 below 2, 1 below 4, 2 above) with ``torch.round``, whose halves go
+    to even. Both equal :func:`round_to_grid_reference`, the search over every value (tested).
+
     Args:
         fmt: the element format.
         x: any float tensor, finite.
@@ -108,6 +113,17 @@ def round_to_grid(fmt: FloatFormat, x: torch.Tensor) -> torch.Tensor:
     Returns:
         Same shape and dtype as ``x``; the sign of a value that rounds to zero is kept (-0.0).
     """
+    if fmt is E4M3:
+        return x.clamp(-fmt.max, fmt.max).to(torch.float8_e4m3fn).to(x.dtype)
+    if fmt is E2M1:
+        a = x.detach().abs().float().clamp(max=fmt.max)
+        step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+        return torch.copysign(torch.round(a / step) * step, x.detach().float()).to(x.dtype)
+    return round_to_grid_reference(fmt, x)
+
+
+def round_to_grid_reference(fmt: FloatFormat, x: torch.Tensor) -> torch.Tensor:
+    """:func:`round_to_grid` by search over every representable magnitude (float64): the specification."""
     mag = fmt.magnitudes().to(x.device)[_magnitude_index(fmt, x)]
     return torch.where(torch.signbit(x), -mag, mag).to(x.dtype)
 

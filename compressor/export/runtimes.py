@@ -77,7 +77,9 @@ def vllm_cpu(qcfg: dict) -> str:
     true_bits = ((qcfg.get("compressor") or {}).get("weights") or {})
     kinds = set()
     for name, w, act, fmt in _groups(qcfg):
-        if act and fmt == "int-quantized" and w.get("num_bits") == 8 and act.get("num_bits") == 8:
+        if w.get("type", "int") == "float":  # vLLM 0.32 lists no CPU kernel for FP8 weight-only, NVFP4 or MXFP4
+            kinds.add(NO)
+        elif act and fmt == "int-quantized" and w.get("num_bits") == 8 and act.get("num_bits") == 8:
             kinds.add(YES if true_bits.get(name, {}).get("num_bits", 8) <= 7 else WITH_VNNI)
         elif act is None and w.get("num_bits") == 4:
             kinds.add(AVX512_ONLY)

@@ -103,4 +103,9 @@ def test_float_formats_table_gives_each_method_and_our_gap_as_a_multiple_of_the_
     ])
     text = report.render("<!-- report:float-formats -->\n<!-- /report:float-formats -->\n", results)
     assert "| NVFP4 (E2M1 g16, E4M3 scales) | 26.00 | — | 22.00 | — | 27.00 | 24.00 | 0.50x | 500 / — / 400 |" in text
+    (tmp_path / "b").mkdir()
+    results = _write(tmp_path / "b", [_record("fp32", "fp32", 20.0), _record("rtn", "fp8", 20.1),
+                                      _record("llmc-rtn", "fp8", 20.2)])
+    text = report.render("<!-- report:float-formats -->\n<!-- /report:float-formats -->\n", results)
+    assert "| FP8 E4M3 per-channel | 20.10 | — | — | — | 20.20 | — | — | — / — / — |" in text  # no GPTQ: no ratio
     assert "MXFP4" not in text and "29.00" not in text and "fp32: 20.00." in text

@@ -63,15 +63,27 @@ def test_rounding_matches_brute_force_at_midpoints_ties_and_saturation(fmt):
     eps = mids * 2.0**-20
     probes = torch.cat([mags, mids, mids + eps, mids - eps, torch.tensor([fmt.max * 1.01, fmt.max * 1e3, 1e30, 0.0])])
     probes = torch.cat([probes, -probes]).float()
-    got = floats.round_to_grid(fmt, probes)
     want = torch.tensor([_brute_round(float(x), fmt) for x in probes])
-    assert torch.equal(got, want)
-    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    for got in (floats.round_to_grid(fmt, probes), floats.round_to_grid_reference(fmt, probes)):
+        assert torch.equal(got, want)
+        assert torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+@pytest.mark.parametrize("fmt", [floats.E4M3, floats.E2M1], ids=["e4m3", "e2m1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_rounding_equals_the_search_over_every_value(fmt, dtype):
+    mags = fmt.magnitudes()
+    mids = (mags[1:] + mags[:-1]) / 2
+    x = torch.cat([torch.randn(50000) * fmt.max / 3, mags, mids, -mids, torch.tensor([1e4, -1e4, 0.0, -0.0])])
+    x = x.to(dtype)
+    fast, ref = floats.round_to_grid(fmt, x), floats.round_to_grid_reference(fmt, x)
+    assert fast.dtype == dtype and torch.equal(fast, ref) and torch.equal(torch.signbit(fast), torch.signbit(ref))
 
 
 def test_e4m3_rounding_matches_torch_cast_on_random_values():
     x = torch.randn(20000) * torch.exp2(torch.randint(-12, 10, (20000,)).float())
-    assert torch.equal(floats.round_to_grid(floats.E4M3, x), x.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert torch.equal(floats.round_to_grid_reference(floats.E4M3, x), want)
 
 
 def test_e2m1_rounding_matches_compressed_tensors_cast():
