@@ -54,6 +54,9 @@ def vllm_blockers(qcfg: dict) -> list[str]:
             if not w.get("symmetric", True) or w.get("strategy") not in ("channel", "tensor"):
                 out.append(f"{name}: {bits} int-quantized needs symmetric per-channel weights "
                            "(quantize with symmetric: true, group_size: -1)")
+        if w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") == "group":
+            out.append(f"{name}: FP8 weights in groups of {w.get('group_size')} (vLLM reads FP8 weights per tensor, "
+                       "channel or block: quantize with group_size: -1)")
         if act and not act.get("symmetric", True) and fmt == "pack-quantized":
             out.append(f"{name}: {bits} with asymmetric inputs has no packed-weight kernel (symmetric inputs only)")
     kv = qcfg.get("kv_cache_scheme")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
+from compressor.core.scheme import QuantScheme
 from compressor.core.state import quant_state
 from compressor.export import compressed_tensors as ct_export
 from compressor.export.summary import summarize
@@ -177,3 +178,14 @@ def test_a_loaded_float_export_turns_back_into_trainable_linears_and_reexports_i
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
                            b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
+
+
+def test_vllm_blocker_for_fp8_weights_in_groups():
+    from compressor.export.runtimes import vllm_blockers
+
+    fp8 = QuantScheme(type="float", bits=8, group_size=32, symmetric=True)
+    qcfg = {"config_groups": {"group_0": {"weights": ct_export.scheme_to_ct_args(fp8), "format": "float-quantized"}}}
+    assert any("FP8 weights in groups of 32" in b for b in vllm_blockers(qcfg))
+    qcfg["config_groups"]["group_0"]["weights"] = ct_export.scheme_to_ct_args(
+        QuantScheme(type="float", bits=8, group_size=-1, symmetric=True))
+    assert vllm_blockers(qcfg) == []
