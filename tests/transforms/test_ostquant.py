@@ -143,8 +143,10 @@ def test_without_r3_or_kv_the_attention_implementation_is_restored():
 
 
 def test_training_lowers_the_kl_top_loss():
+    """Each step draws its own calibration batch, so single losses are noisy: compare means of five. At lr 2e-2
+    the ratio sat at 0.80 on one CPU and just above on another (AMD EPYC, 2026-12-05); at 1e-2 it is 0.58 there."""
     model = _llama(hidden=64, inter=96)
-    cfg = OSTQuantConfig(steps=30, samples=2, top_k=40, lr=2e-2, lr_scale=3e-2, qsur_samples=0,
+    cfg = OSTQuantConfig(steps=30, samples=2, top_k=40, lr=1e-2, lr_scale=3e-2, qsur_samples=0,
                          weight=QuantScheme(bits=2, group_size=-1, symmetric=False), bits=3, kv_bits=3)
     losses = ostquant_model(model, IDS, cfg, quiet=True)["losses"]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
