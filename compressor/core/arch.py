@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "find_blocks", "DecoderLayout", "LAYOUTS", "layout_for", "layout_of_config", "head_counts", "set_config_shapes",
+    "find_blocks", "DecoderLayout", "LAYOUTS", "LAYOUT_FEATURES", "layout_for", "layout_of_config", "head_counts", "set_config_shapes",
     "resize_mlp", "resize_attention", "block_config", "attention_head_dim", "attention_modules",
     "eager_attention", "base_attention", "register_attention", "attention_function", "set_attention",
     "attention_implementation", "set_attention_implementation", "PARAM_KINDS", "parameter_kinds",
@@ -64,6 +64,18 @@ class DecoderLayout:
     decoder block (blocks come from :func:`compressor.core.arch.find_blocks`; the
     embedding and ``lm_head`` from ``get_input_embeddings`` /
     ``get_output_embeddings``).
+
+    A family whose ``q``, ``k`` and ``v`` name one module keeps them fused (Phi-3's
+    ``qkv_proj``, rows q then k then v); ``gate`` equal to ``up`` is a fused
+    ``gate_up_proj`` (rows gate then up). ``norm_offset`` is what the norms add to
+    their weight (Gemma's RMSNorm scales by ``1 + w``). ``post_norms`` are norms on
+    the attention and MLP outputs before the residual add (Gemma 2/3's sandwich);
+    their per-channel weights do not commute with a rotation of the residual
+    stream. ``experts`` / ``router`` are the fused MoE experts and the router of a
+    block whose MLP is a mixture of experts (blocks without them have the dense
+    ``gate`` / ``up`` / ``down``). :attr:`features` names what a consumer must
+    handle beyond the Llama layout; :func:`layout_for` refuses a layout whose
+    features its caller does not list.
     """
 
     final_norm: str
@@ -77,13 +89,37 @@ class DecoderLayout:
     up: str
     down: str
     qk_norm: str | None = None  # per-head query norm after q_proj (Qwen3, Gemma 3), None when absent
+    norm_offset: float = 0.0
+    post_norms: tuple[str, ...] = ()
+    experts: str | None = None
+    router: str | None = None
 
     # the per-block fields, in forward order
     BLOCK: ClassVar[tuple[str, ...]] = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
     LINEARS: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "gate", "up", "down")
+    ATTENTION: ClassVar[tuple[str, ...]] = ("attn_norm", "q", "k", "v", "o", "mlp_norm")
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether q, k and v are one linear (rows: q, then k, then v)."""
+        return self.q == self.k == self.v
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """Whether gate and up are one linear (rows: gate, then up)."""
+        return self.gate == self.up
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What this layout has beyond the Llama one: a subset of :data:`LAYOUT_FEATURES`' keys."""
+        have = {"norm_offset": self.norm_offset != 0.0, "post_norms": bool(self.post_norms),
+                "fused_qkv": self.fused_qkv, "fused_gate_up": self.fused_gate_up, "experts": self.experts is not None}
+        return frozenset(k for k, v in have.items() if v)
 
     def modules(self, block: nn.Module, where: str, keys: tuple[str, ...] = BLOCK) -> dict[str, nn.Module]:
         """``{field: module}`` of one decoder block (``where`` names the block in errors).
+
+        Fused fields (``q``/``k``/``v`` of a ``qkv_proj``) map to the same module.
 
         Raises:
             ValueError: the block has no module at one of the layout's paths.
@@ -96,6 +132,23 @@ class DecoderLayout:
                 raise ValueError(f"{where} has no module {getattr(self, key)!r}; the architecture does not match "
                                  "its layout in compressor.core.arch.LAYOUTS") from None
         return out
+
+    def moe_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """``(router, experts)`` of a block whose MLP is a mixture of experts, else None (a dense block)."""
+        if self.experts is None:
+            return None
+        try:
+            return block.get_submodule(self.router), block.get_submodule(self.experts)
+        except AttributeError:
+            return None
+
+    def v_rows(self, n_heads: int, n_kv: int, head_dim: int) -> slice:
+        """The rows of the ``v`` module's weight that are the values: all of them, or the last
+        ``n_kv * head_dim`` rows of a fused ``qkv_proj`` (after ``n_heads`` query and ``n_kv`` key heads)."""
+        if not self.fused_qkv:
+            return slice(0, n_kv * head_dim)
+        start = (n_heads + n_kv) * head_dim
+        return slice(start, start + n_kv * head_dim)
 
     def has_qk_norm(self, block: nn.Module) -> bool:
         """Whether ``block`` normalizes queries (and keys) per head after their projections."""
@@ -118,16 +171,39 @@ class DecoderLayout:
         return self.down.rpartition(".")[0]
 
 
+# what each DecoderLayout feature means, for refusals
+LAYOUT_FEATURES: dict[str, str] = {
+    "norm_offset": "RMSNorms that scale by 1 + w",
+    "post_norms": "norms on the attention and MLP outputs (sandwich norms)",
+    "fused_qkv": "a fused qkv_proj",
+    "fused_gate_up": "a fused gate_up_proj",
+    "experts": "mixture-of-experts MLPs",
+}
+
 _LLAMA_LIKE = DecoderLayout(
     final_norm="model.norm", attn_norm="input_layernorm", q="self_attn.q_proj", k="self_attn.k_proj",
     v="self_attn.v_proj", o="self_attn.o_proj", mlp_norm="post_attention_layernorm", gate="mlp.gate_proj",
     up="mlp.up_proj", down="mlp.down_proj",
 )
+# Gemma 2 / 3: input_layernorm -> attention -> post_attention_layernorm -> + residual;
+# pre_feedforward_layernorm -> MLP -> post_feedforward_layernorm -> + residual; norms scale by 1 + w
+_GEMMA = replace(_LLAMA_LIKE, mlp_norm="pre_feedforward_layernorm", norm_offset=1.0,
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
+# Qwen3-MoE (its mlp_only_layers are dense), Mixtral, OLMoE: mlp.gate is the router (weight (E, H)), mlp.experts
+# the fused experts (arch.GATE_UP_DOWN)
+_MOE = dict(experts="mlp.experts", router="mlp.gate")
 
 # keyed by config.model_type; Qwen3's per-head q_norm/k_norm act after q/k_proj and are untouched by R1/R2
 LAYOUTS: dict[str, DecoderLayout] = {
     "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE,
     "qwen3": replace(_LLAMA_LIKE, qk_norm="self_attn.q_norm"),
+    "gemma2": _GEMMA,
+    "gemma3_text": replace(_GEMMA, qk_norm="self_attn.q_norm"),
+    "phi3": replace(_LLAMA_LIKE, q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
+                    gate="mlp.gate_up_proj", up="mlp.gate_up_proj"),
+    "qwen3_moe": replace(_LLAMA_LIKE, qk_norm="self_attn.q_norm", **_MOE),
+    "mixtral": replace(_LLAMA_LIKE, **_MOE),
+    "olmoe": replace(_LLAMA_LIKE, **_MOE),  # its q_norm / k_norm span all heads, after q/k_proj: untouched by R1/R2
 }
 
 
@@ -150,30 +226,44 @@ def fused_groups(names: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def layout_for(model: nn.Module, who: str = "rotate", kind: str = "rotation") -> DecoderLayout:
+def layout_for(model: nn.Module, who: str = "rotate", kind: str = "rotation",
+               supports: frozenset[str] = frozenset()) -> DecoderLayout:
     """The :class:`DecoderLayout` of ``model`` from ``model.config.model_type``.
 
     Raises:
-        ValueError: the family has no entry in :data:`LAYOUTS` (``who`` names the pass that needed it,
+        ValueError: the family has no entry in :data:`LAYOUTS`, or its layout has
+            :attr:`DecoderLayout.features` outside ``supports`` (``who`` names the pass that needed it,
             ``kind`` what it needed the layout for).
     """
-    return layout_of_config(getattr(model, "config", None), who, type(model).__name__, kind)
+    return layout_of_config(getattr(model, "config", None), who, type(model).__name__, kind, supports)
 
 
-def layout_of_config(config: Any, who: str, what: str | None = None, kind: str = "decoder") -> DecoderLayout:
+def layout_of_config(config: Any, who: str, what: str | None = None, kind: str = "decoder",
+                     supports: frozenset[str] = frozenset()) -> DecoderLayout:
     """The :class:`DecoderLayout` of a Hugging Face config's ``model_type``.
 
+    Args:
+        supports: the :data:`LAYOUT_FEATURES` the caller handles; a layout with any other is refused.
+
     Raises:
-        ValueError: the family has no entry in :data:`LAYOUTS`.
+        ValueError: the family has no entry in :data:`LAYOUTS`, or has a feature the caller does not handle.
     """
     model_type = getattr(config, "model_type", None)
+    plain = sorted(t for t, lay in LAYOUTS.items() if not lay.features - supports)
     if model_type not in LAYOUTS:
         raise ValueError(
             f"{who}: no {kind} layout for model_type={model_type!r}{f' ({what})' if what else ''}; supported: "
-            f"{sorted(LAYOUTS)} (RMSNorm decoders with a gated MLP). Add a DecoderLayout to "
+            f"{plain} (RMSNorm decoders with a gated MLP). Add a DecoderLayout to "
             f"compressor.core.arch.LAYOUTS for another such family, or drop the {who} pass"
         )
-    return LAYOUTS[model_type]
+    layout = LAYOUTS[model_type]
+    missing = [f for f in LAYOUT_FEATURES if f in layout.features - supports]
+    if missing:
+        raise ValueError(
+            f"{who}: model_type={model_type!r} has {', '.join(LAYOUT_FEATURES[f] for f in missing)}, which {who} "
+            f"does not handle yet; supported families: {plain}. Drop the {who} pass for this model"
+        )
+    return layout
 
 
 @dataclass(frozen=True)

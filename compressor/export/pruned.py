@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 def _check_config_shapes(model: nn.Module) -> None:
     """Every block must have the shapes its config describes, or a plain loader would fail.
 
-    Only families in :data:`compressor.core.arch.LAYOUTS` can have been pruned
-    structurally; other models are not checked.
+    Only families in :data:`compressor.core.arch.LAYOUTS` without extra features (the ones structured
+    pruning handles) can have been pruned structurally; other models are not checked.
     """
     config = model.config
-    if getattr(config, "model_type", None) not in LAYOUTS:
+    layout = LAYOUTS.get(getattr(config, "model_type", None))
+    if layout is None or layout.features:
         return
-    layout = LAYOUTS[config.model_type]
     _, _, head_dim = head_counts(config)
     want = {layout.q: config.num_attention_heads * head_dim, layout.k: config.num_key_value_heads * head_dim,
             layout.gate: config.intermediate_size}

@@ -34,6 +34,9 @@ class RotateConfig(PassConfig):
             ``load_compressed`` and vLLM apply it).
         online_o: online Hadamard before o_proj, mixing the heads (QuaRot's; default
             false; exported like ``r4``). Use it when linear inputs are quantized to 4 bits.
+        r1_at: ``"residual"`` (R1 fused into the residual stream), ``"inputs"`` (an online
+            Hadamard on every reader's input: Gemma 2/3, whose sandwich norms forbid the
+            residual rotation) or ``"auto"`` (the default: whichever the family allows).
     """
 
     targets: tuple[str, ...] = field(default=(), init=False)
@@ -44,6 +47,7 @@ class RotateConfig(PassConfig):
     r3: bool = False
     r4: bool = True
     online_o: bool = False
+    r1_at: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,13 +55,15 @@ class RotateConfig(PassConfig):
             raise ValueError(f"rotate.seed must be a non-negative integer, got {self.seed!r}")
         if self.r1 not in ("hadamard", "random"):
             raise ValueError(f"rotate.r1={self.r1!r}: use 'hadamard' or 'random'")
+        if self.r1_at not in ("auto", "residual", "inputs"):
+            raise ValueError(f"rotate.r1_at={self.r1_at!r}: use 'auto', 'residual' or 'inputs'")
         for name in ("r2", "r3", "r4", "online_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rotate.{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "r1": self.r1, "r2": self.r2, "r3": self.r3, "r4": self.r4,
-                "online_o": self.online_o}
+                "online_o": self.online_o, "r1_at": self.r1_at}
 
 
 @register_pass
@@ -75,7 +81,8 @@ class RotatePass(Pass):
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model`` in place; what was applied is kept in ``self.applied``."""
         c = self.config
-        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4, online_o=c.online_o)
+        self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4, online_o=c.online_o,
+                                    r1_at=c.r1_at)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("rotate is a model-level pass: run the recipe through compressor.compress, which "

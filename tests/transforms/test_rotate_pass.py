@@ -30,7 +30,7 @@ def test_config_validation_and_round_trip():
     name, cfg = recipe.passes[0]
     assert name == "rotate" and cfg == RotateConfig(seed=3, r4=False)
     assert recipe.to_dict()["passes"][0] == {"rotate": {"seed": 3, "r1": "hadamard", "r2": True, "r3": False, "r4": False,
-                                                    "online_o": False}}
+                                                    "online_o": False, "r1_at": "auto"}}
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="unknown key 'passes\\[0\\].rotate.sed'.*did you mean 'seed'"):
         Recipe.from_dict({"passes": [{"rotate": {"sed": 0}}]})
@@ -42,6 +42,8 @@ def test_config_validation_and_round_trip():
         RotateConfig(seed=-1)
     with pytest.raises(ValueError, match="true or false"):
         RotateConfig(r2=1)
+    with pytest.raises(ValueError, match="use 'auto', 'residual' or 'inputs'"):
+        RotateConfig(r1_at="stream")
 
 
 def test_rotate_then_rtn_through_compress():

@@ -46,16 +46,38 @@ def write_param(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
-def fold_norm(norm: nn.Module, linears: list[nn.Linear], name: str) -> None:
-    """RMSNorm weight g into the following linears: W ← W diag(g); g ← 1."""
+def fold_norm(norm: nn.Module, readers: list, name: str, offset: float = 0.0) -> None:
+    """RMSNorm scale g = offset + w into the weights that read its output: W ← W diag(g); w ← 1 - offset.
+
+    Args:
+        norm: an RMSNorm with a (d,) ``weight`` and no bias; it scales by ``offset + weight``
+            (``offset`` 1 for Gemma's norms, 0 otherwise), so after the fold it scales by 1.
+        readers: modules with a ``weight`` (..., d), or parameters (..., d) (fused experts' (E, N, d)),
+            whose last dim multiplies the normalized stream; one reader listed twice (a fused
+            ``qkv_proj`` as q, k and v) is folded once.
+        name: the norm's name, for errors.
+
+    Raises:
+        ValueError: ``norm`` is not an RMSNorm with a (d,) weight and no bias.
+    """
     g = getattr(norm, "weight", None)
     if not isinstance(g, torch.Tensor) or g.ndim != 1 or getattr(norm, "bias", None) is not None:
         raise ValueError(f"rotate: {name} ({type(norm).__name__}) is not an RMSNorm with a (d,) weight and no bias; "
                          "only RMSNorm decoders can be rotated exactly")
-    g64 = g.detach().double()
-    for lin in linears:
-        write_param(lin.weight, lin.weight.detach().double() * g64.to(lin.weight.device)[None, :])
-    g.data.fill_(1.0)
+    g64 = g.detach().double() + offset
+    seen: set[int] = set()
+    for reader in readers:
+        w = reader if isinstance(reader, torch.Tensor) else reader.weight
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        scale = g64.to(w.device)
+        if w.ndim == 3:  # fused experts: one expert at a time, no float64 copy of all of them
+            for e in range(w.shape[0]):
+                write_param(w[e], w[e].detach().double() * scale)
+        else:
+            write_param(w, w.detach().double() * scale)
+    g.data.fill_(1.0 - offset)
 
 
 def untie_embeddings(model: nn.Module, emb: nn.Module, head: nn.Module) -> bool:
@@ -67,14 +89,17 @@ def untie_embeddings(model: nn.Module, emb: nn.Module, head: nn.Module) -> bool:
     return True
 
 
-def fresh_decoder(model: nn.Module, who: str) -> tuple:
+def fresh_decoder(model: nn.Module, who: str, supports: frozenset[str] = frozenset()) -> tuple:
     """``(layout, blocks_name, blocks, embedding, lm_head)`` of a model neither rotated nor quantized.
 
+    Args:
+        supports: the :data:`compressor.core.arch.LAYOUT_FEATURES` the caller handles.
+
     Raises:
-        ValueError: an unsupported family, a model already rotated or
+        ValueError: an unsupported family (or layout feature), a model already rotated or
             quantized, or no nn.Embedding input / nn.Linear lm_head.
     """
-    layout = layout_for(model, who)
+    layout = layout_for(model, who, supports=supports)
     if getattr(model, "rotation_info", None) is not None or online_transforms(model) or qk_rotations(model):
         raise ValueError(f"{who}: the model is already rotated; run rotate or ostquant once, on a freshly loaded model")
     quantized = [n for n, m in model.named_modules() if is_quantized(m)]
