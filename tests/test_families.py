@@ -111,6 +111,24 @@ def test_moe_family_quantizes_experts_and_reloads(family, method, tmp_path):
     torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", MOE_RTN)
+def test_moe_family_prunes_experts_and_reloads(family, tmp_path):
+    """Wanda 2:4 prunes every expert (each projection its own matrix, from its routed tokens); a pruned-only model
+    exports as a plain checkpoint, which transformers reloads into its fused experts with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(family, **MOE, **MOE_FAMILIES[family])
+    recipe = Recipe.from_dict({"passes": [RECIPES["wanda-2:4"]]})
+    compress(model, recipe, calibration=IDS, quiet=True, output=tmp_path / "e")
+    cov = coverage(model, recipe.build())
+    assert cov["compressed"] == cov["targeted"] and cov["kinds"]["experts"]["compressed"] == cov["kinds"]["experts"]["total"] > 0
+    for name, p in model.named_parameters():
+        if p.ndim == 3:  # (E, N, K): at least 2 zeros in every 4 consecutive inputs
+            assert ((p.reshape(*p.shape[:2], -1, 4) == 0).sum(-1) >= 2).all(), name
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "e", dtype=torch.float32).eval()
+    assert torch.equal(_logits(theirs), _logits(model))
+
+
 def test_moe_export_uses_the_checkpoint_names_vllm_reads(tmp_path):
     """Mixtral's checkpoints (and vLLM) name experts block_sparse_moe.experts.{e}.w1/w3/w2; Qwen3-MoE's
     mlp.experts.{e}.gate_proj/up_proj/down_proj. Routers stay in full precision, listed in ignore."""
@@ -166,8 +184,9 @@ def test_moe_expert_state_survives_a_block_checkpoint(tmp_path):
 def test_moe_passes_without_expert_support_refuse():
     model = tiny("qwen3_moe", **MOE)
     with pytest.raises(ValueError, match=r"would leave .*experts.* untouched .*Qwen3MoeExperts parameters, which "
-                                         r"prune cannot compress yet.*add 're:model\\\.layers"):
-        compress(model, Recipe.from_dict({"passes": [RECIPES["wanda-2:4"]]}), calibration=IDS, quiet=True)
+                                         r"adaround cannot compress yet.*add 're:model\\\.layers"):
+        compress(model, Recipe.from_dict({"passes": [{"adaround": {"scheme": {"bits": 4, "group_size": 32}}}]}),
+                 calibration=IDS, quiet=True)
 
 
 W3 = {"bits": 3, "group_size": 32}

@@ -18,10 +18,10 @@ from torch import nn
 
 from compressor.core.arch import PARAM_KINDS, parameter_kinds
 from compressor.core.passes import Pass, matches, select_modules
-from compressor.core.sparsity import is_pruned
+from compressor.core.sparsity import MASK_SUFFIX, is_pruned
 from compressor.core.state import EXPERT_SUFFIXES, gguf_state, is_experts_quantized, is_quantized
 
-__all__ = ["coverage", "format_coverage", "check_untouched", "UNTOUCHED_LIMIT"]
+__all__ = ["ignore_entry", "coverage", "format_coverage", "check_untouched", "UNTOUCHED_LIMIT"]
 
 UNTOUCHED_LIMIT = 0.01  # a weight holding this fraction of the parameters may not be skipped silently
 
@@ -43,6 +43,8 @@ def _compressed(owner: nn.Module | None, leaf: str) -> bool:
     if owner is None:
         return False
     if leaf == "weight" and (is_quantized(owner) or is_pruned(owner) or gguf_state(owner) is not None):
+        return True
+    if is_pruned(owner) and leaf + MASK_SUFFIX in owner._buffers:  # pruned fused experts
         return True
     return is_experts_quantized(owner) and leaf + EXPERT_SUFFIXES[0] in owner._buffers
 
@@ -95,7 +97,7 @@ def format_coverage(cov: dict) -> str:
             f"{_count(cov['total'])}, {share:.1%} of targeted; {kinds}")
 
 
-def _ignore_entry(module_name: str) -> str:
+def ignore_entry(module_name: str) -> str:
     """The ``ignore`` pattern for this module in every block: ``re:`` with the block indices generalized."""
     pattern = re.escape(module_name)
     generalized = re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", pattern)
@@ -141,7 +143,7 @@ def check_untouched(model: nn.Module, passes: list[Pass], limit: float = UNTOUCH
             else:
                 why = "no target matches them"
             passes_named = ", ".join(sorted({p.name for p in group}))
-            problems.setdefault((passes_named, _ignore_entry(owner_name), why), []).append((name, param))
+            problems.setdefault((passes_named, ignore_entry(owner_name), why), []).append((name, param))
     if problems:
         lines = []
         for (passes_named, entry, why), tensors in problems.items():

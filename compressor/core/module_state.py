@@ -17,7 +17,7 @@ from torch import nn
 
 from compressor.core.arch import GATE_UP_DOWN
 from compressor.core.scheme import QuantScheme
-from compressor.core.sparsity import SparsityInfo, is_pruned
+from compressor.core.sparsity import MASK_SUFFIX, SparsityInfo, is_pruned
 from compressor.core.state import EXPERT_SUFFIXES, QUANT_BUFFERS, is_experts_quantized, is_quantized
 
 __all__ = ["StateKind", "STATE_KINDS"]
@@ -45,9 +45,8 @@ class StateKind:
 
 def _restore_sparsity(module: nn.Module, info: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
     module.sparsity_info = SparsityInfo(**info)
-    mask = tensors.get("weight_mask")
-    if mask is not None:
-        module.register_buffer("weight_mask", mask.to(device), persistent=False)
+    for name, mask in tensors.items():  # weight_mask, or a fused-experts module's {param}_mask
+        module.register_buffer(name, mask.to(device), persistent=False)
 
 
 def _scheme_restorer(attribute: str) -> Callable[[nn.Module, dict, dict[str, torch.Tensor], torch.device], None]:
@@ -63,13 +62,18 @@ def _scheme_restorer(attribute: str) -> Callable[[nn.Module, dict, dict[str, tor
 
 def _mask_tensor(module: nn.Module) -> dict[str, torch.Tensor]:
     # the mask itself, not weight != 0: after quantization some kept weights round to zero
-    mask = module._buffers.get("weight_mask") if is_pruned(module) else None
-    return {} if mask is None else {"weight_mask": mask.detach().cpu().contiguous()}
+    if not is_pruned(module):
+        return {}
+    return {name: b.detach().cpu().contiguous() for name, b in module._buffers.items()
+            if name in _MASK_BUFFERS and b is not None}
+
+
+_MASK_BUFFERS = ("weight_mask",) + tuple(p + MASK_SUFFIX for p, _ in GATE_UP_DOWN.params)
 
 
 # restored in this order: a pruned module's mask before its quantization parameters
 STATE_KINDS: tuple[StateKind, ...] = (
-    StateKind("pruned", lambda m: vars(m.sparsity_info) if is_pruned(m) else None, _mask_tensor, ("weight_mask",),
+    StateKind("pruned", lambda m: vars(m.sparsity_info) if is_pruned(m) else None, _mask_tensor, _MASK_BUFFERS,
               _restore_sparsity),
     StateKind("schemes", lambda m: m.quant_scheme.to_dict() if is_quantized(m) else None, lambda m: {},
               QUANT_BUFFERS, _scheme_restorer("quant_scheme")),

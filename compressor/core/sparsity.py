@@ -1,6 +1,8 @@
 """Pruning state carried by a pruned ``nn.Linear`` between passes.
 
-The analogue of :mod:`compressor.core.state`. A pruned module keeps its
+The analogue of :mod:`compressor.core.state`. Fused MoE experts (3-D parameters
+``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) are pruned per expert and keep
+one mask per parameter, ``{param}_mask`` (E, N, K) (:func:`attach_expert_masks`). A pruned module keeps its
 ``weight`` parameter, with exact zeros where pruned, and gains:
 
 * ``weight_mask`` non-persistent buffer (N, K) bool, True = kept. Non-persistent
@@ -22,7 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["SparsityInfo", "attach_mask", "is_pruned", "prune_mask"]
+__all__ = ["SparsityInfo", "attach_mask", "is_pruned", "prune_mask", "MASK_SUFFIX", "attach_expert_masks",
+           "expert_mask", "pruned_zeros"]
+
+MASK_SUFFIX = "_mask"  # fused experts: buffer ``{param}_mask`` (E, N, K) bool beside each pruned parameter
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,51 @@ def prune_mask(module: nn.Module) -> torch.Tensor | None:
         return None
     mask = module._buffers.get("weight_mask")
     return mask if mask is not None else module.weight != 0
+
+
+def attach_expert_masks(module: nn.Module, masks: dict[str, torch.Tensor], method: str, structure: str) -> None:
+    """Record per-expert masks on a fused-experts module and zero the pruned weights in place.
+
+    Args:
+        module: the fused-experts module; each ``masks`` key names one of its 3-D parameters.
+        masks: parameter name → (E, N, K) bool, True = kept.
+        method: the pruning method.
+        structure: ``"unstructured"`` or ``"N:M"``.
+
+    Raises:
+        ValueError: a mask that does not fit its parameter.
+    """
+    kept = total = 0
+    for pname, mask in masks.items():
+        param = getattr(module, pname)
+        if mask.shape != param.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} does not fit {pname} {tuple(param.shape)}")
+        mask = mask.detach().to(device=param.device, dtype=torch.bool)
+        with torch.no_grad():
+            for e in range(param.shape[0]):  # in place, one expert at a time: no second copy of the experts
+                param.data[e].masked_fill_(~mask[e], 0)
+        module.register_buffer(pname + MASK_SUFFIX, mask.clone(), persistent=False)
+        kept += int(mask.sum())
+        total += mask.numel()
+    module.sparsity_info = SparsityInfo(method, structure, 1.0 - kept / max(total, 1))
+
+
+def expert_mask(module: nn.Module, pname: str, expert: int) -> torch.Tensor | None:
+    """(N, K) bool mask of expert ``expert``'s matrix in fused parameter ``pname`` (True = kept), or None when
+    the module was not pruned (falls back to ``!= 0`` when the buffer is gone)."""
+    if not is_pruned(module):
+        return None
+    mask = module._buffers.get(pname + MASK_SUFFIX)
+    return mask[expert] if mask is not None else getattr(module, pname)[expert] != 0
+
+
+def pruned_zeros(module: nn.Module) -> int:
+    """How many weights of a pruned module (a linear or fused experts) its masks remove."""
+    if not is_pruned(module):
+        return 0
+    masks = [b for n, b in module._buffers.items() if n.endswith(MASK_SUFFIX) and n != "weight_mask"]
+    if masks:
+        return sum(int((~m).sum()) for m in masks)
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return int((~prune_mask(module)).sum())
+    return sum(int((p == 0).sum()) for p in module.parameters(recurse=False) if p.ndim == 3)  # experts, no buffers

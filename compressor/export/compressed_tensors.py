@@ -67,7 +67,7 @@ from compressor.core.atomic import atomic_directory, write_manifest
 from compressor.core.pack import pack
 from compressor.core import floats
 from compressor.core.scheme import MXFP4_GROUP, NVFP4_GROUP, QParams, QuantScheme, dequantize, quantize
-from compressor.core.sparsity import is_pruned, prune_mask
+from compressor.core.sparsity import is_pruned, pruned_zeros
 from compressor.core.state import experts_quant_state, is_experts_quantized, is_quantized, quant_state
 from compressor.export import online_format, online_write, runtimes
 
@@ -358,7 +358,7 @@ def sparsity_config(model: nn.Module) -> dict | None:
     if not pruned:
         return None
     structures = {m.sparsity_info.structure for m in pruned.values()}
-    zeros = sum(int((~prune_mask(m)).sum()) for m in pruned.values())
+    zeros = sum(pruned_zeros(m) for m in pruned.values())
     total = sum(p.numel() for p in model.parameters())
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {

@@ -10,7 +10,7 @@ from torch import nn
 
 from compressor.core.arch import LAYOUTS, find_blocks, head_counts
 from compressor.core.atomic import atomic_directory, write_manifest
-from compressor.core.state import is_quantized
+from compressor.core.state import is_experts_quantized, is_quantized
 from compressor.runtime.online import online_transforms
 
 __all__ = ["save_pruned"]
@@ -62,7 +62,7 @@ def save_pruned(model: nn.Module, output: str | Path, *, tokenizer: Any = None, 
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise ValueError(f"save_pruned writes Hugging Face models (save_pretrained); got {type(model).__name__}: "
                          "save its state_dict with torch.save instead")
-    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    quantized = [n for n, m in model.named_modules() if is_quantized(m) or is_experts_quantized(m)]
     if quantized:
         raise ValueError(f"{len(quantized)} layers are quantized (e.g. {quantized[0]}): export them with "
                          "compressor.export.compressed_tensors.save_compressed, not save_pruned")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -19,10 +18,10 @@ from compressor.core.arch import experts_layout, fused_groups
 from compressor.core.layers import is_quantizable
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme, shared_global_scales
-from compressor.core.sparsity import prune_mask
+from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
-from compressor.pipeline.inputs import SharedInputs
+from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs
 
 __all__ = ["GPTQConfig", "GPTQPass", "check_sweep_options"]
 
@@ -83,7 +82,7 @@ class GPTQConfig(PassConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.moe_calibration not in ("routed", "all_experts"):
+        if self.moe_calibration not in MOE_CALIBRATION:
             raise ValueError(f"moe_calibration={self.moe_calibration!r}: use 'routed' or 'all_experts'")
         if self.actorder not in ACTORDER:
             raise ValueError(f"actorder={self.actorder!r}: use one of {ACTORDER}")
@@ -109,9 +108,8 @@ class GPTQPass(Pass):
         self._inputs = SharedInputs()
         self._fp: dict[str, torch.Tensor] = {}
         self._experts: dict[str, nn.Module] = {}
-        # experts module name -> {"tokens": (E,) routed token counts, param: [HessianAccumulator | None] * E}
-        self._expert_stats: dict[str, dict] = {}
-        self._expert_hooks: list = []
+        # subclasses (the gguf pass) may have no MoE options: routed statistics
+        self._expert_inputs = ExpertInputs(HessianAccumulator, getattr(config, "moe_calibration", "routed"))
 
     def compressible(self, module: nn.Module) -> bool:
         """Layers and fused-experts modules of a known layout."""
@@ -139,34 +137,9 @@ class GPTQPass(Pass):
         found = self.block_modules(block, prefix)
         linears = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
         self._experts = {n: m for n, m in found if experts_layout(m) is not None}
-        for name, module in self._experts.items():
-            self._expert_hooks.append(module.register_forward_pre_hook(partial(self._observe_experts, name),
-                                                                       with_kwargs=True))
-        return self._inputs.hook(linears, self._observe) + list(self._experts.values())
-
-    def _observe_experts(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Add each expert's inputs to its Hessians: the tokens routed to it (or all, ``all_experts``)."""
-        if self.stream == "fp":
-            return  # GPTAQ's asymmetric term is not applied to experts: the two streams route differently
-        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
-        x, index = values[0], values[1]
-        x = x.reshape(-1, x.shape[-1])
-        index = index.reshape(x.shape[0], -1)
-        layout = experts_layout(module)
-        n_experts = getattr(module, layout.params[0][0]).shape[0]
-        stats = self._expert_stats.setdefault(
-            name, {"tokens": torch.zeros(n_experts, dtype=torch.int64)} | {p: [None] * n_experts for p, _ in layout.params})
-        routed = torch.stack([(index == e).any(-1) for e in range(n_experts)])  # (E, T)
-        stats["tokens"] += routed.sum(-1).cpu()
-        with torch.no_grad():
-            for e in range(n_experts):
-                tokens = x if self.config.moe_calibration == "all_experts" else x[routed[e]]
-                if not tokens.shape[0]:
-                    continue
-                for pname, inp in layout.inputs(module, e, tokens).items():
-                    if stats[pname][e] is None:
-                        stats[pname][e] = HessianAccumulator(inp.shape[-1], inp.device)
-                    stats[pname][e].add(inp)
+        # GPTAQ's asymmetric term is not applied to experts: the two streams route differently
+        experts = self._expert_inputs.hook(self._experts.items(), skip=lambda: self.stream == "fp")
+        return self._inputs.hook(linears, self._observe) + experts
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         if self.stream == "fp":  # paired with the compressed stream's next batch
@@ -202,13 +175,11 @@ class GPTQPass(Pass):
                 raise ValueError(f"{name}: {err}") from None
             attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
             log.debug("gptq %s loss %.4g", name, res.loss)
-        for h in self._expert_hooks:
-            h.remove()
-        self._expert_hooks.clear()
+        self._expert_inputs.close()
         for name, module in self._experts.items():
-            self._quantize_experts(name, module, self._expert_stats.get(name))
+            self._quantize_experts(name, module, self._expert_inputs.stats.get(name))
         self._experts.clear()
-        self._expert_stats.clear()
+        self._expert_inputs.clear()
         self._inputs.clear()
         self._fp.clear()
 
@@ -220,17 +191,16 @@ class GPTQPass(Pass):
         # "group" activation order needs a g_idx per expert matrix, which the per-expert export does not carry
         actorder = "static" if c.actorder == "group" else c.actorder
         n_experts = getattr(module, layout.params[0][0]).shape[0]
-        tokens = stats["tokens"] if stats else torch.zeros(n_experts, dtype=torch.int64)
-        all_tokens = c.moe_calibration == "all_experts" and stats is not None
-        rounded = [e for e in range(n_experts) if not all_tokens and int(tokens[e]) < c.min_expert_tokens]
+        rounded = set(self._expert_inputs.starved(name, n_experts, c.min_expert_tokens))
 
         def solve(pname: str, e: int, w: torch.Tensor):
             acc = stats[pname][e] if stats else None
+            keep = expert_mask(module, pname, e)
             if e in rounded or acc is None:
-                return round_matrix(w, c.scheme)
+                return round_matrix(w if keep is None else w.masked_fill(~keep, 0), c.scheme)
             try:
                 res = gptq_quantize(w, acc.H, c.scheme, block_size=c.block_size, dampening=c.dampening,
-                                    actorder=actorder, refit=self._refit)
+                                    actorder=actorder, refit=self._refit, mask=keep)
             except ValueError as err:
                 raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
             return res.weight, res.qparams

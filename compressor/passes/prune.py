@@ -27,11 +27,13 @@ from compressor.algorithms.prune import allocation as alloc
 from compressor.algorithms.prune.masks import SCOPES, check_sparsity, parse_structure, prune_count, select_mask
 from compressor.algorithms.prune.scores import InputNormAccumulator, magnitude_scores, wanda_scores
 from compressor.algorithms.prune.sparsegpt import sparsegpt_prune
+from compressor.core.arch import experts_layout
+from compressor.core.coverage import ignore_entry
 from compressor.core.passes import Pass, PassConfig, Sweep, register_pass, select_modules
 from compressor.core.progress import progress
-from compressor.core.sparsity import attach_mask
-from compressor.core.state import is_quantized
-from compressor.pipeline.inputs import SharedInputs
+from compressor.core.sparsity import attach_expert_masks, attach_mask
+from compressor.core.state import is_experts_quantized, is_quantized
+from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs
 
 __all__ = ["PruneConfig", "PrunePass", "METHODS"]
 
@@ -85,6 +87,12 @@ class PruneConfig(PassConfig):
             default, false, calibrates the whole block on its dense forward,
             as Wanda's code and llm-compressor do). Costs up to one more
             (truncated) block forward per stage.
+        moe_calibration: fused MoE experts (wanda, sparsegpt): ``"routed"`` (each expert's
+            statistics from the tokens the router sends it) or ``"all_experts"`` (every
+            calibration token through every expert, for statistics only; the block's output
+            keeps the real routing).
+        min_expert_tokens: an expert that gets fewer routed calibration tokens than this is
+            pruned by magnitude instead (its statistics say too little); a warning counts them.
     """
 
     method: str = "sparsegpt"
@@ -101,9 +109,16 @@ class PruneConfig(PassConfig):
     dp_probe: int = 2
     dp_span: float = 0.2
     true_sequential: bool = False
+    moe_calibration: str = "routed"
+    min_expert_tokens: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise ValueError(f"moe_calibration={self.moe_calibration!r}: use 'routed' or 'all_experts'")
+        if isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int) \
+                or self.min_expert_tokens < 0:
+            raise ValueError(f"min_expert_tokens={self.min_expert_tokens!r}: use a non-negative token count, e.g. 16")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use one of {METHODS}")
         if self.structure == "unstructured":
@@ -177,7 +192,15 @@ class PrunePass(Pass):
     def __init__(self, config: PruneConfig):
         super().__init__(config)
         self._inputs = SharedInputs()  # name -> HessianAccumulator | InputNormAccumulator
+        accumulator = InputNormAccumulator if config.method == "wanda" else HessianAccumulator
+        self._expert_inputs = ExpertInputs(accumulator, config.moe_calibration)
+        self._experts: dict[str, nn.Module] = {}
         self.sparsity_plan: dict[str, float] | None = None  # linear name -> sparsity, once planned
+
+    def compressible(self, module: nn.Module) -> bool:
+        """Linears and fused-experts modules of a known layout (each expert's gate, up and down pruned as its
+        own matrix)."""
+        return isinstance(module, nn.Linear) or experts_layout(module) is not None
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
@@ -203,6 +226,11 @@ class PrunePass(Pass):
         if cfg.allocation == "uniform" or cfg.structure != "unstructured":
             self.sparsity_plan = {n: cfg.sparsity for n, _ in linears} if cfg.structure == "unstructured" else {}
             return self.sparsity_plan
+        experts = [n for n, m in select_modules(model, cfg) if experts_layout(m) is not None]
+        if experts:
+            raise ValueError(f"prune allocation={cfg.allocation!r} does not allocate over fused MoE experts yet "
+                             f"({experts[0]}, {len(experts)} modules): use allocation 'uniform', or add "
+                             f"'{ignore_entry(experts[0])}' to ignore and prune the experts in a uniform pass of their own")
         if cfg.allocation in ("global", "lamp"):
             rule = alloc.global_magnitude if cfg.allocation == "global" else alloc.lamp
             plan = dict(zip([n for n, _ in linears], rule([m.weight.data for _, m in linears], cfg.sparsity)))
@@ -239,7 +267,7 @@ class PrunePass(Pass):
             raise ValueError(f"prune method={self.config.method!r} needs calibration data: pass calibration=... to "
                              "compress(), or use method='magnitude'")
         layers = [(n, m) for n, m in select_modules(model, self.config)
-                  if isinstance(m, nn.Linear) and (only is None or n in only)]
+                  if self.compressible(m) and (only is None or n in only)]
         if not layers and only is None:
             raise ValueError(f"prune: no nn.Linear matches targets={list(self.config.targets)} "
                              f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`")
@@ -250,13 +278,16 @@ class PrunePass(Pass):
             self._magnitude(name, module)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
-        """Magnitude-prune the targeted linears inside one block (sequential pipeline)."""
+        """Magnitude-prune the targeted linears (and fused experts) inside one block (sequential pipeline)."""
         for name, module in select_modules(block, self.config, prefix):
-            if isinstance(module, nn.Linear):
+            if self.compressible(module):
                 self._magnitude(name, module)
 
-    def _magnitude(self, name: str, module: nn.Linear) -> None:
+    def _magnitude(self, name: str, module: nn.Module) -> None:
         self._check_module(name, module)
+        if not isinstance(module, nn.Linear):
+            self._prune_experts(name, module, None)
+            return
         try:
             mask = select_mask(magnitude_scores(module.weight.data), self._target(name), self.config.resolved_scope)
         except ValueError as err:
@@ -274,12 +305,14 @@ class PrunePass(Pass):
         Returns:
             the observed linears.
         """
-        linears = [(n, m) for n, m in self.block_modules(block, prefix) if isinstance(m, nn.Linear)]
-        for name, module in linears:
+        found = self.block_modules(block, prefix)
+        linears = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
+        self._experts = {n: m for n, m in found if experts_layout(m) is not None}
+        for name, module in linears + list(self._experts.items()):
             self._check_module(name, module)
         if self.config.method == "magnitude":  # calibrated only for the allocation's sweep: no statistics here
             return []
-        return self._inputs.hook(linears, self._observe)
+        return self._inputs.hook(linears, self._observe) + self._expert_inputs.hook(self._experts.items())
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
         cls = InputNormAccumulator if self.config.method == "wanda" else HessianAccumulator
@@ -314,11 +347,62 @@ class PrunePass(Pass):
             log.warning("prune: %d targeted linears saw no calibration input and were left dense: %s",
                         len(missing), ", ".join(missing[:5]))
         self._inputs.clear()
+        self._expert_inputs.close()
+        for name, module in self._experts.items():
+            self._prune_experts(name, module, self._expert_inputs.stats.get(name))
+        self._experts.clear()
+        self._expert_inputs.clear()
+
+    def _prune_experts(self, name: str, module: nn.Module, stats: dict | None) -> None:
+        """Prune every expert's gate, up and down as its own matrix, in place, one expert at a time.
+
+        ``stats`` are the module's :class:`compressor.pipeline.inputs.ExpertInputs` statistics (None for
+        magnitude). Each fused parameter's rows split into the per-expert linears it holds
+        (``gate_up_proj`` (E, 2I, H) into gate and up), so a layer-scope mask compares within one
+        projection, as it does for a dense ``gate_proj``. Experts with fewer than
+        ``min_expert_tokens`` routed tokens are pruned by magnitude, with a warning.
+        """
+        cfg = self.config
+        layout = experts_layout(module)
+        n_experts = getattr(module, layout.params[0][0]).shape[0]
+        fallback = set(range(n_experts)) if cfg.method == "magnitude" else \
+            set(self._expert_inputs.starved(name, n_experts, cfg.min_expert_tokens))
+        target, scope = cfg.target, cfg.resolved_scope
+        masks = {}
+        with torch.no_grad():
+            for pname, splits in layout.params:
+                param = getattr(module, pname)
+                mask = torch.ones(param.shape, dtype=torch.bool, device=param.device)  # (E, N, K)
+                rows = param.shape[1] // len(splits)
+                for e in range(n_experts):
+                    acc = stats[pname][e] if stats and e not in fallback else None
+                    for j in range(len(splits)):
+                        w = param.data[e, j * rows:(j + 1) * rows]  # (rows, K), a view into the parameter
+                        try:
+                            if acc is None:
+                                keep = select_mask(magnitude_scores(w), target, scope)
+                            elif cfg.method == "wanda":
+                                keep = select_mask(wanda_scores(w, acc.norms), target, scope)
+                            else:
+                                res = sparsegpt_prune(w, acc.H, target, scope=scope, block_size=cfg.block_size,
+                                                      dampening=cfg.dampening)
+                                w.copy_(res.weight)
+                                keep = res.mask
+                        except ValueError as err:
+                            raise ValueError(f"{name}.{pname}[{e}] ({splits[j]}): {err}") from None
+                        mask[e, j * rows:(j + 1) * rows] = keep
+                masks[pname] = mask
+        attach_expert_masks(module, masks, cfg.method, cfg.structure)
+        if cfg.method != "magnitude" and fallback:
+            log.warning("prune %s: %d of %d experts got fewer than min_expert_tokens=%d calibration tokens and were "
+                        "pruned by magnitude instead (more calibration data, or moe_calibration: all_experts, helps)",
+                        name, len(fallback), n_experts, cfg.min_expert_tokens)
+        log.debug("prune %s: %.1f%% zeros", name, 100 * module.sparsity_info.sparsity)
 
     # ------------------------------------------------------------ shared
 
     def _check_module(self, name: str, module: nn.Module) -> None:
-        if is_quantized(module):
+        if is_quantized(module) or is_experts_quantized(module):
             raise ValueError(f"{name} is already quantized: pruning moves weights off the quantization grid; "
                              "put the prune pass before the quantization pass in the recipe")
 

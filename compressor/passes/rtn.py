@@ -21,7 +21,7 @@ from compressor.core.scheme import (
     fake_quant,
     shared_global_scales,
 )
-from compressor.core.sparsity import prune_mask
+from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import attach_expert_qparams, attach_qparams
 
 __all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module", "rtn_quantize_experts", "round_matrix",
@@ -77,7 +77,11 @@ def rtn_quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
         raise ValueError(f"{type(module).__name__}: unknown fused-experts layout (see compressor.core.arch.experts_layout)")
     if scheme.float_zero_point:
         raise ValueError("fused experts need zero_point='int' or a symmetric scheme")
-    quantize_experts(module, scheme, lambda _param, _expert, w: round_matrix(w, scheme))
+    def solve(pname: str, e: int, w: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        keep = expert_mask(module, pname, e)  # a pruned expert keeps its zeros
+        return round_matrix(w if keep is None else w.masked_fill(~keep, 0), scheme)
+
+    quantize_experts(module, scheme, solve)
 
 
 def quantize_experts(module: nn.Module, scheme: QuantScheme,
