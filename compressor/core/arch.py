@@ -22,7 +22,8 @@ __all__ = [
     "eager_attention", "base_attention", "register_attention", "attention_function", "set_attention",
     "attention_implementation", "set_attention_implementation", "PARAM_KINDS", "parameter_kinds",
     "ExpertsLayout", "GATE_UP_DOWN", "experts_layout", "is_experts_module", "EXPERT_CHECKPOINT_NAMES",
-    "expert_checkpoint_names",
+    "expert_checkpoint_names", "ROUTER_NAME", "EXPERT_COUNT_KEYS", "ROUTER_EXPERT_BUFFERS", "ROUTER_GROUP_KEYS",
+    "moe_parts", "set_expert_count",
     "WRAPPABLE_ATTENTION", "GGUFArch", "GGUF_ARCHS", "GGUF_TENSOR_NAMES", "gguf_arch",
 ]
 
@@ -438,6 +439,41 @@ def experts_layout(module: nn.Module) -> ExpertsLayout | None:
     if down.shape != (e, h, two_i // 2) or two_i % 2:
         return None
     return GATE_UP_DOWN
+
+
+# the router beside the fused experts of every MoE block transformers 5 has (Qwen3-MoE, Mixtral, OLMoE, GLM-4-MoE,
+# DeepSeek-V3): a sibling module with a (E, H) weight
+ROUTER_NAME = "gate"
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # config / module attributes holding E
+ROUTER_EXPERT_BUFFERS = ("e_score_correction_bias",)  # (E,) router buffers (DeepSeek-V3, GLM-4-MoE)
+ROUTER_GROUP_KEYS = ("num_group", "n_group")  # group-limited routing (DeepSeek-V3): experts come in groups
+
+
+def moe_parts(root: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(experts module name, router, experts)`` of every fused-experts module under ``root`` (a model or a
+    block) of a known layout whose parent holds a router :data:`ROUTER_NAME` with a (E, H) weight."""
+    out = []
+    modules = dict(root.named_modules())
+    for name, module in modules.items():
+        if experts_layout(module) is None:
+            continue
+        router = getattr(modules[name.rpartition(".")[0]], ROUTER_NAME, None)
+        weight = getattr(router, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[0] == module.gate_up_proj.shape[0]:
+            out.append((f"{prefix}.{name}" if prefix else name, router, module))
+    return out
+
+
+def set_expert_count(config: Any, n_experts: int) -> dict[str, int]:
+    """Write the number of routed experts into a Hugging Face config (every key of :data:`EXPERT_COUNT_KEYS` it
+    has), in place. Returns ``{key: new value}`` for the keys whose value changed."""
+    changed = {}
+    for key in EXPERT_COUNT_KEYS:
+        if getattr(config, key, None) is not None:
+            if getattr(config, key) != n_experts:
+                changed[key] = n_experts
+            setattr(config, key, n_experts)
+    return changed
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from compressor.passes import (  # noqa: F401  (each registers its pass)
     gptq,  # gptq
     ostquant,  # ostquant
     prune,  # prune
+    prune_experts,  # prune_experts
     rotate,  # rotate
     rtn,  # rtn
     structured,  # prune_structured
