@@ -15,8 +15,10 @@ from torch import nn
 from compressor.algorithms.quant.adaround import AdaRoundConfig, SoftRounding, adaround_quantize, optimise_rounding
 from compressor.core.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.core.passes import Pass, register_pass, select_modules
-from compressor.core.sparsity import prune_mask
+from compressor.core.arch import experts_layout
+from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import attach_qparams
+from compressor.passes.rtn import quantize_experts, round_matrix
 from compressor.pipeline.cache import select_rows
 
 __all__ = ["AdaRoundPass"]
@@ -45,6 +47,12 @@ class AdaRoundPass(Pass):
         super().__init__(config)
         self._inputs: dict[str, dict[str, list[torch.Tensor]]] = {"compressed": {}, "fp": {}}
         self._handles: list = []
+        self._routed: dict[str, _RoutedRows] = {}  # fused experts module name -> its experts' sampled tokens
+
+    def compressible(self, module: nn.Module) -> bool:
+        """Layers, and fused-experts modules of a known layout (layer granularity: each expert's gate/up and
+        down learn their rounding on the tokens routed to that expert)."""
+        return is_quantizable(module) or experts_layout(module) is not None
 
     @property
     def wants_fp_targets(self) -> bool:
@@ -59,6 +67,9 @@ class AdaRoundPass(Pass):
     def _layers(self, block: nn.Module, prefix: str):
         return [(n, m) for n, m in select_modules(block, self.config, prefix) if is_quantizable(m)]
 
+    def _experts(self, block: nn.Module, prefix: str):
+        return [(n, m) for n, m in select_modules(block, self.config, prefix) if experts_layout(m) is not None]
+
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
         """Record each targeted layer's inputs (token rows for linears, feature maps for convs).
 
@@ -70,13 +81,28 @@ class AdaRoundPass(Pass):
             the observed layers; none with ``granularity="block"``, which reads
             the pipeline's cached block inputs instead.
         """
+        experts = self._experts(block, prefix)
         if self.config.granularity == "block":
+            if experts:
+                raise ValueError(f"adaround granularity='block' does not cover fused MoE experts yet ({experts[0][0]}): "
+                                 "use granularity: layer, or add the experts to ignore")
             return []
         layers = self._layers(block, prefix)
         for name, module in layers:
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: self._inputs[self.stream].setdefault(name, []).append(args[0].detach())))
-        return [m for _, m in layers]
+        for name, module in experts:
+            self._routed[name] = _RoutedRows(module.gate_up_proj.shape[0], self.config.max_samples, self.config.seed)
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, name=name: self._observe_experts(name, args, kwargs), with_kwargs=True))
+        return [m for _, m in layers] + [m for _, m in experts]
+
+    def _observe_experts(self, name: str, args: tuple, kwargs: dict) -> None:
+        if self.stream == "fp":  # the two streams route differently: experts reconstruct on the compressed one
+            return
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
+        x = values[0].reshape(-1, values[0].shape[-1]).detach()
+        self._routed[name].add(x, values[1].reshape(x.shape[0], -1))
 
     def end_block(self, block: nn.Module, prefix: str, *, cache=None, targets=None, **context) -> None:
         """Optimise the rounding of the block's targeted layers, then fix it on the grid."""
@@ -100,6 +126,44 @@ class AdaRoundPass(Pass):
                 self._layer(name, module, xs, fp_xs, gen)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+        for name, module in self._experts(block, prefix):
+            self._quantize_experts(name, module, self._routed.pop(name, None))
+        self._routed.clear()
+
+    def _quantize_experts(self, name: str, module: nn.Module, routed: _RoutedRows | None) -> None:
+        """Learn the rounding of every expert's down, then gate/up, on a random sample of its routed tokens.
+
+        Down's inputs ``act(x W_gate[e]ᵀ) * (x W_up[e]ᵀ)`` come from the full-precision gate/up, as a dense
+        down_proj's do in the layer pipeline (the block's layers are quantized after its forwards), so down
+        goes first. An expert no token reached is rounded to nearest, with a warning.
+        """
+        cfg = self.config
+        layout = experts_layout(module)
+        skipped: list[int] = []
+
+        def solve(pname: str, e: int, w: torch.Tensor):
+            keep = expert_mask(module, pname, e)
+            x = routed.rows(e) if routed is not None else None
+            if x is None:
+                if pname == "down_proj":
+                    skipped.append(e)
+                return round_matrix(w if keep is None else w.masked_fill(~keep, 0), cfg.scheme)
+            rows = layout.inputs(module, e, x.to(w.device))[pname].float()  # (S, K)
+            with torch.no_grad():
+                target = rows @ w.float().T  # (S, N): the full-precision output
+            try:
+                res = adaround_quantize(w, lambda r, v: r @ v.T, rows, target, cfg.scheme, cfg, mask=keep)
+            except ValueError as err:
+                raise ValueError(f"{name}.{pname}[{e}]: {err}") from None
+            return res.weight.to(w.dtype), res.qparams
+
+        quantize_experts(module, cfg.scheme, solve, params=("down_proj", "gate_up_proj"))
+        if cfg.asymmetric:
+            log.warning("adaround %s: experts reconstruct their own full-precision outputs on the compressed stream "
+                        "(asymmetric applies to the other layers; the two streams route tokens differently)", name)
+        if skipped:
+            log.warning("adaround %s: %d of %d experts got no calibration token and were rounded to nearest",
+                        name, len(skipped), module.gate_up_proj.shape[0])
 
     def _layer(self, name: str, module: nn.Module, xs: list[torch.Tensor], fp_xs: list[torch.Tensor] | None,
                gen: torch.Generator) -> None:
@@ -172,3 +236,35 @@ def _mask_in_view(module: nn.Module) -> torch.Tensor | None:
     if mask is not None and not isinstance(module, nn.Linear):
         raise ValueError(f"pruned {type(module).__name__} layers are not supported by adaround; prune linears only")
     return mask
+
+
+class _RoutedRows:
+    """A uniform random sample (without replacement) of at most ``cap`` tokens routed to each expert.
+
+    Every routed token gets a random key; each expert keeps the ``cap`` rows with the smallest keys seen so
+    far (reservoir sampling by random priorities), so memory is ``E * cap * H`` whatever the calibration size.
+    """
+
+    def __init__(self, n_experts: int, cap: int, seed: int):
+        self._rows: list[torch.Tensor | None] = [None] * n_experts
+        self._keys: list[torch.Tensor | None] = [None] * n_experts
+        self._cap = cap
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor, index: torch.Tensor) -> None:
+        """x (T, H) tokens, index (T, k) their experts."""
+        for e in range(len(self._rows)):
+            rows = x[(index == e).any(-1)]
+            if not rows.shape[0]:
+                continue
+            keys = torch.rand(rows.shape[0], generator=self._gen)
+            if self._rows[e] is not None:
+                rows, keys = torch.cat([self._rows[e], rows]), torch.cat([self._keys[e], keys])
+            if rows.shape[0] > self._cap:
+                pick = torch.topk(keys, self._cap, largest=False).indices
+                rows, keys = rows[pick.to(rows.device)], keys[pick]
+            self._rows[e], self._keys[e] = rows, keys
+
+    def rows(self, expert: int) -> torch.Tensor | None:
+        """(S, H) the sampled tokens of ``expert``, or None when none was routed to it."""
+        return self._rows[expert]

@@ -85,7 +85,8 @@ def rtn_quantize_experts(module: nn.Module, scheme: QuantScheme) -> None:
 
 
 def quantize_experts(module: nn.Module, scheme: QuantScheme,
-                     solve: Callable[[str, int, torch.Tensor], tuple[torch.Tensor, QParams]]) -> None:
+                     solve: Callable[[str, int, torch.Tensor], tuple[torch.Tensor, QParams]],
+                     params: tuple[str, ...] | None = None) -> None:
     """Replace each expert's matrix of every fused parameter of a known layout by ``solve``'s, in place, one expert
     at a time, and record the stacked qparams (:func:`compressor.core.state.attach_expert_qparams`).
 
@@ -93,6 +94,7 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme,
         module: a fused-experts module (:func:`compressor.core.arch.experts_layout` not None).
         scheme: the scheme ``solve`` quantizes to.
         solve: ``(parameter name, expert, (N, K) weight) -> (dequantized (N, K), qparams (N, G))``.
+        params: the fused parameters to quantize, in this order (default: all, in layout order).
 
     Raises:
         ValueError: NVFP4 (per-matrix global scales, which fused gate/up parameters do not have per projection).
@@ -100,7 +102,7 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme,
     if scheme.scale_format == "e4m3":
         raise ValueError(f"{scheme.describe()} on fused MoE experts is not supported yet (each projection needs its "
                          "own global scale): add the experts to ignore, or use MXFP4 / FP8 for them")
-    for pname, _ in experts_layout(module).params:
+    for pname in params or [p for p, _ in experts_layout(module).params]:
         param = getattr(module, pname)
         qps = []
         with torch.no_grad():
