@@ -10,6 +10,11 @@
   and are reset to zero after every optimizer step.
 * **Smaller** models: :func:`drop_layers` removes whole decoder blocks (or
   load a ``prune_structured`` checkpoint as the student).
+* **Fused MoE experts** (3-D ``gate_up_proj`` / ``down_proj``) get the same per fused
+  parameter: each expert's matrix is fake-quantized on its own grid ((E, N, G)
+  qparams) and keeps its mask. The experts module's forward indexes the parameter
+  once per expert, so it runs inside ``parametrize.cached()``: the (E, N, K)
+  fake-quant is computed once per forward, not once per expert.
 """
 
 from __future__ import annotations
@@ -17,15 +22,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.core.arch import find_blocks
+from compressor.core.arch import experts_layout, find_blocks
 from compressor.core.scheme import QParams, QuantScheme, fake_quant
-from compressor.core.sparsity import is_pruned, prune_mask
-from compressor.core.state import attach_qparams, is_quantized, quant_state
+from compressor.core.sparsity import MASK_SUFFIX, is_pruned, prune_mask
+from compressor.core.state import (
+    attach_expert_qparams,
+    attach_qparams,
+    experts_quant_state,
+    is_experts_quantized,
+    is_quantized,
+    quant_state,
+)
 
 __all__ = ["StudentState", "drop_layers", "prepare_student", "trainable_from_export"]
 
@@ -50,6 +63,31 @@ class _FakeQuantSTE(nn.Module):
         return out if self.mask is None else out * self.mask
 
 
+class _FakeQuantExpertsSTE(nn.Module):
+    """Parametrization of a fused-experts parameter: ``latent (E, N, K) -> fake_quant(latent) * mask`` per expert
+    (qparams (E, N, G)), with a straight-through gradient."""
+
+    def __init__(self, scheme: QuantScheme, qp: QParams, mask: torch.Tensor | None):
+        super().__init__()
+        self.scheme = scheme
+        self.register_buffer("scale", qp.scale.detach().clone())
+        self.register_buffer("zero_point", None if qp.zero_point is None else qp.zero_point.detach().clone())
+        self.register_buffer("mask", None if mask is None else mask.detach().clone())
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        e, n, k = latent.shape
+        flat = lambda t: None if t is None else t.reshape(e * n, -1)  # noqa: E731  rows are independent
+        q = fake_quant(latent.reshape(e * n, k), QParams(flat(self.scale), flat(self.zero_point)), self.scheme)
+        out = latent + (q.reshape(e, n, k) - latent).detach()
+        return out if self.mask is None else out * self.mask
+
+
+def _cached_forward(module: nn.Module, *args, **kwargs):
+    """An experts module's forward with its parametrized weights computed once for the whole call."""
+    with parametrize.cached():
+        return type(module).forward(module, *args, **kwargs)
+
+
 @dataclass
 class StudentState:
     """The compression a student carries into training, and how to restore it afterwards.
@@ -61,12 +99,18 @@ class StudentState:
 
     quantized: list[tuple[nn.Module, QuantScheme, QParams, torch.Tensor | None]] = field(default_factory=list)
     pruned: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+    # fused experts: (module, scheme, {param: qparams (E, N, G)}) and (module, {param: (E, N, K) mask})
+    quantized_experts: list[tuple[nn.Module, QuantScheme, dict[str, QParams]]] = field(default_factory=list)
+    pruned_experts: list[tuple[nn.Module, dict[str, torch.Tensor]]] = field(default_factory=list)
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Put pruned weights back to exactly zero (the optimizer's momentum moves them)."""
         for module, mask in self.pruned:
             module.weight.mul_(mask.to(module.weight.dtype))
+        for module, masks in self.pruned_experts:
+            for pname, mask in masks.items():
+                getattr(module, pname).mul_(mask.to(getattr(module, pname).dtype))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -76,6 +120,13 @@ class StudentState:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             attach_qparams(module, scheme, qp, module.weight.detach(), g_idx)
         self.quantized.clear()
+        for module, scheme, qps in self.quantized_experts:
+            for pname, qp in qps.items():
+                if parametrize.is_parametrized(module, pname):
+                    parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+                attach_expert_qparams(module, pname, scheme, qp)
+            module.__dict__.pop("forward", None)
+        self.quantized_experts.clear()
 
 
 def prepare_student(student: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> StudentState:
@@ -103,6 +154,9 @@ def prepare_student(student: nn.Module, modules: Iterable[tuple[str, nn.Module]]
         if isinstance(m, (QuantLinear, FloatQuantLinear)):
             raise ValueError(f"{name} is a packed {type(m).__name__}: call "
                              "compressor.algorithms.distill.students.trainable_from_export(model) before distilling it")
+        if experts_layout(m) is not None and (is_experts_quantized(m) or is_pruned(m)):
+            _prepare_experts(name, m, state)
+            continue
         mask = prune_mask(m) if is_pruned(m) else None
         if is_quantized(m):
             if not isinstance(m, nn.Linear):
@@ -113,9 +167,27 @@ def prepare_student(student: nn.Module, modules: Iterable[tuple[str, nn.Module]]
         elif mask is not None:
             state.pruned.append((m, mask))
     student.requires_grad_(True)
-    log.info("student: %d quantized linears (straight-through), %d pruned linears (masks fixed)",
-             len(state.quantized), len(state.pruned))
+    log.info("student: %d quantized linears (straight-through), %d pruned linears (masks fixed), %d quantized and "
+             "%d pruned fused-experts modules", len(state.quantized), len(state.pruned), len(state.quantized_experts),
+             len(state.pruned_experts))
     return state
+
+
+def _prepare_experts(name: str, module: nn.Module, state: StudentState) -> None:
+    """Parametrize a quantized fused-experts module's parameters (per-expert STE), or record its masks."""
+    masks = {p: module._buffers[p + MASK_SUFFIX] for p, _ in experts_layout(module).params
+             if is_pruned(module) and module._buffers.get(p + MASK_SUFFIX) is not None}
+    found = experts_quant_state(module)
+    if found is None:
+        state.pruned_experts.append((module, masks))
+        return
+    scheme, qps = found
+    if any(qp.global_scale is not None for qp in qps.values()):
+        raise ValueError(f"{name}: experts with a per-matrix global scale cannot be distilled yet")
+    for pname, qp in qps.items():
+        parametrize.register_parametrization(module, pname, _FakeQuantExpertsSTE(scheme, qp, masks.get(pname)))
+    module.forward = partial(_cached_forward, module)  # instance attribute: finish() removes it
+    state.quantized_experts.append((module, scheme, dict(qps)))
 
 
 def trainable_from_export(model: nn.Module) -> nn.Module:
