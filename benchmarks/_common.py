@@ -58,6 +58,9 @@ WEIGHT_PASSES = {
 _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
 # float weight formats: name -> (bits, group size, our scale_format); weights symmetric, inputs in 16 bits
 FLOAT_SETTINGS = {"fp8": (8, -1, "float"), "nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0")}
+# weights and linear inputs in a float format: setting name -> the format (inputs dynamic per token / group;
+# NVFP4's input global scale calibrated), as compressed-tensors' FP8_DYNAMIC, NVFP4 and MXFP4 presets
+ACT_SETTINGS = {"w8a8-fp8": "fp8", "w4a4-nvfp4": "nvfp4", "w4a4-mxfp4": "mxfp4"}
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,12 @@ class Setting:
     bits: int
     group_size: int
     fmt: str = "int"
+    act: bool = False  # the linear inputs too, in ``fmt`` (float formats only)
 
     @property
     def name(self) -> str:
+        if self.act:
+            return next(n for n, f in ACT_SETTINGS.items() if f == self.fmt)
         if self.fmt != "int":
             return self.fmt
         return f"w{self.bits}" + ("pc" if self.group_size == -1 else f"g{self.group_size}")
@@ -84,14 +90,18 @@ class Setting:
 
     def job(self) -> dict[str, Any]:
         """The fields a child process rebuilds the setting from (:func:`setting_of`)."""
-        return {"bits": self.bits, "group_size": self.group_size, "fmt": self.fmt}
+        return {"bits": self.bits, "group_size": self.group_size, "fmt": self.fmt, "act": self.act}
+
+    def activation_pass(self) -> dict[str, Any] | None:
+        """Our recipe's ``quantize_activations`` pass for the inputs, or None (weight-only)."""
+        return {"quantize_activations": {"format": self.fmt, "bits": self.bits}} if self.act else None
 
 
 def setting_of(job: dict[str, Any]) -> Setting | None:
     """The setting of a child's job (None for the fp32 baseline)."""
     if job.get("bits") is None:
         return None
-    return Setting(job["bits"], job["group_size"], job.get("fmt", "int"))
+    return Setting(job["bits"], job["group_size"], job.get("fmt", "int"), bool(job.get("act", False)))
 
 
 def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
@@ -104,10 +114,13 @@ def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
     if text.strip().lower() in FLOAT_SETTINGS:
         fmt = text.strip().lower()
         return Setting(*FLOAT_SETTINGS[fmt][:2], fmt=fmt)
+    if text.strip().lower() in ACT_SETTINGS:
+        fmt = ACT_SETTINGS[text.strip().lower()]
+        return Setting(*FLOAT_SETTINGS[fmt][:2], fmt=fmt, act=True)
     match = _SETTING_RE.match(text.strip().lower())
     if not match:
         raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc, "
-                         f"or a float format ({', '.join(FLOAT_SETTINGS)})")
+                         f"or a float format ({', '.join(FLOAT_SETTINGS)}; with inputs: {', '.join(ACT_SETTINGS)})")
     bits, group = int(match.group(1)), match.group(2)
     setting = Setting(bits, -1 if group is None else int(group))
     if setting.group_size == 0:
@@ -226,6 +239,7 @@ def base_record(method: str, setting: Setting | None) -> dict[str, Any]:
         "group_size": setting.group_size if setting else None,
         "symmetric": (setting.fmt != "int") if setting else None,
         **({"format": setting.fmt} if setting and setting.fmt != "int" else {}),
+        **({"activations": setting.fmt} if setting and setting.act else {}),
         "ppl": None,
         "compress_s": None,
         "peak_rss_mb": None,

@@ -39,12 +39,18 @@ PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 # float settings -> llm-compressor's preset scheme (weight-only); FP8 per channel has no A16 preset: its weights
 # are those of FP8_DYNAMIC
 _FLOAT_PRESETS = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
+# the same formats with the linear inputs quantized too (FP8_DYNAMIC: dynamic per-token FP8 inputs)
+_FLOAT_ACT_PRESETS = {"nvfp4": "NVFP4", "mxfp4": "MXFP4", "fp8": "FP8_DYNAMIC"}
 
 
 def _quant_scheme(setting: common.Setting):
     """The compressed-tensors weight scheme for one setting (asymmetric int, or a float format; W-only)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    if setting.act:
+        from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+        return {"group_0": preset_name_to_scheme(_FLOAT_ACT_PRESETS[setting.fmt], ["Linear"])}
     if setting.fmt in _FLOAT_PRESETS:
         from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 

@@ -35,7 +35,10 @@ DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 # rtn-mse / gptq-mse: the scales searched per group (observer mse; the "scheme" entry merges into the setting's)
 OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
                                      "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
-                                     "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}})}
+                                     "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
+                                     "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {})}
+# methods whose recipe starts with a rotation: QuaRot's R1-R4 plus the online o_proj Hadamard, what 4-bit inputs need
+LEADING_PASSES = {"rot-rtn": [{"rotate": {"online_o": True}}], "rot-gptq": [{"rotate": {"online_o": True}}]}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
@@ -90,7 +93,8 @@ def run_ours(job: dict) -> dict:
     model = common.load_fp32_model(path)
     if setting is not None:
         pass_name, extra = OUR_PASSES[method]
-        calibrated = registered_passes()[pass_name].requires_calibration
+        # NVFP4 inputs calibrate their global scales
+        calibrated = registered_passes()[pass_name].requires_calibration or (setting.act and setting.fmt == "nvfp4")
         kwargs = {}
         if calibrated:
             calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
@@ -99,7 +103,10 @@ def run_ours(job: dict) -> dict:
         from compressor.recipe import apply_overrides
 
         extra = dict(extra)
-        data = {"passes": [{pass_name: {"scheme": {**setting.scheme(), **extra.pop("scheme", {})}, **extra}}]}
+        data = {"passes": [*LEADING_PASSES.get(method, []),
+                           {pass_name: {"scheme": {**setting.scheme(), **extra.pop("scheme", {})}, **extra}}]}
+        if setting.activation_pass() is not None:
+            data["passes"].append(setting.activation_pass())
         sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
         if sets:
             record["overrides"] = sets

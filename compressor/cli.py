@@ -22,6 +22,9 @@ _FLOAT_PRESETS = {
     "w4a16-nvfp4": {"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
     "w4a16-mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
 }
+# float W8A8 / W4A4 presets -> (the weight-only preset of their weights, the input format): compressed-tensors'
+# FP8_DYNAMIC (per-channel E4M3 weights, dynamic per-token E4M3 inputs), NVFP4 and MXFP4
+_FLOAT_ACT_PRESETS = {"fp8": ("w8a16-fp8", "fp8"), "nvfp4": ("w4a16-nvfp4", "nvfp4"), "mxfp4": ("w4a16-mxfp4", "mxfp4")}
 # preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
 _GGUF_PRESETS = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 
@@ -42,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="Hugging Face model directory or Hub repo id (e.g. Qwen/Qwen3-0.6B)")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", type=Path, help="recipe YAML")
-    src.add_argument("--scheme", choices=sorted(_PRESETS) + sorted(_FLOAT_PRESETS) + sorted(_GGUF_PRESETS),
+    src.add_argument("--scheme", choices=sorted(_PRESETS) + sorted(_FLOAT_PRESETS) + sorted(_FLOAT_ACT_PRESETS)
+                     + sorted(_GGUF_PRESETS),
                      help="preset: weight-only (wNa16), W8A8 / W7A8 (symmetric per-channel weights, 8-bit per-token "
                      "inputs), float weight-only (w8a16-fp8 per channel, w4a16-nvfp4, w4a16-mxfp4; their group size "
-                     "is fixed), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
+                     "is fixed), float weights and inputs (fp8: W8A8 with dynamic per-token FP8 inputs; nvfp4, mxfp4: "
+                     "W4A4), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
     c.add_argument("--symmetric", action="store_true",
@@ -151,13 +156,16 @@ def _recipe(args):
     elif args.scheme in _GGUF_PRESETS:
         method = "gptq" if args.method == "gptq" else "nearest"
         data = {"passes": [{"gguf": {"mix": _GGUF_PRESETS[args.scheme], "method": method}}]}
-    elif args.scheme in _FLOAT_PRESETS:
-        scheme = {**_FLOAT_PRESETS[args.scheme], "observer": args.observer}
-        if args.group_size is not None and args.scheme != "w8a16-fp8":
+    elif args.scheme in _FLOAT_PRESETS or args.scheme in _FLOAT_ACT_PRESETS:
+        weights, act = _FLOAT_ACT_PRESETS.get(args.scheme, (args.scheme, None))
+        scheme = {**_FLOAT_PRESETS[weights], "observer": args.observer}
+        if args.group_size is not None and weights != "w8a16-fp8":
             raise ValueError(f"--group-size: {args.scheme} has a fixed group size ({scheme['group_size']})")
         if args.group_size is not None:
             scheme["group_size"] = args.group_size
         data = {"passes": [{args.method: {"scheme": scheme}}]}
+        if act is not None:
+            data["passes"].append({"quantize_activations": {"format": act, "bits": scheme["bits"]}})
     else:
         bits, act_bits = _PRESETS[args.scheme]
         group_size = args.group_size if args.group_size is not None else (-1 if act_bits else 128)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from compressor.core import floats
+
 __all__ = ["MAX_BITS", "check_bits", "check_clip", "check_group", "round_ste", "straight_through",
-           "fake_quant_per_token", "fake_quant_per_head"]
+           "fake_quant_per_token", "fake_quant_per_head", "ACTIVATION_FORMATS", "check_activation_format",
+           "activation_global_scale", "fake_quant_float_per_token"]
 
 MAX_BITS = 16
 
@@ -157,3 +160,68 @@ def check_group(group_size: int | None, head_dim: int) -> int:
 def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``q`` in the forward, identity gradient to ``x`` (straight-through estimator) when training through it."""
     return x + (q - x).detach() if x.requires_grad else q
+
+
+# ---------------------------------------------------------------- float activation formats
+
+# name -> (element bits, group size along K or None for the whole token, scale format)
+ACTIVATION_FORMATS: dict[str, tuple[int, int | None, str]] = {
+    "fp8": (8, None, "float"),  # E4M3 per token, scale = max|x| / 448 (compressed-tensors FP8_DYNAMIC)
+    "mxfp4": (4, 32, "e8m0"),  # E2M1 per 32, power-of-two scales (OCP MX; compressed-tensors MXFP4)
+    "nvfp4": (4, 16, "e4m3"),  # E2M1 per 16, E4M3 scales under a static per-tensor global scale (NVFP4)
+}
+
+
+def check_activation_format(fmt: str, width: int | None = None, what: str = "format") -> None:
+    """Raise unless ``fmt`` is a key of :data:`ACTIVATION_FORMATS` (and its group divides ``width``)."""
+    if fmt not in ACTIVATION_FORMATS:
+        raise ValueError(f"{what}={fmt!r}: use one of {sorted(ACTIVATION_FORMATS)} (or null for an integer grid)")
+    group = ACTIVATION_FORMATS[fmt][1]
+    if width is not None and group is not None and width % group:
+        raise ValueError(f"{fmt} activations come in groups of {group}, which do not divide this input's {width} "
+                         "features")
+
+
+def activation_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """NVFP4's per-tensor input global scale ``448 * 6 / amax`` from the largest |x| seen in calibration, float32
+    (1,) (compressed-tensors' ``input_global_scale``); 1 for an all-zero input."""
+    a = float(amax)
+    return torch.tensor([floats.E4M3.max * floats.E2M1.max / a if a > 0 else 1.0], dtype=torch.float32)
+
+
+def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations on a float grid with dynamic per-token (per-group) scales.
+
+    Args:
+        x: (..., K) float; every row over the last dim is a token.
+        fmt: ``"fp8"`` (E4M3, one scale per token, ``max|x| / 448``), ``"mxfp4"`` (E2M1 per 32 features,
+            power-of-two scales of :func:`compressor.core.floats.mx_scale`) or ``"nvfp4"`` (E2M1 per 16,
+            scales ``round_e4m3(max|x_g| / 6 * gs) / gs`` under the static ``global_scale`` gs).
+        global_scale: NVFP4's (1,) float32 input global scale (:func:`activation_global_scale`); required there.
+
+    Returns:
+        (..., K), same dtype as ``x`` (computed in float32); constant (wrap it in a straight-through estimator).
+
+    Raises:
+        ValueError: an unknown format, a group that does not divide K, or NVFP4 without its global scale.
+    """
+    check_activation_format(fmt, x.shape[-1])
+    bits, group, scale_format = ACTIVATION_FORMATS[fmt]
+    element = floats.E4M3 if bits == 8 else floats.E2M1
+    work = x.detach().float()
+    shape = work.shape
+    g = group or shape[-1]
+    xg = work.reshape(*shape[:-1], shape[-1] // g, g)  # (..., G, g)
+    amax = xg.abs().amax(dim=-1, keepdim=True)  # (..., G, 1)
+    if scale_format == "e8m0":
+        scale = floats.mx_scale(amax, element)
+    elif scale_format == "e4m3":
+        if global_scale is None:
+            raise ValueError("nvfp4 activations need their static global scale (calibrate the pass on data)")
+        gs = global_scale.to(work.device, torch.float32).reshape(())
+        scale = floats.round_scale_e4m3(amax / element.max * gs) / gs
+    else:
+        scale = amax / element.max
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = floats.round_to_grid(element, xg / scale) * scale
+    return q.reshape(shape).to(x.dtype)

@@ -309,7 +309,7 @@ def quantization_config(model: nn.Module) -> dict:
         config_groups[f"group_{i}"] = {
             "targets": targets,
             "weights": weights,
-            "input_activations": None if act is None else online_write.input_activation_args(act[0], act[1]),
+            "input_activations": None if act is None else online_write.input_activation_args(act[0], act[1], act[3]),
             "output_activations": None,
             "format": fmt,
         }
@@ -391,6 +391,7 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         try:
             if name in quantized:
                 packed = compress_module_state(module, group_format(module.quant_scheme, _input_bits(module)))
+                packed.update({k[len(name) + 1:]: v for k, v in online_write.input_tensors(name, module).items()})
             else:
                 packed = compress_experts_state(module, names)
         except ValueError as err:

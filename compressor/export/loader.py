@@ -96,7 +96,7 @@ def _config_groups(qcfg: dict, path: Path) -> list[tuple]:
         act = None
         if g.get("input_activations"):
             act = (g["input_activations"], ext.get(gname), f"{path}: {gname}")
-            online_read.input_quantizer(*act)  # validates before any model is built
+            online_read.check_input_activations(act[0], act[2])  # before any model is built
         fmt = g.get("format") or qcfg.get("format")
         if fmt not in _GROUP_FORMATS:
             raise ValueError(f"{path}: config group {gname!r} is stored {fmt!r}; this loader reads "
@@ -279,7 +279,8 @@ def load_compressed(
                     q = FloatQuantLinear(module.in_features, module.out_features, scheme,
                                          bias=module.bias is not None, dtype=dtype, backend=backend)
                     if act is not None:
-                        quantizers[name] = online_read.input_quantizer(*act)
+                        quantizers[name] = online_read.input_quantizer(
+                            *act, global_scale=tensors.pop(f"{name}.input_global_scale", None))
                     model.set_submodule(name, q)
                     break
                 if fmt == "int-quantized":
@@ -289,7 +290,8 @@ def load_compressed(
                 q = QuantLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,
                                 actorder=actorder, dtype=dtype, backend=backend)
                 if act is not None:
-                    quantizers[name] = online_read.input_quantizer(*act)
+                    quantizers[name] = online_read.input_quantizer(
+                        *act, global_scale=tensors.pop(f"{name}.input_global_scale", None))
                 model.set_submodule(name, q)
                 break
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

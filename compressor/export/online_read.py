@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compressor.core.arch import attention_modules
+from compressor.core.fake_quant import ACTIVATION_FORMATS
 from compressor.core.hadamard import hadamard_matrix
 from compressor.core.passes import matches
 from compressor.export.online_format import EXTENSION, OFFLINE_LOCATIONS, is_pow2
@@ -21,7 +22,7 @@ from compressor.runtime.activations import (
 )
 from compressor.runtime.online import TRANSFORM_CHILD, OnlineHadamard, attach_input_transform
 
-__all__ = ["StoredHadamard", "input_quantizer", "attn_implementation", "check_transform_config", "pop_transform_tensors",
+__all__ = ["StoredHadamard", "input_quantizer", "check_input_activations", "attn_implementation", "check_transform_config", "pop_transform_tensors",
            "attach_transforms", "attach_kv_quantizers"]
 
 
@@ -74,20 +75,64 @@ def _module_factory(weight: torch.Tensor) -> Callable[[], nn.Module]:
     return lambda: StoredHadamard(shared)
 
 
-def input_quantizer(args: dict | None, extra: dict | None, where: str) -> ActivationQuantizer | None:
+def input_quantizer(args: dict | None, extra: dict | None, where: str,
+                    global_scale: torch.Tensor | None = None) -> ActivationQuantizer | None:
     """The input quantizer a config group's ``input_activations`` (and our extension entry ``extra``) describe, or None.
 
+    Args:
+        global_scale: NVFP4's stored ``input_global_scale`` of the layer (1,), when the group's inputs are NVFP4.
+
     Raises:
-        ValueError: anything other than dynamic per-token integer activations.
+        ValueError: anything other than dynamic per-token integer activations or the float formats
+            :func:`compressor.export.online_write.input_activation_args` writes (FP8 per token, MXFP4 and
+            NVFP4 groups), or NVFP4 inputs without their global scale.
     """
     if not args:
         return None
-    if args.get("type", "int") != "int" or args.get("strategy") != "token" or args.get("dynamic") is not True:
-        raise ValueError(f"{where}: input_activations {args} are not supported: this loader runs dynamic per-token "
-                         "integer activations (type: int, strategy: token, dynamic: true); load static or float "
-                         "activation schemes with vLLM")
+    fmt = check_input_activations(args, where)
+    if fmt is not None:
+        if fmt == "nvfp4" and global_scale is None:
+            raise ValueError(f"{where}: NVFP4 input_activations need each layer's input_global_scale, which the "
+                             "checkpoint lacks: it is incomplete or corrupt")
+        return ActivationQuantizer(ACTIVATION_FORMATS[fmt][0], fmt=fmt, global_scale=global_scale if fmt == "nvfp4" else None)
     return ActivationQuantizer(int(args["num_bits"]), symmetric=bool(args.get("symmetric", True)),
                                clip_ratio=float((extra or {}).get("clip_ratio", 1.0)))
+
+
+def check_input_activations(args: dict, where: str) -> str | None:
+    """Validate a config group's ``input_activations``; returns its float format (``fp8`` / ``mxfp4`` / ``nvfp4``)
+    or None for dynamic per-token integers.
+
+    Raises:
+        ValueError: a scheme this loader does not run.
+    """
+    fmt = _float_input_format(args, where)
+    if fmt is None and (args.get("type", "int") != "int" or args.get("strategy") != "token"
+                        or args.get("dynamic") is not True):
+        raise ValueError(f"{where}: input_activations {args} are not supported: this loader runs dynamic per-token "
+                         "integer activations (type: int, strategy: token, dynamic: true) and dynamic FP8 / MXFP4 / "
+                         "NVFP4 activations; load static activation schemes with vLLM")
+    return fmt
+
+
+def _float_input_format(args: dict, where: str) -> str | None:
+    """Which float activation format a float ``input_activations`` entry is, or None for an integer one.
+
+    Raises:
+        ValueError: a float entry that is none of FP8 per token (dynamic), MXFP4 (group 32, dynamic) or
+            NVFP4 (tensor_group 16, dynamic local).
+    """
+    if args.get("type") != "float":
+        return None
+    bits, strategy, group, dynamic = args.get("num_bits"), args.get("strategy"), args.get("group_size"), args.get("dynamic")
+    if bits == 8 and strategy == "token" and dynamic is True:
+        return "fp8"
+    if bits == 4 and strategy == "group" and group == 32 and dynamic is True:
+        return "mxfp4"
+    if bits == 4 and strategy == "tensor_group" and group == 16 and dynamic == "local":
+        return "nvfp4"
+    raise ValueError(f"{where}: float input_activations {args} are not supported: this loader runs FP8 per token, MXFP4 "
+                     "(group 32) and NVFP4 (tensor_group 16, dynamic local) activations; load others with vLLM")
 
 
 def attn_implementation(qcfg: dict) -> str | None:

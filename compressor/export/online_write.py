@@ -24,7 +24,7 @@ from compressor.runtime.activations import (
 )
 from compressor.runtime.online import TRANSFORM_CHILD, OnlineHadamard
 
-__all__ = ["input_activation_args", "input_settings", "check_online_exportable", "kv_cache_scheme", "transform_config",
+__all__ = ["input_activation_args", "input_settings", "input_tensors", "check_online_exportable", "kv_cache_scheme", "transform_config",
            "transform_tensors", "extension"]
 
 
@@ -44,18 +44,38 @@ def _dynamic_args(bits: int, symmetric: bool, strategy: str, group_size: int | N
     }
 
 
-def input_settings(linear: nn.Module) -> tuple[int, bool, float] | None:
-    """``(bits, symmetric, clip_ratio)`` of the ``input_quantizer`` of ``linear``, or None (the key of its config group)."""
+def input_settings(linear: nn.Module) -> tuple[int, bool, float, str | None] | None:
+    """``(bits, symmetric, clip_ratio, float format)`` of the ``input_quantizer`` of ``linear``, or None (the key of
+    its config group)."""
     q = linear._modules.get(INPUT_CHILD)
-    return None if q is None else (q.bits, q.symmetric, q.clip_ratio)
+    return None if q is None else (q.bits, q.symmetric, q.clip_ratio, getattr(q, "fmt", None))
 
 
-def input_activation_args(bits: int, symmetric: bool) -> dict:
-    """``input_activations`` of a config group: dynamic per-token integer quantization of the linear inputs.
+def input_activation_args(bits: int, symmetric: bool, fmt: str | None = None) -> dict:
+    """``input_activations`` of a config group: dynamic per-token quantization of the linear inputs.
 
-    The clip ratio has no compressed-tensors field; :func:`extension` records it.
+    Integer grids: ``type: int``, ``strategy: token``. Float formats as compressed-tensors' presets write them:
+    ``fp8`` as FP8_DYNAMIC's (``type: float``, ``strategy: token``, dynamic), ``mxfp4`` as MXFP4's (``strategy:
+    group``, 32, dynamic, uint8 scales), ``nvfp4`` as NVFP4's (``strategy: tensor_group``, 16, ``dynamic: local``,
+    E4M3 scales; the static global scale is the tensor ``<layer>.input_global_scale``). The clip ratio has no
+    compressed-tensors field; :func:`extension` records it.
     """
-    return _dynamic_args(bits, symmetric, "token", None)
+    if fmt is None:
+        return _dynamic_args(bits, symmetric, "token", None)
+    args = {**_dynamic_args(bits, True, "token", None), "type": "float"}
+    if fmt == "mxfp4":
+        return {**args, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if fmt == "nvfp4":
+        return {**args, "strategy": "tensor_group", "group_size": 16, "dynamic": "local", "observer": "static_minmax",
+                "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
+    return args
+
+
+def input_tensors(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
+    """Stored tensors of ``linear``'s input quantizer: NVFP4's ``{name}.input_global_scale`` (1,) float32, else none."""
+    q = linear._modules.get(INPUT_CHILD)
+    gs = getattr(q, "global_scale", None)
+    return {} if gs is None else {f"{name}.input_global_scale": gs.detach().cpu().to(torch.float32).reshape(1)}
 
 
 def _fail(where: str, what: str, fix: str) -> NoReturn:

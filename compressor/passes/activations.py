@@ -36,7 +36,13 @@ from typing import Any, ClassVar
 from torch import nn
 
 from compressor.core.arch import attention_modules, is_experts_module
-from compressor.core.fake_quant import check_bits, check_clip
+from compressor.core.fake_quant import (
+    ACTIVATION_FORMATS,
+    activation_global_scale,
+    check_activation_format,
+    check_bits,
+    check_clip,
+)
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.runtime.activations import (
     LEARNED_CLIP,
@@ -70,6 +76,11 @@ class ActivationQuantConfig(PassConfig):
         kv_bits: bits of the keys and values, or None (default) for none.
         kv_symmetric: symmetric KV grid; default asymmetric, as KV caches usually are.
         kv_group_size: head_dim columns per KV scale; None for the whole head.
+        format: None (an integer grid of ``bits``) or a float format for the linear inputs:
+            ``"fp8"`` (E4M3, dynamic per token: compressed-tensors' FP8_DYNAMIC), ``"mxfp4"``
+            (E2M1 per 32 features, dynamic E8M0 scales) or ``"nvfp4"`` (E2M1 per 16, dynamic E4M3
+            scales under a static per-tensor global scale from the calibration data's largest
+            input). ``bits`` must be the format's width (8 or 4), symmetric, clip_ratio 1.
     """
 
     bits: int | None = 8
@@ -78,9 +89,17 @@ class ActivationQuantConfig(PassConfig):
     kv_bits: int | None = None
     kv_symmetric: bool = False
     kv_group_size: int | None = None
+    format: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.format is not None:
+            check_activation_format(self.format, what="quantize_activations.format")
+            want = ACTIVATION_FORMATS[self.format][0]
+            if self.bits != want or not self.symmetric or self.clip_ratio != 1.0:
+                raise ValueError(f"quantize_activations.format={self.format!r} is a {want}-bit symmetric grid without "
+                                 f"clipping: set bits: {want}, symmetric: true, clip_ratio: 1 (got bits={self.bits}, "
+                                 f"symmetric={self.symmetric}, clip_ratio={self.clip_ratio})")
         if self.bits is None and self.kv_bits is None:
             raise ValueError("quantize_activations: bits and kv_bits are both null, so there is nothing to do: "
                              "set bits (linear inputs, e.g. 8) and/or kv_bits (keys and values, e.g. 4)")
@@ -99,6 +118,8 @@ class ActivationQuantConfig(PassConfig):
 
     def describe(self) -> str:
         a = f"A{self.bits}" if self.bits is not None else "A16"
+        if self.format is not None:
+            a = f"A {self.format}"
         kv = f"KV{self.kv_bits}" if self.kv_bits is not None else "KV16"
         return f"{a} per-token {'sym' if self.symmetric else 'asym'}, {kv} per-head"
 
@@ -111,6 +132,38 @@ class ActivationQuantPass(Pass):
     config_cls = ActivationQuantConfig
     resumable: ClassVar[bool] = False  # a block restored from a checkpoint would come back without its quantizers
 
+    def __init__(self, config: ActivationQuantConfig):
+        super().__init__(config)
+        self._amax: dict[str, float] = {}  # nvfp4: linear name -> largest |input| seen in calibration
+        self._handles: list = []
+
+    @property
+    def requires_calibration(self) -> bool:  # type: ignore[override]
+        """NVFP4 inputs need a static global scale, taken from the calibration data; the other grids are dynamic."""
+        return self.config.format == "nvfp4"
+
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
+        """NVFP4: record the largest |input| of every targeted linear of ``block`` over the calibration batches.
+
+        Returns:
+            the observed linears.
+        """
+        linears = self._linears(block, prefix, None)
+        for name, lin in linears:
+            self._handles.append(lin.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
+        return [m for _, m in linears]
+
+    def _observe(self, name: str, x) -> None:
+        self._amax[name] = max(self._amax.get(name, 0.0), float(x.detach().abs().amax()))
+
+    def end_block(self, block: nn.Module, prefix: str, **context: Any) -> None:
+        """Attach the block's quantizers, NVFP4's with the global scales of the inputs just observed."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.compress_block(block, prefix)
+        self._amax.clear()
+
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context: Any) -> None:
         """Quantize the activations of ``model`` in place.
 
@@ -120,6 +173,9 @@ class ActivationQuantPass(Pass):
                 (``compress`` passes the targets outside the decoder blocks here).
         """
         self._refuse_experts(model)
+        if self.requires_calibration and only is None:
+            raise ValueError("quantize_activations format='nvfp4' takes its input global scales from calibration "
+                             "data: pass calibration=... to compress()")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         linears = self._linears(model, "", head)
         if only is not None:
@@ -191,13 +247,22 @@ class ActivationQuantPass(Pass):
             clip = c.clip_ratio
             found = getattr(lin, LEARNED_CLIP, None)
             if found is not None:
-                if found["bits"] == c.bits and found["symmetric"] == c.symmetric:
+                if c.format is None and found["bits"] == c.bits and found["symmetric"] == c.symmetric:
                     clip = found["clip_ratio"]
                     learned.append(clip)
                 else:
                     mismatched.append(name)
+            gs = None
+            if c.format == "nvfp4":
+                if name not in self._amax:
+                    raise ValueError(f"{name}: no calibration input reached it, so its nvfp4 input global scale is "
+                                     "unknown; add it to ignore")
+                gs = activation_global_scale(self._amax[name])
             try:
-                attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=clip))
+                if c.format is not None:
+                    check_activation_format(c.format, lin.in_features)
+                attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=clip,
+                                                                fmt=c.format, global_scale=gs))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         if learned:

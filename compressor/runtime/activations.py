@@ -48,9 +48,12 @@ from torch import nn
 
 from compressor.core.arch import attention_function, base_attention, eager_attention, register_attention, set_attention
 from compressor.core.fake_quant import (
+    ACTIVATION_FORMATS,
+    check_activation_format,
     check_bits,
     check_clip,
     check_group,
+    fake_quant_float_per_token,
     fake_quant_per_head,
     fake_quant_per_token,
     straight_through,
@@ -86,26 +89,49 @@ class ActivationQuantizer(nn.Module):
     """Dynamic per-token fake quantization of a linear's input: x (..., K) → (..., K), same dtype.
 
     Gradients pass straight through (STE), so a later training pass (distill)
-    can still train the layers before it. Holds no tensors.
+    can still train the layers before it.
 
     Args:
-        bits: 2-16.
-        symmetric: signed grid without zero point, or unsigned with one.
-        clip_ratio: in (0, 1].
+        bits: 2-16 (an integer grid), or the float format's width (8 for ``fp8``, 4 for ``nvfp4`` / ``mxfp4``).
+        symmetric: signed grid without zero point, or unsigned with one (float formats: symmetric only).
+        clip_ratio: in (0, 1] (float formats: 1).
+        fmt: None (integer grid) or a float format of
+            :data:`compressor.core.fake_quant.ACTIVATION_FORMATS`: ``"fp8"`` (E4M3 per token),
+            ``"mxfp4"`` (E2M1 per 32, E8M0 scales) or ``"nvfp4"`` (E2M1 per 16, E4M3 scales).
+        global_scale: NVFP4's static (1,) float32 input global scale (a non-persistent buffer;
+            :func:`compressor.core.fake_quant.activation_global_scale`).
     """
 
-    def __init__(self, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0):
+    def __init__(self, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0, fmt: str | None = None,
+                 global_scale: torch.Tensor | None = None):
         super().__init__()
         check_bits(bits)
         check_clip(clip_ratio)
-        self.bits, self.symmetric, self.clip_ratio = bits, symmetric, float(clip_ratio)
+        if fmt is not None:
+            check_activation_format(fmt)
+            if bits != ACTIVATION_FORMATS[fmt][0] or not symmetric or clip_ratio != 1.0:
+                raise ValueError(f"{fmt} activations are {ACTIVATION_FORMATS[fmt][0]}-bit, symmetric and unclipped: "
+                                 f"got bits={bits}, symmetric={symmetric}, clip_ratio={clip_ratio}")
+            if (fmt == "nvfp4") != (global_scale is not None):
+                raise ValueError("nvfp4 activations need a global scale, and only they take one")
+        self.bits, self.symmetric, self.clip_ratio, self.fmt = bits, symmetric, float(clip_ratio), fmt
+        gs = None if global_scale is None else global_scale.detach().to(torch.float32).reshape(1).clone()
+        self.register_buffer("global_scale", gs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) float → (..., K) on each token's grid."""
+        if self.fmt is not None:
+            return straight_through(x, fake_quant_float_per_token(x, self.fmt, self.global_scale))
         q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio)
         return straight_through(x, q)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("fmt", None)  # quantizers pickled before float formats
+
     def extra_repr(self) -> str:
+        if self.fmt is not None:
+            return f"{self.fmt}, per-token{'' if ACTIVATION_FORMATS[self.fmt][1] is None else ' groups'}"
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-token, clip_ratio={self.clip_ratio}"
 
 
