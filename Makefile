@@ -14,7 +14,7 @@ VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-float bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-float bench-float-inputs bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -116,6 +116,10 @@ bench: bench-setup
 # FP8 / NVFP4 / MXFP4 weights, ours beside llm-compressor's presets; the dev split picks our GPTQ's observer (~70 min)
 bench-float: bench-setup
 	PY=$(PY) bash benchmarks/float_formats.sh
+
+# FP8 / NVFP4 / MXFP4 weights and inputs, ours (plain or rotated) beside llm-compressor (~45 min per setting)
+bench-float-inputs: bench-setup
+	PY=$(PY) bash benchmarks/float_inputs.sh
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures

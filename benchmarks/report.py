@@ -306,6 +306,49 @@ def float_formats(records: Records) -> str:
     return out + "\n" + _provenance(used, "quant_quality") + "\n"
 
 
+ACT_LABELS = {"w8a8-fp8": "W8A8 FP8 (per-channel weights, per-token inputs)",
+              "w4a4-nvfp4": "W4A4 NVFP4 (g16, E4M3 scales; static input global scale)",
+              "w4a4-mxfp4": "W4A4 MXFP4 (g32, E8M0 scales)"}
+ACT_METHODS = [("rtn", "RTN"), ("gptq", "GPTQ"), ("rot-rtn", "rotated, RTN"), ("rot-gptq", "rotated, GPTQ"),
+               ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
+
+
+def float_inputs(records: Records) -> str:
+    """docs/benchmarks.md: SmolLM2 with float weights *and* inputs (W8A8 FP8, W4A4 NVFP4 / MXFP4), ours (plain or
+    after QuaRot rotations with the online o_proj Hadamard) beside llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4
+    presets. Our GPTQ variant on the test split is the one the dev split chose; the ratio takes our best cell."""
+    fp32 = newest(records, method="fp32", status="ok")
+    rows, used = [], []
+    for name in common.ACT_SETTINGS:
+        cells = {m: newest(records, method=m, setting=name) for m, _ in ACT_METHODS}
+        if not any(cells.values()):
+            continue
+        used += [r for r in cells.values() if r]
+        ok = {m: r["ppl"] for m, r in cells.items() if r and r.get("status") == "ok" and r.get("ppl") is not None}
+        row = [ACT_LABELS[name]]
+        for method, _ in ACT_METHODS:
+            r = cells[method]
+            row.append("—" if r is None else f"{ok[method]:.2f}" if method in ok else (r.get("status") or "failed"))
+        ours = min((ok[m] for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if m in ok), default=None)
+        peers = [ok[m] for m in ("llmc-rtn", "llmc-gptq") if m in ok]
+        ratio = "—"
+        if fp32 and ours is not None and peers and min(peers) > fp32["ppl"]:
+            ratio = f"{(ours - fp32['ppl']) / (min(peers) - fp32['ppl']):.2f}x"
+        best = next((m for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if ok.get(m) == ours), None)
+        times = [cells[m] and cells[m].get("compress_s") for m in (best, "llmc-gptq") if m]
+        row += [ratio, " / ".join(f"{t:.0f}" if t else "—" for t in times)]
+        rows.append("| " + " | ".join(row) + " |")
+    if not rows:
+        return "_No full-protocol records of float weights and inputs in `benchmarks/results/quant_quality.jsonl` yet._\n"
+    head = ["setting", *(f"{label} ppl" for _, label in ACT_METHODS), "our best's gap to fp32 / the peer's best",
+            "compress s (our best / llmc GPTQ)"]
+    out = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows) + "\n"
+    if fp32:
+        used.append(fp32)
+        out += f"\nfp32: {fp32['ppl']:.2f}.\n"
+    return out + "\n" + _provenance(used, "quant_quality") + "\n"
+
+
 def gguf(records: Records) -> str:
     """docs/serving.md: our GGUF files against llama-quantize's on SmolLM2 (benchmarks/gguf_compare.py)."""
     full = [r for r in records if not r.get("quick") and r.get("split") == "test" and r.get("status") == "ok"
@@ -340,6 +383,7 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "vllm-int8-probe": ("vllm_int8_probe", vllm_int8_probe),
     "gguf": ("gguf", gguf),
     "float-formats": ("quant_quality", float_formats),
+    "float-inputs": ("quant_quality", float_inputs),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder

@@ -109,3 +109,25 @@ def test_float_formats_table_gives_each_method_and_our_gap_as_a_multiple_of_the_
     text = report.render("<!-- report:float-formats -->\n<!-- /report:float-formats -->\n", results)
     assert "| FP8 E4M3 per-channel | 20.10 | — | — | — | 20.20 | — | — | — / — / — |" in text  # no GPTQ: no ratio
     assert "MXFP4" not in text and "29.00" not in text and "fp32: 20.00." in text
+
+
+def test_float_inputs_table_takes_our_best_cell_against_the_peers_best(tmp_path):
+    from benchmarks import _common as common
+
+    setting = common.parse_setting("w4a4-nvfp4")
+    assert setting == common.Setting(4, 16, "nvfp4", act=True) and setting.name == "w4a4-nvfp4"
+    assert common.setting_of(setting.job()) == setting
+    assert setting.activation_pass() == {"quantize_activations": {"format": "nvfp4", "bits": 4}}
+    assert common.parse_setting("nvfp4").activation_pass() is None
+    results = _write(tmp_path, [
+        _record("fp32", "fp32", 20.0),
+        _record("rtn", "w4a4-nvfp4", 40.0),
+        _record("rot-gptq", "w4a4-nvfp4", 26.0, compress_s=420.0),
+        _record("llmc-rtn", "w4a4-nvfp4", 41.0),
+        _record("llmc-gptq", "w4a4-nvfp4", 32.0, compress_s=500.0),
+        _record("gptq", "nvfp4", 22.0),  # weight-only: the other table
+    ])
+    text = report.render("<!-- report:float-inputs -->\n<!-- /report:float-inputs -->\n", results)
+    assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | 41.00 | 32.00 | "
+            "0.50x | 420 / 500 |") in text
+    assert "22.00" not in text and "fp32: 20.00." in text
