@@ -33,7 +33,8 @@ from compressor.core.scheme import QParams, QuantScheme, dequantize
 from compressor.kernels import cpu, reference
 from compressor.kernels.environment import interpreting, triton_unavailable
 
-__all__ = ["BACKENDS", "resolve_backend", "dequant_matmul", "triton_unavailable", "interpreting"]
+__all__ = ["BACKENDS", "FLOAT_BACKENDS", "resolve_backend", "dequant_matmul", "float_dequant_matmul", "triton_unavailable",
+           "interpreting"]
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 
@@ -179,3 +180,45 @@ def _cpu_weight(cache, dtype, packed, scale, zero_point, shape, scheme) -> cpu.I
     """The CPU op's copy of this weight, from ``cache`` while the tensors are unchanged (same storage, version)."""
     return _cached(cache, "cpu", dtype, (packed, scale, zero_point),
                    lambda: cpu.prepare(packed, scale, zero_point, shape, scheme, dtype))
+
+
+FLOAT_BACKENDS = ("auto", "reference", "triton")
+
+
+def float_dequant_matmul(
+    x: torch.Tensor,
+    stored: dict[str, torch.Tensor],
+    shape: tuple[int, int],
+    scheme: QuantScheme,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` for a weight stored in a float format (FP8, NVFP4, MXFP4).
+
+    Args:
+        x: (..., K) float16 / bfloat16 / float32 activations.
+        stored: the layer's tensors by compressed-tensors name (:func:`compressor.kernels.reference.dequantize_float`).
+        shape: (N, K).
+        scheme: the float scheme.
+        bias: optional (N,).
+        backend: ``"auto"`` (the Triton kernel on CUDA when triton imports, else the reference),
+            ``"reference"`` (dequantize the whole weight, then ``F.linear``) or ``"triton"`` (decoded inside
+            :mod:`compressor.kernels.triton.float_kernels`; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        (..., N) in ``x.dtype``.
+
+    Raises:
+        ValueError: an unknown backend (``"cpu"`` has no float-format op).
+        RuntimeError: ``backend="triton"`` where the kernel cannot run.
+    """
+    if backend not in FLOAT_BACKENDS:
+        raise ValueError(f"backend={backend!r}: float formats ({scheme.describe()}) run on one of {FLOAT_BACKENDS}")
+    name = "reference" if backend == "reference" else resolve_backend(backend, x.device)
+    if name == "triton":
+        from compressor.kernels.triton.float_launch import float_dequant_matmul as launch
+
+        return launch(x, stored, scheme, int(shape[0]), int(shape[1]), bias)
+    w = reference.dequantize_float(stored, shape, scheme, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

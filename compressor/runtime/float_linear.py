@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compressor.core import floats
 from compressor.core.scheme import QParams, QuantScheme
+from compressor.kernels.dispatch import FLOAT_BACKENDS, float_dequant_matmul
 from compressor.kernels.reference import dequantize_float
 from compressor.runtime.activations import INPUT_CHILD
 from compressor.runtime.online import TRANSFORM_CHILD
 
 __all__ = ["FloatQuantLinear", "FLOAT_BACKENDS"]
-
-FLOAT_BACKENDS = ("auto", "reference")
-
 
 class FloatQuantLinear(nn.Module):
     """A linear layer whose weight stays FP8 or packed FP4; ``forward`` dequantizes it and multiplies.
@@ -25,8 +22,9 @@ class FloatQuantLinear(nn.Module):
     float8_e4m3fn (N, K/16) and ``weight_global_scale`` float32 (1,); MXFP4 ``weight_packed`` and ``weight_scale``
     uint8 (N, K/32). Input (..., K) → output (..., N) in the input's dtype.
 
-    Only the torch reference path runs these formats for now: ``backend`` must be ``"auto"`` or ``"reference"``.
-    Optional children ``input_transform`` and ``input_quantizer`` run first, as on :class:`QuantLinear`.
+    ``backend`` (:func:`compressor.kernels.dispatch.float_dequant_matmul`): ``"auto"`` runs the Triton kernel,
+    which decodes the stored codes in registers, on CUDA and the torch reference elsewhere; ``"reference"`` and
+    ``"triton"`` force one. Optional children ``input_transform`` and ``input_quantizer`` run first, as on :class:`QuantLinear`.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *, bias: bool = False,
@@ -35,9 +33,9 @@ class FloatQuantLinear(nn.Module):
         if not scheme.is_float:
             raise ValueError(f"{scheme.describe()} is an integer scheme: use QuantLinear")
         if backend not in FLOAT_BACKENDS:
-            raise ValueError(f"backend={backend!r}: float formats ({scheme.describe()}) run on the torch reference "
-                             f"path only so far; use one of {FLOAT_BACKENDS}")
+            raise ValueError(f"backend={backend!r}: float formats ({scheme.describe()}) run on one of {FLOAT_BACKENDS}")
         self.in_features, self.out_features, self.scheme, self.dtype = in_features, out_features, scheme, dtype
+        self.backend = backend
         n, k = out_features, in_features
         groups = -(-k // scheme.group_width(k))
         if scheme.bits == 8:
@@ -76,8 +74,9 @@ class FloatQuantLinear(nn.Module):
         quantizer = self._modules.get(INPUT_CHILD)
         if quantizer is not None:
             x = quantizer(x)
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return float_dequant_matmul(x, self.stored(), (self.out_features, self.in_features), self.scheme,
+                                    None if self.bias is None else self.bias.to(x.dtype),
+                                    backend=getattr(self, "backend", "auto"))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from compressor.kernels.triton import hadamard, kernels
+from compressor.kernels.triton import float_kernels, hadamard, kernels
 
 INTS = ["M", "N", "K", "W_WORDS", "Z_WORDS", "M_BUCKET", "stride_xm", "stride_xk", "stride_wn", "stride_ww",
         "stride_sn", "stride_sg", "stride_zw", "stride_zg", "stride_om", "stride_on"]
@@ -95,6 +95,25 @@ def main_hadamard() -> None:
                           **resources(compiled)}), flush=True)
 
 
+def main_float() -> None:
+    """The float-format kernel: FP8 per channel, NVFP4 and MXFP4, fp16 and bf16 inputs."""
+    cases = [(float_kernels.FMT_FP8, 4096, "fp16", "fp16"), (float_kernels.FMT_NVFP4, 16, "bf16", "u8"),
+             (float_kernels.FMT_MXFP4, 32, "fp16", "u8")]
+    ints = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg",
+            "stride_om", "stride_on"]
+    for fmt, gw, xdt, sdt in cases:
+        signature = {"x_ptr": f"*{xdt}", "w_ptr": "*u8", "s_ptr": f"*{sdt}", "gs_ptr": "*fp32", "b_ptr": f"*{xdt}",
+                     "out_ptr": f"*{xdt}", **{name: "i32" for name in ints}}
+        block_k = next(b for b in (64, 32, 16) if gw % b == 0)  # as float_launch picks it
+        constexprs = dict(FMT=fmt, GROUP_W=gw, HAS_BIAS=False, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k)
+        signature.update({name: "constexpr" for name in constexprs})
+        src = ASTSource(fn=float_kernels.float_gemm_kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        print(json.dumps({"kernel": "float_gemm", "fmt": fmt, "dtype": xdt, "triton": triton.__version__,
+                          **resources(compiled)}), flush=True)
+
+
 if __name__ == "__main__":
     main()
     main_hadamard()
+    main_float()
