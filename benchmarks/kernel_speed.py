@@ -159,6 +159,61 @@ def bench_layers(args, base: dict) -> None:
                                      gbps=round(moved / us / 1e3, 1)), args.output)
 
 
+FLOAT_FORMATS = {  # name -> our scheme: FP8 per channel, NVFP4, MXFP4
+    "fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
+    "nvfp4": {"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
+    "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
+}
+
+
+def bench_float(args, base: dict) -> None:
+    """One line per (shape, float format, M): the float kernel (codes decoded in registers) against fp16 F.linear."""
+    import torch
+    import torch.nn.functional as F
+
+    from compressor.core.scheme import QuantScheme, global_scale
+    from compressor.core.state import attach_qparams
+    from compressor.export.compressed_tensors import compress_module_state, group_format
+    from compressor.kernels.reference import dequantize_float
+    from compressor.kernels.triton.float_launch import float_dequant_matmul
+    from compressor.passes.rtn import round_matrix
+
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for shape in args.shapes:
+        k, n = SHAPES[shape]
+        w = torch.randn(n, k, device="cuda") * 0.02
+        w16 = w.half()
+        x_all = torch.randn(max(args.ms), k, device="cuda").half()
+        fp16_us = {m: time_graph(lambda m=m: F.linear(x_all[:m], w16), flush, args.repeats) for m in args.ms}
+        for name in args.formats:
+            scheme = QuantScheme(**FLOAT_FORMATS[name])
+            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+            rounded, qp = round_matrix(w.half(), scheme, global_scale(w, scheme))
+            attach_qparams(lin, scheme, qp, rounded)
+            stored = compress_module_state(lin, group_format(scheme, None))
+            w_ref = dequantize_float(stored, (n, k), scheme, torch.float16)
+            moved_w = sum(t.numel() * t.element_size() for t in stored.values())
+            for m in args.ms:
+                x = x_all[:m]
+                record = dict(base, layer=shape, K=k, N=n, M=m, setting=name, kernel="float_gemm",
+                              bits_per_weight=round(scheme.bits_per_weight(k), 4), fp16_us=round(fp16_us[m], 2))
+
+                def call(x=x):
+                    return float_dequant_matmul(x, stored, scheme, n, k)
+
+                try:
+                    err = rel_err(call(), F.linear(x, w_ref).float())
+                    us = time_graph(call, flush, args.repeats)
+                except (RuntimeError, ValueError) as err_:
+                    log.exception("%s %s M=%d failed", shape, name, m)
+                    common.emit(dict(record, status="failed", error=common.error_text(err_)), args.output)
+                    continue
+                moved = moved_w + (m * k + m * n) * 2
+                common.emit(dict(record, status="ok", rel_err=float(f"{err:.3g}"), us=round(us, 2),
+                                 speedup_vs_fp16=round(fp16_us[m] / us, 3), gbps=round(moved / us / 1e3, 1)),
+                            args.output)
+
+
 def rel_err(out, ref) -> float:
     """‖out − ref‖ / ‖ref‖ over all elements, computed in ref's float dtype (unrounded)."""
     return ((out.to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -313,6 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end decode measurement")
     parser.add_argument("--hadamard-only", action="store_true",
                         help="only the online Hadamard kernel against the torch butterfly")
+    parser.add_argument("--float-only", action="store_true",
+                        help="only the FP8 / NVFP4 / MXFP4 kernel (--formats) against fp16 F.linear")
+    parser.add_argument("--formats", default=",".join(FLOAT_FORMATS), help=f"with --float-only: {sorted(FLOAT_FORMATS)}")
     parser.add_argument("--e2e-layers", type=int, default=32)
     parser.add_argument("--e2e-setting", default="w4g128")
     parser.add_argument("--prompt", type=int, default=128)
@@ -351,6 +409,11 @@ def main(argv=None) -> int:
     if args.hadamard_only:
         with torch.inference_mode():
             bench_hadamard(args, base)
+        return 0
+    if args.float_only:
+        args.formats = args.formats.split(",")
+        with torch.inference_mode():
+            bench_float(args, base)
         return 0
     if not args.e2e_only:
         with torch.inference_mode():

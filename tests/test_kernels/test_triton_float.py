@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_kernels._triton_setup import on_device, rel_err
+from tests.test_kernels._triton_setup import DEVICE, on_device, rel_err
 
 from compressor.core.scheme import QuantScheme, global_scale
 from compressor.kernels.reference import dequantize_float
@@ -84,7 +84,7 @@ def test_a_loaded_float_export_runs_on_the_kernel(name, tmp_path):
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = load_compressed(out, backend="reference")(ids).logits
-        kernel = load_compressed(out, backend="triton")
+        kernel = load_compressed(out, backend="triton").to(DEVICE)
         assert isinstance(kernel.model.layers[0].mlp.up_proj, FloatQuantLinear)
-        got = kernel(ids).logits
+        got = kernel(ids.to(DEVICE)).logits.cpu()
     assert rel_err(got, ref) <= 1e-5
