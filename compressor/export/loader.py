@@ -180,19 +180,18 @@ def _attach_quant_experts(model: nn.Module, tensors: dict[str, torch.Tensor], gr
     ckpt = (names.name("gate_proj"), names.name("up_proj"), names.name("down_proj"))
     for name, module in list(model.named_modules()):
         layout = experts_layout(module)
-        if layout is None or f"{name}.0.{ckpt[0]}.weight_packed" not in tensors:
+        fp8 = tensors.get(f"{name}.0.{ckpt[0]}.weight")
+        if layout is None or (f"{name}.0.{ckpt[0]}.weight_packed" not in tensors
+                              and (fp8 is None or fp8.dtype != torch.float8_e4m3fn)):
             continue
         probe = names.to_checkpoint(f"{name}.0.{ckpt[0]}")
         # vLLM reads each expert as a Linear named probe: a "Linear" target covers it, as a name or regex may
         found = [(scheme, act) for targets, scheme, _, act, _ in groups
                  if matches(probe, nn.Linear(1, 1, device="meta"), tuple(targets))]
         if not found:
-            raise ValueError(f"{path}: {probe}.weight_packed is stored but no config group targets it: the "
+            raise ValueError(f"{path}: {probe}'s quantized weight is stored but no config group targets it: the "
                              "checkpoint does not match its config.json")
         scheme, act = found[0]
-        if scheme.is_float:
-            raise ValueError(f"{path}: {name}: fused experts in {scheme.describe()} are not read by this loader yet; "
-                             "serve the export with vLLM")
         if act is not None:
             raise ValueError(f"{path}: {name}: quantized inputs of fused experts are not supported by this loader")
         e, two_i, h = module.gate_up_proj.shape

@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 from compressor.core.scheme import QuantScheme
+from compressor.runtime.float_linear import FloatQuantLinear
 from compressor.runtime.quant_linear import QuantLinear
 
 __all__ = ["QuantExperts"]
 
 
 class QuantExperts(nn.ModuleList):
-    """Fused MoE experts as one :class:`QuantLinear` per expert and projection, run expert by expert.
+    """Fused MoE experts as one :class:`QuantLinear` (integer schemes) or :class:`FloatQuantLinear` (FP8, MXFP4)
+    per expert and projection, run expert by expert.
 
     Child ``e`` holds ``gate``, ``up`` and ``down`` under the family's checkpoint names
     (``gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral ``w1`` / ``w3`` / ``w2``), so the
@@ -38,8 +40,9 @@ class QuantExperts(nn.ModuleList):
                  names: tuple[str, str, str], act_fn: Callable[[torch.Tensor], torch.Tensor],
                  dtype: torch.dtype = torch.float32, backend: str = "auto"):
         shapes = ((hidden_size, intermediate_size), (hidden_size, intermediate_size), (intermediate_size, hidden_size))
+        layer = FloatQuantLinear if scheme.is_float else QuantLinear
         super().__init__(
-            nn.ModuleDict({name: QuantLinear(k, n, scheme, dtype=dtype, backend=backend)
+            nn.ModuleDict({name: layer(k, n, scheme, dtype=dtype, backend=backend)
                            for name, (k, n) in zip(names, shapes)})
             for _ in range(num_experts))
         self.names, self.act_fn = names, act_fn

@@ -189,3 +189,25 @@ def test_vllm_blocker_for_fp8_weights_in_groups():
     qcfg["config_groups"]["group_0"]["weights"] = ct_export.scheme_to_ct_args(
         QuantScheme(type="float", bits=8, group_size=-1, symmetric=True))
     assert vllm_blockers(qcfg) == []
+
+
+@pytest.mark.parametrize("name", ["fp8", "mxfp4"])
+def test_float_moe_experts_export_and_reload(name, tmp_path):
+    """FP8 and MXFP4 experts are stored per expert (as vLLM's fused-MoE loader reads them) and reload as
+    FloatQuantLinear children of QuantExperts, with the in-memory logits."""
+    from tests.test_families import IDS, MOE, tiny
+
+    from compressor.runtime.quant_experts import QuantExperts
+
+    model = tiny("qwen3_moe", **MOE)
+    scheme = {"fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
+              "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"}}[name]
+    recipe = Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme}}]})
+    compress(model, recipe, quiet=True)
+    with torch.no_grad():
+        ref = model(IDS[:2]).logits
+    loaded = load_compressed(save_compressed(model, tmp_path / "e", recipe=recipe))
+    experts = loaded.model.layers[0].mlp.experts
+    assert isinstance(experts, QuantExperts) and isinstance(experts[0]["down_proj"], FloatQuantLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS[:2]).logits, ref, rtol=0, atol=1e-6)
