@@ -21,10 +21,12 @@ _FLOAT_PRESETS = {
     "w8a16-fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
     "w4a16-nvfp4": {"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
     "w4a16-mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
+    "w8a16-fp8-block": {"type": "float", "bits": 8, "group_size": 128, "symmetric": True, "block_rows": 128},
 }
 # float W8A8 / W4A4 presets -> (the weight-only preset of their weights, the input format): compressed-tensors'
 # FP8_DYNAMIC (per-channel E4M3 weights, dynamic per-token E4M3 inputs), NVFP4 and MXFP4
-_FLOAT_ACT_PRESETS = {"fp8": ("w8a16-fp8", "fp8"), "nvfp4": ("w4a16-nvfp4", "nvfp4"), "mxfp4": ("w4a16-mxfp4", "mxfp4")}
+_FLOAT_ACT_PRESETS = {"fp8": ("w8a16-fp8", "fp8"), "fp8-block": ("w8a16-fp8-block", "fp8-block"),
+                      "nvfp4": ("w4a16-nvfp4", "nvfp4"), "mxfp4": ("w4a16-mxfp4", "mxfp4")}
 # preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
 _GGUF_PRESETS = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                      + sorted(_GGUF_PRESETS),
                      help="preset: weight-only (wNa16), W8A8 / W7A8 (symmetric per-channel weights, 8-bit per-token "
                      "inputs), float weight-only (w8a16-fp8 per channel, w4a16-nvfp4, w4a16-mxfp4; their group size "
-                     "is fixed), float weights and inputs (fp8: W8A8 with dynamic per-token FP8 inputs; nvfp4, mxfp4: "
-                     "W4A4), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
+                     "is fixed; w8a16-fp8-block: 128 x 128 blocks), float weights and inputs (fp8: W8A8 with dynamic "
+                     "per-token FP8 inputs; fp8-block: 128 x 128 weight blocks, inputs per token and 128 features; "
+                     "nvfp4, mxfp4: W4A4), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
     c.add_argument("--symmetric", action="store_true",

@@ -167,6 +167,7 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 # name -> (element bits, group size along K or None for the whole token, scale format)
 ACTIVATION_FORMATS: dict[str, tuple[int, int | None, str]] = {
     "fp8": (8, None, "float"),  # E4M3 per token, scale = max|x| / 448 (compressed-tensors FP8_DYNAMIC)
+    "fp8-block": (8, 128, "float"),  # E4M3 per 128 features of a token (compressed-tensors FP8_BLOCK's inputs)
     "mxfp4": (4, 32, "e8m0"),  # E2M1 per 32, power-of-two scales (OCP MX; compressed-tensors MXFP4)
     "nvfp4": (4, 16, "e4m3"),  # E2M1 per 16, E4M3 scales under a static per-tensor global scale (NVFP4)
 }
@@ -194,7 +195,8 @@ def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Te
 
     Args:
         x: (..., K) float; every row over the last dim is a token.
-        fmt: ``"fp8"`` (E4M3, one scale per token, ``max|x| / 448``), ``"mxfp4"`` (E2M1 per 32 features,
+        fmt: ``"fp8"`` (E4M3, one scale per token, ``max|x| / 448``), ``"fp8-block"`` (the same per 128
+            features), ``"mxfp4"`` (E2M1 per 32 features,
             power-of-two scales of :func:`compressor.core.floats.mx_scale`) or ``"nvfp4"`` (E2M1 per 16,
             scales ``round_e4m3(max|x_g| / 6 * gs) / gs`` under the static ``global_scale`` gs).
         global_scale: NVFP4's (1,) float32 input global scale (:func:`activation_global_scale`); required there.

@@ -53,6 +53,7 @@ __all__ = [
     "shared_global_scales",
     "NVFP4_GROUP",
     "MXFP4_GROUP",
+    "block_rows_max",
 ]
 
 _OBSERVERS = ("minmax", "mse")
@@ -82,6 +83,9 @@ class QuantScheme:
         type: ``"int"`` or ``"float"`` (FP8 E4M3 for 8 bits, FP4 E2M1 for 4; symmetric only).
         scale_format: how scales are stored: ``"float"`` (the weight's dtype), ``"e4m3"`` (NVFP4: E4M3
             group scales under a float32 global scale) or ``"e8m0"`` (MXFP4: powers of two). Float types only.
+        block_rows: FP8 block weights (DeepSeek-V3's 128 x 128): each scale covers ``block_rows`` output rows
+            of a ``group_size``-column group. In memory the scales stay (N, G), equal within a block of
+            rows; the export stores one per block. None: one scale per row and group.
     """
 
     bits: int = 4
@@ -94,8 +98,16 @@ class QuantScheme:
     mse_norm: float = 2.4
     type: str = "int"
     scale_format: str = "float"
+    block_rows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.block_rows is not None:
+            if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows < 1:
+                raise ValueError(f"block_rows={self.block_rows!r}: use a positive number of rows, e.g. 128")
+            if not (self.type == "float" and self.bits == 8 and self.scale_format == "float"
+                    and self.observer == "minmax"):
+                raise ValueError("block_rows applies to FP8 weights with float scales and the minmax observer "
+                                 "(e.g. type float, bits 8, group_size 128, block_rows 128)")
         if self.type not in _TYPES:
             raise ValueError(f"type={self.type!r} is unknown: use one of {_TYPES}")
         if self.scale_format not in _SCALE_FORMATS:
@@ -172,13 +184,16 @@ class QuantScheme:
         if self.scale_format != "float":
             scale_bits = 8
         extra = scale_bits + (0 if self.symmetric else self.bits)
-        return self.bits + groups * extra / in_features
+        return self.bits + groups * extra / in_features / (self.block_rows or 1)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.name == "block_rows" and self.block_rows is None)}
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        if self.block_rows is not None:
+            g = f"block {self.block_rows}x" + ("K" if self.group_size == -1 else f"{self.group_size}")
         if self.is_float:
             name = {"e4m3": "NVFP4" if self.bits == 4 else "FP8", "e8m0": "MXFP4" if self.bits == 4 else "MXFP8"}
             elem = self.element.name.upper()
@@ -356,6 +371,8 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme, *, gscale: torch.Tenso
     lo, hi = wg.amin(dim=2), wg.amax(dim=2)  # (N, G)
     if scheme.is_float:
         amax = torch.maximum(lo.abs(), hi.abs())
+        if scheme.block_rows is not None:  # one scale per block of rows: its largest row's
+            amax = block_rows_max(amax, scheme.block_rows)
         gs = global_scale(w, scheme) if gscale is None else gscale
         if scheme.observer == "minmax":
             return float_params(amax, scheme, gs)
@@ -363,6 +380,16 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme, *, gscale: torch.Tenso
     if scheme.observer == "minmax":
         return params_from_range(lo, hi, scheme)
     return _mse_search(wg, valid, lo, hi, scheme)
+
+
+def block_rows_max(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, G) → (N, G): each row's value replaced by the maximum over its block of ``rows`` rows (the last block
+    may be shorter)."""
+    n, g = values.shape
+    pad = -n % rows
+    padded = torch.cat([values, values.new_full((pad, g), float("-inf"))]) if pad else values
+    best = padded.reshape(-1, rows, g).amax(dim=1)  # (ceil(N / rows), G)
+    return best.repeat_interleave(rows, dim=0)[:n]
 
 
 def _mse_search(

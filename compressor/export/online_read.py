@@ -127,11 +127,14 @@ def _float_input_format(args: dict, where: str) -> str | None:
     bits, strategy, group, dynamic = args.get("num_bits"), args.get("strategy"), args.get("group_size"), args.get("dynamic")
     if bits == 8 and strategy == "token" and dynamic is True:
         return "fp8"
+    if bits == 8 and strategy == "group" and group == 128 and dynamic is True:
+        return "fp8-block"
     if bits == 4 and strategy == "group" and group == 32 and dynamic is True:
         return "mxfp4"
     if bits == 4 and strategy == "tensor_group" and group == 16 and dynamic == "local":
         return "nvfp4"
-    raise ValueError(f"{where}: float input_activations {args} are not supported: this loader runs FP8 per token, MXFP4 "
+    raise ValueError(f"{where}: float input_activations {args} are not supported: this loader runs FP8 per token or per "
+                     "128, MXFP4 "
                      "(group 32) and NVFP4 (tensor_group 16, dynamic local) activations; load others with vLLM")
 
 

@@ -65,6 +65,8 @@ def input_activation_args(bits: int, symmetric: bool, fmt: str | None = None) ->
     args = {**_dynamic_args(bits, True, "token", None), "type": "float"}
     if fmt == "mxfp4":
         return {**args, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if fmt == "fp8-block":  # FP8_BLOCK's inputs: dynamic per token and 128 features
+        return {**args, "strategy": "group", "group_size": 128}
     if fmt == "nvfp4":
         return {**args, "strategy": "tensor_group", "group_size": 16, "dynamic": "local", "observer": "static_minmax",
                 "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}

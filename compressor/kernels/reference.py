@@ -90,7 +90,10 @@ def dequantize_float(
     k = int(shape[1])
     if scheme.bits == 8:
         codes = tensors["weight"].view(torch.uint8).view(torch.int8)
-        return dequantize(codes, QParams(tensors["weight_scale"], None), scheme).to(dtype)
+        scale = tensors["weight_scale"]
+        if scheme.block_rows is not None:  # (ceil(N / rows), G) block scales, one per block of rows
+            scale = scale.repeat_interleave(scheme.block_rows, dim=0)[: int(shape[0])]
+        return dequantize(codes, QParams(scale, None), scheme).to(dtype)
     codes = unpack_fp4(tensors["weight_packed"], k)
     if scheme.scale_format == "e4m3":
         qp = QParams(tensors["weight_scale"].float(), None, tensors["weight_global_scale"].float())

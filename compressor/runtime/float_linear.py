@@ -39,8 +39,9 @@ class FloatQuantLinear(nn.Module):
         n, k = out_features, in_features
         groups = -(-k // scheme.group_width(k))
         if scheme.bits == 8:
+            rows = n if scheme.block_rows is None else -(-n // scheme.block_rows)  # FP8 blocks: a scale per block
             self.register_buffer("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn))
-            self.register_buffer("weight_scale", torch.empty(n, groups, dtype=dtype))
+            self.register_buffer("weight_scale", torch.empty(rows, groups, dtype=dtype))
         else:
             self.register_buffer("weight_packed", torch.empty(n, k // 2, dtype=torch.uint8))
             e4m3 = scheme.scale_format == "e4m3"
@@ -57,7 +58,10 @@ class FloatQuantLinear(nn.Module):
         """The in-memory parameters (:class:`compressor.core.scheme.QParams`) of the stored scales: (N, G) in the
         layer's dtype (FP8) or float32 (E4M3 scales with the global scale; E8M0 decoded to powers of two)."""
         if self.scheme.bits == 8:
-            return QParams(self.weight_scale.detach().clone(), None)
+            scale = self.weight_scale.detach().clone()
+            if self.scheme.block_rows is not None:
+                scale = scale.repeat_interleave(self.scheme.block_rows, dim=0)[: self.out_features]
+            return QParams(scale, None)
         if self.scheme.scale_format == "e4m3":
             return QParams(self.weight_scale.float(), None, self.weight_global_scale.detach().float().clone())
         return QParams(floats.e8m0_decode(self.weight_scale), None)

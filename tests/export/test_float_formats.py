@@ -211,3 +211,44 @@ def test_float_moe_experts_export_and_reload(name, tmp_path):
     assert isinstance(experts, QuantExperts) and isinstance(experts[0]["down_proj"], FloatQuantLinear)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS[:2]).logits, ref, rtol=0, atol=1e-6)
+
+
+BLOCK = {"type": "float", "bits": 8, "group_size": 32, "symmetric": True, "block_rows": 16}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_fp8_block_weights_export_one_scale_per_block_and_reload(tmp_path, method):
+    """DeepSeek-style block FP8 (here 16 x 32 on the tiny model): compressed-tensors' block strategy, a
+    (ceil(N / 16), K / 32) scale per weight; compressed-tensors' decompressor and our loader reproduce it."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    model = tiny_llama(inter=96)
+    recipe = Recipe.from_dict({"passes": [{method: {"scheme": BLOCK}}]})
+    compress(model, recipe, calibration=X if method == "gptq" else None, quiet=True)
+    down = model.model.layers[0].mlp.down_proj  # (64, 96)
+    scale = quant_state(down)[1].scale
+    assert all(torch.equal(scale[i], scale[16 * (i // 16)]) for i in range(64))  # one scale per block of rows
+    ref = _logits(model)
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = qcfg["config_groups"]["group_0"]["weights"]
+    assert qcfg["format"] == "float-quantized" and weights["strategy"] == "block"
+    assert weights["block_structure"] == [16, 32]
+    sd = load_file(out / "model.safetensors")
+    assert sd["model.layers.0.mlp.down_proj.weight_scale"].shape == (4, 3)
+    args = QuantizationArgs(**weights)
+    theirs = FloatQuantizationCompressor.decompress(
+        ct_export.compress_module_state(down, "float-quantized"), QuantizationScheme(targets=["Linear"], weights=args))
+    assert torch.equal(theirs["weight"], down.weight)
+    loaded = load_compressed(out)
+    assert loaded.model.layers[0].mlp.down_proj.scheme.block_rows == 16
+    assert torch.equal(_logits(loaded), ref)
+
+
+def test_fp8_block_scheme_checks():
+    with pytest.raises(ValueError, match="block_rows applies to FP8 weights with float scales"):
+        QuantScheme(type="float", bits=4, group_size=16, symmetric=True, scale_format="e4m3", block_rows=16)
+    assert QuantScheme(**BLOCK).describe() == "FP8 (E4M3 block 16x32)"
+    assert QuantScheme(**BLOCK).bits_per_weight(96) == pytest.approx(8 + 16 / 32 / 16)
+    assert "block_rows" not in QuantScheme(bits=4).to_dict()  # recipes without blocks read as before

@@ -19,19 +19,19 @@ WEIGHTS = {
     "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "scale_format": "e8m0", "symmetric": True},
     "nvfp4": {"type": "float", "bits": 4, "group_size": 16, "scale_format": "e4m3", "symmetric": True},
 }
-BITS = {"fp8": 8, "mxfp4": 4, "nvfp4": 4}
+BITS = {"fp8": 8, "fp8-block": 8, "mxfp4": 4, "nvfp4": 4}
 IDS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _inputs(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 5, 64, generator=g) * torch.rand(1, 1, 64, generator=g) * 4  # channels of different range
+    x = torch.randn(2, 5, 256, generator=g) * torch.rand(1, 1, 256, generator=g) * 4  # channels of different range
     x[0, 0, 3] = 40.0  # an outlier
     x[1, 2] = 0.0  # an all-zero token
     return x
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-block", "mxfp4", "nvfp4"])
 def test_matches_compressed_tensors_fake_quantization(fmt):
     """compressed-tensors' forward_quantize on the input_activations we export gives the very same values."""
     from compressed_tensors.quantization import QuantizationArgs
@@ -113,3 +113,22 @@ def test_cli_presets_quantize_weights_and_inputs(tmp_path, tiny_model_dir, caplo
     # the tiny model's down_proj reads 80 features: not whole MXFP4 groups of 32
     assert main(["compress", str(tiny_model_dir), "--scheme", "mxfp4", "-o", str(tmp_path / "x"), "-q"]) != 0
     assert "groups of 32" in caplog.text and not (tmp_path / "x").exists()
+
+
+def test_fp8_block_preset_exports_and_reloads(tmp_path):
+    """--scheme fp8-block: 128 x 128 FP8 weight blocks and FP8 inputs per token and 128 features (FP8_BLOCK)."""
+    from compressor.cli import _recipe, build_parser
+
+    args = build_parser().parse_args(["compress", "m", "--scheme", "fp8-block", "-o", str(tmp_path / "x")])
+    recipe = _recipe(args)
+    model = tiny_llama(hidden=128, inter=256)
+    compress(model, recipe, quiet=True)
+    assert model.model.layers[0].mlp.up_proj.input_quantizer.fmt == "fp8-block"
+    with torch.no_grad():
+        ref = model(IDS[:2]).logits
+    out = save_compressed(model, tmp_path / "e", recipe=recipe)
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["block_structure"] == [128, 128]
+    assert group["input_activations"]["strategy"] == "group" and group["input_activations"]["group_size"] == 128
+    with torch.no_grad():
+        assert torch.equal(load_compressed(out)(IDS[:2]).logits, ref)

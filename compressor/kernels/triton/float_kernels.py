@@ -56,14 +56,14 @@ def float_gemm_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
     FMT: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr = 1,
 ):
     """out (M, N) = x (M, K) @ dequant(W).T (+ bias), W in format ``FMT`` (module docstring).
 
     ``w_ptr``: uint8 codes, (N, K) for FP8 or (N, K/2) packed for FP4; ``s_ptr``: (N, G) scales (float for FP8,
     uint8 E4M3 bytes for NVFP4, uint8 E8M0 for MXFP4); ``gs_ptr``: NVFP4's (1,) float32 global scale. When
     ``GROUP_W`` is a multiple of ``BLOCK_K`` every K tile lies in one group: its scales are one (BLOCK_N,)
-    load per tile instead of one per element.
+    load per tile instead of one per element. ``ROW_BLOCK``: rows per scale row (FP8 block weights, 128; else 1).
     """
     ONE_SCALE: tl.constexpr = GROUP_W % BLOCK_K == 0
     pid_m = tl.program_id(0)
@@ -71,6 +71,7 @@ def float_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    srow = offs_n // ROW_BLOCK  # the scale row of each weight row
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -83,10 +84,10 @@ def float_gemm_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         wmask = mask_n[:, None] & mask_k[None, :]
         if ONE_SCALE:  # (BLOCK_N, 1): the tile's one group
-            s_off = offs_n[:, None] * stride_sn + (k0 // GROUP_W) * stride_sg
+            s_off = srow[:, None] * stride_sn + (k0 // GROUP_W) * stride_sg
             smask = mask_n[:, None]
         else:  # (BLOCK_N, BLOCK_K): a group per element
-            s_off = offs_n[:, None] * stride_sn + (kk // GROUP_W)[None, :] * stride_sg
+            s_off = srow[:, None] * stride_sn + (kk // GROUP_W)[None, :] * stride_sg
             smask = wmask
         if FMT == 0:
             b = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :] * stride_wk, mask=wmask, other=0)

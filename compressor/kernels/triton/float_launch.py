@@ -53,9 +53,11 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
         raise ValueError(f"x must be float16 / bfloat16 / float32 with K={k} features, got {x.dtype} {tuple(x.shape)}")
     width = scheme.group_width(k)
     groups = -(-k // width)
+    rows = n
     if fmt == float_kernels.FMT_FP8:
         codes, scale = stored["weight"], stored["weight_scale"]
         want = (n, k)
+        rows = n if scheme.block_rows is None else -(-n // scheme.block_rows)
         if codes.dtype != torch.float8_e4m3fn or scale.dtype not in _FLOATS:
             raise ValueError(f"FP8 weight must be float8_e4m3fn with float scales, got {codes.dtype} / {scale.dtype}")
     else:
@@ -63,9 +65,9 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
         want = (n, -(-k // 2))
         if codes.dtype != torch.uint8:
             raise ValueError(f"weight_packed must be uint8 (two FP4 codes a byte), got {codes.dtype}")
-    if tuple(codes.shape) != want or tuple(scale.shape) != (n, groups):
+    if tuple(codes.shape) != want or tuple(scale.shape) != (rows, groups):
         raise ValueError(f"stored weight {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit weight ({n}, {k}) "
-                         f"at group width {width}: expected {want} / ({n}, {groups})")
+                         f"at group width {width}: expected {want} / ({rows}, {groups})")
     gs = stored.get("weight_global_scale") if fmt == float_kernels.FMT_NVFP4 else None
     if fmt == float_kernels.FMT_NVFP4 and (gs is None or gs.numel() != 1):
         raise ValueError("NVFP4 needs its (1,) float32 weight_global_scale")
@@ -90,6 +92,7 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
         x2, w8, s, gs_t, b, out, m, n, k,
         x2.stride(0), x2.stride(1), w8.stride(0), w8.stride(1), s.stride(0), s.stride(1), out.stride(0), out.stride(1),
         FMT=fmt, GROUP_W=width, HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or interp,
+        ROW_BLOCK=scheme.block_rows or 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if interp else 8,  # 8: no spills on sm_90
     )
     return out.reshape(*lead, n)
