@@ -482,7 +482,8 @@ def save_compressed(
             config["tie_word_embeddings"] = False  # lm_head was quantized on its own
     _note_runtimes(model, config["quantization_config"], output)
     tensors = _state_dict(model)
-    tensors.update(online_write.transform_tensors(model))  # (n, n) float32 ±1, once per transform group and size
+    tensors.update(online_write.transform_tensors(model))
+    tensors.update(online_write.kv_tensors(model))  # an FP8 KV cache's k_scale / v_scale  # (n, n) float32 ±1, once per transform group and size
     with atomic_directory(output, overwrite=overwrite) as tmp:
         _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -262,8 +262,8 @@ def load_compressed(
         dtype = scales[0].dtype if scales else others[0].dtype if others else torch.float32
     # assign=True below keeps each tensor's own dtype: cast the floating ones (weights, norms, scales) here; FP8
     # weights and scales and NVFP4's float32 global scales stay as stored
-    tensors = {k: t.to(dtype) if t.dtype in _MODEL_DTYPES and not k.endswith("_global_scale") else t
-               for k, t in tensors.items()}
+    tensors = {k: t.to(dtype) if t.dtype in _MODEL_DTYPES and not k.endswith(("_global_scale", ".k_scale", ".v_scale"))
+               else t for k, t in tensors.items()}
     impl = online_read.attn_implementation(qcfg)  # the one the exported quantizers wrapped (sdpa / eager)
     with init_empty_weights(include_buffers=False):
         model = _model_class(config).from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
@@ -298,6 +298,7 @@ def load_compressed(
                         *act, global_scale=tensors.pop(f"{name}.input_global_scale", None))
                 model.set_submodule(name, q)
                 break
+    kv_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]}
     _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{path}: unexpected tensors {unexpected[:5]}: the checkpoint does not match its config.json")
@@ -308,7 +309,7 @@ def load_compressed(
     online_read.attach_transforms(model, qcfg, transform_tensors, str(path))
     for name, quantizer in quantizers.items():  # QuantLinear.forward runs input_transform, then input_quantizer
         model.get_submodule(name).add_module(INPUT_CHILD, quantizer)
-    online_read.attach_kv_quantizers(model, qcfg, str(path))
+    online_read.attach_kv_quantizers(model, qcfg, str(path), kv_scales)
     model.eval()
     if device_map is not None:
         from compressor.export.placement import place_model

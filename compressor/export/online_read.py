@@ -289,6 +289,9 @@ def _kv_settings(qcfg: dict, where: str) -> dict | None:
     args = qcfg.get("kv_cache_scheme")
     if not args:
         return None
+    if args.get("type") == "float" and int(args.get("num_bits", 0)) == 8 and args.get("dynamic") is False \
+            and args.get("strategy") in ("tensor", "attn_head"):
+        return {"bits": 8, "symmetric": True, "group_size": None, "fmt": "fp8", "per_head": args["strategy"] == "attn_head"}
     if args.get("type", "int") != "int" or args.get("dynamic") is not True or args.get("strategy") != "group":
         raise ValueError(f"{where}: kv_cache_scheme {args} is not supported: this loader runs dynamic integer "
                          "per-token KV quantization (type: int, strategy: group, dynamic: true); load static or "
@@ -297,15 +300,19 @@ def _kv_settings(qcfg: dict, where: str) -> dict | None:
             "group_size": int(args["group_size"])}
 
 
-def attach_kv_quantizers(model: nn.Module, qcfg: dict, where: str) -> None:
+def attach_kv_quantizers(model: nn.Module, qcfg: dict, where: str,
+                         scales: dict[str, torch.Tensor] | None = None) -> None:
     """Give every attention module of a loaded model the KV quantizer of ``qcfg`` (in place).
 
     Settings come from our extension when present (exact), else from
     ``kv_cache_scheme`` (dynamic int ``group`` strategy). Switches the
     attention implementation to ``compressor_kvquant:<base>``.
 
+    Args:
+        scales: an FP8 cache's stored ``{attn}.k_scale`` / ``{attn}.v_scale``.
+
     Raises:
-        ValueError: an unsupported KV scheme, or a model without transformers attention modules.
+        ValueError: an unsupported KV scheme, missing FP8 scales, or a model without transformers attention modules.
     """
     settings = _kv_settings(qcfg, where)
     if settings is None:
@@ -314,9 +321,21 @@ def attach_kv_quantizers(model: nn.Module, qcfg: dict, where: str) -> None:
     if not attention:
         raise ValueError(f"{where}: the export quantizes its KV cache but {type(model).__name__} has no transformers "
                          "attention module to attach the quantizer to")
+    scales = scales or {}
     for name, attn in attention:
+        fp8 = settings.get("fmt") == "fp8"
         try:
-            attach_kv_quantizer(attn, KVQuantizer(settings["bits"], symmetric=settings["symmetric"],
-                                                  group_size=settings["group_size"]))
+            quantizer = KVQuantizer(settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"],
+                                    fmt=settings.get("fmt"), per_head=settings.get("per_head", False),
+                                    num_heads=scales[f"{name}.k_scale"].numel() if fp8 and f"{name}.k_scale" in scales
+                                    else 1)
+            if fp8:
+                for leaf in ("k_scale", "v_scale"):
+                    stored = scales.get(f"{name}.{leaf}")
+                    if stored is None:
+                        raise ValueError(f"{leaf} is missing: the checkpoint is incomplete or corrupt")
+                    getattr(quantizer, leaf).copy_(stored.reshape(-1).to(torch.float32))
+                quantizer.observing = False
+            attach_kv_quantizer(attn, quantizer)
         except ValueError as err:
             raise ValueError(f"{where}: {name}: {err}") from None

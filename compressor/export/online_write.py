@@ -24,7 +24,7 @@ from compressor.runtime.activations import (
 )
 from compressor.runtime.online import TRANSFORM_CHILD, OnlineHadamard
 
-__all__ = ["input_activation_args", "input_settings", "input_tensors", "check_online_exportable", "kv_cache_scheme", "transform_config",
+__all__ = ["input_activation_args", "input_settings", "input_tensors", "kv_tensors", "check_online_exportable", "kv_cache_scheme", "transform_config",
            "transform_tensors", "extension"]
 
 
@@ -138,10 +138,10 @@ def _kv_quantizer(model: nn.Module) -> KVQuantizer | None:
     for n, q in found:
         if not isinstance(q, KVQuantizer):
             _fail(n, f"its {KV_CHILD} is a {type(q).__name__}", "quantize the KV cache with quantize_activations")
-    settings = {(q.bits, q.symmetric, q.group_size) for _, q in found}
+    settings = {(q.bits, q.symmetric, q.group_size, q.fmt, q.per_head) for _, q in found}
     if len(settings) > 1:
         _fail(found[0][0], f"attention modules quantize keys and values with different settings {sorted(settings, key=str)} "
-              "(bits, symmetric, group_size), and kv_cache_scheme holds one", "quantize the KV cache of every layer "
+              "(bits, symmetric, group_size, format, per head), and kv_cache_scheme holds one", "quantize the KV cache of every layer "
               "with the same settings")
     return found[0][1]
 
@@ -164,8 +164,28 @@ def kv_cache_scheme(model: nn.Module) -> dict | None:
     q = _kv_quantizer(model)
     if q is None:
         return None
+    if q.fmt == "fp8":  # static scales, k_scale / v_scale per attention module (compressed-tensors' FP8 KV cache)
+        if q.observing:
+            _fail("the KV quantizers", "are still calibrating (no scales yet)", "run the quantize_activations pass "
+                  "through compress() with calibration data")
+        return {**_dynamic_args(8, True, "attn_head" if q.per_head else "tensor", None), "type": "float",
+                "dynamic": False}
     group = q.group_size or int(attention_modules(model)[0][1].head_dim)  # None: the whole head
     return _dynamic_args(q.bits, q.symmetric, "group", group)
+
+
+def kv_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An FP8 KV cache's static scales: ``{attn}.k_scale`` / ``{attn}.v_scale``, float32 (1,) per tensor or
+    (H_kv, 1, 1) per head (compressed-tensors' ``attn_head`` shape); none for dynamic integer caches."""
+    out = {}
+    for name, attn in attention_modules(model):
+        q = attn._modules.get(KV_CHILD)
+        if q is None or q.fmt != "fp8":
+            continue
+        for leaf in ("k_scale", "v_scale"):
+            t = getattr(q, leaf).detach().cpu().to(torch.float32)
+            out[f"{name}.{leaf}"] = t.reshape(-1, 1, 1) if q.per_head else t.reshape(1)
+    return out
 
 
 def _linear_transforms(model: nn.Module) -> list[tuple[str, OnlineHadamard]]:
@@ -254,7 +274,7 @@ def extension(model: nn.Module, clip_ratios: dict[str, float], weight_bits: dict
     if weight_bits:
         out["weights"] = {g: {"num_bits": b} for g, b in weight_bits.items()}
     kv = _kv_quantizer(model)
-    if kv is not None:
+    if kv is not None and kv.fmt is None:  # FP8 caches are fully described by kv_cache_scheme and the scales
         out["kv_cache"] = {"num_bits": kv.bits, "symmetric": kv.symmetric, "group_size": kv.group_size}
     if kv is not None or _qk_transforms(model):
         out["attn_implementation"] = unwrapped_attention(attention_implementation(model))

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from compressor.core.arch import attention_modules, is_experts_module
+from compressor.core.arch import attention_modules, head_counts, is_experts_module
 from compressor.core.fake_quant import (
     ACTIVATION_FORMATS,
     activation_global_scale,
@@ -45,6 +45,7 @@ from compressor.core.fake_quant import (
 )
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.runtime.activations import (
+    KV_CHILD,
     LEARNED_CLIP,
     ActivationQuantizer,
     KVQuantizer,
@@ -81,6 +82,10 @@ class ActivationQuantConfig(PassConfig):
             (E2M1 per 32 features, dynamic E8M0 scales) or ``"nvfp4"`` (E2M1 per 16, dynamic E4M3
             scales under a static per-tensor global scale from the calibration data's largest
             input). ``bits`` must be the format's width (8 or 4), symmetric, clip_ratio 1.
+        kv_format: None (a dynamic integer KV grid of ``kv_bits``) or ``"fp8"``: E4M3 keys and values with
+            static scales ``max|k| / 448`` from the calibration data (vLLM's FP8 KV cache, ``k_scale`` /
+            ``v_scale``); needs ``kv_bits: 8``, ``kv_symmetric: true`` and calibration data.
+        kv_per_head: FP8 scales per KV head (compressed-tensors' ``attn_head``) instead of per tensor.
     """
 
     bits: int | None = 8
@@ -90,9 +95,19 @@ class ActivationQuantConfig(PassConfig):
     kv_symmetric: bool = False
     kv_group_size: int | None = None
     format: str | None = None
+    kv_format: str | None = None
+    kv_per_head: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kv_format is not None:
+            if self.kv_format != "fp8":
+                raise ValueError(f"quantize_activations.kv_format={self.kv_format!r}: use 'fp8' or null")
+            if self.kv_bits != 8 or not self.kv_symmetric or self.kv_group_size is not None:
+                raise ValueError("quantize_activations.kv_format='fp8' is an 8-bit symmetric grid with one scale per "
+                                 "tensor or head: set kv_bits: 8, kv_symmetric: true and no kv_group_size")
+        if not isinstance(self.kv_per_head, bool) or (self.kv_per_head and self.kv_format is None):
+            raise ValueError("quantize_activations.kv_per_head (true / false) applies to kv_format: fp8")
         if self.format is not None:
             check_activation_format(self.format, what="quantize_activations.format")
             want = ACTIVATION_FORMATS[self.format][0]
@@ -121,6 +136,8 @@ class ActivationQuantConfig(PassConfig):
         if self.format is not None:
             a = f"A {self.format}"
         kv = f"KV{self.kv_bits}" if self.kv_bits is not None else "KV16"
+        if self.kv_format is not None:
+            kv = f"KV {self.kv_format} static per-{'head' if self.kv_per_head else 'tensor'}"
         return f"{a} per-token {'sym' if self.symmetric else 'asym'}, {kv} per-head"
 
 
@@ -139,18 +156,24 @@ class ActivationQuantPass(Pass):
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
-        """NVFP4 inputs need a static global scale, taken from the calibration data; the other grids are dynamic."""
-        return self.config.format == "nvfp4"
+        """NVFP4 inputs and an FP8 KV cache need static scales, taken from the calibration data; the other grids are
+        dynamic."""
+        return self.config.format == "nvfp4" or self.config.kv_format == "fp8"
 
-    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
-        """NVFP4: record the largest |input| of every targeted linear of ``block`` over the calibration batches.
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module] | None:
+        """Record what the static scales need over the calibration batches: NVFP4's largest |input| of every
+        targeted linear of ``block``; an FP8 KV cache's largest |k| and |v| (its quantizers attach now, observing).
 
         Returns:
-            the observed linears.
+            the observed linears, or None (full forwards) when the KV cache is observed: keys and values exist only
+            inside attention, after its linears' inputs.
         """
-        linears = self._linears(block, prefix, None)
+        linears = self._linears(block, prefix, None) if self.config.format == "nvfp4" else []
         for name, lin in linears:
             self._handles.append(lin.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
+        if self.config.kv_format == "fp8":
+            self._attach([], attention_modules(block, prefix))
+            return None
         return [m for _, m in linears]
 
     def _observe(self, name: str, x) -> None:
@@ -161,7 +184,12 @@ class ActivationQuantPass(Pass):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.compress_block(block, prefix)
+        if self.config.kv_format == "fp8":
+            for _, attn in attention_modules(block, prefix):
+                attn._modules[KV_CHILD].freeze()
+            self._attach(self._linears(block, prefix, None), [])
+        else:
+            self.compress_block(block, prefix)
         self._amax.clear()
 
     def apply(self, model: nn.Module, *, quiet: bool = False, only: set[str] | None = None, **context: Any) -> None:
@@ -174,8 +202,8 @@ class ActivationQuantPass(Pass):
         """
         self._refuse_experts(model)
         if self.requires_calibration and only is None:
-            raise ValueError("quantize_activations format='nvfp4' takes its input global scales from calibration "
-                             "data: pass calibration=... to compress()")
+            raise ValueError("quantize_activations with format='nvfp4' or kv_format='fp8' takes its static scales from "
+                             "calibration data: pass calibration=... to compress()")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         linears = self._linears(model, "", head)
         if only is not None:
@@ -239,7 +267,9 @@ class ActivationQuantPass(Pass):
         # attention first: a bad kv_group_size or attention implementation fails on the first module, before any change
         for name, attn in attention:
             try:
-                attach_kv_quantizer(attn, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size))
+                heads = head_counts(attn.config)[1] if c.kv_per_head else 1
+                attach_kv_quantizer(attn, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size,
+                                                      fmt=c.kv_format, per_head=c.kv_per_head, num_heads=heads))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         learned, mismatched = [], []

@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from compressor.core import floats
 from compressor.core.arch import attention_function, base_attention, eager_attention, register_attention, set_attention
 from compressor.core.fake_quant import (
     ACTIVATION_FORMATS,
@@ -136,30 +137,56 @@ class ActivationQuantizer(nn.Module):
 
 
 class KVQuantizer(nn.Module):
-    """Per-head per-token fake quantization of keys and values, just before attention.
+    """Fake quantization of keys and values, just before attention.
+
+    Integer grids (``fmt=None``): dynamic, per head and token (and group). FP8 (``fmt="fp8"``): E4M3 with static
+    scales from calibration, one per tensor (``per_head=False``: what vLLM's FP8 KV cache reads as ``k_scale`` /
+    ``v_scale``) or per KV head; while ``observing`` it records ``max |k|`` / ``max |v|`` (per head) and passes
+    keys and values through unchanged, and :meth:`freeze` turns them into scales ``amax / 448``.
 
     Args:
-        bits: 2-16.
-        symmetric: usually False for KV caches.
-        group_size: head_dim columns per scale, or None for the whole head.
+        bits: 2-16 (FP8: 8).
+        symmetric: usually False for integer KV caches (FP8: symmetric).
+        group_size: head_dim columns per scale, or None for the whole head (integer grids).
         base: the attention implementation it wraps (``"sdpa"``, ``"eager"``), for display and unpickling.
         range_grad: in training, the gradient also flows through each scale
             (see :func:`fake_quant_per_token`); default: straight-through only.
+        fmt: None (integer) or ``"fp8"``.
+        per_head: FP8 scales per KV head instead of per tensor.
+        num_heads: H_kv, for per-head FP8 scales.
     """
 
     range_grad: bool = False  # class default: KV quantizers pickled before the option unpickle without it
+    fmt: str | None = None
+    per_head: bool = False
+    observing: bool = False
 
     def __init__(self, bits: int, *, symmetric: bool = False, group_size: int | None = None, base: str = "sdpa",
-                 range_grad: bool = False):
+                 range_grad: bool = False, fmt: str | None = None, per_head: bool = False, num_heads: int = 1):
         super().__init__()
         check_bits(bits, "kv_bits")
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"kv_group_size={group_size!r} is invalid: use a positive divisor of head_dim or null")
+        if fmt not in (None, "fp8"):
+            raise ValueError(f"kv_format={fmt!r}: use 'fp8' or null (an integer grid)")
+        if fmt == "fp8" and (bits != 8 or not symmetric or group_size is not None):
+            raise ValueError("an FP8 KV cache is 8-bit and symmetric with one scale per tensor or head: set kv_bits: 8, "
+                             "kv_symmetric: true and no kv_group_size")
         self.bits, self.symmetric, self.group_size, self.base = bits, symmetric, group_size, base
         self.range_grad = range_grad
+        self.fmt, self.per_head, self.observing = fmt, per_head, fmt == "fp8"
+        shape = (num_heads if per_head else 1,)
+        self.register_buffer("k_scale", torch.zeros(shape) if fmt else None, persistent=False)  # amax while observing
+        self.register_buffer("v_scale", torch.zeros(shape) if fmt else None, persistent=False)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """key, value (B, H_kv, T, D) → same shapes and dtypes, each on its per-(b, h, t) grid."""
+        """key, value (B, H_kv, T, D) → same shapes and dtypes, each on its grid."""
+        if self.fmt == "fp8":
+            if self.observing:
+                self._observe(key, value)
+                return key, value
+            return (straight_through(key, self._fp8(key, self.k_scale)),
+                    straight_through(value, self._fp8(value, self.v_scale)))
         kw = {"symmetric": self.symmetric, "group_size": self.group_size}
         if self.range_grad:
             return (fake_quant_per_head(key, self.bits, range_grad=True, **kw),
@@ -167,11 +194,32 @@ class KVQuantizer(nn.Module):
         return (straight_through(key, fake_quant_per_head(key, self.bits, **kw)),
                 straight_through(value, fake_quant_per_head(value, self.bits, **kw)))
 
+    def _observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            for buf, t in ((self.k_scale, key), (self.v_scale, value)):
+                amax = t.detach().abs().float().amax(dim=(0, 2, 3)) if self.per_head else t.detach().abs().float().amax()
+                buf.copy_(torch.maximum(buf, amax.reshape(buf.shape).to(buf.device)))
+
+    def freeze(self) -> None:
+        """Turn the observed maxima into FP8 scales ``amax / 448`` (1 where nothing was seen) and stop observing."""
+        with torch.no_grad():
+            for buf in (self.k_scale, self.v_scale):
+                scale = buf / 448.0
+                buf.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        self.observing = False
+
+    def _fp8(self, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        s = scale.to(t.device, torch.float32).reshape(1, -1, 1, 1)
+        return (floats.round_to_grid(floats.E4M3, t.float() / s) * s).to(t.dtype)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         _register_kv_attention(self.base)  # an unpickled model finds its attention function in a new process
 
     def extra_repr(self) -> str:
+        if self.fmt == "fp8":
+            return (f"fp8, static per-{'head' if self.per_head else 'tensor'} scales"
+                    f"{' (observing)' if self.observing else ''}, base={self.base}")
         g = "head" if self.group_size is None else f"g{self.group_size}"
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-token per-{g}, base={self.base}"
 

@@ -132,3 +132,40 @@ def test_fp8_block_preset_exports_and_reloads(tmp_path):
     assert group["input_activations"]["strategy"] == "group" and group["input_activations"]["group_size"] == 128
     with torch.no_grad():
         assert torch.equal(load_compressed(out)(IDS[:2]).logits, ref)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-tensor", "per-head"])
+def test_fp8_kv_cache_calibrates_static_scales_exports_and_reloads(per_head, tmp_path):
+    """kv_format fp8: keys and values on E4M3 with static scales max|k| / 448 from the calibration data, exported as
+    compressed-tensors' FP8 kv_cache_scheme with k_scale / v_scale per attention module (what vLLM reads)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from safetensors.torch import load_file
+
+    from compressor.core import floats
+
+    model = tiny_llama(hidden=64, inter=96)
+    with torch.no_grad():
+        dense = model(IDS[:2]).logits
+    recipe = Recipe.from_dict({"passes": [
+        {"rtn": {"scheme": WEIGHTS["fp8"]}},
+        {"quantize_activations": {"format": "fp8", "bits": 8, "kv_bits": 8, "kv_symmetric": True,
+                                  "kv_format": "fp8", "kv_per_head": per_head}}]})
+    compress(model, recipe, calibration=IDS, quiet=True)
+    kv = model.model.layers[0].self_attn.kv_quantizer
+    assert not kv.observing and kv.k_scale.shape == ((2,) if per_head else (1,)) and bool((kv.k_scale > 0).all())
+    keys = torch.randn(1, 2, 5, 16) * 0.3
+    out, _ = kv(keys, keys)
+    scale = kv.k_scale.reshape(1, -1, 1, 1)
+    assert torch.equal(out, floats.round_to_grid(floats.E4M3, keys / scale) * scale)
+    with torch.no_grad():
+        ref = model(IDS[:2]).logits
+    assert not torch.equal(ref, dense)
+    out_dir = save_compressed(model, tmp_path / "e", recipe=recipe)
+    qcfg = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs(**qcfg["kv_cache_scheme"])
+    assert args.type == "float" and args.num_bits == 8 and args.dynamic is False
+    assert args.strategy == ("attn_head" if per_head else "tensor")
+    sd = load_file(out_dir / "model.safetensors")
+    assert sd["model.layers.1.self_attn.v_scale"].shape == ((2, 1, 1) if per_head else (1,))
+    with torch.no_grad():
+        assert torch.equal(load_compressed(out_dir)(IDS[:2]).logits, ref)
