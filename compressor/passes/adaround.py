@@ -12,10 +12,11 @@ import logging
 import torch
 from torch import nn
 
-from compressor.algorithms.quant.adaround import AdaRoundConfig, SoftRounding, adaround_quantize, optimise_rounding
+from compressor.algorithms.quant.adaround import AdaRoundConfig, adaround_quantize, optimise_rounding, soft_rounding
 from compressor.core.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.core.passes import Pass, register_pass, select_modules
-from compressor.core.arch import experts_layout
+from compressor.core.arch import experts_layout, fused_groups
+from compressor.core.scheme import shared_global_scales
 from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
@@ -115,7 +116,11 @@ class AdaRoundPass(Pass):
             self._block(block, prefix, cache, targets)
             return
         gen = torch.Generator().manual_seed(self.config.seed)
-        for name, module in self._layers(block, prefix):
+        layers = self._layers(block, prefix)
+        # NVFP4: fused siblings (q/k/v, gate/up) share one global scale, from the weights before any is rounded
+        gscales = shared_global_scales({n: layer_view(m)[0] for n, m in layers}, fused_groups([n for n, _ in layers]),
+                                       self.config.scheme)
+        for name, module in layers:
             xs, fp_xs = self._inputs["compressed"].pop(name, None), self._inputs["fp"].pop(name, None)
             if xs is None:
                 raise ValueError(f"{name}: no calibration input reached this layer")
@@ -123,7 +128,7 @@ class AdaRoundPass(Pass):
                 raise ValueError(f"{name}: asymmetric adaround needs the full-precision inputs; the pipeline gave none "
                                  "(set asymmetric: false, or run it through compress())")
             try:
-                self._layer(name, module, xs, fp_xs, gen)
+                self._layer(name, module, xs, fp_xs, gen, gscales.get(name))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         for name, module in self._experts(block, prefix):
@@ -166,7 +171,7 @@ class AdaRoundPass(Pass):
                         name, len(skipped), module.gate_up_proj.shape[0])
 
     def _layer(self, name: str, module: nn.Module, xs: list[torch.Tensor], fp_xs: list[torch.Tensor] | None,
-               gen: torch.Generator) -> None:
+               gen: torch.Generator, gscale: torch.Tensor | None = None) -> None:
         """Sample reconstruction rows from the recorded inputs, learn the rounding, attach it."""
         cfg = self.config
         w, fwd, to_weight = layer_view(module)
@@ -194,7 +199,7 @@ class AdaRoundPass(Pass):
             raise ValueError("calibration activations contain NaN/inf")
         with torch.no_grad():
             target = fwd(fp_rows, w.float())
-        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg, mask=_mask_in_view(module))
+        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg, mask=_mask_in_view(module), gscale=gscale)
         log.debug("adaround %s recon error %.4g", name, res.recon_mse)
         attach_qparams(module, cfg.scheme, res.qparams, to_weight(res.weight))
 
@@ -207,8 +212,10 @@ class AdaRoundPass(Pass):
             return
         views = [layer_view(m) for _, m in layers]
         keys = [f"{n[len(prefix) + 1:]}.weight" if n != prefix else "weight" for n, _ in layers]
-        roundings = [SoftRounding(w, self.config.scheme, self.config.learn_scale, _mask_in_view(m))
-                     for (w, _, _), (_, m) in zip(views, layers)]
+        gscales = shared_global_scales({n: w for (w, _, _), (n, _) in zip(views, layers)},
+                                       fused_groups([n for n, _ in layers]), self.config.scheme)
+        roundings = [soft_rounding(w, self.config.scheme, self.config.learn_scale, _mask_in_view(m), gscales[n])
+                     for (w, _, _), (n, m) in zip(views, layers)]
         seq_len = targets[0].shape[1]
         per_step = max(1, self.config.batch_size // seq_len)  # sequences per step
 

@@ -122,8 +122,8 @@ def test_float_schemes_without_a_format_or_pass_are_refused(tmp_path):
     with pytest.raises(ValueError, match="NVFP4 .bits 4, group_size 16"):
         save_compressed(model, tmp_path / "e")
     assert not (tmp_path / "e").exists()
-    with pytest.raises(ValueError, match="AdaRound does not round"):
-        Recipe.from_dict({"passes": [{"adaround": {"scheme": SCHEMES["nvfp4"][0]}}]}).build()
+    with pytest.raises(ValueError, match="stores its scales in its own format .* set learn_scale: false"):
+        Recipe.from_dict({"passes": [{"adaround": {"scheme": SCHEMES["nvfp4"][0], "learn_scale": True}}]}).build()
     with pytest.raises(ValueError, match="actorder none or static"):
         Recipe.from_dict({"passes": [{"gptq": {"scheme": SCHEMES["mxfp4"][0], "actorder": "group"}}]}).build()
     ragged = tiny_llama(inter=80)  # down_proj's 80 columns are 2.5 MXFP4 groups
@@ -252,3 +252,33 @@ def test_fp8_block_scheme_checks():
     assert QuantScheme(**BLOCK).describe() == "FP8 (E4M3 block 16x32)"
     assert QuantScheme(**BLOCK).bits_per_weight(96) == pytest.approx(8 + 16 / 32 / 16)
     assert "block_rows" not in QuantScheme(bits=4).to_dict()  # recipes without blocks read as before
+
+
+@pytest.mark.parametrize("name", ["fp8", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_adaround_on_float_grids_beats_rounding_and_exports(name, granularity, tmp_path):
+    """AdaRound chooses, per weight, the grid value below or above W / s on the (non-uniform) float grid; scales
+    stay as the format stores them (NVFP4's global scale shared by q/k/v and gate/up)."""
+    calib = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
+    base = tiny_llama(inter=96)
+    with torch.no_grad():
+        ref = base(calib).logits
+
+    def error(method, **extra):
+        model = tiny_llama(inter=96)
+        recipe = Recipe.from_dict({"passes": [{method: {"scheme": SCHEMES[name][0], **extra}}]})
+        compress(model, recipe, calibration=calib if method == "adaround" else None, quiet=True)
+        with torch.no_grad():
+            return (model(calib).logits - ref).pow(2).mean().item(), model, recipe
+
+    ada, model, recipe = error("adaround", iters=150, granularity=granularity)
+    rtn, _, _ = error("rtn")
+    assert ada < rtn, (ada, rtn)
+    if name == "nvfp4":
+        attn = model.model.layers[0].self_attn
+        scales = {quant_state(getattr(attn, p))[1].global_scale.item() for p in ("q_proj", "k_proj", "v_proj")}
+        assert len(scales) == 1
+    with torch.no_grad():
+        logits = model(calib[:2]).logits
+        loaded = load_compressed(save_compressed(model, tmp_path / "e", recipe=recipe))
+        assert torch.equal(loaded(calib[:2]).logits, logits)

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from compressor.core.passes import PassConfig
-from compressor.core.scheme import QParams, QuantScheme, compute_qparams, dequantize, group_index
+from compressor.core import floats
+from compressor.core.scheme import QParams, QuantScheme, cast_params, compute_qparams, dequantize, group_index
 
 __all__ = ["AdaRoundConfig", "AdaRoundResult", "SoftRounding", "adaround_quantize", "optimise_rounding"]
 
@@ -89,9 +90,9 @@ class AdaRoundConfig(PassConfig):
             raise ValueError(f"adaround: granularity={self.granularity!r}: use 'layer' or 'block'")
         if self.lr <= 0 or self.reg_weight < 0:
             raise ValueError("adaround: lr must be > 0 and reg_weight >= 0")
-        if self.scheme.is_float:
-            raise ValueError(f"adaround: {self.scheme.describe()} is a float grid, which AdaRound does not round on "
-                             "yet: use gptq (or rtn) for FP8 / NVFP4 / MXFP4")
+        if self.scheme.is_float and self.learn_scale:
+            raise ValueError(f"adaround: {self.scheme.describe()} stores its scales in its own format (FP8 / E4M3 / "
+                             "E8M0): set learn_scale: false")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,73 @@ class SoftRounding:
         return codes, qparams, dequantize(codes, qparams, self.scheme).to(self.dtype)
 
 
+class FloatSoftRounding:
+    """Learnable rounding of one weight matrix on a float grid (FP8 E4M3, FP4 E2M1 of NVFP4 / MXFP4).
+
+    The float grid is not uniform, so "down" and "up" are the two grid values around ``W / s`` (``s`` the
+    group's effective scale): ``soft()`` is ``s * (lo + h(V) (hi - lo))``, ``h`` the rectified sigmoid as for
+    integers, starting at the position of ``W / s`` between them; ``harden()`` takes ``lo`` or ``hi``. Values
+    past the grid saturate at ±max (``lo = hi``). Scales are fixed (they are stored in the format's own
+    precision); NVFP4 takes the global scale ``gscale`` (shared by fused siblings) when given.
+    """
+
+    learn_scale = False
+
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, mask: torch.Tensor | None = None,
+                 gscale: torch.Tensor | None = None):
+        W = weight.detach().float()
+        self.keep = None if mask is None else mask.to(W.device)
+        if self.keep is not None:
+            W = W.masked_fill(~self.keep, 0.0)
+        self.scheme, self.dtype = scheme, weight.dtype
+        self.qparams = cast_params(compute_qparams(W, scheme, gscale=gscale), scheme, weight.dtype)
+        idx = group_index(W.shape[1], scheme.group_width(W.shape[1]), W.device)
+        self.eff = self.qparams.effective_scale().float()[:, idx]  # (N, K)
+        mags = scheme.element.magnitudes().to(W.device, torch.float32)
+        grid = torch.cat([-mags.flip(0)[:-1], mags])  # (2M - 1,) ascending, one zero
+        ratio = (W / self.eff).clamp(-float(mags[-1]), float(mags[-1]))
+        i = (torch.searchsorted(grid, ratio.contiguous(), right=True) - 1).clamp(0, grid.numel() - 1)
+        self.lo, self.hi = grid[i], grid[(i + 1).clamp(max=grid.numel() - 1)]
+        gap = self.hi - self.lo
+        rest = torch.where(gap > 0, (ratio - self.lo) / gap.clamp_min(1e-30), torch.zeros_like(ratio))
+        rest = rest.clamp(0.01, 0.99)
+        self.V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+
+    def param_groups(self, cfg: AdaRoundConfig) -> list[dict]:
+        return [{"params": [self.V], "lr": cfg.lr}]
+
+    def _weight(self, up: torch.Tensor) -> torch.Tensor:
+        w = (self.lo + up * (self.hi - self.lo)) * self.eff
+        return w if self.keep is None else w * self.keep
+
+    def soft(self) -> torch.Tensor:
+        return self._weight(_h(self.V))
+
+    def nearest(self) -> torch.Tensor:
+        return self._weight((_h(self.V) >= 0.5).float())
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        reg = 1 - (2 * _h(self.V) - 1).abs().pow(beta)
+        return (reg if self.keep is None else reg * self.keep).sum()
+
+    @torch.no_grad()
+    def harden(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
+        """(storage codes int8 (N, K), qparams (N, G), on-grid weight (N, K)) in the weight's dtype."""
+        values = self.lo + (_h(self.V) >= 0.5).float() * (self.hi - self.lo)
+        if self.keep is not None:
+            values = torch.where(self.keep, values, torch.zeros_like(values))
+        codes = floats.encode(self.scheme.element, values)
+        return codes, self.qparams, dequantize(codes, self.qparams, self.scheme).to(self.dtype)
+
+
+def soft_rounding(weight: torch.Tensor, scheme: QuantScheme, learn_scale: bool = False,
+                  mask: torch.Tensor | None = None, gscale: torch.Tensor | None = None):
+    """The :class:`SoftRounding` (integer grids) or :class:`FloatSoftRounding` (float grids) of one matrix."""
+    if scheme.is_float:
+        return FloatSoftRounding(weight, scheme, mask, gscale)
+    return SoftRounding(weight, scheme, learn_scale, mask)
+
+
 def optimise_rounding(
     roundings: list[SoftRounding],
     recon: Callable[[object, list[torch.Tensor]], torch.Tensor],
@@ -225,6 +293,7 @@ def adaround_quantize(
     scheme: QuantScheme,
     cfg: AdaRoundConfig,
     mask: torch.Tensor | None = None,
+    gscale: torch.Tensor | None = None,
 ) -> AdaRoundResult:
     """Learn the rounding of one layer.
 
@@ -233,14 +302,15 @@ def adaround_quantize(
         forward: ``forward(x, w_view)`` → layer output, with ``w_view`` (N, K).
         inputs: (S, ...) calibration inputs of the layer; rows are sampled per step.
         targets: (S, ...) full-precision outputs for those inputs.
-        scheme: integer grid (``zero_point="int"``).
+        scheme: integer grid (``zero_point="int"``) or a float grid (FP8, NVFP4, MXFP4; scales fixed).
         cfg: optimisation settings.
         mask: optional (N, K) bool, True = kept (a pruned layer): pruned weights stay exactly zero.
+        gscale: NVFP4's global scale when it is shared with fused siblings.
 
     Returns:
         :class:`AdaRoundResult` with hard-rounded weights.
     """
-    r = SoftRounding(weight, scheme, cfg.learn_scale, mask)
+    r = soft_rounding(weight, scheme, cfg.learn_scale, mask, gscale)
     rows = inputs.shape[0]
 
     def recon(pick, ws):
