@@ -97,19 +97,23 @@ def main_hadamard() -> None:
 
 def main_float() -> None:
     """The float-format kernel: FP8 per channel, NVFP4 and MXFP4, fp16 and bf16 inputs."""
-    cases = [(float_kernels.FMT_FP8, 4096, "fp16", "fp16"), (float_kernels.FMT_NVFP4, 16, "bf16", "u8"),
-             (float_kernels.FMT_MXFP4, 32, "fp16", "u8")]
+    # (format, group width, activation dtype, scale dtype, rows per scale row): FP8 per channel and in 128 x 128
+    # blocks, NVFP4, MXFP4
+    cases = [(float_kernels.FMT_FP8, 4096, "fp16", "fp16", 1), (float_kernels.FMT_FP8, 128, "bf16", "bf16", 128),
+             (float_kernels.FMT_NVFP4, 16, "bf16", "u8", 1), (float_kernels.FMT_MXFP4, 32, "fp16", "u8", 1)]
     ints = ["M", "N", "K", "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg",
             "stride_om", "stride_on"]
-    for fmt, gw, xdt, sdt in cases:
+    for fmt, gw, xdt, sdt, row_block in cases:
         signature = {"x_ptr": f"*{xdt}", "w_ptr": "*u8", "s_ptr": f"*{sdt}", "gs_ptr": "*fp32", "b_ptr": f"*{xdt}",
                      "out_ptr": f"*{xdt}", **{name: "i32" for name in ints}}
         block_k = next(b for b in (64, 32, 16) if gw % b == 0)  # as float_launch picks it
-        constexprs = dict(FMT=fmt, GROUP_W=gw, HAS_BIAS=False, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k)
+        constexprs = dict(FMT=fmt, GROUP_W=gw, HAS_BIAS=False, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k,
+                          ROW_BLOCK=row_block)
         signature.update({name: "constexpr" for name in constexprs})
         src = ASTSource(fn=float_kernels.float_gemm_kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-        print(json.dumps({"kernel": "float_gemm", "fmt": fmt, "dtype": xdt, "triton": triton.__version__,
+        print(json.dumps({"kernel": "float_gemm", "fmt": fmt, "row_block": row_block, "dtype": xdt,
+                          "triton": triton.__version__,
                           **resources(compiled)}), flush=True)
 
 
