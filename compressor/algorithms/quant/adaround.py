@@ -180,14 +180,15 @@ class SoftRounding:
         return codes, qparams, dequantize(codes, qparams, self.scheme).to(self.dtype)
 
 
-class FloatSoftRounding:
+class FloatSoftRounding(SoftRounding):
     """Learnable rounding of one weight matrix on a float grid (FP8 E4M3, FP4 E2M1 of NVFP4 / MXFP4).
 
     The float grid is not uniform, so "down" and "up" are the two grid values around ``W / s`` (``s`` the
     group's effective scale): ``soft()`` is ``s * (lo + h(V) (hi - lo))``, ``h`` the rectified sigmoid as for
     integers, starting at the position of ``W / s`` between them; ``harden()`` takes ``lo`` or ``hi``. Values
     past the grid saturate at ±max (``lo = hi``). Scales are fixed (they are stored in the format's own
-    precision); NVFP4 takes the global scale ``gscale`` (shared by fused siblings) when given.
+    precision); NVFP4 takes the global scale ``gscale`` (shared by fused siblings) when given. ``soft``,
+    ``nearest`` and ``regulariser`` are :class:`SoftRounding`'s, over this ``_weight``.
     """
 
     learn_scale = False
@@ -218,16 +219,6 @@ class FloatSoftRounding:
     def _weight(self, up: torch.Tensor) -> torch.Tensor:
         w = (self.lo + up * (self.hi - self.lo)) * self.eff
         return w if self.keep is None else w * self.keep
-
-    def soft(self) -> torch.Tensor:
-        return self._weight(_h(self.V))
-
-    def nearest(self) -> torch.Tensor:
-        return self._weight((_h(self.V) >= 0.5).float())
-
-    def regulariser(self, beta: float) -> torch.Tensor:
-        reg = 1 - (2 * _h(self.V) - 1).abs().pow(beta)
-        return (reg if self.keep is None else reg * self.keep).sum()
 
     @torch.no_grad()
     def harden(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
