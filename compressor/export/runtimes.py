@@ -17,8 +17,11 @@ and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
   x86 CPU, full 8-bit codes only with VNNI or AMX.
 * ``pack-quantized`` weight-only (W2-W8 A16) is ``CompressedTensorsWNA16``; on
   CPU only 4-bit weights have a kernel (``CPUWNA16LinearKernel``:
-  ``uint4`` / ``uint4b8``), and ``cpu_gemm_wna16`` is compiled into the
-  AVX-512 builds of vLLM's kernels only, not the AVX2 one.
+  ``uint4`` / ``uint4b8``), ``cpu_gemm_wna16`` is compiled into the
+  AVX-512 builds of vLLM's kernels only, not the AVX2 one, and it dispatches
+  on 16-bit activations only (bfloat16, float16): a float32 model fails on its
+  first forward with ``"cpu_gemm_wna16" not implemented for 'Float'``
+  (measured on an AVX-512 CPU, 2026-12-05).
 * ``pack-quantized`` with input quantizers (W4A8, W4A4) is
   ``CompressedTensorsWNA8Int`` / ``WNA4Int`` (GPU kernels); no CPU kernel.
 * ``kv_cache_scheme``: only ``float`` 8-bit, symmetric, tensor or head
@@ -27,11 +30,12 @@ and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
 
 from __future__ import annotations
 
-__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "NO"]
+__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "NO", "WNA16_DTYPES"]
 
 YES = "yes"
 WITH_VNNI = "yes, exact with VNNI or AMX (AVX2-only CPUs saturate 8-bit weight codes: quantize with bits: 7)"
-AVX512_ONLY = "AVX-512 builds only"
+AVX512_ONLY = "AVX-512 builds only, bfloat16 or float16 compute"
+WNA16_DTYPES = ("bfloat16", "float16")  # the activation dtypes vLLM's CPU cpu_gemm_wna16 dispatches on
 NO = "no"
 
 

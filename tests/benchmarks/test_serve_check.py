@@ -67,7 +67,10 @@ def test_expectations_follow_the_rules_and_the_cpu():
     assert sc.expectation(runtimes.WITH_VNNI, {"avx2"}) == (True, False)
     assert sc.expectation(runtimes.WITH_VNNI, {"avx2", "avx512_vnni"}) == (True, True)
     assert sc.expectation(runtimes.AVX512_ONLY, {"avx2"}) == (False, False)
-    assert sc.expectation(runtimes.AVX512_ONLY, {"avx512f"}) == (True, True)
+    assert sc.expectation(runtimes.AVX512_ONLY, {"avx512f"}, "bfloat16") == (True, True)
+    # cpu_gemm_wna16 dispatches on bfloat16 / float16 only: a float32 model fails on an AVX-512 CPU too
+    assert sc.expectation(runtimes.AVX512_ONLY, {"avx512f"}, "float32") == (False, False)
+    assert sc.expectation(runtimes.AVX512_ONLY, {"avx2"}, "bfloat16") == (False, False)
     assert sc.expectation(runtimes.NO, {"avx512f", "amx_int8"}) == (False, False)
 
 

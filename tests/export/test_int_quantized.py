@@ -13,7 +13,7 @@ from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
-from compressor.export.runtimes import WITH_VNNI, YES, loaders, vllm_blockers, vllm_cpu
+from compressor.export.runtimes import AVX512_ONLY, WITH_VNNI, YES, loaders, vllm_blockers, vllm_cpu
 from compressor.export.summary import summarize
 from compressor.runtime.activations import INPUT_CHILD
 from compressor.runtime.quant_linear import QuantLinear
@@ -146,7 +146,7 @@ def test_vllm_verdicts_follow_its_scheme_rules():
     assert vllm_cpu(cfg(8, 8, fmt="int-quantized")) == WITH_VNNI
     seven = {**cfg(8, 8, fmt="int-quantized"), "compressor": {"weights": {"group_0": {"num_bits": 7}}}}
     assert vllm_cpu(seven) == YES
-    assert vllm_cpu(cfg(4, strategy="group")) == "AVX-512 builds only"
+    assert vllm_cpu(cfg(4, strategy="group")) == AVX512_ONLY
     assert vllm_cpu(cfg(8)) == "no" and vllm_cpu(cfg(3, strategy="group")) == "no"
     assert vllm_cpu(cfg(4, 8)) == "no" and vllm_blockers(cfg(4, 8)) == []  # W4A8: GPU kernels only
     assert vllm_blockers(cfg(8, 8, strategy="group", fmt="int-quantized"))
