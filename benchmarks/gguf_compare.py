@@ -1,6 +1,7 @@
 """Our GGUF exports against llama.cpp's own quantizer, on the same fp32 SmolLM2 and the same calibration text.
 
     python -m benchmarks.gguf_compare                 # Q4_K_M: llama-quantize with / without imatrix, ours nearest / GPTQ
+    python -m benchmarks.gguf_compare --mix Q3_K_M    # any mix of compressor.core.gguf_blocks.MIXES
     python -m benchmarks.gguf_compare --quick         # smoke run: 8 calibration windows, 4 perplexity chunks
     python -m benchmarks.gguf_compare --quick --check --variants f32,llama.cpp,ours-gptq   # make gguf-check (CI)
 
@@ -98,7 +99,7 @@ def formats(path: Path) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mix", default="Q4_K_M", help="llama-quantize mix (Q4_K_M, Q6_K, Q8_0)")
+    parser.add_argument("--mix", default="Q4_K_M", help="llama-quantize mix (compressor.core.gguf_blocks.MIXES: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, ...)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="llama.cpp tools (make llama-tools)")
     parser.add_argument("--split", choices=("test", "dev"), default="test")

@@ -28,7 +28,8 @@ _FLOAT_PRESETS = {
 _FLOAT_ACT_PRESETS = {"fp8": ("w8a16-fp8", "fp8"), "fp8-block": ("w8a16-fp8-block", "fp8-block"),
                       "nvfp4": ("w4a16-nvfp4", "nvfp4"), "mxfp4": ("w4a16-mxfp4", "mxfp4")}
 # preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
-_GGUF_PRESETS = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
+_GGUF_PRESETS = {m.lower(): m for m in ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S",
+                                         "Q2_K")}
 
 
 def _add_hub_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "inputs), float weight-only (w8a16-fp8 per channel, w4a16-nvfp4, w4a16-mxfp4; their group size "
                      "is fixed; w8a16-fp8-block: 128 x 128 blocks), float weights and inputs (fp8: W8A8 with dynamic "
                      "per-token FP8 inputs; fp8-block: 128 x 128 weight blocks, inputs per token and 128 features; "
-                     "nvfp4, mxfp4: W4A4), or a llama.cpp GGUF mix (q4_k_m, q6_k, q8_0: --output names a .gguf file)")
+                     "nvfp4, mxfp4: W4A4), or a llama.cpp GGUF mix (q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, ...: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")
     c.add_argument("--symmetric", action="store_true",

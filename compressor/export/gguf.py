@@ -276,6 +276,8 @@ def save_gguf(
     slots = _names(model)
     n_layers = len(find_blocks(model)[1])
     tied = "output.weight" not in slots
+    n_heads, n_kv, _ = head_counts(config)
+    gqa = n_heads // n_kv
     n_vocab = model.get_input_embeddings().weight.shape[0]
 
     entries: list[tuple[str, torch.Tensor, gguf_blocks.BlockFormat | None]] = []
@@ -289,7 +291,8 @@ def save_gguf(
         if state is not None:
             fmt, params = state
         else:
-            fmt, params = gguf_blocks.mix_format(mix, slot.role, slot.layer, n_layers, weight.shape[1], tied=tied), None
+            fmt, params = gguf_blocks.mix_format(mix, slot.role, slot.layer, n_layers, weight.shape[1], tied=tied,
+                                                 gqa=gqa), None
         rows, fmt = _tensor(weight, fmt, params)
         if slot.heads:
             rows = _permute(rows, slot.heads)

@@ -21,7 +21,7 @@ from torch import nn
 
 from compressor.algorithms.quant.gptq import gptq_on_grid, refit_scales
 from compressor.core import gguf_blocks
-from compressor.core.arch import GGUF_TENSOR_NAMES, DecoderLayout, block_config, layout_of_config
+from compressor.core.arch import GGUF_TENSOR_NAMES, DecoderLayout, block_config, head_counts, layout_of_config
 from compressor.core.passes import PassConfig, register_pass
 from compressor.core.scheme import QParams, QuantScheme
 from compressor.core.state import attach_gguf
@@ -51,7 +51,7 @@ class GGUFConfig(PassConfig):
         asymmetric: GPTAQ's asymmetric calibration (see :class:`compressor.passes.gptq.GPTQConfig`).
         asymmetric_weight: its ``alpha``.
         refit_scales: after GPTQ, re-solve the block scales of the formats whose offset is tied to the scale
-            (Q8_0, Q5_0, Q6_K) by least squares on the layer output, for the codes chosen
+            (Q8_0, Q4_0, Q5_0, Q6_K) by least squares on the layer output, for the codes chosen
             (:func:`compressor.algorithms.quant.gptq.refit_scales`), then round them to the format; a row keeps
             its old scales unless the stored ones lower its output error.
     """
@@ -124,11 +124,13 @@ class GGUFPass(GPTQPass):
         modules = dict(self.block_modules(block, prefix))
         roles = self._block_roles
         layer = int(prefix.rsplit(".", 1)[-1])
-        n_layers = int(block_config(block).num_hidden_layers)
+        config = block_config(block)
+        n_layers = int(config.num_hidden_layers)
+        n_heads, n_kv, _ = head_counts(config)
         for name, acc in self._inputs.stats.items():
             module = modules[name]
             w = module.weight.data.float()
-            fmt = gguf_blocks.mix_format(c.mix, roles[name], layer, n_layers, w.shape[1])
+            fmt = gguf_blocks.mix_format(c.mix, roles[name], layer, n_layers, w.shape[1], gqa=n_heads // n_kv)
             H = acc.H
             try:
                 params = gguf_blocks.choose(fmt, w.cpu(), H.diagonal().cpu() if c.importance else None)
@@ -151,7 +153,7 @@ def _to(g: gguf_blocks.Grid, device) -> gguf_blocks.Grid:
     return gguf_blocks.Grid(g.step.to(device), g.offset.to(device), g.qmin, g.qmax, g.width)
 
 
-_CENTRE = {"Q8_0": 0, "Q5_0": 16, "Q6_K": 32}  # formats whose weight is step * (q - centre): linear in the step
+_CENTRE = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32}  # formats whose weight is step * (q - centre): linear in the step
 
 
 def _refit(fmt: gguf_blocks.BlockFormat, params: gguf_blocks.Params, w: torch.Tensor,

@@ -73,29 +73,32 @@ def test_f32_file_holds_the_model_under_llama_cpp_names(tokenizer, tmp_path):
     assert info["formats"] == {"F32": 15} and info["bits_per_weight"] is None
 
 
-@pytest.mark.parametrize("method", ["gptq", "nearest"])
-def test_gguf_pass_is_written_bit_for_bit_and_matches_the_model_in_memory(tokenizer, tmp_path, method):
+@pytest.mark.parametrize("mix, method", [("Q4_K_M", "gptq"), ("Q4_K_M", "nearest"), ("Q3_K_M", "gptq"),
+                                         ("Q2_K", "gptq"), ("Q5_K_M", "nearest")])
+def test_gguf_pass_is_written_bit_for_bit_and_matches_the_model_in_memory(tokenizer, tmp_path, mix, method):
     """The file's tensors, dequantized by gguf, equal the compressed model's weights; the mix as llama-quantize's."""
     from compressor.api import compress
     from compressor.recipe import Recipe
 
     model = _model(VOCAB, layers=4, tie=False)
     calib = torch.randint(0, VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
-    recipe = Recipe.from_dict({"passes": [{"gguf": {"mix": "Q4_K_M", "method": method}}]})
+    recipe = Recipe.from_dict({"passes": [{"gguf": {"mix": mix, "method": method}}]})
     compress(model, recipe, calibration=calib, tokenizer=tokenizer, output=tmp_path / "m.gguf", quiet=True)
     fields, tensors = _read(tmp_path / "m.gguf")
-    assert fields["general.file_type"] == 15
+    assert fields["general.file_type"] == gb.FILE_TYPES[mix]
     for i, layer in enumerate(model.model.layers):
         for role, module, heads in (("attn_q", layer.self_attn.q_proj, 4), ("attn_k", layer.self_attn.k_proj, 2),
                                     ("attn_v", layer.self_attn.v_proj, 0), ("ffn_down", layer.mlp.down_proj, 0),
                                     ("ffn_up", layer.mlp.up_proj, 0)):
             kind, data = tensors[f"blk.{i}.{role}.weight"]
-            expect = gb.mix_format("Q4_K_M", role, i, 4, module.weight.shape[1]).name
+            expect = gb.mix_format(mix, role, i, 4, module.weight.shape[1], gqa=2).name
             assert kind == expect, (i, role)
             w = module.weight.detach()
             assert torch.equal(data, _hf_to_llama_rows(w, heads) if heads else w), (i, role)
-    assert [tensors[f"blk.{i}.attn_v.weight"][0] for i in range(4)] == ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
-    assert tensors["output.weight"][0] == "Q6_K" and tensors["token_embd.weight"][0] == "Q4_K"
+    attn_v = {"Q4_K_M": ["Q4_K", "Q4_K", "Q6_K", "Q6_K"], "Q3_K_M": ["Q5_K", "Q5_K", "Q4_K", "Q4_K"],
+              "Q2_K": ["Q3_K"] * 4, "Q5_K_M": ["Q5_K", "Q5_K", "Q6_K", "Q6_K"]}[mix]
+    assert [tensors[f"blk.{i}.attn_v.weight"][0] for i in range(4)] == attn_v
+    assert tensors["output.weight"][0] == "Q6_K" and tensors["token_embd.weight"][0] == {"Q2_K": "Q2_K"}.get(mix, mix[:4])
     # read back through llama.cpp's reader into a fresh model: the same logits as the model in memory,
     # whose embeddings and output matrix the writer quantized too
     from compressor.export.gguf import load_gguf_weights
