@@ -269,41 +269,53 @@ FLOAT_METHODS = [("rtn", "RTN"), ("rtn-mse", "RTN, MSE scales"), ("gptq", "GPTQ"
                  ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
 
 
-def float_formats(records: Records) -> str:
-    """docs/benchmarks.md: SmolLM2 with float weights (FP8, NVFP4, MXFP4; 16-bit inputs), ours beside
-    llm-compressor's presets, and our GPTQ's gap to fp32 as a multiple of the peer's best (RTN or GPTQ). Only one of
-    our two GPTQ variants is run on the test split per format, the one whose observer won on the dev split (RTN vs
-    RTN with MSE scales); the ratio takes it."""
+def _ours_vs_peer(records: Records, settings, labels: dict[str, str], methods: list[tuple[str, str]], pick_ours,
+                  timed, heads: tuple[str, str, str], empty: str) -> str:
+    """One row per setting: each method's perplexity, our pick's gap to fp32 as a multiple of the peer's best
+    (llm-compressor RTN or GPTQ), and compression seconds. ``pick_ours(ok)`` names our method among those with a
+    perplexity (``ok``: method → ppl), ``timed(ours)`` the methods whose seconds are shown; ``heads``: the first,
+    the ratio's and the seconds' column titles."""
     fp32 = newest(records, method="fp32", status="ok")
     rows, used = [], []
-    for name in common.FLOAT_SETTINGS:
-        cells = {m: newest(records, method=m, setting=name) for m, _ in FLOAT_METHODS}
+    for name in settings:
+        cells = {m: newest(records, method=m, setting=name) for m, _ in methods}
         if not any(cells.values()):
             continue
         used += [r for r in cells.values() if r]
         ok = {m: r["ppl"] for m, r in cells.items() if r and r.get("status") == "ok" and r.get("ppl") is not None}
-        row = [FLOAT_LABELS[name]]
-        for method, _ in FLOAT_METHODS:
+        row = [labels[name]]
+        for method, _ in methods:
             r = cells[method]
             row.append("—" if r is None else f"{ok[method]:.2f}" if method in ok else (r.get("status") or "failed"))
-        # our recipe is GPTQ with the observer the dev split chose (the one GPTQ cell run on the test split)
-        ours = next((ok[m] for m in ("gptq-mse", "gptq") if m in ok), None)
+        ours = pick_ours(ok)
         peers = [ok[m] for m in ("llmc-rtn", "llmc-gptq") if m in ok]
         ratio = "—"
         if fp32 and ours is not None and peers and min(peers) > fp32["ppl"]:
-            ratio = f"{(ours - fp32['ppl']) / (min(peers) - fp32['ppl']):.2f}x"
-        times = [cells[m] and cells[m].get("compress_s") for m in ("gptq", "gptq-mse", "llmc-gptq")]
+            ratio = f"{(ok[ours] - fp32['ppl']) / (min(peers) - fp32['ppl']):.2f}x"
+        times = [cells[m] and cells[m].get("compress_s") for m in timed(ours) if m]
         row += [ratio, " / ".join(f"{t:.0f}" if t else "—" for t in times)]
         rows.append("| " + " | ".join(row) + " |")
     if not rows:
-        return "_No full-protocol float-format records in `benchmarks/results/quant_quality.jsonl` yet._\n"
-    head = ["format", *(f"{label} ppl" for _, label in FLOAT_METHODS), "our GPTQ's gap to fp32 / the peer's best",
-            "compress s (GPTQ / GPTQ MSE / llmc GPTQ)"]
+        return empty
+    head = [heads[0], *(f"{label} ppl" for _, label in methods), heads[1], heads[2]]
     out = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows) + "\n"
     if fp32:
         used.append(fp32)
         out += f"\nfp32: {fp32['ppl']:.2f}.\n"
     return out + "\n" + _provenance(used, "quant_quality") + "\n"
+
+
+def float_formats(records: Records) -> str:
+    """docs/benchmarks.md: SmolLM2 with float weights (FP8, NVFP4, MXFP4; 16-bit inputs), ours beside
+    llm-compressor's presets, and our GPTQ's gap to fp32 as a multiple of the peer's best (RTN or GPTQ). Only one of
+    our two GPTQ variants is run on the test split per format, the one whose observer won on the dev split (RTN vs
+    RTN with MSE scales); the ratio takes it."""
+    return _ours_vs_peer(
+        records, common.FLOAT_SETTINGS, FLOAT_LABELS, FLOAT_METHODS,
+        pick_ours=lambda ok: next((m for m in ("gptq-mse", "gptq") if m in ok), None),
+        timed=lambda ours: ("gptq", "gptq-mse", "llmc-gptq"),
+        heads=("format", "our GPTQ's gap to fp32 / the peer's best", "compress s (GPTQ / GPTQ MSE / llmc GPTQ)"),
+        empty="_No full-protocol float-format records in `benchmarks/results/quant_quality.jsonl` yet._\n")
 
 
 ACT_LABELS = {"w8a8-fp8": "W8A8 FP8 (per-channel weights, per-token inputs)",
@@ -317,36 +329,14 @@ def float_inputs(records: Records) -> str:
     """docs/benchmarks.md: SmolLM2 with float weights *and* inputs (W8A8 FP8, W4A4 NVFP4 / MXFP4), ours (plain or
     after QuaRot rotations with the online o_proj Hadamard) beside llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4
     presets. Our GPTQ variant on the test split is the one the dev split chose; the ratio takes our best cell."""
-    fp32 = newest(records, method="fp32", status="ok")
-    rows, used = [], []
-    for name in common.ACT_SETTINGS:
-        cells = {m: newest(records, method=m, setting=name) for m, _ in ACT_METHODS}
-        if not any(cells.values()):
-            continue
-        used += [r for r in cells.values() if r]
-        ok = {m: r["ppl"] for m, r in cells.items() if r and r.get("status") == "ok" and r.get("ppl") is not None}
-        row = [ACT_LABELS[name]]
-        for method, _ in ACT_METHODS:
-            r = cells[method]
-            row.append("—" if r is None else f"{ok[method]:.2f}" if method in ok else (r.get("status") or "failed"))
-        ours = min((ok[m] for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if m in ok), default=None)
-        peers = [ok[m] for m in ("llmc-rtn", "llmc-gptq") if m in ok]
-        ratio = "—"
-        if fp32 and ours is not None and peers and min(peers) > fp32["ppl"]:
-            ratio = f"{(ours - fp32['ppl']) / (min(peers) - fp32['ppl']):.2f}x"
-        best = next((m for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if ok.get(m) == ours), None)
-        times = [cells[m] and cells[m].get("compress_s") for m in (best, "llmc-gptq") if m]
-        row += [ratio, " / ".join(f"{t:.0f}" if t else "—" for t in times)]
-        rows.append("| " + " | ".join(row) + " |")
-    if not rows:
-        return "_No full-protocol records of float weights and inputs in `benchmarks/results/quant_quality.jsonl` yet._\n"
-    head = ["setting", *(f"{label} ppl" for _, label in ACT_METHODS), "our best's gap to fp32 / the peer's best",
-            "compress s (our best / llmc GPTQ)"]
-    out = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows) + "\n"
-    if fp32:
-        used.append(fp32)
-        out += f"\nfp32: {fp32['ppl']:.2f}.\n"
-    return out + "\n" + _provenance(used, "quant_quality") + "\n"
+    return _ours_vs_peer(
+        records, common.ACT_SETTINGS, ACT_LABELS, ACT_METHODS,
+        pick_ours=lambda ok: min((m for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if m in ok), key=ok.get,
+                                 default=None),
+        timed=lambda ours: (ours, "llmc-gptq"),
+        heads=("setting", "our best's gap to fp32 / the peer's best", "compress s (our best / llmc GPTQ)"),
+        empty="_No full-protocol records of float weights and inputs in `benchmarks/results/quant_quality.jsonl` "
+              "yet._\n")
 
 
 def gguf(records: Records) -> str:
