@@ -9,18 +9,8 @@ cd "$ROOT"
 PY="${PY:-.venv/bin/python}"
 Q="$PY -m benchmarks.quant_quality"
 $Q --split dev --settings nvfp4,mxfp4 --methods rtn,rtn-mse
-choose() {  # our GPTQ method for format $1, from the newest dev-split records
-  "$PY" - "$1" <<'PY'
-import json, sys
-fmt = sys.argv[1]
-recs = [json.loads(l) for l in open("benchmarks/results/quant_quality.jsonl") if l.strip()]
-dev = {r["method"]: r["ppl"] for r in recs if r.get("setting") == fmt and (r.get("protocol") or {}).get("split") == "dev"
-       and r.get("status") == "ok" and not (r.get("protocol") or {}).get("quick")}
-print("gptq-mse" if dev.get("rtn-mse", 1e9) < 0.99 * dev.get("rtn", 1e9) else "gptq")
-PY
-}
-G_NV=$(choose nvfp4)
-G_MX=$(choose mxfp4)
+G_NV=$("$PY" -m benchmarks.dev_choice nvfp4 rtn rtn-mse --margin 0.01 --pick gptq,gptq-mse)
+G_MX=$("$PY" -m benchmarks.dev_choice mxfp4 rtn rtn-mse --margin 0.01 --pick gptq,gptq-mse)
 echo "dev split chose: nvfp4 -> $G_NV, mxfp4 -> $G_MX" >&2
 $Q --methods fp32 --settings nvfp4
 $Q --settings nvfp4 --methods "rtn,rtn-mse,llmc-rtn,$G_NV,llmc-gptq"

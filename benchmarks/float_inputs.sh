@@ -9,20 +9,10 @@ cd "$ROOT"
 PY="${PY:-.venv/bin/python}"
 Q="$PY -m benchmarks.quant_quality"
 SETTINGS="${SETTINGS:-w4a4-nvfp4}"
-choose() {  # our GPTQ method for setting $1, from the newest dev-split records
-  "$PY" - "$1" <<'PY'
-import json, sys
-name = sys.argv[1]
-recs = [json.loads(l) for l in open("benchmarks/results/quant_quality.jsonl") if l.strip()]
-dev = {r["method"]: r["ppl"] for r in recs if r.get("setting") == name and (r.get("protocol") or {}).get("split") == "dev"
-       and r.get("status") == "ok" and not (r.get("protocol") or {}).get("quick")}
-print("rot-gptq" if dev.get("rot-gptq", 1e9) < dev.get("gptq", 1e9) else "gptq")
-PY
-}
 $Q --methods fp32 --settings "${SETTINGS%%,*}"
 for S in ${SETTINGS//,/ }; do
   $Q --split dev --settings "$S" --methods gptq,rot-gptq
-  G=$(choose "$S")
+  G=$("$PY" -m benchmarks.dev_choice "$S" gptq rot-gptq)
   echo "dev split chose: $S -> $G" >&2
   $Q --settings "$S" --methods "rtn,$G,llmc-rtn,llmc-gptq"
 done
