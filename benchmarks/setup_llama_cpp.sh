@@ -4,7 +4,8 @@
 # into .llama/bin. About 5 minutes on 2 cores.
 #
 # The flags: a portable AVX2 build. The default native build detects AMX on this VM's CPU and dies with SIGSEGV
-# on the first evaluation (issue 26); AVX-512 is off because this CPU has none.
+# on the first evaluation (issue 26); AVX-512 is off so the same build runs on the AVX2-only machines CI sometimes
+# gets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.3.36
