@@ -85,7 +85,8 @@ class QuantScheme:
             group scales under a float32 global scale) or ``"e8m0"`` (MXFP4: powers of two). Float types only.
         block_rows: FP8 block weights (DeepSeek-V3's 128 x 128): each scale covers ``block_rows`` output rows
             of a ``group_size``-column group. In memory the scales stay (N, G), equal within a block of
-            rows; the export stores one per block. None: one scale per row and group.
+            rows; the export stores one per block. -1 with ``group_size: -1``: one scale for the whole
+            matrix (per-tensor FP8, compressed-tensors' ``tensor`` strategy). None: one scale per row and group.
     """
 
     bits: int = 4
@@ -102,8 +103,13 @@ class QuantScheme:
 
     def __post_init__(self) -> None:
         if self.block_rows is not None:
-            if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows < 1:
-                raise ValueError(f"block_rows={self.block_rows!r}: use a positive number of rows, e.g. 128")
+            if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or \
+                    (self.block_rows < 1 and self.block_rows != -1):
+                raise ValueError(f"block_rows={self.block_rows!r}: use a positive number of rows, e.g. 128, or -1 "
+                                 "(with group_size -1) for one scale per tensor")
+            if self.block_rows == -1 and self.group_size != -1:
+                raise ValueError("block_rows=-1 (one scale per tensor) needs group_size: -1; for blocks of columns "
+                                 "give a number of rows, e.g. block_rows 128, group_size 128")
             if not (self.type == "float" and self.bits == 8 and self.scale_format == "float"
                     and self.observer == "minmax"):
                 raise ValueError("block_rows applies to FP8 weights with float scales and the minmax observer "
@@ -135,6 +141,19 @@ class QuantScheme:
                 "MSE observer settings out of range: need mse_grid >= 1, "
                 "0 <= mse_max_shrink < 1 and mse_norm > 0"
             )
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale for the whole matrix (``block_rows: -1``)."""
+        return self.block_rows == -1
+
+    def rows_per_scale(self, out_features: int) -> int:
+        """Output rows one stored scale covers: 1, ``block_rows``, or all ``out_features`` (per tensor)."""
+        return out_features if self.per_tensor else (self.block_rows or 1)
+
+    def scale_rows(self, out_features: int) -> int:
+        """Rows of the stored scale tensor: N, ceil(N / block_rows), or 1 (per tensor)."""
+        return -(-out_features // self.rows_per_scale(out_features))
 
     @property
     def is_float(self) -> bool:
@@ -184,6 +203,8 @@ class QuantScheme:
         if self.scale_format != "float":
             scale_bits = 8
         extra = scale_bits + (0 if self.symmetric else self.bits)
+        if self.per_tensor:  # one scale over N x K weights: a few bits per million, counted as none
+            return float(self.bits)
         return self.bits + groups * extra / in_features / (self.block_rows or 1)
 
     def to_dict(self) -> dict:
@@ -192,7 +213,9 @@ class QuantScheme:
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        if self.block_rows is not None:
+        if self.per_tensor:
+            g = "per-tensor"
+        elif self.block_rows is not None:
             g = f"block {self.block_rows}x" + ("K" if self.group_size == -1 else f"{self.group_size}")
         if self.is_float:
             name = {"e4m3": "NVFP4" if self.bits == 4 else "FP8", "e8m0": "MXFP4" if self.bits == 4 else "MXFP8"}
@@ -372,7 +395,7 @@ def compute_qparams(w: torch.Tensor, scheme: QuantScheme, *, gscale: torch.Tenso
     if scheme.is_float:
         amax = torch.maximum(lo.abs(), hi.abs())
         if scheme.block_rows is not None:  # one scale per block of rows: its largest row's
-            amax = block_rows_max(amax, scheme.block_rows)
+            amax = block_rows_max(amax, scheme.rows_per_scale(w.shape[0]))
         gs = global_scale(w, scheme) if gscale is None else gscale
         if scheme.observer == "minmax":
             return float_params(amax, scheme, gs)

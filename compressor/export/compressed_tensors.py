@@ -122,6 +122,8 @@ def _float_ct_args(scheme: QuantScheme, actorder: bool) -> dict:
                          "quantize with actorder: static or none")
     args = {"num_bits": scheme.bits, "type": "float", "symmetric": True, "dynamic": False, "block_structure": None,
             "actorder": None, "observer": scheme.observer, "observer_kwargs": {}}
+    if scheme.bits == 8 and scheme.scale_format == "float" and scheme.per_tensor:
+        return {**args, "group_size": None, "strategy": "tensor"}
     if scheme.bits == 8 and scheme.scale_format == "float" and scheme.block_rows is not None:
         if scheme.group_size == -1:
             raise ValueError(f"{scheme.describe()}: FP8 blocks need a column width (group_size), e.g. 128")
@@ -212,7 +214,8 @@ def _float_tensors(codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype:
     """Stored tensors of an (N, K) float-coded matrix (int8 storage codes from :func:`quantize`):
 
     * FP8 (``float-quantized``): ``weight`` float8_e4m3fn (N, K), ``weight_scale`` (N, G) in ``dtype``
-      (block weights: (ceil(N / block_rows), G), compressed-tensors' ``block`` strategy);
+      (block weights: (ceil(N / block_rows), G), compressed-tensors' ``block`` strategy; per tensor: (1,),
+      its ``tensor`` strategy);
     * NVFP4: ``weight_packed`` uint8 (N, K/2), two E2M1 nibbles a byte, the even column in the low nibble;
       ``weight_scale`` float8_e4m3fn (N, K/16); ``weight_global_scale`` float32 (1,);
     * MXFP4: ``weight_packed`` as NVFP4; ``weight_scale`` uint8 E8M0 exponents (N, K/32).
@@ -221,11 +224,12 @@ def _float_tensors(codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype:
     if scheme.bits == 8:
         scale = qp.scale.detach().to(dtype)
         if scheme.block_rows is not None:  # one scale per block of rows: (ceil(N / rows), G)
-            stored = scale[::scheme.block_rows]
-            if not torch.equal(stored.repeat_interleave(scheme.block_rows, dim=0)[:n], scale):
+            rows = scheme.rows_per_scale(n)
+            stored = scale[::rows]
+            if not torch.equal(stored.repeat_interleave(rows, dim=0)[:n], scale):
                 raise ValueError(f"{scheme.describe()}: the scales differ within a block of rows; re-run the "
                                  "quantization pass before exporting")
-            scale = stored
+            scale = stored.reshape(1) if scheme.per_tensor else stored
         return {"weight": codes.contiguous().view(torch.uint8).view(torch.float8_e4m3fn),
                 "weight_scale": scale.contiguous()}
     if k % scheme.group_size:

@@ -63,9 +63,11 @@ def scheme_from_ct_args(args: dict) -> QuantScheme:
         if strategy == "block" and int(args.get("num_bits", 0)) == 8 and scale_dtype is None \
                 and isinstance(block, (list, tuple)) and len(block) == 2:
             return QuantScheme(bits=8, type="float", symmetric=True, group_size=int(block[1]), block_rows=int(block[0]))
+        if strategy == "tensor" and int(args.get("num_bits", 0)) == 8 and scale_dtype is None:
+            return QuantScheme(bits=8, type="float", symmetric=True, group_size=-1, block_rows=-1)
         if scale_dtype not in _SCALE_DTYPES or strategy not in ("group", "channel", "tensor_group"):
             raise ValueError(f"unsupported float weights (strategy {strategy!r}, scale_dtype {scale_dtype!r}): this "
-                             "loader reads FP8 per channel, group or block, NVFP4 and MXFP4")
+                             "loader reads FP8 per tensor, channel, group or block, NVFP4 and MXFP4")
         return QuantScheme(bits=int(args["num_bits"]), type="float", symmetric=True,
                            group_size=int(args["group_size"]) if args.get("group_size") else -1,
                            scale_format=_SCALE_DTYPES[scale_dtype],
@@ -135,8 +137,8 @@ def _check_float_tensors(tensors: dict[str, torch.Tensor], name: str, module: nn
     n, k = module.out_features, module.in_features
     g = -(-k // scheme.group_width(k))
     if scheme.bits == 8:
-        rows = n if scheme.block_rows is None else -(-n // scheme.block_rows)
-        want = {"weight": (torch.float8_e4m3fn, (n, k)), "weight_scale": (None, (rows, g))}
+        want = {"weight": (torch.float8_e4m3fn, (n, k)),
+                "weight_scale": (None, (1,) if scheme.per_tensor else (scheme.scale_rows(n), g))}
     else:
         want = {"weight_packed": (torch.uint8, (n, k // 2)),
                 "weight_scale": (torch.float8_e4m3fn if scheme.scale_format == "e4m3" else torch.uint8, (n, g))}

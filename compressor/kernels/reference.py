@@ -91,8 +91,9 @@ def dequantize_float(
     if scheme.bits == 8:
         codes = tensors["weight"].view(torch.uint8).view(torch.int8)
         scale = tensors["weight_scale"]
-        if scheme.block_rows is not None:  # (ceil(N / rows), G) block scales, one per block of rows
-            scale = scale.repeat_interleave(scheme.block_rows, dim=0)[: int(shape[0])]
+        if scheme.block_rows is not None:  # (ceil(N / rows), G) block scales, one per block of rows; (1,) per tensor
+            rows = scheme.rows_per_scale(int(shape[0]))
+            scale = scale.reshape(-1, scale.shape[-1]).repeat_interleave(rows, dim=0)[: int(shape[0])]
         return dequantize(codes, QParams(scale, None), scheme).to(dtype)
     codes = unpack_fp4(tensors["weight_packed"], k)
     if scheme.scale_format == "e4m3":

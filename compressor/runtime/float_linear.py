@@ -39,9 +39,10 @@ class FloatQuantLinear(nn.Module):
         n, k = out_features, in_features
         groups = -(-k // scheme.group_width(k))
         if scheme.bits == 8:
-            rows = n if scheme.block_rows is None else -(-n // scheme.block_rows)  # FP8 blocks: a scale per block
+            rows = scheme.scale_rows(n)  # FP8 blocks: a scale per block (per tensor: one)
             self.register_buffer("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn))
-            self.register_buffer("weight_scale", torch.empty(rows, groups, dtype=dtype))
+            shape = (1,) if scheme.per_tensor else (rows, groups)  # per tensor: compressed-tensors' (1,)
+            self.register_buffer("weight_scale", torch.empty(shape, dtype=dtype))
         else:
             self.register_buffer("weight_packed", torch.empty(n, k // 2, dtype=torch.uint8))
             e4m3 = scheme.scale_format == "e4m3"
@@ -60,7 +61,8 @@ class FloatQuantLinear(nn.Module):
         if self.scheme.bits == 8:
             scale = self.weight_scale.detach().clone()
             if self.scheme.block_rows is not None:
-                scale = scale.repeat_interleave(self.scheme.block_rows, dim=0)[: self.out_features]
+                rows = self.scheme.rows_per_scale(self.out_features)
+                scale = scale.reshape(-1, scale.shape[-1]).repeat_interleave(rows, dim=0)[: self.out_features]
             return QParams(scale, None)
         if self.scheme.scale_format == "e4m3":
             return QParams(self.weight_scale.float(), None, self.weight_global_scale.detach().float().clone())

@@ -20,6 +20,8 @@ from compressor.runtime.float_linear import FloatQuantLinear
 X = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 SCHEMES = {
     "fp8": ({"type": "float", "bits": 8, "group_size": -1, "symmetric": True}, "float-quantized"),
+    "fp8-tensor": ({"type": "float", "bits": 8, "group_size": -1, "symmetric": True, "block_rows": -1},
+                   "float-quantized"),
     "nvfp4": ({"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"},
               "nvfp4-pack-quantized"),
     "mxfp4": ({"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
@@ -53,9 +55,12 @@ def test_float_export_has_the_compressed_tensors_layout_and_reloads_bit_exactly(
     assert qcfg["format"] == fmt and qcfg["config_groups"]["group_0"]["weights"]["type"] == "float"
     sd = load_file(out / "model.safetensors")
     key = "model.layers.0.mlp.down_proj"  # (64, 96)
-    if name == "fp8":
+    if name.startswith("fp8"):
         assert sd[f"{key}.weight"].dtype == torch.float8_e4m3fn and sd[f"{key}.weight"].shape == (64, 96)
-        assert sd[f"{key}.weight_scale"].shape == (64, 1)
+        # per channel (N, 1); per tensor (1,), compressed-tensors' tensor strategy
+        assert sd[f"{key}.weight_scale"].shape == ((1,) if name == "fp8-tensor" else (64, 1))
+        strategy = qcfg["config_groups"]["group_0"]["weights"]["strategy"]
+        assert strategy == ("tensor" if name == "fp8-tensor" else "channel")
     else:
         assert sd[f"{key}.weight_packed"].dtype == torch.uint8 and sd[f"{key}.weight_packed"].shape == (64, 48)
         scale = sd[f"{key}.weight_scale"]
@@ -68,7 +73,7 @@ def test_float_export_has_the_compressed_tensors_layout_and_reloads_bit_exactly(
     info = summarize(out)
     assert info["quantized_layers"] == 14
     assert any(r.startswith("vLLM (CPU: no") for r in info["loaders"])  # vLLM 0.32's CPU build has no such kernel
-    assert 4 < info["bits_per_weight"] < (9 if name == "fp8" else 5)
+    assert 4 < info["bits_per_weight"] < (9 if name.startswith("fp8") else 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +84,8 @@ def test_compressed_tensors_decompresses_our_float_tensors_to_our_weights(name, 
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    compressor = {"fp8": FloatQuantizationCompressor, "nvfp4": NVFP4PackedCompressor,
+    compressor = {"fp8": FloatQuantizationCompressor, "fp8-tensor": FloatQuantizationCompressor,
+                  "nvfp4": NVFP4PackedCompressor,
                   "mxfp4": MXFP4PackedCompressor}[name]
     model, _ = _model(name, dtype=dtype)
     for module in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
@@ -105,7 +111,8 @@ def test_transformers_loads_our_float_exports(tmp_path, name):
 def test_cli_presets_compress_and_reload(tmp_path, tiny_model_dir, caplog):
     from compressor.cli import main
 
-    for preset, fmt in (("w4a16-nvfp4", "nvfp4-pack-quantized"), ("w8a16-fp8", "float-quantized")):
+    for preset, fmt in (("w4a16-nvfp4", "nvfp4-pack-quantized"), ("w8a16-fp8", "float-quantized"),
+                        ("fp8-tensor", "float-quantized")):
         out = tmp_path / preset
         assert main(["compress", str(tiny_model_dir), "--scheme", preset, "-o", str(out), "-q"]) == 0
         assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == fmt
@@ -252,6 +259,22 @@ def test_fp8_block_scheme_checks():
     assert QuantScheme(**BLOCK).describe() == "FP8 (E4M3 block 16x32)"
     assert QuantScheme(**BLOCK).bits_per_weight(96) == pytest.approx(8 + 16 / 32 / 16)
     assert "block_rows" not in QuantScheme(bits=4).to_dict()  # recipes without blocks read as before
+
+
+def test_per_tensor_fp8_has_one_scale_from_the_whole_matrix():
+    from compressor.core.scheme import compute_qparams
+
+    tensor = QuantScheme(**SCHEMES["fp8-tensor"][0])
+    assert tensor.per_tensor and tensor.describe() == "FP8 (E4M3 per-tensor)" and tensor.bits_per_weight(96) == 8
+    assert tensor.scale_rows(64) == 1 and tensor.rows_per_scale(64) == 64
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
+    w[7, 3] = -30.0
+    qp = compute_qparams(w, tensor)
+    assert qp.scale.shape == (40, 1) and torch.equal(qp.scale, torch.full((40, 1), 30.0 / 448))
+    with pytest.raises(ValueError, match="needs group_size: -1"):
+        QuantScheme(type="float", bits=8, group_size=128, symmetric=True, block_rows=-1)
+    with pytest.raises(ValueError, match="or -1"):
+        QuantScheme(type="float", bits=8, group_size=-1, symmetric=True, block_rows=-2)
 
 
 @pytest.mark.parametrize("name", ["fp8", "nvfp4", "mxfp4"])

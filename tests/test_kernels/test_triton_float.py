@@ -18,6 +18,7 @@ SCHEMES = {
     "fp8": QuantScheme(type="float", bits=8, group_size=-1, symmetric=True),
     "fp8-g32": QuantScheme(type="float", bits=8, group_size=32, symmetric=True),
     "fp8-block": QuantScheme(type="float", bits=8, group_size=32, symmetric=True, block_rows=16),  # 40 = 16+16+8 rows
+    "fp8-tensor": QuantScheme(type="float", bits=8, group_size=-1, symmetric=True, block_rows=-1),
     "nvfp4": QuantScheme(type="float", bits=4, group_size=16, symmetric=True, scale_format="e4m3"),
     "mxfp4": QuantScheme(type="float", bits=4, group_size=32, symmetric=True, scale_format="e8m0"),
 }

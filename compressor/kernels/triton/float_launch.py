@@ -57,7 +57,7 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
     if fmt == float_kernels.FMT_FP8:
         codes, scale = stored["weight"], stored["weight_scale"]
         want = (n, k)
-        rows = n if scheme.block_rows is None else -(-n // scheme.block_rows)
+        rows = scheme.scale_rows(n)
         if codes.dtype != torch.float8_e4m3fn or scale.dtype not in _FLOATS:
             raise ValueError(f"FP8 weight must be float8_e4m3fn with float scales, got {codes.dtype} / {scale.dtype}")
     else:
@@ -65,6 +65,9 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
         want = (n, -(-k // 2))
         if codes.dtype != torch.uint8:
             raise ValueError(f"weight_packed must be uint8 (two FP4 codes a byte), got {codes.dtype}")
+    if scheme.per_tensor:
+        rows, groups = 1, 1
+        scale = scale.reshape(1, 1)
     if tuple(codes.shape) != want or tuple(scale.shape) != (rows, groups):
         raise ValueError(f"stored weight {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit weight ({n}, {k}) "
                          f"at group width {width}: expected {want} / ({rows}, {groups})")
@@ -80,6 +83,8 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
     w8 = codes.view(torch.uint8).contiguous()
     s = scale.view(torch.uint8) if scale.dtype == torch.float8_e4m3fn else scale
     s = s.contiguous()
+    if scheme.per_tensor:  # one scale: every row reads it (stride 0), no row blocks
+        s = s.expand(n, groups)
     gs_t = (gs if gs is not None else torch.ones(1, device=x.device)).to(torch.float32).contiguous()
     b = bias.contiguous() if bias is not None else out  # a dummy pointer when there is no bias
     interp = interpreting()
@@ -92,7 +97,7 @@ def float_dequant_matmul(x: torch.Tensor, stored: dict[str, torch.Tensor], schem
         x2, w8, s, gs_t, b, out, m, n, k,
         x2.stride(0), x2.stride(1), w8.stride(0), w8.stride(1), s.stride(0), s.stride(1), out.stride(0), out.stride(1),
         FMT=fmt, GROUP_W=width, HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or interp,
-        ROW_BLOCK=scheme.block_rows or 1,
+        ROW_BLOCK=1 if scheme.per_tensor else scheme.block_rows or 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if interp else 8,  # 8: no spills on sm_90
     )
     return out.reshape(*lead, n)
