@@ -27,7 +27,7 @@ _FLOAT_PRESETS = {
 # float W8A8 / W4A4 presets -> (the weight-only preset of their weights, the input format): compressed-tensors'
 # FP8_DYNAMIC (per-channel E4M3 weights, dynamic per-token E4M3 inputs), NVFP4 and MXFP4
 _FLOAT_ACT_PRESETS = {"fp8": ("w8a16-fp8", "fp8"), "fp8-block": ("w8a16-fp8-block", "fp8-block"),
-                      "fp8-tensor": ("w8a16-fp8-tensor", "fp8"),
+                      "fp8-tensor": ("w8a16-fp8-tensor", "fp8"), "fp8-static": ("w8a16-fp8-tensor", "fp8-static"),
                       "nvfp4": ("w4a16-nvfp4", "nvfp4"), "mxfp4": ("w4a16-mxfp4", "mxfp4")}
 # preset -> llama-quantize mix, written as one GGUF file for llama.cpp by the gguf pass
 _GGUF_PRESETS = {m.lower(): m for m in ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S",
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "inputs), float weight-only (w8a16-fp8 per channel, w4a16-nvfp4, w4a16-mxfp4; their group size "
                      "is fixed; w8a16-fp8-block: 128 x 128 blocks; w8a16-fp8-tensor: one scale per matrix), float weights "
                      "and inputs (fp8: W8A8 with dynamic per-token FP8 inputs; fp8-tensor: the same with per-tensor "
-                     "weights; fp8-block: 128 x 128 weight blocks, inputs per token and 128 features; "
+                     "weights; fp8-static: per-tensor weights and static per-tensor inputs, llm-compressor's FP8; fp8-block: 128 x 128 weight blocks, inputs per token and 128 features; "
                      "nvfp4, mxfp4: W4A4), or a llama.cpp GGUF mix (q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, ...: --output names a .gguf file)")
     c.add_argument("--group-size", type=int, default=None,
                    help="with --scheme: group size, -1 = per-channel (default 128; W8A8 / W7A8: -1)")

@@ -168,6 +168,7 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 ACTIVATION_FORMATS: dict[str, tuple[int, int | None, str]] = {
     "fp8": (8, None, "float"),  # E4M3 per token, scale = max|x| / 448 (compressed-tensors FP8_DYNAMIC)
     "fp8-block": (8, 128, "float"),  # E4M3 per 128 features of a token (compressed-tensors FP8_BLOCK's inputs)
+    "fp8-static": (8, None, "static"),  # E4M3, one static scale per layer from calibration (compressed-tensors FP8)
     "mxfp4": (4, 32, "e8m0"),  # E2M1 per 32, power-of-two scales (OCP MX; compressed-tensors MXFP4)
     "nvfp4": (4, 16, "e4m3"),  # E2M1 per 16, E4M3 scales under a static per-tensor global scale (NVFP4)
 }
@@ -190,7 +191,15 @@ def activation_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.tensor([floats.E4M3.max * floats.E2M1.max / a if a > 0 else 1.0], dtype=torch.float32)
 
 
-def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+def activation_static_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """FP8's static per-tensor input scale ``amax / 448`` from the largest |x| seen in calibration, float32 (1,)
+    (compressed-tensors' ``input_scale``); 1 for an all-zero input."""
+    a = float(amax)
+    return torch.tensor([a / floats.E4M3.max if a > 0 else 1.0], dtype=torch.float32)
+
+
+def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None,
+                               static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize activations on a float grid with dynamic per-token (per-group) scales.
 
     Args:
@@ -200,6 +209,8 @@ def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Te
             power-of-two scales of :func:`compressor.core.floats.mx_scale`) or ``"nvfp4"`` (E2M1 per 16,
             scales ``round_e4m3(max|x_g| / 6 * gs) / gs`` under the static ``global_scale`` gs).
         global_scale: NVFP4's (1,) float32 input global scale (:func:`activation_global_scale`); required there.
+        static_scale: ``fp8-static``'s (1,) float32 input scale (:func:`activation_static_scale`): every token is
+            divided by it and rounded to E4M3, saturating at +-448; required there.
 
     Returns:
         (..., K), same dtype as ``x`` (computed in float32); constant (wrap it in a straight-through estimator).
@@ -217,6 +228,10 @@ def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Te
     amax = xg.abs().amax(dim=-1, keepdim=True)  # (..., G, 1)
     if scale_format == "e8m0":
         scale = floats.mx_scale(amax, element)
+    elif scale_format == "static":
+        if static_scale is None:
+            raise ValueError("fp8-static activations need their static input scale (calibrate the pass on data)")
+        scale = static_scale.to(work.device, torch.float32).reshape(())
     elif scale_format == "e4m3":
         if global_scale is None:
             raise ValueError("nvfp4 activations need their static global scale (calibrate the pass on data)")

@@ -286,7 +286,8 @@ def load_compressed(
                                          bias=module.bias is not None, dtype=dtype, backend=backend)
                     if act is not None:
                         quantizers[name] = online_read.input_quantizer(
-                            *act, global_scale=tensors.pop(f"{name}.input_global_scale", None))
+                            *act, global_scale=tensors.pop(f"{name}.input_global_scale", None),
+                            input_scale=tensors.pop(f"{name}.input_scale", None))
                     model.set_submodule(name, q)
                     break
                 if fmt == "int-quantized":
@@ -297,7 +298,8 @@ def load_compressed(
                                 actorder=actorder, dtype=dtype, backend=backend)
                 if act is not None:
                     quantizers[name] = online_read.input_quantizer(
-                        *act, global_scale=tensors.pop(f"{name}.input_global_scale", None))
+                        *act, global_scale=tensors.pop(f"{name}.input_global_scale", None),
+                        input_scale=tensors.pop(f"{name}.input_scale", None))
                 model.set_submodule(name, q)
                 break
     kv_scales = {k: tensors.pop(k) for k in [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]}

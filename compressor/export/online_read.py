@@ -76,11 +76,14 @@ def _module_factory(weight: torch.Tensor) -> Callable[[], nn.Module]:
 
 
 def input_quantizer(args: dict | None, extra: dict | None, where: str,
-                    global_scale: torch.Tensor | None = None) -> ActivationQuantizer | None:
+                    global_scale: torch.Tensor | None = None,
+                    input_scale: torch.Tensor | None = None) -> ActivationQuantizer | None:
     """The input quantizer a config group's ``input_activations`` (and our extension entry ``extra``) describe, or None.
 
     Args:
         global_scale: NVFP4's stored ``input_global_scale`` of the layer (1,), when the group's inputs are NVFP4.
+        input_scale: static FP8's stored ``input_scale`` of the layer (1,), when the group's inputs are FP8 per
+            tensor, static.
 
     Raises:
         ValueError: anything other than dynamic per-token integer activations or the float formats
@@ -94,7 +97,11 @@ def input_quantizer(args: dict | None, extra: dict | None, where: str,
         if fmt == "nvfp4" and global_scale is None:
             raise ValueError(f"{where}: NVFP4 input_activations need each layer's input_global_scale, which the "
                              "checkpoint lacks: it is incomplete or corrupt")
-        return ActivationQuantizer(ACTIVATION_FORMATS[fmt][0], fmt=fmt, global_scale=global_scale if fmt == "nvfp4" else None)
+        if fmt == "fp8-static" and (input_scale is None or input_scale.numel() != 1):
+            raise ValueError(f"{where}: static FP8 input_activations need each layer's (1,) input_scale, which the "
+                             "checkpoint lacks: it is incomplete or corrupt")
+        return ActivationQuantizer(ACTIVATION_FORMATS[fmt][0], fmt=fmt, global_scale=global_scale if fmt == "nvfp4" else None,
+                                   input_scale=input_scale if fmt == "fp8-static" else None)
     return ActivationQuantizer(int(args["num_bits"]), symmetric=bool(args.get("symmetric", True)),
                                clip_ratio=float((extra or {}).get("clip_ratio", 1.0)))
 
@@ -127,6 +134,8 @@ def _float_input_format(args: dict, where: str) -> str | None:
     bits, strategy, group, dynamic = args.get("num_bits"), args.get("strategy"), args.get("group_size"), args.get("dynamic")
     if bits == 8 and strategy == "token" and dynamic is True:
         return "fp8"
+    if bits == 8 and strategy == "tensor" and dynamic is False:
+        return "fp8-static"
     if bits == 8 and strategy == "group" and group == 128 and dynamic is True:
         return "fp8-block"
     if bits == 4 and strategy == "group" and group == 32 and dynamic is True:
@@ -134,7 +143,7 @@ def _float_input_format(args: dict, where: str) -> str | None:
     if bits == 4 and strategy == "tensor_group" and group == 16 and dynamic == "local":
         return "nvfp4"
     raise ValueError(f"{where}: float input_activations {args} are not supported: this loader runs FP8 per token or per "
-                     "128, MXFP4 "
+                     "128, FP8 per tensor (static), MXFP4 "
                      "(group 32) and NVFP4 (tensor_group 16, dynamic local) activations; load others with vLLM")
 
 

@@ -65,6 +65,8 @@ def input_activation_args(bits: int, symmetric: bool, fmt: str | None = None) ->
     args = {**_dynamic_args(bits, True, "token", None), "type": "float"}
     if fmt == "mxfp4":
         return {**args, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if fmt == "fp8-static":  # the FP8 preset's inputs: one static scale per layer, the tensor <layer>.input_scale
+        return {**args, "strategy": "tensor", "dynamic": False, "observer": "minmax"}
     if fmt == "fp8-block":  # FP8_BLOCK's inputs: dynamic per token and 128 features
         return {**args, "strategy": "group", "group_size": 128}
     if fmt == "nvfp4":
@@ -74,10 +76,15 @@ def input_activation_args(bits: int, symmetric: bool, fmt: str | None = None) ->
 
 
 def input_tensors(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
-    """Stored tensors of ``linear``'s input quantizer: NVFP4's ``{name}.input_global_scale`` (1,) float32, else none."""
+    """Stored tensors of ``linear``'s input quantizer: NVFP4's ``{name}.input_global_scale`` or static FP8's
+    ``{name}.input_scale``, (1,) float32; else none."""
     q = linear._modules.get(INPUT_CHILD)
-    gs = getattr(q, "global_scale", None)
-    return {} if gs is None else {f"{name}.input_global_scale": gs.detach().cpu().to(torch.float32).reshape(1)}
+    out = {}
+    for attr, key in (("global_scale", "input_global_scale"), ("input_scale", "input_scale")):
+        t = getattr(q, attr, None)
+        if t is not None:
+            out[f"{name}.{key}"] = t.detach().cpu().to(torch.float32).reshape(1)
+    return out
 
 
 def _fail(where: str, what: str, fix: str) -> NoReturn:

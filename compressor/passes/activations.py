@@ -39,6 +39,7 @@ from compressor.core.arch import attention_modules, head_counts, is_experts_modu
 from compressor.core.fake_quant import (
     ACTIVATION_FORMATS,
     activation_global_scale,
+    activation_static_scale,
     check_activation_format,
     check_bits,
     check_clip,
@@ -57,6 +58,8 @@ from compressor.runtime.activations import (
 __all__ = ["ActivationQuantConfig", "ActivationQuantPass"]
 
 log = logging.getLogger(__name__)
+
+STATIC_INPUTS = ("nvfp4", "fp8-static")  # input formats whose scales come from the calibration data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +81,9 @@ class ActivationQuantConfig(PassConfig):
         kv_symmetric: symmetric KV grid; default asymmetric, as KV caches usually are.
         kv_group_size: head_dim columns per KV scale; None for the whole head.
         format: None (an integer grid of ``bits``) or a float format for the linear inputs:
-            ``"fp8"`` (E4M3, dynamic per token: compressed-tensors' FP8_DYNAMIC), ``"mxfp4"``
+            ``"fp8"`` (E4M3, dynamic per token: compressed-tensors' FP8_DYNAMIC), ``"fp8-static"`` (E4M3
+            with one static scale per linear, its calibration inputs' largest |x| / 448: compressed-tensors'
+            FP8 preset), ``"fp8-block"`` (E4M3 per token and 128 features, dynamic), ``"mxfp4"``
             (E2M1 per 32 features, dynamic E8M0 scales) or ``"nvfp4"`` (E2M1 per 16, dynamic E4M3
             scales under a static per-tensor global scale from the calibration data's largest
             input). ``bits`` must be the format's width (8 or 4), symmetric, clip_ratio 1.
@@ -151,14 +156,14 @@ class ActivationQuantPass(Pass):
 
     def __init__(self, config: ActivationQuantConfig):
         super().__init__(config)
-        self._amax: dict[str, float] = {}  # nvfp4: linear name -> largest |input| seen in calibration
+        self._amax: dict[str, float] = {}  # nvfp4, fp8-static: linear name -> largest |input| seen in calibration
         self._handles: list = []
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
-        """NVFP4 inputs and an FP8 KV cache need static scales, taken from the calibration data; the other grids are
-        dynamic."""
-        return self.config.format == "nvfp4" or self.config.kv_format == "fp8"
+        """NVFP4 and static FP8 inputs and an FP8 KV cache need static scales, taken from the calibration data; the
+        other grids are dynamic."""
+        return self.config.format in STATIC_INPUTS or self.config.kv_format == "fp8"
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module] | None:
         """Record what the static scales need over the calibration batches: NVFP4's largest |input| of every
@@ -168,7 +173,7 @@ class ActivationQuantPass(Pass):
             the observed linears, or None (full forwards) when the KV cache is observed: keys and values exist only
             inside attention, after its linears' inputs.
         """
-        linears = self._linears(block, prefix, None) if self.config.format == "nvfp4" else []
+        linears = self._linears(block, prefix, None) if self.config.format in STATIC_INPUTS else []
         for name, lin in linears:
             self._handles.append(lin.register_forward_pre_hook(lambda _m, args, name=name: self._observe(name, args[0])))
         if self.config.kv_format == "fp8":
@@ -202,7 +207,8 @@ class ActivationQuantPass(Pass):
         """
         self._refuse_experts(model)
         if self.requires_calibration and only is None:
-            raise ValueError("quantize_activations with format='nvfp4' or kv_format='fp8' takes its static scales from "
+            raise ValueError("quantize_activations with format='nvfp4' / 'fp8-static' or kv_format='fp8' takes its static "
+                             "scales from "
                              "calibration data: pass calibration=... to compress()")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         linears = self._linears(model, "", head)
@@ -282,17 +288,21 @@ class ActivationQuantPass(Pass):
                     learned.append(clip)
                 else:
                     mismatched.append(name)
-            gs = None
-            if c.format == "nvfp4":
+            gs = static = None
+            if c.format in STATIC_INPUTS:
                 if name not in self._amax:
-                    raise ValueError(f"{name}: no calibration input reached it, so its nvfp4 input global scale is "
-                                     "unknown; add it to ignore")
-                gs = activation_global_scale(self._amax[name])
+                    raise ValueError(f"{name}: no calibration input reached it, so its {c.format} static input scale "
+                                     "is unknown; add it to ignore")
+                if c.format == "nvfp4":
+                    gs = activation_global_scale(self._amax[name])
+                else:
+                    static = activation_static_scale(self._amax[name])
             try:
                 if c.format is not None:
                     check_activation_format(c.format, lin.in_features)
                 attach_input_quantizer(lin, ActivationQuantizer(c.bits, symmetric=c.symmetric, clip_ratio=clip,
-                                                                fmt=c.format, global_scale=gs))
+                                                                fmt=c.format, global_scale=gs,
+                                                                input_scale=static))
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
         if learned:

@@ -101,10 +101,12 @@ class ActivationQuantizer(nn.Module):
             ``"mxfp4"`` (E2M1 per 32, E8M0 scales) or ``"nvfp4"`` (E2M1 per 16, E4M3 scales).
         global_scale: NVFP4's static (1,) float32 input global scale (a non-persistent buffer;
             :func:`compressor.core.fake_quant.activation_global_scale`).
+        input_scale: ``fp8-static``'s (1,) float32 input scale, ``max |x| / 448`` over the calibration inputs
+            (a non-persistent buffer; :func:`compressor.core.fake_quant.activation_static_scale`).
     """
 
     def __init__(self, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0, fmt: str | None = None,
-                 global_scale: torch.Tensor | None = None):
+                 global_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
         super().__init__()
         check_bits(bits)
         check_clip(clip_ratio)
@@ -115,14 +117,19 @@ class ActivationQuantizer(nn.Module):
                                  f"got bits={bits}, symmetric={symmetric}, clip_ratio={clip_ratio}")
             if (fmt == "nvfp4") != (global_scale is not None):
                 raise ValueError("nvfp4 activations need a global scale, and only they take one")
+            if (fmt == "fp8-static") != (input_scale is not None):
+                raise ValueError("fp8-static activations need a static input scale, and only they take one")
         self.bits, self.symmetric, self.clip_ratio, self.fmt = bits, symmetric, float(clip_ratio), fmt
         gs = None if global_scale is None else global_scale.detach().to(torch.float32).reshape(1).clone()
         self.register_buffer("global_scale", gs, persistent=False)
+        s = None if input_scale is None else input_scale.detach().to(torch.float32).reshape(1).clone()
+        self.register_buffer("input_scale", s, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) float → (..., K) on each token's grid."""
         if self.fmt is not None:
-            return straight_through(x, fake_quant_float_per_token(x, self.fmt, self.global_scale))
+            return straight_through(x, fake_quant_float_per_token(x, self.fmt, self.global_scale,
+                                                                  getattr(self, "input_scale", None)))
         q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip_ratio)
         return straight_through(x, q)
 
@@ -131,6 +138,8 @@ class ActivationQuantizer(nn.Module):
         self.__dict__.setdefault("fmt", None)  # quantizers pickled before float formats
 
     def extra_repr(self) -> str:
+        if self.fmt == "fp8-static":
+            return "fp8, static per-tensor scale"
         if self.fmt is not None:
             return f"{self.fmt}, per-token{'' if ACTIVATION_FORMATS[self.fmt][1] is None else ' groups'}"
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-token, clip_ratio={self.clip_ratio}"

@@ -10,16 +10,17 @@ from tests.helpers import tiny_llama
 from torch import nn
 
 from compressor import Recipe, compress, load_compressed, save_compressed
-from compressor.core.fake_quant import activation_global_scale, fake_quant_float_per_token
+from compressor.core.fake_quant import activation_global_scale, activation_static_scale, fake_quant_float_per_token
 from compressor.export.online_write import input_activation_args
 from compressor.runtime.activations import ActivationQuantizer
 
 WEIGHTS = {
     "fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
+    "fp8-static": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True, "block_rows": -1},
     "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "scale_format": "e8m0", "symmetric": True},
     "nvfp4": {"type": "float", "bits": 4, "group_size": 16, "scale_format": "e4m3", "symmetric": True},
 }
-BITS = {"fp8": 8, "fp8-block": 8, "mxfp4": 4, "nvfp4": 4}
+BITS = {"fp8": 8, "fp8-block": 8, "fp8-static": 8, "mxfp4": 4, "nvfp4": 4}
 IDS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -31,7 +32,7 @@ def _inputs(seed: int = 0) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp8-block", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-block", "fp8-static", "mxfp4", "nvfp4"])
 def test_matches_compressed_tensors_fake_quantization(fmt):
     """compressed-tensors' forward_quantize on the input_activations we export gives the very same values."""
     from compressed_tensors.quantization import QuantizationArgs
@@ -45,8 +46,12 @@ def test_matches_compressed_tensors_fake_quantization(fmt):
     holder.quantization_status = QuantizationStatus.FROZEN
     if gs is not None:
         holder.input_global_scale = gs
+    static = None
+    if fmt == "fp8-static":  # a scale from a smaller calibration maximum: the outlier 40 saturates at 448 x scale
+        static = activation_static_scale(20.0)
+        holder.input_scale = static
     theirs = forward_quantize(holder, x, "input", args)
-    ours = fake_quant_float_per_token(x, fmt, gs)
+    ours = fake_quant_float_per_token(x, fmt, gs, static)
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, x) and torch.equal(ours[1, 2], x[1, 2])  # quantized; a zero token stays zero
 
@@ -62,7 +67,7 @@ def test_quantizer_refuses_mismatched_settings():
         Recipe.from_dict({"passes": [{"quantize_activations": {"format": "mxfp4"}}]})
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-static", "mxfp4", "nvfp4"])
 def test_w_a_float_exports_and_reloads(fmt, tmp_path):
     """Weights and inputs in the format; nvfp4's input global scales come from the calibration inputs' maxima."""
     model = tiny_llama(hidden=64, inter=96)
@@ -78,11 +83,20 @@ def test_w_a_float_exports_and_reloads(fmt, tmp_path):
     assert quantizer.fmt == fmt
     if fmt == "nvfp4":  # calibrated on the inputs the quantized block 0 produces: the maximum seen, as observed here
         torch.testing.assert_close(quantizer.global_scale, activation_global_scale(seen["max"]), rtol=1e-6, atol=0)
+    if fmt == "fp8-static":  # one scale per layer: the largest calibration input / 448
+        torch.testing.assert_close(quantizer.input_scale, activation_static_scale(seen["max"]), rtol=1e-6, atol=0)
     with torch.no_grad():
         ref = model(IDS[:2]).logits
     out = save_compressed(model, tmp_path / "e", recipe=recipe)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["config_groups"]["group_0"]["input_activations"]["type"] == "float"
+    if fmt == "fp8-static":  # compressed-tensors' FP8 preset: static per-tensor inputs, a (1,) input_scale per layer
+        acts = qcfg["config_groups"]["group_0"]["input_activations"]
+        assert acts["strategy"] == "tensor" and acts["dynamic"] is False
+        from safetensors.torch import load_file
+
+        stored = load_file(out / "model.safetensors")["model.layers.1.self_attn.q_proj.input_scale"]
+        assert stored.shape == (1,) and torch.equal(stored, quantizer.input_scale)
     loaded = load_compressed(out)
     assert loaded.model.layers[1].self_attn.q_proj.input_quantizer.fmt == fmt
     with torch.no_grad():
@@ -103,7 +117,7 @@ def test_cli_presets_quantize_weights_and_inputs(tmp_path, tiny_model_dir, caplo
     from compressor.cli import main
 
     text = tiny_model_dir.parent / "text.txt"
-    for preset, fmt in (("fp8", "float-quantized"), ("nvfp4", "nvfp4-pack-quantized")):
+    for preset, fmt in (("fp8", "float-quantized"), ("fp8-static", "float-quantized"), ("nvfp4", "nvfp4-pack-quantized")):
         out = tmp_path / preset
         assert main(["compress", str(tiny_model_dir), "--scheme", preset, "--calibration", str(text),
                      "--num-samples", "4", "--seq-len", "16", "-o", str(out), "-q"]) == 0
