@@ -239,7 +239,7 @@ def _float_tensors(codes: torch.Tensor, qp: QParams, scheme: QuantScheme, dtype:
     out = {"weight_packed": (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()}
     if scheme.scale_format == "e4m3":
         out["weight_scale"] = qp.scale.detach().float().to(torch.float8_e4m3fn).contiguous()
-        out["weight_global_scale"] = qp.global_scale.detach().float().reshape(1).contiguous()
+        out["weight_global_scale"] = qp.global_scale.detach().float().reshape(1).clone()  # siblings share the value
     else:
         out["weight_scale"] = floats.e8m0_encode(qp.scale).contiguous()
     return out

@@ -96,12 +96,10 @@ def quantize_experts(module: nn.Module, scheme: QuantScheme,
         solve: ``(parameter name, expert, (N, K) weight) -> (dequantized (N, K), qparams (N, G))``.
         params: the fused parameters to quantize, in this order (default: all, in layout order).
 
-    Raises:
-        ValueError: NVFP4 (per-matrix global scales, which fused gate/up parameters do not have per projection).
+    NVFP4: ``solve`` sees one expert's fused matrix at a time, so each expert's gate and up projections (one
+    ``gate_up_proj`` slice) share a global scale and its down projection has its own, as vLLM's fused-MoE
+    loader wants them (it keeps one global scale per expert for the fused gate / up GEMM).
     """
-    if scheme.scale_format == "e4m3":
-        raise ValueError(f"{scheme.describe()} on fused MoE experts is not supported yet (each projection needs its "
-                         "own global scale): add the experts to ignore, or use MXFP4 / FP8 for them")
     for pname in params or [p for p, _ in experts_layout(module).params]:
         param = getattr(module, pname)
         qps = []

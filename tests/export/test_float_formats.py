@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
-from compressor.core.scheme import QuantScheme
+from compressor.core.scheme import QuantScheme, global_scale
 from compressor.core.state import quant_state
 from compressor.export import compressed_tensors as ct_export
 from compressor.export.summary import summarize
@@ -198,19 +198,21 @@ def test_vllm_blocker_for_fp8_weights_in_groups():
     assert vllm_blockers(qcfg) == []
 
 
-@pytest.mark.parametrize("name", ["fp8", "mxfp4"])
-def test_float_moe_experts_export_and_reload(name, tmp_path):
-    """FP8 and MXFP4 experts are stored per expert (as vLLM's fused-MoE loader reads them) and reload as
-    FloatQuantLinear children of QuantExperts, with the in-memory logits."""
+@pytest.mark.parametrize("name, method", [("fp8", "rtn"), ("mxfp4", "rtn"), ("nvfp4", "rtn"), ("nvfp4", "gptq")])
+def test_float_moe_experts_export_and_reload(name, method, tmp_path):
+    """FP8, MXFP4 and NVFP4 experts are stored per expert (as vLLM's fused-MoE loader reads them) and reload as
+    FloatQuantLinear children of QuantExperts, with the in-memory logits. NVFP4: each expert's gate and up share
+    one global scale (vLLM keeps one per expert for the fused gate / up GEMM), its down has its own."""
     from tests.test_families import IDS, MOE, tiny
 
     from compressor.runtime.quant_experts import QuantExperts
 
     model = tiny("qwen3_moe", **MOE)
     scheme = {"fp8": {"type": "float", "bits": 8, "group_size": -1, "symmetric": True},
-              "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"}}[name]
-    recipe = Recipe.from_dict({"passes": [{"rtn": {"scheme": scheme}}]})
-    compress(model, recipe, quiet=True)
+              "mxfp4": {"type": "float", "bits": 4, "group_size": 32, "symmetric": True, "scale_format": "e8m0"},
+              "nvfp4": SCHEMES["nvfp4"][0]}[name]
+    recipe = Recipe.from_dict({"passes": [{method: {"scheme": scheme}}]})
+    compress(model, recipe, calibration=IDS if method == "gptq" else None, quiet=True)
     with torch.no_grad():
         ref = model(IDS[:2]).logits
     loaded = load_compressed(save_compressed(model, tmp_path / "e", recipe=recipe))
@@ -218,6 +220,15 @@ def test_float_moe_experts_export_and_reload(name, tmp_path):
     assert isinstance(experts, QuantExperts) and isinstance(experts[0]["down_proj"], FloatQuantLinear)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS[:2]).logits, ref, rtol=0, atol=1e-6)
+    if name == "nvfp4":
+        stored = load_file(tmp_path / "e" / "model.safetensors")
+        key = "model.layers.0.mlp.experts.{}.{}.weight_global_scale"
+        for e in range(2):
+            gate, up, down = (stored[key.format(e, p)] for p in ("gate_proj", "up_proj", "down_proj"))
+            assert torch.equal(gate, up) and gate.shape == (1,)
+            fused = model.model.layers[0].mlp.experts.gate_up_proj[e]
+            assert torch.equal(gate, global_scale(fused.float(), QuantScheme(**scheme)).reshape(1))
+            assert not torch.equal(gate, down)
 
 
 BLOCK = {"type": "float", "bits": 8, "group_size": 32, "symmetric": True, "block_rows": 16}
