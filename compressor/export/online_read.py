@@ -231,8 +231,10 @@ def attach_transforms(model: nn.Module, qcfg: dict, tensors: dict[str, torch.Ten
     Raises:
         ValueError: an unsupported scheme or location, a target the model lacks, a missing weight.
     """
+    from compressor.runtime.float_linear import FloatQuantLinear
     from compressor.runtime.quant_linear import QuantLinear
 
+    loaded = (QuantLinear, FloatQuantLinear)  # loader layers: the transform is their child, applied in forward
     check_transform_config(qcfg, where)
     modules = dict(model.named_modules())
     factories: dict[tuple[int, bool], Callable[[], nn.Module]] = {}  # one check and one copy per stored tensor
@@ -248,21 +250,21 @@ def attach_transforms(model: nn.Module, qcfg: dict, tensors: dict[str, torch.Ten
         def targets(a: dict, kinds: tuple[type, ...]) -> list[str]:
             pats, ignore = tuple(a.get("targets") or ()), tuple(a.get("ignore") or ())
             hits = [n for n, m in modules.items() if isinstance(m, kinds) and not matches(n, m, ignore)
-                    and (matches(n, m, pats) or (isinstance(m, QuantLinear) and "Linear" in pats))]
+                    and (matches(n, m, pats) or (isinstance(m, loaded) and "Linear" in pats))]
             if not hits:
                 raise ValueError(f"{where}: transform group {group!r} targets {list(pats)[:3]} at {a['location']}, "
                                  "which match no module of the model: the checkpoint does not match its config")
             return hits
 
         for a in (a for a in apply if a["location"] == "input"):
-            for name in targets(a, (nn.Linear, QuantLinear)):
+            for name in targets(a, (nn.Linear, *loaded)):
                 m = modules[name]
                 size = scheme.get("head_dim") or m.in_features
                 if size != m.in_features:
                     raise ValueError(f"{where}: transform group {group!r} is block-diagonal (head_dim={size}) on "
                                      f"{name}; this loader supports full-width input transforms only")
                 t = module_for(_weight_for(tensors, group, scheme, "input", name, size, where), bool(a.get("inverse")))
-                if isinstance(m, QuantLinear):
+                if isinstance(m, loaded):
                     if TRANSFORM_CHILD in m._modules:
                         raise ValueError(f"{where}: {name} gets two input transforms; one per linear is supported")
                     m.add_module(TRANSFORM_CHILD, t)

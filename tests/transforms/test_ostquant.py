@@ -398,3 +398,36 @@ def test_weight_only_training_has_no_clip_to_learn():
     info = ostquant_model(model, IDS, OSTQuantConfig(**{**FAST, "bits": None, "kv_bits": None}), quiet=True)
     assert info["clip_ratios"] is None and "clip_mean" not in model.rotation_info
     assert not any(hasattr(m, "learned_clip") for m in model.modules())
+
+
+NVFP4 = {"type": "float", "bits": 4, "group_size": 16, "symmetric": True, "scale_format": "e4m3"}
+
+
+@pytest.mark.parametrize("fmt,weight", [("nvfp4", NVFP4),
+                                        ("mxfp4", {**NVFP4, "group_size": 32, "scale_format": "e8m0"}),
+                                        ("fp8-static", {"type": "float", "bits": 8, "group_size": -1,
+                                                        "symmetric": True, "block_rows": -1})])
+def test_float_grids_train_keep_the_fp_function_and_export(fmt, weight, tmp_path):
+    """OSTQuant trained under float fake quantization (weights and inputs on the format's grid, static input scales
+    stood in by each batch's largest |x|), then RTN and the float inputs: fp function kept by the fused transforms,
+    the export reloads bit-exactly."""
+    bits = 8 if fmt.startswith("fp8") else 4
+    ost = {**FAST, "weight": weight, "bits": bits, "format": fmt, "learn_clip": False, "kv_bits": None}
+    model = _llama(hidden=64, inter=96)
+    ref = _logits(model)
+    info = ostquant_model(model, IDS, OSTQuantConfig(**{**ost, "weight": QuantScheme(**weight)}), quiet=True)
+    assert all(math.isfinite(v) for v in info["losses"])
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-4)
+    recipe = compressor.Recipe.from_dict({"seed": 0, "passes": [
+        {"ostquant": ost}, {"rtn": {"scheme": weight}}, {"quantize_activations": {"format": fmt, "bits": bits}}]})
+    out = compressor.compress(_llama(hidden=64, inter=96), recipe, calibration=IDS, output=tmp_path / "e", quiet=True)
+    assert torch.equal(_logits(compressor.load_compressed(tmp_path / "e")), _logits(out))
+
+
+def test_float_settings_are_checked():
+    with pytest.raises(ValueError, match="learn_clip: false"):
+        OSTQuantConfig(format="nvfp4", bits=4)  # learn_clip defaults to true: nothing to learn on a float grid
+    with pytest.raises(ValueError, match="set bits: 8"):
+        OSTQuantConfig(format="fp8", bits=4, learn_clip=False)
+    with pytest.raises(ValueError, match="range_grad: false"):
+        OSTQuantConfig(weight=QuantScheme(**NVFP4), range_grad=True)

@@ -14,6 +14,9 @@ from torch import nn
 
 from compressor.core.arch import DecoderLayout
 from compressor.core.fake_quant import (
+    activation_global_scale,
+    activation_static_scale,
+    fake_quant_float_per_token,
     fake_quant_per_token,
     round_ste,
     straight_through,
@@ -156,8 +159,9 @@ def ste_weight(w: torch.Tensor, scheme: QuantScheme, range_grad: bool = False) -
     """Min-max RTN fake quantization of w (N, K) → (N, K), differentiable.
 
     The rounding is straight-through. With ``range_grad`` the gradient also
-    flows through each group's scale, i.e. its min / max; without, the
-    quantization error is a constant (identity gradient).
+    flows through each group's scale, i.e. its min / max (integer grids only); without, the
+    quantization error is a constant (identity gradient). Float grids (FP8, NVFP4, MXFP4) round to
+    their values with their format's scales (NVFP4: the matrix's own global scale).
     """
     if not range_grad:
         with torch.no_grad():
@@ -180,12 +184,18 @@ class InputQuant:
     its scale (``range_grad``), the only way the ratio gets one.
     """
 
-    def __init__(self, bits: int, symmetric: bool, clip_ratio: float, range_grad: bool = False, clip=None):
+    def __init__(self, bits: int, symmetric: bool, clip_ratio: float, range_grad: bool = False, clip=None,
+                 fmt: str | None = None):
         self.bits, self.symmetric, self.clip_ratio, self.range_grad = bits, symmetric, clip_ratio, range_grad
-        self.clip = clip
+        self.clip, self.fmt = clip, fmt
 
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0]
+        if self.fmt is not None:  # a float grid; static scales stand in as the batch's own largest |x|
+            amax = x.detach().abs().amax()
+            gs = activation_global_scale(amax) if self.fmt == "nvfp4" else None
+            static = activation_static_scale(amax) if self.fmt == "fp8-static" else None
+            return (straight_through(x, fake_quant_float_per_token(x, self.fmt, gs, static)),) + tuple(args[1:])
         if self.clip is not None:
             q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip(), range_grad=True)
             return (q,) + tuple(args[1:])

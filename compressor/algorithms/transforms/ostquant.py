@@ -93,6 +93,8 @@ from compressor.core.arch import (
     set_attention_implementation,
 )
 from compressor.core.fake_quant import (
+    ACTIVATION_FORMATS,
+    check_activation_format,
     check_bits,
     check_clip,
     check_group,
@@ -173,6 +175,12 @@ class OSTQuantConfig(PassConfig):
         bits, symmetric, clip_ratio: per-token linear-input quantization during
             training (``bits: null`` for weight-only); use the settings of the
             ``quantize_activations`` pass that follows.
+        format: a float grid for the linear inputs during training instead of integers
+            (``fp8``, ``fp8-block``, ``fp8-static``, ``mxfp4``, ``nvfp4``: the ``quantize_activations``
+            format that follows; ``bits`` its width, symmetric, no clip learning). The static scales of
+            ``nvfp4`` / ``fp8-static`` are not known while the transforms move, so training uses each
+            batch's own largest |x| in their place. A float ``weight`` scheme (FP8, NVFP4, MXFP4) is
+            trained on its float grid the same way (min-max scales, rounding straight-through).
         kv_bits, kv_symmetric, kv_group_size: per-head KV quantization during
             training (``kv_bits: null`` for none).
         steps: optimizer steps (one batch each).
@@ -221,6 +229,7 @@ class OSTQuantConfig(PassConfig):
     bits: int | None = 4
     symmetric: bool = True
     clip_ratio: float = 1.0
+    format: str | None = None
     kv_bits: int | None = 4
     kv_symmetric: bool = False
     kv_group_size: int | None = None
@@ -261,6 +270,15 @@ class OSTQuantConfig(PassConfig):
         check_clip(self.clip_ratio, "ostquant.clip_ratio")
         if self.kv_bits is not None:
             check_bits(self.kv_bits, "ostquant.kv_bits")
+        if self.format is not None:
+            check_activation_format(self.format, what="ostquant.format")
+            want = ACTIVATION_FORMATS[self.format][0]
+            if self.bits != want or not self.symmetric or self.clip_ratio != 1.0 or self.learn_clip:
+                raise ValueError(f"ostquant.format={self.format!r} trains {want}-bit symmetric float inputs without "
+                                 f"clipping: set bits: {want}, symmetric: true, clip_ratio: 1, learn_clip: false")
+        if self.weight is not None and self.weight.is_float and self.range_grad:
+            raise ValueError("ostquant.range_grad lets the gradient through integer min / max grids; a float weight "
+                             "grid trains with straight-through rounding only: set range_grad: false")
         if self.weight is not None and (self.weight.float_zero_point or self.weight.observer != "minmax"):
             raise ValueError("ostquant.weight: training fake-quantizes with a min-max grid and an integer zero point; "
                              "use observer: minmax, zero_point: int (the weight pass after it may differ)")
@@ -398,7 +416,7 @@ def ostquant_model(model: nn.Module, ids: torch.Tensor, config: OSTQuantConfig |
                 for k in _LINEARS:
                     clip = None if t.clip is None else (lambda i=i, s=CLIP_SITE[k]: t.clip_ratio(i, s))
                     hooks.append(m[k].register_forward_pre_hook(
-                        InputQuant(c.bits, c.symmetric, c.clip_ratio, c.range_grad, clip)))
+                        InputQuant(c.bits, c.symmetric, c.clip_ratio, c.range_grad, clip, fmt=c.format)))
         for a in kv_targets:
             attach_kv_quantizer(a, KVQuantizer(c.kv_bits, symmetric=c.kv_symmetric, group_size=c.kv_group_size,
                                                range_grad=c.range_grad))
