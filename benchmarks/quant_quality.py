@@ -36,9 +36,14 @@ DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
                                      "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
                                      "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
-                                     "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {})}
-# methods whose recipe starts with a rotation: QuaRot's R1-R4 plus the online o_proj Hadamard, what 4-bit inputs need
-LEADING_PASSES = {"rot-rtn": [{"rotate": {"online_o": True}}], "rot-gptq": [{"rotate": {"online_o": True}}]}
+                                     "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}),
+                                     "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {})}
+# methods whose recipe starts with another pass, given the setting's weight scheme: a rotation (QuaRot's R1-R4 plus
+# the online o_proj Hadamard, what 4-bit inputs need) or AWQ's activation-aware scaling for that scheme
+_ROTATE = [{"rotate": {"online_o": True}}]
+LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: _ROTATE,
+                  "awq-rtn": lambda scheme: [{"awq": {"scheme": scheme}}],
+                  "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
@@ -94,7 +99,8 @@ def run_ours(job: dict) -> dict:
     if setting is not None:
         pass_name, extra = OUR_PASSES[method]
         # NVFP4 inputs calibrate their global scales
-        calibrated = registered_passes()[pass_name].requires_calibration or (setting.act and setting.fmt == "nvfp4")
+        calibrated = (registered_passes()[pass_name].requires_calibration or (setting.act and setting.fmt == "nvfp4")
+                      or method.startswith("awq-"))
         kwargs = {}
         if calibrated:
             calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
@@ -103,8 +109,9 @@ def run_ours(job: dict) -> dict:
         from compressor.recipe import apply_overrides
 
         extra = dict(extra)
-        data = {"passes": [*LEADING_PASSES.get(method, []),
-                           {pass_name: {"scheme": {**setting.scheme(), **extra.pop("scheme", {})}, **extra}}]}
+        scheme = {**setting.scheme(), **extra.pop("scheme", {})}
+        lead = LEADING_PASSES.get(method)
+        data = {"passes": [*(lead(scheme) if lead else []), {pass_name: {"scheme": scheme, **extra}}]}
         if setting.activation_pass() is not None:
             data["passes"].append(setting.activation_pass())
         sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]

@@ -10,6 +10,7 @@ passes layer does.
 from compressor.passes import (  # noqa: F401  (each registers its pass)
     activations,  # quantize_activations
     adaround,  # adaround
+    awq,  # awq
     distill,  # distill
     distill_blocks,  # distill_blocks
     gguf,  # gguf

@@ -1,0 +1,167 @@
+"""The ``awq`` pass: activation-aware per-channel weight scaling, folded into the producer of each input, before a
+weight pass (:mod:`compressor.algorithms.quant.awq`).
+
+Per decoder block it observes the inputs of four sites and, for each, searches AWQ's scaling exponent on the
+output error of the linears that read it, then folds the scales in (the full-precision function is unchanged):
+
+* ``attn_norm`` → q, k, v: the norm's weight divided by ``s``, the three weights' columns multiplied;
+* v → o (when v's outputs are o's inputs one to one: no grouped-query sharing): v's rows and bias divided;
+* ``mlp_norm`` → gate, up;
+* up → down: up's rows and bias divided.
+
+The pass changes weights only; the weight pass after it (``rtn``, ``gptq``, ``adaround``) quantizes them, and
+should use the ``scheme`` given here. A site whose readers are not all among the pass's targets is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.algorithms.quant.awq import search_scales
+from compressor.core.arch import DecoderLayout, block_config, layout_of_config
+from compressor.core.passes import Pass, PassConfig, register_pass
+from compressor.core.scheme import QuantScheme
+
+__all__ = ["AWQConfig", "AWQPass"]
+
+log = logging.getLogger(__name__)
+
+# (producer, readers): the producer's output is the readers' input
+SITES = (("attn_norm", ("q", "k", "v")), ("v", ("o",)), ("mlp_norm", ("gate", "up")), ("up", ("down",)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWQConfig(PassConfig):
+    """Activation-aware weight scaling before a weight pass.
+
+    Attributes:
+        scheme: the weight grid the scales are searched for: the scheme of the weight pass that follows.
+        grid: steps of the scaling exponent alpha between 0 (no scaling) and 1.
+        duo_scaling: scales ``mean|x|^alpha / mean|w|^(1 - alpha)`` instead of ``mean|x|^alpha``
+            (llm-compressor's default).
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    grid: int = 20
+    duo_scaling: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
+            raise ValueError(f"awq.grid={self.grid!r}: use a positive number of alpha steps, e.g. 20")
+        if not isinstance(self.duo_scaling, bool):
+            raise ValueError(f"awq.duo_scaling must be true or false, got {self.duo_scaling!r}")
+
+
+class _InputStats:
+    """Running ``H = 2/n sum x x^T`` (K, K) and ``mean |x|`` (K,) of one input, float32."""
+
+    def __init__(self, k: int, device: torch.device):
+        self.H = torch.zeros(k, k, device=device)
+        self.abs_sum = torch.zeros(k, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise ValueError("calibration activations contain NaN/inf: check the calibration data and the model weights")
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x2 = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x2.t(), x2)
+        self.abs_sum += x.abs().sum(dim=0)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+
+@register_pass
+class AWQPass(Pass):
+    """Search and fold AWQ's per-channel scales, block by block (see the module docstring)."""
+
+    name = "awq"
+    config_cls = AWQConfig
+    requires_calibration = True
+
+    def __init__(self, config: AWQConfig):
+        super().__init__(config)
+        self._sites: list[tuple[str, nn.Module, list[tuple[str, nn.Module]]]] = []
+        self._stats: dict[str, _InputStats] = {}
+        self._handles: list = []
+        self.report: list[dict[str, Any]] = []
+
+    def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
+        """Hook the first reader of every site whose readers are all targeted; returns them.
+
+        Raises:
+            ValueError: the family has no layout, or one with features AWQ does not fold into yet (a norm
+                scaling by ``1 + w``, sandwich norms, fused q/k/v or gate/up, MoE experts).
+        """
+        layout = layout_of_config(block_config(block), "awq", kind="AWQ scaling")
+        mods = layout.modules(block, prefix, DecoderLayout.BLOCK)
+        targeted = {id(m) for _, m in self.block_modules(block, prefix)}
+        names = {id(m): f"{prefix}.{getattr(layout, k)}" for k, m in mods.items()}
+        self._sites = []
+        for producer, readers in SITES:
+            found = [(names[id(mods[r])], mods[r]) for r in readers]
+            if not all(id(m) in targeted for _, m in found):
+                continue
+            prod = mods[producer]
+            if producer == "v" and prod.out_features != mods["o"].in_features:
+                log.debug("awq %s: v -> o skipped: grouped-query attention shares v's rows across heads", prefix)
+                continue
+            self._sites.append((names[id(prod)], prod, found))
+        observed = []
+        for site, _, readers in self._sites:
+            name, first = readers[0]
+            self._handles.append(first.register_forward_pre_hook(lambda _m, args, site=site: self._observe(site, args[0])))
+            observed.append(first)
+        return observed
+
+    def _observe(self, site: str, x: torch.Tensor) -> None:
+        stats = self._stats.get(site)
+        if stats is None:
+            stats = self._stats[site] = _InputStats(x.shape[-1], x.device)
+        stats.add(x)
+
+    def end_block(self, block: nn.Module, prefix: str, **context: Any) -> None:
+        """Search each site's exponent on the observed inputs and fold its scales into the block."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        c = self.config
+        for site, producer, readers in self._sites:
+            stats = self._stats.get(site)
+            if stats is None or stats.n == 0:
+                raise ValueError(f"awq: no calibration input reached {readers[0][0]}; add it to ignore")
+            weights = [m.weight.detach() for _, m in readers]
+            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, c.scheme, c.grid, c.duo_scaling)
+            with torch.no_grad():
+                for _, m in readers:
+                    m.weight.data = (m.weight.double() * s.to(m.weight.device)).to(m.weight.dtype)
+                _divide_output(producer, s)
+            self.report.append({"site": site, "alpha": alpha, **info})
+            log.debug("awq %s: alpha %.2f, error %.4g (unscaled %.4g)", site, alpha, info["error"],
+                      info["error_unscaled"])
+        self._stats.clear()
+        self._sites = []
+
+
+def _divide_output(producer: nn.Module, s: torch.Tensor) -> None:
+    """Divide ``producer``'s output channels by ``s`` (K,): an RMSNorm's weight, or a linear's rows and bias."""
+    s = s.to(producer.weight.device)
+    if isinstance(producer, nn.Linear):
+        producer.weight.data = (producer.weight.double() / s[:, None]).to(producer.weight.dtype)
+        if producer.bias is not None:
+            producer.bias.data = (producer.bias.double() / s).to(producer.bias.dtype)
+        return
+    if getattr(producer, "bias", None) is not None:
+        raise ValueError(f"awq: {type(producer).__name__} has a bias, which a scale cannot fold into as AWQ needs")
+    producer.weight.data = (producer.weight.double() / s).to(producer.weight.dtype)
