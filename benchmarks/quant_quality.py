@@ -22,6 +22,7 @@ import logging
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from benchmarks import _common as common
 
@@ -53,6 +54,18 @@ FLOAT_METHODS = ("fp32", "rtn", "rtn-mse", "gptq", "gptq-mse", "llmc-rtn", "llmc
 
 
 # ---------------------------------------------------------------- child: our methods
+
+
+def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
+    """The recipe (as a mapping) our ``method`` runs at ``setting``: what ``recipes/*.yaml`` ship."""
+    pass_name, extra = OUR_PASSES[method]
+    extra = dict(extra)
+    scheme = {**setting.scheme(), **extra.pop("scheme", {})}
+    lead = LEADING_PASSES.get(method)
+    data = {"passes": [*(lead(scheme) if lead else []), {pass_name: {"scheme": scheme, **extra}}]}
+    if setting.activation_pass() is not None:
+        data["passes"].append(setting.activation_pass())
+    return data
 
 
 def _unavailable_reason(method: str) -> str | None:
@@ -108,12 +121,7 @@ def run_ours(job: dict) -> dict:
             kwargs["calibration"] = calib.input_ids
         from compressor.recipe import apply_overrides
 
-        extra = dict(extra)
-        scheme = {**setting.scheme(), **extra.pop("scheme", {})}
-        lead = LEADING_PASSES.get(method)
-        data = {"passes": [*(lead(scheme) if lead else []), {pass_name: {"scheme": scheme, **extra}}]}
-        if setting.activation_pass() is not None:
-            data["passes"].append(setting.activation_pass())
+        data = recipe_data(method, setting)
         sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
         if sets:
             record["overrides"] = sets

@@ -339,6 +339,28 @@ def float_inputs(records: Records) -> str:
               "yet._\n")
 
 
+RECIPES = common.ROOT / "recipes"
+RECIPE_METHOD = "gptaq"  # the benchmark method every file in recipes/ is (tests/test_recipes.py checks)
+
+
+def recipes(records: Records) -> str:
+    """docs/recipes.md: each ``recipes/<setting>.yaml`` with the perplexity the benchmark measured for it (the
+    ``gptaq`` method at that setting, test split) beside llm-compressor's GPTQ and fp32."""
+    fp32 = newest(records, method="fp32", status="ok")
+    rows, used = [], []
+    for path in sorted(RECIPES.glob("*.yaml")):
+        ours = newest(records, method=RECIPE_METHOD, setting=path.stem, status="ok")
+        peer = newest(records, method="llmc-gptq", setting=path.stem, status="ok")
+        used += [r for r in (ours, peer) if r]
+        cells = ["—" if r is None else f"{r['ppl']:.2f}" for r in (ours, peer)]
+        rows.append(f"| `recipes/{path.name}` | {path.stem} | {cells[0]} | {cells[1]} |")
+    if fp32:
+        used.append(fp32)
+    head = "| recipe | setting | perplexity (SOTU 2010-2021) | llm-compressor GPTQ |\n|---|---|---|---|\n"
+    tail = f"\nfp32: {fp32['ppl']:.2f}. — : not measured yet.\n" if fp32 else "\n— : not measured yet.\n"
+    return head + "\n".join(rows) + "\n" + tail + "\n" + _provenance(used, "quant_quality") + "\n"
+
+
 def gguf(records: Records) -> str:
     """docs/serving.md: our GGUF files against llama-quantize's on SmolLM2 (benchmarks/gguf_compare.py)."""
     full = [r for r in records if not r.get("quick") and r.get("split") == "test" and r.get("status") == "ok"
@@ -374,6 +396,7 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "gguf": ("gguf", gguf),
     "float-formats": ("quant_quality", float_formats),
     "float-inputs": ("quant_quality", float_inputs),
+    "recipes": ("quant_quality", recipes),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder

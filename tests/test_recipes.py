@@ -1,0 +1,38 @@
+"""recipes/: each file is the benchmark's recipe for its setting, and runs through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks import _common as common
+from benchmarks import quant_quality
+from benchmarks.report import RECIPE_METHOD
+from compressor import Recipe, load_compressed
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_there_is_a_recipe_per_headline_setting():
+    assert {p.stem for p in RECIPES} >= {"w4g64", "w4g128", "w4pc", "w3g64"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_each_recipe_is_what_the_benchmark_measured(path):
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert data == quant_quality.recipe_data(RECIPE_METHOD, common.parse_setting(path.stem))
+    Recipe.from_dict(data).build()  # every key is a real option
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w3g64", "w4pc"])  # the tiny model is 64 wide: no group of 128
+def test_recipes_run_through_the_cli(name, tiny_model_dir, tmp_path):
+    from compressor.cli import main
+
+    out = tmp_path / name
+    assert main(["compress", str(tiny_model_dir), "--recipe", str(RECIPES[[p.stem for p in RECIPES].index(name)]),
+                 "--calibration", str(tiny_model_dir.parent / "text.txt"), "--num-samples", "4", "--seq-len", "16",
+                 "-o", str(out), "-q"]) == 0
+    layer = load_compressed(out).model.layers[0].mlp.down_proj
+    assert layer.scheme.bits == int(name[1]) and not layer.scheme.symmetric
