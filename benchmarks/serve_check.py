@@ -155,7 +155,11 @@ def export(scheme: str, source: Path, tokenizer, root: Path) -> tuple[Path, dict
     if recipe is None:
         return source, None
     out = root / scheme
-    compress(str(source), Recipe.from_dict(recipe), output=out, overwrite=True, quiet=True)
+    built = Recipe.from_dict(recipe)
+    calibration = None
+    if any(p.requires_calibration for p in built.build()):  # static input scales: 16 windows of the usual text
+        calibration = common.calibration_ids(tokenizer, 16, 512).input_ids
+    compress(str(source), built, output=out, overwrite=True, quiet=True, calibration=calibration)
     tokenizer.save_pretrained(out)
     return out, read_config(out)["quantization_config"]
 
