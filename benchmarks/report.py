@@ -211,7 +211,8 @@ def serve_check(records: Records) -> str:
             cells = [run, "—", "—", "—"]
         else:
             floor = r.get("floor") or {}
-            kernel = "; ".join(k.split(" for ")[0] for k in r.get("kernels", [])) or "unquantized"
+            kernel = "; ".join(k.split(" for ")[0] for k in r.get("kernels", [])) or (
+                "unquantized" if r.get("format") is None else "its kernel choice is not logged")
             cells = [f"yes ({kernel})",
                      f"{r['greedy_equal']}/{r['prompts']} (floor {floor.get('greedy_equal', '—')}/{r['prompts']})",
                      f"{r['text_mean_abs_diff']:.4f} (floor {floor.get('text_mean_abs_diff', float('nan')):.4f})",
