@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.algorithms.hessian import HessianAccumulator
 from compressor.algorithms.quant.awq import search_scales
 from compressor.core.arch import DecoderLayout, block_config, layout_of_config
 from compressor.core.passes import Pass, PassConfig, register_pass
@@ -59,23 +60,25 @@ class AWQConfig(PassConfig):
 
 
 class _InputStats:
-    """Running ``H = 2/n sum x x^T`` (K, K) and ``mean |x|`` (K,) of one input, float32."""
+    """GPTQ's running ``H = 2/n sum x x^T`` (K, K) (:class:`HessianAccumulator`) and ``mean |x|`` (K,) of one
+    input, float32."""
 
     def __init__(self, k: int, device: torch.device):
-        self.H = torch.zeros(k, k, device=device)
+        self.hessian = HessianAccumulator(k, device)
         self.abs_sum = torch.zeros(k, device=device)
-        self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise ValueError("calibration activations contain NaN/inf: check the calibration data and the model weights")
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        x2 = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x2.t(), x2)
-        self.abs_sum += x.abs().sum(dim=0)
+        x = x.detach()
+        self.hessian.add(x)  # refuses non-finite inputs
+        self.abs_sum += x.reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
+
+    @property
+    def n(self) -> int:
+        return self.hessian.n
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.hessian.H
 
     @property
     def mean_abs(self) -> torch.Tensor:
