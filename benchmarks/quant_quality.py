@@ -104,28 +104,25 @@ def run_ours(job: dict) -> dict:
             return record
 
     import compressor
-    from compressor.recipe import registered_passes
 
     path, tokenizer = common.load_tokenizer_and_path()
     ids = common.eval_ids(tokenizer, job.get("split", "test"))
     model = common.load_fp32_model(path)
     if setting is not None:
-        pass_name, extra = OUR_PASSES[method]
-        # NVFP4 inputs calibrate their global scales
-        calibrated = (registered_passes()[pass_name].requires_calibration or (setting.act and setting.fmt == "nvfp4")
-                      or method.startswith("awq-"))
-        kwargs = {}
-        if calibrated:
-            calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
-            record["calibration"] = calib.to_dict()
-            kwargs["calibration"] = calib.input_ids
         from compressor.recipe import apply_overrides
 
+        pass_name = OUR_PASSES[method][0]
         data = recipe_data(method, setting)
         sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
         if sets:
             record["overrides"] = sets
         recipe = compressor.Recipe.from_dict(apply_overrides(data, sets))
+        kwargs = {}
+        # GPTQ, AWQ, NVFP4 / static-FP8 inputs: any pass of the recipe that needs data gets the calibration set
+        if any(p.requires_calibration for p in recipe.build()):
+            calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])
+            record["calibration"] = calib.to_dict()
+            kwargs["calibration"] = calib.input_ids
         try:
             start = time.perf_counter()
             model = compressor.compress(model, recipe, quiet=True, **kwargs)
