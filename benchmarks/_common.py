@@ -56,6 +56,7 @@ WEIGHT_PASSES = {
     "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (GPTAQ, arXiv 2504.02692)
 }
 _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
+_MIXED_RE = re.compile(r"^mixed(\d+(?:\.\d+)?)$")  # mixed integer widths at a bits-per-weight budget
 # float weight formats: name -> (bits, group size, our scale_format); weights symmetric, inputs in 16 bits
 FLOAT_SETTINGS = {"fp8": (8, -1, "float"), "nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0")}
 # weights and linear inputs in a float format: setting name -> the format (inputs dynamic per token / group;
@@ -66,15 +67,20 @@ ACT_SETTINGS = {"w8a8-fp8": "fp8", "w4a4-nvfp4": "nvfp4", "w4a4-mxfp4": "mxfp4"}
 @dataclass(frozen=True)
 class Setting:
     """A weight-quantization setting: ``bits`` and ``group_size`` (-1 = per output channel), asymmetric integers;
-    or, with ``fmt`` one of :data:`FLOAT_SETTINGS`, a float format (FP8 per channel, NVFP4, MXFP4)."""
+    or, with ``fmt`` one of :data:`FLOAT_SETTINGS`, a float format (FP8 per channel, NVFP4, MXFP4); or, with
+    ``bpw``, mixed integer widths under that bits-per-weight budget (our ``allocate_bits`` pass; ``bits`` and
+    ``group_size`` are then only the base scheme the allocation replaces)."""
 
     bits: int
     group_size: int
     fmt: str = "int"
     act: bool = False  # the linear inputs too, in ``fmt`` (float formats only)
+    bpw: float | None = None
 
     @property
     def name(self) -> str:
+        if self.bpw is not None:
+            return f"mixed{self.bpw:g}"
         if self.act:
             return next(n for n, f in ACT_SETTINGS.items() if f == self.fmt)
         if self.fmt != "int":
@@ -90,7 +96,7 @@ class Setting:
 
     def job(self) -> dict[str, Any]:
         """The fields a child process rebuilds the setting from (:func:`setting_of`)."""
-        return {"bits": self.bits, "group_size": self.group_size, "fmt": self.fmt, "act": self.act}
+        return {"bits": self.bits, "group_size": self.group_size, "fmt": self.fmt, "act": self.act, "bpw": self.bpw}
 
     def activation_pass(self) -> dict[str, Any] | None:
         """Our recipe's ``quantize_activations`` pass for the inputs, or None (weight-only)."""
@@ -101,11 +107,12 @@ def setting_of(job: dict[str, Any]) -> Setting | None:
     """The setting of a child's job (None for the fp32 baseline)."""
     if job.get("bits") is None:
         return None
-    return Setting(job["bits"], job["group_size"], job.get("fmt", "int"), bool(job.get("act", False)))
+    return Setting(job["bits"], job["group_size"], job.get("fmt", "int"), bool(job.get("act", False)), job.get("bpw"))
 
 
 def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
-    """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1); ``nvfp4`` → Setting(4, 16, "nvfp4").
+    """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1); ``nvfp4`` → Setting(4, 16, "nvfp4");
+    ``mixed3.5`` → mixed widths at 3.5 bits per weight.
 
     Raises:
         ValueError: an unknown form, or W4 g32 (SmolLM2's weights already lie on
@@ -117,10 +124,14 @@ def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
     if text.strip().lower() in ACT_SETTINGS:
         fmt = ACT_SETTINGS[text.strip().lower()]
         return Setting(*FLOAT_SETTINGS[fmt][:2], fmt=fmt, act=True)
+    mixed = _MIXED_RE.match(text.strip().lower())
+    if mixed:
+        return Setting(4, 64, bpw=float(mixed.group(1)))
     match = _SETTING_RE.match(text.strip().lower())
     if not match:
         raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc, "
-                         f"or a float format ({', '.join(FLOAT_SETTINGS)}; with inputs: {', '.join(ACT_SETTINGS)})")
+                         f"mixed<bits per weight> (e.g. mixed3.5), or a float format ({', '.join(FLOAT_SETTINGS)}; "
+                         f"with inputs: {', '.join(ACT_SETTINGS)})")
     bits, group = int(match.group(1)), match.group(2)
     setting = Setting(bits, -1 if group is None else int(group))
     if setting.group_size == 0:
@@ -240,6 +251,7 @@ def base_record(method: str, setting: Setting | None) -> dict[str, Any]:
         "symmetric": (setting.fmt != "int") if setting else None,
         **({"format": setting.fmt} if setting and setting.fmt != "int" else {}),
         **({"activations": setting.fmt} if setting and setting.act else {}),
+        **({"target_bpw": setting.bpw} if setting and setting.bpw is not None else {}),
         "ppl": None,
         "compress_s": None,
         "peak_rss_mb": None,

@@ -62,7 +62,9 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     extra = dict(extra)
     scheme = {**setting.scheme(), **extra.pop("scheme", {})}
     lead = LEADING_PASSES.get(method)
-    data = {"passes": [*(lead(scheme) if lead else []), {pass_name: {"scheme": scheme, **extra}}]}
+    # mixed widths: allocate_bits plans each fused unit's grid on the model as the leading passes leave it
+    allocate = [{"allocate_bits": {"target_bpw": setting.bpw}}] if setting.bpw is not None else []
+    data = {"passes": [*(lead(scheme) if lead else []), *allocate, {pass_name: {"scheme": scheme, **extra}}]}
     if setting.activation_pass() is not None:
         data["passes"].append(setting.activation_pass())
     return data
@@ -111,9 +113,9 @@ def run_ours(job: dict) -> dict:
     if setting is not None:
         from compressor.recipe import apply_overrides
 
-        pass_name = OUR_PASSES[method][0]
         data = recipe_data(method, setting)
-        sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] == pass_name]
+        present = {next(iter(p)) for p in data["passes"]}
+        sets = [o for o in job.get("set", []) if o.split("=", 1)[0].split(".")[0] in present]
         if sets:
             record["overrides"] = sets
         recipe = compressor.Recipe.from_dict(apply_overrides(data, sets))
@@ -148,6 +150,9 @@ def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
     """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
     method = job["method"]
     setting = None if method == "fp32" else common.setting_of(job)
+    if method in PEER_METHODS and setting is not None and setting.bpw is not None:
+        return {**common.base_record(method, setting), "machine": common.machine_info(), "status": "unavailable",
+                "error": "llm-compressor chooses no per-layer widths under a bits-per-weight budget"}
     if method in PEER_METHODS:
         missing = common.missing_peer(peer_python)
         if missing:

@@ -117,7 +117,9 @@ class Pass:
       :mod:`compressor.core.module_state` kinds); the pipeline refuses ``checkpoint_dir`` otherwise;
     * ``weight_pass``: ``"quantize"`` or ``"prune"`` when it compresses the weights its targets match
       (None otherwise); the pipeline refuses a recipe whose weight passes of a kind would leave a
-      large weight untouched (:func:`compressor.core.coverage.check_untouched`) and reports coverage.
+      large weight untouched (:func:`compressor.core.coverage.check_untouched`) and reports coverage;
+    * ``plan_for``: the weight-pass kind (``"quantize"``) that carries out this pass's plan (allocate_bits);
+      the pipeline refuses a recipe with no such pass after it, so a plan is never silently dropped.
     """
 
     name: ClassVar[str] = ""
@@ -130,6 +132,7 @@ class Pass:
     wants_fp_targets: ClassVar[bool] = False
     resumable: ClassVar[bool] = True
     weight_pass: ClassVar[str | None] = None
+    plan_for: ClassVar[str | None] = None
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_cls):

@@ -21,9 +21,14 @@ A linear quantized into a llama.cpp block format (the ``gguf`` pass) keeps its
 dequantized ``weight`` and gains the ``gguf_tensor`` attribute,
 ``(format name, block parameters)`` (:func:`attach_gguf`), which the GGUF
 writer encodes as is.
+
+A linear the ``allocate_bits`` pass gave its own width carries the ``allocated_bits`` attribute,
+``(bits, group_size)``, until a quantization pass applies it (:func:`allocated_scheme`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -32,10 +37,29 @@ from compressor.core import gguf_blocks
 from compressor.core.scheme import QParams, QuantScheme
 
 __all__ = ["attach_qparams", "quant_state", "is_quantized", "QUANT_BUFFERS", "attach_expert_qparams",
-           "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES", "attach_gguf", "gguf_state"]
+           "experts_quant_state", "is_experts_quantized", "EXPERT_SUFFIXES", "attach_gguf", "gguf_state",
+           "ALLOCATED_BITS", "allocated_scheme"]
 
 QUANT_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")  # what attach_qparams adds beside the weight
 EXPERT_SUFFIXES = ("_scale", "_zero_point", "_global_scale")  # what attach_expert_qparams adds beside each fused parameter
+ALLOCATED_BITS = "allocated_bits"  # (bits, group_size) set by the allocate_bits pass
+
+
+def allocated_scheme(module: nn.Module, scheme: QuantScheme, name: str = "") -> QuantScheme:
+    """The scheme a quantization pass applies to ``module``: its own ``scheme``, with ``bits`` and ``group_size``
+    replaced by the ``allocate_bits`` pass's choice when that pass planned this module.
+
+    Raises:
+        ValueError: an allocation meets a float scheme (the allocation chooses integer widths).
+    """
+    choice = getattr(module, ALLOCATED_BITS, None)
+    if choice is None:
+        return scheme
+    if scheme.is_float:
+        raise ValueError(f"{name or type(module).__name__}: allocate_bits chose W{choice[0]} for it, but the "
+                         f"quantization pass's scheme is {scheme.describe()}: allocate_bits mixes integer widths, "
+                         "so give the quantization pass an integer scheme")
+    return dataclasses.replace(scheme, bits=choice[0], group_size=choice[1])
 
 
 def attach_qparams(

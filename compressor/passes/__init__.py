@@ -9,6 +9,7 @@ passes layer does.
 
 from compressor.passes import (  # noqa: F401  (each registers its pass)
     activations,  # quantize_activations
+    allocate_bits,  # allocate_bits
     adaround,  # adaround
     awq,  # awq
     distill,  # distill

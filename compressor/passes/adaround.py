@@ -18,7 +18,7 @@ from compressor.core.passes import Pass, register_pass, select_modules
 from compressor.core.arch import experts_layout, fused_groups
 from compressor.core.scheme import shared_global_scales
 from compressor.core.sparsity import expert_mask, prune_mask
-from compressor.core.state import attach_qparams
+from compressor.core.state import allocated_scheme, attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
 from compressor.pipeline.cache import select_rows
 
@@ -199,9 +199,10 @@ class AdaRoundPass(Pass):
             raise ValueError("calibration activations contain NaN/inf")
         with torch.no_grad():
             target = fwd(fp_rows, w.float())
-        res = adaround_quantize(w, fwd, rows, target, cfg.scheme, cfg, mask=_mask_in_view(module), gscale=gscale)
+        scheme = allocated_scheme(module, cfg.scheme, name)
+        res = adaround_quantize(w, fwd, rows, target, scheme, cfg, mask=_mask_in_view(module), gscale=gscale)
         log.debug("adaround %s recon error %.4g", name, res.recon_mse)
-        attach_qparams(module, cfg.scheme, res.qparams, to_weight(res.weight))
+        attach_qparams(module, scheme, res.qparams, to_weight(res.weight))
 
     def _block(self, block: nn.Module, prefix: str, cache, targets: list[torch.Tensor]) -> None:
         """Block-wise reconstruction: one optimiser over every targeted layer of the block."""
@@ -214,8 +215,9 @@ class AdaRoundPass(Pass):
         keys = [f"{n[len(prefix) + 1:]}.weight" if n != prefix else "weight" for n, _ in layers]
         gscales = shared_global_scales({n: w for (w, _, _), (n, _) in zip(views, layers)},
                                        fused_groups([n for n, _ in layers]), self.config.scheme)
-        roundings = [soft_rounding(w, self.config.scheme, self.config.learn_scale, _mask_in_view(m), gscales[n])
-                     for (w, _, _), (n, m) in zip(views, layers)]
+        schemes = [allocated_scheme(m, self.config.scheme, n) for n, m in layers]
+        roundings = [soft_rounding(w, s, self.config.learn_scale, _mask_in_view(m), gscales[n])
+                     for (w, _, _), (n, m), s in zip(views, layers, schemes)]
         seq_len = targets[0].shape[1]
         per_step = max(1, self.config.batch_size // seq_len)  # sequences per step
 
@@ -232,9 +234,9 @@ class AdaRoundPass(Pass):
             return j, torch.randperm(b, generator=gen)[: min(per_step, b)]
 
         optimise_rounding(roundings, recon, sample, (0, torch.arange(min(per_step * 4, targets[0].shape[0]))), self.config)
-        for (name, module), (_, _, to_w), r in zip(layers, views, roundings):
+        for (name, module), (_, _, to_w), r, scheme in zip(layers, views, roundings, schemes):
             _, qparams, w_hat = r.harden()
-            attach_qparams(module, self.config.scheme, qparams, to_w(w_hat))
+            attach_qparams(module, scheme, qparams, to_w(w_hat))
 
 
 def _mask_in_view(module: nn.Module) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ from compressor.algorithms.quant.awq import search_scales
 from compressor.core.arch import DecoderLayout, block_config, layout_of_config
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme
+from compressor.core.state import allocated_scheme
 
 __all__ = ["AWQConfig", "AWQPass"]
 
@@ -145,7 +146,8 @@ class AWQPass(Pass):
             if stats is None or stats.n == 0:
                 raise ValueError(f"awq: no calibration input reached {readers[0][0]}; add it to ignore")
             weights = [m.weight.detach() for _, m in readers]
-            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, c.scheme, c.grid, c.duo_scaling)
+            scheme = allocated_scheme(readers[0][1], c.scheme, readers[0][0])  # readers are one fused unit
+            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, scheme, c.grid, c.duo_scaling)
             with torch.no_grad():
                 for _, m in readers:
                     m.weight.data = (m.weight.double() * s.to(m.weight.device)).to(m.weight.dtype)

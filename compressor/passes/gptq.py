@@ -19,7 +19,7 @@ from compressor.core.layers import is_quantizable
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme, shared_global_scales
 from compressor.core.sparsity import expert_mask, prune_mask
-from compressor.core.state import attach_qparams
+from compressor.core.state import allocated_scheme, attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
 from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs
 
@@ -167,13 +167,14 @@ class GPTQPass(Pass):
         for name, acc in self._inputs.stats.items():
             module = modules[name]
             try:
-                res = gptq_quantize(module.weight.data, acc.H, self.config.scheme, block_size=self.config.block_size,
+                scheme = allocated_scheme(module, self.config.scheme, name)
+                res = gptq_quantize(module.weight.data, acc.H, scheme, block_size=self.config.block_size,
                                     dampening=self.config.dampening, actorder=self.config.actorder,
                                     cross=acc.C, cross_weight=self.config.asymmetric_weight,
                                     refit=self._refit, mask=prune_mask(module), gscale=gscales[name])
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
-            attach_qparams(module, self.config.scheme, res.qparams, res.weight, res.g_idx)
+            attach_qparams(module, scheme, res.qparams, res.weight, res.g_idx)
             log.debug("gptq %s loss %.4g", name, res.loss)
         self._expert_inputs.close()
         for name, module in self._experts.items():

@@ -22,7 +22,7 @@ from compressor.core.scheme import (
     shared_global_scales,
 )
 from compressor.core.sparsity import expert_mask, prune_mask
-from compressor.core.state import attach_expert_qparams, attach_qparams
+from compressor.core.state import allocated_scheme, attach_expert_qparams, attach_qparams
 
 __all__ = ["RTNConfig", "RTNPass", "rtn_quantize_module", "rtn_quantize_experts", "round_matrix",
            "stack_qparams", "quantize_experts"]
@@ -164,7 +164,7 @@ class RTNPass(Pass):
         for name, module in progress(layers, "rtn", quiet=quiet):
             try:
                 if is_quantizable(module):
-                    rtn_quantize_module(module, self.config.scheme, gscales.get(name))
+                    rtn_quantize_module(module, allocated_scheme(module, scheme, name), gscales.get(name))
                 else:
                     rtn_quantize_experts(module, self.config.scheme)
             except ValueError as err:

@@ -117,6 +117,10 @@ def run_passes(
             the weight passes would leave untouched.
     """
     lead, middle, tail = split_passes(passes)
+    for i, p in enumerate(passes):
+        if p.plan_for and not any(q.weight_pass == p.plan_for for q in passes[i + 1:]):
+            raise ValueError(f"{p.name} plans for a {p.plan_for} pass, but none follows it in the recipe: add one "
+                             "after it (e.g. gptq or rtn), or remove it")
     check_untouched(model, passes)  # before any work: a large weight no target reaches is an error, not a skip
 
     def data(group: list[Pass]) -> torch.Tensor:

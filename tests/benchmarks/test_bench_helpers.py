@@ -26,6 +26,19 @@ def test_parse_setting_refuses(text, match):
         common.parse_setting(text)
 
 
+def test_mixed_setting_puts_allocate_bits_before_the_weight_pass():
+    from benchmarks import quant_quality
+
+    s = common.parse_setting("mixed3.5")
+    assert s.name == "mixed3.5" and s.bpw == 3.5 and common.setting_of(s.job()) == s
+    assert common.base_record("gptaq", s)["target_bpw"] == 3.5
+    passes = quant_quality.recipe_data("awq-gptq", s)["passes"]
+    assert [next(iter(p)) for p in passes] == ["awq", "allocate_bits", "gptq"]
+    assert passes[1]["allocate_bits"] == {"target_bpw": 3.5}
+    peer = quant_quality.run_job({"method": "llmc-gptq", **s.job()}, common.PEER_PYTHON, False)
+    assert peer["status"] == "unavailable" and "bits-per-weight" in peer["error"]
+
+
 def test_w4g32_allowed_where_lossless_is_fine():
     assert common.parse_setting("w4g32", allow_lossless=True).group_size == 32
 

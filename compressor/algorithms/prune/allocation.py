@@ -13,7 +13,8 @@ same number of weights as uniform pruning would:
   Layer-Adaptive Weight Pruning in Deep Neural Networks" (Xu et al., CVPR 2023):
   with distortion additive over layers, the per-layer choice minimising the
   summed distortion under the budget is a knapsack, solved exactly by dynamic
-  programming over a grid of candidate sparsities.
+  programming over a grid of candidate sparsities
+  (:func:`compressor.algorithms.allocate.choose`, shared with bit allocation).
 
 The statistics (weights, outlier ratios, distortion curves) come from the
 ``prune`` pass (:mod:`compressor.passes.prune`); nothing here knows a model.
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from compressor.algorithms.allocate import choose
 from compressor.algorithms.prune.masks import check_sparsity
 
 __all__ = [
@@ -218,23 +220,9 @@ def rate_distortion(
     total = float(n.sum())
     units = resolution or max(20000, 200 * len(n))
     need = int(torch.ceil(torch.tensor(target * units)).item())
-    cost = torch.floor(g[None, :] * n[:, None] / total * units).long()  # (L, C) budget units removed
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    best = torch.full((need + 1,), float("inf"), dtype=torch.float64)  # best[b]: min distortion removing >= b units
-    best[0] = 0.0
-    choice = torch.empty(len(n), need + 1, dtype=torch.long)
-    budget = torch.arange(need + 1)
-    for l in range(len(n)):
-        # new[b] = min_c best[max(b - cost[l, c], 0)] + d[l, c]: removing more than needed counts as enough
-        prev = best[(budget[None, :] - cost[l][:, None]).clamp_min(0)]  # (C, B+1)
-        cand = torch.where(torch.isinf(prev), inf, prev + d[l][:, None])
-        best, choice[l] = cand.min(dim=0)
-    if torch.isinf(best[need]):
-        raise ValueError(f"no allocation on this grid reaches sparsity {target}")
-    picks, b = [], need
-    for l in reversed(range(len(n))):
-        c = int(choice[l, b])
-        picks.append(c)
-        b = max(b - int(cost[l, c]), 0)
-    picks.reverse()
+    removed = torch.floor(g[None, :] * n[:, None] / total * units).long()  # (L, C) budget units removed
+    try:
+        picks = choose(d, removed, need)
+    except ValueError:
+        raise ValueError(f"no allocation on this grid reaches sparsity {target}") from None
     return [float(g[c]) for c in picks]
