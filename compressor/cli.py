@@ -146,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true")
     i.add_argument("--sparsity", action="store_true", help="also read the weights and list each layer's sparsity")
+    i.add_argument("--bits", action="store_true",
+                   help="list each quantized layer's stored bits per weight (a mixed-precision allocation)")
     i.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
-                   help="bar chart of per-layer sparsity (implies --sparsity)")
+                   help="bar chart of per-layer bits per weight with --bits, else of per-layer sparsity "
+                   "(implies --sparsity)")
     return p
 
 
@@ -259,18 +262,30 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from compressor.inspect import format_sparsity, format_summary, layer_sparsity, plot_sparsity, summarize
+    from compressor.inspect import (
+        format_bits,
+        format_sparsity,
+        format_summary,
+        layer_sparsity,
+        plot_bits,
+        plot_sparsity,
+        summarize,
+    )
 
     info = summarize(args.path)
-    if args.sparsity or args.plot:
+    if args.sparsity or (args.plot and not args.bits):
         info["layer_sparsity"] = layer_sparsity(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(format_summary(info))
+        if args.bits:
+            print(format_bits(info.get("layer_bits") or {}))
         if "layer_sparsity" in info:
             print(format_sparsity(info["layer_sparsity"]))
-    if args.plot:
+    if args.plot and args.bits:
+        log.info("plot written to %s", plot_bits(info.get("layer_bits") or {}, args.plot, title=str(args.path)))
+    elif args.plot:
         log.info("plot written to %s", plot_sparsity(info["layer_sparsity"], args.plot, title=str(args.path)))
     return 0
 

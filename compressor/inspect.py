@@ -8,7 +8,8 @@ from pathlib import Path
 from compressor.core.coverage import format_coverage
 from compressor.export.summary import layer_sparsity, summarize
 
-__all__ = ["summarize", "format_summary", "layer_sparsity", "format_sparsity", "plot_sparsity"]
+__all__ = ["summarize", "format_summary", "layer_sparsity", "format_sparsity", "format_bits", "plot_sparsity",
+           "plot_bits"]
 
 
 def format_summary(info: dict) -> str:
@@ -40,6 +41,17 @@ def format_sparsity(sparsity: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def format_bits(bits: dict[str, float]) -> str:
+    """One line per quantized layer (name, stored bits per weight with scales and zero points), then the mean
+    over layers (unweighted; the summary's ``bits per weight`` is the weight-weighted one)."""
+    if not bits:
+        return "  no quantized layers found"
+    width = max(len(n) for n in bits)
+    lines = [f"  {name:<{width}}  {b:6.3f}" for name, b in bits.items()]
+    lines.append(f"  {'mean over layers':<{width}}  {sum(bits.values()) / len(bits):6.3f}")
+    return "\n".join(lines)
+
+
 def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str | None = None) -> Path:
     """Bar chart of per-layer sparsity in checkpoint order (the allocation across depth); writes a PNG.
 
@@ -47,12 +59,30 @@ def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str | Non
         ImportError: matplotlib is missing (the message says how to install it).
         ValueError: no layers.
     """
+    return _plot_layers({n: 100 * s for n, s in sparsity.items()}, path, "sparsity (%)", (0, 100),
+                        title or "per-layer sparsity")
+
+
+def plot_bits(bits: dict[str, float], path: str | Path, title: str | None = None) -> Path:
+    """Bar chart of each quantized layer's stored bits per weight in checkpoint order (a mixed-precision
+    allocation across depth); writes a PNG.
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+        ValueError: no layers.
+    """
+    return _plot_layers(bits, path, "bits per weight (scales included)", (0, max(bits.values(), default=1) * 1.1),
+                        title or "per-layer bits per weight")
+
+
+def _plot_layers(values: dict[str, float], path: str | Path, ylabel: str, ylim: tuple[float, float],
+                 title: str) -> Path:
     from compressor.eval.report import matplotlib_missing
 
     why = matplotlib_missing()
     if why:
         raise ImportError(why)
-    if not sparsity:
+    if not values:
         raise ValueError("no linear layers to plot")
     import matplotlib
 
@@ -61,17 +91,17 @@ def plot_sparsity(sparsity: dict[str, float], path: str | Path, title: str | Non
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(sparsity)
+    names = list(values)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.05), 4), dpi=120)
     for kind in kinds:
         idx = [i for i, n in enumerate(names) if n.rsplit(".", 1)[-1] == kind]
-        ax.bar(idx, [100 * sparsity[names[i]] for i in idx], width=1.0, label=kind)
+        ax.bar(idx, [values[names[i]] for i in idx], width=1.0, label=kind)
     ax.set_xlabel("layer (checkpoint order)")
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
     ax.legend(fontsize=7, ncol=min(len(kinds), 4))
-    ax.set_title(title or "per-layer sparsity")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -123,3 +123,27 @@ def test_gptq_from_the_command_line_with_checkpoints(tiny_model_dir, tmp_path):
     manifest = json.loads((out / "compressor_manifest.json").read_text())
     assert manifest["calibration"]["sequences"] == 4 and len(manifest["calibration"]["sha256"]) == 64
     assert main(args + ["--overwrite"]) == 0  # resumes from the checkpoints
+
+
+def test_mixed_precision_recipe_then_inspect_bits(tiny_model_dir, tmp_path, capsys):
+    """A recipe with allocate_bits before gptq, run from the CLI with checkpoints; inspect lists and plots the
+    per-layer bits the allocation chose."""
+    text, recipe = tmp_path / "text.txt", tmp_path / "mixed.yaml"
+    recipe.write_text("passes:\n  - allocate_bits: {target_bpw: 4.5, candidates: [w2g16, w4g16, w8pc], probe: 2}\n"
+                      "  - gptq: {scheme: {bits: 4, group_size: 16}}\n")
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    args = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--calibration", str(text), "--num-samples",
+            "4", "--seq-len", "32", "--checkpoint-dir", str(ckpt), "-o", str(out), "-q"]
+    assert main(args) == 0
+    assert main(args + ["--overwrite"]) == 0  # resumes: the plan is made again, the blocks come from checkpoints
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["schemes"]) > 1 and len(set(info["layer_bits"].values())) > 1
+    assert main(["inspect", str(out), "--bits"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.strip().startswith("model.layers.0.mlp.down_proj") for line in lines)
+    assert lines[-1].strip().startswith("mean over layers")
+    pytest.importorskip("matplotlib")
+    assert main(["inspect", str(out), "--bits", "--plot", str(tmp_path / "bits.png")]) == 0
+    assert (tmp_path / "bits.png").stat().st_size > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def summarize(path: Path) -> dict:
     Returns a dict with ``size_bytes`` (all files), ``weights_bytes`` (safetensors),
     ``params`` (original parameter count), ``bits_per_weight`` (bits of quantized
     linears incl. scales and zero points per weight, or the dtype width for an
-    unquantized model), ``model_bits_per_param``, ``schemes``, ``loaders`` and ``coverage``
+    unquantized model), ``model_bits_per_param``, ``schemes``, ``layer_bits`` (each quantized linear's stored
+    bits per weight, scales and zero points included, in checkpoint order), ``loaders`` and ``coverage``
     (what compress recorded in the manifest: :func:`compressor.core.coverage.coverage`, or None).
     """
     path = Path(path)
@@ -79,11 +81,13 @@ def summarize(path: Path) -> dict:
         fmt = group.get("format") or qcfg.get("format")
         schemes[name] = {"targets": group.get("targets"), "scheme": desc + (f" ({fmt})" if fmt else "")}
     shapes = {**_shapes(path), **int_codes} if layers else {}
-    for owner, info in layers.items():
+    layer_bits = {}
+    for owner in sorted(layers, key=_natural):
         n, k = shapes[owner]
         params += n * k
-        qbits += info["bytes"] * 8
+        qbits += layers[owner]["bytes"] * 8
         qweights += n * k
+        layer_bits[owner] = round(layers[owner]["bytes"] * 8 / (n * k), 3)
     if qweights:
         bpw = round(qbits / qweights, 3)
     else:
@@ -99,10 +103,16 @@ def summarize(path: Path) -> dict:
         "bits_per_weight": bpw,
         "model_bits_per_param": round(wbytes * 8 / params, 3) if params else None,
         "schemes": schemes,
+        "layer_bits": layer_bits,
         "ignore": qcfg.get("ignore", []),
         "loaders": loaders(qcfg, shapes if layers else {}),
         "coverage": _manifest(path).get("coverage"),
     }
+
+
+def _natural(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _manifest(path: Path) -> dict:

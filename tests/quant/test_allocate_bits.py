@@ -16,6 +16,7 @@ from compressor.algorithms.allocate import choose
 from compressor.core.arch import fused_groups
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 from compressor.core.state import ALLOCATED_BITS, quant_state
+from compressor.export.summary import summarize
 from compressor.passes.allocate_bits import (
     AllocateBitsConfig,
     AllocateBitsPass,
@@ -150,10 +151,17 @@ def test_the_quantization_pass_applies_the_plan_and_the_export_reloads_it(quanti
     got = _bits_of(out)
     planned = {n: getattr(m, ALLOCATED_BITS) for n, m in out.named_modules() if hasattr(m, ALLOCATED_BITS)}
     assert got == planned and len(set(got.values())) > 1
-    loaded = load_compressed(save_compressed(out, tmp_path / "e", recipe=recipe))
+    export = save_compressed(out, tmp_path / "e", recipe=recipe)
+    loaded = load_compressed(export)
     assert _bits_of(loaded) == got
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, out(input_ids=IDS).logits)
+    # inspect reads each layer's stored bits from the headers: wider grids store more
+    stored = summarize(export)["layer_bits"]
+    assert set(stored) == set(got)
+    by_grid = {g: [stored[n] for n in got if got[n] == g] for g in set(got.values())}
+    order = sorted(by_grid, key=lambda g: QuantScheme(bits=g[0], group_size=g[1]).bits_per_weight(64))
+    assert all(max(by_grid[a]) < min(by_grid[b]) for a, b in zip(order, order[1:]))
 
 
 def test_a_plan_nobody_applies_is_refused():
