@@ -5,8 +5,9 @@ on the model as it stands before any weight is quantized, every unit (the linear
 o, gate/up, down, one unit per block each) is rounded alone to a candidate grid and the KL divergence of
 the model's next-token distribution from the unrounded model's is measured on a few calibration sequences
 (:func:`compressor.algorithms.allocate.unit_distortion`). ``distortion: output`` measures every unit at
-every candidate (units x candidates forwards); the default ``scaled`` measures each unit once, at its
-coarsest candidate, and scales that KL to the other candidates by their layer-output error
+every candidate (units x candidates forwards); the default ``scaled`` measures each unit once, at the
+widest candidate within the budget (where the choices are made), and scales that KL to the other candidates
+by their layer-output error
 ``sum tr(dW H dW^T)`` on the same probe tokens (the second-order view: for small weight errors the KL is a
 quadratic form in them, here with the unit's input Hessian standing in for its curvature), so it costs
 units forwards. Assuming the distortions add up, the exact knapsack
@@ -82,8 +83,8 @@ class AllocateBitsConfig(PassConfig):
             give it the quantization pass's ``symmetric`` / ``observer`` so the probe rounds as that pass will.
         probe: calibration sequences the KL is measured on (each measurement costs one forward over them
             from the unit's block on).
-        distortion: ``"scaled"`` (default: one KL per unit, at its coarsest candidate, scaled to the others by
-            their layer-output error) or ``"output"`` (a KL for every unit and candidate: candidates times
+        distortion: ``"scaled"`` (default: one KL per unit, at the widest candidate within ``target_bpw``,
+            scaled to the others by their layer-output error) or ``"output"`` (a KL for every unit and candidate: candidates times
             the probe's cost).
         batch_size: probe sequences per forward.
     """
@@ -178,6 +179,8 @@ class AllocateBitsPass(Pass):
                     bits[u, c] = sum(scheme.bits_per_weight(modules[n].in_features) * modules[n].weight.numel()
                                      for n in names)
         weights = sum(m.weight.numel() for _, m in linears)
+        per_weight = [[float(bits[u, c]) / sum(modules[n].weight.numel() for n in names) for c in range(len(grids))]
+                      for u, names in enumerate(self.units)]  # (U, C) bits per weight, inf where inapplicable
         smallest = float(bits.min(dim=1).values.sum()) / weights
         if smallest > cfg.target_bpw:
             raise ValueError(f"allocate_bits: target_bpw={cfg.target_bpw} is below the smallest the candidates reach "
@@ -199,8 +202,8 @@ class AllocateBitsPass(Pass):
                                        quiet=quiet, label="allocate_bits probe")
         else:
             errors = _output_errors(model, ids, self.units, modules, rounded, len(grids), cfg.batch_size)  # (U, C)
-            ref = torch.where(torch.isinf(bits), -math.inf, errors).argmax(dim=1)  # coarsest applicable grid
-            log.info("allocate_bits: probing %d units at their coarsest candidate on %d x %d tokens",
+            ref = _reference(bits, torch.tensor(per_weight), cfg.target_bpw)  # (U,) where each unit's KL is measured
+            log.info("allocate_bits: probing %d units at the candidate nearest the budget on %d x %d tokens",
                      len(self.units), ids.shape[0], ids.shape[1])
             kl = unit_distortion(model, ids, unit_blocks, len(grids),
                                  lambda u, c: rounded(u, c) if c == int(ref[u]) else [],
@@ -226,6 +229,16 @@ class AllocateBitsPass(Pass):
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Nothing to do: the plan changes no weight (the quantization pass after this one applies it)."""
+
+
+def _reference(bits: torch.Tensor, per_weight: torch.Tensor, target: float) -> torch.Tensor:
+    """(U,) the candidate each unit's KL is measured at in ``scaled`` mode: the widest applicable grid at or under
+    the budget (where the knapsack's decisions lie, so the scaling extrapolates least there), else the narrowest."""
+    ok = ~torch.isinf(bits)
+    under = ok & (per_weight <= target)
+    widest_under = torch.where(under, per_weight, -math.inf).argmax(dim=1)
+    narrowest = torch.where(ok, per_weight, math.inf).argmin(dim=1)
+    return torch.where(under.any(dim=1), widest_under, narrowest)
 
 
 def _rtn(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

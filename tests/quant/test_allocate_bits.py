@@ -181,11 +181,21 @@ def test_a_float_quantizer_refuses_the_integer_plan():
 
 
 def test_scaled_distortion_is_exact_at_the_reference_and_ranks_like_the_measured_one():
-    """``scaled`` (the default) equals ``output`` at each unit's coarsest candidate and keeps, per unit, the
-    measured order of the candidates (coarser grid, more distortion)."""
+    """``scaled`` (the default) equals ``output`` at its reference candidate (the widest within the budget: here
+    w2g32, as w4g32 costs 4.625 bits on these widths) and keeps, per unit, the measured order of the candidates
+    (coarser grid, more distortion)."""
     model = tiny_llama(layers=3)
     scaled, _ = _plan(model, 4.5)
     measured, _ = _plan(model, 4.5, distortion="output")
     assert torch.allclose(scaled.distortion[:, 0], measured.distortion[:, 0], rtol=1e-6)  # w2g32: the reference
     for u in range(len(scaled.units)):
         assert torch.equal(scaled.distortion[u].argsort(), measured.distortion[u].argsort())
+
+
+def test_scaled_reference_is_the_widest_grid_within_the_budget():
+    from compressor.passes.allocate_bits import _reference
+
+    per_weight = torch.tensor([[2.3, 3.3, 4.3, 8.0], [2.3, 3.3, 4.3, 8.0], [5.0, 6.0, 7.0, 8.0]])
+    bits = per_weight.clone()
+    bits[1, 1] = math.inf  # w3 does not apply to unit 1
+    assert _reference(bits, per_weight, 3.5).tolist() == [1, 0, 0]  # unit 2: nothing within 3.5, its narrowest
