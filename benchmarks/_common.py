@@ -56,7 +56,7 @@ WEIGHT_PASSES = {
     "gptaq": ("gptq", {"asymmetric": True}),  # GPTQ with asymmetric calibration (GPTAQ, arXiv 2504.02692)
 }
 _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
-_MIXED_RE = re.compile(r"^mixed(\d+(?:\.\d+)?)$")  # mixed integer widths at a bits-per-weight budget
+_MIXED_RE = re.compile(r"^mixed-?(\d+(?:\.\d+)?)(?:bpw)?$")  # mixed integer widths at a bits-per-weight budget
 # float weight formats: name -> (bits, group size, our scale_format); weights symmetric, inputs in 16 bits
 FLOAT_SETTINGS = {"fp8": (8, -1, "float"), "nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0")}
 # weights and linear inputs in a float format: setting name -> the format (inputs dynamic per token / group;
@@ -80,7 +80,7 @@ class Setting:
     @property
     def name(self) -> str:
         if self.bpw is not None:
-            return f"mixed{self.bpw:g}"
+            return f"mixed-{self.bpw:g}bpw"
         if self.act:
             return next(n for n, f in ACT_SETTINGS.items() if f == self.fmt)
         if self.fmt != "int":
@@ -112,7 +112,7 @@ def setting_of(job: dict[str, Any]) -> Setting | None:
 
 def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
     """``w4g64`` → Setting(4, 64); ``w4pc`` → Setting(4, -1); ``nvfp4`` → Setting(4, 16, "nvfp4");
-    ``mixed3.5`` → mixed widths at 3.5 bits per weight.
+    ``mixed-3.5bpw`` (or ``mixed3.5``) → mixed widths at 3.5 bits per weight.
 
     Raises:
         ValueError: an unknown form, or W4 g32 (SmolLM2's weights already lie on
@@ -130,7 +130,7 @@ def parse_setting(text: str, *, allow_lossless: bool = False) -> Setting:
     match = _SETTING_RE.match(text.strip().lower())
     if not match:
         raise ValueError(f"unknown setting {text!r}: use w<bits>g<group> or w<bits>pc, e.g. w4g64, w3g128, w4pc, "
-                         f"mixed<bits per weight> (e.g. mixed3.5), or a float format ({', '.join(FLOAT_SETTINGS)}; "
+                         f"mixed-<bits per weight>bpw (e.g. mixed-3.5bpw), or a float format ({', '.join(FLOAT_SETTINGS)}; "
                          f"with inputs: {', '.join(ACT_SETTINGS)})")
     bits, group = int(match.group(1)), match.group(2)
     setting = Setting(bits, -1 if group is None else int(group))

@@ -29,8 +29,8 @@ def test_parse_setting_refuses(text, match):
 def test_mixed_setting_puts_allocate_bits_before_the_weight_pass():
     from benchmarks import quant_quality
 
-    s = common.parse_setting("mixed3.5")
-    assert s.name == "mixed3.5" and s.bpw == 3.5 and common.setting_of(s.job()) == s
+    s = common.parse_setting("mixed-3.5bpw")
+    assert s.name == "mixed-3.5bpw" and s.bpw == 3.5 and common.parse_setting("mixed3.5") == s and common.setting_of(s.job()) == s
     assert common.base_record("gptaq", s)["target_bpw"] == 3.5
     passes = quant_quality.recipe_data("awq-gptq", s)["passes"]
     assert [next(iter(p)) for p in passes] == ["awq", "allocate_bits", "gptq"]
