@@ -59,6 +59,9 @@ _SETTING_RE = re.compile(r"^w([2-8])(?:g(\d+)|pc)$")
 _MIXED_RE = re.compile(r"^mixed-?(\d+(?:\.\d+)?)(?:bpw)?$")  # mixed integer widths at a bits-per-weight budget
 # float weight formats: name -> (bits, group size, our scale_format); weights symmetric, inputs in 16 bits
 FLOAT_SETTINGS = {"fp8": (8, -1, "float"), "nvfp4": (4, 16, "e4m3"), "mxfp4": (4, 32, "e8m0")}
+# SmolLM2-135M's targeted linears per decoder block (out, in) and its depth: q, k, v, o, gate, up, down
+SMOLLM2_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+SMOLLM2_BLOCKS = 30
 # weights and linear inputs in a float format: setting name -> the format (inputs dynamic per token / group;
 # NVFP4's input global scale calibrated), as compressed-tensors' FP8_DYNAMIC, NVFP4 and MXFP4 presets
 ACT_SETTINGS = {"w8a8-fp8": "fp8", "w4a4-nvfp4": "nvfp4", "w4a4-mxfp4": "mxfp4"}
@@ -101,6 +104,33 @@ class Setting:
     def activation_pass(self) -> dict[str, Any] | None:
         """Our recipe's ``quantize_activations`` pass for the inputs, or None (weight-only)."""
         return {"quantize_activations": {"format": self.fmt, "bits": self.bits}} if self.act else None
+
+
+def smollm2_bits_per_weight(bits: int, group_size: int) -> float:
+    """Bits per weight of SmolLM2's targeted linears at one uniform asymmetric integer grid, 16-bit scales and
+    code-width zero points counted (:meth:`compressor.core.scheme.QuantScheme.bits_per_weight`)."""
+    from compressor.core.scheme import QuantScheme
+
+    scheme = QuantScheme(bits=bits, group_size=group_size)
+    total = sum(n * k for n, k in SMOLLM2_LINEARS)
+    return sum(scheme.bits_per_weight(k) * n * k for n, k in SMOLLM2_LINEARS) / total
+
+
+def mixed_summary(model) -> dict[str, Any]:
+    """``{"achieved_bpw", "allocation"}`` of a model whose linears carry their quantization schemes: the
+    weight-weighted bits per weight (as :func:`smollm2_bits_per_weight` counts them) and how many linears took
+    each grid (``w3g64``...)."""
+    from torch import nn
+
+    bits, weights, counts = 0.0, 0, {}
+    for module in model.modules():
+        scheme = getattr(module, "quant_scheme", None)
+        if isinstance(module, nn.Linear) and scheme is not None:
+            bits += scheme.bits_per_weight(module.in_features) * module.weight.numel()
+            weights += module.weight.numel()
+            name = f"w{scheme.bits}" + ("pc" if scheme.group_size == -1 else f"g{scheme.group_size}")
+            counts[name] = counts.get(name, 0) + 1
+    return {"achieved_bpw": round(bits / weights, 4) if weights else None, "allocation": dict(sorted(counts.items()))}
 
 
 def setting_of(job: dict[str, Any]) -> Setting | None:

@@ -129,6 +129,8 @@ def run_ours(job: dict) -> dict:
             start = time.perf_counter()
             model = compressor.compress(model, recipe, quiet=True, **kwargs)
             record["compress_s"] = round(time.perf_counter() - start, 2)
+            if setting.bpw is not None:
+                record.update(common.mixed_summary(model))
         except TypeError as err:
             if "calibration" not in str(err):
                 raise
