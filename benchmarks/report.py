@@ -70,6 +70,8 @@ def _setting_label(name: str) -> str:
     if name in FLOAT_LABELS:
         return FLOAT_LABELS[name]
     setting = common.parse_setting(name, allow_lossless=True)
+    if setting.bpw is not None:
+        return f"mixed, budget {setting.bpw:g} bits per weight"
     group = "per-channel" if setting.group_size == -1 else f"g{setting.group_size}"
     return f"W{setting.bits} {group}"
 
@@ -340,6 +342,42 @@ def float_inputs(records: Records) -> str:
               "yet._\n")
 
 
+MIXED_UNIFORM = ("w3g64", "w4pc", "w4g128", "w4g64")  # the uniform grids a mixed budget is compared with
+
+
+def mixed(records: Records) -> str:
+    """docs/mixed-precision.md: GPTAQ at mixed widths (allocate_bits) beside GPTAQ at uniform grids, ordered by
+    bits per weight (scales and zero points counted), with llm-compressor's GPTQ where it ran."""
+    fp32 = newest(records, method="fp32", status="ok")
+    rows, used = [], []
+    budgets = dict.fromkeys(r["setting"] for r in records if r.get("target_bpw") is not None)
+    for name in [*MIXED_UNIFORM, *budgets]:
+        ours = newest(records, method=RECIPE_METHOD, setting=name, status="ok")
+        if ours is None:
+            continue
+        setting = common.parse_setting(name, allow_lossless=True)
+        if setting.bpw is None:
+            bpw, how = common.smollm2_bits_per_weight(setting.bits, setting.group_size), "uniform"
+        else:
+            bpw = ours["achieved_bpw"]
+            how = ", ".join(f"{k} x{v}" for k, v in sorted(ours["allocation"].items(),
+                                                         key=lambda kv: -kv[1]))
+        peer = newest(records, method="llmc-gptq", setting=name, status="ok")
+        used += [r for r in (ours, peer) if r]
+        peer_ppl = "—" if peer is None else f"{peer['ppl']:.2f}"
+        rows.append((bpw, f"| {_setting_label(name)} | {bpw:.3f} | {ours['ppl']:.2f} | {peer_ppl} | "
+                     f"{ours['compress_s']:.0f} | {how} |"))
+    if not rows:
+        return "_No full-protocol records of mixed widths in `benchmarks/results/quant_quality.jsonl` yet._\n"
+    if fp32:
+        used.append(fp32)
+    head = ("| setting | bits per weight (SmolLM2's linears, 16-bit scales) | GPTAQ perplexity (SOTU 2010-2021) "
+            "| llm-compressor GPTQ | compress s | linears per grid |\n|---|---|---|---|---|---|\n")
+    body = "\n".join(row for _, row in sorted(rows, key=lambda r: r[0]))
+    tail = f"\nfp32: {fp32['ppl']:.2f}.\n" if fp32 else ""
+    return head + body + "\n" + tail + "\n" + _provenance(used, "quant_quality") + "\n"
+
+
 RECIPES = common.ROOT / "recipes"
 RECIPE_METHOD = "gptaq"  # the benchmark method every file in recipes/ is (tests/test_recipes.py checks)
 
@@ -398,6 +436,7 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "float-formats": ("quant_quality", float_formats),
     "float-inputs": ("quant_quality", float_inputs),
     "recipes": ("quant_quality", recipes),
+    "mixed": ("quant_quality", mixed),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder

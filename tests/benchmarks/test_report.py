@@ -131,3 +131,21 @@ def test_float_inputs_table_takes_our_best_cell_against_the_peers_best(tmp_path)
     assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | 41.00 | 32.00 | "
             "0.50x | 420 / 500 |") in text
     assert "22.00" not in text and "fp32: 20.00." in text
+
+
+def test_mixed_table_orders_budgets_and_uniform_grids_by_bits_per_weight(tmp_path):
+    results = _write(tmp_path, [
+        _record("fp32", "fp32", 23.07),
+        _record("gptaq", "w3g64", 32.12, compress_s=400.0),
+        _record("gptaq", "w4pc", 27.51, compress_s=390.0),
+        _record("llmc-gptq", "w4pc", 29.88, compress_s=388.0),
+        _record("gptaq", "mixed-3.5bpw", 28.9, compress_s=700.0, target_bpw=3.5, achieved_bpw=3.4881,
+                allocation={"w3g64": 178, "w4g64": 29, "w4pc": 3}),
+    ])
+    text = report.render("<!-- report:mixed -->\n<!-- /report:mixed -->\n", results)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| W3 g64", "| mixed, budget 3.5 bits per weight", "| W4 per-channel"]
+    assert "| 3.297 | 32.12 | — | 400 | uniform |" in rows[0]
+    assert "| 3.488 | 28.90 | — | 700 | w3g64 x178, w4g64 x29, w4pc x3 |" in rows[1]
+    assert "| 4.029 | 27.51 | 29.88 | 390 | uniform |" in rows[2]
+    assert "fp32: 23.07." in text
