@@ -22,6 +22,16 @@ and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
   on 16-bit activations only (bfloat16, float16): a float32 model fails on its
   first forward with ``"cpu_gemm_wna16" not implemented for 'Float'``
   (measured on an AVX-512 CPU, 2026-12-05).
+* ``float-quantized`` FP8 (E4M3) weights per channel or per tensor with FP8
+  inputs (dynamic per token, or static per tensor) is ``CompressedTensorsW8A8Fp8``:
+  on CPU ``get_device_capability()`` is None, so the capability check passes, and
+  without AMX-FP8 the kernel chooser falls through to ``torch._scaled_mm``
+  (``ChannelWiseTorchFP8ScaledMMLinearKernel``, or ``PerTensorTorch...`` when
+  both scales are per tensor), which every x86 build has. FP8 weights in
+  128 x 128 blocks have CPU kernels only for AMX (``CPUFp8W8A8BlockScaledMMKernel``
+  / ``CPUFp8BlockScaledMMKernel`` need AMX tiles). FP8 weight-only (W8A16) has no
+  CPU kernel (``_POSSIBLE_WFP8A16_KERNELS`` lists none for CPU), nor do NVFP4 and
+  MXFP4.
 * ``pack-quantized`` with input quantizers (W4A8, W4A4) is
   ``CompressedTensorsWNA8Int`` / ``WNA4Int`` (GPU kernels); no CPU kernel.
 * ``kv_cache_scheme``: only ``float`` 8-bit, symmetric, tensor or head
@@ -30,12 +40,14 @@ and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
 
 from __future__ import annotations
 
-__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "NO", "WNA16_DTYPES"]
+__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "AMX_ONLY", "NO",
+           "WNA16_DTYPES"]
 
 YES = "yes"
 WITH_VNNI = "yes, exact with VNNI or AMX (AVX2-only CPUs saturate 8-bit weight codes: quantize with bits: 7)"
 AVX512_ONLY = "AVX-512 builds only, bfloat16 or float16 compute"
 WNA16_DTYPES = ("bfloat16", "float16")  # the activation dtypes vLLM's CPU cpu_gemm_wna16 dispatches on
+AMX_ONLY = "AMX CPUs only (Sapphire Rapids or newer)"
 NO = "no"
 
 
@@ -77,22 +89,26 @@ def vllm_blockers(qcfg: dict) -> list[str]:
 
 
 def vllm_cpu(qcfg: dict) -> str:
-    """What vLLM 0.32.0's CPU build does with an export: :data:`YES`, :data:`WITH_VNNI`, :data:`AVX512_ONLY` or
-    :data:`NO` (see the module docstring); the weakest verdict over the config groups."""
+    """What vLLM 0.32.0's CPU build does with an export: :data:`YES`, :data:`WITH_VNNI`, :data:`AVX512_ONLY`,
+    :data:`AMX_ONLY` or :data:`NO` (see the module docstring); the weakest verdict over the config groups."""
     if vllm_blockers(qcfg):
         return NO
     true_bits = ((qcfg.get("compressor") or {}).get("weights") or {})
     kinds = set()
     for name, w, act, fmt in _groups(qcfg):
-        if w.get("type", "int") == "float":  # vLLM 0.32 lists no CPU kernel for FP8 weight-only, NVFP4 or MXFP4
-            kinds.add(NO)
+        if w.get("type", "int") == "float":
+            fp8_inputs = bool(act) and act.get("type") == "float" and act.get("num_bits") == 8
+            if w.get("num_bits") != 8 or not fp8_inputs:  # NVFP4, MXFP4, FP8 weight-only: no CPU kernel
+                kinds.add(NO)
+            else:  # W8A8 FP8: torch._scaled_mm per channel / tensor, AMX kernels for blocks
+                kinds.add(AMX_ONLY if w.get("strategy") == "block" else YES)
         elif act and fmt == "int-quantized" and w.get("num_bits") == 8 and act.get("num_bits") == 8:
             kinds.add(YES if true_bits.get(name, {}).get("num_bits", 8) <= 7 else WITH_VNNI)
         elif act is None and w.get("num_bits") == 4:
             kinds.add(AVX512_ONLY)
         else:
             kinds.add(NO)
-    return next((v for v in (NO, AVX512_ONLY, WITH_VNNI, YES) if v in kinds), NO)
+    return next((v for v in (NO, AMX_ONLY, AVX512_ONLY, WITH_VNNI, YES) if v in kinds), NO)
 
 
 def loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:

@@ -72,6 +72,8 @@ def test_expectations_follow_the_rules_and_the_cpu():
     assert sc.expectation(runtimes.AVX512_ONLY, {"avx512f"}, "float32") == (False, False)
     assert sc.expectation(runtimes.AVX512_ONLY, {"avx2"}, "bfloat16") == (False, False)
     assert sc.expectation(runtimes.NO, {"avx512f", "amx_int8"}) == (False, False)
+    assert sc.expectation(runtimes.AMX_ONLY, {"avx512f", "avx512_vnni"}) == (False, False)
+    assert sc.expectation(runtimes.AMX_ONLY, {"avx512f", "amx_tile"}) == (True, True)
 
 
 def test_our_side_answers_and_a_floor_run_leaves_the_model_as_it_was():

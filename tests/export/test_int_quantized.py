@@ -13,7 +13,15 @@ from tests.helpers import tiny_llama
 
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
-from compressor.export.runtimes import AVX512_ONLY, WITH_VNNI, YES, loaders, vllm_blockers, vllm_cpu
+from compressor.export.runtimes import (
+    AMX_ONLY,
+    AVX512_ONLY,
+    WITH_VNNI,
+    YES,
+    loaders,
+    vllm_blockers,
+    vllm_cpu,
+)
 from compressor.export.summary import summarize
 from compressor.runtime.activations import INPUT_CHILD
 from compressor.runtime.quant_linear import QuantLinear
@@ -153,6 +161,21 @@ def test_vllm_verdicts_follow_its_scheme_rules():
     kv4 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "dynamic": True}
     assert "KV cache" in vllm_blockers(cfg(4, 4, kv=kv4))[0]
     assert loaders({}, {})[-1] == "vLLM"
+
+
+def test_vllm_cpu_verdicts_for_float_weights():
+    """FP8 W8A8 per channel / tensor runs through torch._scaled_mm on every x86 build; FP8 blocks only on AMX;
+    FP8 weight-only, NVFP4 and MXFP4 have no CPU kernel in vLLM 0.32."""
+    def cfg(bits, strategy="channel", act=True, group=None):
+        w = {"num_bits": bits, "type": "float", "symmetric": True, "strategy": strategy, "group_size": group}
+        a = {"num_bits": bits, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True} if act else None
+        return {"quant_method": "compressed-tensors", "format": "float-quantized",
+                "config_groups": {"group_0": {"weights": w, "input_activations": a, "format": "float-quantized"}}}
+
+    assert vllm_cpu(cfg(8)) == YES and vllm_cpu(cfg(8, "tensor")) == YES
+    assert vllm_cpu(cfg(8, "block")) == AMX_ONLY
+    assert vllm_cpu(cfg(8, act=False)) == "no"
+    assert vllm_cpu(cfg(4, "tensor_group", group=16)) == "no"  # NVFP4 W4A4
 
 
 def test_w7a8_is_stored_as_8_bit_codes_and_reloads_as_7_bit(tmp_path):
