@@ -16,7 +16,8 @@ from compressor.export.checkpoint import check_checkpoint, is_export, load_model
 from compressor.export.compressed_tensors import save_compressed, sparsity_config
 from compressor.export.gguf import gguf_missing, save_gguf
 from compressor.export.pruned import save_pruned
-from compressor.pipeline.schedule import run_passes
+from compressor.export.stream import StreamedExport, load_skeleton
+from compressor.pipeline.schedule import check_streamable, run_passes
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.recipe import Recipe
 
@@ -39,6 +40,7 @@ def compress(
     quiet: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    stream: bool = False,
 ) -> nn.Module:
     """Run a recipe on a model and optionally export it.
 
@@ -63,9 +65,14 @@ def compress(
         quiet: no progress bars.
         revision: branch, tag or commit when ``model`` is a Hub repo id.
         trust_remote_code: allow the repo's own modelling code to run (off by default).
+        stream: read each decoder block from the checkpoint's safetensors when its turn comes and write it
+            into the export as soon as it is compressed (:mod:`compressor.export.stream`): host memory holds
+            one block, not the model. Needs ``model`` as a path or repo id, an ``output``, and passes that
+            work block by block (rtn, gptq, uniform prune).
 
     Returns:
-        The compressed model (quantized linears hold on-grid weights).
+        The compressed model (quantized linears hold on-grid weights); after a streamed run, its decoder
+        blocks are on ``meta`` (their weights are in the export).
     """
     passes = recipe.build()
     if not passes:
@@ -79,6 +86,11 @@ def compress(
         check_output_file(output, overwrite)
     elif output is not None:
         check_output_dir(output, overwrite)
+    if stream:
+        _check_stream(model, passes, output)
+        return _compress_streamed(model, recipe, passes, calibration=calibration, output=output,
+                                  tokenizer=tokenizer, overwrite=overwrite, pipeline=pipeline, quiet=quiet,
+                                  revision=revision, trust_remote_code=trust_remote_code)
     source = None
     if isinstance(model, (str, Path)):
         path = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
@@ -112,6 +124,43 @@ def compress(
 
 
 
+
+
+def _check_stream(model: Any, passes: list, output: Any) -> None:
+    """Refuse a streamed run that could not finish, before any work."""
+    if not isinstance(model, (str, Path)):
+        raise ValueError("stream=True reads the checkpoint block by block: give the model as a directory or Hub "
+                         "repo id, not an nn.Module (a model already in memory needs no streaming)")
+    if output is None:
+        raise ValueError("stream=True writes each block into the export as soon as it is compressed: give output=...")
+    check_streamable(passes)
+    if not any(p.weight_pass == "quantize" for p in passes):
+        raise ValueError("a streamed run writes a compressed-tensors export, so the recipe must quantize: add a "
+                         "quantization pass (rtn, gptq), or run pruning alone without stream")
+
+
+def _compress_streamed(path: str | Path, recipe: Recipe, passes: list, *, calibration: Any, output: str | Path,
+                       tokenizer: Any, overwrite: bool, pipeline: PipelineConfig | None, quiet: bool,
+                       revision: str | None, trust_remote_code: bool) -> nn.Module:
+    """:func:`compress` with ``stream=True``: the skeleton in memory, blocks read and written one by one."""
+    path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
+    model, reader = load_skeleton(path, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
+    torch.manual_seed(recipe.seed)
+    info: dict = {"source_model": str(path), "seed": recipe.seed, "streamed": True}
+    streamed = StreamedExport(model, reader, output)
+    try:
+        info |= run_passes(model, passes,
+                           calibration_ids=(lambda names: _calibration_ids(calibration, tokenizer, recipe.seed, names))
+                           if calibration is not None else None,
+                           config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
+                           tokenizer=tokenizer, seed=recipe.seed, quiet=quiet, stream=streamed)
+        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info,
+                        stream=streamed)
+    finally:
+        streamed.close()
+    return model
 
 
 def _gguf_mix(passes: list) -> str | None:

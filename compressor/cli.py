@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where block inputs are kept between blocks")
     c.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="save each finished block there; rerunning the same command resumes")
+    c.add_argument("--stream", action="store_true",
+                   help="read each decoder block from the checkpoint when its turn comes and write it into the "
+                   "export once compressed: host memory holds one block, not the model (rtn, gptq, uniform prune)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. rtn.scheme.bits=3 (repeatable)")
     c.add_argument("--output", "-o", type=Path, required=True,
@@ -204,7 +207,7 @@ def _cmd_compress(args) -> int:
     pipeline = PipelineConfig(device=args.device, cache=args.activation_cache, checkpoint_dir=args.checkpoint_dir,
                               quiet=args.quiet)
     compress(model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
-             pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code)
+             pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code, stream=args.stream)
     log.info("export written to %s", args.output)
     return 0
 

@@ -147,3 +147,13 @@ def test_mixed_precision_recipe_then_inspect_bits(tiny_model_dir, tmp_path, caps
     pytest.importorskip("matplotlib")
     assert main(["inspect", str(out), "--bits", "--plot", str(tmp_path / "bits.png")]) == 0
     assert (tmp_path / "bits.png").stat().st_size > 0
+
+
+def test_compress_stream_writes_the_same_export(tiny_model_dir, tmp_path):
+    """--stream (blocks read and written one at a time) gives the in-memory run's files, GPTQ calibrated."""
+    args = ["--method", "gptq", "--calibration", str(tmp_path / "text.txt"), "--num-samples", "4", "--seq-len", "32"]
+    assert _compress(tiny_model_dir, tmp_path / "mem", *args) == 0
+    assert _compress(tiny_model_dir, tmp_path / "stream", *args, "--stream") == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes()
+    assert json.loads((tmp_path / "stream" / "compressor_manifest.json").read_text())["streamed"] is True

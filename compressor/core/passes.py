@@ -118,6 +118,9 @@ class Pass:
     * ``weight_pass``: ``"quantize"`` or ``"prune"`` when it compresses the weights its targets match
       (None otherwise); the pipeline refuses a recipe whose weight passes of a kind would leave a
       large weight untouched (:func:`compressor.core.coverage.check_untouched`) and reports coverage;
+    * ``streams``: works on a streamed run (:mod:`compressor.export.stream`): everything it reads and
+      changes lives in the block being processed (and its targets outside the blocks), so blocks can be
+      read from the checkpoint when their turn comes and freed after;
     * ``plan_for``: the weight-pass kind (``"quantize"``) that carries out this pass's plan (allocate_bits);
       the pipeline refuses a recipe with no such pass after it, so a plan is never silently dropped.
     """
@@ -133,6 +136,7 @@ class Pass:
     resumable: ClassVar[bool] = True
     weight_pass: ClassVar[str | None] = None
     plan_for: ClassVar[str | None] = None
+    streams: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_cls):

@@ -287,13 +287,15 @@ def _ct_version() -> str:
     return str(__version__)
 
 
-def quantization_config(model: nn.Module) -> dict:
+def quantization_config(model: nn.Module, zeros: dict[str, int] | None = None) -> dict:
     """``config.json["quantization_config"]`` for the quantized linears of ``model``.
 
     One config group per distinct (weight scheme, activation order, input
     quantizer settings); ``input_activations``, ``kv_cache_scheme``,
     ``transform_config`` and the ``compressor`` extension describe the
     run-time quantizers and online transforms (:mod:`compressor.export.online_write`).
+
+    ``zeros``: pruned zeros of modules whose weights are gone (a streamed run), by name.
 
     Raises:
         ValueError: no quantized layer, or run-time parts the format cannot record
@@ -341,7 +343,7 @@ def quantization_config(model: nn.Module) -> dict:
         "ignore": sorted({names.to_checkpoint(n) for n in linears + _routers(model) if n not in quantized}),
         "kv_cache_scheme": online_write.kv_cache_scheme(model),
         "global_compression_ratio": None,
-        "sparsity_config": sparsity_config(model),
+        "sparsity_config": sparsity_config(model, zeros),
         "version": _ct_version(),
     }
     transforms = online_write.transform_config(model)
@@ -362,42 +364,50 @@ def _escape(name: str) -> str:
     return name.replace(".", "\\.")
 
 
-def sparsity_config(model: nn.Module) -> dict | None:
+def sparsity_config(model: nn.Module, zeros: dict[str, int] | None = None) -> dict | None:
     """``quantization_config["sparsity_config"]`` for the pruned linears of ``model``, or None.
 
     The zeros live in the (packed) weights themselves, so the format is
     compressed-tensors' ``"dense"`` (stored as is; loaders need no sparse
     decompression); the entry records which layers were pruned, the structure
     (``"2:4"`` = 2 non-zeros in every 4, or ``"unstructured"``) and
-    ``global_sparsity``, the fraction of all the model's parameters pruned.
+    ``global_sparsity``, the fraction of all the model's parameters pruned. ``zeros`` gives the count of
+    modules whose weights are no longer in memory (a streamed run), by name.
     """
     pruned = {name: m for name, m in model.named_modules() if is_pruned(m)}
     if not pruned:
         return None
     structures = {m.sparsity_info.structure for m in pruned.values()}
-    zeros = sum(pruned_zeros(m) for m in pruned.values())
+    known = zeros or {}
+    count = sum(known[n] if n in known else pruned_zeros(m) for n, m in pruned.items())
     total = sum(p.numel() for p in model.parameters())
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {
         "format": "dense",
         "sparsity_structure": structures.pop() if len(structures) == 1 else "unstructured",
-        "global_sparsity": zeros / total,
+        "global_sparsity": count / total,
         "targets": sorted(pruned),
         "ignore": sorted(n for n in linears if n not in pruned),
     }
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(model: nn.Module, root: nn.Module | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
     """Model tensors with quantized linears and experts packed, named as the family's checkpoints name them
-    (:class:`compressor.core.arch.ExpertCheckpointNames`); tied (shared) tensors stored once."""
-    quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
-    experts = {name: m for name, m in model.named_modules() if is_experts_quantized(m)}
+    (:class:`compressor.core.arch.ExpertCheckpointNames`); tied (shared) tensors stored once.
+
+    With ``root`` (a submodule of ``model`` named ``prefix``, e.g. one decoder block) only its tensors, under
+    their full names. Tensors on the ``meta`` device are left out: a streamed run already wrote them
+    (:mod:`compressor.export.stream`).
+    """
+    root = model if root is None else root
+    quantized = {name: m for name, m in root.named_modules(prefix=prefix) if is_quantized(m)}
+    experts = {name: m for name, m in root.named_modules(prefix=prefix) if is_experts_quantized(m)}
     names = expert_checkpoint_names(model.config)
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for key, tensor in model.state_dict(keep_vars=False).items():
+    for key, tensor in root.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=False).items():
         owner, _, leaf = key.rpartition(".")
-        if owner in quantized or owner in experts:
+        if owner in quantized or owner in experts or tensor.is_meta:
             continue
         ptr = tensor.data_ptr()
         if ptr in seen and tensor.numel():
@@ -405,6 +415,8 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen[ptr] = key
         out[names.to_checkpoint(key)] = tensor.detach().contiguous()
     for name, module in list(quantized.items()) + list(experts.items()):
+        if module_is_meta(module):
+            continue
         try:
             if name in quantized:
                 packed = compress_module_state(module, group_format(module.quant_scheme, _input_bits(module)))
@@ -415,6 +427,20 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name}: {err}") from None
         out.update({names.to_checkpoint(f"{name}.{k}"): v for k, v in packed.items()})
     return out
+
+
+def block_tensors(model: nn.Module, block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The export's tensors of one decoder block ``block`` (named ``prefix`` in ``model``), quantized linears packed:
+    what :func:`save_compressed` writes for it. (N, K) weights become the layouts the module docstring lists."""
+    return _state_dict(model, block, prefix)
+
+
+def module_is_meta(module: nn.Module) -> bool:
+    """Whether a module's own weight lives on the ``meta`` device (a streamed block already written and freed)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.is_meta
+    return any(p.is_meta for p in module.parameters(recurse=False))
 
 
 def _input_bits(linear: nn.Module) -> int | None:
@@ -455,6 +481,7 @@ def save_compressed(
     info: dict | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    stream: Any = None,
 ) -> Path:
     """Write ``model`` as a compressed-tensors directory (``pack-quantized``; W8A8 ``int-quantized``), atomically.
 
@@ -468,6 +495,8 @@ def save_compressed(
         info: extra provenance (seed, calibration hash, source model) for the manifest.
         overwrite: replace an existing directory (only once the new one is complete).
         max_shard_bytes: safetensors shard size limit.
+        stream: the :class:`compressor.export.stream.StreamedExport` of a streamed run: its blocks were written
+            (and freed) as they finished; the rest is added to its shards.
 
     Returns:
         The output path.
@@ -479,7 +508,7 @@ def save_compressed(
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
-    config["quantization_config"] = quantization_config(model)
+    config["quantization_config"] = quantization_config(model, zeros=None if stream is None else stream.zeros)
     if config.get("tie_word_embeddings"):
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
         if out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
@@ -489,7 +518,10 @@ def save_compressed(
     tensors.update(online_write.transform_tensors(model))
     tensors.update(online_write.kv_tensors(model))  # an FP8 KV cache's k_scale / v_scale  # (n, n) float32 ±1, once per transform group and size
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        _write_shards(tensors, tmp, max_shard_bytes)
+        if stream is None:
+            _write_shards(tensors, tmp, max_shard_bytes)
+        else:
+            stream.finish(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -84,6 +84,7 @@ class GGUFPass(GPTQPass):
     config_cls = GGUFConfig
     weight_pass = "quantize"
     requires_calibration = True
+    streams = False  # a GGUF file is written from the whole model (compressor.export.gguf)
 
     def __init__(self, config: GGUFConfig):
         super().__init__(config)

@@ -102,6 +102,7 @@ class GPTQPass(Pass):
     config_cls = GPTQConfig
     weight_pass = "quantize"
     requires_calibration = True
+    streams = True
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)

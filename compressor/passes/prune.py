@@ -203,6 +203,11 @@ class PrunePass(Pass):
         return isinstance(module, nn.Linear) or experts_layout(module) is not None
 
     @property
+    def streams(self) -> bool:  # type: ignore[override]
+        """Uniform sparsity reads one block at a time; LAMP, global, OWL and DP allocation read the whole model."""
+        return self.config.allocation == "uniform" or self.config.structure != "unstructured"
+
+    @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
         """Wanda and SparseGPT need layer inputs, as do OWL and DP allocation; magnitude alone does not."""
         return self.config.method != "magnitude" or self.config.needs_sweep

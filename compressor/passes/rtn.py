@@ -134,6 +134,7 @@ class RTNPass(Pass):
     name = "rtn"
     config_cls = RTNConfig
     weight_pass = "quantize"
+    streams = True
 
     def compressible(self, module: nn.Module) -> bool:
         """Layers and fused-experts modules of a known layout."""

@@ -28,10 +28,11 @@ from torch import nn
 from compressor.core.arch import find_blocks
 from compressor.core.coverage import check_untouched, coverage, format_coverage
 from compressor.core.passes import Pass, Sweep, select_modules
+from compressor.core.progress import progress
 from compressor.pipeline.layerwise import run_layerwise
-from compressor.pipeline.sequential import PipelineConfig, run_sequential
+from compressor.pipeline.sequential import BlockStream, PipelineConfig, run_sequential
 
-__all__ = ["run_passes", "sweeper", "split_passes"]
+__all__ = ["run_passes", "sweeper", "split_passes", "check_streamable"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def run_passes(
     tokenizer: Any = None,
     seed: int = 0,
     quiet: bool = False,
+    stream: BlockStream | None = None,
 ) -> dict:
     """Run ``passes`` on ``model`` in place, in the order the class docstring of this module gives.
 
@@ -106,6 +108,8 @@ def run_passes(
             and the model config's hash are added here.
         tokenizer, seed: handed to trailing passes (distill draws its own data with them).
         quiet: no progress bars.
+        stream: a streamed run (:mod:`compressor.export.stream`): the decoder blocks of ``model`` are on
+            ``meta``; each is read when its turn comes and released once done. Every pass must stream.
 
     Returns:
         Provenance: ``{"calibration": {"sha256", "sequences", "seq_len"}}`` when data was used, and
@@ -122,6 +126,8 @@ def run_passes(
             raise ValueError(f"{p.name} plans for a {p.plan_for} pass, but none follows it in the recipe: add one "
                              "after it (e.g. gptq or rtn), or remove it")
     check_untouched(model, passes)  # before any work: a large weight no target reaches is an error, not a skip
+    if stream is not None:
+        check_streamable(passes)
 
     def data(group: list[Pass]) -> torch.Tensor:
         names = [p.name for p in group if p.requires_calibration] or [p.name for p in group]
@@ -143,7 +149,9 @@ def run_passes(
         else:
             p.apply(model, quiet=quiet)
     ids = None
-    if not any(p.requires_calibration for p in middle):
+    if stream is not None and not any(p.requires_calibration for p in middle):
+        _stream_blocks(model, middle, stream, quiet)
+    elif not any(p.requires_calibration for p in middle):
         for p in middle:
             p.apply(model, quiet=quiet)
     else:
@@ -162,7 +170,7 @@ def run_passes(
             sweep = sweeper(model, ids, config)
             for p in middle:  # allocation across layers is decided on the dense model, before any block changes
                 p.plan(model, ids, sweep)
-            run_sequential(model, middle, ids, config, run_fingerprint)
+            run_sequential(model, middle, ids, config, run_fingerprint, stream=stream)
             for p in middle:
                 if outside.get(p.name):
                     p.apply(model, quiet=quiet, only=outside[p.name])
@@ -175,6 +183,37 @@ def run_passes(
         info["coverage"] = coverage(model, passes)
         log.info("%s", format_coverage(info["coverage"]))
     return info
+
+
+def check_streamable(passes: list[Pass]) -> None:
+    """Refuse, before any work, a recipe a streamed run cannot carry out.
+
+    Raises:
+        ValueError: a pass that reads or changes more than one block at a time (whole-model transforms,
+            allocation across layers, distillation, a GGUF file), naming it and the way out.
+    """
+    lead, _, tail = split_passes(passes)
+    names = [p.name for p in passes if not p.streams or p in lead or p in tail]
+    if names:
+        raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot run streamed yet (it reads or changes the whole "
+                         "model, not one block at a time): run without --stream (stream=False), which loads the "
+                         "whole model into memory; streamed runs take rtn, gptq (GPTAQ too) and uniform prune")
+
+
+def _stream_blocks(model: nn.Module, passes: list[Pass], stream: BlockStream, quiet: bool) -> None:
+    """Calibration-free passes on a streamed model: each block read, compressed, released; then the targets
+    outside the blocks."""
+    blocks_name, blocks = find_blocks(model)
+    outside = _targets_outside_blocks(model, passes, blocks_name)
+    for i in progress(range(len(blocks)), "blocks", quiet=quiet):
+        prefix = f"{blocks_name}.{i}"
+        stream.load(i, prefix, blocks[i])
+        for p in passes:
+            p.compress_block(blocks[i], prefix)
+        stream.release(i, prefix, blocks[i])
+    for p in passes:
+        if outside.get(p.name):
+            p.apply(model, quiet=quiet, only=outside[p.name])
 
 
 def _ids_sha256(ids: torch.Tensor) -> str:

@@ -8,7 +8,9 @@
    compressed weights as the next block's inputs; checkpoint; offload.
 
 Only one block's weights, its statistics and the activation cache sit on the
-compute device. Grad and the KV cache are off.
+compute device. Grad and the KV cache are off. With a :class:`BlockStream` the
+block's weights are read when its turn comes and released (written out, freed)
+once its outputs have been recomputed, so host memory holds one block too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,7 +30,7 @@ from compressor.core.progress import progress
 from compressor.pipeline.cache import ActivationCache
 from compressor.pipeline.checkpoint import BlockCheckpoint
 
-__all__ = ["PipelineConfig", "run_sequential", "capture_block_inputs"]
+__all__ = ["PipelineConfig", "BlockStream", "run_sequential", "capture_block_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,19 @@ class PipelineConfig:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class BlockStream(Protocol):
+    """Where a streamed run's block weights come from and go (:class:`compressor.export.stream.StreamedExport`).
+
+    ``load`` fills block ``index`` (named ``prefix``), whose parameters are on ``meta``, before it is
+    processed; ``release`` takes it once it is compressed and has produced the next block's inputs, and
+    frees it.
+    """
+
+    def load(self, index: int, prefix: str, block: nn.Module) -> None: ...
+
+    def release(self, index: int, prefix: str, block: nn.Module) -> None: ...
 
 
 class _StopForward(Exception):
@@ -147,6 +163,7 @@ def run_sequential(
     input_ids: torch.Tensor,
     config: PipelineConfig = PipelineConfig(),
     fingerprint: dict | None = None,
+    stream: BlockStream | None = None,
 ) -> None:
     """Compress ``model`` in place, block by block, with calibration data.
 
@@ -159,6 +176,7 @@ def run_sequential(
         input_ids: (S, L) int64 calibration sequences.
         config: device, cache location, batch size, checkpointing.
         fingerprint: identifies the run for checkpoint resume (recipe, data hash).
+        stream: reads each block before it is processed and releases it after (blocks on ``meta`` meanwhile).
     """
     if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
         raise ValueError(f"calibration input_ids must be an int64 (S, L) tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -178,6 +196,8 @@ def run_sequential(
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
+            if stream is not None:
+                stream.load(i, prefix, block)
             home = _onload(block, device)
             if ckpt is not None and ckpt.has(i):
                 fp_out = _fp_outputs(block, fp_cache)
@@ -191,6 +211,8 @@ def run_sequential(
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
             _offload(block, home)
+            if stream is not None:
+                stream.release(i, prefix, block)
             log.info("block %d/%d done (%.1f s)", i + 1, len(blocks), time.perf_counter() - t0)
     finally:
         cache.close()

@@ -1,0 +1,224 @@
+"""Streamed compression: a checkpoint bigger than host RAM, one decoder block at a time.
+
+:func:`load_skeleton` builds the model with its parameters on the ``meta``
+device (no memory) and reads only what lives outside the decoder blocks
+(embeddings, final norm, ``lm_head``) from the checkpoint's safetensors shards.
+:class:`StreamedExport` is what the sequential pipeline calls around each block
+(:class:`compressor.pipeline.sequential.BlockStream`):
+
+* ``load``: the block's tensors are read from the (memory-mapped) shards when
+  its turn comes, in the dtype the skeleton gives them;
+* ``release``: once the block is compressed and its outputs have fed the next
+  block, its tensors are packed as :func:`~compressor.export.compressed_tensors.save_compressed`
+  would pack them, buffered into the export's next shard (written once it
+  reaches ``max_shard_bytes``), and the block goes back to ``meta``.
+
+:func:`~compressor.export.compressed_tensors.save_compressed` then adds the
+tensors outside the blocks, names the shards and writes the index, config and
+manifest into the atomic output directory. Host RAM stays near the tensors
+outside the blocks + one block + the activation cache + one shard buffer,
+whatever the depth. The export holds the same tensors as the in-memory path's
+(byte-identical files when both fit one shard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.core.arch import find_blocks
+from compressor.core.hub import check_remote_code, resolve_model
+from compressor.core.sparsity import is_pruned, pruned_zeros
+from compressor.export.checkpoint import check_checkpoint
+from compressor.export.compressed_tensors import block_tensors
+
+__all__ = ["CheckpointReader", "load_skeleton", "StreamedExport"]
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+NOT_STREAMABLE = "run without stream (--stream), which loads the whole model into memory"
+
+
+class CheckpointReader:
+    """Tensors of a Hugging Face checkpoint's safetensors files, read one by one by name (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path} has no *.safetensors weights to stream")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key`` (copied out of the mapped file), as stored."""
+        return self._where[key].get_tensor(key)
+
+    def first_float_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor (what ``dtype="auto"`` picks without ``config.dtype``)."""
+        for key, h in self._where.items():
+            dtype = h.get_slice(key).get_dtype()
+            if dtype in ("F32", "F16", "BF16", "F64"):
+                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype]
+        return None
+
+
+def load_skeleton(path: str | Path, *, revision: str | None = None,
+                  trust_remote_code: bool = False) -> tuple[nn.Module, CheckpointReader]:
+    """The model of a checkpoint with its decoder blocks on ``meta`` and everything else read, plus its reader.
+
+    Parameters get the dtype ``from_pretrained(dtype="auto")`` would give them (``config.dtype``, else the
+    checkpoint's first float tensor's); non-persistent buffers (rotary frequencies) are built as usual.
+
+    Raises:
+        ValueError: a tensor outside the blocks the checkpoint does not hold (see :meth:`StreamedExport.load`).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+
+    path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
+    check_checkpoint(path)
+    check_remote_code(path, trust_remote_code)
+    reader = CheckpointReader(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    cls = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    dtype = getattr(config, "dtype", None) or reader.first_float_dtype() or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.tie_weights()  # tied embeddings become one parameter, read once
+    blocks_name, _ = find_blocks(model)
+    _read(model, reader, lambda name: not (name == blocks_name or name.startswith(blocks_name + ".")))
+    model.eval()
+    return model, reader
+
+
+def _read(root: nn.Module, reader: CheckpointReader, wanted, prefix: str = "") -> None:
+    """Replace the meta parameters of ``root`` whose full names ``wanted`` accepts by the checkpoint's tensors;
+    parameters shared by several modules (tied embeddings) are read once and stay shared."""
+    groups: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in root.named_parameters(prefix=prefix, remove_duplicate=False):
+        if wanted(name):
+            groups.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+    for pid, names in groups.items():
+        old = params[pid]
+        key = next((n for n in names if n in reader), None)
+        if key is None:
+            if not old.is_meta:
+                continue
+            raise ValueError(f"{names[0]} is not in the checkpoint's safetensors files under that name (its family "
+                             f"stores it otherwise, or the checkpoint is incomplete): {NOT_STREAMABLE}")
+        tensor = reader.get(key)
+        if tuple(tensor.shape) != tuple(old.shape):
+            raise ValueError(f"{key}: the checkpoint holds {tuple(tensor.shape)}, the model's config makes "
+                             f"{tuple(old.shape)}; the checkpoint does not match its config.json")
+        new = nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad)
+        for name in names:
+            owner, _, leaf = name[len(prefix) + 1 if prefix else 0:].rpartition(".")
+            root.get_submodule(owner)._parameters[leaf] = new
+    for name, buf in list(root.named_buffers(prefix=prefix)):
+        if wanted(name) and name in reader:
+            owner, _, leaf = name[len(prefix) + 1 if prefix else 0:].rpartition(".")
+            root.get_submodule(owner)._buffers[leaf] = reader.get(name).to(buf.dtype)
+
+
+class StreamedExport:
+    """Block weights read on demand from ``reader``; finished blocks packed into export shards, then freed.
+
+    Args:
+        model: the skeleton from :func:`load_skeleton`.
+        reader: its checkpoint's tensors.
+        output: the export directory the run will write (the shards wait beside it, in a hidden directory,
+            until :func:`~compressor.export.compressed_tensors.save_compressed` moves them in).
+        max_shard_bytes: the size at which a shard is written; the buffer of packed tensors never holds more.
+    """
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, output: str | Path, max_shard_bytes: int = 2**30):
+        self.model, self.reader, self.max_shard_bytes = model, reader, max_shard_bytes
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = output.parent / f".{output.name}.stream-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir()
+        self.files: list[tuple[Path, list[str]]] = []  # written shards and their keys
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.total = 0
+        self.zeros: dict[str, int] = {}  # pruned modules freed: the zeros their masks hold
+        self.released: set[str] = set()
+
+    # the pipeline's hooks (compressor.pipeline.sequential.BlockStream)
+    def load(self, index: int, prefix: str, block: nn.Module) -> None:
+        """Read block ``index`` (named ``prefix``) from the checkpoint."""
+        _read(block, self.reader, lambda name: True, prefix)
+
+    def release(self, index: int, prefix: str, block: nn.Module) -> None:
+        """Pack the finished block into the shard buffer (writing a shard when it is full) and free it."""
+        for name, module in block.named_modules(prefix=prefix):
+            if is_pruned(module):
+                self.zeros[name] = pruned_zeros(module)
+        self.add(block_tensors(self.model, block, prefix))
+        block.to("meta")
+        self.released.add(prefix)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Buffer tensors of the export, writing the buffer as a shard first when they would overflow it."""
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if self.buffer and self.buffered + nbytes > self.max_shard_bytes:
+                self._flush()
+            self.buffer[key] = t
+            self.buffered += nbytes
+            self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = self.dir / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.buffer)))
+        log.debug("wrote %s (%d tensors, %.1f MB)", file.name, len(self.buffer), self.buffered / 2**20)
+        self.buffer, self.buffered = {}, 0
+
+    def finish(self, rest: dict[str, torch.Tensor], into: Path) -> None:
+        """Add ``rest`` (the tensors outside the blocks), write the last shard and move every shard into ``into``
+        under its final name (``model.safetensors``, or ``model-00001-of-0000N.safetensors`` with an index)."""
+        missing = [n for n, p in self.model.named_parameters() if p.is_meta
+                   and not any(n.startswith(prefix + ".") for prefix in self.released)]
+        if missing:
+            raise ValueError(f"{missing[0]} was never read from the checkpoint nor written ({len(missing)} tensors): "
+                             "the streamed run did not reach every block")
+        self.add(rest)
+        if self.buffer or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], into / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (file, keys) in enumerate(self.files, 1):
+            name = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(file, into / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (into / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+    def close(self) -> None:
+        """Remove the shards that were not moved into an export (a failed or interrupted run)."""
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,147 @@
+"""Streamed compression (compressor.export.stream): blocks read from the checkpoint when their turn comes,
+written into the export once compressed; the export equals the in-memory run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+from compressor import Recipe, compress, load_compressed
+from compressor.export.stream import StreamedExport, load_skeleton
+
+CALIB = torch.randint(0, 95, (6, 16), generator=torch.Generator().manual_seed(1))
+GPTQ = {"gptq": {"scheme": {"bits": 4, "group_size": 32}}}
+RECIPES = {
+    "gptq": [GPTQ],
+    "gptaq": [{"gptq": {"scheme": {"bits": 4, "group_size": 32}, "asymmetric": True}}],
+    "prune+gptq": [{"prune": {"method": "wanda", "sparsity": 0.5}}, GPTQ],
+    "rtn": [{"rtn": {"scheme": {"bits": 4, "group_size": 32}}}],
+    "rtn+lm_head": [{"rtn": {"scheme": {"bits": 8, "group_size": -1}, "ignore": []}}],
+}
+
+
+def _checkpoint(tmp_path: Path, layers: int = 3, tie: bool = True, dtype=torch.float32) -> Path:
+    src = tmp_path / "src"
+    model = tiny_llama(layers=layers, tie=tie).to(dtype)
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return src
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def _tensors(root: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_streamed_export_is_the_in_memory_export_byte_for_byte(tmp_path, name):
+    src = _checkpoint(tmp_path)
+    recipe = Recipe.from_dict({"passes": RECIPES[name]})
+    compress(src, recipe, calibration=CALIB, output=tmp_path / "mem", quiet=True)
+    model = compress(src, recipe, calibration=CALIB, output=tmp_path / "stream", quiet=True, stream=True)
+    assert all(p.is_meta for p in model.model.layers.parameters())  # the blocks were written and freed
+    mem, streamed = _files(tmp_path / "mem"), _files(tmp_path / "stream")
+    assert set(mem) == set(streamed)
+    for file in mem:
+        if file == "compressor_manifest.json":  # provenance: the streamed run says so
+            a, b = json.loads(mem[file]), json.loads(streamed[file])
+            assert b.pop("streamed") is True and a == b
+        else:
+            assert mem[file] == streamed[file], file
+    ref = load_compressed(tmp_path / "mem")
+    ids = CALIB[:2]
+    assert torch.equal(load_compressed(tmp_path / "stream")(ids).logits, ref(ids).logits)
+
+
+def test_streamed_export_splits_into_shards_with_an_index(tmp_path):
+    """Small shards: several files and an index naming every tensor; the tensors are the in-memory run's."""
+    src = _checkpoint(tmp_path, layers=4, tie=False)
+    recipe = Recipe.from_dict({"passes": RECIPES["gptq"]})
+    compress(src, recipe, calibration=CALIB, output=tmp_path / "mem", quiet=True)
+    model, reader = load_skeleton(src)
+    streamed = StreamedExport(model, reader, tmp_path / "stream", max_shard_bytes=20_000)
+    from compressor.export.compressed_tensors import save_compressed
+    from compressor.pipeline.schedule import run_passes
+    from compressor.pipeline.sequential import PipelineConfig
+
+    try:
+        run_passes(model, recipe.build(), calibration_ids=lambda names: CALIB, config=PipelineConfig(quiet=True),
+                   stream=streamed)
+        save_compressed(model, tmp_path / "stream", recipe=recipe, stream=streamed)
+    finally:
+        streamed.close()
+    shards = sorted((tmp_path / "stream").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    got, want = _tensors(tmp_path / "stream"), _tensors(tmp_path / "mem")
+    assert set(index["weight_map"]) == set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not list(tmp_path.glob(".stream.stream-*"))  # the staging directory is gone
+
+
+def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
+    src = _checkpoint(tmp_path, dtype=torch.bfloat16)
+    model, _ = load_skeleton(src)
+    assert all(p.is_meta for p in model.model.layers.parameters())
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and not model.model.embed_tokens.weight.is_meta
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, read once
+    assert not model.model.rotary_emb.inv_freq.is_meta
+
+
+@pytest.mark.parametrize("passes, words", [
+    ([{"rotate": {}}, GPTQ], "rotate"),
+    ([{"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}}, GPTQ], "prune"),
+    ([{"prune": {"method": "wanda", "sparsity": 0.5}}], "must quantize"),
+])
+def test_a_recipe_that_cannot_stream_is_refused_before_any_work(tmp_path, passes, words):
+    src = _checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=words) as err:
+        compress(src, Recipe.from_dict({"passes": passes}), calibration=CALIB, output=tmp_path / "out", stream=True)
+    assert "without" in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_stream_needs_a_path_and_an_output(tmp_path):
+    recipe = Recipe.from_dict({"passes": [GPTQ]})
+    with pytest.raises(ValueError, match="directory or Hub repo id"):
+        compress(tiny_llama(), recipe, calibration=CALIB, output=tmp_path / "out", stream=True)
+    with pytest.raises(ValueError, match="give output"):
+        compress(_checkpoint(tmp_path), recipe, calibration=CALIB, stream=True)
+
+
+def test_a_failed_streamed_run_leaves_no_output_and_no_staging(tmp_path):
+    src = _checkpoint(tmp_path)
+    (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())  # intact
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors.pop("model.layers.2.mlp.down_proj.weight")
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.2.mlp.down_proj.weight is not in the checkpoint"):
+        compress(src, Recipe.from_dict({"passes": [GPTQ]}), calibration=CALIB, output=tmp_path / "out", stream=True,
+                 quiet=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_streamed_run_resumes_from_block_checkpoints(tmp_path):
+    """With checkpoint_dir, a second streamed run takes every block from the checkpoints: the same export."""
+    from compressor.pipeline.sequential import PipelineConfig
+
+    src = _checkpoint(tmp_path)
+    recipe = Recipe.from_dict({"passes": RECIPES["gptq"]})
+    pipeline = PipelineConfig(checkpoint_dir=tmp_path / "ckpt", quiet=True)
+    compress(src, recipe, calibration=CALIB, output=tmp_path / "a", pipeline=pipeline, stream=True)
+    assert len(list((tmp_path / "ckpt").rglob("*.safetensors"))) >= 3
+    compress(src, recipe, calibration=CALIB, output=tmp_path / "b", pipeline=pipeline, stream=True)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
