@@ -426,6 +426,34 @@ def gguf(records: Records) -> str:
 
 
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records
+SCALE_METHODS = [("ours-stream", "ours, streamed"), ("ours", "ours, in memory"), ("llmc-gptq", "llm-compressor")]
+
+
+def scale(records: Records) -> str:
+    """docs/scale.md: GPTQ W4 g128 on random-weight Llama checkpoints at real shapes (benchmarks/scale.py): wall
+    time, peak RSS and seconds per billion parameters of each method, the newest record of each."""
+    rows, used = [], []
+    shapes = sorted({r["shape"] for r in records}, key=lambda s: min(r["params"] for r in records if r["shape"] == s))
+    for shape in shapes:
+        for method, label in SCALE_METHODS:
+            r = newest(records, shape=shape, method=method)
+            if r is None:
+                continue
+            used.append(r)
+            size = f"{r['checkpoint_bytes'] / 1e9:.1f} GB"
+            if r.get("status") != "ok":
+                rows.append(f"| {shape} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r.get('status')}: "
+                            f"{(r.get('error') or '')[:120]} | | | |")
+                continue
+            rows.append(f"| {shape} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r['wall_s']:.0f} | "
+                        f"{r['peak_rss_mb'] / 1024:.2f} | {r['s_per_bparam']:.0f} | {r['export_bytes'] / 1e9:.2f} GB |")
+    if not rows:
+        return "_No records in `benchmarks/results/scale.jsonl` yet: run `python -m benchmarks.scale`._\n"
+    head = ("| shape (parameters, bf16 checkpoint) | method | wall s | peak RSS GiB | s per billion parameters "
+            "| export |\n|---|---|---|---|---|---|\n")
+    return head + "\n".join(rows) + "\n\n" + _provenance(used, "scale") + "\n"
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -437,9 +465,10 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "float-inputs": ("quant_quality", float_inputs),
     "recipes": ("quant_quality", recipes),
     "mixed": ("quant_quality", mixed),
+    "scale": ("scale", scale),
 }
 # benchmarks without a calibration / evaluation protocol: every record counts
-NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf"}  # gguf: filtered by its builder
+NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}  # gguf: filtered by its builder
 
 
 # ---------------------------------------------------------------- rewriting
