@@ -145,3 +145,37 @@ def test_streamed_run_resumes_from_block_checkpoints(tmp_path):
     assert len(list((tmp_path / "ckpt").rglob("*.safetensors"))) >= 3
     compress(src, recipe, calibration=CALIB, output=tmp_path / "b", pipeline=pipeline, stream=True)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_our_safetensors_writer_writes_what_save_file_writes(tmp_path):
+    from safetensors.torch import save_file
+
+    from compressor.export.stream import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.scale": torch.randn(3, 1, generator=g),
+               "m.packed": torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32, generator=g),
+               "m.shape": torch.tensor([4, 16]), "f8": torch.randn(2, 2, generator=g).to(torch.float8_e4m3fn),
+               "u": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g), "mask": torch.rand(3, generator=g) > 0.5,
+               "empty": torch.zeros(0, 4), "t": torch.randn(6, 4, generator=g).t()}  # non-contiguous
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tensors, tmp_path / "b.safetensors", {"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_checkpoint_reader_reads_every_dtype_as_stored(tmp_path):
+    from safetensors.torch import save_file
+
+    from compressor.export.stream import CheckpointReader
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(3, 5, generator=g).to(torch.bfloat16), "s": torch.randn(3, generator=g),
+               "i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "b": torch.tensor([True, False]),
+               "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn), "one": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    for key, t in tensors.items():
+        got = reader.get(key)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert reader.first_float_dtype() == torch.float32  # the first float tensor in the file: F32 data come first
+    assert "w" in reader and "x" not in reader
