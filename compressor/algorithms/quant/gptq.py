@@ -339,7 +339,7 @@ def _sweep_factors(H: torch.Tensor, dead: torch.Tensor, reorder: bool, dampening
     columns' diagonal set to 1."""
     k = H.shape[0]
     perm = torch.argsort(torch.diag(H), descending=True) if reorder else torch.arange(k, device=H.device)
-    Hinv = inverse_cholesky(H[perm][:, perm], dampening)
+    Hinv = inverse_cholesky(H[perm][:, perm] if reorder else H, dampening)
     P = None
     if cross is not None:
         C = cross.detach().to(torch.float32).clone()
