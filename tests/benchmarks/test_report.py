@@ -149,3 +149,25 @@ def test_mixed_table_orders_budgets_and_uniform_grids_by_bits_per_weight(tmp_pat
     assert "| 3.488 | 28.90 | — | 700 | w3g64 x178, w4g64 x29, w4pc x3 |" in rows[1]
     assert "| 4.029 | 27.51 | 29.88 | 390 | uniform |" in rows[2]
     assert "fp32: 23.07." in text
+
+
+def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
+    def rec(shape, params, method, wall, rss, status="ok", **extra):
+        return {"bench": "scale", "shape": shape, "params": params, "method": method, "wall_s": wall,
+                "peak_rss_mb": rss, "s_per_bparam": round(wall / (params / 1e9), 1), "status": status,
+                "checkpoint_bytes": params * 2, "export_bytes": params // 2, "commit": "c0ffee00", "dirty": False,
+                "date": "2026-12-05T10:00:00Z", "loadavg": [2.0, 2.0, 2.0], **extra}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    records = [rec("8b", 8_030_000_000, "ours-stream", 5000.0, 5800.0), rec("1b", 1_240_000_000, "ours", 961.0, 8366.0),
+               rec("1b", 1_240_000_000, "ours-stream", 900.0, 2048.0),
+               rec("1b", 1_240_000_000, "llmc-gptq", 0.0, 0.0, status="failed", error="boom")]
+    (results / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.render("<!-- report:scale -->\n<!-- /report:scale -->\n", results)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 1b (1.24B, 2.5 GB)", "ours, streamed"],
+                                                  ["| 1b (1.24B, 2.5 GB)", "ours, in memory"],
+                                                  ["| 1b (1.24B, 2.5 GB)", "llm-compressor"],
+                                                  ["| 8b (8.03B, 16.1 GB)", "ours, streamed"]]
+    assert "| 900 | 2.00 | 726 | 0.62 GB |" in rows[0] and "failed: boom" in rows[2]
