@@ -55,8 +55,13 @@ SUITES = {
 }
 
 
+PROTOCOL_KEYS = ("quick", "n_calib", "calib_len", "max_tokens", "threads", "split", "set", "batch_size",
+                 "true_sequential")
+
+
 def record_for(job: dict) -> dict:
-    """The fields every result line has; measurement fields start empty."""
+    """The fields every result line has; measurement fields start empty. ``protocol`` says how the run was
+    measured, the evaluation split (test: SOTU 2010-2021, dev: 2000-2009) included."""
     return {
         "bench": "pruning",
         "model": common.MODEL_NAME,
@@ -69,6 +74,7 @@ def record_for(job: dict) -> dict:
         "peak_rss_mb": None,
         "status": None,
         "machine": common.machine_info(),
+        "protocol": {k: job.get(k, "test" if k == "split" else None) for k in PROTOCOL_KEYS},
     }
 
 

@@ -32,3 +32,12 @@ def test_batch_size_reaches_every_job(monkeypatch):
     (wanda,) = Recipe.from_dict(bench.recipe_for(seen[0])).build()
     (magnitude,) = Recipe.from_dict(bench.recipe_for(seen[2])).build()
     assert wanda.config.true_sequential and not magnitude.config.true_sequential
+
+
+def test_records_say_which_split_scored_them():
+    """A dev-split run (for choosing hyper-parameters) must be told apart from a reported test-split one."""
+    bench = load_benchmark("pruning")
+    protocol = {"quick": False, "n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None, "split": "dev"}
+    (job,) = bench.plan_jobs(["wanda"], ["0.7"], ["dp-output"], protocol)
+    assert bench.record_for(job)["protocol"]["split"] == "dev"
+    assert bench.record_for({"method": "fp32"})["protocol"]["split"] == "test"
