@@ -106,7 +106,6 @@ def build_checkpoint(name: str, root: Path = WORK) -> Path:
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(path)
     AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(path)
-    shards: list[dict[str, torch.Tensor]] = []
     buffer: dict[str, torch.Tensor] = {}
     size, weight_map, total, files = 0, {}, 0, []
     started = time.perf_counter()
@@ -132,7 +131,6 @@ def build_checkpoint(name: str, root: Path = WORK) -> Path:
         size += nbytes
         total += nbytes
     flush()
-    del shards
     for n, (file, keys) in enumerate(files, 1):
         final = path / f"model-{n:05d}-of-{len(files):05d}.safetensors"
         file.rename(final)

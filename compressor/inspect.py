@@ -33,22 +33,22 @@ def format_summary(info: dict) -> str:
 
 def format_sparsity(sparsity: dict[str, float]) -> str:
     """One line per layer (name, sparsity in %), then the weight-unweighted mean."""
-    if not sparsity:
-        return "  no linear layers found"
-    width = max(len(n) for n in sparsity)
-    lines = [f"  {name:<{width}}  {100 * s:6.2f}%" for name, s in sparsity.items()]
-    lines.append(f"  {'mean over layers':<{width}}  {100 * sum(sparsity.values()) / len(sparsity):6.2f}%")
-    return "\n".join(lines)
+    return _per_layer(sparsity, lambda s: f"{100 * s:6.2f}%", "  no linear layers found")
 
 
 def format_bits(bits: dict[str, float]) -> str:
     """One line per quantized layer (name, stored bits per weight with scales and zero points), then the mean
     over layers (unweighted; the summary's ``bits per weight`` is the weight-weighted one)."""
-    if not bits:
-        return "  no quantized layers found"
-    width = max(len(n) for n in bits)
-    lines = [f"  {name:<{width}}  {b:6.3f}" for name, b in bits.items()]
-    lines.append(f"  {'mean over layers':<{width}}  {sum(bits.values()) / len(bits):6.3f}")
+    return _per_layer(bits, lambda b: f"{b:6.3f}", "  no quantized layers found")
+
+
+def _per_layer(values: dict[str, float], cell, empty: str) -> str:
+    """One line per layer (name, ``cell(value)``), then the unweighted mean over layers; ``empty`` when none."""
+    if not values:
+        return empty
+    width = max(len(n) for n in values)
+    lines = [f"  {name:<{width}}  {cell(v)}" for name, v in values.items()]
+    lines.append(f"  {'mean over layers':<{width}}  {cell(sum(values.values()) / len(values))}")
     return "\n".join(lines)
 
 
