@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="compute device for the sequential pipeline (default: cuda if available)")
     c.add_argument("--activation-cache", choices=("device", "cpu", "disk"), default="device",
                    help="where block inputs are kept between blocks")
+    c.add_argument("--forward-dtype", choices=("auto", "model", "float32"), default="auto",
+                   help="precision of the calibration forwards: auto = float32 on a CPU for bfloat16/float16 "
+                   "weights (CPU half-precision matmuls are several times slower), as stored on a GPU")
     c.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="save each finished block there; rerunning the same command resumes")
     c.add_argument("--stream", action="store_true",
@@ -205,7 +208,7 @@ def _cmd_compress(args) -> int:
         calibration = calibration_set(args.calibration, tokenizer, n=args.num_samples, seq_len=args.seq_len,
                                       seed=recipe.seed)
     pipeline = PipelineConfig(device=args.device, cache=args.activation_cache, checkpoint_dir=args.checkpoint_dir,
-                              quiet=args.quiet)
+                              quiet=args.quiet, forward_dtype=args.forward_dtype)
     compress(model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
              pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code, stream=args.stream)
     log.info("export written to %s", args.output)

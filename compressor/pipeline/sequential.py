@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +37,9 @@ __all__ = ["PipelineConfig", "BlockStream", "run_sequential", "capture_block_inp
 log = logging.getLogger(__name__)
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions")
+FORWARD_DTYPES = ("auto", "model", "float32")
+_HALF = (torch.bfloat16, torch.float16)
+_UPCAST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()  # blocks in float32 now
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +53,11 @@ class PipelineConfig:
         batch_size: calibration sequences per forward.
         checkpoint_dir: write each finished block there and skip finished blocks on restart.
         quiet: no progress bars.
+        forward_dtype: the precision of the calibration forwards: ``"auto"`` (float32 on a CPU when the
+            block's weights are bfloat16 / float16, whose CPU matmuls without AMX run several times slower
+            than float32 ones; the weights as stored elsewhere), ``"model"`` (as stored) or ``"float32"``.
+            The passes always see, and the export always holds, the weights in their stored dtype; block
+            outputs go back to the activation cache in the dtype the block's inputs had.
     """
 
     device: str | None = None
@@ -56,11 +66,20 @@ class PipelineConfig:
     batch_size: int = 8
     checkpoint_dir: Path | None = None
     quiet: bool = False
+    forward_dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype={self.forward_dtype!r}: use one of {FORWARD_DTYPES}")
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def upcast(self, device: torch.device) -> bool:
+        """Whether half-precision blocks run their forwards in float32 on ``device``."""
+        return self.forward_dtype == "float32" or (self.forward_dtype == "auto" and device.type == "cpu")
 
 
 class BlockStream(Protocol):
@@ -151,8 +170,58 @@ def _offload(block: nn.Module, home: torch.device) -> None:
     block.to(home)
 
 
+@contextmanager
+def _forward_precision(block: nn.Module, on: bool):
+    """With ``on``, the block's bfloat16 / float16 parameters and buffers are float32 inside the ``with``
+    and get their own dtype back on exit (exactly: both widen to float32 without loss); others (float32,
+    float8, integer codes) are left alone. :func:`_block_forward` casts the inputs to match."""
+    if not on or block in _UPCAST:
+        yield
+        return
+    halves = [(m, kind, name, t.dtype) for m in block.modules()
+              for kind, items in (("p", m._parameters), ("b", m._buffers))
+              for name, t in items.items() if t is not None and t.dtype in _HALF and t.device.type != "meta"]
+    if not halves:
+        yield
+        return
+    for m, kind, name, _ in halves:
+        if kind == "p":
+            m._parameters[name].data = m._parameters[name].data.float()
+        else:
+            m._buffers[name] = m._buffers[name].float()
+    _UPCAST[block] = True
+    try:
+        yield
+    finally:
+        del _UPCAST[block]
+        for m, kind, name, dtype in halves:
+            if kind == "p":
+                m._parameters[name].data = m._parameters[name].data.to(dtype)
+            else:
+                m._buffers[name] = m._buffers[name].to(dtype)
+
+
+def _widen(x):
+    """Half-precision tensors in ``x`` (nested tuples / lists / dicts) as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in _HALF else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_widen(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _widen(v) for k, v in x.items()}
+    return x
+
+
 def _block_forward(block: nn.Module, cache: ActivationCache, i: int) -> torch.Tensor:
-    out = block(cache.hidden(i), **cache.kwargs(i))
+    """Block output (B, L, H) for cached batch ``i``, in the dtype of the cached inputs (float32 compute
+    inside :func:`_forward_precision`)."""
+    hidden, kwargs = cache.hidden(i), cache.kwargs(i)
+    if block in _UPCAST:
+        dtype = hidden.dtype
+        out = block(_widen(hidden), **_widen(kwargs))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.to(dtype)
+    out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -186,6 +255,7 @@ def run_sequential(
                 raise ValueError(f"{p.name} does not support checkpoint_dir yet (a block resumed from a checkpoint "
                                  "would come back without what it attached): run without checkpoint_dir")
     device = config.resolved_device()
+    up = config.upcast(device)
     blocks_name, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
@@ -200,14 +270,16 @@ def run_sequential(
                 stream.load(i, prefix, block)
             home = _onload(block, device)
             if ckpt is not None and ckpt.has(i):
-                fp_out = _fp_outputs(block, fp_cache)
+                with _forward_precision(block, up):
+                    fp_out = _fp_outputs(block, fp_cache)
                 ckpt.load(i, block)
             else:
-                fp_out = _compress_block(block, prefix, passes, cache, fp_cache)
+                fp_out = _compress_block(block, prefix, passes, cache, fp_cache, up)
                 if ckpt is not None:
                     ckpt.save(i, block)
-            for j in range(len(cache)):
-                cache.set_hidden(j, _block_forward(block, cache, j))
+            with _forward_precision(block, up):
+                for j in range(len(cache)):
+                    cache.set_hidden(j, _block_forward(block, cache, j))
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
             _offload(block, home)
@@ -227,7 +299,7 @@ def _fp_outputs(block: nn.Module, fp_cache: ActivationCache | None) -> list[torc
 
 
 def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
-                    fp_cache: ActivationCache | None) -> list[torch.Tensor] | None:
+                    fp_cache: ActivationCache | None, up: bool = False) -> list[torch.Tensor] | None:
     """Run the passes on one block; returns its full-precision-stream outputs (None without that stream).
 
     The full-precision outputs come from the uncompressed block: when the first
@@ -235,22 +307,30 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
     forward saved per batch), otherwise they are computed up front.
     """
     paired_first = bool(passes) and passes[0].wants_fp_inputs and not passes[0].staged
-    fp_out = _fp_outputs(block, fp_cache) if not paired_first else None
+    fp_out = None
+    if fp_cache is not None and not paired_first:
+        with _forward_precision(block, up):
+            fp_out = _fp_outputs(block, fp_cache)
     for k, p in enumerate(passes):
         if not p.requires_calibration:
             p.compress_block(block, prefix)
             continue
-        stages = _stages(block, prefix, p, cache) if p.staged else [None]
+        stages = [None]
+        if p.staged:
+            with _forward_precision(block, up):
+                stages = _stages(block, prefix, p, cache)
         try:
             for stage in stages:
                 p.stage = stage
                 observed = p.begin_block(block, prefix)
-                if p.wants_fp_inputs:
-                    out = _paired_forwards(block, p, fp_cache, cache, observed, fp_outputs=k == 0 and paired_first)
-                    if k == 0 and paired_first:
-                        fp_out = out
-                else:
-                    _calibration_forwards(block, cache, observed)
+                with _forward_precision(block, up):
+                    if p.wants_fp_inputs:
+                        out = _paired_forwards(block, p, fp_cache, cache, observed,
+                                               fp_outputs=k == 0 and paired_first)
+                        if k == 0 and paired_first:
+                            fp_out = out
+                    else:
+                        _calibration_forwards(block, cache, observed)
                 p.end_block(block, prefix, cache=cache, targets=fp_out)
         finally:
             p.stage = None

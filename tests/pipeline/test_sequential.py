@@ -269,3 +269,77 @@ def test_true_sequential_asymmetric_gptq_pairs_the_streams_in_every_stage():
     assert torch.equal(a[q], b[q])  # first stage of the first block: same inputs on both streams
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_half_precision_blocks_run_their_calibration_forwards_in_float32(monkeypatch):
+    """On a CPU, a bfloat16 model's block forwards compute in float32: the Hessian is that of the float32
+    forward's inputs, the weights the pass sees and leaves are bfloat16, and every parameter that the pass
+    does not touch comes back bit for bit."""
+    seen = []
+    real = gptq_mod.gptq_quantize
+
+    def spy(weight, hessian, *a, **k):
+        seen.append((weight.dtype, hessian.clone()))  # the first call is block 0's q/k/v: one input
+        return real(weight, hessian, *a, **k)
+
+    model = tiny_llama(layers=2).to(torch.bfloat16)
+    norm = model.model.layers[1].input_layernorm.weight.detach().clone()
+    xs = []
+    ref = tiny_llama(layers=2).to(torch.bfloat16).float()  # bfloat16 weights, float32 compute
+    q_proj = ref.model.layers[0].self_attn.q_proj
+    h = q_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        # block 0's inputs are the embeddings in bfloat16, widened; everything after runs in float32
+        emb = model.model.embed_tokens(IDS).float()
+        ref.model.layers[0](emb, position_embeddings=ref.model.rotary_emb(emb, torch.arange(IDS.shape[1])[None]),
+                            attention_mask=None)
+    h.remove()
+    x = torch.cat(xs)
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", spy)
+    compress(model, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
+    dtype, hessian = seen[0]
+    assert {d for d, _ in seen} == {torch.bfloat16}
+    torch.testing.assert_close(hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.equal(model.model.layers[1].input_layernorm.weight, norm)
+
+
+def test_forward_dtype_model_keeps_the_stored_precision(monkeypatch):
+    from compressor.pipeline import sequential
+
+    dtypes = set()
+    real = sequential._block_forward
+
+    def spy(block, cache, i):
+        dtypes.add(next(block.parameters()).dtype)
+        out = real(block, cache, i)
+        assert out.dtype == torch.bfloat16  # the cache keeps the model's dtype either way
+        return out
+
+    monkeypatch.setattr(sequential, "_block_forward", spy)
+    for setting, expected in (("model", {torch.bfloat16}), ("auto", {torch.float32})):
+        dtypes.clear()
+        model = tiny_llama(layers=2).to(torch.bfloat16)
+        compress(model, Recipe.from_dict(GPTQ), calibration=IDS,
+                 pipeline=PipelineConfig(batch_size=5, quiet=True, forward_dtype=setting))
+        assert dtypes == expected, setting
+    with pytest.raises(ValueError, match="forward_dtype"):
+        PipelineConfig(forward_dtype="half")
+
+
+def test_forward_precision_restores_every_tensor_exactly():
+    from compressor.pipeline.sequential import _forward_precision
+
+    block = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    block.register_buffer("codes", torch.arange(4, dtype=torch.int8))
+    block.register_buffer("fp8", torch.ones(4).to(torch.float8_e4m3fn))
+    block.register_buffer("f16", torch.randn(4).to(torch.float16))
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    weight = block.weight
+    with _forward_precision(block, True):
+        assert block.weight.dtype == torch.float32 and block.f16.dtype == torch.float32
+        assert block.codes.dtype == torch.int8 and block.fp8.dtype == torch.float8_e4m3fn
+        assert block.weight is weight  # the same Parameter: hooks holding it see the float32 data
+    after = block.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
