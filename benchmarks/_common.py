@@ -229,7 +229,11 @@ def perplexity(model, ids, max_tokens: int) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores, torch version and intra-op threads of this process."""
+    """CPU model, the vector instructions torch uses on it, logical cores, torch version and intra-op threads.
+
+    ``isa`` matters: the same "AMD EPYC" machine type came with AVX-512 on some days and AVX2 only on
+    others, and CPU bfloat16 matmuls ran 7.5x slower than float32 ones on the AVX2 one.
+    """
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -243,6 +247,7 @@ def machine_info() -> dict[str, Any]:
         pass  # not Linux: keep platform.processor()
     return {
         "cpu": cpu,
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
