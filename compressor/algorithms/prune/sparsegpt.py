@@ -87,8 +87,7 @@ def sparsegpt_prune(
     elif weight.shape[1] % nm[1]:
         raise ValueError(f"input width {weight.shape[1]} is not a multiple of M={nm[1]}: N:M needs whole groups; "
                          "add this layer to ignore or use unstructured sparsity")
-    with one_cpu_thread(weight.device):
-        return _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtype or weight.dtype)
+    return _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtype or weight.dtype)
 
 
 def _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtype) -> PruneResult:
@@ -111,18 +110,19 @@ def _sparsegpt(weight, hessian, sparsity, nm, scope, block_size, dampening, dtyp
         Err1 = torch.zeros_like(W1)
         if nm is None:
             _block_mask(W1 ** 2 / d[None, :] ** 2, M1, sparsity, scope, i1, i2)  # OBS saliency, Sec. 3.4
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                sal = W1[:, i : i + nm[1]] ** 2 / d[None, i : i + nm[1]] ** 2  # (N, M) of the updated weights
-                drop = torch.argsort(sal, dim=1, stable=True)[:, : nm[1] - nm[0]]
-                M1[:, i : i + nm[1]].scatter_(1, drop, False)
-            w = W1[:, i]  # (N,)
-            q = w * M1[:, i]
-            loss += (w - q) ** 2 / d[i] ** 2 / 2
-            err = (w - q) / d[i]  # (N,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # OBS update within the block (eq. 3)
-            W1[:, i] = q
-            Err1[:, i] = err
+        with one_cpu_thread(W.device):  # thousands of (N,)-sized steps; the products below use every thread
+            for i in range(i2 - i1):
+                if nm is not None and i % nm[1] == 0:
+                    sal = W1[:, i : i + nm[1]] ** 2 / d[None, i : i + nm[1]] ** 2  # (N, M) of the updated weights
+                    drop = torch.argsort(sal, dim=1, stable=True)[:, : nm[1] - nm[0]]
+                    M1[:, i : i + nm[1]].scatter_(1, drop, False)
+                w = W1[:, i]  # (N,)
+                q = w * M1[:, i]
+                loss += (w - q) ** 2 / d[i] ** 2 / 2
+                err = (w - q) / d[i]  # (N,)
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # OBS update within the block (eq. 3), in place
+                W1[:, i] = q
+                Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # deferred update of the later blocks
     W.masked_fill_(~mask, 0.0)
