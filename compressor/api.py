@@ -88,42 +88,45 @@ def compress(
         check_output_dir(output, overwrite)
     if stream:
         _check_stream(model, passes, output)
-        return _compress_streamed(model, recipe, passes, calibration=calibration, output=output,
-                                  tokenizer=tokenizer, overwrite=overwrite, pipeline=pipeline, quiet=quiet,
-                                  revision=revision, trust_remote_code=trust_remote_code)
-    source = None
+    source, streamed = None, None
     if isinstance(model, (str, Path)):
         path = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
         source = str(path)
-        model = load_model(path, trust_remote_code=trust_remote_code)
+        if stream:  # the skeleton in memory; blocks read and written one by one (compressor.export.stream)
+            model, reader = load_skeleton(path, trust_remote_code=trust_remote_code)
+            streamed = StreamedExport(model, reader, output)
+        else:
+            model = load_model(path, trust_remote_code=trust_remote_code)
         if tokenizer is None:
             tokenizer = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
     torch.manual_seed(recipe.seed)
-    info: dict = {"source_model": source, "seed": recipe.seed}
+    info: dict = {"source_model": source, "seed": recipe.seed} | ({"streamed": True} if streamed else {})
 
     def calibration_ids(names: list[str]) -> torch.Tensor:
         return _calibration_ids(calibration, tokenizer, recipe.seed, names)
 
-    info |= run_passes(model, passes, calibration_ids=calibration_ids if calibration is not None else None,
-                       config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
-                       tokenizer=tokenizer, seed=recipe.seed, quiet=quiet)
-    if output is not None and gguf_mix is not None:
-        if tokenizer is None:
-            raise ValueError("a GGUF file carries the tokenizer: pass tokenizer=... (or the model as a path)")
-        info["gguf"] = save_gguf(model, output, tokenizer=tokenizer, mix=gguf_mix, overwrite=overwrite, quiet=quiet)
-    elif output is not None:
-        if any(is_quantized(m) for m in model.modules()):
-            save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
-        else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
-            sparsity = sparsity_config(model)
-            if sparsity is not None:
-                info["sparsity_config"] = sparsity
-            save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+    try:
+        info |= run_passes(model, passes, calibration_ids=calibration_ids if calibration is not None else None,
+                           config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
+                           tokenizer=tokenizer, seed=recipe.seed, quiet=quiet, stream=streamed)
+        if output is not None and gguf_mix is not None:
+            if tokenizer is None:
+                raise ValueError("a GGUF file carries the tokenizer: pass tokenizer=... (or the model as a path)")
+            info["gguf"] = save_gguf(model, output, tokenizer=tokenizer, mix=gguf_mix, overwrite=overwrite,
+                                     quiet=quiet)
+        elif output is not None:
+            if streamed is not None or any(is_quantized(m) for m in model.modules()):
+                save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info,
+                                stream=streamed)
+            else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
+                sparsity = sparsity_config(model)
+                if sparsity is not None:
+                    info["sparsity_config"] = sparsity
+                save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+    finally:
+        if streamed is not None:
+            streamed.close()
     return model
-
-
-
-
 
 
 def _check_stream(model: Any, passes: list, output: Any) -> None:
@@ -137,30 +140,6 @@ def _check_stream(model: Any, passes: list, output: Any) -> None:
     if not any(p.weight_pass == "quantize" for p in passes):
         raise ValueError("a streamed run writes a compressed-tensors export, so the recipe must quantize: add a "
                          "quantization pass (rtn, gptq), or run pruning alone without stream")
-
-
-def _compress_streamed(path: str | Path, recipe: Recipe, passes: list, *, calibration: Any, output: str | Path,
-                       tokenizer: Any, overwrite: bool, pipeline: PipelineConfig | None, quiet: bool,
-                       revision: str | None, trust_remote_code: bool) -> nn.Module:
-    """:func:`compress` with ``stream=True``: the skeleton in memory, blocks read and written one by one."""
-    path = resolve_model(path, revision=revision, trust_remote_code=trust_remote_code)
-    model, reader = load_skeleton(path, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(path, required=False, trust_remote_code=trust_remote_code)
-    torch.manual_seed(recipe.seed)
-    info: dict = {"source_model": str(path), "seed": recipe.seed, "streamed": True}
-    streamed = StreamedExport(model, reader, output)
-    try:
-        info |= run_passes(model, passes,
-                           calibration_ids=(lambda names: _calibration_ids(calibration, tokenizer, recipe.seed, names))
-                           if calibration is not None else None,
-                           config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
-                           tokenizer=tokenizer, seed=recipe.seed, quiet=quiet, stream=streamed)
-        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info,
-                        stream=streamed)
-    finally:
-        streamed.close()
-    return model
 
 
 def _gguf_mix(passes: list) -> str | None:
