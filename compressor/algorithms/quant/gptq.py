@@ -153,13 +153,15 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     n, k = weight.shape
     width = scheme.group_width(k)
     W = weight.detach().to(torch.float32).clone()  # (N, K)
-    H = hessian.detach().to(torch.float32).clone()  # (K, K)
+    H = hessian.detach().to(torch.float32)  # (K, K), read only: copied below when it must change
     keep = None if mask is None else mask.to(W.device)
     if keep is not None:
         W = W.masked_fill(~keep, 0.0)
 
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if dead.any():
+        H = H.clone()
+        H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     if gscale is None:
