@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,17 +19,22 @@ __all__ = ["ActivationCache", "to_device", "select_rows", "CACHE_LOCATIONS"]
 CACHE_LOCATIONS = ("device", "cpu", "disk")
 
 
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """``fn`` applied to every tensor inside nested tuples / lists / dicts; everything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(fn, v) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(fn, v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples / lists / dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(v, device) for v in obj)
-    if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(lambda t: t.to(device), obj)
 
 
 def select_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:

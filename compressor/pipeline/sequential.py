@@ -29,7 +29,7 @@ from torch import nn
 from compressor.core.arch import find_blocks
 from compressor.core.passes import Pass
 from compressor.core.progress import progress
-from compressor.pipeline.cache import ActivationCache
+from compressor.pipeline.cache import ActivationCache, map_tensors
 from compressor.pipeline.checkpoint import BlockCheckpoint
 
 __all__ = ["PipelineConfig", "BlockStream", "run_sequential", "capture_block_inputs"]
@@ -203,13 +203,7 @@ def _forward_precision(block: nn.Module, on: bool):
 
 def _widen(x):
     """Half-precision tensors in ``x`` (nested tuples / lists / dicts) as float32."""
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.dtype in _HALF else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_widen(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _widen(v) for k, v in x.items()}
-    return x
+    return map_tensors(lambda t: t.float() if t.dtype in _HALF else t, x)
 
 
 def _block_forward(block: nn.Module, cache: ActivationCache, i: int) -> torch.Tensor:
