@@ -96,31 +96,76 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def inverse_cholesky(H: torch.Tensor, dampening: float) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, dampening: float, perm: torch.Tensor | None = None,
+                     chunk: int = 256) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + lambda I)^-1``, raising lambda until it is positive definite.
 
     Args:
         H: (K, K) float32 Hessian.
         dampening: ``lambda`` as a fraction of the mean diagonal (raised 10x per failed attempt).
+        perm: optional (K,) int64 processing order: the factor is that of ``H[perm][:, perm]``, without
+            building that permuted copy.
+        chunk: rows per step of the in-place permutation, inverse and flip (their temporaries are
+            ``chunk x K``).
 
     Returns:
-        (K, K) upper-triangular ``U`` with ``U^T U = (H + lambda I)^-1``.
+        (K, K) float32 upper-triangular ``U`` with ``U^T U = (H + lambda I)^-1`` (rows and columns in
+        ``perm``'s order).
 
-    Memory: one (K, K) float32 matrix besides ``H`` (at K = 14336, 0.8 GB): the factorisations run in place in it.
+    How: with ``J`` the order reversal, the lower Cholesky factor ``L`` of ``J (H + lambda I) J`` gives
+    ``H + lambda I = R R^T`` with ``R = J L J`` upper-triangular, so ``(H + lambda I)^-1 = R^-T R^-1`` and
+    ``U = R^-1 = J L^-1 J`` (the upper factor with a positive diagonal is unique: the same ``U`` as
+    Cholesky, inverse, Cholesky again, a third of the flops fewer). ``L^-1`` is formed in place, a block of
+    rows at a time, by matrix products on the rows already inverted.
+
+    Memory: one (K, K) float32 matrix besides ``H`` (at K = 14336, 0.8 GB) and ``chunk x K`` temporaries.
     """
+    H = H.float()
+    k = H.shape[0]
+    rev = torch.arange(k - 1, -1, -1, device=H.device) if perm is None else perm.to(H.device).flip(0)
     mean_diag = torch.diag(H).mean()
-    work = torch.empty_like(H, dtype=torch.float32)
+    work = torch.empty(k, k, dtype=torch.float32, device=H.device)
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(6):
         damp = dampening * (10**attempt) * mean_diag
-        work.copy_(H)
-        work.diagonal().add_(damp)  # H + lambda I without a (K, K) identity
-        torch.linalg.cholesky_ex(work, out=(work, info))  # L, lower
+        for a in range(0, k, chunk):  # work = J P (H) P^T J, a block of rows at a time
+            torch.index_select(H[rev[a : a + chunk]], 1, rev, out=work[a : a + chunk])
+        work.diagonal().add_(damp)  # + lambda I without a (K, K) identity
+        # L, lower, the upper triangle zeroed: factored as the upper factor L^T of the column-major view, which
+        # LAPACK works on in place (the row-major call copies the whole matrix into a temporary first)
+        torch.linalg.cholesky_ex(work.mT, upper=True, out=(work.mT, info))
         if info == 0:
-            torch.cholesky_inverse(work, out=work)  # (H + lambda I)^-1
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if info == 0:
-                if attempt:
-                    log.warning("Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
-                return work
+            _invert_lower_in_place(work, chunk)
+            _flip_in_place(work, chunk)
+            if attempt:
+                log.warning("Hessian not positive definite; dampening raised to %.3g", dampening * 10**attempt)
+            return work
     raise ValueError("the Hessian is not positive definite even with heavy dampening: use more calibration data")
+
+
+def _invert_lower_in_place(L: torch.Tensor, chunk: int) -> None:
+    """``L`` (K, K) lower-triangular with zeros above the diagonal becomes ``L^-1``, row block by row block:
+    ``X_ii = L_ii^-1`` and ``X_i,:i = -X_ii L_i,:i X_:i,:i``, where the rows above are already inverted."""
+    k = L.shape[0]
+    for i in range(0, k, chunk):
+        j = min(i + chunk, k)
+        eye = torch.eye(j - i, dtype=L.dtype, device=L.device)
+        inv = torch.linalg.solve_triangular(L[i:j, i:j], eye, upper=False)  # (b, b)
+        if i:
+            left = L[i:j, :i] @ L[:i, :i]  # (b, i): the original rows times the inverted block above
+            torch.mm(inv, left, out=L[i:j, :i])
+            L[i:j, :i].neg_()
+        L[i:j, i:j] = inv
+
+
+def _flip_in_place(A: torch.Tensor, chunk: int) -> None:
+    """``A`` (K, K) becomes ``J A J`` (both orders reversed), swapping blocks of rows from the two ends."""
+    k = A.shape[0]
+    half = k // 2
+    for a in range(0, half, chunk):
+        b = min(a + chunk, half)
+        top = A[a:b].flip(0, 1)  # a copy
+        A[a:b] = A[k - b : k - a].flip(0, 1)
+        A[k - b : k - a] = top
+    if k % 2:
+        A[half] = A[half].flip(0)

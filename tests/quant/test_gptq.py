@@ -214,3 +214,35 @@ def test_sub_blocked_sweep_matches_the_column_by_column_sweep(gs, variant, monke
     slow = gptq_quantize(w, H, scheme, block_size=64, **kw)
     assert (fast.codes != slow.codes).float().mean() < 0.01
     assert fast.loss == pytest.approx(slow.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("k, chunk", [(1, 256), (2, 1), (7, 3), (130, 32), (300, 256)])
+@pytest.mark.parametrize("reorder", [False, True])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(k, chunk, reorder):
+    """The reversed-order factorisation with its in-place blocked inverse and flip gives the upper factor of
+    ``(H + lambda I)^-1`` (of the permuted H when a processing order is given), computed here in float64."""
+    from compressor.algorithms.hessian import inverse_cholesky
+
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(max(2, k // 2), k, generator=g) * torch.rand(k, generator=g) ** 2  # rank-deficient, uneven
+    H = X.t() @ X / k
+    perm = torch.randperm(k, generator=g) if reorder else None
+    U = inverse_cholesky(H, 0.01, perm, chunk=chunk)
+    Hp = H.double() if perm is None else H.double()[perm][:, perm]
+    Hp.diagonal().add_(0.01 * torch.diag(Hp).mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
+    assert U.dtype == torch.float32 and U.shape == (k, k)
+    assert torch.equal(U, torch.triu(U)) and (torch.diag(U) > 0).all()
+    assert (U.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_inverse_cholesky_raises_the_dampening_until_positive_definite(caplog):
+    from compressor.algorithms.hessian import inverse_cholesky
+
+    H = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # indefinite: eigenvalues 4 and -2
+    U = inverse_cholesky(H, 0.01)
+    assert "dampening raised to 10" in caplog.text  # 0.01 x 1000: mean diagonal 1 -> H + 10 I
+    ref = torch.linalg.cholesky(torch.linalg.inv(H.double() + 10 * torch.eye(2)), upper=True)
+    assert torch.allclose(U.double(), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="not positive definite"):
+        inverse_cholesky(-torch.eye(3), 0.01)

@@ -191,6 +191,7 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
     loss = torch.zeros(n, device=dev)
     _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, step, P, keep,
                  gscale=gscale)
+    del W, Hinv, P  # (N, K) and 2 x (K, K) float32 that the refit below must not hold on to
 
     inv = torch.argsort(perm)
     codes = floats.encode(scheme.element, codes[:, inv]) if scheme.is_float else codes[:, inv].to(torch.int8)
@@ -348,7 +349,7 @@ def _sweep_factors(H: torch.Tensor, dead: torch.Tensor, reorder: bool, dampening
     columns' diagonal set to 1."""
     k = H.shape[0]
     perm = torch.argsort(torch.diag(H), descending=True) if reorder else torch.arange(k, device=H.device)
-    Hinv = inverse_cholesky(H[perm][:, perm] if reorder else H, dampening)
+    Hinv = inverse_cholesky(H, dampening, perm if reorder else None)
     P = None
     if cross is not None:
         C = cross.detach().to(torch.float32).clone()
@@ -381,9 +382,10 @@ def _column_loop(W, Hinv, scheme, dtype, static_qp, col_group, scale, zp, codes,
         with one_cpu_thread(W.device):
             _block_columns(W1, Err1, Hinv1, i1, i2, scheme, dtype, static_qp, col_group, scale, zp, codes, loss,
                            width, P, keep, fq, gscale)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of the remaining columns
-        if P is not None:
-            W[:, i2:] += W1 @ P[i1:i2, i2:]
+        if i2 < k:  # deferred update of the remaining columns, in place (no (N, K) temporary)
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+            if P is not None:
+                W[:, i2:].addmm_(W1, P[i1:i2, i2:])
 
 
 def _block_columns(W1, Err1, Hinv1, i1, i2, scheme, dtype, static_qp, col_group, scale, zp, codes, loss, width, P,
