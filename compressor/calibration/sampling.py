@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from compressor.calibration.sources import load_text
+from compressor.core.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def tokenize(text: str, tokenizer: Any) -> torch.Tensor:
         text, add_special_tokens=False, return_attention_mask=False, verbose=False
     )
     ids = torch.tensor(encoded["input_ids"], dtype=torch.long)  # (T,)
+    del encoded
+    trim_heap()  # a fast tokenizer's encoding of a whole corpus leaves ~1 GB of freed heap resident
     if ids.ndim != 1 or ids.numel() == 0:
         raise ValueError(
             f"tokenizing {len(text)} characters gave token ids of shape {tuple(ids.shape)}"

@@ -11,23 +11,23 @@ device (no memory) and reads only what lives outside the decoder blocks
   the dtype the skeleton gives them;
 * ``release``: once the block is compressed and its outputs have fed the next
   block, its tensors are packed as :func:`~compressor.export.compressed_tensors.save_compressed`
-  would pack them, buffered into the export's next shard (written once it
-  reaches ``max_shard_bytes``), and the block goes back to ``meta``.
+  would pack them and written at once to the export's current shard (a spool
+  file from which the safetensors file is assembled when the shard closes),
+  and the block goes back to ``meta``.
 
 :func:`~compressor.export.compressed_tensors.save_compressed` then adds the
 tensors outside the blocks, names the shards and writes the index, config and
 manifest into the atomic output directory. Host RAM stays near the tensors
-outside the blocks + one block + the activation cache + one shard buffer,
-whatever the depth. The export holds the same tensors as the in-memory path's
+outside the blocks + one block + the activation cache + one block's
+statistics, whatever the depth. The export holds the same tensors as the in-memory path's
 (byte-identical files when both fit one shard).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -39,6 +39,7 @@ from torch import nn
 
 from compressor.core.arch import find_blocks
 from compressor.core.hub import check_remote_code, resolve_model
+from compressor.core.memory import trim_heap
 from compressor.core.sparsity import is_pruned, pruned_zeros
 from compressor.export.checkpoint import check_checkpoint
 from compressor.export.compressed_tensors import block_tensors
@@ -170,50 +171,93 @@ def _read(root: nn.Module, reader: CheckpointReader, wanted, prefix: str = "") -
             root.get_submodule(owner)._buffers[leaf] = reader.get(name).to(buf.dtype)
 
 
-@functools.cache
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS. glibc keeps the freed blocks' pages in its arenas, so without this
-    the resident set grew by about 100 MB per block at the 1B shape (RTN, 16 blocks: 3.6 GB instead of 2.2 GB)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` as ``safetensors.torch.save_file`` does, byte for byte, without its in-memory copy of
-    every tensor's bytes: each tensor goes from its own memory to the file.
-
-    The layout (tensor order, header, padding) is taken from safetensors itself, by serializing one-element
-    stand-ins of the same names and dtypes; a test checks the files against ``save_file``'s.
-    """
+def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The safetensors header (length prefix included) for tensors of these dtypes and shapes, and the order in
+    which their data follows it: both as ``safetensors`` itself lays them out, taken from its serialization of
+    one-element stand-ins of the same names and dtypes."""
     from safetensors.torch import save
 
-    probe = save({k: torch.zeros(1, dtype=t.dtype) for k, t in tensors.items()}, metadata=metadata)
+    probe = save({k: torch.zeros(1, dtype=dtype) for k, (dtype, _) in specs.items()}, metadata=metadata)
     (n,) = struct.unpack("<Q", probe[:8])
     layout = json.loads(probe[8:8 + n])
     header: dict = {"__metadata__": layout.pop("__metadata__")} if "__metadata__" in layout else {}
     order = sorted(layout, key=lambda k: layout[k]["data_offsets"][0])
     offset = 0
     for key in order:
-        t = tensors[key]
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": layout[key]["dtype"], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dtype, shape = specs[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": layout[key]["dtype"], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in row-major order (a copy only when it is not contiguous)."""
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as ``safetensors.torch.save_file`` does, byte for byte, without its in-memory copy of
+    every tensor's bytes: each tensor goes from its own memory to the file (a test checks the files against
+    ``save_file``'s)."""
+    header, order = _header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(text)))
-        fh.write(text)
+        fh.write(header)
         for key in order:
-            t = tensors[key].detach().contiguous().reshape(-1)
-            fh.write(memoryview(t.view(torch.uint8).numpy()))
+            fh.write(_raw(tensors[key]))
+
+
+def _copy_range(src: int, dst: int, offset: int, nbytes: int) -> None:
+    """Append ``nbytes`` of file descriptor ``src`` from ``offset`` at ``dst``'s position, in the kernel where it
+    can (``copy_file_range``), else through a bounded buffer."""
+    end = offset + nbytes
+    if hasattr(os, "copy_file_range"):
+        try:
+            while offset < end:
+                done = os.copy_file_range(src, dst, end - offset, offset)
+                if done <= 0:
+                    break
+                offset += done
+        except OSError:  # not supported between these files: copy below what is left
+            pass
+    while offset < end:
+        chunk = os.pread(src, min(end - offset, 2**26), offset)
+        if not chunk:
+            raise OSError("the spool file ended early")
+        os.write(dst, chunk)
+        offset += len(chunk)
+
+
+class _Shard:
+    """One export shard written as its tensors arrive: their bytes go straight to a spool file, and
+    :meth:`close` assembles the safetensors file (header, then the data in safetensors' order) from it, so no
+    tensor waits in memory for its shard to fill."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.spool = path.with_name(path.name + ".spool")
+        self.fh = open(self.spool, "wb")
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, offset, bytes
+        self.size = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.fh.write(_raw(t))
+        self.entries[key] = (t.dtype, tuple(t.shape), self.size, nbytes)
+        self.size += nbytes
+
+    def close(self, metadata: dict[str, str]) -> None:
+        self.fh.close()
+        header, order = _header({k: (d, s) for k, (d, s, _, _) in self.entries.items()}, metadata)
+        with open(self.spool, "rb") as src, open(self.path, "wb") as dst:
+            dst.write(header)
+            dst.flush()
+            for key in order:
+                _, _, offset, nbytes = self.entries[key]
+                _copy_range(src.fileno(), dst.fileno(), offset, nbytes)
+        self.spool.unlink()
 
 
 class StreamedExport:
@@ -224,53 +268,84 @@ class StreamedExport:
         reader: its checkpoint's tensors.
         output: the export directory the run will write (the shards wait beside it, in a hidden directory,
             until :func:`~compressor.export.compressed_tensors.save_compressed` moves them in).
-        max_shard_bytes: the size at which a shard is written; the buffer of packed tensors never holds more.
+        max_shard_bytes: the size at which a shard is closed and the next begins (the in-memory export's
+            default); tensors are written to disk as they come, so no shard is ever held in memory.
     """
 
-    def __init__(self, model: nn.Module, reader: CheckpointReader, output: str | Path, max_shard_bytes: int = 2**29):
+    def __init__(self, model: nn.Module, reader: CheckpointReader, output: str | Path,
+                 max_shard_bytes: int = 5 * 2**30):
         self.model, self.reader, self.max_shard_bytes = model, reader, max_shard_bytes
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         self.dir = output.parent / f".{output.name}.stream-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir()
         self.files: list[tuple[Path, list[str]]] = []  # written shards and their keys
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
+        self.shard: _Shard | None = None  # the shard being written
         self.total = 0
         self.zeros: dict[str, int] = {}  # pruned modules freed: the zeros their masks hold
         self.released: set[str] = set()
+        self.parked: set[str] = set()  # parameters outside the blocks freed while the blocks run
+        self.blocks_name, _ = find_blocks(model)
 
     # the pipeline's hooks (compressor.pipeline.sequential.BlockStream)
     def load(self, index: int, prefix: str, block: nn.Module) -> None:
         """Read block ``index`` (named ``prefix``) from the checkpoint."""
         _read(block, self.reader, lambda name: True, prefix)
 
+    def park(self) -> None:
+        """Free the parameters outside the blocks (embeddings, final norm, ``lm_head``) while the blocks run:
+        once block 0's inputs are captured nothing reads them until the export, and at the 8B shape they are
+        2 GB. Tied parameters stay one. :meth:`unpark` reads them back."""
+        metas: dict[int, nn.Parameter] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if self._inside(name) or p.is_meta:
+                continue
+            if id(p) not in metas and not any(n in self.reader for n in self._names_of(p)):
+                continue  # not in the checkpoint under any of its names: it could not be read back
+            meta = metas.setdefault(id(p), nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+            owner, _, leaf = name.rpartition(".")
+            self.model.get_submodule(owner)._parameters[leaf] = meta
+            self.parked.add(name)
+        trim_heap()
+
+    def unpark(self) -> None:
+        """Read back what :meth:`park` freed."""
+        if self.parked:
+            _read(self.model, self.reader, lambda name: name in self.parked)
+            self.parked.clear()
+
+    def _inside(self, name: str) -> bool:
+        return name == self.blocks_name or name.startswith(self.blocks_name + ".")
+
+    def _names_of(self, param: nn.Parameter) -> list[str]:
+        return [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is param]
+
     def release(self, index: int, prefix: str, block: nn.Module) -> None:
-        """Pack the finished block into the shard buffer (writing a shard when it is full) and free it."""
+        """Pack the finished block, write its tensors into the current export shard and free it."""
         for name, module in block.named_modules(prefix=prefix):
             if is_pruned(module):
                 self.zeros[name] = pruned_zeros(module)
         self.add(block_tensors(self.model, block, prefix))
         block.to("meta")
         self.released.add(prefix)
-        _trim_heap()
+        trim_heap()
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Buffer tensors of the export, writing the buffer as a shard first when they would overflow it."""
+        """Write tensors of the export into the current shard, closing it first when they would overflow it."""
         for key, t in tensors.items():
             nbytes = t.numel() * t.element_size()
-            if self.buffer and self.buffered + nbytes > self.max_shard_bytes:
-                self._flush()
-            self.buffer[key] = t
-            self.buffered += nbytes
+            if self.shard is not None and self.shard.entries and self.shard.size + nbytes > self.max_shard_bytes:
+                self._close_shard()
+            if self.shard is None:
+                self.shard = _Shard(self.dir / f"part-{len(self.files):05d}.safetensors")
+            self.shard.add(key, t)
             self.total += nbytes
 
-    def _flush(self) -> None:
-        file = self.dir / f"part-{len(self.files):05d}.safetensors"
-        write_safetensors(self.buffer, file, {"format": "pt"})
-        self.files.append((file, list(self.buffer)))
-        log.debug("wrote %s (%d tensors, %.1f MB)", file.name, len(self.buffer), self.buffered / 2**20)
-        self.buffer, self.buffered = {}, 0
+    def _close_shard(self) -> None:
+        shard, self.shard = self.shard, None
+        shard.close({"format": "pt"})
+        self.files.append((shard.path, list(shard.entries)))
+        log.debug("wrote %s (%d tensors, %.1f MB)", shard.path.name, len(shard.entries), shard.size / 2**20)
 
     def finish(self, rest: dict[str, torch.Tensor], into: Path) -> None:
         """Add ``rest`` (the tensors outside the blocks), write the last shard and move every shard into ``into``
@@ -281,8 +356,10 @@ class StreamedExport:
             raise ValueError(f"{missing[0]} was never read from the checkpoint nor written ({len(missing)} tensors): "
                              "the streamed run did not reach every block")
         self.add(rest)
-        if self.buffer or not self.files:
-            self._flush()
+        if self.shard is not None or not self.files:
+            if self.shard is None:
+                self.shard = _Shard(self.dir / f"part-{len(self.files):05d}.safetensors")
+            self._close_shard()
         if len(self.files) == 1:
             os.replace(self.files[0][0], into / "model.safetensors")
             return
@@ -296,4 +373,7 @@ class StreamedExport:
 
     def close(self) -> None:
         """Remove the shards that were not moved into an export (a failed or interrupted run)."""
+        if self.shard is not None:
+            self.shard.fh.close()
+            self.shard = None
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from compressor.core.arch import find_blocks
+from compressor.core.memory import trim_heap
 from compressor.core.passes import Pass
 from compressor.core.progress import progress
 from compressor.pipeline.cache import ActivationCache, map_tensors
@@ -87,12 +88,17 @@ class BlockStream(Protocol):
 
     ``load`` fills block ``index`` (named ``prefix``), whose parameters are on ``meta``, before it is
     processed; ``release`` takes it once it is compressed and has produced the next block's inputs, and
-    frees it.
+    frees it. ``park`` frees the parameters outside the blocks once block 0's inputs are captured, and
+    ``unpark`` reads them back after the last block.
     """
 
     def load(self, index: int, prefix: str, block: nn.Module) -> None: ...
 
     def release(self, index: int, prefix: str, block: nn.Module) -> None: ...
+
+    def park(self) -> None: ...
+
+    def unpark(self) -> None: ...
 
 
 class _StopForward(Exception):
@@ -257,6 +263,8 @@ def run_sequential(
     cache = capture_block_inputs(model, blocks, blocks_name, input_ids, config)
     # passes that reconstruct the full-precision model's block outputs need its activations too
     fp_cache = cache.copy() if any(p.wants_fp_targets for p in passes) else None
+    if stream is not None:
+        stream.park()
     try:
         for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
@@ -280,6 +288,8 @@ def run_sequential(
             if stream is not None:
                 stream.release(i, prefix, block)
             log.info("block %d/%d done (%.1f s)", i + 1, len(blocks), time.perf_counter() - t0)
+        if stream is not None:
+            stream.unpark()
     finally:
         cache.close()
         if fp_cache is not None:
@@ -325,6 +335,7 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
                             fp_out = out
                     else:
                         _calibration_forwards(block, cache, observed)
+                trim_heap()  # the forwards' freed intermediates go back to the OS before the pass's own peak
                 p.end_block(block, prefix, cache=cache, targets=fp_out)
         finally:
             p.stage = None

@@ -90,6 +90,30 @@ def test_streamed_export_splits_into_shards_with_an_index(tmp_path):
     assert not list(tmp_path.glob(".stream.stream-*"))  # the staging directory is gone
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameters_outside_the_blocks_are_freed_while_the_blocks_run(tmp_path, monkeypatch, tie):
+    """Embeddings, final norm and lm_head are on meta from block 0 to the last block (tied ones stay one
+    parameter), and are read back for the export, which equals the in-memory run's."""
+    src = _checkpoint(tmp_path, tie=tie)
+    recipe = Recipe.from_dict({"passes": RECIPES["gptq"]})
+    seen = []
+    load = StreamedExport.load
+
+    def spy(self, index, prefix, block):
+        m = self.model
+        seen.append((m.model.embed_tokens.weight.is_meta, m.lm_head.weight.is_meta, m.model.norm.weight.is_meta,
+                     m.lm_head.weight is m.model.embed_tokens.weight))
+        load(self, index, prefix, block)
+
+    monkeypatch.setattr(StreamedExport, "load", spy)
+    model = compress(src, recipe, calibration=CALIB, output=tmp_path / "stream", quiet=True, stream=True)
+    assert seen == [(True, True, True, tie)] * 3
+    assert not model.model.embed_tokens.weight.is_meta and (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    compress(src, recipe, calibration=CALIB, output=tmp_path / "mem", quiet=True)
+    got, want = _tensors(tmp_path / "stream"), _tensors(tmp_path / "mem")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
     src = _checkpoint(tmp_path, dtype=torch.bfloat16)
     model, _ = load_skeleton(src)
@@ -161,6 +185,33 @@ def test_our_safetensors_writer_writes_what_save_file_writes(tmp_path):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
     write_safetensors(tensors, tmp_path / "b.safetensors", {"format": "pt"})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_shard_written_as_its_tensors_arrive_is_what_save_file_writes(tmp_path, monkeypatch, kernel_copy):
+    """The streamed export's shard: tensors appended to a spool file one by one, the safetensors file assembled
+    from it on close (in the kernel, or through the buffered fallback) equals save_file's, and the spool is gone."""
+    from safetensors.torch import save_file
+
+    from compressor.export import stream
+
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(95, "not supported")
+
+        monkeypatch.setattr(stream.os, "copy_file_range", refuse, raising=False)
+    g = torch.Generator().manual_seed(2)
+    tensors = {"z.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.scale": torch.randn(3, 1, generator=g),
+               "m.packed": torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32, generator=g),
+               "f8": torch.randn(2, 2, generator=g).to(torch.float8_e4m3fn), "empty": torch.zeros(0, 4),
+               "mask": torch.rand(5, generator=g) > 0.5, "t": torch.randn(6, 4, generator=g).t()}
+    shard = stream._Shard(tmp_path / "b.safetensors")
+    for key, t in tensors.items():
+        shard.add(key, t)
+    shard.close({"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
 
 
 def test_checkpoint_reader_reads_every_dtype_as_stored(tmp_path):
