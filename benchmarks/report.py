@@ -433,19 +433,25 @@ def scale(records: Records) -> str:
     """docs/scale.md: GPTQ W4 g128 on random-weight Llama checkpoints at real shapes (benchmarks/scale.py): wall
     time, peak RSS and seconds per billion parameters of each method, the newest record of each."""
     rows, used = [], []
-    shapes = sorted({r["shape"] for r in records}, key=lambda s: min(r["params"] for r in records if r["shape"] == s))
-    for shape in shapes:
+
+    def depth(r):  # records of a truncated checkpoint (benchmarks.scale --blocks) are probes of their own
+        return None if r.get("blocks", r.get("of_blocks")) == r.get("of_blocks") else r["blocks"]
+
+    kinds = sorted({(r["shape"], depth(r)) for r in records},
+                   key=lambda k: (min(r["params"] for r in records if r["shape"] == k[0]), k[1] is not None))
+    for shape, blocks in kinds:
         for method, label in SCALE_METHODS:
-            r = newest(records, shape=shape, method=method)
+            r = newest([r for r in records if depth(r) == blocks], shape=shape, method=method)
             if r is None:
                 continue
             used.append(r)
             size = f"{r['checkpoint_bytes'] / 1e9:.1f} GB"
+            what = shape if blocks is None else f"{shape}, first {blocks} of {r['of_blocks']} blocks"
             if r.get("status") != "ok":
-                rows.append(f"| {shape} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r.get('status')}: "
+                rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r.get('status')}: "
                             f"{(r.get('error') or '')[:120]} | | | |")
                 continue
-            rows.append(f"| {shape} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r['wall_s']:.0f} | "
+            rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r['wall_s']:.0f} | "
                         f"{r['peak_rss_mb'] / 1024:.2f} | {r['s_per_bparam']:.0f} | {r['export_bytes'] / 1e9:.2f} GB |")
     if not rows:
         return "_No records in `benchmarks/results/scale.jsonl` yet: run `python -m benchmarks.scale`._\n"

@@ -82,11 +82,23 @@ def _tensors(shape: dict[str, Any]):
         yield "lm_head.weight", (shape["vocab_size"], h), "embedding"
 
 
-def build_checkpoint(name: str, root: Path = WORK) -> Path:
+def shape_of(name: str, blocks: int | None = None) -> dict[str, Any]:
+    """The config fields of shape ``name``, with only its first ``blocks`` decoder blocks when given."""
+    shape = dict(SHAPES[name])
+    if blocks is not None:
+        if not 0 < blocks <= shape["num_hidden_layers"]:
+            raise ValueError(f"--blocks {blocks}: the {name} shape has 1 to {shape['num_hidden_layers']} blocks")
+        shape["num_hidden_layers"] = blocks
+    return shape
+
+
+def build_checkpoint(name: str, root: Path = WORK, blocks: int | None = None) -> Path:
     """The random-weight bfloat16 checkpoint of shape ``name`` under ``root`` (built once; reused after).
 
     Linear weights are N(0, 1/fan_in) (unit-variance outputs), embeddings N(0, 0.02²), norms 1, seeded per
     tensor. Memory: one tensor and one shard buffer (``SHARD_BYTES``) at a time. The tokenizer is SmolLM2's.
+    With ``blocks``, only the first ``blocks`` decoder blocks (a memory probe: a streamed run's peak does not
+    depend on depth, so two blocks of the 8B shape show its peak in a fraction of the time).
     """
     import torch
     from safetensors.torch import save_file
@@ -94,12 +106,12 @@ def build_checkpoint(name: str, root: Path = WORK) -> Path:
 
     from compressor.fixtures import smollm2_dir
 
-    path = root / f"llama-{name}-random"
+    path = root / (f"llama-{name}-random" if blocks is None else f"llama-{name}-random-{blocks}blocks")
     if (path / ".complete").is_file():
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    shape = SHAPES[name]
+    shape = shape_of(name, blocks)
     config = LlamaConfig(**shape, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
                          bos_token_id=1, eos_token_id=2)
     config.dtype = torch.bfloat16
@@ -205,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=WORK, help="where checkpoints and exports are written")
     parser.add_argument("--peer-python", default=str(common.PEER_PYTHON), help="python of the peer venv")
     parser.add_argument("--keep", action="store_true", help="keep the exports (default: removed after each run)")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="only the first N decoder blocks of each shape (a peak-memory probe; recorded as such)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -221,11 +235,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown {bad}: shapes {list(SHAPES)}, methods {list(METHODS)}")
     output = common.output_path(args, BENCH)
     for name in shapes:
-        checkpoint = build_checkpoint(name, args.work)
-        n_params = parameters(SHAPES[name])
+        checkpoint = build_checkpoint(name, args.work, args.blocks)
+        shape = shape_of(name, args.blocks)
+        n_params = parameters(shape)
         for method in methods:
             record: dict[str, Any] = {
                 "bench": BENCH, "shape": name, "params": n_params, "method": method,
+                "blocks": shape["num_hidden_layers"], "of_blocks": SHAPES[name]["num_hidden_layers"],
                 "scheme": "W4 sym g128 (W4A16)", "algorithm": "gptq",
                 "calibration": {"source": common.CALIB_SOURCE, "n": N_CALIB, "seq_len": CALIB_LEN},
                 "checkpoint_bytes": _dir_bytes(checkpoint),
@@ -237,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                     common.emit({**record, **missing}, output)
                     continue
                 python = args.peer_python
-            export = args.work / f"export-{name}-{method}"
+            export = args.work / f"export-{name}-{method}" if args.blocks is None else \
+                args.work / f"export-{name}-{args.blocks}blocks-{method}"
             shutil.rmtree(export, ignore_errors=True)
             job = {"method": method, "checkpoint": str(checkpoint), "output": str(export)}
             log.info("%s %s: compressing", name, method)

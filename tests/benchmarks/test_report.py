@@ -162,12 +162,16 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
     results.mkdir()
     records = [rec("8b", 8_030_000_000, "ours-stream", 5000.0, 5800.0), rec("1b", 1_240_000_000, "ours", 961.0, 8366.0),
                rec("1b", 1_240_000_000, "ours-stream", 900.0, 2048.0),
-               rec("1b", 1_240_000_000, "llmc-gptq", 0.0, 0.0, status="failed", error="boom")]
+               rec("1b", 1_240_000_000, "llmc-gptq", 0.0, 0.0, status="failed", error="boom"),
+               rec("8b", 1_490_000_000, "ours-stream", 700.0, 4000.0, blocks=2, of_blocks=32),  # a --blocks probe
+               rec("1b", 1_240_000_000, "ours-stream", 901.0, 2049.0, blocks=16, of_blocks=16)]
     (results / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = report.render("<!-- report:scale -->\n<!-- /report:scale -->\n", results)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[:2] for r in rows] == [["| 1b (1.24B, 2.5 GB)", "ours, streamed"],
                                                   ["| 1b (1.24B, 2.5 GB)", "ours, in memory"],
                                                   ["| 1b (1.24B, 2.5 GB)", "llm-compressor"],
-                                                  ["| 8b (8.03B, 16.1 GB)", "ours, streamed"]]
-    assert "| 900 | 2.00 | 726 | 0.62 GB |" in rows[0] and "failed: boom" in rows[2]
+                                                  ["| 8b (8.03B, 16.1 GB)", "ours, streamed"],
+                                                  ["| 8b, first 2 of 32 blocks (1.49B, 3.0 GB)", "ours, streamed"]]
+    # a record that counts its blocks at full depth is the newest full-depth one; the probe has a row of its own
+    assert "| 901 | 2.00 | 727 | 0.62 GB |" in rows[0] and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]

@@ -42,3 +42,14 @@ def test_built_checkpoint_loads_and_streamed_export_equals_in_memory(tmp_path, m
     assert files == sorted(p.name for p in (tmp_path / "ours-stream").glob("*.safetensors"))
     for name in files + ["config.json"]:
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ours-stream" / name).read_bytes()
+
+
+def test_a_probe_keeps_the_first_blocks_of_a_shape():
+    scale = load_benchmark("scale")
+    probe = scale.shape_of("8b", 2)
+    assert probe == {**scale.SHAPES["8b"], "num_hidden_layers": 2} and scale.SHAPES["8b"]["num_hidden_layers"] == 32
+    assert round(scale.parameters(probe) / 1e9, 2) == 1.49  # 2 x 0.22B blocks + two 0.53B embedding matrices
+    assert scale.shape_of("1b") == scale.SHAPES["1b"]
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="1 to 32 blocks"):
+            scale.shape_of("8b", bad)
