@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressor.core.atomic import check_output_dir, check_output_file
+from compressor.core.distributed import barrier, init_from_env
 from compressor.core.hub import resolve_model
 from compressor.core.state import is_quantized
 from compressor.export.checkpoint import check_checkpoint, is_export, load_model, load_tokenizer
@@ -105,28 +106,37 @@ def compress(
     def calibration_ids(names: list[str]) -> torch.Tensor:
         return _calibration_ids(calibration, tokenizer, recipe.seed, names)
 
+    rank, ranks = init_from_env()  # under torchrun / accelerate launch: calibrate data-parallel, rank 0 writes
+    if ranks > 1:
+        info["processes"] = ranks
     try:
         info |= run_passes(model, passes, calibration_ids=calibration_ids if calibration is not None else None,
                            config=pipeline or PipelineConfig(quiet=quiet), fingerprint={"recipe": recipe.to_dict()},
                            tokenizer=tokenizer, seed=recipe.seed, quiet=quiet, stream=streamed)
-        if output is not None and gguf_mix is not None:
-            if tokenizer is None:
-                raise ValueError("a GGUF file carries the tokenizer: pass tokenizer=... (or the model as a path)")
-            info["gguf"] = save_gguf(model, output, tokenizer=tokenizer, mix=gguf_mix, overwrite=overwrite,
-                                     quiet=quiet)
-        elif output is not None:
-            if streamed is not None or any(is_quantized(m) for m in model.modules()):
-                save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info,
-                                stream=streamed)
-            else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
-                sparsity = sparsity_config(model)
-                if sparsity is not None:
-                    info["sparsity_config"] = sparsity
-                save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
+        if output is not None and rank == 0:
+            _write(model, output, recipe, tokenizer, info, gguf_mix, overwrite, quiet, streamed)
     finally:
         if streamed is not None:
             streamed.close()
+    barrier()  # every rank returns once rank 0's export is written
     return model
+
+
+def _write(model, output, recipe, tokenizer, info, gguf_mix, overwrite, quiet, streamed) -> None:
+    """The export of a finished :func:`compress`: a GGUF file, a compressed-tensors directory, or a pruned
+    checkpoint."""
+    if gguf_mix is not None:
+        if tokenizer is None:
+            raise ValueError("a GGUF file carries the tokenizer: pass tokenizer=... (or the model as a path)")
+        info["gguf"] = save_gguf(model, output, tokenizer=tokenizer, mix=gguf_mix, overwrite=overwrite, quiet=quiet)
+    elif streamed is not None or any(is_quantized(m) for m in model.modules()):
+        save_compressed(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info,
+                        stream=streamed)
+    else:  # pruned only: a plain (possibly smaller) checkpoint, the zeros and removed units in its weights
+        sparsity = sparsity_config(model)
+        if sparsity is not None:
+            info["sparsity_config"] = sparsity
+        save_pruned(model, output, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, info=info)
 
 
 def _check_stream(model: Any, passes: list, output: Any) -> None:

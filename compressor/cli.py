@@ -195,6 +195,7 @@ def _recipe(args):
 
 def _cmd_compress(args) -> int:
     from compressor.api import compress, load_tokenizer
+    from compressor.core.distributed import is_main
     from compressor.core.hub import resolve_model
     from compressor.pipeline.sequential import PipelineConfig
 
@@ -211,7 +212,8 @@ def _cmd_compress(args) -> int:
                               quiet=args.quiet, forward_dtype=args.forward_dtype)
     compress(model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
              pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code, stream=args.stream)
-    log.info("export written to %s", args.output)
+    if is_main():  # under torchrun / accelerate launch only rank 0 writes
+        log.info("export written to %s", args.output)
     return 0
 
 

@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from compressor.core.distributed import all_reduce_sum, world
+
 __all__ = ["HessianAccumulator", "inverse_cholesky", "one_cpu_thread"]
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,25 @@ class HessianAccumulator:
                 self._H[i:, i - b : i] = self._H[i - b : i, i:].t()
             self._mirrored = True
         return self._H
+
+    def all_reduce(self) -> None:
+        """Combine the statistics of every rank of a data-parallel calibration into each (in place).
+
+        Each rank holds the mean over its own ``n_r`` tokens; the result is the mean over all of them,
+        ``sum_r n_r / N * H_r`` (and the same for :attr:`C`). Equal to one process's accumulation over all
+        the tokens up to float32 summation order (the sums are grouped by rank instead of batch by batch).
+        """
+        n = all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64, device=self._H.device))
+        total = int(n.item())
+        if total == 0:
+            return
+        has_c = all_reduce_sum(torch.tensor([float(self.C is not None)], device=self._H.device))
+        if 0 < int(has_c.item()) < world()[1]:
+            raise ValueError("full-precision inputs must come with every rank's batches or none")
+        all_reduce_sum(self.H.mul_(self.n / total))  # .H mirrors the upper part down first
+        if self.C is not None:
+            all_reduce_sum(self.C.mul_(self.n / total))
+        self.n = total
 
     def add(self, x: torch.Tensor, fp: torch.Tensor | None = None) -> None:
         """Add a batch of inputs (..., K); non-finite inputs are an error.

@@ -121,6 +121,9 @@ class Pass:
     * ``streams``: works on a streamed run (:mod:`compressor.export.stream`): everything it reads and
       changes lives in the block being processed (and its targets outside the blocks), so blocks can be
       read from the checkpoint when their turn comes and freed after;
+    * ``data_parallel``: calibrates data-parallel (:mod:`compressor.core.distributed`): each rank observes
+      its share of the calibration data and :meth:`reduce_statistics` sums the statistics over the ranks
+      before :meth:`end_block`; the pipeline refuses a multi-process run with a calibrated pass without it;
     * ``plan_for``: the weight-pass kind (``"quantize"``) that carries out this pass's plan (allocate_bits);
       the pipeline refuses a recipe with no such pass after it, so a plan is never silently dropped.
     """
@@ -137,6 +140,7 @@ class Pass:
     weight_pass: ClassVar[str | None] = None
     plan_for: ClassVar[str | None] = None
     streams: ClassVar[bool] = False
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):
         if not isinstance(config, self.config_cls):
@@ -193,6 +197,11 @@ class Pass:
         when ``wants_fp_targets``).
         """
         raise NotImplementedError(f"{self.name} collects no calibration statistics")
+
+    def reduce_statistics(self) -> None:
+        """Combine the statistics collected since :meth:`begin_block` over the ranks of a data-parallel run,
+        so that every rank's :meth:`end_block` sees the statistics of all the calibration data."""
+        raise NotImplementedError(f"{self.name} does not calibrate data-parallel")
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         """Compress ``block`` without calibration data (sequential pipeline, calibration-free pass)."""

@@ -103,6 +103,7 @@ class GPTQPass(Pass):
     weight_pass = "quantize"
     requires_calibration = True
     streams = True
+    data_parallel = True
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)
@@ -157,6 +158,17 @@ class GPTQPass(Pass):
     @property
     def _refit(self) -> bool:
         return self.config.refit_scales and not self.config.scheme.is_float
+
+    def reduce_statistics(self) -> None:
+        """Sum the block's Hessians (and GPTAQ cross terms) over the ranks of a data-parallel run."""
+        if self._experts:
+            raise ValueError(f"{self.name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
+                             "route different tokens to different experts): run in one process")
+        done: set[int] = set()
+        for acc in self._inputs.stats.values():  # first-seen order: the same on every rank
+            if id(acc) not in done:
+                done.add(id(acc))
+                acc.all_reduce()
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""

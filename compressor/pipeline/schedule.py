@@ -27,6 +27,7 @@ from torch import nn
 
 from compressor.core.arch import find_blocks
 from compressor.core.coverage import check_untouched, coverage, format_coverage
+from compressor.core.distributed import world
 from compressor.core.passes import Pass, Sweep, select_modules
 from compressor.core.progress import progress
 from compressor.pipeline.layerwise import run_layerwise
@@ -128,6 +129,8 @@ def run_passes(
     check_untouched(model, passes)  # before any work: a large weight no target reaches is an error, not a skip
     if stream is not None:
         check_streamable(passes)
+    if world()[1] > 1:
+        check_data_parallel(passes, stream)
 
     def data(group: list[Pass]) -> torch.Tensor:
         names = [p.name for p in group if p.requires_calibration] or [p.name for p in group]
@@ -159,6 +162,9 @@ def run_passes(
         digest = _ids_sha256(ids)
         info["calibration"] = {"sha256": digest, "sequences": ids.shape[0], "seq_len": ids.shape[1]}
         if ids.is_floating_point():  # images or features: no decoder blocks, calibrate layer by layer
+            if world()[1] > 1:
+                raise ValueError("data-parallel calibration runs decoder blocks on token ids; a model calibrated on "
+                                 "float inputs, layer by layer, runs in one process")
             if isinstance(getattr(model, "get_input_embeddings", lambda: None)(), nn.Embedding):
                 raise ValueError("this model reads token ids: pass calibration as an int64 (S, L) tensor, "
                                  "a CalibrationSet or a text source, not a float tensor")
@@ -183,6 +189,23 @@ def run_passes(
         info["coverage"] = coverage(model, passes)
         log.info("%s", format_coverage(info["coverage"]))
     return info
+
+
+def check_data_parallel(passes: list[Pass], stream: BlockStream | None = None) -> None:
+    """Refuse, before any work, a multi-process run (:mod:`compressor.core.distributed`) that a pass cannot
+    share: every calibrated pass must sum its statistics over the ranks, and none may train or transform
+    the whole model.
+
+    Raises:
+        ValueError: naming the passes and the way out (one process).
+    """
+    lead, _, tail = split_passes(passes)
+    names = [p.name for p in passes if (p.requires_calibration and not p.data_parallel) or p in lead or p in tail]
+    if names:
+        raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot calibrate data-parallel yet: run in one process "
+                         "(without torchrun / accelerate launch); data-parallel runs take rtn and gptq (GPTAQ too)")
+    if stream is not None:
+        raise ValueError("a streamed run calibrates in one process for now: run without --stream, or in one process")
 
 
 def check_streamable(passes: list[Pass]) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from compressor.core.arch import find_blocks
+from compressor.core.distributed import check_same, share, world
 from compressor.core.memory import trim_heap
 from compressor.core.passes import Pass
 from compressor.core.progress import progress
@@ -254,6 +255,12 @@ def run_sequential(
             if not p.resumable:
                 raise ValueError(f"{p.name} does not support checkpoint_dir yet (a block resumed from a checkpoint "
                                  "would come back without what it attached): run without checkpoint_dir")
+    ranks = world()[1]
+    if ranks > 1:  # data-parallel calibration: this rank's share of the sequences (compressor.core.distributed)
+        if input_ids.shape[0] < ranks:
+            raise ValueError(f"{input_ids.shape[0]} calibration sequences cannot be shared by {ranks} processes: "
+                             "give at least one per process (--num-samples), or launch fewer")
+        input_ids = input_ids[share(input_ids.shape[0])]
     device = config.resolved_device()
     up = config.upcast(device)
     blocks_name, blocks = find_blocks(model)
@@ -266,7 +273,7 @@ def run_sequential(
     if stream is not None:
         stream.park()
     try:
-        for i in progress(range(len(blocks)), "blocks", quiet=config.quiet):
+        for i in progress(range(len(blocks)), "blocks", quiet=config.quiet or world()[0] != 0):
             block, prefix, t0 = blocks[i], f"{blocks_name}.{i}", time.perf_counter()
             if stream is not None:
                 stream.load(i, prefix, block)
@@ -277,6 +284,7 @@ def run_sequential(
                 ckpt.load(i, block)
             else:
                 fp_out = _compress_block(block, prefix, passes, cache, fp_cache, up)
+                check_same(list(block.state_dict().values()), f"block {prefix}")  # no-op in one process
                 if ckpt is not None:
                     ckpt.save(i, block)
             with _forward_precision(block, up):
@@ -336,6 +344,8 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
                     else:
                         _calibration_forwards(block, cache, observed)
                 trim_heap()  # the forwards' freed intermediates go back to the OS before the pass's own peak
+                if world()[1] > 1:
+                    p.reduce_statistics()
                 p.end_block(block, prefix, cache=cache, targets=fp_out)
         finally:
             p.stage = None

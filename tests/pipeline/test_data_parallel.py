@@ -1,0 +1,95 @@
+"""Data-parallel calibration on torch.distributed (compressor.core.distributed): two gloo processes, each on
+its share of the calibration sequences, compress like one process over all of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from tests.helpers import launch_two_cpu_processes
+
+from compressor import Recipe, load_compressed
+from compressor.algorithms.hessian import HessianAccumulator
+from compressor.cli import main
+from compressor.core import distributed
+from compressor.pipeline import schedule
+
+X = torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(0))  # 5 batches of 24 tokens, K = 40
+FP = X + 0.01 * torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(1))
+
+
+def _accumulate_share(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        acc = HessianAccumulator(40, slab=16)  # slabbed: all_reduce must mirror the upper part first
+        for i in range(5)[distributed.share(5)]:  # rank 0: batches 0-2, rank 1: 3-4
+            acc.add(X[i], FP[i])
+        acc.all_reduce()
+        torch.save({"H": acc.H, "C": acc.C, "n": acc.n}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduced_hessians_are_the_one_process_hessians(tmp_path):
+    """Each rank's mean over its own tokens, weighted by its share and summed, is the mean over all tokens."""
+    mp.spawn(_accumulate_share, args=(str(tmp_path / "store"), str(tmp_path / "acc")), nprocs=2)
+    one = HessianAccumulator(40, slab=16)
+    for i in range(5):
+        one.add(X[i], FP[i])
+    got = [torch.load(tmp_path / f"acc.{r}") for r in (0, 1)]
+    assert torch.equal(got[0]["H"], got[1]["H"]) and torch.equal(got[0]["C"], got[1]["C"])  # every rank the same
+    assert got[0]["n"] == got[1]["n"] == one.n == 120
+    torch.testing.assert_close(got[0]["H"], one.H, rtol=1e-5, atol=1e-6)  # float32 summation order only
+    torch.testing.assert_close(got[0]["C"], one.C, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, shares", [(5, [range(0, 3), range(3, 5)]), (4, [range(0, 2), range(2, 4)]),
+                                       (1, [range(0, 1), range(1, 1)])])
+def test_shares_are_contiguous_in_rank_order(monkeypatch, n, shares):
+    for rank, want in enumerate(shares):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 2))
+        assert range(n)[distributed.share(n)] == want
+
+
+@pytest.mark.parametrize("passes, words", [
+    ([{"prune": {"method": "wanda", "sparsity": 0.5}}, {"gptq": {}}], "prune cannot calibrate data-parallel"),
+    ([{"awq": {}}, {"gptq": {}}], "awq cannot"),
+    ([{"gptq": {}}, {"distill": {"steps": 1}}], "distill cannot"),
+])
+def test_a_pass_that_cannot_share_its_statistics_is_refused_before_any_work(passes, words):
+    with pytest.raises(ValueError, match=words) as err:
+        schedule.check_data_parallel(Recipe.from_dict({"passes": passes}).build())
+    assert "one process" in str(err.value)
+    schedule.check_data_parallel(Recipe.from_dict({"passes": [{"gptq": {}}, {"rtn": {"targets": ["lm_head"]}}]}).build())
+    with pytest.raises(ValueError, match="streamed run"):
+        schedule.check_data_parallel(Recipe.from_dict({"passes": [{"gptq": {}}]}).build(), stream=object())
+
+
+def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path):
+    """`accelerate launch` with two CPU processes: each calibrates on half the sequences, the Hessians are
+    summed over both, rank 0 writes. Against one process on all the sequences: the same tensors up to
+    float32 summation order in the Hessians (a rare rounding decision may flip), the same outputs."""
+    args = ["compress", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
+            "--calibration", str(tmp_path / "text.txt"), "--num-samples", "6", "--seq-len", "32", "-q"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    packed = [k for k in one if k.endswith("weight_packed")]
+    assert packed
+    same = sum(int(torch.equal(one[k], two[k])) for k in packed)
+    assert same >= len(packed) - 1, f"only {same} of {len(packed)} packed weights identical"
+    for k in one:
+        if k.endswith("weight_scale"):
+            torch.testing.assert_close(one[k].float(), two[k].float(), rtol=1e-2, atol=0)
+    manifest = json.loads((tmp_path / "two" / "compressor_manifest.json").read_text())
+    assert manifest.get("processes", manifest.get("info", {}).get("processes")) == 2
+    ids = torch.randint(0, 95, (2, 16), generator=torch.Generator().manual_seed(3))
+    a, b = load_compressed(tmp_path / "one")(ids).logits, load_compressed(tmp_path / "two")(ids).logits
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()
