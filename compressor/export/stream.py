@@ -17,9 +17,9 @@ device (no memory) and reads only what lives outside the decoder blocks
 
 :func:`~compressor.export.compressed_tensors.save_compressed` then adds the
 tensors outside the blocks, names the shards and writes the index, config and
-manifest into the atomic output directory. Host RAM stays near the tensors
-outside the blocks + one block + the activation cache + one block's
-statistics, whatever the depth. The export holds the same tensors as the in-memory path's
+manifest into the atomic output directory. Host RAM stays near one block + the
+activation cache + one block's statistics, whatever the depth: the tensors
+outside the blocks are parked on ``meta`` while the blocks run (:meth:`StreamedExport.park`). The export holds the same tensors as the in-memory path's
 (byte-identical files when both fit one shard).
 """
 
@@ -226,7 +226,9 @@ def _copy_range(src: int, dst: int, offset: int, nbytes: int) -> None:
         chunk = os.pread(src, min(end - offset, 2**26), offset)
         if not chunk:
             raise OSError("the spool file ended early")
-        os.write(dst, chunk)
+        view = memoryview(chunk)
+        while view:  # os.write may write less than it is given
+            view = view[os.write(dst, view):]
         offset += len(chunk)
 
 
