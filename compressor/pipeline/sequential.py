@@ -285,7 +285,7 @@ def run_sequential(
             else:
                 fp_out = _compress_block(block, prefix, passes, cache, fp_cache, up)
                 check_same(list(block.state_dict().values()), f"block {prefix}")  # no-op in one process
-                if ckpt is not None:
+                if ckpt is not None and world()[0] == 0:  # the ranks' blocks are the same (checked): one writer
                     ckpt.save(i, block)
             with _forward_precision(block, up):
                 for j in range(len(cache)):
