@@ -246,3 +246,18 @@ def test_inverse_cholesky_raises_the_dampening_until_positive_definite(caplog):
     assert torch.allclose(U.double(), ref, atol=1e-6)
     with pytest.raises(ValueError, match="not positive definite"):
         inverse_cholesky(-torch.eye(3), 0.01)
+
+
+def test_refit_solves_every_row_across_its_row_chunks():
+    """The (G, G) systems are solved a few hundred rows at a time: rows on both sides of each chunk border
+    still get their own least-squares scales."""
+    scheme = QuantScheme(bits=3, group_size=16, symmetric=False)
+    w, H, x = _problem(n=600, seed=2)
+    res = gptq_quantize(w, H, scheme, block_size=16)
+    new = refit_scales(w, res.codes, res.qparams, scheme, H)
+    cols = torch.arange(w.shape[1]) // 16
+    a = res.codes.double() - res.qparams.zero_point.double()[:, cols]
+    for r in (0, 255, 256, 511, 512, 599):
+        basis = torch.stack([x.double() @ (a[r] * (cols == j)) for j in range(new.scale.shape[1])], 1)  # (T, G)
+        want = torch.linalg.lstsq(basis, x.double() @ w[r].double()).solution
+        torch.testing.assert_close(new.scale[r].double(), want, rtol=1e-4, atol=1e-6)

@@ -273,7 +273,12 @@ def refit_scales(
     diag = torch.diagonal(M, dim1=1, dim2=2)
     empty = diag <= 0  # groups whose codes all sit on the zero point: keep their scale
     ridge = torch.where(empty, torch.ones_like(diag), 1e-9 * diag)
-    new = torch.linalg.solve(M + torch.diag_embed(ridge), torch.where(empty, old, rhs).unsqueeze(-1)).squeeze(-1)
+    b = torch.where(empty, old, rhs)
+    new = torch.empty_like(old)
+    for r in range(0, n, 256):  # a few rows' (G, G) systems at a time: at N = 4096, G = 112, M alone is 0.4 GB
+        system = M[r : r + 256].clone()
+        system.diagonal(dim1=1, dim2=2).add_(ridge[r : r + 256])
+        new[r : r + 256] = torch.linalg.solve(system, b[r : r + 256].unsqueeze(-1)).squeeze(-1)
     new = torch.where(empty, old, new.to(qparams.scale.dtype).double())
 
     def err(s):  # (N,) output error up to a per-row constant
