@@ -204,7 +204,8 @@ def _gptq(weight, hessian, scheme, block_size, dampening, actorder, dtype, cross
         target = hessian.detach().to(torch.float32)
         if cross is not None:
             target = target + cross_weight * cross.detach().to(torch.float32)
-        qp = refit_scales(W_orig.masked_fill(dead[None, :], 0.0), codes, qp, scheme, hessian,
+        W_orig = W_orig.masked_fill(dead[None, :], 0.0) if dead.any() else W_orig  # no (N, K) copy otherwise
+        qp = refit_scales(W_orig, codes, qp, scheme, hessian,
                           target=target, g_idx=g_idx)
     deq = dequantize(codes, qp, scheme, g_idx).to(dtype)
     return GPTQResult(weight=deq, codes=codes, qparams=qp, g_idx=g_idx, loss=float(loss.sum()))
