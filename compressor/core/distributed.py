@@ -87,7 +87,7 @@ def check_same(tensors: list[torch.Tensor], what: str) -> None:
     """
     if world()[1] == 1 or not tensors:
         return
-    sums = torch.stack([t.detach().double().sum() for t in tensors])  # on the tensors' device (NCCL: the GPU)
+    sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])  # no float64 copies; on their device
     lo, hi = sums.clone(), sums.clone()
     import torch.distributed as dist
 

@@ -19,8 +19,9 @@ device (no memory) and reads only what lives outside the decoder blocks
 tensors outside the blocks, names the shards and writes the index, config and
 manifest into the atomic output directory. Host RAM stays near one block + the
 activation cache + one block's statistics, whatever the depth: the tensors
-outside the blocks are parked on ``meta`` while the blocks run (:meth:`StreamedExport.park`). The export holds the same tensors as the in-memory path's
-(byte-identical files when both fit one shard).
+outside the blocks are parked on ``meta`` while the blocks run
+(:meth:`StreamedExport.park`). The export holds the same tensors as the
+in-memory path's (byte-identical files when both fit one shard).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from compressor.core.sparsity import is_pruned, pruned_zeros
 from compressor.export.checkpoint import check_checkpoint
 from compressor.export.compressed_tensors import block_tensors
 
-__all__ = ["CheckpointReader", "load_skeleton", "StreamedExport", "write_safetensors"]
+__all__ = ["CheckpointReader", "load_skeleton", "StreamedExport"]
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +197,6 @@ def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dic
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of ``t`` in row-major order (a copy only when it is not contiguous)."""
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` as ``safetensors.torch.save_file`` does, byte for byte, without its in-memory copy of
-    every tensor's bytes: each tensor goes from its own memory to the file (a test checks the files against
-    ``save_file``'s)."""
-    header, order = _header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
-    with open(path, "wb") as fh:
-        fh.write(header)
-        for key in order:
-            fh.write(_raw(tensors[key]))
 
 
 def _copy_range(src: int, dst: int, offset: int, nbytes: int) -> None:

@@ -174,7 +174,7 @@ def test_streamed_run_resumes_from_block_checkpoints(tmp_path):
 def test_our_safetensors_writer_writes_what_save_file_writes(tmp_path):
     from safetensors.torch import save_file
 
-    from compressor.export.stream import write_safetensors
+    from compressor.export.stream import _Shard
 
     g = torch.Generator().manual_seed(0)
     tensors = {"z.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "a.scale": torch.randn(3, 1, generator=g),
@@ -183,7 +183,10 @@ def test_our_safetensors_writer_writes_what_save_file_writes(tmp_path):
                "u": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g), "mask": torch.rand(3, generator=g) > 0.5,
                "empty": torch.zeros(0, 4), "t": torch.randn(6, 4, generator=g).t()}  # non-contiguous
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
-    write_safetensors(tensors, tmp_path / "b.safetensors", {"format": "pt"})
+    shard = _Shard(tmp_path / "b.safetensors")  # the streamed export's writer: tensor by tensor, then assembled
+    for key, t in tensors.items():
+        shard.add(key, t)
+    shard.close({"format": "pt"})
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
