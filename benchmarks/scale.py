@@ -92,6 +92,11 @@ def shape_of(name: str, blocks: int | None = None) -> dict[str, Any]:
     return shape
 
 
+def _depth_suffix(blocks: int | None) -> str:
+    """The name suffix of a checkpoint or export cut to its first ``blocks`` blocks ("" for the full depth)."""
+    return "" if blocks is None else f"-{blocks}blocks"
+
+
 def build_checkpoint(name: str, root: Path = WORK, blocks: int | None = None) -> Path:
     """The random-weight bfloat16 checkpoint of shape ``name`` under ``root`` (built once; reused after).
 
@@ -106,7 +111,7 @@ def build_checkpoint(name: str, root: Path = WORK, blocks: int | None = None) ->
 
     from compressor.fixtures import smollm2_dir
 
-    path = root / (f"llama-{name}-random" if blocks is None else f"llama-{name}-random-{blocks}blocks")
+    path = root / f"llama-{name}-random{_depth_suffix(blocks)}"
     if (path / ".complete").is_file():
         return path
     shutil.rmtree(path, ignore_errors=True)
@@ -253,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                     common.emit({**record, **missing}, output)
                     continue
                 python = args.peer_python
-            export = args.work / f"export-{name}-{method}" if args.blocks is None else \
-                args.work / f"export-{name}-{args.blocks}blocks-{method}"
+            export = args.work / f"export-{name}{_depth_suffix(args.blocks)}-{method}"
             shutil.rmtree(export, ignore_errors=True)
             job = {"method": method, "checkpoint": str(checkpoint), "output": str(export)}
             log.info("%s %s: compressing", name, method)

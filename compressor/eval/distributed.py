@@ -3,7 +3,7 @@
 Outside a multi-process launch every helper is the identity (one process, rank 0) and
 accelerate's process state is never created, so nothing here changes a plain run.
 Under ``accelerate launch --multi_gpu --num_processes N`` each process takes a
-contiguous slice of the items (accelerate's ``split_between_processes``) and
+contiguous slice of the items (:func:`compressor.core.distributed.share`) and
 :func:`gather_in_order` concatenates the per-process lists in rank order, which
 is item order. With no CUDA device (or ``ACCELERATE_USE_CPU=1``) the processes
 run on CPU and communicate over gloo.
@@ -15,6 +15,8 @@ import logging
 from typing import Any, Sequence
 
 import torch
+
+from compressor.core.distributed import is_main, share
 
 __all__ = ["gather_in_order", "is_main_process", "num_processes", "process_device", "split_for_process"]
 
@@ -42,8 +44,8 @@ def num_processes() -> int:
 
 def is_main_process() -> bool:
     """True on rank 0 (and in a plain single-process run): the process that logs and writes reports."""
-    state = _state()
-    return state is None or state.is_main_process
+    _state()  # joins the launch's process group, if there is one
+    return is_main()
 
 
 def process_device() -> torch.device | None:
@@ -59,12 +61,12 @@ def split_for_process(items: Sequence[Any]) -> list[Any]:
     none when there are fewer items than processes.
     """
     state = _state()
+    items = list(items)
     if state is None or state.num_processes == 1:
-        return list(items)
-    with state.split_between_processes(list(items)) as part:
-        share = list(part)
-    log.debug("process %d of %d takes %d of %d items", state.process_index, state.num_processes, len(share), len(items))
-    return share
+        return items
+    part = items[share(len(items))]  # the same split as the compression's calibration shares
+    log.debug("process %d of %d takes %d of %d items", state.process_index, state.num_processes, len(part), len(items))
+    return part
 
 
 def gather_in_order(share: list[Any]) -> list[Any]:
