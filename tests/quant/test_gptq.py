@@ -44,6 +44,18 @@ def test_hessian_accumulator_matches_definition():
         HessianAccumulator(4).add(torch.tensor([[1.0, float("nan"), 0, 0]]))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("column", [0, 5, 39])
+def test_hessian_accumulator_refuses_a_non_finite_input_anywhere(bad, column):
+    """The check reads H's diagonal after each batch: any NaN / inf input, in any slab, in a later batch."""
+    acc = HessianAccumulator(40, slab=8)  # 40 > 2 * 8: upper-triangle slabs
+    acc.add(torch.randn(3, 5, 40))
+    x = torch.randn(2, 5, 40)
+    x[1, 3, column] = bad
+    with pytest.raises(ValueError, match="NaN/inf"):
+        acc.add(x)
+
+
 @pytest.mark.parametrize("gs", [8, -1])
 def test_identity_hessian_reduces_to_rtn(gs):
     torch.manual_seed(0)
