@@ -68,9 +68,14 @@ class HessianAccumulator:
         """Add a batch of inputs (..., K); non-finite inputs are an error.
 
         Args:
-            x: the compressed model's inputs of the layer.
+            x: (..., K) the compressed model's inputs of the layer, any float dtype (accumulated in float32).
             fp: the full-precision model's inputs for the same tokens (same shape);
                 accumulates :attr:`C` for asymmetric calibration.
+
+        Raises:
+            ValueError: ``x`` holds a NaN or inf (seen through H's diagonal once the batch is in), or ``fp`` does
+                not pair with ``x``. After the non-finite error the accumulator already holds the bad batch:
+                discard it (every caller re-raises and stops the layer).
         """
         x = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)  # (T, K)
         t = x.shape[0]
