@@ -56,6 +56,13 @@ def full_protocol(record: dict[str, Any]) -> bool:
             and protocol.get("split", "test") == "test")
 
 
+def dev_protocol(record: dict[str, Any]) -> bool:
+    """A dev-split run (SOTU 2000-2009) of the documented calibration and evaluation sizes, ``--set`` allowed:
+    what a default is chosen on. Only the tables in :data:`DEV_TABLES` show these, labelled as such."""
+    protocol = record.get("protocol") or {}
+    return all(protocol.get(k) == v for k, v in FULL.items()) and protocol.get("split") == "dev"
+
+
 def newest(records: Records, **match: Any) -> dict[str, Any] | None:
     """The last record whose fields equal ``match`` (None when there is none)."""
     found = [r for r in records if all(r.get(k) == v for k, v in match.items())]
@@ -460,6 +467,83 @@ def scale(records: Records) -> str:
     return head + "\n".join(rows) + "\n\n" + _provenance(used, "scale") + "\n"
 
 
+PRUNE_ALLOCATIONS = [("uniform", "uniform"), ("dp-output", "`dp` (network-output KL)")]
+
+
+def _default_pruning(record: dict[str, Any]) -> bool:
+    """Our pipeline's defaults: batch size and stage order not overridden (``--batch-size``, ``--true-sequential``)."""
+    protocol = record.get("protocol") or {}
+    return not protocol.get("batch_size") and not protocol.get("true_sequential")
+
+
+def pruning_allocation(records: Records) -> str:
+    """docs/pruning.md: Wanda at each unstructured sparsity with a uniform and a rate-distortion (``dp``,
+    network-output KL) allocation across blocks, test split; perplexity, achieved sparsity and time."""
+    fp32 = newest(records, method="fp32", status="ok")
+    ours = [r for r in records
+            if r.get("method") == "wanda" and _default_pruning(r) and ":" not in str(r.get("sparsity"))]
+    rows, used = [], [fp32] if fp32 else []
+    for sparsity in sorted({r["sparsity"] for r in ours}, key=float, reverse=True):
+        cells = [newest(ours, sparsity=sparsity, allocation=a) for a, _ in PRUNE_ALLOCATIONS]
+        used += [r for r in cells if r]
+        ppl = ["—" if r is None else f"{r['ppl']:.1f}" if r.get("status") == "ok" else str(r.get("status"))
+               for r in cells]
+        ok = [r for r in cells if r and r.get("status") == "ok"]
+        if len(ok) == 2:
+            best = min(range(2), key=lambda i: cells[i]["ppl"])
+            ppl[best] = f"**{ppl[best]}**"
+        change = f"{(cells[1]['ppl'] / cells[0]['ppl'] - 1) * 100:+.1f}%" if len(ok) == 2 else "—"
+        achieved = " / ".join("—" if r is None or r.get("achieved_sparsity") is None
+                              else f"{r['achieved_sparsity']:.4f}" for r in cells)
+        seconds = " / ".join("—" if r is None or r.get("compress_s") is None else f"{r['compress_s']:.0f}"
+                             for r in cells)
+        rows.append(f"| {float(sparsity):.0%} | {ppl[0]} | {ppl[1]} | {change} | {achieved} | {seconds} |")
+    if not rows:
+        return ("_No records in `benchmarks/results/pruning.jsonl` yet: run `python -m benchmarks.pruning "
+                "--methods wanda --sparsities 0.7 --allocations uniform,dp-output`._\n")
+    head = ("| Wanda, unstructured | " + " | ".join(label for _, label in PRUNE_ALLOCATIONS)
+            + " | change | achieved sparsity uniform / dp | compress s uniform / dp |\n|---|---|---|---|---|---|\n")
+    where = "Perplexity on SOTU 2010-2021."
+    tail = f"\nfp32: {fp32['ppl']:.2f}. {where}\n" if fp32 else f"\n{where}\n"
+    return head + "\n".join(rows) + "\n" + tail + "\n" + _provenance(used, "pruning") + "\n"
+
+
+def _set_value(record: dict[str, Any], key: str) -> str | None:
+    """The value a ``--set key=value`` override of the run gave ``key`` (None when the run left it default)."""
+    for item in (record.get("protocol") or {}).get("set") or []:
+        name, _, value = item.partition("=")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def pruning_dp_span(records: Records) -> str:
+    """docs/pruning.md: the dev-split runs (SOTU 2000-2009) that chose ``dp_span``, the width of the candidate
+    sparsities around the target (Wanda, ``dp`` with network-output KL)."""
+    runs = [r for r in records if r.get("method") == "wanda" and r.get("allocation") == "dp-output"
+            and _default_pruning(r) and _set_value(r, "prune.dp_span") is not None]
+    rows, used = [], []
+    for sparsity in sorted({r["sparsity"] for r in runs}, key=float, reverse=True):
+        spans = sorted({_set_value(r, "prune.dp_span") for r in runs if r["sparsity"] == sparsity}, key=float)
+        cells = [[r for r in runs if r["sparsity"] == sparsity and _set_value(r, "prune.dp_span") == s][-1]
+                 for s in spans]
+        used += cells
+        ok = [r["ppl"] for r in cells if r.get("status") == "ok"]
+        for span, r in zip(spans, cells):
+            ppl = f"{r['ppl']:.1f}" if r.get("status") == "ok" else str(r.get("status"))
+            if ok and r.get("status") == "ok" and r["ppl"] == min(ok):
+                ppl = f"**{ppl}**"
+            achieved = "—" if r.get("achieved_sparsity") is None else f"{r['achieved_sparsity']:.4f}"
+            seconds = "—" if r.get("compress_s") is None else f"{r['compress_s']:.0f}"
+            rows.append(f"| {float(sparsity):.0%} | {span} | {ppl} | {achieved} | {seconds} |")
+    if not rows:
+        return ("_No dev-split records yet: run `python -m benchmarks.pruning --methods wanda --sparsities 0.7 "
+                "--allocations dp-output --split dev --set prune.dp_span=0.2`._\n")
+    head = ("| Wanda, unstructured, `dp` | `dp_span` | perplexity, dev split (SOTU 2000-2009) | achieved sparsity "
+            "| compress s |\n|---|---|---|---|---|\n")
+    return head + "\n".join(rows) + "\n\n" + _provenance(used, "pruning") + "\n"
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -472,7 +556,11 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "recipes": ("quant_quality", recipes),
     "mixed": ("quant_quality", mixed),
     "scale": ("scale", scale),
+    "pruning-allocation": ("pruning", pruning_allocation),
+    "pruning-dp-span": ("pruning", pruning_dp_span),
 }
+# tables of the dev-split runs that chose a default (their records are kept out of every other table)
+DEV_TABLES = {"pruning-dp-span"}
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}  # gguf: filtered by its builder
 
@@ -493,9 +581,11 @@ def render(text: str, results: Path = common.RESULTS) -> str:
         if name not in TABLES:
             raise ValueError(f"unknown report block {name!r}: known are {sorted(TABLES)}")
         bench, build = TABLES[name]
-        if bench not in cache:
-            cache[bench] = [r for r in load_records(bench, results) if bench in NO_PROTOCOL or full_protocol(r)]
-        return match.group(1) + build(cache[bench]) + match.group(4)
+        key = f"{bench}:dev" if name in DEV_TABLES else bench
+        if key not in cache:
+            keep = dev_protocol if name in DEV_TABLES else full_protocol
+            cache[key] = [r for r in load_records(bench, results) if bench in NO_PROTOCOL or keep(r)]
+        return match.group(1) + build(cache[key]) + match.group(4)
 
     return BLOCK.sub(rebuild, text)
 

@@ -175,3 +175,36 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                                                   ["| 8b, first 2 of 32 blocks (1.49B, 3.0 GB)", "ours, streamed"]]
     # a record that counts its blocks at full depth is the newest full-depth one; the probe has a row of its own
     assert "| 901 | 2.00 | 727 | 0.62 GB |" in rows[0] and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]
+
+
+def _prune(sparsity, allocation, ppl, *, split="test", sets=(), **extra):
+    protocol = {"quick": False, "n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None,
+                "split": split, "set": list(sets), "batch_size": None, "true_sequential": False}
+    return {"bench": "pruning", "method": "wanda", "sparsity": sparsity, "allocation": allocation, "ppl": ppl,
+            "status": "ok", "protocol": protocol, "commit": "c0ffee00", "dirty": False,
+            "date": "2026-12-06T10:00:00Z", "loadavg": [1.0, 1.0, 1.0], **extra}
+
+
+def test_pruning_tables_keep_test_and_dev_split_records_apart(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    records = [
+        _prune("0.7", "uniform", 905.6, achieved_sparsity=0.6997, compress_s=606.0),
+        _prune("0.7", "dp-output", 323.0, achieved_sparsity=0.7013, compress_s=894.0),
+        _prune("0.7", "dp-output", 999.0, sets=["prune.dp_span=0.3"]),  # a --set run never reaches the test table
+        _prune("0.7", "dp-output", 250.0, split="dev", sets=["prune.dp_span=0.1"], compress_s=700.0),
+        _prune("0.7", "dp-output", 240.0, split="dev", sets=["prune.dp_span=0.2"], compress_s=800.0),
+        _prune("0.7", "dp-output", 100.0, split="dev"),  # no explicit span: not part of the span choice
+        {**_prune("0.7", "dp-output", 1.0, split="dev", sets=["prune.dp_span=0.1"]),
+         "protocol": {**_prune("0.7", "uniform", 1.0)["protocol"], "split": "dev", "quick": True,
+                      "set": ["prune.dp_span=0.1"]}},  # a smoke run never counts
+    ]
+    (results / "pruning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.render("<!-- report:pruning-allocation -->\n<!-- /report:pruning-allocation -->\n"
+                         "<!-- report:pruning-dp-span -->\n<!-- /report:pruning-dp-span -->\n", results)
+    test_part, dev_part = text.split("<!-- report:pruning-dp-span -->")
+    assert "| 70% | 905.6 | **323.0** | -64.3% | 0.6997 / 0.7013 | 606 / 894 |" in test_part
+    assert "999" not in test_part and "240.0" not in test_part
+    assert "| 70% | 0.1 | 250.0 | — | 700 |" in dev_part and "| 70% | 0.2 | **240.0** | — | 800 |" in dev_part
+    assert "905.6" not in dev_part and "100.0" not in dev_part and "| 1.0 |" not in dev_part
+    assert "(2 records" in test_part and "(2 records" in dev_part
