@@ -52,15 +52,19 @@ def full_protocol(record: dict[str, Any]) -> bool:
     """A record of the documented protocol: not --quick, 128 x 512 calibration, 32768 evaluation tokens of the
     test split (SOTU 2010-2021; dev-split runs choose hyper-parameters and are never reported here), no --set."""
     protocol = record.get("protocol") or {}
-    return (all(protocol.get(k) == v for k, v in FULL.items()) and not protocol.get("set")
-            and protocol.get("split", "test") == "test")
+    return _documented_sizes(protocol) and not protocol.get("set") and protocol.get("split", "test") == "test"
+
+
+def _documented_sizes(protocol: dict[str, Any]) -> bool:
+    """Not --quick, 128 x 512 calibration tokens, 32768 evaluation tokens."""
+    return all(protocol.get(k) == v for k, v in FULL.items())
 
 
 def dev_protocol(record: dict[str, Any]) -> bool:
     """A dev-split run (SOTU 2000-2009) of the documented calibration and evaluation sizes, ``--set`` allowed:
     what a default is chosen on. Only the tables in :data:`DEV_TABLES` show these, labelled as such."""
     protocol = record.get("protocol") or {}
-    return all(protocol.get(k) == v for k, v in FULL.items()) and protocol.get("split") == "dev"
+    return _documented_sizes(protocol) and protocol.get("split") == "dev"
 
 
 def newest(records: Records, **match: Any) -> dict[str, Any] | None:
@@ -522,11 +526,11 @@ def pruning_dp_span(records: Records) -> str:
     sparsities around the target (Wanda, ``dp`` with network-output KL)."""
     runs = [r for r in records if r.get("method") == "wanda" and r.get("allocation") == "dp-output"
             and _default_pruning(r) and _set_value(r, "prune.dp_span") is not None]
+    latest = {(r["sparsity"], _set_value(r, "prune.dp_span")): r for r in runs}  # later lines are newer
     rows, used = [], []
-    for sparsity in sorted({r["sparsity"] for r in runs}, key=float, reverse=True):
-        spans = sorted({_set_value(r, "prune.dp_span") for r in runs if r["sparsity"] == sparsity}, key=float)
-        cells = [[r for r in runs if r["sparsity"] == sparsity and _set_value(r, "prune.dp_span") == s][-1]
-                 for s in spans]
+    for sparsity in sorted({s for s, _ in latest}, key=float, reverse=True):
+        spans = sorted((span for s, span in latest if s == sparsity), key=float)
+        cells = [latest[sparsity, span] for span in spans]
         used += cells
         ok = [r["ppl"] for r in cells if r.get("status") == "ok"]
         for span, r in zip(spans, cells):
