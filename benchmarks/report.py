@@ -548,6 +548,85 @@ def pruning_dp_span(records: Records) -> str:
     return head + "\n".join(rows) + "\n\n" + _provenance(used, "pruning") + "\n"
 
 
+TRANSFORM_LABELS = {"none": "no transform", "hadamard": "Hadamard (QuaRot: R1, R2, R3, R4, online o_proj)",
+                    "ostquant": "OSTQuant (learned rotations + scalings, learned clips)",
+                    "ostquant-rot": "OSTQuant, rotations only (learned clips)"}
+TRANSFORM_METHODS = [("fp32", "fp32"), ("rtn", "RTN"), ("gptq", "GPTQ"), ("gptaq", "GPTAQ")]
+OST_STEPS = 100  # benchmarks.transforms' default --ost-steps: runs with other step counts are not these tables'
+
+
+def _ost_default_steps(record: dict[str, Any]) -> bool:
+    """Not a learned transform, or one trained for the benchmark's default number of steps."""
+    return record.get("transform") not in ("ostquant", "ostquant-rot") or \
+        (record.get("protocol") or {}).get("ost_steps") == OST_STEPS
+
+
+def _training(record: dict[str, Any]) -> str:
+    """``KL-Top first → last`` of a learned transform's training (— when it has none)."""
+    info = record.get("rotation") or {}
+    if info.get("loss_first") is None:
+        return "—"
+    return f"{info['loss_first']:.3f} → {info['loss_last']:.3f}"
+
+
+def transforms(records: Records) -> str:
+    """docs/ostquant.md: perplexity of each (setting, transform) by weight method on the test split, with the
+    learned transforms' training loss and the run's time and memory (one row per setting and transform)."""
+    ours = [r for r in records if _ost_default_steps(r) and r.get("transform") in TRANSFORM_LABELS]
+    rows, used = [], []
+    for setting in sorted({r["setting"] for r in ours}):
+        for transform in TRANSFORM_LABELS:
+            cells = [newest(ours, setting=setting, transform=transform, method=m) for m, _ in TRANSFORM_METHODS]
+            if not any(cells):
+                continue
+            used += [r for r in cells if r]
+            ppl = ["—" if r is None else f"{r['ppl']:.2f}" if r.get("status") == "ok" else str(r.get("status"))
+                   for r in cells]
+            learned = [r for r in cells if r and (r.get("rotation") or {}).get("loss_first") is not None]
+            timed = [f"{label} {r['compress_s']:.0f} s, {r['peak_rss_mb'] / 1024:.1f} GB"
+                     for r, (_, label) in zip(cells, TRANSFORM_METHODS)
+                     if r and r.get("compress_s") is not None and r.get("peak_rss_mb") is not None]
+            rows.append(f"| {setting.upper()} | {TRANSFORM_LABELS[transform]} | " + " | ".join(ppl)
+                        + f" | {'; '.join(_training(r) for r in learned) or '—'} | {'; '.join(timed) or '—'} |")
+    if not rows:
+        return ("_No records in `benchmarks/results/transforms.jsonl` yet: run `python -m benchmarks.transforms "
+                "--settings w4a4kv4 --transforms ostquant --methods gptq`._\n")
+    head = ("| setting | transform | " + " | ".join(label for _, label in TRANSFORM_METHODS)
+            + " | KL-Top first → last | compress, peak RSS |\n|---|---|---|---|---|---|---|---|\n")
+    return (head + "\n".join(rows) + "\n\nPerplexity on SOTU 2010-2021. Weights W4 per channel, asymmetric.\n\n"
+            + _provenance(used, "transforms") + "\n")
+
+
+OST_SWEPT = ("ostquant.lr_clip", "ostquant.lr")  # the OSTQuant rates chosen on the dev split
+
+
+def ostquant_dev(records: Records) -> str:
+    """docs/ostquant.md: the dev-split runs (SOTU 2000-2009) that chose OSTQuant's learning rates: OSTQuant +
+    GPTQ at W4A4KV4 with ``lr_clip`` and / or ``lr`` set explicitly, newest run per (lr_clip, lr)."""
+    runs = [r for r in records if r.get("transform") == "ostquant" and r.get("method") == "gptq"
+            and r.get("setting") == "w4a4kv4" and _ost_default_steps(r)
+            and any(_set_value(r, k) is not None for k in OST_SWEPT)]
+    latest = {tuple(_set_value(r, k) or "default" for k in OST_SWEPT): r for r in runs}  # later lines are newer
+    ok = [r["ppl"] for r in latest.values() if r.get("status") == "ok"]
+    rows = []
+    for key in sorted(latest, key=lambda k: tuple(-1.0 if v == "default" else float(v) for v in reversed(k))):
+        r = latest[key]
+        ppl = f"{r['ppl']:.2f}" if r.get("status") == "ok" else str(r.get("status"))
+        if r.get("status") == "ok" and r["ppl"] == min(ok):
+            ppl = f"**{ppl}**"
+        clips = (r.get("rotation") or {}).get("clip_mean")
+        clip = "—" if not clips else ", ".join(f"{k} {v:.3f}" for k, v in clips.items())
+        seconds = "—" if r.get("compress_s") is None else f"{r['compress_s']:.0f}"
+        rows.append(f"| {key[0]} | {key[1]} | {ppl} | {_training(r)} | {clip} | {seconds} |")
+    if not rows:
+        return ("_No dev-split records yet: run `python -m benchmarks.transforms --settings w4a4kv4 --transforms "
+                "ostquant --methods gptq --split dev --set ostquant.lr_clip=0.03`._\n")
+    head = ("| `lr_clip` | `lr` | perplexity, dev split (SOTU 2000-2009) | KL-Top first → last | mean learned clip "
+            "ratio | compress s |\n|---|---|---|---|---|---|\n")
+    return (head + "\n".join(rows) + "\n\nOSTQuant + GPTQ, W4A4KV4; \"default\": the run left that rate at the "
+            "default of its commit.\n\n" + _provenance(list(latest.values()), "transforms") + "\n")
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -562,9 +641,11 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "scale": ("scale", scale),
     "pruning-allocation": ("pruning", pruning_allocation),
     "pruning-dp-span": ("pruning", pruning_dp_span),
+    "transforms": ("transforms", transforms),
+    "ostquant-dev": ("transforms", ostquant_dev),
 }
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
-DEV_TABLES = {"pruning-dp-span"}
+DEV_TABLES = {"pruning-dp-span", "ostquant-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}  # gguf: filtered by its builder
 

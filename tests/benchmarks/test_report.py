@@ -208,3 +208,42 @@ def test_pruning_tables_keep_test_and_dev_split_records_apart(tmp_path):
     assert "| 70% | 0.1 | 250.0 | — | 700 |" in dev_part and "| 70% | 0.2 | **240.0** | — | 800 |" in dev_part
     assert "905.6" not in dev_part and "100.0" not in dev_part and "| 1.0 |" not in dev_part
     assert "(2 records" in test_part and "(2 records" in dev_part
+
+
+def _ost(method, transform, ppl, *, split="test", sets=(), steps=100, **extra):
+    protocol = {"quick": False, "n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None,
+                "split": split, "ost_steps": steps, "reload": False, **({"set": list(sets)} if sets else {})}
+    rotation = {"loss_first": 0.9, "loss_last": 0.5, "clip_mean": {"qkv": 0.91, "down": 0.8}} \
+        if transform.startswith("ostquant") else None
+    return {"bench": "transforms", "method": method, "setting": "w4a4kv4", "transform": transform, "ppl": ppl,
+            "status": "ok", "protocol": protocol, "rotation": rotation, "commit": "c0ffee00", "dirty": False,
+            "date": "2026-12-06T10:00:00Z", "loadavg": [1.0, 1.0, 1.0], **extra}
+
+
+def test_ostquant_tables_keep_the_test_split_apart_from_the_dev_sweep(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    records = [
+        _ost("gptq", "hadamard", 52.21, compress_s=373.0, peak_rss_mb=2500.0),
+        _ost("gptq", "ostquant", 36.77, compress_s=1500.0, peak_rss_mb=6600.0),
+        _ost("gptq", "ostquant", 11.0, steps=8),  # another step count: not the default training
+        _ost("gptq", "ostquant", 12.0, sets=["ostquant.lr_clip=0.1"]),  # a --set run never reaches the test table
+        _ost("gptq", "ostquant", 40.0, split="dev", sets=["ostquant.lr_clip=0.01"], compress_s=1400.0),
+        _ost("gptq", "ostquant", 38.0, split="dev", sets=["ostquant.lr_clip=0.1"], compress_s=1410.0),
+        _ost("gptq", "ostquant", 39.0, split="dev", sets=["ostquant.lr_clip=0.1", "ostquant.lr=0.0004"]),
+        _ost("gptq", "ostquant", 13.0, split="dev"),  # nothing set: not part of the choice
+        _ost("gptq", "hadamard", 14.0, split="dev", sets=["ostquant.lr_clip=0.1"]),  # not OSTQuant
+    ]
+    (results / "transforms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.render("<!-- report:transforms -->\n<!-- /report:transforms -->\n"
+                         "<!-- report:ostquant-dev -->\n<!-- /report:ostquant-dev -->\n", results)
+    test_part, dev_part = text.split("<!-- report:ostquant-dev -->")
+    assert "| W4A4KV4 | Hadamard (QuaRot: R1, R2, R3, R4, online o_proj) | — | — | 52.21 | — | — " \
+           "| GPTQ 373 s, 2.4 GB |" in test_part
+    assert "| 36.77 | — | 0.900 → 0.500 | GPTQ 1500 s, 6.4 GB |" in test_part
+    assert not any(f"| {x} |" in test_part for x in ("11.00", "12.00", "40.00", "13.00", "14.00"))
+    assert "| 0.01 | default | 40.00 | 0.900 → 0.500 | qkv 0.910, down 0.800 | 1400 |" in dev_part
+    assert "| 0.1 | default | **38.00** |" in dev_part and "| 0.1 | 0.0004 | 39.00 |" in dev_part
+    assert dev_part.index("| 0.01 | default") < dev_part.index("| 0.1 | default") < dev_part.index("| 0.1 | 0.0004")
+    assert "36.77" not in dev_part and "13.00" not in dev_part and "14.00" not in dev_part
+    assert "(2 records" in test_part and "(3 records" in dev_part
