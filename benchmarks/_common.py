@@ -32,6 +32,7 @@ log = logging.getLogger("benchmarks")
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: children run from here
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # made by benchmarks/setup_peers.sh
+AUTOROUND_PYTHON = ROOT / ".venv-autoround" / "bin" / "python"  # made by benchmarks/setup_peers.sh autoround
 RESULTS = ROOT / "benchmarks" / "results"  # committed records: one <bench>.jsonl per benchmark
 SMOKE_RESULTS = ROOT / "out" / "bench"  # --quick runs: smoke tests, never committed
 
@@ -459,12 +460,12 @@ def protocol_from_args(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
     return {**protocol, "threads": args.threads, "split": args.split}
 
 
-def missing_peer(peer_python: str | os.PathLike) -> dict[str, Any] | None:
-    """``{"status": "unavailable", "error": ...}`` when the peer venv's python does not exist, else None."""
+def missing_peer(peer_python: str | os.PathLike, setup: str = "bash benchmarks/setup_peers.sh") -> dict[str, Any] | None:
+    """``{"status": "unavailable", "error": ...}`` when the peer venv's python does not exist, else None;
+    ``setup`` is the command that makes that venv."""
     if Path(peer_python).is_file():
         return None
-    return {"status": "unavailable",
-            "error": f"peer venv python {peer_python} not found: run `bash benchmarks/setup_peers.sh` first"}
+    return {"status": "unavailable", "error": f"peer venv python {peer_python} not found: run `{setup}` first"}
 
 
 def child_record(run: ChildRun, fallback: dict[str, Any]) -> dict[str, Any]:

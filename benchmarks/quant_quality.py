@@ -47,7 +47,10 @@ LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: 
                   "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
-ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS
+# Intel's AutoRound in a venv of its own (_peer_autoround.py): its default recipe and its light one
+AUTOROUND_MODULE = "_peer_autoround"
+AUTOROUND_METHODS = ("autoround", "autoround-light")
+ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS + AUTOROUND_METHODS
 # the integer table's methods (make bench); the float formats add rtn-mse, gptq-mse and llmc-rtn (make bench-float)
 DEFAULT_METHODS = ("fp32", "rtn", "gptq-norefit", "gptq", "gptaq", "adaround", "llmc-gptq", "llmc-awq")
 FLOAT_METHODS = ("fp32", "rtn", "rtn-mse", "gptq", "gptq-mse", "llmc-rtn", "llmc-gptq")
@@ -148,18 +151,37 @@ def run_ours(job: dict) -> dict:
 # ---------------------------------------------------------------- parent
 
 
-def run_job(job: dict, peer_python: Path, verbose: bool) -> dict:
+def _peer_unavailable(method: str, setting: common.Setting | None) -> str | None:
+    """Why a peer method does not run at ``setting`` (None when it does, or for our methods)."""
+    if setting is None:
+        return None
+    if method in PEER_METHODS and setting.bpw is not None:
+        return "llm-compressor chooses no per-layer widths under a bits-per-weight budget"
+    if method in AUTOROUND_METHODS and setting.bpw is not None:
+        return "AutoRound's own mixed-precision search (AutoScheme) is not wired in: no run under a bits budget"
+    if method in AUTOROUND_METHODS and setting.fmt != "int":
+        return f"AutoRound runs the integer settings only here, not {setting.name}"
+    return None
+
+
+def run_job(job: dict, peer_python: Path, verbose: bool, autoround_python: Path = common.AUTOROUND_PYTHON) -> dict:
     """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
     method = job["method"]
     setting = None if method == "fp32" else common.setting_of(job)
-    if method in PEER_METHODS and setting is not None and setting.bpw is not None:
+    unavailable = _peer_unavailable(method, setting)
+    if unavailable:
         return {**common.base_record(method, setting), "machine": common.machine_info(), "status": "unavailable",
-                "error": "llm-compressor chooses no per-layer widths under a bits-per-weight budget"}
+                "error": unavailable}
     if method in PEER_METHODS:
         missing = common.missing_peer(peer_python)
         if missing:
             return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
         command = common.module_command(PEER_MODULE, peer_python)
+    elif method in AUTOROUND_METHODS:
+        missing = common.missing_peer(autoround_python, "bash benchmarks/setup_peers.sh autoround")
+        if missing:
+            return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
+        command = common.module_command(AUTOROUND_MODULE, autoround_python)
     else:
         command = [*common.module_command("quant_quality"), "--child"]
     log.info("running %s %s", method, setting.name if setting else "")
@@ -182,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     common.add_output_arg(parser, "quant_quality")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
-                        help="python of the peer venv (default: %(default)s)")
+                        help="python of the llm-compressor peer venv (default: %(default)s)")
+    parser.add_argument("--autoround-python", type=Path, default=common.AUTOROUND_PYTHON,
+                        help="python of the AutoRound peer venv, made by `bash benchmarks/setup_peers.sh autoround` "
+                        "(default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
-                        help="recipe override for our pass of that name, e.g. gptq.scheme.observer=mse (repeatable; "
-                        "recorded as \"overrides\")")
+                        help="recipe override for our pass of that name, e.g. gptq.scheme.observer=mse, or "
+                        "autoround.iters=N for a smoke run of AutoRound (repeatable; recorded in the protocol)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -222,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%d runs: %s", len(jobs), ", ".join(f"{j['method']}:{j['bits']}/{j['group_size']}" for j in jobs))
     done = []
     for job in jobs:
-        record = run_job(job, args.peer_python, args.verbose)
+        record = run_job(job, args.peer_python, args.verbose, args.autoround_python)
         record["protocol"] = {"quick": args.quick, **protocol}
         common.emit(record, args.output)
         done.append(record)

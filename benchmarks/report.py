@@ -104,30 +104,36 @@ def _provenance(used: Records, bench: str) -> str:
 QUANT_METHODS = [("rtn", "RTN"), ("gptq-norefit", "GPTQ, refit off"), ("gptq", "GPTQ"), ("gptaq", "GPTAQ"),
                  ("llmc-gptq", "llm-compressor GPTQ")]
 TIMED = ("gptq-norefit", "gptq", "gptaq", "llmc-gptq")  # the calibrated methods, in the time and memory columns
+# peers that get a column only once they have a record (AutoRound: benchmarks/_peer_autoround.py)
+EXTRA_PEERS = [("autoround", "AutoRound"), ("autoround-light", "AutoRound light")]
 
 
 def quant_quality(records: Records, *, source: str | None = "quant_quality") -> str:
-    """SmolLM2 weight-only quality: RTN, GPTQ, GPTAQ (ours) and llm-compressor GPTQ at every setting.
+    """SmolLM2 weight-only quality: RTN, GPTQ, GPTAQ (ours), llm-compressor GPTQ and, once they have records,
+    AutoRound's default and light recipes, at every setting.
 
     ``records`` are taken as given: the doc table passes the full-protocol ones (:func:`full_protocol`);
     ``source`` names their file in the provenance line (None: no provenance line, e.g. one run's own summary).
     """
     used: Records = []
     fp32 = newest(records, method="fp32", status="ok")
-    settings = [s for s in common.DEFAULT_SETTINGS if any(newest(records, method=m, setting=s) for m, _ in QUANT_METHODS)]
+    methods = QUANT_METHODS + [(m, label) for m, label in EXTRA_PEERS if newest(records, method=m)]
+    settings = [s for s in common.DEFAULT_SETTINGS if any(newest(records, method=m, setting=s) for m, _ in methods)]
     if not settings:
         return "_No full-protocol records in `benchmarks/results/quant_quality.jsonl` yet._\n"
-    head = ["setting", *(f"{label} ppl" for _, label in QUANT_METHODS), "compress s (refit off / GPTQ / GPTAQ / llmc)",
-            "peak RSS MB (refit off / GPTQ / GPTAQ / llmc)"]
+    extra = [(m, label) for m, label in methods if m not in dict(QUANT_METHODS)]
+    timed = TIMED + tuple(m for m, _ in extra)
+    names = " / ".join(["refit off", "GPTQ", "GPTAQ", "llmc", *(label for _, label in extra)])
+    head = ["setting", *(f"{label} ppl" for _, label in methods), f"compress s ({names})", f"peak RSS MB ({names})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     failures = []
     for name in settings:
-        cells = {m: newest(records, method=m, setting=name) for m, _ in QUANT_METHODS}
+        cells = {m: newest(records, method=m, setting=name) for m, _ in methods}
         used += [r for r in cells.values() if r]
         ok = {m: r["ppl"] for m, r in cells.items() if r and r.get("status") == "ok" and r.get("ppl") is not None}
         best = min(ok.values()) if ok else None
         row = [_setting_label(name)]
-        for method, label in QUANT_METHODS:
+        for method, label in methods:
             record = cells[method]
             if record is None:
                 row.append("—")
@@ -137,8 +143,8 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
             else:
                 row.append(record.get("status") or "failed")
                 failures.append(f"{label} {_setting_label(name)}: {(record.get('error') or '')[:160]}")
-        times = [cells[m] and cells[m].get("compress_s") for m in TIMED]
-        rss = [cells[m] and cells[m].get("peak_rss_mb") for m in TIMED]
+        times = [cells[m] and cells[m].get("compress_s") for m in timed]
+        rss = [cells[m] and cells[m].get("peak_rss_mb") for m in timed]
         row.append(" / ".join(f"{t:.0f}" if t else "—" for t in times))
         row.append(" / ".join(f"{m:.0f}" if m else "—" for m in rss))
         lines.append("| " + " | ".join(row) + " |")
@@ -153,8 +159,8 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
 
 HEADLINE_SETTINGS = ("w4g64", "w4pc", "w3g64")
 OURS = ("rtn", "gptq-norefit", "gptq", "gptaq")
-PEERS = ("llmc-gptq", "llmc-awq")
-LABELS = dict(QUANT_METHODS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound"}
+PEERS = ("llmc-gptq", "llmc-awq", "autoround", "autoround-light")
+LABELS = dict(QUANT_METHODS) | dict(EXTRA_PEERS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound"}
 TIE = 0.01  # single-run differences under ~1% are ties (DESIGN.md, protocol)
 
 

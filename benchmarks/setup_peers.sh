@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Create .venv-bench: the peer venv in which llm-compressor runs for the benchmarks
+# Create a peer venv in which a peer toolkit runs for the benchmarks
 # (python -m benchmarks.quant_quality / pruning / transforms start benchmarks._peer_* there).
 #
-# llm-compressor 0.14.0.1 pins transformers<=5.17.0 and compressed-tensors==0.19.0,
-# which conflict with the dev venv (.venv), so peers get their own venv, installed
-# from the committed lock requirements/peers.lock (`make lock` refreshes it). Our own
-# package is installed there too (editable, no dependencies of its own) so the peer
+# Peers (each in a venv of its own, installed from its committed lock; `make lock` refreshes them):
+#   llmcompressor  .venv-bench      requirements/peers.lock      llm-compressor 0.14.0.1, which pins
+#                                                                transformers<=5.17.0 and compressed-tensors==0.19.0
+#                                                                (they conflict with the dev venv .venv)
+#   autoround      .venv-autoround  requirements/autoround.lock  Intel's auto-round 0.16.1
+# Our own package is installed there too (editable, no dependencies of its own) so the peer
 # runner uses the same calibration windows and the same perplexity function.
 #
-# Usage: bash benchmarks/setup_peers.sh [VENV_DIR]   (default: <repo>/.venv-bench)
+# Usage: bash benchmarks/setup_peers.sh [PEER] [VENV_DIR]   (default PEER: llmcompressor; VENV_DIR as above)
 # Idempotent: an existing venv is reused and only missing pieces are installed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${1:-$ROOT/.venv-bench}"
+PEER="llmcompressor"
+case "${1:-}" in
+    llmcompressor|autoround) PEER="$1"; shift ;;
+esac
+case "$PEER" in
+    llmcompressor) VENV_NAME=".venv-bench"; LOCK="$ROOT/requirements/peers.lock"; MODULES="compressed_tensors llmcompressor" ;;
+    autoround) VENV_NAME=".venv-autoround"; LOCK="$ROOT/requirements/autoround.lock"; MODULES="auto_round" ;;
+esac
+VENV="${1:-$ROOT/$VENV_NAME}"
 PY="$VENV/bin/python"
 TORCH_VERSION="2.13.0"
-LOCK="$ROOT/requirements/peers.lock"
 
 if [ ! -x "$PY" ]; then
     echo "creating $VENV" >&2
@@ -27,22 +36,22 @@ fi
 "$PY" -m pip install -q -r "$LOCK"
 "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 
-"$PY" - "$TORCH_VERSION" <<'EOF'
+"$PY" - "$TORCH_VERSION" $MODULES <<'PYEOF'
+import importlib
+import importlib.metadata
 import sys
 
 import torch
 
-wanted = sys.argv[1]
+wanted, modules = sys.argv[1], sys.argv[2:]
 if not torch.__version__.startswith(wanted) or torch.version.cuda is not None:
     sys.exit(f"torch in the peer venv is {torch.__version__} (cuda={torch.version.cuda}); "
              f"expected the CPU build {wanted}+cpu: remove the venv and run this script again")
-import compressed_tensors
-import llmcompressor
 import transformers
 
 import compressor
 
-print(f"peer venv ready: torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"compressed-tensors {compressed_tensors.__version__}, llmcompressor {llmcompressor.__version__}, "
+found = ", ".join(f"{m} {getattr(importlib.import_module(m), '__version__', '?')}" for m in modules)
+print(f"peer venv ready: torch {torch.__version__}, transformers {transformers.__version__}, {found}, "
       f"compressor from {compressor.__file__}")
-EOF
+PYEOF
