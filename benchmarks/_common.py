@@ -33,6 +33,7 @@ log = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: children run from here
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # made by benchmarks/setup_peers.sh
 AUTOROUND_PYTHON = ROOT / ".venv-autoround" / "bin" / "python"  # made by benchmarks/setup_peers.sh autoround
+GPTQMODEL_PYTHON = ROOT / ".venv-gptqmodel" / "bin" / "python"  # made by benchmarks/setup_peers.sh gptqmodel
 RESULTS = ROOT / "benchmarks" / "results"  # committed records: one <bench>.jsonl per benchmark
 SMOKE_RESULTS = ROOT / "out" / "bench"  # --quick runs: smoke tests, never committed
 
@@ -293,6 +294,40 @@ def base_record(method: str, setting: Setting | None) -> dict[str, Any]:
         "peak_rss_mb": None,
         "status": None,
     }
+
+
+# ---------------------------------------------------------------- peers' exports
+
+CHECKED = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")  # one narrow, one wide input
+
+
+def checked_weights(model, *, copy: bool = False) -> dict[str, Any]:
+    """The (out, in) weights of the :data:`CHECKED` linears of a SmolLM2 model (detached copies with ``copy``)."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach().clone() if copy else modules[name].weight for name in CHECKED}
+
+
+def grid_check(original: dict[str, Any], quantized, setting: Setting) -> dict[str, Any]:
+    """Proof that a peer's model is quantized: the most distinct values in one weight group of the checked linears
+    (at most ``2 ** bits`` on the setting's integer grid) and the share of their weights that changed from
+    ``original`` (:func:`checked_weights` of the fp32 model, copied before the peer ran)."""
+    import torch
+
+    levels, changed, total = 0, 0, 0
+    for name, w in checked_weights(quantized).items():
+        w = w.detach()
+        size = w.shape[1] if setting.group_size == -1 else setting.group_size
+        for row in w[:64]:  # 64 rows are enough to see a grid, and keep this quick
+            for group in torch.split(row, size):
+                levels = max(levels, int(torch.unique(group).numel()))
+        changed += int((w != original[name]).sum())
+        total += w.numel()
+    return {"layers": list(CHECKED), "max_levels": levels, "changed": round(changed / total, 4)}
+
+
+def on_grid(check: dict[str, Any], setting: Setting) -> bool:
+    """Whether a :func:`grid_check` shows the setting's grid (at most 2^bits values per group, most weights moved)."""
+    return check["max_levels"] <= 2 ** setting.bits and check["changed"] >= 0.5
 
 
 def write_result(record: dict[str, Any], path: str | os.PathLike) -> None:

@@ -93,7 +93,7 @@ def run(job: dict) -> dict:
     if _iters_override(job) is not None:
         record["autoround"]["iters_override"] = True  # a smoke run: the report never shows it (a --set run)
     model = common.load_fp32_model(path)
-    original = {name: w.detach().clone() for name, w in _checked_weights(model).items()}
+    original = common.checked_weights(model, copy=True)
     dataset = [calib.input_ids[i:i + 1] for i in range(calib.n)]
     from auto_round import AutoRound
 
@@ -107,43 +107,18 @@ def run(job: dict) -> dict:
             out = _saved_model_dir(Path(tmp))
             del rounder
             quantized = common.load_fp32_model(out)
-            record["grid_check"] = grid_check(original, quantized, setting)
+            record["grid_check"] = common.grid_check(original, quantized, setting)
         except Exception as err:  # a peer's failure is a finding: record it, never hide it
             log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
             record.update(status="failed", error=common.error_text(err))
             return record
-    if record["grid_check"]["max_levels"] > 2 ** setting.bits or record["grid_check"]["changed"] < 0.5:
+    if not common.on_grid(record["grid_check"], setting):
         record.update(status="failed", error=f"AutoRound's export is not {setting.name}-quantized: "
                       f"{record['grid_check']}")
         return record
     record.update(common.perplexity(quantized, ids, job["max_tokens"]))
     record["status"] = "ok"
     return record
-
-
-CHECKED = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")  # one narrow, one wide input
-
-
-def _checked_weights(model) -> dict[str, Any]:
-    modules = dict(model.named_modules())
-    return {name: modules[name].weight for name in CHECKED}
-
-
-def grid_check(original: dict[str, Any], quantized, setting: common.Setting) -> dict[str, Any]:
-    """Proof that what is scored is quantized: the most distinct values in one weight group of the checked linears
-    (at most ``2 ** bits`` on the setting's grid) and the share of their weights that changed from the fp32 ones."""
-    import torch
-
-    levels, changed, total = 0, 0, 0
-    for name, w in _checked_weights(quantized).items():
-        w = w.detach()
-        size = w.shape[1] if setting.group_size == -1 else setting.group_size
-        for row in w[:64]:  # 64 rows are enough to see a grid, and keep this quick
-            for group in torch.split(row, size):
-                levels = max(levels, int(torch.unique(group).numel()))
-        changed += int((w != original[name]).sum())
-        total += w.numel()
-    return {"layers": list(CHECKED), "max_levels": levels, "changed": round(changed / total, 4)}
 
 
 def _iters_override(job: dict) -> int | None:

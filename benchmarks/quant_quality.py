@@ -47,10 +47,15 @@ LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: 
                   "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
-# Intel's AutoRound in a venv of its own (_peer_autoround.py): its default recipe and its light one
-AUTOROUND_MODULE = "_peer_autoround"
-AUTOROUND_METHODS = ("autoround", "autoround-light")
-ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS + AUTOROUND_METHODS
+# peers in venvs of their own, each with its runner: peer → (runner module, default python, the command making it)
+PEER_VENVS = {
+    "autoround": ("_peer_autoround", common.AUTOROUND_PYTHON, "bash benchmarks/setup_peers.sh autoround"),
+    "gptqmodel": ("_peer_gptqmodel", common.GPTQMODEL_PYTHON, "bash benchmarks/setup_peers.sh gptqmodel"),
+}
+# Intel's AutoRound (its default recipe and its light one) and ModelCloud's GPTQModel (its GPTQ): method → peer
+VENV_METHODS = {"autoround": "autoround", "autoround-light": "autoround", "gptqmodel": "gptqmodel"}
+VENV_LABELS = {"autoround": "AutoRound", "gptqmodel": "GPTQModel"}
+ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS + tuple(VENV_METHODS)
 # the integer table's methods (make bench); the float formats add rtn-mse, gptq-mse and llmc-rtn (make bench-float)
 DEFAULT_METHODS = ("fp32", "rtn", "gptq-norefit", "gptq", "gptaq", "adaround", "llmc-gptq", "llmc-awq")
 FLOAT_METHODS = ("fp32", "rtn", "rtn-mse", "gptq", "gptq-mse", "llmc-rtn", "llmc-gptq")
@@ -157,15 +162,17 @@ def _peer_unavailable(method: str, setting: common.Setting | None) -> str | None
         return None
     if method in PEER_METHODS and setting.bpw is not None:
         return "llm-compressor chooses no per-layer widths under a bits-per-weight budget"
-    if method in AUTOROUND_METHODS and setting.bpw is not None:
-        return "AutoRound's own mixed-precision search (AutoScheme) is not wired in: no run under a bits budget"
-    if method in AUTOROUND_METHODS and setting.fmt != "int":
-        return f"AutoRound runs the integer settings only here, not {setting.name}"
+    peer = VENV_METHODS.get(method)
+    if peer and setting.bpw is not None:
+        return f"{VENV_LABELS[peer]} is not run under a bits-per-weight budget here (no mixed-precision search wired in)"
+    if peer and setting.fmt != "int":
+        return f"{VENV_LABELS[peer]} runs the integer settings only here, not {setting.name}"
     return None
 
 
-def run_job(job: dict, peer_python: Path, verbose: bool, autoround_python: Path = common.AUTOROUND_PYTHON) -> dict:
-    """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``."""
+def run_job(job: dict, peer_python: Path, verbose: bool, pythons: dict[str, Path] | None = None) -> dict:
+    """Run one job in a fresh subprocess; its peak RSS comes from ``wait4``. ``peer_python`` runs llm-compressor,
+    ``pythons`` (peer → python) overrides the :data:`PEER_VENVS` defaults."""
     method = job["method"]
     setting = None if method == "fp32" else common.setting_of(job)
     unavailable = _peer_unavailable(method, setting)
@@ -177,11 +184,13 @@ def run_job(job: dict, peer_python: Path, verbose: bool, autoround_python: Path 
         if missing:
             return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
         command = common.module_command(PEER_MODULE, peer_python)
-    elif method in AUTOROUND_METHODS:
-        missing = common.missing_peer(autoround_python, "bash benchmarks/setup_peers.sh autoround")
+    elif method in VENV_METHODS:
+        module, python, setup = PEER_VENVS[VENV_METHODS[method]]
+        python = (pythons or {}).get(VENV_METHODS[method], python)
+        missing = common.missing_peer(python, setup)
         if missing:
             return {**common.base_record(method, setting), "machine": common.machine_info(), **missing}
-        command = common.module_command(AUTOROUND_MODULE, autoround_python)
+        command = common.module_command(module, python)
     else:
         command = [*common.module_command("quant_quality"), "--child"]
     log.info("running %s %s", method, setting.name if setting else "")
@@ -205,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_output_arg(parser, "quant_quality")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
                         help="python of the llm-compressor peer venv (default: %(default)s)")
-    parser.add_argument("--autoround-python", type=Path, default=common.AUTOROUND_PYTHON,
-                        help="python of the AutoRound peer venv, made by `bash benchmarks/setup_peers.sh autoround` "
-                        "(default: %(default)s)")
+    for peer, (_, python, setup) in PEER_VENVS.items():
+        parser.add_argument(f"--{peer}-python", type=Path, default=python,
+                            help=f"python of the {VENV_LABELS[peer]} peer venv, made by `{setup}` (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE",
                         help="recipe override for our pass of that name, e.g. gptq.scheme.observer=mse, or "
                         "autoround.iters=N for a smoke run of AutoRound (repeatable; recorded in the protocol)")
@@ -247,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%d runs: %s", len(jobs), ", ".join(f"{j['method']}:{j['bits']}/{j['group_size']}" for j in jobs))
     done = []
     for job in jobs:
-        record = run_job(job, args.peer_python, args.verbose, args.autoround_python)
+        record = run_job(job, args.peer_python, args.verbose,
+                         {peer: getattr(args, f"{peer}_python") for peer in PEER_VENVS})
         record["protocol"] = {"quick": args.quick, **protocol}
         common.emit(record, args.output)
         done.append(record)

@@ -104,13 +104,13 @@ def _provenance(used: Records, bench: str) -> str:
 QUANT_METHODS = [("rtn", "RTN"), ("gptq-norefit", "GPTQ, refit off"), ("gptq", "GPTQ"), ("gptaq", "GPTAQ"),
                  ("llmc-gptq", "llm-compressor GPTQ")]
 TIMED = ("gptq-norefit", "gptq", "gptaq", "llmc-gptq")  # the calibrated methods, in the time and memory columns
-# peers that get a column only once they have a record (AutoRound: benchmarks/_peer_autoround.py)
-EXTRA_PEERS = [("autoround", "AutoRound"), ("autoround-light", "AutoRound light")]
+# peers that get a column only once they have a record (benchmarks/_peer_autoround.py, _peer_gptqmodel.py)
+EXTRA_PEERS = [("gptqmodel", "GPTQModel GPTQ"), ("autoround", "AutoRound"), ("autoround-light", "AutoRound light")]
 
 
 def quant_quality(records: Records, *, source: str | None = "quant_quality") -> str:
     """SmolLM2 weight-only quality: RTN, GPTQ, GPTAQ (ours), llm-compressor GPTQ and, once they have records,
-    AutoRound's default and light recipes, at every setting.
+    GPTQModel's GPTQ and AutoRound's default and light recipes, at every setting.
 
     ``records`` are taken as given: the doc table passes the full-protocol ones (:func:`full_protocol`);
     ``source`` names their file in the provenance line (None: no provenance line, e.g. one run's own summary).
@@ -159,7 +159,7 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
 
 HEADLINE_SETTINGS = ("w4g64", "w4pc", "w3g64")
 OURS = ("rtn", "gptq-norefit", "gptq", "gptaq")
-PEERS = ("llmc-gptq", "llmc-awq", "autoround", "autoround-light")
+PEERS = ("llmc-gptq", "llmc-awq", "gptqmodel", "autoround", "autoround-light")
 LABELS = dict(QUANT_METHODS) | dict(EXTRA_PEERS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound"}
 TIE = 0.01  # single-run differences under ~1% are ties (DESIGN.md, protocol)
 

@@ -7,6 +7,8 @@
 #                                                                transformers<=5.17.0 and compressed-tensors==0.19.0
 #                                                                (they conflict with the dev venv .venv)
 #   autoround      .venv-autoround  requirements/autoround.lock  Intel's auto-round 0.16.1
+#   gptqmodel      .venv-gptqmodel  requirements/gptqmodel.lock  ModelCloud's GPTQModel 7.6.0 (7.7.0 needs torch>=2.14.1);
+#                                                                sdists only: its install builds pypcre (~minutes)
 # Our own package is installed there too (editable, no dependencies of its own) so the peer
 # runner uses the same calibration windows and the same perplexity function.
 #
@@ -17,11 +19,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PEER="llmcompressor"
 case "${1:-}" in
-    llmcompressor|autoround) PEER="$1"; shift ;;
+    llmcompressor|autoround|gptqmodel) PEER="$1"; shift ;;
 esac
 case "$PEER" in
     llmcompressor) VENV_NAME=".venv-bench"; LOCK="$ROOT/requirements/peers.lock"; MODULES="compressed_tensors llmcompressor" ;;
     autoround) VENV_NAME=".venv-autoround"; LOCK="$ROOT/requirements/autoround.lock"; MODULES="auto_round" ;;
+    gptqmodel) VENV_NAME=".venv-gptqmodel"; LOCK="$ROOT/requirements/gptqmodel.lock"; MODULES="gptqmodel" ;;
 esac
 VENV="${1:-$ROOT/$VENV_NAME}"
 PY="$VENV/bin/python"

@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCKS = ("dev.lock", "bench.lock", "peers.lock", "autoround.lock")
+LOCKS = ("dev.lock", "bench.lock", "peers.lock", "autoround.lock", "gptqmodel.lock")
 README_NAMED = ("torch", "transformers", "compressed-tensors", "accelerate", "triton")
 
 
@@ -34,7 +34,7 @@ def project_requirements(*extras: str) -> list[Requirement]:
 
 
 @pytest.mark.parametrize("lock,extras", [("dev.lock", ("dev",)), ("bench.lock", ("dev", "cnn")), ("peers.lock", ()),
-                                         ("autoround.lock", ())])
+                                         ("autoround.lock", ()), ("gptqmodel.lock", ())])
 def test_every_lock_pins_every_requirement_inside_its_range(lock, extras):
     pins = read_lock(lock)
     for req in project_requirements(*extras):

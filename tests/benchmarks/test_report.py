@@ -249,7 +249,7 @@ def test_ostquant_tables_keep_the_test_split_apart_from_the_dev_sweep(tmp_path):
     assert "(2 records" in test_part and "(3 records" in dev_part
 
 
-def test_autoround_gets_columns_once_recorded_and_counts_as_a_peer_in_the_headline(tmp_path):
+def test_venv_peers_get_columns_once_recorded_and_count_as_peers_in_the_headline(tmp_path):
     base = [_record("fp32", "fp32", 23.07), _record("gptq", "w4g64", 25.78, compress_s=315.0, peak_rss_mb=2888.0),
             _record("llmc-gptq", "w4g64", 25.94, compress_s=388.0, peak_rss_mb=2683.0)]
     blocks = "<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n" \
@@ -258,11 +258,12 @@ def test_autoround_gets_columns_once_recorded_and_counts_as_a_peer_in_the_headli
     without = report.render(blocks, _write(tmp_path / "a", base))
     assert "AutoRound" not in without  # no record, no column
     records = base + [_record("autoround", "w4g64", 25.5, compress_s=3000.0, peak_rss_mb=2400.0),
-                      _record("autoround-light", "w4g64", 25.9, compress_s=900.0, peak_rss_mb=2300.0)]
+                      _record("autoround-light", "w4g64", 25.9, compress_s=900.0, peak_rss_mb=2300.0),
+                      _record("gptqmodel", "w4g64", 26.1, compress_s=500.0, peak_rss_mb=2200.0)]
     (tmp_path / "b").mkdir()
     text = report.render(blocks, _write(tmp_path / "b", records))
     table, headline = text.split("<!-- report:quant-headline -->")
-    assert "| AutoRound ppl | AutoRound light ppl | compress s (refit off / GPTQ / GPTAQ / llmc / AutoRound / " \
-           "AutoRound light) |" in table
-    assert "| 25.78 | — | 25.94 | **25.50** | 25.90 | — / 315 / — / 388 / 3000 / 900 |" in table
+    assert "| GPTQModel GPTQ ppl | AutoRound ppl | AutoRound light ppl | compress s (refit off / GPTQ / GPTAQ / llmc / " \
+           "GPTQModel GPTQ / AutoRound / AutoRound light) |" in table
+    assert "| 25.78 | — | 25.94 | 26.10 | **25.50** | 25.90 | — / 315 / — / 388 / 500 / 3000 / 900 |" in table
     assert "25.78 (GPTQ) / 25.50 (AutoRound) (1.1% higher" in headline
