@@ -168,6 +168,7 @@ def run(job: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gptqmodel-") as tmp:
         out = Path(tmp) / "export"
+        home = os.getcwd()
         os.chdir(tmp)  # GPTQModel writes logs/gptq_log_*.log under the working directory: keep them out of the tree
         try:
             log.info("%s %s: GPTQConfig(%s) on %d x %d calibration tokens", method, setting.name, kwargs, calib.n,
@@ -188,6 +189,8 @@ def run(job: dict) -> dict:
             log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
             record.update(status="failed", error=common.error_text(err))
             return record
+        finally:
+            os.chdir(home)
     ours = common.checked_weights(model)
     # relative to each weight's largest magnitude: GPTQModel's float16 dequantization rounds to ~1e-3
     diff = max(float((ours[n] - theirs[n]).abs().max() / ours[n].abs().max()) for n in common.CHECKED)
