@@ -595,8 +595,8 @@ def transforms(records: Records) -> str:
             rows.append(f"| {setting.upper()} | {TRANSFORM_LABELS[transform]} | " + " | ".join(ppl)
                         + f" | {'; '.join(_training(r) for r in learned) or '—'} | {'; '.join(timed) or '—'} |")
     if not rows:
-        return ("_No records in `benchmarks/results/transforms.jsonl` yet: run `python -m benchmarks.transforms "
-                "--settings w4a4kv4 --transforms ostquant --methods gptq`._\n")
+        return ("_No test-split records of the full protocol in `benchmarks/results/transforms.jsonl` yet: run "
+                "`python -m benchmarks.transforms --settings w4a4kv4 --transforms ostquant --methods gptq`._\n")
     head = ("| setting | transform | " + " | ".join(label for _, label in TRANSFORM_METHODS)
             + " | KL-Top first → last | compress, peak RSS |\n|---|---|---|---|---|---|---|---|\n")
     return (head + "\n".join(rows) + "\n\nPerplexity on SOTU 2010-2021. Weights W4 per channel, asymmetric.\n\n"
