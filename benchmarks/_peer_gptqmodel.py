@@ -10,8 +10,9 @@ Peer-specific choices (see benchmarks/README.md):
 
 * ``GPTQConfig(bits, group_size, sym=False)`` (-1 = per output channel), all
   else GPTQModel's defaults (7.6.0: ``desc_act=False``, ``act_group_aware=True``,
-  damping 0.05, ``true_sequential=True``, ``lm_head`` left alone); the record
-  keeps the whole config GPTQModel saved;
+  damping 0.05, ``true_sequential=True``, ``lm_head`` left alone), except that
+  per-channel needs ``act_group_aware=False`` (its default raises there); the
+  record keeps the whole config GPTQModel saved;
 * calibration: our windows as ``{"input_ids", "attention_mask"}`` rows of one
   window each, ``batch_size=1``;
 * GPTQModel keeps its quantized layers packed (and offloaded to disk while it
@@ -54,7 +55,12 @@ def quantize_config_kwargs(setting: common.Setting) -> dict[str, Any]:
     """
     if setting.fmt != "int" or setting.bpw is not None:
         raise ValueError(f"gptqmodel runs the integer settings only (w<bits>g<group> / w<bits>pc), not {setting.name}")
-    return {"bits": setting.bits, "group_size": setting.group_size, "sym": False}
+    kwargs = {"bits": setting.bits, "group_size": setting.group_size, "sym": False}
+    if setting.group_size == -1:
+        # its default act_group_aware=True raises at per-channel ("requires `group_size > 0`, got `-1`", recorded
+        # 2026-12-06): off is the only way GPTQModel quantizes per output channel
+        kwargs["act_group_aware"] = False
+    return kwargs
 
 
 def unpack_codes(packed, bits: int, count: int):

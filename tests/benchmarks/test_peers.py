@@ -87,10 +87,12 @@ def test_dequantize_gptq_is_scale_times_code_minus_zero_per_group(bits, group):
     assert torch.equal(weight, expected)
 
 
-def test_gptqmodel_config_is_the_grid_and_nothing_else():
+def test_gptqmodel_config_is_the_grid_and_what_per_channel_needs():
     assert gptqmodel.quantize_config_kwargs(common.parse_setting("w3g64")) == {"bits": 3, "group_size": 64,
                                                                                "sym": False}
-    assert gptqmodel.quantize_config_kwargs(common.parse_setting("w4pc"))["group_size"] == -1
+    # per-channel: its default act_group_aware=True raises ("requires `group_size > 0`"), so it is turned off there
+    assert gptqmodel.quantize_config_kwargs(common.parse_setting("w4pc")) == {"bits": 4, "group_size": -1, "sym": False,
+                                                                              "act_group_aware": False}
     with pytest.raises(ValueError, match="integer settings only"):
         gptqmodel.quantize_config_kwargs(common.parse_setting("mxfp4"))
 
