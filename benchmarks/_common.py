@@ -330,6 +330,19 @@ def on_grid(check: dict[str, Any], setting: Setting) -> bool:
     return check["max_levels"] <= 2 ** setting.bits and check["changed"] >= 0.5
 
 
+def peer_record(job: dict[str, Any], *packages: str, **fields: Any) -> tuple[Setting | None, dict[str, Any]]:
+    """Start of a peer runner's record: the job's setting and :func:`base_record` with the machine, the versions of
+    ``packages`` and ``fields``; sets torch's thread count when the job names one."""
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    setting = setting_of(job)
+    record = base_record(job["method"], setting)
+    record.update(fields, machine=machine_info(), versions=versions(*packages))
+    return setting, record
+
+
 def write_result(record: dict[str, Any], path: str | os.PathLike) -> None:
     """A child's result: one JSON object written to the file its parent named."""
     Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")

@@ -71,15 +71,8 @@ def autoround_kwargs(method: str, setting: common.Setting, n_calib: int, calib_l
 
 def run(job: dict) -> dict:
     """Quantize with AutoRound, reload its fake-quantized export in fp32 and evaluate; returns the result record."""
-    import torch
-
     method = job["method"]
-    setting = common.setting_of(job)
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    record = common.base_record(method, setting)
-    record.update(peer=PEER, machine=common.machine_info(),
-                  versions=common.versions("auto-round", "transformers", "torch", "compressor"))
+    setting, record = common.peer_record(job, "auto-round", "transformers", "torch", "compressor", peer=PEER)
     path, tokenizer = common.load_tokenizer_and_path()
     ids = common.eval_ids(tokenizer, job.get("split", "test"))
     calib = common.calibration_ids(tokenizer, job["n_calib"], job["calib_len"])

@@ -151,12 +151,7 @@ def run(job: dict) -> dict:
     import torch
 
     method = job["method"]
-    setting = common.setting_of(job)
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    record = common.base_record(method, setting)
-    record.update(peer=PEER, machine=common.machine_info(),
-                  versions=common.versions("gptqmodel", "transformers", "torch", "compressor"))
+    setting, record = common.peer_record(job, "gptqmodel", "transformers", "torch", "compressor", peer=PEER)
     if (os.cpu_count() or 1) < 4 and "GPTQMODEL_CPU_WORKERS" not in os.environ:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
         record["patched"] = "GPTQMODEL_CPU_WORKERS=2 (its default pool of 1 CPU worker is below its loader's 2)"

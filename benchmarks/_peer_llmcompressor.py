@@ -109,15 +109,9 @@ def _calibration_dataset(input_ids):
 
 def run(job: dict) -> dict:
     """Compress with llm-compressor and evaluate; returns the result record."""
-    import torch
-
     method = job["method"]
-    setting = common.setting_of(job)
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    record = common.base_record(method, setting)
-    record["machine"] = common.machine_info()
-    record["versions"] = common.versions("llmcompressor", "compressed-tensors", "transformers", "torch", "compressor")
+    setting, record = common.peer_record(job, "llmcompressor", "compressed-tensors", "transformers", "torch",
+                                         "compressor")
     record["pipeline"] = "sequential"
     if method == "llmc-awq":
         patched = _patch_pin_memory()

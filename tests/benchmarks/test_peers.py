@@ -120,3 +120,12 @@ def test_grid_check_tells_a_quantized_export_from_an_untouched_one():
             g.copy_(torch.round((g - lo) / scale) * scale + lo)
     quantized = common.grid_check(original, model, setting)
     assert quantized["max_levels"] <= 16 and quantized["changed"] > 0.5 and common.on_grid(quantized, setting)
+
+
+def test_peer_record_starts_every_peer_runner_the_same_way():
+    setting, record = common.peer_record({"method": "gptqmodel", **common.parse_setting("w3g64").job()},
+                                         "torch", peer="gptqmodel")
+    assert setting == common.parse_setting("w3g64")
+    assert record["method"] == "gptqmodel" and record["setting"] == "w3g64" and record["peer"] == "gptqmodel"
+    assert record["versions"]["torch"] == torch.__version__ and record["machine"]["cores"] >= 1
+    assert record["status"] is None and record["ppl"] is None
