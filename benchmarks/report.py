@@ -443,7 +443,8 @@ def gguf(records: Records) -> str:
 
 
 # block name -> (benchmark whose records it reads, table builder); builders get the full-protocol records
-SCALE_METHODS = [("ours-stream", "ours, streamed"), ("ours", "ours, in memory"), ("llmc-gptq", "llm-compressor")]
+SCALE_METHODS = [("ours-stream", "ours, streamed"), ("ours-stream-rotate", "ours, streamed, rotate + GPTQ"),
+                 ("ours", "ours, in memory"), ("llmc-gptq", "llm-compressor")]
 
 
 def scale(records: Records) -> str:

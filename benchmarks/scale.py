@@ -13,6 +13,8 @@ tokenizer, whose ids all lie inside the vocabulary), and writes its export, all 
 
 * ``ours``: ``compressor.compress`` with the model in memory;
 * ``ours-stream``: ``compress(..., stream=True)``: blocks read from the shards and written out one by one;
+* ``ours-stream-rotate``: the same with a ``rotate`` pass (QuaRot's R1, R2, R4) before GPTQ, each block rotated as
+  it is read: what streaming a whole-model transform costs in time and memory;
 * ``llmc-gptq``: llm-compressor's ``oneshot`` with ``GPTQModifier(scheme="W4A16")``, sequential pipeline,
   then ``save_pretrained(save_compressed=True)``; in the peer venv (``benchmarks/setup_peers.sh``).
 
@@ -49,7 +51,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "14b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48, "num_attention_heads": 40,
             "num_key_value_heads": 8, "vocab_size": 152064, "tie_word_embeddings": False, "head_dim": 128},
 }
-METHODS = ("ours", "ours-stream", "llmc-gptq")
+METHODS = ("ours", "ours-stream", "ours-stream-rotate", "llmc-gptq")
 SHARD_BYTES = 2 * 2**30
 
 
@@ -172,10 +174,12 @@ def _calibration(path: Path):
 def _run_ours(job: dict[str, Any]) -> dict[str, Any]:
     from compressor import Recipe, compress
 
-    recipe = Recipe.from_dict({"passes": [{"gptq": {"scheme": {"bits": 4, "group_size": 128, "symmetric": True}}}]})
+    passes = [{"gptq": {"scheme": {"bits": 4, "group_size": 128, "symmetric": True}}}]
+    if job["method"] == "ours-stream-rotate":
+        passes.insert(0, {"rotate": {}})
     calib = _calibration(Path(job["checkpoint"]))
-    compress(job["checkpoint"], recipe, calibration=calib, output=job["output"], overwrite=True, quiet=True,
-             stream=job["method"] == "ours-stream")
+    compress(job["checkpoint"], Recipe.from_dict({"passes": passes}), calibration=calib, output=job["output"],
+             overwrite=True, quiet=True, stream=job["method"].startswith("ours-stream"))
     return {"status": "ok"}
 
 
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             record: dict[str, Any] = {
                 "bench": BENCH, "shape": name, "params": n_params, "method": method,
                 "blocks": shape["num_hidden_layers"], "of_blocks": SHAPES[name]["num_hidden_layers"],
-                "scheme": "W4 sym g128 (W4A16)", "algorithm": "gptq",
+                "scheme": "W4 sym g128 (W4A16)", "algorithm": "rotate+gptq" if method.endswith("rotate") else "gptq",
                 "calibration": {"source": common.CALIB_SOURCE, "n": N_CALIB, "seq_len": CALIB_LEN},
                 "checkpoint_bytes": _dir_bytes(checkpoint),
             }

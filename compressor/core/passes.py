@@ -120,7 +120,9 @@ class Pass:
       large weight untouched (:func:`compressor.core.coverage.check_untouched`) and reports coverage;
     * ``streams``: works on a streamed run (:mod:`compressor.export.stream`): everything it reads and
       changes lives in the block being processed (and its targets outside the blocks), so blocks can be
-      read from the checkpoint when their turn comes and freed after;
+      read from the checkpoint when their turn comes and freed after. A model-level pass that streams
+      (rotate) transforms the parts outside the blocks once in :meth:`begin_stream`, each block in
+      :meth:`load_block` as soon as it is read, and records what it did in :meth:`end_stream`;
     * ``data_parallel``: calibrates data-parallel (:mod:`compressor.core.distributed`): each rank observes
       its share of the calibration data and :meth:`reduce_statistics` sums the statistics over the ranks
       before :meth:`end_block`; the pipeline refuses a multi-process run with a calibrated pass without it;
@@ -206,6 +208,20 @@ class Pass:
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         """Compress ``block`` without calibration data (sequential pipeline, calibration-free pass)."""
         raise NotImplementedError(f"{self.name} does not run inside the block pipeline")
+
+    def begin_stream(self, model: nn.Module) -> None:
+        """A streamed run of a model-level pass: check and plan on ``model``, whose decoder blocks are on
+        ``meta``, and transform what lives outside them (embeddings, final norm, head)."""
+        raise NotImplementedError(f"{self.name} does not run streamed")
+
+    def load_block(self, block: nn.Module, prefix: str, index: int) -> None:
+        """A streamed run of a model-level pass: transform decoder block ``index`` (named ``prefix``) just read
+        from the checkpoint, before any block pass sees it."""
+        raise NotImplementedError(f"{self.name} does not run streamed")
+
+    def end_stream(self, model: nn.Module) -> None:
+        """A streamed run of a model-level pass: every block has been through :meth:`load_block`."""
+        raise NotImplementedError(f"{self.name} does not run streamed")
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:

@@ -44,6 +44,7 @@ from compressor.core.memory import trim_heap
 from compressor.core.sparsity import is_pruned, pruned_zeros
 from compressor.export.checkpoint import check_checkpoint
 from compressor.export.compressed_tensors import block_tensors
+from compressor.runtime.online import OnlineHadamard
 
 __all__ = ["CheckpointReader", "load_skeleton", "StreamedExport"]
 
@@ -287,30 +288,33 @@ class StreamedExport:
     def park(self) -> None:
         """Free the parameters outside the blocks (embeddings, final norm, ``lm_head``) while the blocks run:
         once block 0's inputs are captured nothing reads them until the export, and at the 8B shape they are
-        2 GB. Tied parameters stay one. :meth:`unpark` reads them back."""
+        2 GB. Their current values (a leading pass such as rotate may have changed them) go to a file in the
+        staging directory, written as they are, no copy in memory; tied parameters stay one.
+        :meth:`unpark` reads them back."""
         metas: dict[int, nn.Parameter] = {}
+        (self.dir / "parked").mkdir(exist_ok=True)
+        spill = _Shard(self.dir / "parked" / "outside.safetensors")
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if self._inside(name) or p.is_meta:
                 continue
-            if id(p) not in metas and not any(n in self.reader for n in self._names_of(p)):
-                continue  # not in the checkpoint under any of its names: it could not be read back
+            if id(p) not in metas:
+                spill.add(name, p.detach())
             meta = metas.setdefault(id(p), nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
             owner, _, leaf = name.rpartition(".")
             self.model.get_submodule(owner)._parameters[leaf] = meta
             self.parked.add(name)
+        spill.close({"format": "pt"})
         trim_heap()
 
     def unpark(self) -> None:
-        """Read back what :meth:`park` freed."""
+        """Read back what :meth:`park` freed, as it was when parked."""
         if self.parked:
-            _read(self.model, self.reader, lambda name: name in self.parked)
+            _read(self.model, CheckpointReader(self.dir / "parked"), lambda name: name in self.parked)
             self.parked.clear()
+            shutil.rmtree(self.dir / "parked", ignore_errors=True)
 
     def _inside(self, name: str) -> bool:
         return name == self.blocks_name or name.startswith(self.blocks_name + ".")
-
-    def _names_of(self, param: nn.Parameter) -> list[str]:
-        return [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is param]
 
     def release(self, index: int, prefix: str, block: nn.Module) -> None:
         """Pack the finished block, write its tensors into the current export shard and free it."""
@@ -318,7 +322,11 @@ class StreamedExport:
             if is_pruned(module):
                 self.zeros[name] = pruned_zeros(module)
         self.add(block_tensors(self.model, block, prefix))
+        # online transforms keep their (small, non-persistent) buffers: the export describes them afterwards
+        kept = [(m, dict(m._buffers)) for m in block.modules() if isinstance(m, OnlineHadamard)]
         block.to("meta")
+        for module, buffers in kept:
+            module._buffers.update(buffers)
         self.released.add(prefix)
         trim_heap()
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from compressor.algorithms.transforms.rotate import rotate_model
+from compressor.algorithms.transforms.rotate import Rotation, rotate_model
 from compressor.core.passes import Pass, PassConfig, register_pass
 
 __all__ = ["RotateConfig", "RotatePass"]
@@ -71,18 +71,37 @@ class RotatePass(Pass):
     """Rotate the whole model once, before the quantization passes (a model-level pass).
 
     ``compressor.compress`` runs model-level passes on the full model before
-    the sequential block pipeline; they must lead the recipe.
+    the sequential block pipeline; they must lead the recipe. A streamed run
+    (``stream=True``) rotates the embedding and head first and each decoder block
+    as it is read from the checkpoint: the same weights, one block in memory.
     """
 
     name = "rotate"
     config_cls = RotateConfig
     model_level: ClassVar[bool] = True
+    streams: ClassVar[bool] = True
 
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model`` in place; what was applied is kept in ``self.applied``."""
         c = self.config
         self.applied = rotate_model(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4, online_o=c.online_o,
                                     r1_at=c.r1_at)
+
+    def begin_stream(self, model: nn.Module) -> None:
+        """Plan the rotation on ``model`` (blocks on ``meta``) and rotate the parts outside the blocks."""
+        c = self.config
+        self._rotation = Rotation(model, seed=c.seed, r1=c.r1, r2=c.r2, r3=c.r3, r4=c.r4, online_o=c.online_o,
+                                  r1_at=c.r1_at)
+        self._rotation.outside()
+
+    def load_block(self, block: nn.Module, prefix: str, index: int) -> None:
+        """Rotate decoder block ``index``, just read from the checkpoint."""
+        self._rotation.block(index)
+
+    def end_stream(self, model: nn.Module) -> None:
+        """Keep what was applied in ``self.applied`` (and ``model.rotation_info``)."""
+        self.applied = self._rotation.finish()
+        del self._rotation
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("rotate is a model-level pass: run the recipe through compressor.compress, which "

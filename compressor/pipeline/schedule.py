@@ -147,10 +147,14 @@ def run_passes(
         if lead_ids.is_floating_point():
             raise ValueError("model-level calibrated passes (ostquant) need token ids, not a float tensor of inputs")
     for p in lead:  # whole-model transforms run once, before any block is compressed
-        if p.requires_calibration:
+        if stream is not None:  # streamed: the parts outside the blocks now, each block when it is read
+            p.begin_stream(model)
+        elif p.requires_calibration:
             p.apply(model, calibration_ids=lead_ids, quiet=quiet)
         else:
             p.apply(model, quiet=quiet)
+    if stream is not None and lead:
+        stream = _LeadStream(stream, lead)
     ids = None
     if stream is not None and not any(p.requires_calibration for p in middle):
         _stream_blocks(model, middle, stream, quiet)
@@ -180,6 +184,9 @@ def run_passes(
             for p in middle:
                 if outside.get(p.name):
                     p.apply(model, quiet=quiet, only=outside[p.name])
+    if stream is not None:
+        for p in lead:
+            p.end_stream(model)
     for p in tail:
         if ids is None and calibration_ids is not None and not getattr(p.config, "data", None):
             ids = calibration_ids([p.name])
@@ -216,11 +223,34 @@ def check_streamable(passes: list[Pass]) -> None:
             allocation across layers, distillation, a GGUF file), naming it and the way out.
     """
     lead, _, tail = split_passes(passes)
-    names = [p.name for p in passes if not p.streams or p in lead or p in tail]
+    names = [p.name for p in passes if not p.streams or p in tail]
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot run streamed yet (it reads or changes the whole "
                          "model, not one block at a time): run without --stream (stream=False), which loads the "
-                         "whole model into memory; streamed runs take rtn, gptq (GPTAQ too) and uniform prune")
+                         "whole model into memory; streamed runs take rotate, rtn, gptq (GPTAQ too) and uniform "
+                         "prune")
+
+
+class _LeadStream:
+    """A :class:`~compressor.pipeline.sequential.BlockStream` that hands each block, as soon as it is read, to
+    the leading model-level passes of a streamed run (rotate), in recipe order, before any block pass."""
+
+    def __init__(self, inner: BlockStream, lead: list[Pass]):
+        self.inner, self.lead = inner, lead
+
+    def load(self, index: int, prefix: str, block: nn.Module) -> None:
+        self.inner.load(index, prefix, block)
+        for p in self.lead:
+            p.load_block(block, prefix, index)
+
+    def release(self, index: int, prefix: str, block: nn.Module) -> None:
+        self.inner.release(index, prefix, block)
+
+    def park(self) -> None:
+        self.inner.park()
+
+    def unpark(self) -> None:
+        self.inner.unpark()
 
 
 def _stream_blocks(model: nn.Module, passes: list[Pass], stream: BlockStream, quiet: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tests.helpers import load_benchmark
@@ -42,6 +44,10 @@ def test_built_checkpoint_loads_and_streamed_export_equals_in_memory(tmp_path, m
     assert files == sorted(p.name for p in (tmp_path / "ours-stream").glob("*.safetensors"))
     for name in files + ["config.json"]:
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ours-stream" / name).read_bytes()
+    result = scale.run({"method": "ours-stream-rotate", "checkpoint": str(path), "output": str(tmp_path / "rot")})
+    assert result["status"] == "ok", result
+    qcfg = json.loads((tmp_path / "rot" / "config.json").read_text())["quantization_config"]
+    assert set(qcfg["transform_config"]["config_groups"]) == {"R4"}
 
 
 def test_a_probe_keeps_the_first_blocks_of_a_shape():

@@ -16,12 +16,17 @@ from compressor.export.stream import StreamedExport, load_skeleton
 
 CALIB = torch.randint(0, 95, (6, 16), generator=torch.Generator().manual_seed(1))
 GPTQ = {"gptq": {"scheme": {"bits": 4, "group_size": 32}}}
+GPTAQ = {"gptq": {"scheme": {"bits": 4, "group_size": 32}, "asymmetric": True}}
+RTN = {"rtn": {"scheme": {"bits": 4, "group_size": 32}}}
 RECIPES = {
     "gptq": [GPTQ],
-    "gptaq": [{"gptq": {"scheme": {"bits": 4, "group_size": 32}, "asymmetric": True}}],
+    "gptaq": [GPTAQ],
     "prune+gptq": [{"prune": {"method": "wanda", "sparsity": 0.5}}, GPTQ],
-    "rtn": [{"rtn": {"scheme": {"bits": 4, "group_size": 32}}}],
+    "rtn": [RTN],
     "rtn+lm_head": [{"rtn": {"scheme": {"bits": 8, "group_size": -1}, "ignore": []}}],
+    "rotate+gptq": [{"rotate": {}}, GPTQ],
+    "rotate(r3,online_o)+rtn": [{"rotate": {"r3": True, "online_o": True}}, RTN],
+    "rotate(random)+gptaq": [{"rotate": {"r1": "random"}}, GPTAQ],
 }
 
 
@@ -48,9 +53,10 @@ def _tensors(root: Path) -> dict[str, torch.Tensor]:
 def test_streamed_export_is_the_in_memory_export_byte_for_byte(tmp_path, name):
     src = _checkpoint(tmp_path)
     recipe = Recipe.from_dict({"passes": RECIPES[name]})
-    compress(src, recipe, calibration=CALIB, output=tmp_path / "mem", quiet=True)
+    in_memory = compress(src, recipe, calibration=CALIB, output=tmp_path / "mem", quiet=True)
     model = compress(src, recipe, calibration=CALIB, output=tmp_path / "stream", quiet=True, stream=True)
     assert all(p.is_meta for p in model.model.layers.parameters())  # the blocks were written and freed
+    assert getattr(model, "rotation_info", None) == getattr(in_memory, "rotation_info", None)
     mem, streamed = _files(tmp_path / "mem"), _files(tmp_path / "stream")
     assert set(mem) == set(streamed)
     for file in mem:
@@ -114,6 +120,34 @@ def test_parameters_outside_the_blocks_are_freed_while_the_blocks_run(tmp_path, 
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_streamed_rotation_holds_one_block_at_a_time(tmp_path, monkeypatch):
+    """rotate in a streamed run: the embedding and head are rotated before block 0 is read, each block right
+    after it is read, while every other block is on meta; a rotated block keeps its online transforms
+    (R4 / R3 buffers) after it is written and freed, for the export's transform_config."""
+    from compressor.algorithms.transforms.rotate import Rotation
+    from compressor.runtime.online import OnlineHadamard
+
+    src = _checkpoint(tmp_path, layers=3)
+    seen = []
+    block = Rotation.block
+
+    def spy(self, index):
+        layers = self.model.model.layers
+        seen.append((index, [all(p.is_meta for p in layers[j].parameters()) for j in range(len(layers))],
+                     self.model.model.embed_tokens.weight.is_meta))
+        block(self, index)
+
+    monkeypatch.setattr(Rotation, "block", spy)
+    recipe = Recipe.from_dict({"passes": [{"rotate": {"r3": True}}, GPTQ]})
+    model = compress(src, recipe, calibration=CALIB, output=tmp_path / "out", quiet=True, stream=True)
+    assert seen == [(i, [j != i for j in range(3)], True) for i in range(3)]
+    hadamards = [m for m in model.model.layers.modules() if isinstance(m, OnlineHadamard)]
+    assert len(hadamards) == 6 and not any(m.base is not None and m.base.is_meta for m in hadamards)
+    assert model.rotation_info["online"] == 6 and model.rotation_info["untied_embeddings"] is True
+    qcfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert set(qcfg["transform_config"]["config_groups"]) == {"R3", "R4"}
+
+
 def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
     src = _checkpoint(tmp_path, dtype=torch.bfloat16)
     model, _ = load_skeleton(src)
@@ -124,7 +158,7 @@ def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("passes, words", [
-    ([{"rotate": {}}, GPTQ], "rotate"),
+    ([{"ostquant": {}}, GPTQ], "ostquant"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}}, GPTQ], "prune"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5}}], "must quantize"),
 ])

@@ -54,12 +54,13 @@ from compressor.core.arch import LAYOUT_FEATURES, DecoderLayout, head_counts
 from compressor.runtime.activations import QKRotation, attach_qk_rotation, qk_rotations
 from compressor.runtime.online import OnlineHadamard, attach_input_transform, online_transforms
 
-__all__ = ["random_orthogonal", "rotate_model"]
+__all__ = ["random_orthogonal", "rotate_model", "Rotation"]
 
 log = logging.getLogger(__name__)
 
 
 SUPPORTS = frozenset(LAYOUT_FEATURES)  # every layout feature: Gemma's norms, Phi-3's fused linears, MoE blocks
+ROW_CHUNK = 8192  # rows of the embedding / lm_head rotated at a time: a float64 copy of 8192 rows, not of all
 
 
 def rotate_model(
@@ -103,75 +104,133 @@ def rotate_model(
         ValueError: unsupported architecture, size or attention
             implementation, or a model that is already rotated or quantized.
     """
-    if r1 not in ("hadamard", "random"):
-        raise ValueError(f"r1={r1!r}: use 'hadamard' (randomized Hadamard) or 'random' (random orthogonal)")
-    if r1_at not in ("auto", "residual", "inputs"):
-        raise ValueError(f"r1_at={r1_at!r}: use 'auto', 'residual' or 'inputs'")
-    layout, blocks_name, blocks, emb, head = fresh_decoder(model, "rotate", SUPPORTS)
-    config = model.config
-    hidden = config.hidden_size
-    n_heads, n_kv, head_dim = head_counts(config)
-    if r1_at == "auto":
-        r1_at = "inputs" if layout.post_norms else "residual"
-    if r1_at == "residual" and layout.post_norms:
-        raise ValueError(f"rotate: {config.model_type} has norms on the attention and MLP outputs "
-                         f"({', '.join(layout.post_norms)}) whose per-channel weights do not commute with a rotation "
-                         "of the residual stream; use r1_at: inputs (or auto), which rotates each reader's input online")
-    if r1_at == "inputs" and r1 != "hadamard":
-        raise ValueError(f"rotate: r1={r1!r} needs r1_at: residual; rotations at the readers' inputs run online, "
-                         "as Hadamard transforms (r1: hadamard)")
-    moe = [i for i, b in enumerate(blocks) if layout.moe_parts(b) is not None]
-    if r1_at == "inputs" and moe:
-        raise ValueError(f"rotate: r1_at=inputs has no run-time hook inside MoE blocks ({blocks_name}.{moe[0]}); "
-                         "use r1_at: residual (or auto)")
-    # sizes are checked before any weight changes, so an unsupported size leaves the model intact
-    q1 = rotation_matrix(r1, hidden, seed) if r1_at == "residual" else OnlineHadamard(hidden).matrix(torch.float64)
-    q2 = rotation_matrix(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
-    dense = [i for i in range(len(blocks)) if i not in set(moe)]
-    inter_sizes = {submodule(blocks[i], layout.down, f"{blocks_name}.{i}").in_features for i in dense}
-    o_sizes = {submodule(b, layout.o, f"{blocks_name}.{i}").in_features for i, b in enumerate(blocks)}
-    q4 = {n: OnlineHadamard(n).matrix(torch.float64) for n in inter_sizes} if r4 else {}  # (n, n) each
-    qo = {n: OnlineHadamard(n).matrix(torch.float64) for n in o_sizes} if online_o else {}  # (n, n) each
-    attention = r3_targets(model, head_dim) if r3 else []
-    untied = untie_embeddings(model, emb, head) if r1_at == "residual" else False
+    rotation = Rotation(model, seed=seed, r1=r1, r2=r2, r3=r3, r4=r4, online_o=online_o, r1_at=r1_at)
+    rotation.outside()
+    for i in range(rotation.n_blocks):
+        rotation.block(i)
+    return rotation.finish()
 
-    with torch.no_grad():
-        folded = 0
-        for i, block in enumerate(blocks):
-            where = f"{blocks_name}.{i}"
+
+class Rotation:
+    """One model's rotation (:func:`rotate_model`), checked and planned at construction, then applied in parts.
+
+    :meth:`outside` rotates what lives outside the decoder blocks (untied head, final norm, embedding,
+    ``lm_head``), :meth:`block` one decoder block (its norms folded, R1 / R2 / R4 / online o_proj fused, R3
+    attached), in any order; :meth:`finish` records what was applied. :func:`rotate_model` runs them all at
+    once; a streamed run (:mod:`compressor.export.stream`) rotates each block when it is read from the
+    checkpoint, so no step needs more than one block in memory. Both give the same weights bit for bit.
+
+    Args: as :func:`rotate_model`; the block sizes are read from the modules, so a model whose blocks'
+    parameters are on ``meta`` can be planned.
+
+    Raises:
+        ValueError: as :func:`rotate_model`, before any weight changes.
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int = 0, r1: str = "hadamard", r2: bool = True, r3: bool = False,
+                 r4: bool = True, online_o: bool = False, r1_at: str = "auto"):
+        if r1 not in ("hadamard", "random"):
+            raise ValueError(f"r1={r1!r}: use 'hadamard' (randomized Hadamard) or 'random' (random orthogonal)")
+        if r1_at not in ("auto", "residual", "inputs"):
+            raise ValueError(f"r1_at={r1_at!r}: use 'auto', 'residual' or 'inputs'")
+        layout, blocks_name, blocks, emb, head = fresh_decoder(model, "rotate", SUPPORTS)
+        config = model.config
+        hidden = config.hidden_size
+        n_heads, n_kv, head_dim = head_counts(config)
+        if r1_at == "auto":
+            r1_at = "inputs" if layout.post_norms else "residual"
+        if r1_at == "residual" and layout.post_norms:
+            raise ValueError(f"rotate: {config.model_type} has norms on the attention and MLP outputs "
+                             f"({', '.join(layout.post_norms)}) whose per-channel weights do not commute with a "
+                             "rotation of the residual stream; use r1_at: inputs (or auto), which rotates each "
+                             "reader's input online")
+        if r1_at == "inputs" and r1 != "hadamard":
+            raise ValueError(f"rotate: r1={r1!r} needs r1_at: residual; rotations at the readers' inputs run online, "
+                             "as Hadamard transforms (r1: hadamard)")
+        moe = [i for i, b in enumerate(blocks) if layout.moe_parts(b) is not None]
+        if r1_at == "inputs" and moe:
+            raise ValueError(f"rotate: r1_at=inputs has no run-time hook inside MoE blocks ({blocks_name}.{moe[0]}); "
+                             "use r1_at: residual (or auto)")
+        # sizes are checked before any weight changes, so an unsupported size leaves the model intact
+        self.q1 = rotation_matrix(r1, hidden, seed) if r1_at == "residual" \
+            else OnlineHadamard(hidden).matrix(torch.float64)  # (d, d)
+        self.q2 = rotation_matrix(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
+        dense = [i for i in range(len(blocks)) if i not in set(moe)]
+        inter_sizes = {submodule(blocks[i], layout.down, f"{blocks_name}.{i}").in_features for i in dense}
+        o_sizes = {submodule(b, layout.o, f"{blocks_name}.{i}").in_features for i, b in enumerate(blocks)}
+        for n in (inter_sizes if r4 else set()) | (o_sizes if online_o else set()):
+            OnlineHadamard(n)  # raises for sizes without a Hadamard construction, listing the supported ones
+        attention = r3_targets(model, head_dim) if r3 else []
+        self.model, self.layout, self.blocks_name, self.blocks = model, layout, blocks_name, blocks
+        self.emb, self.head, self.r1_at, self.moe = emb, head, r1_at, set(moe)
+        self.r4, self.online_o, self.heads = r4, online_o, (n_heads, n_kv, head_dim)
+        self.attention = {id(a): a for a in attention}
+        self.n_blocks = len(blocks)
+        self.untied, self.folded = False, 0
+        self.info = {
+            "r1": r1 if r1_at == "residual" else "hadamard", "r1_at": r1_at, "hidden_size": hidden,
+            "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
+            "r4": (_sizes(inter_sizes) if inter_sizes else None) if r4 else None,
+            "online_o": _sizes(o_sizes) if online_o else None,
+            "seed": seed, "r4_skipped_experts": len(moe) if r4 else 0,
+        }
+
+    def outside(self) -> None:
+        """Untie and rotate the embedding and ``lm_head`` and fold the final norm into the head (R1 on the
+        residual; nothing to do when R1 sits at the readers' inputs)."""
+        if self.r1_at != "residual":
+            return
+        self.untied = untie_embeddings(self.model, self.emb, self.head)
+        with torch.no_grad():
+            fold_norm(submodule(self.model, self.layout.final_norm, type(self.model).__name__), [self.head],
+                      self.layout.final_norm, self.layout.norm_offset)
+            self.folded += 1
+            rotate_rows(self.emb.weight, self.q1)  # (V, d) ← (V, d) Q
+            rotate_rows(self.head.weight, self.q1)
+
+    def block(self, index: int) -> None:
+        """Rotate decoder block ``index`` (its parameters in memory) in place."""
+        block, where, layout = self.blocks[index], f"{self.blocks_name}.{index}", self.layout
+        with torch.no_grad():
             parts = layout.moe_parts(block)
             m = layout.modules(block, where, DecoderLayout.ATTENTION if parts else DecoderLayout.BLOCK)
             mlp_readers = [parts[0], parts[1].gate_up_proj] if parts else [m["gate"], m["up"]]
             fold_norm(m["attn_norm"], [m["q"], m["k"], m["v"]], f"{where}.{layout.attn_norm}", layout.norm_offset)
             fold_norm(m["mlp_norm"], mlp_readers, f"{where}.{layout.mlp_norm}", layout.norm_offset)
-            folded += 2
-            _rotate_block(m, parts, layout, q1, r1_at, q2, q4, n_heads, n_kv, head_dim, where, qo)
-        if r1_at == "residual":
-            fold_norm(submodule(model, layout.final_norm, type(model).__name__), [head], layout.final_norm,
-                      layout.norm_offset)
-            folded += 1
-            dev = emb.weight.device
-            write_param(emb.weight, emb.weight.detach().double() @ q1.to(dev))  # (V, d) @ (d, d)
-            write_param(head.weight, head.weight.detach().double() @ q1.to(head.weight.device))
-    for attn in attention:  # R3: nothing to fuse, q kᵀ is invariant
-        dev = next(attn.parameters(), emb.weight).device
-        attach_qk_rotation(attn, QKRotation(head_dim).to(dev))
-    if r4 and moe:
-        log.warning("rotate: r4 left out the experts' down projections of %d MoE blocks (no run-time hook inside "
-                    "fused experts); R1 and R2 cover them", len(moe))
+            self.folded += 2
+            _rotate_block(m, parts, layout, self.q1, self.r1_at, self.q2, self.r4 and index not in self.moe,
+                          *self.heads, where, self.online_o)
+        for attn in block.modules():  # R3: nothing to fuse, q kᵀ is invariant
+            if id(attn) in self.attention:
+                dev = next(attn.parameters(), self.emb.weight).device
+                attach_qk_rotation(attn, QKRotation(self.heads[2]).to(dev))
 
-    info = {
-        "r1": r1 if r1_at == "residual" else "hadamard", "r1_at": r1_at, "hidden_size": hidden,
-        "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
-        "r4": (_sizes(inter_sizes) if inter_sizes else None) if r4 else None,
-        "online_o": _sizes(o_sizes) if online_o else None,
-        "seed": seed, "untied_embeddings": untied, "folded_norms": folded,
-        "online": len(online_transforms(model)) + len(qk_rotations(model)),
-        "r4_skipped_experts": len(moe) if r4 else 0,
-    }
-    model.rotation_info = info
-    log.info("rotate: %s", info)
-    return info
+    def finish(self) -> dict:
+        """What was applied (the dict :func:`rotate_model` returns), also kept as ``model.rotation_info``."""
+        if self.info["r4_skipped_experts"]:
+            log.warning("rotate: r4 left out the experts' down projections of %d MoE blocks (no run-time hook "
+                        "inside fused experts); R1 and R2 cover them", len(self.moe))
+        info = {**self.info, "untied_embeddings": self.untied, "folded_norms": self.folded,
+                "online": len(online_transforms(self.model)) + len(qk_rotations(self.model))}
+        info = {k: info[k] for k in ("r1", "r1_at", "hidden_size", "r2", "r3", "r4", "online_o", "seed",
+                                     "untied_embeddings", "folded_norms", "online", "r4_skipped_experts")}
+        self.model.rotation_info = info
+        log.info("rotate: %s", info)
+        return info
+
+
+def rotate_rows(weight: torch.Tensor, q: torch.Tensor, chunk: int = ROW_CHUNK) -> None:
+    """``weight ← weight @ q`` in place, ``chunk`` rows at a time in float64.
+
+    Args:
+        weight: (R, d) parameter, any float dtype, kept; a float64 copy of at most ``chunk`` rows is made at a
+            time, so a (128256, 4096) embedding needs 0.27 GB beside it, not 4.2 GB.
+        q: (d, d) float64.
+    """
+    q = q.to(weight.device)
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk]
+        write_param(rows, rows.detach().double() @ q)
 
 
 def _sizes(sizes: set[int]) -> int | list[int]:
@@ -189,12 +248,11 @@ def _unique(modules: list[nn.Module]) -> list[nn.Module]:
 
 
 def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | None, layout: DecoderLayout,
-                  q1: torch.Tensor, r1_at: str, q2: torch.Tensor | None, q4: dict[int, torch.Tensor],
-                  n_heads: int, n_kv: int, head_dim: int, where: str,
-                  qo: dict[int, torch.Tensor] | None = None) -> None:
-    """R1 on the block's readers (and writers, on the residual), R2 on v/o heads, R4 on down_proj, the online
-    o_proj Hadamard (``qo``) on o_proj (weights already norm-folded). ``parts`` is ``(router, experts)`` of an
-    MoE block, else None."""
+                  q1: torch.Tensor, r1_at: str, q2: torch.Tensor | None, r4: bool,
+                  n_heads: int, n_kv: int, head_dim: int, where: str, online_o: bool = False) -> None:
+    """R1 on the block's readers (and writers, on the residual), R2 on v/o heads, R4 on down_proj (``r4``; never
+    on an MoE block's experts), the online o_proj Hadamard (``online_o``) on o_proj (weights already
+    norm-folded). ``parts`` is ``(router, experts)`` of an MoE block, else None."""
     dev = m["q"].weight.device
     q1 = q1.to(dev)
     readers = _unique([m["q"], m["k"], m["v"]] + ([parts[0]] if parts else [m["gate"], m["up"]]))
@@ -227,8 +285,9 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
             write_param(v.bias[rows], (v.bias.detach()[rows].double().reshape(n_kv, head_dim) @ q2).reshape(-1))
         wo = o.weight.detach().double().reshape(o.out_features, n_heads, head_dim)  # (d, H, hd)
         write_param(o.weight, (wo @ q2).reshape(o.weight.shape))  # W_o,h ← W_o,h R2 undoes it
-    for key, online in (("down", q4 if not parts else {}), ("o", qo)):
-        if online:
+    for key, on in (("down", r4 and not parts), ("o", online_o)):
+        if on:  # W ← W Q row by row through the run-time transform itself (x Q = forward(x)), then x ← x Q online
             lin = m[key]
-            write_param(lin.weight, lin.weight.detach().double() @ online[lin.in_features].to(dev))  # W ← W Q; x ← x Q
-            attach_input_transform(lin, OnlineHadamard(lin.in_features).to(dev))
+            hadamard = OnlineHadamard(lin.in_features).to(dev)
+            write_param(lin.weight, hadamard(lin.weight.detach().double()))
+            attach_input_transform(lin, hadamard)
