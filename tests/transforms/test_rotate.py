@@ -161,3 +161,28 @@ def test_refuses_twice_quantized_and_bad_kind():
         rotate_model(model)
     with pytest.raises(ValueError, match="'hadamard' .* or 'random'"):
         rotate_model(tiny_llama(), r1="spin")
+
+
+def test_rows_and_columns_are_rotated_in_chunks_as_one_product():
+    """rotate_rows / rotate_columns (the embedding, readers, writers and R4 of a rotation) give W Q and Qᵀ W
+    whatever the chunk; an OnlineHadamard stands for its matrix without building it."""
+    from compressor.algorithms.transforms.rotate import rotate_columns, rotate_rows
+    from compressor.runtime.online import OnlineHadamard
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(11, 12, generator=g)
+    q = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0]
+    for chunk in (1, 3, 11, 64):
+        rows, cols = nn.Parameter(w.clone()), nn.Parameter(w.T.contiguous().clone())
+        with torch.no_grad():
+            rotate_rows(rows, q, chunk=chunk)
+            rotate_columns(cols, q, chunk=chunk)
+        torch.testing.assert_close(rows.data, (w.double() @ q).float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cols.data, (q.T @ w.T.double()).float(), rtol=1e-6, atol=1e-6)
+        assert rows.dtype == cols.dtype == torch.float32 and rows.requires_grad
+    hadamard = OnlineHadamard(12)
+    rows = nn.Parameter(w.clone().to(torch.bfloat16))
+    with torch.no_grad():
+        rotate_rows(rows, hadamard, chunk=4)
+    assert rows.dtype == torch.bfloat16
+    assert torch.equal(rows.data, (w.to(torch.bfloat16).double() @ hadamard.matrix(torch.float64)).to(torch.bfloat16))

@@ -16,6 +16,8 @@ from compressor.core.state import is_quantized
 from compressor.runtime.activations import qk_rotations, wrapped_attention
 from compressor.runtime.online import OnlineHadamard, online_transforms
 
+ROW_CHUNK = 8192  # rows of a large weight (embedding, lm_head) handled in float64 at a time
+
 __all__ = ["random_orthogonal", "rotation_matrix", "submodule", "write_param", "fold_norm", "untie_embeddings",
            "fresh_decoder", "r3_targets"]
 
@@ -72,11 +74,12 @@ def fold_norm(norm: nn.Module, readers: list, name: str, offset: float = 0.0) ->
             continue
         seen.add(id(w))
         scale = g64.to(w.device)
-        if w.ndim == 3:  # fused experts: one expert at a time, no float64 copy of all of them
-            for e in range(w.shape[0]):
-                write_param(w[e], w[e].detach().double() * scale)
-        else:
-            write_param(w, w.detach().double() * scale)
+        # fused experts (E, N, d) one expert at a time, a (V, d) head 8192 rows at a time: a float64 copy of a
+        # 128256 x 4096 lm_head would be 4.2 GB
+        for piece in ([w[e] for e in range(w.shape[0])] if w.ndim == 3 else [w]):  # (N, d) each
+            for start in range(0, piece.shape[0], ROW_CHUNK):
+                rows = piece[start:start + ROW_CHUNK]
+                write_param(rows, rows.detach().double() * scale)
     g.data.fill_(1.0 - offset)
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from compressor.algorithms.transforms.fusion import (
+    ROW_CHUNK,
     fold_norm,
     fresh_decoder,
     r3_targets,
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 
 
 SUPPORTS = frozenset(LAYOUT_FEATURES)  # every layout feature: Gemma's norms, Phi-3's fused linears, MoE blocks
-ROW_CHUNK = 8192  # rows of the embedding / lm_head rotated at a time: a float64 copy of 8192 rows, not of all
 
 
 def rotate_model(
@@ -219,18 +219,34 @@ class Rotation:
         return info
 
 
-def rotate_rows(weight: torch.Tensor, q: torch.Tensor, chunk: int = ROW_CHUNK) -> None:
-    """``weight ← weight @ q`` in place, ``chunk`` rows at a time in float64.
+def rotate_rows(weight: torch.Tensor, q: torch.Tensor | nn.Module, chunk: int = ROW_CHUNK) -> None:
+    """``weight ← weight @ Q`` in place, ``chunk`` rows at a time in float64.
 
     Args:
-        weight: (R, d) parameter, any float dtype, kept; a float64 copy of at most ``chunk`` rows is made at a
-            time, so a (128256, 4096) embedding needs 0.27 GB beside it, not 4.2 GB.
-        q: (d, d) float64.
+        weight: (R, d) parameter (or a view of one), any float dtype, kept; a float64 copy of at most ``chunk``
+            rows is made at a time, so a (128256, 4096) embedding needs 0.27 GB beside it, not 4.2 GB.
+        q: Q as a (d, d) float64 matrix, or a module computing ``x ↦ x Q`` on (..., d) float64 rows (an
+            :class:`~compressor.runtime.online.OnlineHadamard`: no (d, d) matrix is built).
     """
-    q = q.to(weight.device)
+    if isinstance(q, torch.Tensor):
+        q = q.to(weight.device)
     for start in range(0, weight.shape[0], chunk):
         rows = weight[start:start + chunk]
-        write_param(rows, rows.detach().double() @ q)
+        x = rows.detach().double()
+        write_param(rows, q(x) if isinstance(q, nn.Module) else x @ q)
+
+
+def rotate_columns(weight: torch.Tensor, q: torch.Tensor, chunk: int = ROW_CHUNK) -> None:
+    """``weight ← Qᵀ @ weight`` in place, ``chunk`` columns at a time in float64.
+
+    Args:
+        weight: (d, C) parameter, any float dtype, kept (a writer of the residual stream: o_proj, down_proj).
+        q: (d, d) float64.
+    """
+    qt = q.T.to(weight.device)
+    for start in range(0, weight.shape[1], chunk):
+        cols = weight[:, start:start + chunk]
+        write_param(cols, qt @ cols.detach().double())
 
 
 def _sizes(sizes: set[int]) -> int | list[int]:
@@ -254,23 +270,22 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
     on an MoE block's experts), the online o_proj Hadamard (``online_o``) on o_proj (weights already
     norm-folded). ``parts`` is ``(router, experts)`` of an MoE block, else None."""
     dev = m["q"].weight.device
-    q1 = q1.to(dev)
     readers = _unique([m["q"], m["k"], m["v"]] + ([parts[0]] if parts else [m["gate"], m["up"]]))
     for lin in readers:  # readers: y = x W_newᵀ with x = h Q → W_new = W Q
-        write_param(lin.weight, lin.weight.detach().double() @ q1)
+        rotate_rows(lin.weight, q1)
         if r1_at == "inputs":  # x ← x Q at run time (Q is the online Hadamard's matrix)
             attach_input_transform(lin, OnlineHadamard(q1.shape[0]).to(dev))
     if r1_at == "residual":
         writers = [m["o"]] if parts else [m["o"], m["down"]]
         for lin in writers:  # writers: out Q = a (Qᵀ W)ᵀ → W_new = Qᵀ W, b_new = b Q
-            write_param(lin.weight, q1.T @ lin.weight.detach().double())
+            rotate_columns(lin.weight, q1)
             if lin.bias is not None:
-                write_param(lin.bias, lin.bias.detach().double() @ q1)
+                write_param(lin.bias, lin.bias.detach().double() @ q1.to(dev))
     if parts:  # experts (E, 2I, H) read and (E, H, I) write the residual; one expert at a time
         experts = parts[1]
         for e in range(experts.gate_up_proj.shape[0]):
-            write_param(experts.gate_up_proj[e], experts.gate_up_proj[e].detach().double() @ q1)
-            write_param(experts.down_proj[e], q1.T @ experts.down_proj[e].detach().double())
+            rotate_rows(experts.gate_up_proj[e], q1)
+            rotate_columns(experts.down_proj[e], q1)
     if q2 is not None:
         v, o = m["v"], m["o"]
         rows = layout.v_rows(n_heads, n_kv, head_dim)
@@ -289,5 +304,5 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
         if on:  # W ← W Q row by row through the run-time transform itself (x Q = forward(x)), then x ← x Q online
             lin = m[key]
             hadamard = OnlineHadamard(lin.in_features).to(dev)
-            write_param(lin.weight, hadamard(lin.weight.detach().double()))
+            rotate_rows(lin.weight, hadamard)
             attach_input_transform(lin, hadamard)
