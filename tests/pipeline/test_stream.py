@@ -192,17 +192,20 @@ def test_a_failed_streamed_run_leaves_no_output_and_no_staging(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_streamed_run_resumes_from_block_checkpoints(tmp_path):
-    """With checkpoint_dir, a second streamed run takes every block from the checkpoints: the same export."""
+@pytest.mark.parametrize("name", ["gptq", "rotate+gptq"])
+def test_streamed_run_resumes_from_block_checkpoints(tmp_path, name):
+    """With checkpoint_dir, a second streamed run takes every block from the checkpoints: the same export
+    (a rotated block is rotated again as it is read, then its checkpoint replaces its weights)."""
     from compressor.pipeline.sequential import PipelineConfig
 
     src = _checkpoint(tmp_path)
-    recipe = Recipe.from_dict({"passes": RECIPES["gptq"]})
+    recipe = Recipe.from_dict({"passes": RECIPES[name]})
     pipeline = PipelineConfig(checkpoint_dir=tmp_path / "ckpt", quiet=True)
     compress(src, recipe, calibration=CALIB, output=tmp_path / "a", pipeline=pipeline, stream=True)
     assert len(list((tmp_path / "ckpt").rglob("*.safetensors"))) >= 3
     compress(src, recipe, calibration=CALIB, output=tmp_path / "b", pipeline=pipeline, stream=True)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    for file in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
 
 
 def test_our_safetensors_writer_writes_what_save_file_writes(tmp_path):
