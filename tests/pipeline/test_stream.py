@@ -270,3 +270,21 @@ def test_checkpoint_reader_reads_every_dtype_as_stored(tmp_path):
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
     assert reader.first_float_dtype() == torch.float32  # the first float tensor in the file: F32 data come first
     assert "w" in reader and "x" not in reader
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3"])
+def test_a_streamed_rotation_of_other_families_is_the_in_memory_one(tmp_path, family):
+    """Gemma's R1 at the readers' inputs (sandwich norms, 1 + w norms) and Phi-3's fused qkv / gate_up stream
+    to the same export as in memory."""
+    from tests.transforms.test_rotate_families import _model
+
+    src = tmp_path / "src"
+    _model(family).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    recipe = Recipe.from_dict({"passes": [{"rotate": {}}, GPTQ]})
+    compress(src, recipe, calibration=CALIB[:4], output=tmp_path / "mem", quiet=True)
+    compress(src, recipe, calibration=CALIB[:4], output=tmp_path / "stream", quiet=True, stream=True)
+    mem, streamed = _files(tmp_path / "mem"), _files(tmp_path / "stream")
+    assert set(mem) == set(streamed)
+    for file in set(mem) - {"compressor_manifest.json"}:
+        assert mem[file] == streamed[file], file
