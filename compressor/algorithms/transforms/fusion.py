@@ -7,6 +7,8 @@ architectures are checked before any weight changes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from compressor.runtime.online import OnlineHadamard, online_transforms
 ROW_CHUNK = 8192  # rows of a large weight (embedding, lm_head) handled in float64 at a time
 
 __all__ = ["random_orthogonal", "rotation_matrix", "submodule", "write_param", "fold_norm", "untie_embeddings",
-           "fresh_decoder", "r3_targets"]
+           "fresh_decoder", "r3_targets", "write_rows"]
 
 
 def random_orthogonal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -48,6 +50,19 @@ def write_param(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data.copy_(value.to(param.dtype))
 
 
+def write_rows(weight: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = ROW_CHUNK) -> None:
+    """``weight ← fn(weight)`` in place, row-wise, ``chunk`` rows at a time in float64.
+
+    Args:
+        weight: (R, d) parameter (or a view of one), any float dtype, kept; a float64 copy of at most ``chunk``
+            rows is made at a time.
+        fn: maps (r, d) float64 rows to (r, d) float64 rows, each row on its own.
+    """
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk]
+        write_param(rows, fn(rows.detach().double()))
+
+
 def fold_norm(norm: nn.Module, readers: list, name: str, offset: float = 0.0) -> None:
     """RMSNorm scale g = offset + w into the weights that read its output: W ← W diag(g); w ← 1 - offset.
 
@@ -74,12 +89,10 @@ def fold_norm(norm: nn.Module, readers: list, name: str, offset: float = 0.0) ->
             continue
         seen.add(id(w))
         scale = g64.to(w.device)
-        # fused experts (E, N, d) one expert at a time, a (V, d) head 8192 rows at a time: a float64 copy of a
+        # fused experts (E, N, d) one expert at a time, a (V, d) head in row chunks: a float64 copy of a
         # 128256 x 4096 lm_head would be 4.2 GB
         for piece in ([w[e] for e in range(w.shape[0])] if w.ndim == 3 else [w]):  # (N, d) each
-            for start in range(0, piece.shape[0], ROW_CHUNK):
-                rows = piece[start:start + ROW_CHUNK]
-                write_param(rows, rows.detach().double() * scale)
+            write_rows(piece, lambda x: x * scale)
     g.data.fill_(1.0 - offset)
 
 

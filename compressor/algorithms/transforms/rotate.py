@@ -50,6 +50,7 @@ from compressor.algorithms.transforms.fusion import (
     submodule,
     untie_embeddings,
     write_param,
+    write_rows,
 )
 from compressor.core.arch import LAYOUT_FEATURES, DecoderLayout, head_counts
 from compressor.runtime.activations import QKRotation, attach_qk_rotation, qk_rotations
@@ -106,7 +107,7 @@ def rotate_model(
     """
     rotation = Rotation(model, seed=seed, r1=r1, r2=r2, r3=r3, r4=r4, online_o=online_o, r1_at=r1_at)
     rotation.outside()
-    for i in range(rotation.n_blocks):
+    for i in range(len(rotation.blocks)):
         rotation.block(i)
     return rotation.finish()
 
@@ -164,15 +165,14 @@ class Rotation:
         self.model, self.layout, self.blocks_name, self.blocks = model, layout, blocks_name, blocks
         self.emb, self.head, self.r1_at, self.moe = emb, head, r1_at, set(moe)
         self.r4, self.online_o, self.heads = r4, online_o, (n_heads, n_kv, head_dim)
-        self.attention = {id(a): a for a in attention}
-        self.n_blocks = len(blocks)
-        self.untied, self.folded = False, 0
-        self.info = {
+        self.attention = {id(a) for a in attention}
+        self.info = {  # what finish() returns; the three counts are filled in as the parts are applied
             "r1": r1 if r1_at == "residual" else "hadamard", "r1_at": r1_at, "hidden_size": hidden,
             "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
             "r4": (_sizes(inter_sizes) if inter_sizes else None) if r4 else None,
             "online_o": _sizes(o_sizes) if online_o else None,
-            "seed": seed, "r4_skipped_experts": len(moe) if r4 else 0,
+            "seed": seed, "untied_embeddings": False, "folded_norms": 0, "online": 0,
+            "r4_skipped_experts": len(moe) if r4 else 0,
         }
 
     def outside(self) -> None:
@@ -180,11 +180,11 @@ class Rotation:
         residual; nothing to do when R1 sits at the readers' inputs)."""
         if self.r1_at != "residual":
             return
-        self.untied = untie_embeddings(self.model, self.emb, self.head)
+        self.info["untied_embeddings"] = untie_embeddings(self.model, self.emb, self.head)
         with torch.no_grad():
             fold_norm(submodule(self.model, self.layout.final_norm, type(self.model).__name__), [self.head],
                       self.layout.final_norm, self.layout.norm_offset)
-            self.folded += 1
+            self.info["folded_norms"] += 1
             rotate_rows(self.emb.weight, self.q1)  # (V, d) ← (V, d) Q
             rotate_rows(self.head.weight, self.q1)
 
@@ -197,7 +197,7 @@ class Rotation:
             mlp_readers = [parts[0], parts[1].gate_up_proj] if parts else [m["gate"], m["up"]]
             fold_norm(m["attn_norm"], [m["q"], m["k"], m["v"]], f"{where}.{layout.attn_norm}", layout.norm_offset)
             fold_norm(m["mlp_norm"], mlp_readers, f"{where}.{layout.mlp_norm}", layout.norm_offset)
-            self.folded += 2
+            self.info["folded_norms"] += 2
             _rotate_block(m, parts, layout, self.q1, self.r1_at, self.q2, self.r4 and index not in self.moe,
                           *self.heads, where, self.online_o)
         for attn in block.modules():  # R3: nothing to fuse, q kᵀ is invariant
@@ -210,30 +210,26 @@ class Rotation:
         if self.info["r4_skipped_experts"]:
             log.warning("rotate: r4 left out the experts' down projections of %d MoE blocks (no run-time hook "
                         "inside fused experts); R1 and R2 cover them", len(self.moe))
-        info = {**self.info, "untied_embeddings": self.untied, "folded_norms": self.folded,
-                "online": len(online_transforms(self.model)) + len(qk_rotations(self.model))}
-        info = {k: info[k] for k in ("r1", "r1_at", "hidden_size", "r2", "r3", "r4", "online_o", "seed",
-                                     "untied_embeddings", "folded_norms", "online", "r4_skipped_experts")}
+        info = {**self.info, "online": len(online_transforms(self.model)) + len(qk_rotations(self.model))}
         self.model.rotation_info = info
         log.info("rotate: %s", info)
         return info
 
 
 def rotate_rows(weight: torch.Tensor, q: torch.Tensor | nn.Module, chunk: int = ROW_CHUNK) -> None:
-    """``weight ← weight @ Q`` in place, ``chunk`` rows at a time in float64.
+    """``weight ← weight @ Q`` in place, ``chunk`` rows at a time in float64 (:func:`~.fusion.write_rows`).
 
     Args:
-        weight: (R, d) parameter (or a view of one), any float dtype, kept; a float64 copy of at most ``chunk``
-            rows is made at a time, so a (128256, 4096) embedding needs 0.27 GB beside it, not 4.2 GB.
+        weight: (R, d) parameter (or a view of one), any float dtype, kept; a (128256, 4096) embedding needs
+            0.27 GB beside it, not 4.2 GB.
         q: Q as a (d, d) float64 matrix, or a module computing ``x ↦ x Q`` on (..., d) float64 rows (an
             :class:`~compressor.runtime.online.OnlineHadamard`: no (d, d) matrix is built).
     """
-    if isinstance(q, torch.Tensor):
+    if isinstance(q, nn.Module):
+        write_rows(weight, q, chunk)
+    else:
         q = q.to(weight.device)
-    for start in range(0, weight.shape[0], chunk):
-        rows = weight[start:start + chunk]
-        x = rows.detach().double()
-        write_param(rows, q(x) if isinstance(q, nn.Module) else x @ q)
+        write_rows(weight, lambda x: x @ q, chunk)
 
 
 def rotate_columns(weight: torch.Tensor, q: torch.Tensor, chunk: int = ROW_CHUNK) -> None:
