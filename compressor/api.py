@@ -69,7 +69,7 @@ def compress(
         stream: read each decoder block from the checkpoint's safetensors when its turn comes and write it
             into the export as soon as it is compressed (:mod:`compressor.export.stream`): host memory holds
             one block, not the model. Needs ``model`` as a path or repo id, an ``output``, and passes that
-            work block by block (rtn, gptq, uniform prune).
+            work block by block (rotate, rtn, gptq, prune with uniform, OWL or per-linear DP allocation).
 
     Returns:
         The compressed model (quantized linears hold on-grid weights); after a streamed run, its decoder

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save each finished block there; rerunning the same command resumes")
     c.add_argument("--stream", action="store_true",
                    help="read each decoder block from the checkpoint when its turn comes and write it into the "
-                   "export once compressed: host memory holds one block, not the model (rotate, rtn, gptq, uniform prune)")
+                   "export once compressed: host memory holds one block, not the model (rotate, rtn, gptq, prune with uniform, "
+                   "OWL or per-linear DP allocation; MoE checkpoints too)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. rtn.scheme.bits=3 (repeatable)")
     c.add_argument("--output", "-o", type=Path, required=True,

@@ -126,6 +126,9 @@ class Pass:
     * ``data_parallel``: calibrates data-parallel (:mod:`compressor.core.distributed`): each rank observes
       its share of the calibration data and :meth:`reduce_statistics` sums the statistics over the ranks
       before :meth:`end_block`; the pipeline refuses a multi-process run with a calibrated pass without it;
+    * ``sweeps``: its :meth:`plan` runs a calibration sweep over the dense model (OWL and DP allocation);
+      in a streamed run the sweep reads every block from the checkpoint and frees it again, so the blocks
+      are read twice;
     * ``plan_for``: the weight-pass kind (``"quantize"``) that carries out this pass's plan (allocate_bits);
       the pipeline refuses a recipe with no such pass after it, so a plan is never silently dropped.
     """
@@ -142,6 +145,7 @@ class Pass:
     weight_pass: ClassVar[str | None] = None
     plan_for: ClassVar[str | None] = None
     streams: ClassVar[bool] = False
+    sweeps: ClassVar[bool] = False
     data_parallel: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig):

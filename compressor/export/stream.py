@@ -8,7 +8,8 @@ device (no memory) and reads only what lives outside the decoder blocks
 
 * ``load``: the block's tensors are read from the shards when its turn comes
   (plain reads, not memory maps, whose touched pages would stay resident), in
-  the dtype the skeleton gives them;
+  the dtype the skeleton gives them; fused MoE experts are assembled from the
+  checkpoint's per-expert linears, as transformers does when it loads them;
 * ``release``: once the block is compressed and its outputs have fed the next
   block, its tensors are packed as :func:`~compressor.export.compressed_tensors.save_compressed`
   would pack them and written at once to the export's current shard (a spool
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.core.arch import find_blocks
+from compressor.core.arch import ExpertCheckpointNames, expert_checkpoint_names, experts_layout, find_blocks
 from compressor.core.hub import check_remote_code, resolve_model
 from compressor.core.memory import trim_heap
 from compressor.core.sparsity import is_pruned, pruned_zeros
@@ -137,40 +138,104 @@ def load_skeleton(path: str | Path, *, revision: str | None = None,
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.tie_weights()  # tied embeddings become one parameter, read once
     blocks_name, _ = find_blocks(model)
-    _read(model, reader, lambda name: not (name == blocks_name or name.startswith(blocks_name + ".")))
+    _read(model, reader, lambda name: not (name == blocks_name or name.startswith(blocks_name + ".")),
+          names=expert_checkpoint_names(config))
     model.eval()
     return model, reader
 
 
-def _read(root: nn.Module, reader: CheckpointReader, wanted, prefix: str = "") -> None:
+def _read(root: nn.Module, reader: CheckpointReader, wanted, prefix: str = "",
+          names: ExpertCheckpointNames | None = None) -> None:
     """Replace the meta parameters of ``root`` whose full names ``wanted`` accepts by the checkpoint's tensors;
-    parameters shared by several modules (tied embeddings) are read once and stay shared."""
+    parameters shared by several modules (tied embeddings) are read once and stay shared.
+
+    With ``names`` (the family's :class:`~compressor.core.arch.ExpertCheckpointNames`), a tensor the checkpoint
+    stores under its family's name (Mixtral's ``block_sparse_moe``) is found there, and a fused-experts
+    parameter (E, N, K) is assembled from the per-expert linears the checkpoint holds, as transformers does
+    when it loads one (:func:`_fused_experts`).
+    """
     groups: dict[int, list[str]] = {}
     params: dict[int, nn.Parameter] = {}
     for name, p in root.named_parameters(prefix=prefix, remove_duplicate=False):
         if wanted(name):
             groups.setdefault(id(p), []).append(name)
             params[id(p)] = p
-    for pid, names in groups.items():
+    for pid, names_of_p in groups.items():
         old = params[pid]
-        key = next((n for n in names if n in reader), None)
-        if key is None:
+        key = next((k for n in names_of_p for k in _keys(n, names) if k in reader), None)
+        if key is not None:
+            tensor = reader.get(key)
+        else:
+            tensor = _fused_experts(root, names_of_p[0], prefix, old, reader, names)
+            key = names_of_p[0]
+        if tensor is None:
             if not old.is_meta:
                 continue
-            raise ValueError(f"{names[0]} is not in the checkpoint's safetensors files under that name (its family "
+            raise ValueError(f"{names_of_p[0]} is not in the checkpoint's safetensors files under that name (its family "
                              f"stores it otherwise, or the checkpoint is incomplete): {NOT_STREAMABLE}")
-        tensor = reader.get(key)
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(f"{key}: the checkpoint holds {tuple(tensor.shape)}, the model's config makes "
                              f"{tuple(old.shape)}; the checkpoint does not match its config.json")
         new = nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad)
-        for name in names:
-            owner, _, leaf = name[len(prefix) + 1 if prefix else 0:].rpartition(".")
+        for name in names_of_p:
+            owner, _, leaf = _relative(name, prefix).rpartition(".")
             root.get_submodule(owner)._parameters[leaf] = new
     for name, buf in list(root.named_buffers(prefix=prefix)):
-        if wanted(name) and name in reader:
-            owner, _, leaf = name[len(prefix) + 1 if prefix else 0:].rpartition(".")
-            root.get_submodule(owner)._buffers[leaf] = reader.get(name).to(buf.dtype)
+        key = next((k for k in _keys(name, names) if k in reader), None) if wanted(name) else None
+        if key is not None:
+            owner, _, leaf = _relative(name, prefix).rpartition(".")
+            root.get_submodule(owner)._buffers[leaf] = reader.get(key).to(buf.dtype)
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1 if prefix else 0:]
+
+
+def _keys(name: str, names: ExpertCheckpointNames | None) -> list[str]:
+    """Where a checkpoint may store tensor ``name``: under it, then under its family's name for it."""
+    theirs = names.to_checkpoint(name) if names is not None else name
+    return [name] if theirs == name else [name, theirs]
+
+
+def _fused_experts(root: nn.Module, name: str, prefix: str, old: torch.Tensor, reader: CheckpointReader,
+                   names: ExpertCheckpointNames | None) -> torch.Tensor | None:
+    """Fused-experts parameter ``name`` (E, N, K), e.g. ``gate_up_proj`` (E, 2I, H), built from the per-expert
+    linears of the checkpoint (``experts.{e}.gate_proj.weight`` (I, H) then ``up_proj``, rows stacked; Mixtral's
+    ``w1`` / ``w3``), in ``old``'s dtype and written in place, no stacked copy; None when ``name`` is not such
+    a parameter or the checkpoint holds none of its experts.
+
+    Raises:
+        ValueError: the checkpoint holds some of the experts' tensors, not all.
+    """
+    if names is None or names.fused:
+        return None
+    owner, _, leaf = _relative(name, prefix).rpartition(".")
+    layout = experts_layout(root.get_submodule(owner))
+    if layout is None or leaf not in dict(layout.params):
+        return None
+    experts = name.rpartition(".")[0]
+    keys = [[names.to_checkpoint(f"{experts}.{e}.{names.name(s)}.weight") for s in layout.splits(leaf)]
+            for e in range(old.shape[0])]
+    missing = [k for row in keys for k in row if k not in reader]
+    if len(missing) == sum(map(len, keys)):
+        return None
+    if missing:
+        raise ValueError(f"{missing[0]} is not in the checkpoint's safetensors files ({len(missing)} of {leaf}'s "
+                         f"{sum(map(len, keys))} per-expert tensors are missing): the checkpoint is incomplete")
+    out = torch.empty(old.shape, dtype=old.dtype)
+    for e, row in enumerate(keys):
+        start = 0
+        for key in row:
+            part = reader.get(key)
+            if part.ndim != 2 or part.shape[1] != old.shape[2] or start + part.shape[0] > old.shape[1]:
+                raise ValueError(f"{key}: the checkpoint holds {tuple(part.shape)}, which does not fit the model's "
+                                 f"{tuple(old.shape)} {leaf}; the checkpoint does not match its config.json")
+            out[e, start:start + part.shape[0]] = part
+            start += part.shape[0]
+        if start != old.shape[1]:
+            raise ValueError(f"{row[0]}: expert {e}'s {'/'.join(layout.splits(leaf))} hold {start} rows, the model's "
+                             f"{leaf} {old.shape[1]}; the checkpoint does not match its config.json")
+    return out
 
 
 def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
@@ -253,6 +318,29 @@ class _Shard:
         self.spool.unlink()
 
 
+class _Reread:
+    """:meth:`StreamedExport.reread`'s stream: block reads as the export's, releases that only free."""
+
+    def __init__(self, export: "StreamedExport"):
+        self.export = export
+
+    def load(self, index: int, prefix: str, block: nn.Module) -> None:
+        self.export.load(index, prefix, block)
+
+    def release(self, index: int, prefix: str, block: nn.Module) -> None:
+        block.to("meta")
+        trim_heap()
+
+    def park(self) -> None:  # the sweep runs before the export's run, which parks what lies outside the blocks
+        pass
+
+    def unpark(self) -> None:
+        pass
+
+    def reread(self) -> "_Reread":
+        return self
+
+
 class StreamedExport:
     """Block weights read on demand from ``reader``; finished blocks packed into export shards, then freed.
 
@@ -279,11 +367,12 @@ class StreamedExport:
         self.released: set[str] = set()
         self.parked: set[str] = set()  # parameters outside the blocks freed while the blocks run
         self.blocks_name, _ = find_blocks(model)
+        self.names = expert_checkpoint_names(model.config)
 
     # the pipeline's hooks (compressor.pipeline.sequential.BlockStream)
     def load(self, index: int, prefix: str, block: nn.Module) -> None:
         """Read block ``index`` (named ``prefix``) from the checkpoint."""
-        _read(block, self.reader, lambda name: True, prefix)
+        _read(block, self.reader, lambda name: True, prefix, names=self.names)
 
     def park(self) -> None:
         """Free the parameters outside the blocks (embeddings, final norm, ``lm_head``) while the blocks run:
@@ -312,6 +401,11 @@ class StreamedExport:
             _read(self.model, CheckpointReader(self.dir / "parked"), lambda name: name in self.parked)
             self.parked.clear()
             shutil.rmtree(self.dir / "parked", ignore_errors=True)
+
+    def reread(self) -> "_Reread":
+        """A stream that reads each block from the checkpoint and frees it again, writing nothing: the
+        calibration sweep a plan runs over the unchanged model (OWL's outlier ratios) before the run."""
+        return _Reread(self)
 
     def _inside(self, name: str) -> bool:
         return name == self.blocks_name or name.startswith(self.blocks_name + ".")

@@ -206,8 +206,17 @@ class PrunePass(Pass):
 
     @property
     def streams(self) -> bool:  # type: ignore[override]
-        """Uniform sparsity reads one block at a time; LAMP, global, OWL and DP allocation read the whole model."""
-        return self.config.allocation == "uniform" or self.config.structure != "unstructured"
+        """Uniform sparsity reads one block at a time, and so do the sweeps of OWL and of DP with a per-linear
+        distortion; LAMP and global allocation rank every weight of the model at once, and DP's ``"output"``
+        distortion probes the whole model with each block pruned."""
+        cfg = self.config
+        return (cfg.allocation in ("uniform", "owl") or cfg.structure != "unstructured"
+                or (cfg.allocation == "dp" and cfg.dp_distortion != "output"))
+
+    @property
+    def sweeps(self) -> bool:  # type: ignore[override]
+        """OWL and DP allocation measure the dense model in a calibration sweep before any block is pruned."""
+        return self.config.needs_sweep
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]

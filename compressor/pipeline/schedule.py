@@ -67,8 +67,9 @@ def split_passes(passes: list[Pass]) -> tuple[list[Pass], list[Pass], list[Pass]
 class _Sweeper:
     """A checkpoint-free calibration run of the sequential pipeline over one model and calibration set."""
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor | None, config: PipelineConfig):
-        self.model, self.input_ids = model, input_ids
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor | None, config: PipelineConfig,
+                 stream: BlockStream | None = None):
+        self.model, self.input_ids, self.stream = model, input_ids, stream
         self.config = replace(config, checkpoint_dir=None)
         self.quiet = config.quiet
 
@@ -76,13 +77,15 @@ class _Sweeper:
         if self.input_ids is None:
             raise ValueError(f"{', '.join(p.name for p in passes)}: this plan measures the model on calibration "
                              "data: pass calibration=... to compress()")
-        run_sequential(self.model, passes, self.input_ids, self.config)
+        run_sequential(self.model, passes, self.input_ids, self.config, stream=self.stream)
 
 
-def sweeper(model: nn.Module, input_ids: torch.Tensor | None, config: PipelineConfig) -> Sweep:
+def sweeper(model: nn.Module, input_ids: torch.Tensor | None, config: PipelineConfig,
+            stream: BlockStream | None = None) -> Sweep:
     """The ``sweep`` a pass's :meth:`~compressor.core.passes.Pass.plan` gets: a checkpoint-free calibration
-    run of the sequential pipeline over ``model`` with the given passes."""
-    return _Sweeper(model, input_ids, config)
+    run of the sequential pipeline over ``model`` with the given passes; in a streamed run, ``stream`` reads
+    each block and frees it afterwards, writing nothing (:meth:`~compressor.pipeline.sequential.BlockStream.reread`)."""
+    return _Sweeper(model, input_ids, config, stream)
 
 
 def run_passes(
@@ -177,7 +180,7 @@ def run_passes(
             blocks_name, _ = find_blocks(model)
             outside = _targets_outside_blocks(model, middle, blocks_name)
             run_fingerprint = {**(fingerprint or {}), "calibration_sha256": digest, "model_config": _config_hash(model)}
-            sweep = sweeper(model, ids, config)
+            sweep = sweeper(model, ids, config, stream.reread() if stream is not None else None)
             for p in middle:  # allocation across layers is decided on the dense model, before any block changes
                 p.plan(model, ids, sweep)
             run_sequential(model, middle, ids, config, run_fingerprint, stream=stream)
@@ -222,13 +225,18 @@ def check_streamable(passes: list[Pass]) -> None:
         ValueError: a pass that reads or changes more than one block at a time (whole-model transforms,
             allocation across layers, distillation, a GGUF file), naming it and the way out.
     """
-    lead, _, tail = split_passes(passes)
+    lead, middle, tail = split_passes(passes)
     names = [p.name for p in passes if not p.streams or p in tail]
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot run streamed yet (it reads or changes the whole "
                          "model, not one block at a time): run without --stream (stream=False), which loads the "
-                         "whole model into memory; streamed runs take rotate, rtn, gptq (GPTAQ too) and uniform "
-                         "prune")
+                         "whole model into memory; streamed runs take rotate, rtn, gptq (GPTAQ too) and prune "
+                         "with uniform, N:M, OWL or DP (dp_distortion 'relative' / 'absolute') allocation")
+    sweeping = [p.name for p in middle if p.sweeps]
+    if lead and sweeping:
+        raise ValueError(f"{sweeping[0]}'s allocation sweeps the model before {lead[0].name} has been applied to "
+                         f"every block, which a streamed run cannot do yet: run without --stream, or use a "
+                         f"uniform allocation after {lead[0].name}")
 
 
 class _LeadStream:
@@ -251,6 +259,10 @@ class _LeadStream:
 
     def unpark(self) -> None:
         self.inner.unpark()
+
+    def reread(self) -> BlockStream:
+        raise ValueError("a streamed run cannot sweep blocks through a leading model-level pass yet "
+                         "(check_streamable refuses such a recipe)")
 
 
 def _stream_blocks(model: nn.Module, passes: list[Pass], stream: BlockStream, quiet: bool) -> None:

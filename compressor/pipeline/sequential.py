@@ -90,7 +90,9 @@ class BlockStream(Protocol):
     ``load`` fills block ``index`` (named ``prefix``), whose parameters are on ``meta``, before it is
     processed; ``release`` takes it once it is compressed and has produced the next block's inputs, and
     frees it. ``park`` frees the parameters outside the blocks once block 0's inputs are captured, and
-    ``unpark`` reads them back after the last block.
+    ``unpark`` reads them back after the last block. ``reread`` gives a stream over the same checkpoint
+    that reads each block and frees it again, writing nothing, for a calibration sweep over the unchanged
+    model before the run (a pass's :meth:`~compressor.core.passes.Pass.plan`).
     """
 
     def load(self, index: int, prefix: str, block: nn.Module) -> None: ...
@@ -100,6 +102,8 @@ class BlockStream(Protocol):
     def park(self) -> None: ...
 
     def unpark(self) -> None: ...
+
+    def reread(self) -> "BlockStream": ...
 
 
 class _StopForward(Exception):
