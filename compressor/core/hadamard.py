@@ -31,6 +31,7 @@ __all__ = [
     "hadamard_matrix",
     "normalized_hadamard",
     "random_hadamard",
+    "random_signs",
     "fwht",
     "hadamard_transform",
 ]
@@ -214,9 +215,13 @@ def random_hadamard(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64
     Returns:
         (n, n) orthogonal matrix in ``dtype``; the same seed gives the same matrix.
     """
+    return normalized_hadamard(n, dtype=dtype) * random_signs(n, seed=seed, dtype=dtype)[None, :]
+
+
+def random_signs(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The seeded signs s ∈ {±1}^n, (n,) in ``dtype``, of :func:`random_hadamard`."""
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).to(dtype) * 2 - 1  # (n,)
-    return normalized_hadamard(n, dtype=dtype) * signs[None, :]
+    return torch.randint(0, 2, (n,), generator=g).to(dtype) * 2 - 1
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

@@ -186,3 +186,27 @@ def test_rows_and_columns_are_rotated_in_chunks_as_one_product():
         rotate_rows(rows, hadamard, chunk=4)
     assert rows.dtype == torch.bfloat16
     assert torch.equal(rows.data, (w.to(torch.bfloat16).double() @ hadamard.matrix(torch.float64)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [12, 576, 2048, 3072, 5120])
+def test_the_fast_randomized_hadamard_is_the_dense_matrix(n):
+    """R1's fast transform (what rotate applies to rows) equals the dense randomized Hadamard the seed gives;
+    rows and columns rotated through it equal the dense products."""
+    from compressor.algorithms.transforms.fusion import FastRandomHadamard
+    from compressor.algorithms.transforms.rotate import rotate_columns, rotate_rows
+    from compressor.core.hadamard import random_hadamard
+
+    q = random_hadamard(n, seed=5)
+    fast = FastRandomHadamard(n, seed=5)
+    x = torch.randn(7, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fast(x), x @ q, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast.matrix(), q, rtol=0, atol=1e-12)
+    w = torch.randn(5, n, generator=torch.Generator().manual_seed(1))
+    a, b = w.clone(), w.clone()
+    rotate_rows(a, fast, chunk=2)
+    rotate_rows(b, q)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    a, b = w.T.clone(), w.T.clone()  # (n, 5): a writer's weight
+    rotate_columns(a, fast, chunk=3)
+    rotate_columns(b, q)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

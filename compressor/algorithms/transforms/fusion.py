@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compressor.core.arch import attention_modules, find_blocks, layout_for
-from compressor.core.hadamard import random_hadamard
+from compressor.core.hadamard import hadamard_factors, hadamard_transform, paley_matrix, random_hadamard, random_signs
 from compressor.core.state import is_quantized
 from compressor.runtime.activations import qk_rotations, wrapped_attention
 from compressor.runtime.online import OnlineHadamard, online_transforms
@@ -21,7 +21,7 @@ from compressor.runtime.online import OnlineHadamard, online_transforms
 ROW_CHUNK = 8192  # rows of a large weight (embedding, lm_head) handled in float64 at a time
 
 __all__ = ["random_orthogonal", "rotation_matrix", "submodule", "write_param", "fold_norm", "untie_embeddings",
-           "fresh_decoder", "r3_targets", "write_rows"]
+           "fresh_decoder", "r3_targets", "write_rows", "FastRandomHadamard", "rotation_operator"]
 
 
 def random_orthogonal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -36,6 +36,38 @@ def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
     if kind == "hadamard":
         return random_hadamard(n, seed=seed)
     return random_orthogonal(n, seed=seed)
+
+
+class FastRandomHadamard:
+    """``x ↦ x Q`` for Q = :func:`~compressor.core.hadamard.random_hadamard` ``(n, seed)`` = H diag(s) / √n, by the
+    fast transform: O(n log n + n m) per row instead of a dense (n, n) product (a (128256, 4096) embedding:
+    about 6 GFLOP instead of 4.3 TFLOP). Equal to the dense product to float64 rounding.
+
+    Call it on (..., n) float64 rows (on any device); :meth:`matrix` gives Q.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        _, m = hadamard_factors(n)  # raises for sizes without a construction
+        self.size = n
+        self.signs = random_signs(n, seed=seed)  # (n,) float64
+        # hadamard_transform(x, base=B) is x @ kron(H_p, B)ᵀ: Bᵀ as the base gives x @ H
+        self.base = paley_matrix(m).to(torch.float64).T.contiguous() if m > 1 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"FastRandomHadamard({self.size}) got rows of {x.shape[-1]}")
+        base = None if self.base is None else self.base.to(device=x.device, dtype=x.dtype)
+        return hadamard_transform(x, base=base) * self.signs.to(device=x.device, dtype=x.dtype)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Q (n, n) in ``dtype``."""
+        return self(torch.eye(self.size, dtype=torch.float64)).to(dtype)
+
+
+def rotation_operator(kind: str, n: int, seed: int) -> "FastRandomHadamard | torch.Tensor":
+    """What applies :func:`rotation_matrix` ``(kind, n, seed)`` to rows: the fast transform for ``"hadamard"``,
+    the (n, n) float64 matrix for ``"random"``."""
+    return FastRandomHadamard(n, seed) if kind == "hadamard" else random_orthogonal(n, seed=seed)
 
 
 def submodule(root: nn.Module, path: str, where: str) -> nn.Module:

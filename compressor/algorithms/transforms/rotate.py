@@ -36,6 +36,7 @@ Weights are rotated in float64 and cast back to their dtype.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ from compressor.algorithms.transforms.fusion import (
     r3_targets,
     random_orthogonal,
     rotation_matrix,
+    rotation_operator,
     submodule,
     untie_embeddings,
     write_param,
@@ -153,8 +155,8 @@ class Rotation:
             raise ValueError(f"rotate: r1_at=inputs has no run-time hook inside MoE blocks ({blocks_name}.{moe[0]}); "
                              "use r1_at: residual (or auto)")
         # sizes are checked before any weight changes, so an unsupported size leaves the model intact
-        self.q1 = rotation_matrix(r1, hidden, seed) if r1_at == "residual" \
-            else OnlineHadamard(hidden).matrix(torch.float64)  # (d, d)
+        # R1 applied to rows: the fast transform (Hadamard) or a dense (d, d) matrix (random)
+        self.q1 = rotation_operator(r1, hidden, seed) if r1_at == "residual" else OnlineHadamard(hidden)
         self.q2 = rotation_matrix(r1, head_dim, seed + 1) if r2 else None  # (hd, hd)
         dense = [i for i in range(len(blocks)) if i not in set(moe)]
         inter_sizes = {submodule(blocks[i], layout.down, f"{blocks_name}.{i}").in_features for i in dense}
@@ -216,33 +218,48 @@ class Rotation:
         return info
 
 
-def rotate_rows(weight: torch.Tensor, q: torch.Tensor | nn.Module, chunk: int = ROW_CHUNK) -> None:
+def rotate_rows(weight: torch.Tensor, q: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                chunk: int = ROW_CHUNK) -> None:
     """``weight ← weight @ Q`` in place, ``chunk`` rows at a time in float64 (:func:`~.fusion.write_rows`).
 
     Args:
         weight: (R, d) parameter (or a view of one), any float dtype, kept; a (128256, 4096) embedding needs
             0.27 GB beside it, not 4.2 GB.
-        q: Q as a (d, d) float64 matrix, or a module computing ``x ↦ x Q`` on (..., d) float64 rows (an
-            :class:`~compressor.runtime.online.OnlineHadamard`: no (d, d) matrix is built).
+        q: Q as a (d, d) float64 matrix, or a callable computing ``x ↦ x Q`` on (..., d) float64 rows (an
+            :class:`~compressor.runtime.online.OnlineHadamard`, a :class:`~.fusion.FastRandomHadamard`: no
+            (d, d) matrix is built or multiplied).
     """
-    if isinstance(q, nn.Module):
-        write_rows(weight, q, chunk)
-    else:
+    if isinstance(q, torch.Tensor):
         q = q.to(weight.device)
         write_rows(weight, lambda x: x @ q, chunk)
+    else:
+        write_rows(weight, q, chunk)
 
 
-def rotate_columns(weight: torch.Tensor, q: torch.Tensor, chunk: int = ROW_CHUNK) -> None:
+def rotate_columns(weight: torch.Tensor, q: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                   chunk: int = ROW_CHUNK) -> None:
     """``weight ← Qᵀ @ weight`` in place, ``chunk`` columns at a time in float64.
 
     Args:
         weight: (d, C) parameter, any float dtype, kept (a writer of the residual stream: o_proj, down_proj).
-        q: (d, d) float64.
+        q: (d, d) float64, or a callable computing ``x ↦ x Q`` on rows (each column c becomes ``(cᵀ Q)ᵀ``).
     """
-    qt = q.T.to(weight.device)
-    for start in range(0, weight.shape[1], chunk):
-        cols = weight[:, start:start + chunk]
-        write_param(cols, qt @ cols.detach().double())
+    if isinstance(q, torch.Tensor):
+        qt = q.T.to(weight.device)
+        for start in range(0, weight.shape[1], chunk):
+            cols = weight[:, start:start + chunk]
+            write_param(cols, qt @ cols.detach().double())
+    else:
+        write_rows(weight.T, q, chunk)
+
+
+def _apply(q: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``x @ Q`` for (..., d) float64 ``x``."""
+    return x @ q.to(x.device) if isinstance(q, torch.Tensor) else q(x)
+
+
+def _width(q: torch.Tensor | OnlineHadamard) -> int:
+    return q.shape[0] if isinstance(q, torch.Tensor) else q.size
 
 
 def _sizes(sizes: set[int]) -> int | list[int]:
@@ -260,7 +277,7 @@ def _unique(modules: list[nn.Module]) -> list[nn.Module]:
 
 
 def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | None, layout: DecoderLayout,
-                  q1: torch.Tensor, r1_at: str, q2: torch.Tensor | None, r4: bool,
+                  q1: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], r1_at: str, q2: torch.Tensor | None, r4: bool,
                   n_heads: int, n_kv: int, head_dim: int, where: str, online_o: bool = False) -> None:
     """R1 on the block's readers (and writers, on the residual), R2 on v/o heads, R4 on down_proj (``r4``; never
     on an MoE block's experts), the online o_proj Hadamard (``online_o``) on o_proj (weights already
@@ -270,13 +287,13 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
     for lin in readers:  # readers: y = x W_newᵀ with x = h Q → W_new = W Q
         rotate_rows(lin.weight, q1)
         if r1_at == "inputs":  # x ← x Q at run time (Q is the online Hadamard's matrix)
-            attach_input_transform(lin, OnlineHadamard(q1.shape[0]).to(dev))
+            attach_input_transform(lin, OnlineHadamard(_width(q1)).to(dev))
     if r1_at == "residual":
         writers = [m["o"]] if parts else [m["o"], m["down"]]
         for lin in writers:  # writers: out Q = a (Qᵀ W)ᵀ → W_new = Qᵀ W, b_new = b Q
             rotate_columns(lin.weight, q1)
             if lin.bias is not None:
-                write_param(lin.bias, lin.bias.detach().double() @ q1.to(dev))
+                write_param(lin.bias, _apply(q1, lin.bias.detach().double()))
     if parts:  # experts (E, 2I, H) read and (E, H, I) write the residual; one expert at a time
         experts = parts[1]
         for e in range(experts.gate_up_proj.shape[0]):
