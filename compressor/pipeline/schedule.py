@@ -77,14 +77,16 @@ class _Sweeper:
         if self.input_ids is None:
             raise ValueError(f"{', '.join(p.name for p in passes)}: this plan measures the model on calibration "
                              "data: pass calibration=... to compress()")
-        run_sequential(self.model, passes, self.input_ids, self.config, stream=self.stream)
+        stream = self.stream.reread() if self.stream is not None else None  # only when a plan sweeps
+        run_sequential(self.model, passes, self.input_ids, self.config, stream=stream)
 
 
 def sweeper(model: nn.Module, input_ids: torch.Tensor | None, config: PipelineConfig,
             stream: BlockStream | None = None) -> Sweep:
     """The ``sweep`` a pass's :meth:`~compressor.core.passes.Pass.plan` gets: a checkpoint-free calibration
-    run of the sequential pipeline over ``model`` with the given passes; in a streamed run, ``stream`` reads
-    each block and frees it afterwards, writing nothing (:meth:`~compressor.pipeline.sequential.BlockStream.reread`)."""
+    run of the sequential pipeline over ``model`` with the given passes; in a streamed run, the sweep reads
+    each block from ``stream`` and frees it afterwards, writing nothing
+    (:meth:`~compressor.pipeline.sequential.BlockStream.reread`)."""
     return _Sweeper(model, input_ids, config, stream)
 
 
@@ -180,7 +182,7 @@ def run_passes(
             blocks_name, _ = find_blocks(model)
             outside = _targets_outside_blocks(model, middle, blocks_name)
             run_fingerprint = {**(fingerprint or {}), "calibration_sha256": digest, "model_config": _config_hash(model)}
-            sweep = sweeper(model, ids, config, stream.reread() if stream is not None else None)
+            sweep = sweeper(model, ids, config, stream)
             for p in middle:  # allocation across layers is decided on the dense model, before any block changes
                 p.plan(model, ids, sweep)
             run_sequential(model, middle, ids, config, run_fingerprint, stream=stream)
