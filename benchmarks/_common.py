@@ -271,7 +271,21 @@ def versions(*packages: str) -> dict[str, str | None]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's own address space.
+    ``ru_maxrss`` (the fallback elsewhere) is not: a process started by fork + exec inherits the RSS its parent
+    had at the fork as a floor (the kernel carries the pre-exec address space's high-water mark over), so a
+    benchmark child started by a driver that had just built a 0.8 GB checkpoint reported at least the driver's
+    2.4 GB whatever it used itself.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
@@ -452,8 +466,9 @@ def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False,
     """Run ``command --job JSON --result FILE`` from ``cwd`` (the repository root) and collect its record and peak RSS.
 
     The child's stdout is sent to our stderr, so our stdout carries only result
-    lines. Peak RSS comes from ``wait4`` on that one child (``ru_maxrss``, KiB
-    on Linux), so it covers the whole child process and nothing else.
+    lines. Peak RSS is the child's own high-water mark (``self_peak_rss_mb`` of its record, taken by
+    :func:`peak_rss_mb` as it finishes); ``wait4``'s ``ru_maxrss`` stands in only when the child wrote no
+    record, since it includes the RSS this process had when it started the child (see :func:`peak_rss_mb`).
     """
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         result = Path(tmp) / "result.json"
@@ -464,7 +479,8 @@ def run_child(command: list[str], job: dict[str, Any], *, verbose: bool = False,
         child.returncode = os.waitstatus_to_exitcode(status)
         wall = round(time.perf_counter() - start, 2)
         record = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
-    return ChildRun(record, child.returncode, round(usage.ru_maxrss / 1024, 1), wall)
+    peak = (record or {}).get("self_peak_rss_mb") or round(usage.ru_maxrss / 1024, 1)
+    return ChildRun(record, child.returncode, peak, wall)
 
 
 def add_protocol_args(parser: argparse.ArgumentParser, quick_help: str) -> None:

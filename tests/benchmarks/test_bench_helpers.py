@@ -55,6 +55,19 @@ def test_run_child_collects_the_record_and_rss(tmp_path):
     assert run.record == {"x": 42} and run.returncode == 0 and run.peak_rss_mb > 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_childs_peak_is_its_own_not_the_rss_its_parent_had_when_it_started(tmp_path):
+    """ru_maxrss of a fork + exec'd child starts at its parent's RSS; the recorded peak must not (it once
+    reported a scale benchmark driver's 2.4 GB for every method run after it built a checkpoint)."""
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB resident in this (the parent) process
+    code = ("sys.path.insert(0, '.')\nfrom benchmarks import _common as c\n"
+            "json.dump({'self_peak_rss_mb': c.peak_rss_mb()}, open(out, 'w'))\n")
+    run = common.run_child(_child(tmp_path, code), {}, cwd=common.ROOT)
+    assert float(ballast[-1]) == 1.0
+    assert 0 < run.peak_rss_mb < 300, run.peak_rss_mb  # a bare python importing the helpers: well under 300 MiB
+    assert common.peak_rss_mb() >= 400
+
+
 @pytest.mark.parametrize("body,why", [("sys.exit(3)\n", "exit status 3"), ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "signal 9")])
 def test_run_child_failure_is_reported(tmp_path, body, why):
     run = common.run_child(_child(tmp_path, body), {})
