@@ -465,16 +465,19 @@ def scale(records: Records) -> str:
             used.append(r)
             size = f"{r['checkpoint_bytes'] / 1e9:.1f} GB"
             what = shape if blocks is None else f"{shape}, first {blocks} of {r['of_blocks']} blocks"
+            machine = r.get("machine") or {}
+            cpu = f"{machine['isa']}, {machine.get('cores', '?')} cores" if machine.get("isa") else "—"
             if r.get("status") != "ok":
                 rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r.get('status')}: "
-                            f"{(r.get('error') or '')[:120]} | | | |")
+                            f"{(r.get('error') or '')[:120]} | | | | {cpu} |")
                 continue
             rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r['wall_s']:.0f} | "
-                        f"{r['peak_rss_mb'] / 1024:.2f} | {r['s_per_bparam']:.0f} | {r['export_bytes'] / 1e9:.2f} GB |")
+                        f"{r['peak_rss_mb'] / 1024:.2f} | {r['s_per_bparam']:.0f} | {r['export_bytes'] / 1e9:.2f} GB "
+                        f"| {cpu} |")
     if not rows:
         return "_No records in `benchmarks/results/scale.jsonl` yet: run `python -m benchmarks.scale`._\n"
     head = ("| shape (parameters, bf16 checkpoint) | method | wall s | peak RSS GiB | s per billion parameters "
-            "| export |\n|---|---|---|---|---|---|\n")
+            "| export | machine |\n|---|---|---|---|---|---|---|\n")
     return head + "\n".join(rows) + "\n\n" + _provenance(used, "scale") + "\n"
 
 

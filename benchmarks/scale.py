@@ -19,7 +19,8 @@ tokenizer, whose ids all lie inside the vocabulary), and writes its export, all 
   then ``save_pretrained(save_compressed=True)``; in the peer venv (``benchmarks/setup_peers.sh``).
 
 A record holds the child's wall time (start to exit: loading, calibration, compression, export), its peak
-RSS (``wait4``'s ``ru_maxrss`` of that one process), seconds per billion parameters, and the export's size.
+RSS (the child's own high-water mark, ``VmHWM``: see :func:`benchmarks._common.peak_rss_mb`), seconds per billion
+parameters, and the export's size.
 Perplexity means nothing on random weights and is not measured. Run on an otherwise idle machine::
 
     python -m benchmarks.scale --shapes 1b --methods ours-stream,ours,llmc-gptq

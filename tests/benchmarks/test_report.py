@@ -164,7 +164,8 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                rec("1b", 1_240_000_000, "ours-stream", 900.0, 2048.0),
                rec("1b", 1_240_000_000, "llmc-gptq", 0.0, 0.0, status="failed", error="boom"),
                rec("8b", 1_490_000_000, "ours-stream", 700.0, 4000.0, blocks=2, of_blocks=32),  # a --blocks probe
-               rec("1b", 1_240_000_000, "ours-stream", 901.0, 2049.0, blocks=16, of_blocks=16)]
+               rec("1b", 1_240_000_000, "ours-stream", 901.0, 2049.0, blocks=16, of_blocks=16,
+                   machine={"isa": "AVX512", "cores": 2})]
     (results / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = report.render("<!-- report:scale -->\n<!-- /report:scale -->\n", results)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
@@ -174,7 +175,7 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                                                   ["| 8b (8.03B, 16.1 GB)", "ours, streamed"],
                                                   ["| 8b, first 2 of 32 blocks (1.49B, 3.0 GB)", "ours, streamed"]]
     # a record that counts its blocks at full depth is the newest full-depth one; the probe has a row of its own
-    assert "| 901 | 2.00 | 727 | 0.62 GB |" in rows[0] and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]
+    assert "| 901 | 2.00 | 727 | 0.62 GB | AVX512, 2 cores |" in rows[0] and rows[1].endswith("| — |") and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]
 
 
 def _prune(sparsity, allocation, ppl, *, split="test", sets=(), **extra):

@@ -65,10 +65,22 @@ def test_integer_dtype_rejected():
         hadamard_matrix(8, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 64, 1024])
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 128, 256, 1024, 2048, 4096])
 def test_fwht_matches_dense(n):
     x = torch.randn(3, 2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(fwht(x), x @ hadamard_matrix(n), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [2**15, 2**16])  # three Sylvester factors: too big for a dense reference
+def test_fwht_matches_the_butterfly(n):
+    x = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    y, h = x.clone(), 1
+    while h < n:  # the textbook butterfly: pairs (i, i + h) inside blocks of 2h
+        y = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    torch.testing.assert_close(fwht(x), y.reshape(x.shape), rtol=0, atol=1e-9)
+    assert fwht(x.float()).dtype == torch.float32
 
 
 def test_fwht_rejects_non_power_of_two():
