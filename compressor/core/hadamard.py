@@ -270,13 +270,10 @@ _SYLVESTER: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _sylvester(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Sylvester's H_n (n, n) of ±1 in ``dtype`` on ``device`` (n a power of two ≤ 128), cached."""
+    """Sylvester's H_n (:func:`hadamard_matrix` of a power of two ≤ 128) in ``dtype`` on ``device``, cached."""
     key = (n, dtype, device)
     if key not in _SYLVESTER:
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _SYLVESTER[key] = h.to(dtype=dtype, device=device)
+        _SYLVESTER[key] = hadamard_matrix(n, dtype=torch.float64).to(dtype=dtype, device=device)
     return _SYLVESTER[key]
 
 

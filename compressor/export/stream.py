@@ -216,12 +216,12 @@ def _fused_experts(root: nn.Module, name: str, prefix: str, old: torch.Tensor, r
     experts = name.rpartition(".")[0]
     keys = [[names.to_checkpoint(f"{experts}.{e}.{names.name(s)}.weight") for s in layout.splits(leaf)]
             for e in range(old.shape[0])]
-    missing = [k for row in keys for k in row if k not in reader]
-    if len(missing) == sum(map(len, keys)):
+    missing, total = [k for row in keys for k in row if k not in reader], sum(map(len, keys))
+    if len(missing) == total:
         return None
     if missing:
         raise ValueError(f"{missing[0]} is not in the checkpoint's safetensors files ({len(missing)} of {leaf}'s "
-                         f"{sum(map(len, keys))} per-expert tensors are missing): the checkpoint is incomplete")
+                         f"{total} per-expert tensors are missing): the checkpoint is incomplete")
     out = torch.empty(old.shape, dtype=old.dtype)
     for e, row in enumerate(keys):
         start = 0

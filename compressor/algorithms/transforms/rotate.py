@@ -253,11 +253,6 @@ def rotate_columns(weight: torch.Tensor, q: torch.Tensor | Callable[[torch.Tenso
         write_rows(weight.T, q, chunk)
 
 
-def _apply(q: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``x @ Q`` for (..., d) float64 ``x``."""
-    return x @ q.to(x.device) if isinstance(q, torch.Tensor) else q(x)
-
-
 def _width(q: torch.Tensor | OnlineHadamard) -> int:
     return q.shape[0] if isinstance(q, torch.Tensor) else q.size
 
@@ -293,7 +288,7 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
         for lin in writers:  # writers: out Q = a (Qᵀ W)ᵀ → W_new = Qᵀ W, b_new = b Q
             rotate_columns(lin.weight, q1)
             if lin.bias is not None:
-                write_param(lin.bias, _apply(q1, lin.bias.detach().double()))
+                rotate_rows(lin.bias.view(1, -1), q1)  # b ← b Q, one row
     if parts:  # experts (E, 2I, H) read and (E, H, I) write the residual; one expert at a time
         experts = parts[1]
         for e in range(experts.gate_up_proj.shape[0]):
