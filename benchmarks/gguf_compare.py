@@ -126,16 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     from compressor.api import compress
     from compressor.calibration import load_text
     from compressor.export.gguf import load_gguf_weights, save_gguf
-    from compressor.recipe import Recipe
-
-    import yaml
+    from compressor.recipe import Recipe, load_yaml
 
     options = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: use KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        options[key] = load_yaml(value)
     size = common.QUICK if args.quick else common.FULL
     chunks = 4 if args.quick else size["max_tokens"] // common.CTX
     work = args.work

@@ -162,14 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args):
-    from compressor.recipe import Recipe, apply_overrides
+    from compressor.recipe import Recipe, apply_overrides, load_yaml
 
     if args.recipe is not None:
-        import yaml
-
         if not args.recipe.is_file():
             raise FileNotFoundError(f"recipe file {args.recipe} does not exist")
-        data = yaml.safe_load(args.recipe.read_text(encoding="utf-8")) or {}
+        data = load_yaml(args.recipe.read_text(encoding="utf-8")) or {}
     elif args.scheme in _GGUF_PRESETS:
         method = "gptq" if args.method == "gptq" else "nearest"
         data = {"passes": [{"gguf": {"mix": _GGUF_PRESETS[args.scheme], "method": method}}]}

@@ -17,6 +17,7 @@ registry lives in :mod:`compressor.core.passes`; importing this module imports
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,36 @@ import yaml
 import compressor.passes  # noqa: F401  (fills the registry: the explicit list of built-in passes)
 from compressor.core.passes import Pass, PassConfig, config_from_dict, registered_passes
 
-__all__ = ["Recipe", "apply_overrides", "registered_passes"]
+__all__ = ["Recipe", "apply_overrides", "load_yaml", "registered_passes"]
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``5e-5`` as a float, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot: ``lr: 5e-5`` would
+    load as the *string* ``"5e-5"`` and fail the config's number check.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as :func:`yaml.safe_load` does, but with ``1e-4`` a float.
+
+    Used for recipe files and ``key=value`` overrides alike.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 # ---------------------------------------------------------------- recipe
@@ -76,7 +106,7 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
         return cls.from_dict(data or {})
@@ -98,7 +128,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     Keys are dotted paths. The first component after ``passes`` may be an
     index or a pass name (``rtn.scheme.bits=3`` is ``passes.<rtn>.scheme.bits``).
-    Values are parsed as YAML (``true``, ``3``, ``[a, b]``).
+    Values are parsed as YAML (``true``, ``3``, ``5e-5``, ``[a, b]``).
     """
     import copy
 
@@ -107,7 +137,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. rtn.scheme.bits=3)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
         parts = key.strip().split(".")
         node: Any = data
         if parts[0] != "passes" and parts[0] != "seed":

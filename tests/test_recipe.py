@@ -86,3 +86,19 @@ def test_target_matching_class_exact_and_regex():
 def test_recipe_yaml_is_plain():
     text = Recipe.from_dict(BASE).to_yaml()
     assert yaml.safe_load(text)["passes"][0]["rtn"]["scheme"]["group_size"] == 64
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``5e-5`` as a string; recipes and overrides read it as YAML 1.2 does."""
+    ost = {"passes": [{"ostquant": {"steps": 1}}]}
+    data = apply_overrides(ost, ["ostquant.lr=5e-5", "ostquant.lr_clip=3E-2", "ostquant.lr_scale=1.0e-3"])
+    cfg = Recipe.from_dict(data).passes[0][1]
+    assert (cfg.lr, cfg.lr_clip, cfg.lr_scale) == (5e-5, 3e-2, 1e-3)
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - ostquant:\n      lr: 2e-4\n      steps: 7\n      seed: 1e3\n")
+    with pytest.raises(ValueError, match="seed"):  # 1e3 is a float, not the integer a seed must be
+        Recipe.load(path)
+    path.write_text("passes:\n  - ostquant:\n      lr: 2e-4\n      steps: 7\n")
+    cfg = Recipe.load(path).passes[0][1]
+    assert cfg.lr == 2e-4 and cfg.steps == 7
+    assert apply_overrides(BASE, ["passes.0.ignore=[1e2, x1e2, 1_0]"])["passes"][0]["rtn"]["ignore"] == [100.0, "x1e2", 10]
