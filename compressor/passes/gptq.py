@@ -164,11 +164,7 @@ class GPTQPass(Pass):
         if self._experts:
             raise ValueError(f"{self.name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
                              "route different tokens to different experts): run in one process")
-        done: set[int] = set()
-        for acc in self._inputs.stats.values():  # first-seen order: the same on every rank
-            if id(acc) not in done:
-                done.add(id(acc))
-                acc.all_reduce()
+        self._inputs.all_reduce()
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""

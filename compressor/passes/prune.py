@@ -219,6 +219,20 @@ class PrunePass(Pass):
         return self.config.needs_sweep
 
     @property
+    def data_parallel(self) -> bool:  # type: ignore[override]
+        """Wanda's input norms and SparseGPT's Hessians (and the OWL / DP sweep's norms) are sums over the
+        calibration tokens, so the ranks add theirs up; DP's ``"output"`` distortion probes the whole model
+        with each block pruned, which runs in one process."""
+        return not (self.config.allocation == "dp" and self.config.dp_distortion == "output")
+
+    def reduce_statistics(self) -> None:
+        """Sum the block's input norms (Wanda) or Hessians (SparseGPT) over the ranks of a data-parallel run."""
+        if self._experts:
+            raise ValueError(f"{self.name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
+                             "route different tokens to different experts): run in one process")
+        self._inputs.all_reduce()
+
+    @property
     def requires_calibration(self) -> bool:  # type: ignore[override]
         """Wanda and SparseGPT need layer inputs, as do OWL and DP allocation; magnitude alone does not."""
         return self.config.method != "magnitude" or self.config.needs_sweep
@@ -439,6 +453,7 @@ class _AllocationSweep(Pass):
     name = "prune-allocation-sweep"
     config_cls = PruneConfig
     requires_calibration = True
+    data_parallel = True  # its input norms are summed over the ranks like Wanda's
     staged = False  # it measures the dense model: nothing changes between stages
 
     def __init__(self, config: PruneConfig):
@@ -461,6 +476,10 @@ class _AllocationSweep(Pass):
         acc = self._inputs.accumulator(name, x, lambda: InputNormAccumulator(x.shape[-1], x.device))
         if acc is not None:
             acc.add(x)
+
+    def reduce_statistics(self) -> None:
+        """Sum the block's input norms over the ranks of a data-parallel run."""
+        self._inputs.all_reduce()
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Reduce the block's statistics to OWL ratios or DP curves."""

@@ -57,6 +57,15 @@ class SharedInputs:
         """Drop the statistics."""
         self.stats.clear()
 
+    def all_reduce(self) -> None:
+        """Combine every accumulator over the ranks of a data-parallel run (each shared one once, in
+        first-seen order: the same on every rank). Accumulators provide ``all_reduce()``."""
+        done: set[int] = set()
+        for acc in self.stats.values():
+            if id(acc) not in done:
+                done.add(id(acc))
+                acc.all_reduce()
+
 
 MOE_CALIBRATION = ("routed", "all_experts")
 

@@ -215,7 +215,8 @@ def check_data_parallel(passes: list[Pass], stream: BlockStream | None = None) -
     names = [p.name for p in passes if (p.requires_calibration and not p.data_parallel) or p in lead or p in tail]
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot calibrate data-parallel yet: run in one process "
-                         "(without torchrun / accelerate launch); data-parallel runs take rtn and gptq (GPTAQ too)")
+                         "(without torchrun / accelerate launch); data-parallel runs take rtn, gptq (GPTAQ too) and prune "
+                         "(any method; uniform, N:M, OWL, LAMP, global or per-linear DP allocation)")
     if stream is not None:
         raise ValueError("a streamed run calibrates in one process for now: run without --stream, or in one process")
 

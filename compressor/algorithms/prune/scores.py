@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from compressor.core.distributed import all_reduce_sum
+
 __all__ = ["InputNormAccumulator", "check_weight", "input_norms_from_hessian", "magnitude_scores", "wanda_scores"]
 
 
@@ -92,6 +94,19 @@ class InputNormAccumulator:
         self.sq *= self.n / (self.n + t)
         self.n += t
         self.sq += (2.0 / self.n) * (x * x).sum(0)
+
+    def all_reduce(self) -> None:
+        """Combine the statistics of every rank of a data-parallel calibration into each (in place).
+
+        Each rank holds the mean over its own ``n_r`` tokens; the result is ``sum_r n_r / N * sq_r``, the
+        mean over all of them up to float32 summation order (as
+        :meth:`compressor.algorithms.hessian.HessianAccumulator.all_reduce`).
+        """
+        total = int(all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64, device=self.sq.device)).item())
+        if total == 0:
+            return
+        all_reduce_sum(self.sq.mul_(self.n / total))
+        self.n = total
 
     @property
     def norms(self) -> torch.Tensor:
