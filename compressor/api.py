@@ -95,7 +95,7 @@ def compress(
         source = str(path)
         if stream:  # the skeleton in memory; blocks read and written one by one (compressor.export.stream)
             model, reader = load_skeleton(path, trust_remote_code=trust_remote_code)
-            streamed = StreamedExport(model, reader, output)
+            streamed = StreamedExport(model, reader, output, write=init_from_env()[0] == 0)  # rank 0 writes
         else:
             model = load_model(path, trust_remote_code=trust_remote_code)
         if tokenizer is None:

@@ -351,15 +351,18 @@ class StreamedExport:
             until :func:`~compressor.export.compressed_tensors.save_compressed` moves them in).
         max_shard_bytes: the size at which a shard is closed and the next begins (the in-memory export's
             default); tensors are written to disk as they come, so no shard is ever held in memory.
+        write: False on the ranks of a data-parallel run other than rank 0: blocks are read and freed as
+            on rank 0, nothing is packed or written (rank 0 writes the export).
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, output: str | Path,
-                 max_shard_bytes: int = 5 * 2**30):
-        self.model, self.reader, self.max_shard_bytes = model, reader, max_shard_bytes
+                 max_shard_bytes: int = 5 * 2**30, write: bool = True):
+        self.model, self.reader, self.max_shard_bytes, self.write = model, reader, max_shard_bytes, write
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         self.dir = output.parent / f".{output.name}.stream-{uuid.uuid4().hex[:8]}"
-        self.dir.mkdir()
+        if write:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir()
         self.files: list[tuple[Path, list[str]]] = []  # written shards and their keys
         self.shard: _Shard | None = None  # the shard being written
         self.total = 0
@@ -381,23 +384,26 @@ class StreamedExport:
         staging directory, written as they are, no copy in memory; tied parameters stay one.
         :meth:`unpark` reads them back."""
         metas: dict[int, nn.Parameter] = {}
-        (self.dir / "parked").mkdir(exist_ok=True)
-        spill = _Shard(self.dir / "parked" / "outside.safetensors")
+        spill = None
+        if self.write:  # a rank that writes nothing needs them no more: freed, not spilled
+            (self.dir / "parked").mkdir(exist_ok=True)
+            spill = _Shard(self.dir / "parked" / "outside.safetensors")
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if self._inside(name) or p.is_meta:
                 continue
-            if id(p) not in metas:
+            if id(p) not in metas and spill is not None:
                 spill.add(name, p.detach())
             meta = metas.setdefault(id(p), nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
             owner, _, leaf = name.rpartition(".")
             self.model.get_submodule(owner)._parameters[leaf] = meta
             self.parked.add(name)
-        spill.close({"format": "pt"})
+        if spill is not None:
+            spill.close({"format": "pt"})
         trim_heap()
 
     def unpark(self) -> None:
-        """Read back what :meth:`park` freed, as it was when parked."""
-        if self.parked:
+        """Read back what :meth:`park` freed, as it was when parked (on a rank that writes the export)."""
+        if self.parked and self.write:
             _read(self.model, CheckpointReader(self.dir / "parked"), lambda name: name in self.parked)
             self.parked.clear()
             shutil.rmtree(self.dir / "parked", ignore_errors=True)
@@ -412,10 +418,11 @@ class StreamedExport:
 
     def release(self, index: int, prefix: str, block: nn.Module) -> None:
         """Pack the finished block, write its tensors into the current export shard and free it."""
-        for name, module in block.named_modules(prefix=prefix):
-            if is_pruned(module):
-                self.zeros[name] = pruned_zeros(module)
-        self.add(block_tensors(self.model, block, prefix))
+        if self.write:
+            for name, module in block.named_modules(prefix=prefix):
+                if is_pruned(module):
+                    self.zeros[name] = pruned_zeros(module)
+            self.add(block_tensors(self.model, block, prefix))
         # online transforms keep their (small, non-persistent) buffers: the export describes them afterwards
         kept = [(m, dict(m._buffers)) for m in block.modules() if isinstance(m, OnlineHadamard)]
         block.to("meta")
@@ -444,6 +451,8 @@ class StreamedExport:
     def finish(self, rest: dict[str, torch.Tensor], into: Path) -> None:
         """Add ``rest`` (the tensors outside the blocks), write the last shard and move every shard into ``into``
         under its final name (``model.safetensors``, or ``model-00001-of-0000N.safetensors`` with an index)."""
+        if not self.write:
+            raise RuntimeError("this stream writes nothing (a data-parallel rank other than 0): rank 0 exports")
         missing = [n for n, p in self.model.named_parameters() if p.is_meta
                    and not any(n.startswith(prefix + ".") for prefix in self.released)]
         if missing:

@@ -135,7 +135,7 @@ def run_passes(
     if stream is not None:
         check_streamable(passes)
     if world()[1] > 1:
-        check_data_parallel(passes, stream)
+        check_data_parallel(passes)
 
     def data(group: list[Pass]) -> torch.Tensor:
         names = [p.name for p in group if p.requires_calibration] or [p.name for p in group]
@@ -203,7 +203,7 @@ def run_passes(
     return info
 
 
-def check_data_parallel(passes: list[Pass], stream: BlockStream | None = None) -> None:
+def check_data_parallel(passes: list[Pass]) -> None:
     """Refuse, before any work, a multi-process run (:mod:`compressor.core.distributed`) that a pass cannot
     share: every calibrated pass must sum its statistics over the ranks, and none may train or transform
     the whole model.
@@ -217,8 +217,6 @@ def check_data_parallel(passes: list[Pass], stream: BlockStream | None = None) -
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot calibrate data-parallel yet: run in one process "
                          "(without torchrun / accelerate launch); data-parallel runs take rtn, gptq (GPTAQ too) and prune "
                          "(any method; uniform, N:M, OWL, LAMP, global or per-linear DP allocation)")
-    if stream is not None:
-        raise ValueError("a streamed run calibrates in one process for now: run without --stream, or in one process")
 
 
 def check_streamable(passes: list[Pass]) -> None:

@@ -67,16 +67,18 @@ def test_a_pass_that_cannot_share_its_statistics_is_refused_before_any_work(pass
         schedule.check_data_parallel(Recipe.from_dict({"passes": passes}).build())
     assert "one process" in str(err.value)
     schedule.check_data_parallel(Recipe.from_dict({"passes": [{"gptq": {}}, {"rtn": {"targets": ["lm_head"]}}]}).build())
-    with pytest.raises(ValueError, match="streamed run"):
-        schedule.check_data_parallel(Recipe.from_dict({"passes": [{"gptq": {}}]}).build(), stream=object())
 
 
-def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path, stream):
     """`accelerate launch` with two CPU processes: each calibrates on half the sequences, the Hessians are
     summed over both, rank 0 writes. Against one process on all the sequences: the same tensors up to
-    float32 summation order in the Hessians (a rare rounding decision may flip), the same outputs."""
+    float32 summation order in the Hessians (a rare rounding decision may flip), the same outputs.
+    Streamed (``--stream``), every rank reads each block from the checkpoint and frees it; only rank 0
+    stages and writes shards."""
     args = ["compress", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
-            "--calibration", str(tmp_path / "text.txt"), "--num-samples", "6", "--seq-len", "32", "-q"]
+            "--calibration", str(tmp_path / "text.txt"), "--num-samples", "6", "--seq-len", "32", "-q",
+            *(["--stream"] if stream else [])]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,7 +92,10 @@ def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path):
         if k.endswith("weight_scale"):
             torch.testing.assert_close(one[k].float(), two[k].float(), rtol=1e-2, atol=0)
     manifest = json.loads((tmp_path / "two" / "compressor_manifest.json").read_text())
-    assert manifest.get("processes", manifest.get("info", {}).get("processes")) == 2
+    info = manifest.get("info", {})
+    assert manifest.get("processes", info.get("processes")) == 2
+    assert manifest.get("streamed", info.get("streamed", False)) is stream
+    assert not [p.name for p in tmp_path.iterdir() if ".stream-" in p.name]  # no rank left a staging directory
     ids = torch.randint(0, 95, (2, 16), generator=torch.Generator().manual_seed(3))
     a, b = load_compressed(tmp_path / "one")(ids).logits, load_compressed(tmp_path / "two")(ids).logits
     assert (a - b).abs().max() <= 1e-2 * a.abs().max()
