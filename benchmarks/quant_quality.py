@@ -10,6 +10,7 @@ consecutive windows of 512, with ``compressor.eval.perplexity``.
 Results: one JSON line per (method, setting) on stdout, appended to ``--output``
 too. Logs go to stderr. Fields are described in benchmarks/README.md.
 
+    python -m benchmarks.quant_quality --quick     # smoke run: fp32, rtn, gptq at w4g64, our venv only
     python -m benchmarks.quant_quality --quick --methods rtn,llmc-gptq --settings w4g64
     python -m benchmarks.quant_quality --methods fp32,rtn,gptq --settings w4g64,w3g64 --output results.jsonl
 """
@@ -58,6 +59,8 @@ VENV_LABELS = {"autoround": "AutoRound", "gptqmodel": "GPTQModel"}
 ALL_METHODS = ("fp32",) + OUR_METHODS + PEER_METHODS + tuple(VENV_METHODS)
 # the integer table's methods (make bench); the float formats add rtn-mse, gptq-mse and llmc-rtn (make bench-float)
 DEFAULT_METHODS = ("fp32", "rtn", "gptq-norefit", "gptq", "gptaq", "adaround", "llmc-gptq", "llmc-awq")
+# --quick without --methods / --settings: a smoke run of the harness in our venv alone (about 2 minutes on 2 cores)
+QUICK_METHODS, QUICK_SETTINGS = ("fp32", "rtn", "gptq"), ("w4g64",)
 FLOAT_METHODS = ("fp32", "rtn", "rtn-mse", "gptq", "gptq-mse", "llmc-rtn", "llmc-gptq")
 
 
@@ -204,12 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Cost on 2 cores: rtn ~1-2 min/setting, llm-compressor GPTQ ~10 min/setting, "
         "llm-compressor AWQ ~80 min/setting. See benchmarks/README.md.",
     )
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma list of {', '.join(ALL_METHODS)} (default: %(default)s; for the float formats: "
-                        f"{','.join(FLOAT_METHODS)})")
-    parser.add_argument("--settings", default=",".join(common.DEFAULT_SETTINGS),
+    parser.add_argument("--methods",
+                        help=f"comma list of {', '.join(ALL_METHODS)} (default: {','.join(DEFAULT_METHODS)}; with "
+                        f"--quick {','.join(QUICK_METHODS)}; for the float formats: {','.join(FLOAT_METHODS)})")
+    parser.add_argument("--settings",
                         help="comma list of w<bits>g<group> / w<bits>pc, all asymmetric, or float weight formats "
-                        f"{', '.join(common.FLOAT_SETTINGS)} (default: %(default)s)")
+                        f"{', '.join(common.FLOAT_SETTINGS)} (default: {','.join(common.DEFAULT_SETTINGS)}; with "
+                        f"--quick {','.join(QUICK_SETTINGS)})")
     common.add_protocol_args(parser, "smoke test: 8 calibration windows x 128 tokens, 2048 evaluation tokens")
     common.add_output_arg(parser, "quant_quality")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON,
@@ -235,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     if common.run_child_job(args, run_ours):
         return
 
+    if args.methods is None:
+        args.methods = ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    if args.settings is None:
+        args.settings = ",".join(QUICK_SETTINGS if args.quick else common.DEFAULT_SETTINGS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
