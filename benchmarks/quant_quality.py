@@ -231,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_selection(args: argparse.Namespace) -> None:
+    """Fill ``--methods`` / ``--settings`` left out: the full table, or with ``--quick`` a smoke run that
+    needs no peer venv (:data:`QUICK_METHODS` at :data:`QUICK_SETTINGS`)."""
+    if args.methods is None:
+        args.methods = ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    if args.settings is None:
+        args.settings = ",".join(QUICK_SETTINGS if args.quick else common.DEFAULT_SETTINGS)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -239,10 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if common.run_child_job(args, run_ours):
         return
 
-    if args.methods is None:
-        args.methods = ",".join(QUICK_METHODS if args.quick else DEFAULT_METHODS)
-    if args.settings is None:
-        args.settings = ",".join(QUICK_SETTINGS if args.quick else common.DEFAULT_SETTINGS)
+    default_selection(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:

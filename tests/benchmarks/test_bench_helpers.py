@@ -158,3 +158,18 @@ def test_emit_stamps_commit_date_machine_and_load(tmp_path, capsys):
     assert record["date"].endswith("Z") and record["machine"]["cores"] >= 1 and len(record["loadavg"]) == 3
     common.emit({"bench": "t", "commit": "given"}, out)  # a record's own fields win
     assert json.loads(out.read_text().splitlines()[1])["commit"] == "given"
+
+
+def test_quick_alone_is_a_smoke_run_in_our_venv():
+    """`python -m benchmarks.quant_quality --quick` runs our methods at one setting, no peer venv; without
+    --quick the full table; a selection given is kept."""
+    from benchmarks import quant_quality as qq
+
+    parser = qq.build_parser()
+    for argv, methods, settings in [(["--quick"], qq.QUICK_METHODS, qq.QUICK_SETTINGS),
+                                    ([], qq.DEFAULT_METHODS, common.DEFAULT_SETTINGS),
+                                    (["--quick", "--methods", "rtn", "--settings", "w3g64"], ("rtn",), ("w3g64",))]:
+        args = parser.parse_args(argv)
+        qq.default_selection(args)
+        assert (args.methods.split(","), args.settings.split(",")) == (list(methods), list(settings))
+    assert not set(qq.QUICK_METHODS) & (set(qq.PEER_METHODS) | set(qq.VENV_METHODS))
