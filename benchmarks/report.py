@@ -612,10 +612,11 @@ OST_SWEPT = ("ostquant.lr_clip", "ostquant.lr")  # the OSTQuant rates chosen on 
 
 def ostquant_dev(records: Records) -> str:
     """docs/ostquant.md: the dev-split runs (SOTU 2000-2009) that chose OSTQuant's learning rates: OSTQuant +
-    GPTQ at W4A4KV4 with ``lr_clip`` and / or ``lr`` set explicitly, newest run per (lr_clip, lr)."""
+    GPTQ at W4A4KV4 with ``lr_clip`` and / or ``lr`` set explicitly, or at the defaults (nothing set), newest
+    run per (lr_clip, lr)."""
     runs = [r for r in records if r.get("transform") == "ostquant" and r.get("method") == "gptq"
             and r.get("setting") == "w4a4kv4" and _ost_default_steps(r)
-            and any(_set_value(r, k) is not None for k in OST_SWEPT)]
+            and (any(_set_value(r, k) is not None for k in OST_SWEPT) or not (r.get("protocol") or {}).get("set"))]
     latest = {tuple(_set_value(r, k) or "default" for k in OST_SWEPT): r for r in runs}  # later lines are newer
     ok = [r["ppl"] for r in latest.values() if r.get("status") == "ok"]
     rows = []
