@@ -232,7 +232,7 @@ def test_ostquant_tables_keep_the_test_split_apart_from_the_dev_sweep(tmp_path):
         _ost("gptq", "ostquant", 40.0, split="dev", sets=["ostquant.lr_clip=0.01"], compress_s=1400.0),
         _ost("gptq", "ostquant", 38.0, split="dev", sets=["ostquant.lr_clip=0.1"], compress_s=1410.0),
         _ost("gptq", "ostquant", 39.0, split="dev", sets=["ostquant.lr_clip=0.1", "ostquant.lr=0.0004"]),
-        _ost("gptq", "ostquant", 13.0, split="dev"),  # nothing set: not part of the choice
+        _ost("gptq", "ostquant", 43.0, split="dev"),  # nothing set: the defaults' own point
         _ost("gptq", "hadamard", 14.0, split="dev", sets=["ostquant.lr_clip=0.1"]),  # not OSTQuant
     ]
     (results / "transforms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -242,12 +242,14 @@ def test_ostquant_tables_keep_the_test_split_apart_from_the_dev_sweep(tmp_path):
     assert "| W4A4KV4 | Hadamard (QuaRot: R1, R2, R3, R4, online o_proj) | — | — | 52.21 | — | — " \
            "| GPTQ 373 s, 2.4 GB |" in test_part
     assert "| 36.77 | — | 0.900 → 0.500 | GPTQ 1500 s, 6.4 GB |" in test_part
-    assert not any(f"| {x} |" in test_part for x in ("11.00", "12.00", "40.00", "13.00", "14.00"))
+    assert not any(f"| {x} |" in test_part for x in ("11.00", "12.00", "40.00", "43.00", "14.00"))
     assert "| 0.01 | default | 40.00 | 0.900 → 0.500 | qkv 0.910, down 0.800 | 1400 |" in dev_part
     assert "| 0.1 | default | **38.00** |" in dev_part and "| 0.1 | 0.0004 | 39.00 |" in dev_part
-    assert dev_part.index("| 0.01 | default") < dev_part.index("| 0.1 | default") < dev_part.index("| 0.1 | 0.0004")
-    assert "36.77" not in dev_part and "13.00" not in dev_part and "14.00" not in dev_part
-    assert "(2 records" in test_part and "(3 records" in dev_part
+    assert "| default | default | 43.00 |" in dev_part
+    assert (dev_part.index("| default | default") < dev_part.index("| 0.01 | default") < dev_part.index("| 0.1 | default")
+            < dev_part.index("| 0.1 | 0.0004"))
+    assert "36.77" not in dev_part and "14.00" not in dev_part and "43.00" not in test_part
+    assert "(2 records" in test_part and "(4 records" in dev_part
 
 
 def test_venv_peers_get_columns_once_recorded_and_count_as_peers_in_the_headline(tmp_path):
