@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.core.arch import find_blocks
+from compressor.core.distributed import all_reduce_sum, share
 from compressor.core.progress import progress
 
 __all__ = ["choose", "unit_distortion"]
@@ -157,6 +158,9 @@ def unit_distortion(
 
     Returns:
         (U, C) float64 distortions: mean over probe tokens of KL(unchanged || changed), in nats, >= 0.
+
+    In a data-parallel run (:mod:`compressor.core.distributed`) each rank probes its share of the
+    sequences and the per-rank sums are added up, so every rank returns the same table.
     """
     if input_ids.ndim != 2 or input_ids.dtype != torch.int64:
         raise ValueError(f"probe input_ids must be an int64 (S, T) tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -168,7 +172,8 @@ def unit_distortion(
     was_training = model.training
     model.eval()
     out = torch.zeros(len(unit_blocks), n_candidates, dtype=torch.float64)
-    tokens = input_ids.numel()
+    tokens = input_ids.numel()  # every rank's: each adds its tokens' KL / tokens, the ranks' parts sum up
+    input_ids = input_ids[share(input_ids.shape[0])]  # all of them in one process
     batches = [input_ids[s : s + batch_size].to(device) for s in range(0, input_ids.shape[0], batch_size)]
     dense = [_block_inputs(model, blocks, b) for b in batches]
     try:
@@ -195,4 +200,4 @@ def unit_distortion(
                      " ".join(f"{v:.3g}" for v in out[u].tolist()), time.perf_counter() - t0)
     finally:
         model.train(was_training)
-    return out.clamp_min(0.0)
+    return all_reduce_sum(out).clamp_min(0.0)

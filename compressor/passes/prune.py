@@ -218,12 +218,10 @@ class PrunePass(Pass):
         """OWL and DP allocation measure the dense model in a calibration sweep before any block is pruned."""
         return self.config.needs_sweep
 
-    @property
-    def data_parallel(self) -> bool:  # type: ignore[override]
-        """Wanda's input norms and SparseGPT's Hessians (and the OWL / DP sweep's norms) are sums over the
-        calibration tokens, so the ranks add theirs up; DP's ``"output"`` distortion probes the whole model
-        with each block pruned, which runs in one process."""
-        return not (self.config.allocation == "dp" and self.config.dp_distortion == "output")
+    data_parallel = True
+    """Wanda's input norms and SparseGPT's Hessians (and the OWL / DP sweep's norms) are sums over the
+    calibration tokens, so the ranks add theirs up; DP's ``"output"`` probe runs each rank's share of the
+    probe sequences and sums the KL (:func:`compressor.algorithms.allocate.unit_distortion`)."""
 
     def reduce_statistics(self) -> None:
         """Sum the block's input norms (Wanda) or Hessians (SparseGPT) over the ranks of a data-parallel run."""

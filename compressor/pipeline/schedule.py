@@ -216,7 +216,7 @@ def check_data_parallel(passes: list[Pass]) -> None:
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot calibrate data-parallel yet: run in one process "
                          "(without torchrun / accelerate launch); data-parallel runs take rtn, gptq (GPTAQ too) and prune "
-                         "(any method; uniform, N:M, OWL, LAMP, global or per-linear DP allocation)")
+                         "(any method and allocation)")
 
 
 def check_streamable(passes: list[Pass]) -> None:

@@ -57,8 +57,7 @@ def test_shares_are_contiguous_in_rank_order(monkeypatch, n, shares):
 
 
 @pytest.mark.parametrize("passes, words", [
-    ([{"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "dp"}}, {"gptq": {}}],
-     "prune cannot calibrate data-parallel"),  # DP's default "output" probe runs the whole model
+    ([{"adaround": {}}], "adaround cannot calibrate data-parallel"),
     ([{"awq": {}}, {"gptq": {}}], "awq cannot"),
     ([{"gptq": {}}, {"distill": {"steps": 1}}], "distill cannot"),
 ])
@@ -134,10 +133,11 @@ def test_all_reduced_input_norms_are_the_one_process_norms(tmp_path):
     {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.1},
     {"method": "sparsegpt", "sparsity": 0.5},
     {"method": "wanda", "structure": "2:4"},
+    {"method": "wanda", "sparsity": 0.5, "allocation": "dp", "dp_probe": 4},  # the "output" probe, 2 sequences a rank
 ])
 def test_two_gloo_processes_prune_like_one(tiny_model_dir, tmp_path, prune):
-    """prune (Wanda with OWL allocation, SparseGPT, N:M) + GPTQ in two processes: the input norms / Hessians
-    and the OWL sweep's norms are summed over the ranks, so each linear keeps the same weights as in one
+    """prune (Wanda with OWL or DP allocation, SparseGPT, N:M) + GPTQ in two processes: the input norms /
+    Hessians, the OWL sweep's norms and DP's probe KL are summed over the ranks, so each linear keeps the same weights as in one
     process but for rare float32-order flips, and the outputs agree."""
     import yaml
 
