@@ -21,7 +21,7 @@ from compressor.core.scheme import QuantScheme, shared_global_scales
 from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import allocated_scheme, attach_qparams
 from compressor.passes.rtn import quantize_experts, round_matrix
-from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs
+from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs, all_reduce_block
 
 __all__ = ["GPTQConfig", "GPTQPass", "check_sweep_options"]
 
@@ -161,10 +161,7 @@ class GPTQPass(Pass):
 
     def reduce_statistics(self) -> None:
         """Sum the block's Hessians (and GPTAQ cross terms) over the ranks of a data-parallel run."""
-        if self._experts:
-            raise ValueError(f"{self.name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
-                             "route different tokens to different experts): run in one process")
-        self._inputs.all_reduce()
+        all_reduce_block(self.name, self._inputs, self._experts)
 
     def end_block(self, block: nn.Module, prefix: str, **context) -> None:
         """Quantize the block's targeted linears from the collected Hessians."""

@@ -33,7 +33,7 @@ from compressor.core.passes import Pass, PassConfig, Sweep, register_pass, selec
 from compressor.core.progress import progress
 from compressor.core.sparsity import attach_expert_masks, attach_mask
 from compressor.core.state import is_experts_quantized, is_quantized
-from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs
+from compressor.pipeline.inputs import MOE_CALIBRATION, ExpertInputs, SharedInputs, all_reduce_block
 
 __all__ = ["PruneConfig", "PrunePass", "METHODS"]
 
@@ -225,10 +225,7 @@ class PrunePass(Pass):
 
     def reduce_statistics(self) -> None:
         """Sum the block's input norms (Wanda) or Hessians (SparseGPT) over the ranks of a data-parallel run."""
-        if self._experts:
-            raise ValueError(f"{self.name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
-                             "route different tokens to different experts): run in one process")
-        self._inputs.all_reduce()
+        all_reduce_block(self.name, self._inputs, self._experts)
 
     @property
     def requires_calibration(self) -> bool:  # type: ignore[override]

@@ -9,7 +9,7 @@ from torch import nn
 
 from compressor.core.arch import experts_layout
 
-__all__ = ["SharedInputs", "ExpertInputs", "MOE_CALIBRATION"]
+__all__ = ["SharedInputs", "ExpertInputs", "MOE_CALIBRATION", "all_reduce_block"]
 
 
 class SharedInputs:
@@ -65,6 +65,24 @@ class SharedInputs:
             if id(acc) not in done:
                 done.add(id(acc))
                 acc.all_reduce()
+
+
+def all_reduce_block(pass_name: str, inputs: SharedInputs, experts: dict[str, nn.Module]) -> None:
+    """Combine a block's linear statistics over the ranks of a data-parallel run (a pass's ``reduce_statistics``).
+
+    Args:
+        pass_name: the pass, named in the error.
+        inputs: the block's shared linear statistics.
+        experts: the block's fused MoE experts modules the pass calibrates (name → module).
+
+    Raises:
+        ValueError: when the block has experts: the ranks route different tokens to different experts, so
+            their per-expert statistics cannot be summed yet.
+    """
+    if experts:
+        raise ValueError(f"{pass_name}: data-parallel calibration of MoE experts is not supported yet (the ranks "
+                         "route different tokens to different experts): run in one process")
+    inputs.all_reduce()
 
 
 MOE_CALIBRATION = ("routed", "all_experts")

@@ -16,6 +16,7 @@ from compressor.algorithms.hessian import HessianAccumulator
 from compressor.cli import main
 from compressor.core import distributed
 from compressor.pipeline import schedule
+from compressor.pipeline.inputs import SharedInputs, all_reduce_block
 
 X = torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(0))  # 5 batches of 24 tokens, K = 40
 FP = X + 0.01 * torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(1))
@@ -66,6 +67,29 @@ def test_a_pass_that_cannot_share_its_statistics_is_refused_before_any_work(pass
         schedule.check_data_parallel(Recipe.from_dict({"passes": passes}).build())
     assert "one process" in str(err.value)
     schedule.check_data_parallel(Recipe.from_dict({"passes": [{"gptq": {}}, {"rtn": {"targets": ["lm_head"]}}]}).build())
+
+
+class _Counted:
+    """An accumulator that counts its all-reduces."""
+
+    def __init__(self):
+        self.reduced = 0
+
+    def all_reduce(self):
+        self.reduced += 1
+
+
+@pytest.mark.parametrize("pass_name", ["gptq", "prune"])
+def test_a_block_with_moe_experts_is_refused_data_parallel_and_nothing_is_reduced(pass_name):
+    """The ranks route different tokens to different experts: the block stops, naming the pass, before any sum."""
+    inputs = SharedInputs()
+    shared = _Counted()
+    inputs.stats = {"q_proj": shared, "k_proj": shared, "o_proj": _Counted()}
+    with pytest.raises(ValueError, match=f"^{pass_name}: data-parallel calibration of MoE experts .* one process"):
+        all_reduce_block(pass_name, inputs, {"mlp.experts": torch.nn.Module()})
+    assert shared.reduced == 0
+    all_reduce_block(pass_name, inputs, {})
+    assert shared.reduced == 1 and inputs.stats["o_proj"].reduced == 1  # a shared accumulator once
 
 
 @pytest.mark.parametrize("stream", [False, True])
