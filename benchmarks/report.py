@@ -14,6 +14,9 @@ commits its numbers came from.
     python -m benchmarks.report            # rewrite every generated block in README.md and docs/
     python -m benchmarks.report --check    # exit 1, naming each block that disagrees with the records
 
+Figures (:data:`FIGURES`, e.g. ``docs/scale.svg``) are written the same way, as SVG drawn here, so a file
+depends on the records alone.
+
 ``tests/benchmarks/test_report.py`` runs the check, so a doc table and the
 records cannot drift apart.
 """
@@ -481,6 +484,75 @@ def scale(records: Records) -> str:
     return head + "\n".join(rows) + "\n\n" + _provenance(used, "scale") + "\n"
 
 
+SCALE_COLORS = {"ours-stream": "#1f77b4", "ours-stream-rotate": "#2ca02c", "ours": "#9467bd", "llmc-gptq": "#d62728"}
+
+
+def _nice_ceiling(x: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is at least ``x`` (an axis end)."""
+    if x <= 0:
+        return 1.0
+    k = 10.0 ** (len(str(int(x))) - 1) if x >= 1 else 10.0 ** -len(str(int(1 / x)))
+    return next(m * k for m in (1, 2, 2.5, 5, 10, 20) if m * k >= x)
+
+
+def _svg_panel(x0: float, title: str, series: list[tuple[str, str, list[tuple[float, float]]]], x_max: float,
+               y_max: float) -> list[str]:
+    """One 360 x 300 panel of a scatter-and-line figure at horizontal offset ``x0`` (axes from 0 to the maxima)."""
+    left, right, top, bottom = x0 + 60, x0 + 340, 50, 250
+
+    def px(x):
+        return left + (right - left) * x / x_max
+
+    def py(y):
+        return bottom - (bottom - top) * y / y_max
+
+    out = [f'<text x="{(left + right) / 2:.1f}" y="{top - 12}" text-anchor="middle" font-size="13">{title}</text>',
+           f'<path d="M{left},{top} V{bottom} H{right}" fill="none" stroke="#333"/>']
+    for i in range(5):
+        xv, yv = x_max * i / 4, y_max * i / 4
+        out.append(f'<text x="{px(xv):.1f}" y="{bottom + 16}" text-anchor="middle" font-size="11">{xv:g}</text>')
+        out.append(f'<text x="{left - 6}" y="{py(yv) + 4:.1f}" text-anchor="end" font-size="11">{yv:g}</text>')
+        if i:
+            out.append(f'<path d="M{left},{py(yv):.1f} H{right}" stroke="#ddd"/>')
+    out.append(f'<text x="{(left + right) / 2:.1f}" y="{bottom + 36}" text-anchor="middle" font-size="12">'
+               "parameters (billions)</text>")
+    for _, color, points in series:
+        xy = [(px(x), py(y)) for x, y in points]
+        if len(xy) > 1:
+            out.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" fill="none" '
+                       f'stroke="{color}"/>')
+        out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{color}"/>' for a, b in xy]
+    return out
+
+
+def scale_figure(records: Records) -> str:
+    """docs/scale.svg: wall time and peak RSS against parameters, one line per method, from the newest full-depth
+    record of each shape and method (the ``--blocks`` probes are left out: their time holds the fixed costs for a
+    few blocks). Hand-written SVG, so the file depends on the records alone."""
+    full = [r for r in records if r.get("blocks", r.get("of_blocks")) == r.get("of_blocks") and r.get("status") == "ok"]
+    series = []
+    for method, label in SCALE_METHODS:
+        newest_each = [newest(full, shape=shape, method=method) for shape in sorted({r["shape"] for r in full})]
+        points = sorted((r["params"] / 1e9, r["wall_s"], r["peak_rss_mb"] / 1024) for r in newest_each if r)
+        if points:
+            series.append((label, SCALE_COLORS[method], points))
+    lines = ['<svg xmlns="http://www.w3.org/2000/svg" width="720" height="330" viewBox="0 0 720 330" '
+             'font-family="sans-serif">', '<rect width="720" height="330" fill="white"/>']
+    if not series:
+        lines.append('<text x="360" y="165" text-anchor="middle">no full-depth records in '
+                     "benchmarks/results/scale.jsonl</text>")
+    else:
+        x_max = _nice_ceiling(max(p[0] for _, _, pts in series for p in pts) * 1.1)
+        for x0, title, k in ((0, "wall time (s)", 1), (360, "peak RSS (GiB)", 2)):
+            y_max = _nice_ceiling(max(p[k] for _, _, pts in series for p in pts) * 1.1)
+            lines += _svg_panel(x0, title, [(lb, c, [(p[0], p[k]) for p in pts]) for lb, c, pts in series], x_max, y_max)
+        for i, (label, color, _) in enumerate(series):
+            x = 70 + 170 * i
+            lines += [f'<circle cx="{x}" cy="312" r="4" fill="{color}"/>',
+                      f'<text x="{x + 8}" y="316" font-size="12">{label}</text>']
+    return "\n".join(lines + ["</svg>"]) + "\n"
+
+
 PRUNE_ALLOCATIONS = [("uniform", "uniform"), ("dp-output", "`dp` (network-output KL)")]
 
 
@@ -655,6 +727,10 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "transforms": ("transforms", transforms),
     "ostquant-dev": ("transforms", ostquant_dev),
 }
+# generated figures: file → (benchmark whose records it reads, SVG builder); written and checked with the tables
+FIGURES: dict[Path, tuple[str, Callable[[Records], str]]] = {
+    common.ROOT / "docs" / "scale.svg": ("scale", scale_figure),
+}
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
 DEV_TABLES = {"pruning-dp-span", "ostquant-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
@@ -695,6 +771,17 @@ def stale_blocks(path: Path, results: Path = common.RESULTS) -> list[str]:
     return [name for name in old if old[name] != new[name]]
 
 
+def figure(path: Path, results: Path = common.RESULTS) -> str:
+    """The text figure ``path`` (a key of :data:`FIGURES`) gets from the records under ``results``."""
+    bench, build = FIGURES[path]
+    return build([r for r in load_records(bench, results) if bench in NO_PROTOCOL or full_protocol(r)])
+
+
+def stale_figures(results: Path = common.RESULTS) -> list[Path]:
+    """The figures whose file is missing or differs from what the records give."""
+    return [p for p in FIGURES if not p.exists() or p.read_text(encoding="utf-8") != figure(p, results)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild the doc tables from benchmarks/results/*.jsonl.")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a doc disagrees with the records")
@@ -702,6 +789,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     common.setup_logging()
     status = 0
+    for path in [] if args.files else stale_figures():
+        if args.check:
+            log.error("%s differs from the records: run `python -m benchmarks.report`", path)
+            status = 1
+        else:
+            path.write_text(figure(path), encoding="utf-8")
+            log.info("rewrote %s", path)
     for path in args.files or DOCS:
         if args.check:
             for name in stale_blocks(path):

@@ -14,6 +14,10 @@ def test_every_generated_block_matches_the_records(path):
     assert report.stale_blocks(path) == [], f"run `python -m benchmarks.report` and commit {path.name}"
 
 
+def test_every_figure_matches_the_records():
+    assert report.stale_figures() == [], "run `python -m benchmarks.report` and commit the figures"
+
+
 def _record(method, setting, ppl, *, quick=False, status="ok", commit="c0ffee00", **extra):
     protocol = {"quick": quick, "n_calib": 8 if quick else 128, "calib_len": 128 if quick else 512,
                 "max_tokens": 2048 if quick else 32768, "threads": None, "set": []}
@@ -176,6 +180,34 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                                                   ["| 8b, first 2 of 32 blocks (1.49B, 3.0 GB)", "ours, streamed"]]
     # a record that counts its blocks at full depth is the newest full-depth one; the probe has a row of its own
     assert "| 901 | 2.00 | 727 | 0.62 GB | AVX512, 2 cores |" in rows[0] and rows[1].endswith("| — |") and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]
+
+
+def test_scale_figure_draws_the_newest_full_depth_run_of_each_shape_and_method(tmp_path):
+    def rec(shape, params, method, wall, rss, status="ok", **extra):
+        return {"bench": "scale", "shape": shape, "params": params, "method": method, "wall_s": wall,
+                "peak_rss_mb": rss, "status": status, "commit": "c0ffee00", "date": "2026-12-05T10:00:00Z", **extra}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    assert "no full-depth records" in report.scale_figure([])
+    records = [rec("1b", 1_240_000_000, "ours-stream", 900.0, 2048.0), rec("8b", 8_030_000_000, "ours-stream", 5000.0, 5800.0),
+               rec("1b", 1_240_000_000, "ours-stream", 520.0, 1783.0),  # newer: replaces the 900 s point
+               rec("1b", 1_240_000_000, "llmc-gptq", 1132.0, 3890.0),
+               rec("8b", 8_030_000_000, "llmc-gptq", 0.0, 0.0, status="failed"),  # no point
+               rec("8b", 1_490_000_000, "ours-stream", 700.0, 4000.0, blocks=2, of_blocks=32)]  # a probe: no point
+    (results / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = report.common.ROOT / "docs" / "scale.svg"
+    svg = report.figure(path, results)
+    assert svg.startswith("<svg") and svg.endswith("</svg>\n")
+    assert svg.count("<circle") == 2 + 2 * 3  # two legend dots + (two ours points, one peer point) in each panel
+    assert svg.count("<polyline") == 2  # ours joins its two shapes in each panel; one peer point has no line
+    # x axis to 10 (8.03B x 1.1), time axis to 10000 s (5000 x 1.1), RSS axis to 10 GiB (5.66 GiB x 1.1)
+    assert ">10</text>" in svg and ">10000</text>" in svg and "ours, streamed" in svg and "llm-compressor" in svg
+    left, right = 60, 340
+    x_1b = left + (right - left) * 1.24 / 10
+    y_520 = 250 - 200 * 520 / 10000
+    assert f'<circle cx="{x_1b:.1f}" cy="{y_520:.1f}" r="4"' in svg and 'cy="{:.1f}"'.format(250 - 200 * 900 / 10000) not in svg
+    assert report.figure(path, results) == svg  # the same records give the same bytes
 
 
 def _prune(sparsity, allocation, ppl, *, split="test", sets=(), **extra):
