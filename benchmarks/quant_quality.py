@@ -38,8 +38,11 @@ DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
                                      "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
                                      "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
-                                     "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}),
+                                     "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}), "gptq-fpprop": ("gptq", {}),
                                      "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {})}
+# methods that run the sequential pipeline otherwise than by default: method → PipelineConfig settings
+# (gptq-fpprop: every block calibrated on the full-precision model's inputs, one forward per block instead of two)
+PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
 # methods whose recipe starts with another pass, given the setting's weight scheme: a rotation (QuaRot's R1-R4 plus
 # the online o_proj Hadamard, what 4-bit inputs need) or AWQ's activation-aware scaling for that scheme
 _ROTATE = [{"rotate": {"online_o": True}}]
@@ -138,6 +141,11 @@ def run_ours(job: dict) -> dict:
             kwargs["calibration"] = calib.input_ids
         try:
             start = time.perf_counter()
+            if method in PIPELINES:
+                from compressor.pipeline.sequential import PipelineConfig
+
+                kwargs["pipeline"] = PipelineConfig(quiet=True, **PIPELINES[method])
+                record["pipeline"] = PIPELINES[method]
             model = compressor.compress(model, recipe, quiet=True, **kwargs)
             record["compress_s"] = round(time.perf_counter() - start, 2)
             if setting.bpw is not None:

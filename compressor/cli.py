@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--forward-dtype", choices=("auto", "model", "float32"), default="auto",
                    help="precision of the calibration forwards: auto = float32 on a CPU for bfloat16/float16 "
                    "weights (CPU half-precision matmuls are several times slower), as stored on a GPU")
+    c.add_argument("--propagate", choices=("compressed", "full_precision"), default="compressed",
+                   help="the next block's inputs: each block's outputs with its compressed weights (two forwards "
+                   "per block), or from before it was compressed (one forward: every block calibrated on the "
+                   "full-precision model's inputs; not with GPTAQ or --checkpoint-dir)")
     c.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="save each finished block there; rerunning the same command resumes")
     c.add_argument("--stream", action="store_true",
@@ -208,7 +212,7 @@ def _cmd_compress(args) -> int:
         calibration = calibration_set(args.calibration, tokenizer, n=args.num_samples, seq_len=args.seq_len,
                                       seed=recipe.seed)
     pipeline = PipelineConfig(device=args.device, cache=args.activation_cache, checkpoint_dir=args.checkpoint_dir,
-                              quiet=args.quiet, forward_dtype=args.forward_dtype)
+                              quiet=args.quiet, forward_dtype=args.forward_dtype, propagate=args.propagate)
     compress(model, recipe, calibration=calibration, output=args.output, overwrite=args.overwrite,
              pipeline=pipeline, quiet=args.quiet, trust_remote_code=args.trust_remote_code, stream=args.stream)
     if is_main():  # under torchrun / accelerate launch only rank 0 writes

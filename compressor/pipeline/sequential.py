@@ -5,7 +5,9 @@
 2. for each block: move it to the compute device; for each pass, run the
    calibration batches with the pass's hooks collecting statistics, then let
    the pass compress the block; recompute the block's outputs with the
-   compressed weights as the next block's inputs; checkpoint; offload.
+   compressed weights as the next block's inputs (or, with ``propagate:
+   full_precision``, keep the outputs its first calibration forward gave before
+   any weight changed: one forward per block); checkpoint; offload.
 
 Only one block's weights, its statistics and the activation cache sit on the
 compute device. Grad and the KV cache are off. With a :class:`BlockStream` the
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions")
 FORWARD_DTYPES = ("auto", "model", "float32")
+PROPAGATE = ("compressed", "full_precision")
 _HALF = (torch.bfloat16, torch.float16)
 _UPCAST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()  # blocks in float32 now
 
@@ -60,6 +63,14 @@ class PipelineConfig:
             than float32 ones; the weights as stored elsewhere), ``"model"`` (as stored) or ``"float32"``.
             The passes always see, and the export always holds, the weights in their stored dtype; block
             outputs go back to the activation cache in the dtype the block's inputs had.
+        propagate: what the next block's inputs are. ``"compressed"`` (the default, as GPTQ's reference
+            code and llm-compressor): each block's outputs recomputed with its compressed weights, so every
+            block is calibrated on the inputs the compressed model gives it; two forwards per block.
+            ``"full_precision"``: the block's outputs before it is compressed, taken from the first pass's
+            calibration forward itself, so every block is calibrated on the full-precision model's inputs
+            with one forward per block. Refused with passes that pair the two streams (GPTAQ's asymmetric
+            calibration: they would be one stream) and with ``checkpoint_dir`` (a resumed block comes back
+            compressed, and its full-precision outputs are gone).
     """
 
     device: str | None = None
@@ -69,10 +80,16 @@ class PipelineConfig:
     checkpoint_dir: Path | None = None
     quiet: bool = False
     forward_dtype: str = "auto"
+    propagate: str = "compressed"
 
     def __post_init__(self):
         if self.forward_dtype not in FORWARD_DTYPES:
             raise ValueError(f"forward_dtype={self.forward_dtype!r}: use one of {FORWARD_DTYPES}")
+        if self.propagate not in PROPAGATE:
+            raise ValueError(f"propagate={self.propagate!r}: use one of {PROPAGATE}")
+        if self.propagate == "full_precision" and self.checkpoint_dir is not None:
+            raise ValueError("propagate='full_precision' cannot resume from checkpoint_dir: a resumed block comes "
+                             "back compressed, without its full-precision outputs; drop one of the two")
 
     def resolved_device(self) -> torch.device:
         if self.device is not None:
@@ -259,6 +276,12 @@ def run_sequential(
             if not p.resumable:
                 raise ValueError(f"{p.name} does not support checkpoint_dir yet (a block resumed from a checkpoint "
                                  "would come back without what it attached): run without checkpoint_dir")
+    fp_next = config.propagate == "full_precision"
+    paired = [p.name for p in passes if p.wants_fp_inputs]
+    if fp_next and paired:
+        raise ValueError(f"propagate='full_precision' leaves one stream, but {paired[0]} pairs the full-precision "
+                         "and compressed streams (GPTAQ's asymmetric calibration): use propagate='compressed', or "
+                         "calibrate symmetrically (asymmetric: false)")
     ranks = world()[1]
     if ranks > 1:  # data-parallel calibration: this rank's share of the sequences (compressor.core.distributed)
         if input_ids.shape[0] < ranks:
@@ -282,18 +305,20 @@ def run_sequential(
             if stream is not None:
                 stream.load(i, prefix, block)
             home = _onload(block, device)
+            nxt = None  # propagate="full_precision": the next block's inputs, from before the block changed
             if ckpt is not None and ckpt.has(i):
                 with _forward_precision(block, up):
                     fp_out = _fp_outputs(block, fp_cache)
                 ckpt.load(i, block)
             else:
-                fp_out = _compress_block(block, prefix, passes, cache, fp_cache, up)
+                fp_out, nxt = _compress_block(block, prefix, passes, cache, fp_cache, up, next_inputs=fp_next)
                 check_same(list(block.state_dict().values()), f"block {prefix}")  # no-op in one process
                 if ckpt is not None and world()[0] == 0:  # the ranks' blocks are the same (checked): one writer
                     ckpt.save(i, block)
             with _forward_precision(block, up):
                 for j in range(len(cache)):
-                    cache.set_hidden(j, _block_forward(block, cache, j))
+                    cache.set_hidden(j, nxt[j] if nxt is not None else _block_forward(block, cache, j))
+            del nxt
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
             _offload(block, home)
@@ -315,18 +340,29 @@ def _fp_outputs(block: nn.Module, fp_cache: ActivationCache | None) -> list[torc
 
 
 def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
-                    fp_cache: ActivationCache | None, up: bool = False) -> list[torch.Tensor] | None:
-    """Run the passes on one block; returns its full-precision-stream outputs (None without that stream).
+                    fp_cache: ActivationCache | None, up: bool = False, next_inputs: bool = False,
+                    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """Run the passes on one block.
+
+    Returns:
+        its full-precision-stream outputs (None without that stream), and with ``next_inputs`` its outputs on
+        ``cache`` before any pass changed it (else None), one (B, L, H) tensor per batch.
 
     The full-precision outputs come from the uncompressed block: when the first
     pass pairs the streams, its full-precision forwards provide them (one
-    forward saved per batch), otherwise they are computed up front.
+    forward saved per batch), otherwise they are computed up front. The
+    outputs before any change come from the first pass's first calibration
+    forwards, run to the end, or are computed up front when the first pass
+    needs no calibration.
     """
     paired_first = bool(passes) and passes[0].wants_fp_inputs and not passes[0].staged
-    fp_out = None
+    fp_out = nxt = None
     if fp_cache is not None and not paired_first:
         with _forward_precision(block, up):
             fp_out = _fp_outputs(block, fp_cache)
+    if next_inputs and not (passes and passes[0].requires_calibration):
+        with _forward_precision(block, up):
+            nxt = [_block_forward(block, cache, j) for j in range(len(cache))]
     for k, p in enumerate(passes):
         if not p.requires_calibration:
             p.compress_block(block, prefix)
@@ -336,7 +372,7 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
             with _forward_precision(block, up):
                 stages = _stages(block, prefix, p, cache)
         try:
-            for stage in stages:
+            for s, stage in enumerate(stages):
                 p.stage = stage
                 observed = p.begin_block(block, prefix)
                 with _forward_precision(block, up):
@@ -346,14 +382,15 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
                         if k == 0 and paired_first:
                             fp_out = out
                     else:
-                        _calibration_forwards(block, cache, observed)
+                        out = _calibration_forwards(block, cache, observed, full=next_inputs and k == 0 and s == 0)
+                        nxt = out if out is not None else nxt
                 trim_heap()  # the forwards' freed intermediates go back to the OS before the pass's own peak
                 if world()[1] > 1:
                     p.reduce_statistics()
                 p.end_block(block, prefix, cache=cache, targets=fp_out)
         finally:
             p.stage = None
-    return fp_out
+    return fp_out, nxt
 
 
 def _stages(block: nn.Module, prefix: str, p: Pass, cache: ActivationCache) -> list[set[str]]:
@@ -424,20 +461,26 @@ def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache
     return outs if fp_outputs else None
 
 
-def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed) -> None:
+def _calibration_forwards(block: nn.Module, cache: ActivationCache, observed,
+                          full: bool = False) -> list[torch.Tensor] | None:
     """Run the cached inputs through ``block`` so the pass's hooks see them.
 
     ``observed`` is what :meth:`begin_block` returned: the modules whose inputs
     the pass records (then each forward stops right after the last of them has
     been entered, skipping e.g. ``down_proj`` and the residual add), an empty
-    list (no forward needed), or None (full forwards).
+    list (no forward needed), or None (full forwards). With ``full`` every
+    forward runs to the end and the block outputs (B, L, H) per batch are returned.
     """
     runner = _Truncated(block, observed)
+    outs: list[torch.Tensor] = []
     try:
         for j in range(len(cache)):
-            runner.run(cache, j)
+            out = runner.run(cache, j, full=full)
+            if full:
+                outs.append(out)
     finally:
         runner.close()
+    return outs if full else None
 
 
 class _Truncated:

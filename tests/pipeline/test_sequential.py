@@ -203,7 +203,7 @@ def test_calibration_forwards_stop_after_the_last_observed_layer(monkeypatch):
 
     full = tiny_llama(layers=3)
     real = sequential._calibration_forwards
-    monkeypatch.setattr(sequential, "_calibration_forwards", lambda block, cache, observed: real(block, cache, None))
+    monkeypatch.setattr(sequential, "_calibration_forwards", lambda block, cache, observed, **kw: real(block, cache, None, **kw))
     compress(full, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=PipelineConfig(batch_size=5, quiet=True))
     monkeypatch.setattr(sequential, "_calibration_forwards", real)
 
@@ -343,3 +343,66 @@ def test_forward_precision_restores_every_tensor_exactly():
     after = block.state_dict()
     for k, v in before.items():
         assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def _q_proj_inputs(model, calibrate):
+    """The inputs block 1's q_proj sees during ``calibrate(model)``, first batch first."""
+    seen = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+    try:
+        calibrate(model)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_full_precision_propagation_calibrates_every_block_on_the_fp_model_inputs_with_one_forward():
+    """propagate='full_precision': block 1 is calibrated on what the uncompressed model feeds it, and each block
+    runs one forward per batch (the calibration forward, to the end) instead of two."""
+    ref = tiny_llama(layers=3)
+    with torch.no_grad():
+        fp = torch.cat(_q_proj_inputs(ref, lambda m: [m(IDS[i:i + 5]) for i in range(0, 12, 5)]))
+
+    entries = []
+
+    def run(propagate):
+        model = tiny_llama(layers=3)
+        counter = model.model.layers[1].register_forward_pre_hook(lambda *_: entries.append(propagate))
+        cfg = PipelineConfig(batch_size=5, quiet=True, propagate=propagate)
+        seen = _q_proj_inputs(model, lambda m: compress(m, Recipe.from_dict(GPTQ), calibration=IDS, pipeline=cfg))
+        counter.remove()
+        return model, seen
+
+    model_fp, seen_fp = run("full_precision")
+    model_q, seen_q = run("compressed")
+    batches = 3  # 12 sequences in batches of 5
+    assert entries.count("full_precision") == batches and entries.count("compressed") == 2 * batches
+    torch.testing.assert_close(torch.cat(seen_fp[:batches]), fp, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(torch.cat(seen_q[:batches]), fp, atol=1e-3)  # block 0 compressed first
+    # the same passes ran: every linear of every block is quantized either way, to other weights
+    w_fp, w_q = _weights(model_fp), _weights(model_q)
+    assert w_fp.keys() == w_q.keys()
+    assert torch.equal(w_fp["model.layers.0.self_attn.q_proj.weight"], w_q["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(w_fp["model.layers.2.mlp.down_proj.weight"], w_q["model.layers.2.mlp.down_proj.weight"])
+
+
+def test_full_precision_propagation_refuses_paired_streams_and_checkpoints(tmp_path):
+    asym = {"passes": [{"gptq": {"scheme": {"bits": 3, "group_size": 16}, "asymmetric": True}}]}
+    with pytest.raises(ValueError, match="propagate='full_precision' leaves one stream.*asymmetric: false"):
+        _run(asym, propagate="full_precision")
+    with pytest.raises(ValueError, match="cannot resume from checkpoint_dir"):
+        PipelineConfig(propagate="full_precision", checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="propagate='sideways': use one of"):
+        PipelineConfig(propagate="sideways")
+
+
+def test_full_precision_propagation_behind_a_calibration_free_pass_takes_the_outputs_up_front():
+    """A first pass that changes the block without calibrating: the next inputs are the block's outputs before it."""
+    recipe = {"passes": [{"rtn": {"scheme": {"bits": 4, "group_size": 16}, "targets": ["o_proj"]}}, *GPTQ["passes"]]}
+    ref = tiny_llama(layers=3)
+    with torch.no_grad():
+        fp = torch.cat(_q_proj_inputs(ref, lambda m: [m(IDS[i:i + 5]) for i in range(0, 12, 5)]))
+    cfg = PipelineConfig(batch_size=5, quiet=True, propagate="full_precision")
+    seen = _q_proj_inputs(tiny_llama(layers=3), lambda m: compress(m, Recipe.from_dict(recipe), calibration=IDS,
+                                                                   pipeline=cfg))
+    torch.testing.assert_close(torch.cat(seen[:3]), fp, rtol=1e-5, atol=1e-5)
