@@ -65,7 +65,7 @@ def test_unknown_block_is_an_error(tmp_path):
 def test_shared_machine_is_said(tmp_path):
     results = _write(tmp_path, [_record("gptq", "w3g64", 35.6, loadavg=[3.9, 3.4, 2.0])])
     text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
-    assert "1 of 1 records were written with a 5-minute load above 2.5" in text
+    assert "(1 record, commit c0ffee00, 2026-12-04; 1 of them written with a 5-minute load above 2.5 (machine shared))" in text
 
 
 def test_dev_split_records_never_reach_the_docs(tmp_path):
