@@ -710,6 +710,43 @@ def ostquant_dev(records: Records) -> str:
             "default of its commit.\n\n" + _provenance(list(latest.values()), "transforms") + "\n")
 
 
+PROPAGATE_METHODS = [("gptq", "GPTQ, `propagate: compressed`"), ("gptq-fpprop", "GPTQ, `propagate: full_precision`"),
+                     ("llmc-gptq", "llm-compressor GPTQ")]
+
+
+def _propagate(split: str) -> Callable[[Records], str]:
+    """docs/gptq.md: our GPTQ with each ``propagate`` beside llm-compressor's GPTQ, newest record each, at every
+    setting where ``gptq-fpprop`` ran; the time ratio only when its two records come from one run (same
+    commit and machine)."""
+    def build(records: Records) -> str:
+        records = [r for r in records if not (r.get("protocol") or {}).get("set")]  # the defaults' runs only
+        settings = list(dict.fromkeys(r["setting"] for r in records if r.get("method") == "gptq-fpprop"))
+        rows, used = [], []
+        for name in settings:
+            found = {m: newest(records, method=m, setting=name) for m, _ in PROPAGATE_METHODS}
+            used += [r for r in found.values() if r]
+            ok = {m: r for m, r in found.items() if r and r.get("status") == "ok"}
+            ppl = [f"{ok[m]['ppl']:.2f}" if m in ok else (str(found[m].get("status")) if found[m] else "—")
+                   for m, _ in PROPAGATE_METHODS]
+            secs = " / ".join(f"{ok[m]['compress_s']:.0f}" if m in ok else "—" for m, _ in PROPAGATE_METHODS)
+            one, peer = ok.get("gptq-fpprop"), ok.get("llmc-gptq")
+            same = one and peer and one.get("commit") == peer.get("commit") and \
+                (one.get("machine") or {}).get("isa") == (peer.get("machine") or {}).get("isa")
+            ratio = f"{one['compress_s'] / peer['compress_s']:.2f}x" if same else "—"
+            isa = (ok.get("gptq-fpprop") or {}).get("machine", {}).get("isa", "—")
+            rows.append(f"| {_setting_label(name)} | {' | '.join(ppl)} | {secs} | {ratio} | {isa}, 2 cores |")
+        if not rows:
+            return (f"_No {split}-split records of `gptq-fpprop` yet: run `python -m benchmarks.quant_quality "
+                    f"{'--split dev ' if split == 'dev' else ''}--methods gptq,gptq-fpprop,llmc-gptq --settings w4g64`._\n")
+        head = ("| setting | " + " | ".join(f"{label} ppl" for _, label in PROPAGATE_METHODS)
+                + " | compress s (compressed / full_precision / llmc) | full_precision's time / llmc's (one run) "
+                "| machine |\n|---|---|---|---|---|---|---|\n")
+        where = "dev split (SOTU 2000-2009)" if split == "dev" else "evaluation split (SOTU 2010-2021)"
+        return (head + "\n".join(rows) + f"\n\nPerplexity on the {where}, SmolLM2-135M.\n\n"
+                + _provenance(used, "quant_quality") + "\n")
+    return build
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -726,13 +763,15 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "pruning-dp-span": ("pruning", pruning_dp_span),
     "transforms": ("transforms", transforms),
     "ostquant-dev": ("transforms", ostquant_dev),
+    "propagate": ("quant_quality", _propagate("test")),
+    "propagate-dev": ("quant_quality", _propagate("dev")),
 }
 # generated figures: file → (benchmark whose records it reads, SVG builder); written and checked with the tables
 FIGURES: dict[Path, tuple[str, Callable[[Records], str]]] = {
     common.ROOT / "docs" / "scale.svg": ("scale", scale_figure),
 }
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
-DEV_TABLES = {"pruning-dp-span", "ostquant-dev"}
+DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}  # gguf: filtered by its builder
 

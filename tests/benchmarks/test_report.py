@@ -210,6 +210,28 @@ def test_scale_figure_draws_the_newest_full_depth_run_of_each_shape_and_method(t
     assert report.figure(path, results) == svg  # the same records give the same bytes
 
 
+def test_propagate_tables_split_dev_from_test_and_take_the_time_ratio_from_one_run(tmp_path):
+    avx512 = {"isa": "AVX512", "cores": 2}
+    dev = {"quick": False, "n_calib": 128, "calib_len": 512, "max_tokens": 32768, "split": "dev", "set": []}
+    results = _write(tmp_path, [
+        _record("gptq", "w4g64", 29.66, compress_s=318.0, machine=avx512, protocol=dev),
+        _record("gptq-fpprop", "w4g64", 29.50, compress_s=181.0, machine=avx512, protocol=dev),
+        _record("gptq-fpprop", "w4g64", 99.0, compress_s=1.0, machine=avx512,
+                protocol={**dev, "set": ["gptq.block_size=64"]}),  # a --set run: not the default's
+        _record("gptq-fpprop", "w4g64", 25.9, compress_s=180.0, machine=avx512, commit="beefbeef"),
+        _record("llmc-gptq", "w4g64", 25.98, compress_s=600.0, machine=avx512, commit="beefbeef"),
+        _record("gptq", "w4g64", 25.86, compress_s=300.0, machine=avx512, commit="beefbeef"),
+        _record("gptq-fpprop", "w3g64", 33.0, compress_s=170.0, machine=avx512, commit="beefbeef"),
+        _record("llmc-gptq", "w3g64", 39.0, compress_s=450.0, machine={"isa": "AVX2"}, commit="c0ffee00"),  # another run
+    ])
+    doc = "<!-- report:propagate-dev -->\n<!-- /report:propagate-dev -->\n<!-- report:propagate -->\n<!-- /report:propagate -->\n"
+    text = report.render(doc, results)
+    dev_part, test_part = text.split("<!-- report:propagate -->")
+    assert "| W4 g64 | 29.66 | 29.50 | — | 318 / 181 / — | — | AVX512, 2 cores |" in dev_part and "99.00" not in dev_part
+    assert "| W4 g64 | 25.86 | 25.90 | 25.98 | 300 / 180 / 600 | 0.30x | AVX512, 2 cores |" in test_part
+    assert "| W3 g64 | — | 33.00 | 39.00 | — / 170 / 450 | — | AVX512, 2 cores |" in test_part  # not one run: no ratio
+
+
 def _prune(sparsity, allocation, ppl, *, split="test", sets=(), **extra):
     protocol = {"quick": False, "n_calib": 128, "calib_len": 512, "max_tokens": 32768, "threads": None,
                 "split": split, "set": list(sets), "batch_size": None, "true_sequential": False}
