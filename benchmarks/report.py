@@ -129,7 +129,7 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
     names = " / ".join(["refit off", "GPTQ", "GPTAQ", "llmc", *(label for _, label in extra)])
     head = ["setting", *(f"{label} ppl" for _, label in methods), f"compress s ({names})", f"peak RSS MB ({names})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    failures = []
+    failures, mixed = [], []
     for name in settings:
         cells = {m: newest(records, method=m, setting=name) for m, _ in methods}
         used += [r for r in cells.values() if r]
@@ -151,7 +151,18 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
         row.append(" / ".join(f"{t:.0f}" if t else "—" for t in times))
         row.append(" / ".join(f"{m:.0f}" if m else "—" for m in rss))
         lines.append("| " + " | ".join(row) + " |")
+        machines: dict[str, list[str]] = {}
+        for m in timed:
+            if cells[m] and cells[m].get("compress_s"):
+                isa = (cells[m].get("machine") or {}).get("isa") or "ISA not recorded"
+                machines.setdefault(isa, []).append(LABELS.get(m, m) if m != "gptq-norefit" else "refit off")
+        if len(machines) > 1:
+            mixed.append(f"{_setting_label(name)}: " + "; ".join(f"{isa}: {', '.join(ms)}"
+                                                                  for isa, ms in sorted(machines.items())))
     out = "\n".join(lines) + "\n"
+    if mixed:
+        out += ("\nTimes from more than one machine (the vector ISA torch used), so compare times only within one "
+                "machine:\n\n" + "\n".join(f"* {m}" for m in mixed) + "\n")
     if fp32:
         used.append(fp32)
         out += f"\nfp32: {fp32['ppl']:.2f}.\n"

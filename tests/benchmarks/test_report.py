@@ -57,6 +57,19 @@ def test_table_takes_the_newest_full_protocol_record_and_bolds_the_best(tmp_path
     assert report.stale_blocks(doc, results) == []
 
 
+def test_times_from_more_than_one_machine_are_said(tmp_path):
+    results = _write(tmp_path, [
+        _record("gptq", "w4g64", 26.28, compress_s=223.0, machine={"isa": "AVX512"}),
+        _record("llmc-gptq", "w4g64", 26.03, compress_s=339.0, machine={"isa": "AVX512"}),
+        _record("gptaq", "w4g64", 25.16, compress_s=870.0, machine={"isa": "AVX2"}),
+        _record("gptq", "w3g64", 35.6, compress_s=300.0, machine={"isa": "AVX2"}),
+        _record("llmc-gptq", "w3g64", 39.1, compress_s=456.0, machine={"isa": "AVX2"}),
+    ])
+    text = report.render("<!-- report:quant-quality -->\n<!-- /report:quant-quality -->\n", results)
+    assert "* W4 g64: AVX2: GPTAQ; AVX512: GPTQ, llm-compressor GPTQ" in text
+    assert "W3 g64:" not in text.split("so compare times only within one machine")[1]  # one machine: no note
+
+
 def test_unknown_block_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown report block 'nope'"):
         report.render("<!-- report:nope -->\n<!-- /report:nope -->\n", tmp_path)
