@@ -70,6 +70,11 @@ def dev_protocol(record: dict[str, Any]) -> bool:
     return _documented_sizes(protocol) and protocol.get("split") == "dev"
 
 
+def _isa(record: dict[str, Any]) -> str | None:
+    """The vector ISA torch used for ``record`` (``machine.isa``; None in records from before it was kept)."""
+    return (record.get("machine") or {}).get("isa")
+
+
 def newest(records: Records, **match: Any) -> dict[str, Any] | None:
     """The last record whose fields equal ``match`` (None when there is none)."""
     found = [r for r in records if all(r.get(k) == v for k, v in match.items())]
@@ -154,7 +159,7 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
         machines: dict[str, list[str]] = {}
         for m in timed:
             if cells[m] and cells[m].get("compress_s"):
-                isa = (cells[m].get("machine") or {}).get("isa") or "ISA not recorded"
+                isa = _isa(cells[m]) or "ISA not recorded"
                 machines.setdefault(isa, []).append(LABELS.get(m, m) if m != "gptq-norefit" else "refit off")
         if len(machines) > 1:
             mixed.append(f"{_setting_label(name)}: " + "; ".join(f"{isa}: {', '.join(ms)}"
@@ -461,19 +466,20 @@ SCALE_METHODS = [("ours-stream", "ours, streamed"), ("ours-stream-rotate", "ours
                  ("ours", "ours, in memory"), ("llmc-gptq", "llm-compressor")]
 
 
+def _probe_blocks(record: dict[str, Any]) -> int | None:
+    """The blocks a truncated-checkpoint probe ran (``benchmarks.scale --blocks``), None for a full-depth run."""
+    return None if record.get("blocks", record.get("of_blocks")) == record.get("of_blocks") else record["blocks"]
+
+
 def scale(records: Records) -> str:
     """docs/scale.md: GPTQ W4 g128 on random-weight Llama checkpoints at real shapes (benchmarks/scale.py): wall
     time, peak RSS and seconds per billion parameters of each method, the newest record of each."""
     rows, used = [], []
-
-    def depth(r):  # records of a truncated checkpoint (benchmarks.scale --blocks) are probes of their own
-        return None if r.get("blocks", r.get("of_blocks")) == r.get("of_blocks") else r["blocks"]
-
-    kinds = sorted({(r["shape"], depth(r)) for r in records},
+    kinds = sorted({(r["shape"], _probe_blocks(r)) for r in records},
                    key=lambda k: (min(r["params"] for r in records if r["shape"] == k[0]), k[1] is not None))
     for shape, blocks in kinds:
         for method, label in SCALE_METHODS:
-            r = newest([r for r in records if depth(r) == blocks], shape=shape, method=method)
+            r = newest([r for r in records if _probe_blocks(r) == blocks], shape=shape, method=method)
             if r is None:
                 continue
             used.append(r)
@@ -540,7 +546,7 @@ def scale_figure(records: Records) -> str:
     """docs/scale.svg: wall time and peak RSS against parameters, one line per method, from the newest full-depth
     record of each shape and method (the ``--blocks`` probes are left out: their time holds the fixed costs for a
     few blocks). Hand-written SVG, so the file depends on the records alone."""
-    full = [r for r in records if r.get("blocks", r.get("of_blocks")) == r.get("of_blocks") and r.get("status") == "ok"]
+    full = [r for r in records if _probe_blocks(r) is None and r.get("status") == "ok"]
     series = []
     for method, label in SCALE_METHODS:
         newest_each = [newest(full, shape=shape, method=method) for shape in sorted({r["shape"] for r in full})]
@@ -741,11 +747,10 @@ def _propagate(split: str) -> Callable[[Records], str]:
                    for m, _ in PROPAGATE_METHODS]
             secs = " / ".join(f"{ok[m]['compress_s']:.0f}" if m in ok else "—" for m, _ in PROPAGATE_METHODS)
             one, peer = ok.get("gptq-fpprop"), ok.get("llmc-gptq")
-            same = one and peer and one.get("commit") == peer.get("commit") and \
-                (one.get("machine") or {}).get("isa") == (peer.get("machine") or {}).get("isa")
+            same = one and peer and one.get("commit") == peer.get("commit") and _isa(one) == _isa(peer)
             ratio = f"{one['compress_s'] / peer['compress_s']:.2f}x" if same else "—"
-            isa = (ok.get("gptq-fpprop") or {}).get("machine", {}).get("isa", "—")
-            rows.append(f"| {_setting_label(name)} | {' | '.join(ppl)} | {secs} | {ratio} | {isa}, 2 cores |")
+            rows.append(f"| {_setting_label(name)} | {' | '.join(ppl)} | {secs} | {ratio} | "
+                        f"{(one and _isa(one)) or '—'}, 2 cores |")
         if not rows:
             return (f"_No {split}-split records of `gptq-fpprop` yet: run `python -m benchmarks.quant_quality "
                     f"{'--split dev ' if split == 'dev' else ''}--methods gptq,gptq-fpprop,llmc-gptq --settings w4g64`._\n")
@@ -790,6 +795,13 @@ NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}
 # ---------------------------------------------------------------- rewriting
 
 
+def shown_records(bench: str, results: Path = common.RESULTS, dev: bool = False) -> Records:
+    """The records of ``bench`` a table or figure shows: every one for the benchmarks without a protocol, else
+    the full-protocol ones, or with ``dev`` the dev-split ones (:data:`DEV_TABLES`)."""
+    keep = dev_protocol if dev else full_protocol
+    return [r for r in load_records(bench, results) if bench in NO_PROTOCOL or keep(r)]
+
+
 def render(text: str, results: Path = common.RESULTS) -> str:
     """``text`` with every generated block rebuilt from the records under ``results``.
 
@@ -805,8 +817,7 @@ def render(text: str, results: Path = common.RESULTS) -> str:
         bench, build = TABLES[name]
         key = f"{bench}:dev" if name in DEV_TABLES else bench
         if key not in cache:
-            keep = dev_protocol if name in DEV_TABLES else full_protocol
-            cache[key] = [r for r in load_records(bench, results) if bench in NO_PROTOCOL or keep(r)]
+            cache[key] = shown_records(bench, results, dev=name in DEV_TABLES)
         return match.group(1) + build(cache[key]) + match.group(4)
 
     return BLOCK.sub(rebuild, text)
@@ -824,7 +835,7 @@ def stale_blocks(path: Path, results: Path = common.RESULTS) -> list[str]:
 def figure(path: Path, results: Path = common.RESULTS) -> str:
     """The text figure ``path`` (a key of :data:`FIGURES`) gets from the records under ``results``."""
     bench, build = FIGURES[path]
-    return build([r for r in load_records(bench, results) if bench in NO_PROTOCOL or full_protocol(r)])
+    return build(shown_records(bench, results))
 
 
 def stale_figures(results: Path = common.RESULTS) -> list[Path]:

@@ -315,10 +315,14 @@ def run_sequential(
                 check_same(list(block.state_dict().values()), f"block {prefix}")  # no-op in one process
                 if ckpt is not None and world()[0] == 0:  # the ranks' blocks are the same (checked): one writer
                     ckpt.save(i, block)
-            with _forward_precision(block, up):
-                for j in range(len(cache)):
-                    cache.set_hidden(j, nxt[j] if nxt is not None else _block_forward(block, cache, j))
-            del nxt
+            if nxt is not None:  # propagate="full_precision": no forward of the compressed block
+                for j, h in enumerate(nxt):
+                    cache.set_hidden(j, h)
+                del nxt
+            else:
+                with _forward_precision(block, up):
+                    for j in range(len(cache)):
+                        cache.set_hidden(j, _block_forward(block, cache, j))
             for j, h in enumerate(fp_out or []):
                 fp_cache.set_hidden(j, h)
             _offload(block, home)
@@ -362,7 +366,7 @@ def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: Ac
             fp_out = _fp_outputs(block, fp_cache)
     if next_inputs and not (passes and passes[0].requires_calibration):
         with _forward_precision(block, up):
-            nxt = [_block_forward(block, cache, j) for j in range(len(cache))]
+            nxt = _fp_outputs(block, cache)
     for k, p in enumerate(passes):
         if not p.requires_calibration:
             p.compress_block(block, prefix)
