@@ -43,6 +43,7 @@ class AdaRoundPass(Pass):
     config_cls = AdaRoundConfig
     weight_pass = "quantize"
     requires_calibration = True
+    streams = True  # everything it reads and changes lives in the block (and the pipeline's fp stream)
 
     def __init__(self, config: AdaRoundConfig):
         super().__init__(config)

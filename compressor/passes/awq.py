@@ -93,6 +93,7 @@ class AWQPass(Pass):
     name = "awq"
     config_cls = AWQConfig
     requires_calibration = True
+    streams = True  # every site's producer and readers lie in one block
 
     def __init__(self, config: AWQConfig):
         super().__init__(config)

@@ -61,6 +61,7 @@ class BlockDistillPass(Pass):
     config_cls = BlockDistillConfig
     requires_calibration = True
     wants_fp_targets = True  # the pipeline keeps the full-precision stream and hands its block outputs over
+    streams = True  # trains one block against its targets: no teacher copy, nothing outside the block
 
     def begin_block(self, block: nn.Module, prefix: str) -> list[nn.Module]:
         """Nothing to observe: the block's cached inputs and the targets are all it needs."""

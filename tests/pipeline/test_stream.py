@@ -30,6 +30,12 @@ RECIPES = {
     "rotate+gptq": [{"rotate": {}}, GPTQ],
     "rotate(r3,online_o)+rtn": [{"rotate": {"r3": True, "online_o": True}}, RTN],
     "rotate(random)+gptaq": [{"rotate": {"r1": "random"}}, GPTAQ],
+    "awq+rtn": [{"awq": {"scheme": {"bits": 4, "group_size": 32}, "grid": 4}}, RTN],
+    "adaround(block)": [{"adaround": {"scheme": {"bits": 4, "group_size": 32}, "iters": 4, "granularity": "block"}}],
+    "adaround(layer,asymmetric)": [{"adaround": {"scheme": {"bits": 4, "group_size": 32}, "iters": 4,
+                                                 "asymmetric": True}}],
+    "gptq+distill_blocks": [GPTQ, {"distill_blocks": {"iters": 3, "batch_size": 2}}],
+    "rotate+awq+gptq": [{"rotate": {}}, {"awq": {"scheme": {"bits": 4, "group_size": 32}, "grid": 4}}, GPTQ],
 }
 
 
@@ -167,6 +173,7 @@ def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
     ([{"rotate": {}}, {"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}}, GPTQ],
      "prune's allocation sweeps the model before rotate"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5}}], "must quantize"),
+    ([GPTQ, {"distill": {"steps": 1}}], "distill_blocks"),
 ])
 def test_a_recipe_that_cannot_stream_is_refused_before_any_work(tmp_path, passes, words):
     src = _checkpoint(tmp_path)
