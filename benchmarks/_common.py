@@ -417,10 +417,29 @@ def emit(record: dict[str, Any], output: str | os.PathLike | None = None) -> Non
 
 
 def run_child_job(args, run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
-    """In a ``--child`` process: run the job, add its peak RSS, write the result. True when it did."""
+    """In a ``--child`` process: run the job, add its peak RSS, write the result. True when it did.
+
+    A job with ``stop_after_s`` is stopped that many seconds in: the child writes ``{"status": "stopped",
+    "stopped_after_s": ..., "self_peak_rss_mb": ...}`` (its peak so far: a lower bound on the whole run's) and
+    exits at once, for runs too long to finish whose memory is still worth measuring.
+    """
     if not args.child:
         return False
-    record = run(json.loads(args.job))
+    job = json.loads(args.job)
+    if job.get("stop_after_s"):
+        import threading
+
+        def stop():
+            write_result({"status": "stopped", "stopped_after_s": job["stop_after_s"],
+                          "self_peak_rss_mb": peak_rss_mb()}, args.result)
+            os._exit(0)
+
+        timer = threading.Timer(float(job["stop_after_s"]), stop)
+        timer.daemon = True
+        timer.start()
+    record = run(job)
+    if job.get("stop_after_s"):
+        timer.cancel()
     record["self_peak_rss_mb"] = peak_rss_mb()
     write_result(record, args.result)
     return True

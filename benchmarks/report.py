@@ -487,6 +487,10 @@ def scale(records: Records) -> str:
             what = shape if blocks is None else f"{shape}, first {blocks} of {r['of_blocks']} blocks"
             machine = r.get("machine") or {}
             cpu = f"{machine['isa']}, {machine.get('cores', '?')} cores" if machine.get("isa") else "—"
+            if r.get("status") == "stopped":  # benchmarks.scale --stop-after: the peak so far bounds the run's
+                rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | stopped at "
+                            f"{r['stopped_after_s']:.0f} | at least {r['peak_rss_mb'] / 1024:.2f} | | | {cpu} |")
+                continue
             if r.get("status") != "ok":
                 rows.append(f"| {what} ({r['params'] / 1e9:.2f}B, {size}) | {label} | {r.get('status')}: "
                             f"{(r.get('error') or '')[:120]} | | | | {cpu} |")

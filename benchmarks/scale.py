@@ -24,6 +24,10 @@ parameters, and the export's size.
 Perplexity means nothing on random weights and is not measured. Run on an otherwise idle machine::
 
     python -m benchmarks.scale --shapes 1b --methods ours-stream,ours,llmc-gptq
+
+A run too long to finish here can be stopped part way (``--stop-after SECONDS``): its record says
+``"status": "stopped"`` and its peak RSS is the peak so far, a lower bound on the whole run's (llm-compressor
+loads the whole model before its first block, so a few minutes show most of its peak).
 """
 
 from __future__ import annotations
@@ -229,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the exports (default: removed after each run)")
     parser.add_argument("--blocks", type=int, default=None,
                         help="only the first N decoder blocks of each shape (a peak-memory probe; recorded as such)")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                        help="stop each run this many seconds in and record its peak RSS so far, a lower bound on "
+                        "the whole run's (recorded with status 'stopped'): for runs too long to finish here, e.g. "
+                        "llm-compressor at the 8B shape, which loads the whole model first")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -266,13 +274,15 @@ def main(argv: list[str] | None = None) -> None:
             export = args.work / f"export-{name}{_depth_suffix(args.blocks)}-{method}"
             shutil.rmtree(export, ignore_errors=True)
             job = {"method": method, "checkpoint": str(checkpoint), "output": str(export)}
+            if args.stop_after:
+                job["stop_after_s"] = args.stop_after
             log.info("%s %s: compressing", name, method)
             child = common.run_child([*common.module_command("scale", python), "--child"], job, verbose=args.verbose)
             result = child.record or {"status": "failed", "error": f"child exited {child.returncode} without a result"}
             record.update(result)
             record.update({"wall_s": child.wall_s, "peak_rss_mb": child.peak_rss_mb,
-                           "s_per_bparam": round(child.wall_s / (n_params / 1e9), 1),
-                           "export_bytes": _dir_bytes(export)})
+                           "s_per_bparam": round(child.wall_s / (n_params / 1e9), 1) if result["status"] == "ok"
+                           else None, "export_bytes": _dir_bytes(export)})
             common.emit(record, output)
             if not args.keep:
                 shutil.rmtree(export, ignore_errors=True)

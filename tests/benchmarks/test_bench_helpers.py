@@ -68,6 +68,22 @@ def test_a_childs_peak_is_its_own_not_the_rss_its_parent_had_when_it_started(tmp
     assert common.peak_rss_mb() >= 400
 
 
+@pytest.mark.parametrize("seconds", [1.0, None])
+def test_a_job_with_stop_after_is_stopped_and_records_its_peak_so_far(tmp_path, seconds):
+    """``stop_after_s``: a run that would not end in time writes status "stopped" and its peak so far; a run that
+    ends first writes its own record and exits without waiting for the timer."""
+    code = ("sys.path.insert(0, '.')\nimport argparse, time\nfrom benchmarks import _common as c\n"
+            "def run(job):\n    time.sleep(job['sleep'])\n    return {'status': 'ok'}\n"
+            "c.run_child_job(argparse.Namespace(child=True, job=json.dumps(job), result=out), run)\n")
+    job = {"sleep": 60 if seconds else 0.1} | ({"stop_after_s": seconds} if seconds else {})
+    run = common.run_child(_child(tmp_path, code), job, cwd=common.ROOT)
+    assert run.returncode == 0 and run.wall_s < 30 and run.peak_rss_mb > 0
+    if seconds:
+        assert run.record["status"] == "stopped" and run.record["stopped_after_s"] == 1.0
+    else:
+        assert run.record["status"] == "ok"
+
+
 @pytest.mark.parametrize("body,why", [("sys.exit(3)\n", "exit status 3"), ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "signal 9")])
 def test_run_child_failure_is_reported(tmp_path, body, why):
     run = common.run_child(_child(tmp_path, body), {})

@@ -182,7 +182,8 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                rec("1b", 1_240_000_000, "llmc-gptq", 0.0, 0.0, status="failed", error="boom"),
                rec("8b", 1_490_000_000, "ours-stream", 700.0, 4000.0, blocks=2, of_blocks=32),  # a --blocks probe
                rec("1b", 1_240_000_000, "ours-stream", 901.0, 2049.0, blocks=16, of_blocks=16,
-                   machine={"isa": "AVX512", "cores": 2})]
+                   machine={"isa": "AVX512", "cores": 2}),
+               rec("8b", 8_030_000_000, "llmc-gptq", 600.4, 16800.0, status="stopped", stopped_after_s=600.0)]
     (results / "scale.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = report.render("<!-- report:scale -->\n<!-- /report:scale -->\n", results)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
@@ -190,9 +191,12 @@ def test_scale_table_lists_each_shape_and_method_newest_first_by_size(tmp_path):
                                                   ["| 1b (1.24B, 2.5 GB)", "ours, in memory"],
                                                   ["| 1b (1.24B, 2.5 GB)", "llm-compressor"],
                                                   ["| 8b (8.03B, 16.1 GB)", "ours, streamed"],
+                                                  ["| 8b (8.03B, 16.1 GB)", "llm-compressor"],
                                                   ["| 8b, first 2 of 32 blocks (1.49B, 3.0 GB)", "ours, streamed"]]
     # a record that counts its blocks at full depth is the newest full-depth one; the probe has a row of its own
-    assert "| 901 | 2.00 | 727 | 0.62 GB | AVX512, 2 cores |" in rows[0] and rows[1].endswith("| — |") and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[4]
+    assert "| 901 | 2.00 | 727 | 0.62 GB | AVX512, 2 cores |" in rows[0] and rows[1].endswith("| — |") and "failed: boom" in rows[2] and "| 700 | 3.91 |" in rows[5]
+    # a run stopped part way (benchmarks.scale --stop-after) shows its peak so far as a lower bound, no rate
+    assert "| llm-compressor | stopped at 600 | at least 16.41 | | |" in rows[4]
 
 
 def test_scale_figure_draws_the_newest_full_depth_run_of_each_shape_and_method(tmp_path):
