@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["all_reduce_sum", "barrier", "check_same", "init_from_env", "is_main", "share", "world"]
+__all__ = ["all_gather_rows", "all_reduce_sum", "barrier", "check_same", "init_from_env", "is_main", "share", "world"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Every rank's rows of ``t``, concatenated in rank order (``t`` itself in one process).
+
+    Args:
+        t: (R, ...) this rank's rows; R may differ between ranks, the other dimensions and the dtype may not.
+        what: named in the error.
+
+    Returns:
+        (sum of R over the ranks, ...) on ``t``'s device: with the contiguous shares of :func:`share`, the rows
+        in the order one process over all the data would have them.
+
+    Raises:
+        ValueError: on every rank alike, when some rank has no rows (fewer calibration sequences than ranks).
+    """
+    rank, size = world()
+    if size == 1:
+        return t
+    import torch.distributed as dist
+
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    if min(counts) == 0:
+        raise ValueError(f"{what}: rank {counts.index(0)} of {size} got no calibration rows; use at least as many "
+                         "calibration sequences as processes")
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 def barrier() -> None:

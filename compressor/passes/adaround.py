@@ -16,6 +16,7 @@ from compressor.algorithms.quant.adaround import AdaRoundConfig, adaround_quanti
 from compressor.core.layers import conv_positions, conv_rows, is_quantizable, layer_view, rows_forward
 from compressor.core.passes import Pass, register_pass, select_modules
 from compressor.core.arch import experts_layout, fused_groups
+from compressor.core.distributed import all_gather_rows
 from compressor.core.scheme import shared_global_scales
 from compressor.core.sparsity import expert_mask, prune_mask
 from compressor.core.state import allocated_scheme, attach_qparams
@@ -50,11 +51,43 @@ class AdaRoundPass(Pass):
         self._inputs: dict[str, dict[str, list[torch.Tensor]]] = {"compressed": {}, "fp": {}}
         self._handles: list = []
         self._routed: dict[str, _RoutedRows] = {}  # fused experts module name -> its experts' sampled tokens
+        self._observed: list[tuple[str, nn.Module]] = []  # the block's targeted layers, in the same order on every rank
 
     def compressible(self, module: nn.Module) -> bool:
         """Layers, and fused-experts modules of a known layout (layer granularity: each expert's gate/up and
         down learn their rounding on the tokens routed to that expert)."""
         return is_quantizable(module) or experts_layout(module) is not None
+
+    @property
+    def data_parallel(self) -> bool:  # type: ignore[override]
+        """Layer granularity calibrates data-parallel: each layer's recorded inputs are gathered from every rank
+        (:meth:`reduce_statistics`). Block granularity trains on the pipeline's cached block inputs, which stay
+        on their rank: one process."""
+        return self.config.granularity == "layer"
+
+    def reduce_statistics(self) -> None:
+        """Gather every targeted layer's recorded inputs (both streams) from every rank, in rank order: each rank
+        then samples the same reconstruction rows as one process over all the calibration data would.
+
+        Raises:
+            ValueError: when the block has fused MoE experts (the ranks route different tokens to them), or a
+                rank recorded no rows.
+        """
+        if self._routed:
+            raise ValueError(f"adaround: data-parallel calibration of MoE experts is not supported yet "
+                             f"({next(iter(self._routed))}: the ranks route different tokens to different experts): "
+                             "run in one process")
+        for stream, recorded in self._inputs.items():
+            for name, module in self._observed:
+                if stream == "fp" and not self.wants_fp_inputs:
+                    continue
+                if isinstance(module, nn.Conv2d):
+                    raise ValueError(f"adaround: {name}: data-parallel calibration covers linears only: run in one "
+                                     "process")
+                xs = recorded.get(name) or []
+                rows = (torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if xs
+                        else torch.empty(0, 1, device=module.weight.device))  # refused below on every rank
+                recorded[name] = [all_gather_rows(rows, f"adaround {name}")]
 
     @property
     def wants_fp_targets(self) -> bool:
@@ -90,6 +123,7 @@ class AdaRoundPass(Pass):
                                  "use granularity: layer, or add the experts to ignore")
             return []
         layers = self._layers(block, prefix)
+        self._observed = layers
         for name, module in layers:
             self._handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: self._inputs[self.stream].setdefault(name, []).append(args[0].detach())))
