@@ -226,7 +226,7 @@ def check_streamable(passes: list[Pass]) -> None:
         ValueError: a pass that reads or changes more than one block at a time (whole-model transforms,
             allocation across layers, distillation, a GGUF file), naming it and the way out.
     """
-    lead, middle, tail = split_passes(passes)
+    tail = split_passes(passes)[2]
     names = [p.name for p in passes if not p.streams or p in tail]
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot run streamed yet (it reads or changes the whole "
@@ -234,11 +234,6 @@ def check_streamable(passes: list[Pass]) -> None:
                          "whole model into memory; streamed runs take rotate, awq, rtn, gptq (GPTAQ too), "
                          "adaround, distill_blocks (block-wise distillation, in place of distill) and prune with "
                          "uniform, N:M, OWL or DP (dp_distortion 'relative' / 'absolute') allocation")
-    sweeping = [p.name for p in middle if p.sweeps]
-    if lead and sweeping:
-        raise ValueError(f"{sweeping[0]}'s allocation sweeps the model before {lead[0].name} has been applied to "
-                         f"every block, which a streamed run cannot do yet: run without --stream, or use a "
-                         f"uniform allocation after {lead[0].name}")
 
 
 class _LeadStream:
@@ -262,9 +257,10 @@ class _LeadStream:
     def unpark(self) -> None:
         self.inner.unpark()
 
-    def reread(self) -> BlockStream:
-        raise ValueError("a streamed run cannot sweep blocks through a leading model-level pass yet "
-                         "(check_streamable refuses such a recipe)")
+    def reread(self) -> "_LeadStream":
+        """The inner stream's re-read, each block handed to the leading passes as it is read: an allocation
+        sweep measures the model the run compresses (rotated), not the checkpoint."""
+        return _LeadStream(self.inner.reread(), self.lead)
 
 
 def _stream_blocks(model: nn.Module, passes: list[Pass], stream: BlockStream, quiet: bool) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "attach_input_quantizer",
     "attach_kv_quantizer",
     "attach_qk_rotation",
+    "detach_qk_rotation",
     "wrapped_attention",
     "check_transform_first",
     "unwrapped_attention",
@@ -410,6 +411,12 @@ def attach_qk_rotation(attention: nn.Module, rotation: QKRotation) -> None:
     rotation.base = base
     attention.add_module(QK_CHILD, rotation)
     set_attention(attention, name)
+
+
+def detach_qk_rotation(attention: nn.Module) -> bool:
+    """Remove the R3 rotation :func:`attach_qk_rotation` gave ``attention``; True when it had one. The
+    attention function stays the wrapper, which runs ``base`` unchanged without a ``qk_rotation``."""
+    return attention._modules.pop(QK_CHILD, None) is not None
 
 
 def activation_quantizers(model: nn.Module) -> list[str]:

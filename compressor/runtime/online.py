@@ -21,7 +21,8 @@ from torch import nn
 
 from compressor.core.hadamard import hadamard_factors, hadamard_transform, paley_matrix
 
-__all__ = ["TRANSFORM_CHILD", "OnlineHadamard", "attach_input_transform", "online_transforms", "is_input_transform_hook"]
+__all__ = ["TRANSFORM_CHILD", "OnlineHadamard", "attach_input_transform", "detach_input_transform", "online_transforms",
+           "is_input_transform_hook"]
 
 TRANSFORM_CHILD = "input_transform"
 
@@ -115,6 +116,18 @@ def attach_input_transform(linear: nn.Linear, transform: nn.Module) -> None:
         raise ValueError(f"{linear} already has an online {TRANSFORM_CHILD}; rotate a fresh model")
     linear.add_module(TRANSFORM_CHILD, transform)
     linear.register_forward_pre_hook(_rotate_input, with_kwargs=True)
+
+
+def detach_input_transform(linear: nn.Module) -> bool:
+    """Undo :func:`attach_input_transform` on ``linear`` (its weight is left as it is); True when it had one."""
+    if TRANSFORM_CHILD not in linear._modules:
+        return False
+    del linear._modules[TRANSFORM_CHILD]
+    for key, hook in list(linear._forward_pre_hooks.items()):
+        if is_input_transform_hook(hook):
+            del linear._forward_pre_hooks[key]
+            linear._forward_pre_hooks_with_kwargs.pop(key, None)
+    return True
 
 
 def online_transforms(model: nn.Module) -> list[str]:

@@ -35,6 +35,11 @@ RECIPES = {
     "adaround(layer,asymmetric)": [{"adaround": {"scheme": {"bits": 4, "group_size": 32}, "iters": 4,
                                                  "asymmetric": True}}],
     "gptq+distill_blocks": [GPTQ, {"distill_blocks": {"iters": 3, "batch_size": 2}}],
+    "rotate+prune(owl)+gptq": [{"rotate": {}}, {"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl",
+                                                         "owl_lambda": 0.1}}, GPTQ],
+    "rotate(r3,online_o)+prune(dp,relative)+rtn": [{"rotate": {"r3": True, "online_o": True}},
+                                                   {"prune": {"method": "sparsegpt", "sparsity": 0.5,
+                                                              "allocation": "dp", "dp_distortion": "relative"}}, RTN],
     "rotate+awq+gptq": [{"rotate": {}}, {"awq": {"scheme": {"bits": 4, "group_size": 32}, "grid": 4}}, GPTQ],
 }
 
@@ -170,8 +175,6 @@ def test_skeleton_holds_only_what_is_outside_the_blocks(tmp_path):
     ([{"ostquant": {}}, GPTQ], "ostquant"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "lamp"}}, GPTQ], "prune cannot run streamed"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "dp"}}, GPTQ], "prune cannot run streamed"),
-    ([{"rotate": {}}, {"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}}, GPTQ],
-     "prune's allocation sweeps the model before rotate"),
     ([{"prune": {"method": "wanda", "sparsity": 0.5}}], "must quantize"),
     ([GPTQ, {"distill": {"steps": 1}}], "distill_blocks"),
 ])

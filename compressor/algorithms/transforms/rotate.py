@@ -55,8 +55,8 @@ from compressor.algorithms.transforms.fusion import (
     write_rows,
 )
 from compressor.core.arch import LAYOUT_FEATURES, DecoderLayout, head_counts
-from compressor.runtime.activations import QKRotation, attach_qk_rotation, qk_rotations
-from compressor.runtime.online import OnlineHadamard, attach_input_transform, online_transforms
+from compressor.runtime.activations import QKRotation, attach_qk_rotation, detach_qk_rotation, qk_rotations
+from compressor.runtime.online import OnlineHadamard, attach_input_transform, detach_input_transform, online_transforms
 
 __all__ = ["random_orthogonal", "rotate_model", "Rotation"]
 
@@ -168,6 +168,7 @@ class Rotation:
         self.emb, self.head, self.r1_at, self.moe = emb, head, r1_at, set(moe)
         self.r4, self.online_o, self.heads = r4, online_o, (n_heads, n_kv, head_dim)
         self.attention = {id(a) for a in attention}
+        self.rotated: set[int] = set()  # the block indices rotated so far (a streamed sweep reads a block twice)
         self.info = {  # what finish() returns; the three counts are filled in as the parts are applied
             "r1": r1 if r1_at == "residual" else "hadamard", "r1_at": r1_at, "hidden_size": hidden,
             "r2": head_dim if r2 else None, "r3": head_dim if r3 else None,
@@ -191,15 +192,26 @@ class Rotation:
             rotate_rows(self.head.weight, self.q1)
 
     def block(self, index: int) -> None:
-        """Rotate decoder block ``index`` (its parameters in memory) in place."""
+        """Rotate decoder block ``index`` (its parameters in memory) in place.
+
+        A block rotated before and read again from the checkpoint since (a streamed run's allocation sweep
+        reads each block once before the run reads it again) holds fresh weights but the earlier read's run-time
+        transforms: those are dropped first, and the counts in :meth:`finish` count the block once.
+        """
         block, where, layout = self.blocks[index], f"{self.blocks_name}.{index}", self.layout
+        again = index in self.rotated
+        if again:
+            for m in block.modules():
+                detach_input_transform(m)
+                detach_qk_rotation(m)
+        self.rotated.add(index)
         with torch.no_grad():
             parts = layout.moe_parts(block)
             m = layout.modules(block, where, DecoderLayout.ATTENTION if parts else DecoderLayout.BLOCK)
             mlp_readers = [parts[0], parts[1].gate_up_proj] if parts else [m["gate"], m["up"]]
             fold_norm(m["attn_norm"], [m["q"], m["k"], m["v"]], f"{where}.{layout.attn_norm}", layout.norm_offset)
             fold_norm(m["mlp_norm"], mlp_readers, f"{where}.{layout.mlp_norm}", layout.norm_offset)
-            self.info["folded_norms"] += 2
+            self.info["folded_norms"] += 0 if again else 2
             _rotate_block(m, parts, layout, self.q1, self.r1_at, self.q2, self.r4 and index not in self.moe,
                           *self.heads, where, self.online_o)
         for attn in block.modules():  # R3: nothing to fuse, q kᵀ is invariant
