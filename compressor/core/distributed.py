@@ -11,6 +11,7 @@ the same numbers, and rank 0 writes the export. Outside such a launch everything
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -47,10 +48,21 @@ def init_from_env() -> tuple[int, int]:
     if size > 1 and dist.is_available() and not dist.is_initialized():
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
         dist.init_process_group("gloo" if cpu else "nccl")
+        # left to interpreter exit, the group's threads can be torn down while still joinable: the process then
+        # aborts ("terminate called without an active exception", SIGABRT) after its work is done
+        atexit.register(_leave)
         if not cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         log.info("data-parallel calibration: rank %d of %d (%s)", dist.get_rank(), size, dist.get_backend())
     return world()
+
+
+def _leave() -> None:
+    """Destroy the default process group at exit (registered by :func:`init_from_env`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(n: int) -> slice:
