@@ -426,6 +426,7 @@ def run_child_job(args, run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool
     if not args.child:
         return False
     job = json.loads(args.job)
+    timer = None
     if job.get("stop_after_s"):
         import threading
 
@@ -438,7 +439,7 @@ def run_child_job(args, run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool
         timer.daemon = True
         timer.start()
     record = run(job)
-    if job.get("stop_after_s"):
+    if timer is not None:
         timer.cancel()
     record["self_peak_rss_mb"] = peak_rss_mb()
     write_result(record, args.result)

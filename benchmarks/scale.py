@@ -26,8 +26,8 @@ Perplexity means nothing on random weights and is not measured. Run on an otherw
     python -m benchmarks.scale --shapes 1b --methods ours-stream,ours,llmc-gptq
 
 A run too long to finish here can be stopped part way (``--stop-after SECONDS``): its record says
-``"status": "stopped"`` and its peak RSS is the peak so far, a lower bound on the whole run's (llm-compressor
-loads the whole model before its first block, so a few minutes show most of its peak).
+``"status": "stopped"`` and its peak RSS is the peak so far, a lower bound on the whole run's (llm-compressor's
+grew block by block at the 8B shape: a stopped run's bound is only that).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                         help="stop each run this many seconds in and record its peak RSS so far, a lower bound on "
                         "the whole run's (recorded with status 'stopped'): for runs too long to finish here, e.g. "
-                        "llm-compressor at the 8B shape, which loads the whole model first")
+                        "llm-compressor at the 8B shape")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)

@@ -96,7 +96,7 @@ def all_gather_rows(t: torch.Tensor, what: str) -> torch.Tensor:
     Raises:
         ValueError: on every rank alike, when some rank has no rows (fewer calibration sequences than ranks).
     """
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return t
     import torch.distributed as dist

@@ -92,6 +92,23 @@ def test_a_block_with_moe_experts_is_refused_data_parallel_and_nothing_is_reduce
     assert shared.reduced == 1 and inputs.stats["o_proj"].reduced == 1  # a shared accumulator once
 
 
+def _recipe_args(model_dir, tmp_path, passes: list[dict]) -> list[str]:
+    """``compressor compress`` arguments for ``passes`` (written as a recipe file), 6 x 32 calibration tokens."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"passes": passes}))
+    return ["compress", str(model_dir), "--recipe", str(recipe), "--calibration", str(tmp_path / "text.txt"),
+            "--num-samples", "6", "--seq-len", "32", "-q"]
+
+
+def _one_and_two(args: list[str], tmp_path) -> None:
+    """Run ``compressor args`` in one process into ``tmp_path/one`` and in two gloo processes into ``tmp_path/two``."""
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path, stream):
     """`accelerate launch` with two CPU processes: each calibrates on half the sequences, the Hessians are
@@ -102,9 +119,7 @@ def test_two_gloo_processes_compress_like_one(tiny_model_dir, tmp_path, stream):
     args = ["compress", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
             "--calibration", str(tmp_path / "text.txt"), "--num-samples", "6", "--seq-len", "32", "-q",
             *(["--stream"] if stream else [])]
-    assert main([*args, "-o", str(tmp_path / "one")]) == 0
-    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _one_and_two(args, tmp_path)
     one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys()
     packed = [k for k in one if k.endswith("weight_packed")]
@@ -129,16 +144,9 @@ def test_two_gloo_processes_adaround_like_one(tiny_model_dir, tmp_path, asymmetr
     """AdaRound, layer granularity (asymmetric: the full-precision stream's inputs too): every layer's recorded
     inputs are gathered from both ranks in rank order, so each rank samples the rows one process samples and
     learns the same rounding; the exports agree but for float32 round-off in the block forwards."""
-    import yaml
-
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"passes": [{"adaround": {"scheme": {"bits": 4, "group_size": 32}, "iters": 20,
-                                                                "asymmetric": asymmetric}}]}))
-    args = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--calibration", str(tmp_path / "text.txt"),
-            "--num-samples", "6", "--seq-len", "32", "-q"]
-    assert main([*args, "-o", str(tmp_path / "one")]) == 0
-    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = _recipe_args(tiny_model_dir, tmp_path, [{"adaround": {"scheme": {"bits": 4, "group_size": 32}, "iters": 20,
+                                                                 "asymmetric": asymmetric}}])
+    _one_and_two(args, tmp_path)
     one, two = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert one.keys() == two.keys()
     packed = [k for k in one if k.endswith("weight_packed")]
@@ -189,16 +197,8 @@ def test_two_gloo_processes_prune_like_one(tiny_model_dir, tmp_path, prune):
     """prune (Wanda with OWL or DP allocation, SparseGPT, N:M) + GPTQ in two processes: the input norms /
     Hessians, the OWL sweep's norms and DP's probe KL are summed over the ranks, so each linear keeps the same weights as in one
     process but for rare float32-order flips, and the outputs agree."""
-    import yaml
-
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"passes": [{"prune": prune},
-                                                 {"gptq": {"scheme": {"bits": 4, "group_size": 32}}}]}))
-    args = ["compress", str(tiny_model_dir), "--recipe", str(recipe), "--calibration", str(tmp_path / "text.txt"),
-            "--num-samples", "6", "--seq-len", "32", "-q"]
-    assert main([*args, "-o", str(tmp_path / "one")]) == 0
-    proc = launch_two_cpu_processes([*args, "-o", str(tmp_path / "two")], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = _recipe_args(tiny_model_dir, tmp_path, [{"prune": prune}, {"gptq": {"scheme": {"bits": 4, "group_size": 32}}}])
+    _one_and_two(args, tmp_path)
     one, two = (load_compressed(tmp_path / d) for d in ("one", "two"))
     weights = {n: m.dequantized_weight() for n, m in one.named_modules() if n.endswith("proj")}
     other = dict(two.named_modules())
