@@ -17,7 +17,8 @@ anywhere after ``rotate``; later passes see quantized activations:
   on full-precision activations (the block's inputs already come from the
   quantized earlier blocks) and the quantizers are added before the block's
   outputs are recomputed; before ``gptq``, GPTQ's Hessians see quantized
-  inputs and quantized keys/values.
+  inputs and quantized keys/values (GPTAQ's full-precision stream does not:
+  :func:`compressor.runtime.activations.quantizers_bypassed`).
 
 Export: ``compress(..., output=...)`` / ``save_compressed`` record the
 quantizers in ``quantization_config`` (``input_activations`` of the quantized

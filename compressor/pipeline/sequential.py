@@ -35,6 +35,7 @@ from compressor.core.passes import Pass
 from compressor.core.progress import progress
 from compressor.pipeline.cache import ActivationCache, map_tensors
 from compressor.pipeline.checkpoint import BlockCheckpoint
+from compressor.runtime.activations import quantizers_bypassed
 
 __all__ = ["PipelineConfig", "BlockStream", "run_sequential", "capture_block_inputs"]
 
@@ -339,8 +340,12 @@ def run_sequential(
 
 
 def _fp_outputs(block: nn.Module, fp_cache: ActivationCache | None) -> list[torch.Tensor] | None:
-    """The block's outputs on the full-precision stream (weights not yet compressed)."""
-    return None if fp_cache is None else [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))]
+    """The block's outputs on the full-precision stream (weights not yet compressed, activation quantizers
+    bypassed)."""
+    if fp_cache is None:
+        return None
+    with quantizers_bypassed(block):
+        return [_block_forward(block, fp_cache, j) for j in range(len(fp_cache))]
 
 
 def _compress_block(block: nn.Module, prefix: str, passes: list[Pass], cache: ActivationCache,
@@ -444,7 +449,8 @@ def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache
     The pass sees both inputs of a layer for the same calibration sequences
     back to back (its ``stream`` attribute says which is running), so it can
     pair them without holding every batch. The block's weights are as the
-    earlier passes left them. With ``fp_outputs`` the full-precision forwards
+    earlier passes left them; activation quantizers an earlier pass attached
+    (``quantize_activations`` before GPTAQ) act on the compressed stream only. With ``fp_outputs`` the full-precision forwards
     run to the end and their block outputs are returned.
     """
     if fp_cache is None:
@@ -454,7 +460,8 @@ def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache
     try:
         for j in range(len(cache)):
             p.stream = "fp"
-            out = runner.run(fp_cache, j, full=fp_outputs)
+            with quantizers_bypassed(block):  # the uncompressed model quantizes no activation
+                out = runner.run(fp_cache, j, full=fp_outputs)
             if fp_outputs:
                 outs.append(out)
             p.stream = "compressed"

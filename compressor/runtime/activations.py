@@ -41,6 +41,8 @@ Where the quantizers live:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -75,6 +77,7 @@ __all__ = [
     "unwrapped_attention",
     "activation_quantizers",
     "qk_rotations",
+    "quantizers_bypassed",
     "KV_ATTENTION_PREFIX",
 ]
 
@@ -126,8 +129,12 @@ class ActivationQuantizer(nn.Module):
         s = None if input_scale is None else input_scale.detach().to(torch.float32).reshape(1).clone()
         self.register_buffer("input_scale", s, persistent=False)
 
+    bypass: bool = False  # class default: quantizers pickled before the option unpickle without it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float → (..., K) on each token's grid."""
+        """x (..., K) float → (..., K) on each token's grid (x itself while :func:`quantizers_bypassed` holds)."""
+        if self.bypass:
+            return x
         if self.fmt is not None:
             return straight_through(x, fake_quant_float_per_token(x, self.fmt, self.global_scale,
                                                                   getattr(self, "input_scale", None)))
@@ -170,6 +177,7 @@ class KVQuantizer(nn.Module):
     fmt: str | None = None
     per_head: bool = False
     observing: bool = False
+    bypass: bool = False  # True while :func:`quantizers_bypassed` holds: keys and values pass unchanged, unobserved
 
     def __init__(self, bits: int, *, symmetric: bool = False, group_size: int | None = None, base: str = "sdpa",
                  range_grad: bool = False, fmt: str | None = None, per_head: bool = False, num_heads: int = 1):
@@ -191,6 +199,8 @@ class KVQuantizer(nn.Module):
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key, value (B, H_kv, T, D) → same shapes and dtypes, each on its grid."""
+        if self.bypass:
+            return key, value
         if self.fmt == "fp8":
             if self.observing:
                 self._observe(key, value)
@@ -271,6 +281,26 @@ class QKRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, after RoPE, base={self.base}"
+
+
+@contextmanager
+def quantizers_bypassed(module: nn.Module) -> Iterator[int]:
+    """Within the ``with``: every :class:`ActivationQuantizer` and :class:`KVQuantizer` under ``module`` passes its
+    inputs through unchanged (a KV quantizer still observing records nothing), so ``module`` computes what it
+    would without them. The sequential pipeline runs the full-precision stream of a paired calibration (GPTAQ)
+    this way: that stream stands for the uncompressed model, whose activations are not quantized.
+
+    Yields:
+        how many quantizers were bypassed.
+    """
+    found = [m for m in module.modules() if isinstance(m, (ActivationQuantizer, KVQuantizer))]
+    for m in found:
+        m.bypass = True
+    try:
+        yield len(found)
+    finally:
+        for m in found:
+            m.bypass = False
 
 
 # ---------------------------------------------------------------- linear inputs

@@ -13,7 +13,14 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.pipeline.sequential import PipelineConfig
 from compressor.passes.activations import ActivationQuantConfig
-from compressor.runtime.activations import KV_ATTENTION_PREFIX, ActivationQuantizer, KVQuantizer, activation_quantizers
+from compressor.runtime.activations import (
+    KV_ATTENTION_PREFIX,
+    ActivationQuantizer,
+    KVQuantizer,
+    activation_quantizers,
+    quantizers_bypassed,
+)
+from compressor.passes import gptq as gptq_mod
 from compressor.core.fake_quant import fake_quant_per_head, fake_quant_per_token
 from compressor.core.arch import attention_modules
 from compressor.runtime.online import OnlineHadamard
@@ -326,6 +333,52 @@ def test_with_gptq_in_the_block_pipeline(order):
     assert all(getattr(model.model.layers[i].mlp.down_proj, "quant_scheme", None) is not None for i in range(2))
     out = _logits(model)
     assert torch.isfinite(out).all() and _rel_err(out, ref) < 0.2
+
+
+def test_bypassed_quantizers_pass_inputs_unchanged_and_come_back():
+    model = tiny_llama(hidden=48, inter=96)
+    ref = _logits(model)
+    compress(model, Recipe.from_dict({"passes": [_act(bits=4, kv_bits=4)]}), quiet=True)
+    quantized = _logits(model)
+    assert _rel_err(quantized, ref) > 1e-3
+    with quantizers_bypassed(model) as n:
+        assert n == 14 + 2  # linears + attention modules
+        torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)
+    assert torch.equal(_logits(model), quantized)
+    with pytest.raises(RuntimeError, match="boom"), quantizers_bypassed(model):
+        raise RuntimeError("boom")
+    assert torch.equal(_logits(model), quantized)  # restored on the way out of an error too
+
+
+def test_gptaq_after_quantize_activations_pairs_fp_inputs_with_quantized_ones(monkeypatch):
+    """quantize_activations before GPTAQ: the compressed stream's q_proj inputs are quantized, the full-precision
+    stream's are what the uncompressed model computes (GPTAQ's target W x, arXiv 2504.02692)."""
+    seen: dict[str, list[torch.Tensor]] = {"fp": [], "compressed": []}
+    real = gptq_mod.GPTQPass._observe
+
+    def spy(self, name, x):
+        if name == "model.layers.0.self_attn.q_proj":
+            seen[self.stream].append(x.detach().reshape(-1, x.shape[-1]).clone())
+        return real(self, name, x)
+
+    monkeypatch.setattr(gptq_mod.GPTQPass, "_observe", spy)
+    fp = tiny_llama(hidden=48, inter=96)
+    xs = []
+    handle = fp.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(0, IDS.shape[0], 3):
+            fp(IDS[i:i + 3])
+    handle.remove()
+    x = torch.cat(xs)
+    model = tiny_llama(hidden=48, inter=96)
+    gptaq = {"gptq": {"scheme": {"bits": 4, "group_size": -1}, "asymmetric": True}}
+    compress(model, Recipe.from_dict({"passes": [_act(bits=4, kv_bits=4), gptaq]}), calibration=IDS,
+             pipeline=PipelineConfig(batch_size=3, quiet=True))
+    torch.testing.assert_close(torch.cat(seen["fp"]), x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(seen["compressed"]), fake_quant_per_token(x, 4, symmetric=True),
+                               rtol=1e-5, atol=1e-6)
+    assert all(not q.bypass for q in model.modules() if isinstance(q, (ActivationQuantizer, KVQuantizer)))
 
 
 def test_block_checkpoints_are_refused(tmp_path):
