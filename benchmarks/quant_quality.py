@@ -39,7 +39,12 @@ OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": F
                                      "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
                                      "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
                                      "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}), "gptq-fpprop": ("gptq", {}),
-                                     "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {})}
+                                     "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {}),
+                                     "qa-gptaq": ("gptq", {"asymmetric": True})}
+# methods whose recipe quantizes the linear inputs *before* the weight pass (settings with quantized inputs only):
+# GPTAQ then fits each quantized layer on quantized inputs to the uncompressed model's outputs, so it also
+# compensates the inputs' rounding (its full-precision stream bypasses the quantizers)
+ACT_FIRST = {"qa-gptaq"}
 # methods that run the sequential pipeline otherwise than by default: method → PipelineConfig settings
 # (gptq-fpprop: every block calibrated on the full-precision model's inputs, one forward per block instead of two)
 PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
@@ -78,10 +83,10 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     lead = LEADING_PASSES.get(method)
     # mixed widths: allocate_bits plans each fused unit's grid on the model as the leading passes leave it
     allocate = [{"allocate_bits": {"target_bpw": setting.bpw}}] if setting.bpw is not None else []
-    data = {"passes": [*(lead(scheme) if lead else []), *allocate, {pass_name: {"scheme": scheme, **extra}}]}
-    if setting.activation_pass() is not None:
-        data["passes"].append(setting.activation_pass())
-    return data
+    act = [setting.activation_pass()] if setting.activation_pass() is not None else []
+    weight = [{pass_name: {"scheme": scheme, **extra}}]
+    middle = [*act, *weight] if method in ACT_FIRST else [*weight, *act]
+    return {"passes": [*(lead(scheme) if lead else []), *allocate, *middle]}
 
 
 def _unavailable_reason(method: str) -> str | None:
@@ -171,6 +176,9 @@ def _peer_unavailable(method: str, setting: common.Setting | None) -> str | None
     """Why a peer method does not run at ``setting`` (None when it does, or for our methods)."""
     if setting is None:
         return None
+    if method in ACT_FIRST and not setting.act:
+        return (f"{method} quantizes the linear inputs before its weight pass: it runs the settings with quantized "
+                f"inputs ({', '.join(common.ACT_SETTINGS)}), not {setting.name}")
     if method in PEER_METHODS and setting.bpw is not None:
         return "llm-compressor chooses no per-layer widths under a bits-per-weight budget"
     peer = VENV_METHODS.get(method)

@@ -361,17 +361,18 @@ ACT_LABELS = {"w8a8-fp8": "W8A8 FP8 (per-channel weights, per-token inputs)",
               "w4a4-nvfp4": "W4A4 NVFP4 (g16, E4M3 scales; static input global scale)",
               "w4a4-mxfp4": "W4A4 MXFP4 (g32, E8M0 scales)"}
 ACT_METHODS = [("rtn", "RTN"), ("gptq", "GPTQ"), ("rot-rtn", "rotated, RTN"), ("rot-gptq", "rotated, GPTQ"),
+               ("qa-gptaq", "inputs quantized first, GPTAQ"),
                ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
+ACT_OURS = ("rtn", "gptq", "rot-rtn", "rot-gptq", "qa-gptaq")
 
 
 def float_inputs(records: Records) -> str:
-    """docs/benchmarks.md: SmolLM2 with float weights *and* inputs (W8A8 FP8, W4A4 NVFP4 / MXFP4), ours (plain or
-    after QuaRot rotations with the online o_proj Hadamard) beside llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4
-    presets. Our GPTQ variant on the test split is the one the dev split chose; the ratio takes our best cell."""
+    """docs/benchmarks.md: SmolLM2 with float weights *and* inputs (W8A8 FP8, W4A4 NVFP4 / MXFP4), ours (plain,
+    after QuaRot rotations with the online o_proj Hadamard, or GPTAQ on inputs quantized first) beside
+    llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4 presets. Our GPTQ variant on the test split is the one the dev split chose; the ratio takes our best cell."""
     return _ours_vs_peer(
         records, common.ACT_SETTINGS, ACT_LABELS, ACT_METHODS,
-        pick_ours=lambda ok: min((m for m in ("rtn", "gptq", "rot-rtn", "rot-gptq") if m in ok), key=ok.get,
-                                 default=None),
+        pick_ours=lambda ok: min((m for m in ACT_OURS if m in ok), key=ok.get, default=None),
         timed=lambda ours: (ours, "llmc-gptq"),
         heads=("setting", "our best's gap to fp32 / the peer's best", "compress s (our best / llmc GPTQ)"),
         empty="_No full-protocol records of float weights and inputs in `benchmarks/results/quant_quality.jsonl` "

@@ -39,6 +39,19 @@ def test_mixed_setting_puts_allocate_bits_before_the_weight_pass():
     assert peer["status"] == "unavailable" and "bits-per-weight" in peer["error"]
 
 
+def test_inputs_first_methods_put_quantize_activations_before_gptaq():
+    from benchmarks import quant_quality
+
+    s = common.parse_setting("w4a4-nvfp4")
+    passes = quant_quality.recipe_data("qa-gptaq", s)["passes"]
+    assert passes == [{"quantize_activations": {"format": "nvfp4", "bits": 4}},
+                      {"gptq": {"scheme": s.scheme(), "asymmetric": True}}]
+    assert [next(iter(p)) for p in quant_quality.recipe_data("gptaq", s)["passes"]] == ["gptq", "quantize_activations"]
+    weight_only = quant_quality.run_job({"method": "qa-gptaq", **common.parse_setting("nvfp4").job()},
+                                        common.PEER_PYTHON, False)
+    assert weight_only["status"] == "unavailable" and "w4a4-nvfp4" in weight_only["error"]
+
+
 def test_w4g32_allowed_where_lossless_is_fine():
     assert common.parse_setting("w4g32", allow_lossless=True).group_size == 32
 

@@ -145,7 +145,7 @@ def test_float_inputs_table_takes_our_best_cell_against_the_peers_best(tmp_path)
         _record("gptq", "nvfp4", 22.0),  # weight-only: the other table
     ])
     text = report.render("<!-- report:float-inputs -->\n<!-- /report:float-inputs -->\n", results)
-    assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | 41.00 | 32.00 | "
+    assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | — | 41.00 | 32.00 | "
             "0.50x | 420 / 500 |") in text
     assert "22.00" not in text and "fp32: 20.00." in text
 
