@@ -369,7 +369,8 @@ ACT_OURS = ("rtn", "gptq", "rot-rtn", "rot-gptq", "qa-gptaq")
 def float_inputs(records: Records) -> str:
     """docs/benchmarks.md: SmolLM2 with float weights *and* inputs (W8A8 FP8, W4A4 NVFP4 / MXFP4), ours (plain,
     after QuaRot rotations with the online o_proj Hadamard, or GPTAQ on inputs quantized first) beside
-    llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4 presets. Our GPTQ variant on the test split is the one the dev split chose; the ratio takes our best cell."""
+    llm-compressor's FP8_DYNAMIC / NVFP4 / MXFP4 presets. Our GPTQ variant on the test split is the one the dev
+    split chose; the ratio takes our best cell."""
     return _ours_vs_peer(
         records, common.ACT_SETTINGS, ACT_LABELS, ACT_METHODS,
         pick_ours=lambda ok: min((m for m in ACT_OURS if m in ok), key=ok.get, default=None),

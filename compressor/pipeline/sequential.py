@@ -450,8 +450,9 @@ def _paired_forwards(block: nn.Module, p: Pass, fp_cache: ActivationCache, cache
     back to back (its ``stream`` attribute says which is running), so it can
     pair them without holding every batch. The block's weights are as the
     earlier passes left them; activation quantizers an earlier pass attached
-    (``quantize_activations`` before GPTAQ) act on the compressed stream only. With ``fp_outputs`` the full-precision forwards
-    run to the end and their block outputs are returned.
+    (``quantize_activations`` before GPTAQ) act on the compressed stream only.
+    With ``fp_outputs`` the full-precision forwards run to the end and their
+    block outputs are returned.
     """
     if fp_cache is None:
         raise ValueError(f"{p.name} needs the full-precision stream, but the pipeline keeps none")

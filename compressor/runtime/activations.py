@@ -90,6 +90,8 @@ QK_CHILD = "qk_rotation"
 # {"bits": int, "symmetric": bool, "clip_ratio": float}; quantize_activations uses it when its grid matches
 LEARNED_CLIP = "learned_clip"
 KV_ATTENTION_PREFIX = "compressor_kvquant:"
+
+
 class ActivationQuantizer(nn.Module):
     """Dynamic per-token fake quantization of a linear's input: x (..., K) → (..., K), same dtype.
 
@@ -108,6 +110,8 @@ class ActivationQuantizer(nn.Module):
         input_scale: ``fp8-static``'s (1,) float32 input scale, ``max |x| / 448`` over the calibration inputs
             (a non-persistent buffer; :func:`compressor.core.fake_quant.activation_static_scale`).
     """
+
+    bypass: bool = False  # True while :func:`quantizers_bypassed` holds (a class default: older pickles lack it)
 
     def __init__(self, bits: int, *, symmetric: bool = True, clip_ratio: float = 1.0, fmt: str | None = None,
                  global_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None):
@@ -128,8 +132,6 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("global_scale", gs, persistent=False)
         s = None if input_scale is None else input_scale.detach().to(torch.float32).reshape(1).clone()
         self.register_buffer("input_scale", s, persistent=False)
-
-    bypass: bool = False  # class default: quantizers pickled before the option unpickle without it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) float → (..., K) on each token's grid (x itself while :func:`quantizers_bypassed` holds)."""
