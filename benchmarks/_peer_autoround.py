@@ -19,9 +19,20 @@ Peer-specific choices (see benchmarks/README.md):
 * calibration goes in as a list of (1, L) int64 tensors: AutoRound feeds
   tensors straight to the model, so it does not re-tokenize or re-sample;
 * the model is saved in AutoRound's ``fake`` format (weights quantized and
-  dequantized, in the model's dtype) to a temporary directory and loaded back
-  with transformers in fp32, so what is scored is exactly what AutoRound wrote;
-  ``compress_s`` covers ``quantize_and_save``, the write included;
+  dequantized; on CPU it writes every tensor in bfloat16) to a temporary
+  directory and loaded back with transformers in fp32, so what is scored is
+  what AutoRound wrote; ``compress_s`` covers ``quantize_and_save``, the write
+  included;
+* one patch (the record's ``patched``): after saving, AutoRound 0.16.1 copies
+  back every tensor of the source checkpoint that was float32 there and is
+  16-bit in the export (``auto_round.utils.missing_tensors.
+  restore_fp32_tensors_from_source``), the quantized linear weights included,
+  so from our fp32 SmolLM2 its export held the unquantized model (a light W4
+  g64 run: ``grid_check`` 0.0 changed, 32 levels per group of 64). The
+  runner clears the model's source path before ``quantize_and_save``, so the
+  export keeps AutoRound's quantized weights, then puts back from the fp32
+  checkpoint only the tensors AutoRound does not quantize (embeddings, norms),
+  as its restore means to;
 * ``device_map="cpu"``: no accelerator here.
 """
 
@@ -88,6 +99,12 @@ def run(job: dict) -> dict:
     model = common.load_fp32_model(path)
     original = common.checked_weights(model, copy=True)
     dataset = [calib.input_ids[i:i + 1] for i in range(calib.n)]
+    # without a source path AutoRound's post-save restore cannot put the fp32 originals back over its weights
+    model.name_or_path = ""
+    model.config._name_or_path = ""
+    record["patched"] = ("model source path cleared: AutoRound 0.16.1's post-save restore of float32 source tensors "
+                         "overwrote its quantized weights; the tensors it does not quantize come back from the fp32 "
+                         "checkpoint instead")
     from auto_round import AutoRound
 
     with tempfile.TemporaryDirectory(prefix="autoround-") as tmp:
@@ -98,8 +115,9 @@ def run(job: dict) -> dict:
             rounder.quantize_and_save(output_dir=tmp, format="fake")
             record["compress_s"] = round(time.perf_counter() - start, 2)
             out = _saved_model_dir(Path(tmp))
-            del rounder
+            del rounder, model
             quantized = common.load_fp32_model(out)
+            record["restored_fp32"] = restore_unquantized(quantized, common.load_fp32_model(path))
             record["grid_check"] = common.grid_check(original, quantized, setting)
         except Exception as err:  # a peer's failure is a finding: record it, never hide it
             log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
@@ -112,6 +130,25 @@ def run(job: dict) -> dict:
     record.update(common.perplexity(quantized, ids, job["max_tokens"]))
     record["status"] = "ok"
     return record
+
+
+def restore_unquantized(quantized, fp32) -> int:
+    """Copy into ``quantized`` (in place) every parameter and buffer of ``fp32`` that is not the weight of a
+    quantized linear (a ``Linear`` other than the output embedding): what AutoRound's own post-save restore
+    does for the tensors it leaves in full precision. Returns how many tensors were copied."""
+    import torch
+    from torch import nn
+
+    head = quantized.get_output_embeddings()
+    kept = {f"{name}.weight" for name, m in quantized.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    source = fp32.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in quantized.state_dict().items():
+            if name not in kept and name in source:
+                tensor.copy_(source[name])
+                copied += 1
+    return copied
 
 
 def _iters_override(job: dict) -> int | None:
