@@ -117,7 +117,7 @@ def run(job: dict) -> dict:
             out = _saved_model_dir(Path(tmp))
             del rounder, model
             quantized = common.load_fp32_model(out)
-            record["restored_fp32"] = restore_unquantized(quantized, common.load_fp32_model(path))
+            record["restored_fp32"] = restore_unquantized(quantized, Path(path))
             record["grid_check"] = common.grid_check(original, quantized, setting)
         except Exception as err:  # a peer's failure is a finding: record it, never hide it
             log.error("%s %s failed:\n%s", method, setting.name, traceback.format_exc())
@@ -132,22 +132,26 @@ def run(job: dict) -> dict:
     return record
 
 
-def restore_unquantized(quantized, fp32) -> int:
-    """Copy into ``quantized`` (in place) every parameter and buffer of ``fp32`` that is not the weight of a
-    quantized linear (a ``Linear`` other than the output embedding): what AutoRound's own post-save restore
-    does for the tensors it leaves in full precision. Returns how many tensors were copied."""
+def restore_unquantized(quantized, checkpoint: Path) -> int:
+    """Copy into ``quantized`` (in place) every tensor of the fp32 ``checkpoint`` directory's safetensors files
+    that is not the weight of a quantized linear (a ``Linear`` other than the output embedding): what AutoRound's
+    own post-save restore does for the tensors it leaves in full precision. Tensors are read one at a time, so
+    the restore adds no second model to the run's peak memory. Returns how many tensors were copied."""
     import torch
+    from safetensors import safe_open
     from torch import nn
 
     head = quantized.get_output_embeddings()
     kept = {f"{name}.weight" for name, m in quantized.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    source = fp32.state_dict()
+    target = quantized.state_dict()
     copied = 0
     with torch.no_grad():
-        for name, tensor in quantized.state_dict().items():
-            if name not in kept and name in source:
-                tensor.copy_(source[name])
-                copied += 1
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as fh:
+                for name in fh.keys():
+                    if name in target and name not in kept:
+                        target[name].copy_(fh.get_tensor(name))
+                        copied += 1
     return copied
 
 

@@ -131,21 +131,22 @@ def test_peer_record_starts_every_peer_runner_the_same_way():
     assert record["status"] is None and record["ppl"] is None
 
 
-def test_autoround_restore_puts_back_only_what_it_does_not_quantize():
-    """The export AutoRound writes on CPU is 16-bit throughout; the runner restores the fp32 tensors AutoRound leaves
-    unquantized (embeddings, norms) and keeps its linear weights."""
+def test_autoround_restore_puts_back_only_what_it_does_not_quantize(tmp_path):
+    """The export AutoRound writes on CPU is 16-bit throughout; the runner restores, from the fp32 checkpoint's
+    files, the tensors AutoRound leaves unquantized (embeddings, norms) and keeps its linear weights."""
     from tests.helpers import tiny_llama
 
     fp32 = tiny_llama(layers=2)
+    fp32.save_pretrained(tmp_path)
     exported = tiny_llama(layers=2)
     with torch.no_grad():
         for t in exported.state_dict().values():
             t.copy_(t.bfloat16().float() + 0.25)  # stands for AutoRound's 16-bit, quantized export
     linears = {n for n, m in exported.named_modules() if isinstance(m, torch.nn.Linear)
                and m is not exported.get_output_embeddings()}
-    copied = peer.restore_unquantized(exported, fp32)
+    copied = peer.restore_unquantized(exported, tmp_path)
     src, out = fp32.state_dict(), exported.state_dict()
-    assert copied == len(out) - len(linears) and linears
+    assert copied >= 2 * 2 + 2 and linears  # two norms per block, the final norm, the embeddings
     for name, t in out.items():
         if name.rsplit(".", 1)[0] in linears:
             assert not torch.equal(t, src[name]), name
