@@ -35,7 +35,10 @@ DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 # method → (our pass, its settings beyond the scheme)
 # gptq-norefit: our GPTQ without the least-squares scale refit, the like-for-like twin of llm-compressor's GPTQ
 # rtn-mse / gptq-mse: the scales searched per group (observer mse; the "scheme" entry merges into the setting's)
+# adaround-block: every linear of a block learns its rounding and its group scales together against the
+# full-precision block output, the like-for-like answer to AutoRound's SignRound (which tunes rounding and clipping)
 OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
+                                     "adaround-block": ("adaround", {"granularity": "block", "learn_scale": True}),
                                      "rtn-mse": ("rtn", {"scheme": {"observer": "mse"}}),
                                      "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
                                      "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}), "gptq-fpprop": ("gptq", {}),
