@@ -132,57 +132,12 @@ SCHEMES: dict[str, dict | None] = {
 DEFAULT_SCHEMES = tuple(s for s in SCHEMES if s not in ("fp8", "fp8-static", "fp8-block", "w8a16-fp8"))
 
 
-VNNI = {"avx512_vnni", "avx_vnni"}  # /proc/cpuinfo flags of int8 dot products accumulated in 32 bits
-AMX = "amx_int8"
-AMX_TILE = "amx_tile"  # what torch.cpu._is_amx_tile_supported() reports
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def expectation(verdict: str, flags: set[str], dtype: str = "float32", *,
-                sym_int8_inputs: bool = False) -> tuple[bool, bool]:
-    """``(runs, exact)``: whether vLLM's CPU build should run an export with :func:`vllm_cpu` ``verdict`` on a CPU
-    with ``flags`` in compute ``dtype``, and whether its numbers should then match ours.
-
-    Two rules hold on AMX CPUs only (measured on a Sapphire Rapids-class Xeon, vLLM-CPU 0.32.0, 2026-12-07): with
-    symmetric per-token int8 inputs (``sym_int8_inputs``) vLLM's ``int8_scaled_mm_with_quant`` refuses float32
-    activations ("expect A to be bfloat16 or half"; asymmetric inputs take another kernel and run); and its WNA16
-    path runs there in 16 bits with other rounding than the AVX-512 one (greedy 0-1 of 8 prompts equal, mean
-    |dlogp| 0.19-0.22 against a floor of 0.05-0.07), so it runs but does not match."""
+def expectation(verdict: str, flags: set[str], dtype: str = "float32", *, sym_int8: bool = False) -> tuple[bool, bool]:
+    """``(runs, exact)`` for an export with :func:`vllm_cpu` ``verdict`` on a CPU with ``flags``: the rules users read
+    in the export summary, :func:`compressor.export.runtimes.vllm_cpu_expectation` (this check keeps them true)."""
     from compressor.export import runtimes
 
-    amx = AMX in flags
-    if sym_int8_inputs and amx and dtype not in runtimes.WNA16_DTYPES and verdict in (runtimes.YES,
-                                                                                      runtimes.WITH_VNNI):
-        return False, False
-    if verdict == runtimes.YES:
-        return True, True
-    if verdict == runtimes.WITH_VNNI:
-        return True, bool(flags & (VNNI | {AMX}))
-    if verdict == runtimes.AVX512_ONLY:
-        runs = "avx512f" in flags and dtype in runtimes.WNA16_DTYPES
-        return runs, runs and not amx
-    if verdict == runtimes.AMX_ONLY:
-        return AMX_TILE in flags, AMX_TILE in flags
-    return False, False
-
-
-def _sym_int8_inputs(qcfg: dict | None) -> bool:
-    """Whether an export's quantization config quantizes some linear's inputs to symmetric 8-bit integers."""
-    for group in (qcfg or {}).get("config_groups", {}).values():
-        acts = group.get("input_activations") or {}
-        if acts.get("num_bits") == 8 and acts.get("type", "int") == "int" and acts.get("symmetric", True):
-            return True
-    return False
+    return runtimes.vllm_cpu_expectation(verdict, flags, dtype, sym_int8=sym_int8)
 
 
 def build_job(tokenizer) -> dict[str, Any]:
@@ -390,11 +345,12 @@ def verdict_of(record: dict[str, Any], floor: dict[str, Any], dtype: str) -> tup
 
 def check_one(scheme: str, dtype: str, source: Path, tokenizer, job: dict, args) -> dict[str, Any]:
     """Export, run both sides, compare; one record."""
+    from compressor.export import runtimes
     from compressor.export.runtimes import YES, vllm_cpu
 
     path, qcfg = export(scheme, source, tokenizer, args.work)
     verdict = YES if qcfg is None else vllm_cpu(qcfg)
-    runs, exact = expectation(verdict, cpu_flags(), dtype, sym_int8_inputs=_sym_int8_inputs(qcfg))
+    runs, exact = expectation(verdict, runtimes.cpu_flags(), dtype, sym_int8=runtimes.sym_int8_inputs(qcfg))
     record = {"bench": BENCH, "model": common.MODEL_NAME, "scheme": scheme, "dtype": dtype,
               "recipe": SCHEMES[scheme], "format": None if qcfg is None else qcfg["format"],
               "verdict": verdict, "expected": {"runs": runs, "exact": exact}}
@@ -440,9 +396,12 @@ def probe(args) -> None:
     if out is None:
         log.error("the int8 probe failed: %s", vllm_error(logtext))
         return
-    flags = cpu_flags()
+    from compressor.export import runtimes
+
+    flags = runtimes.cpu_flags()
     for row in out["probe"]:
-        common.emit({"bench": PROBE_BENCH, "vllm": out["vllm"], "vnni": bool(flags & VNNI), "amx": AMX in flags,
+        common.emit({"bench": PROBE_BENCH, "vllm": out["vllm"], "vnni": bool(flags & runtimes.VNNI_FLAGS),
+                     "amx": runtimes.AMX_FLAG in flags,
                      **row}, args.probe_output)
 
 

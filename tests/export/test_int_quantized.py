@@ -14,6 +14,7 @@ from tests.helpers import tiny_llama
 from compressor import Recipe, compress, load_compressed, save_compressed
 from compressor.export import compressed_tensors as ct_export
 from compressor.export.runtimes import (
+    AMX_16BIT,
     AMX_ONLY,
     AVX512_ONLY,
     WITH_VNNI,
@@ -161,6 +162,10 @@ def test_vllm_verdicts_follow_its_scheme_rules():
     kv4 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "dynamic": True}
     assert "KV cache" in vllm_blockers(cfg(4, 4, kv=kv4))[0]
     assert loaders({}, {})[-1] == "vLLM"
+    # symmetric int8 inputs: the user-facing verdict says AMX CPUs need 16-bit compute (measured, module docstring)
+    shapes = {"model.layers.0.mlp.up_proj": (64, 64)}
+    assert loaders(seven, shapes)[-1] == f"vLLM (CPU: yes; {AMX_16BIT}; CUDA: by format, untested)"
+    assert AMX_16BIT not in loaders(cfg(4, strategy="group"), shapes)[-1]
 
 
 def test_vllm_cpu_verdicts_for_float_weights():
