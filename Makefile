@@ -16,7 +16,7 @@ VLLM_VENV  := .venv-vllm
 COMPILE     = .venv-lock/bin/pip-compile -q --upgrade --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 LATEST     := .venv-latest
 
-.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-float bench-float-inputs bench-cpu bench-kernels clean
+.PHONY: install fixtures demo test test-slow test-latest lock vllm-venv serve-check llama-tools gguf-check gguf-compare bench-setup bench-quick bench bench-float bench-float-inputs bench-recipes bench-cpu bench-kernels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -124,6 +124,10 @@ bench-float: bench-setup
 # FP8 / NVFP4 / MXFP4 weights and inputs, ours (plain or rotated) beside llm-compressor (~45 min per setting)
 bench-float-inputs: bench-setup
 	PY=$(PY) bash benchmarks/float_inputs.sh
+
+# every recipes/*.yaml through `compressor compress` + `compressor eval`, against its benchmark number (~35 min)
+bench-recipes: fixtures
+	$(PY) -m benchmarks.recipes_cli
 
 # SmolLM2 W4 decode latency on CPU: int4 path vs dequantize-then-matmul vs fp32 / bf16 (~3 min)
 bench-cpu: fixtures

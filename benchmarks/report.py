@@ -769,6 +769,35 @@ def _propagate(split: str) -> Callable[[Records], str]:
     return build
 
 
+def recipes_cli(records: Records) -> str:
+    """docs/recipes.md: each ``recipes/<name>.yaml`` run through the CLI by ``benchmarks/recipes_cli.py`` (its
+    default calibration, then ``compressor eval`` on the test split): the export's perplexity beside the one the
+    benchmark measured in memory for the same recipe."""
+    records = [r for r in records if (r.get("protocol") or {}).get("max_tokens") == FULL["max_tokens"]
+               and not set(r.get("protocol") or {}) - {"calibration", "max_tokens", "split"}]
+    rows, used = [], []
+    for path in sorted(RECIPES.glob("*.yaml")):
+        rec = newest(records, recipe=f"recipes/{path.name}")
+        if rec is None:
+            rows.append(f"| `recipes/{path.name}` | — | — | not run yet | — |")
+            continue
+        used.append(rec)
+        if rec.get("status") != "ok":
+            rows.append(f"| `recipes/{path.name}` | failed | — | {rec.get('error', '')[:120]} | — |")
+            continue
+        bench = "—" if rec.get("benchmark_ppl") is None else f"{rec['benchmark_ppl']:.2f}"
+        same = {True: "yes", False: f"no ({rec['rel_diff']:.2%} apart)", None: "no benchmark record"}[rec["reproduced"]]
+        rows.append(f"| `recipes/{path.name}` | {rec['ppl']:.2f} | {bench} | {same} | "
+                    f"{rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
+    head = ("| recipe | perplexity through the CLI | the benchmark's (in memory) | reproduced (within 0.1%) "
+            "| compress + eval s |\n|---|---|---|---|---|\n")
+    quoted = ""
+    if used:
+        compress, evaluate = used[-1]["commands"]
+        quoted = f"\nCommands (SMOLLM2: the fp32 fixture directory), per recipe:\n\n    {compress}\n    {evaluate}\n"
+    return head + "\n".join(rows) + "\n" + quoted + ("\n" + _provenance(used, "recipes_cli") + "\n" if used else "")
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -779,6 +808,7 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "float-formats": ("quant_quality", float_formats),
     "float-inputs": ("quant_quality", float_inputs),
     "recipes": ("quant_quality", recipes),
+    "recipes-cli": ("recipes_cli", recipes_cli),
     "mixed": ("quant_quality", mixed),
     "scale": ("scale", scale),
     "pruning-allocation": ("pruning", pruning_allocation),
@@ -795,7 +825,8 @@ FIGURES: dict[Path, tuple[str, Callable[[Records], str]]] = {
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
 DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
-NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale"}  # gguf: filtered by its builder
+NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale",  # gguf: filtered by its builder
+               "recipes_cli"}  # the CLI's defaults are its protocol; filtered by its builder
 
 
 # ---------------------------------------------------------------- rewriting
