@@ -86,7 +86,8 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     lead = LEADING_PASSES.get(method)
     # mixed widths: allocate_bits plans each fused unit's grid on the model as the leading passes leave it
     allocate = [{"allocate_bits": {"target_bpw": setting.bpw}}] if setting.bpw is not None else []
-    act = [setting.activation_pass()] if setting.activation_pass() is not None else []
+    act_pass = setting.activation_pass()
+    act = [] if act_pass is None else [act_pass]
     weight = [{pass_name: {"scheme": scheme, **extra}}]
     middle = [*act, *weight] if method in ACT_FIRST else [*weight, *act]
     return {"passes": [*(lead(scheme) if lead else []), *allocate, *middle]}
@@ -175,8 +176,9 @@ def run_ours(job: dict) -> dict:
 # ---------------------------------------------------------------- parent
 
 
-def _peer_unavailable(method: str, setting: common.Setting | None) -> str | None:
-    """Why a peer method does not run at ``setting`` (None when it does, or for our methods)."""
+def _not_run_reason(method: str, setting: common.Setting | None) -> str | None:
+    """Why ``method`` is not run at ``setting`` (None when it is): a peer without that setting, or one of our
+    methods made for quantized inputs (:data:`ACT_FIRST`) at a weight-only setting."""
     if setting is None:
         return None
     if method in ACT_FIRST and not setting.act:
@@ -197,7 +199,7 @@ def run_job(job: dict, peer_python: Path, verbose: bool, pythons: dict[str, Path
     ``pythons`` (peer → python) overrides the :data:`PEER_VENVS` defaults."""
     method = job["method"]
     setting = None if method == "fp32" else common.setting_of(job)
-    unavailable = _peer_unavailable(method, setting)
+    unavailable = _not_run_reason(method, setting)
     if unavailable:
         return {**common.base_record(method, setting), "machine": common.machine_info(), "status": "unavailable",
                 "error": unavailable}
