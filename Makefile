@@ -125,7 +125,8 @@ bench-float: bench-setup
 bench-float-inputs: bench-setup
 	PY=$(PY) bash benchmarks/float_inputs.sh
 
-# every recipes/*.yaml through `compressor compress` + `compressor eval`, against its benchmark number (~35 min)
+# every recipes/*.yaml through `compressor compress` + `compressor eval`, against its benchmark number (~2 h on
+# 2 cores, mixed-3.5bpw's bit allocation ~90 min of it)
 bench-recipes: fixtures
 	$(PY) -m benchmarks.recipes_cli
 

@@ -13,8 +13,8 @@ file is named after, which ``tests/test_recipes.py`` checks the file equals): th
 ``benchmarks/results/recipes_cli.jsonl`` with both numbers, the commands and their times; docs/recipes.md's
 table shows them (``python -m benchmarks.report``).
 
-    python -m benchmarks.recipes_cli                         # every recipe (about 35 minutes on 2 cores)
-    python -m benchmarks.recipes_cli --recipes w4g64,w4pc
+    python -m benchmarks.recipes_cli --recipes w4g64,w4g128,w4pc,w3g64   # the uniform ones (~25 min, 2 cores)
+    python -m benchmarks.recipes_cli                         # every recipe: mixed-3.5bpw's allocation adds ~90 min
 """
 
 from __future__ import annotations
