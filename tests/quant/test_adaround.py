@@ -155,3 +155,37 @@ def test_layer_granularity_in_the_sequential_pipeline(asymmetric):
         with torch.no_grad():
             out[method] = (model(ids).logits - ref).pow(2).mean().item()
     assert out["adaround"] < out["rtn"], out
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=4, group_size=16, symmetric=False),
+                                    QuantScheme(bits=3, group_size=-1, symmetric=True),
+                                    QuantScheme(bits=4, group_size=24, symmetric=False)],  # 40 columns: ragged
+                         ids=["g16-asym", "per-channel-sym", "ragged"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_soft_weight_is_the_clamped_formula_and_so_are_its_gradients(scheme, pruned):
+    """``soft()`` writes ``s (clamp(floor + h(V) + zp, qmin, qmax) - zp)`` without the clamp and the column
+    gather (a speed-up): same values and gradients (to float round-off), wherever codes sit against the ends."""
+    from compressor.algorithms.quant.adaround import _h, soft_rounding
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 40, generator=g) * torch.linspace(0.1, 3, 40)
+    mask = torch.rand(12, 40, generator=g) > 0.3 if pruned else None
+    r = soft_rounding(w, scheme, learn_scale=True, mask=mask)
+    with torch.no_grad():
+        r.V.add_(torch.randn(r.V.shape, generator=g) * 3)  # rounding variables anywhere, h(V) at 0 and 1 too
+        r.log_s.add_(torch.randn(r.log_s.shape, generator=g) * 0.2)
+
+    def clamped(h):
+        q = torch.clamp(r.floor + h + r.zp, scheme.qmin, scheme.qmax)
+        out = (q - r.zp) * torch.exp(r.log_s)[:, r.idx]
+        return out if mask is None else out * mask
+
+    grads = []
+    for weight in (lambda: clamped(_h(r.V)), lambda: r.soft()):
+        r.V.grad = r.log_s.grad = None
+        out = weight()
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append((out.detach(), r.V.grad.clone(), r.log_s.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert bool((r.step == 0).any()) and bool((r.step == 1).any())  # codes at an end of the grid were covered
