@@ -179,7 +179,8 @@ def quant_quality(records: Records, *, source: str | None = "quant_quality") -> 
 HEADLINE_SETTINGS = ("w4g64", "w4pc", "w3g64")
 OURS = ("rtn", "gptq-norefit", "gptq", "gptaq")
 PEERS = ("llmc-gptq", "llmc-awq", "gptqmodel", "autoround", "autoround-light")
-LABELS = dict(QUANT_METHODS) | dict(EXTRA_PEERS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound"}
+LABELS = dict(QUANT_METHODS) | dict(EXTRA_PEERS) | {"llmc-awq": "llm-compressor AWQ", "adaround": "AdaRound",
+                                                     "adaround-block": "AdaRound, block-wise"}
 TIE = 0.01  # single-run differences under ~1% are ties (DESIGN.md, protocol)
 
 
@@ -798,6 +799,33 @@ def recipes_cli(records: Records) -> str:
     return head + "\n".join(rows) + "\n" + quoted + ("\n" + _provenance(used, "recipes_cli") + "\n" if used else "")
 
 
+LEARNED_ROUNDING_METHODS = [("fp32", "fp32"), ("gptq", "GPTQ"), ("gptaq", "GPTAQ"),
+                            ("adaround-block", "AdaRound, block-wise, learned scales")]
+
+
+def learned_rounding_dev(records: Records) -> str:
+    """docs/gptq.md: block-wise AdaRound with learned scales (our answer to AutoRound's SignRound) beside our
+    GPTQ and GPTAQ on the dev split, at every setting where ``adaround-block`` ran (defaults, no ``--set``)."""
+    records = [r for r in records if not (r.get("protocol") or {}).get("set")]
+    settings = list(dict.fromkeys(r["setting"] for r in records if r.get("method") == "adaround-block"))
+    fp32 = newest(records, method="fp32", status="ok")
+    rows, used = [], [fp32] if fp32 else []
+    for name in settings:
+        found = [newest(records, method=m, setting=name, status="ok") for m, _ in LEARNED_ROUNDING_METHODS[1:]]
+        used += [r for r in found if r]
+        cells = [f"{r['ppl']:.2f} ({r['compress_s']:.0f} s)" if r else "—" for r in found]
+        rows.append(f"| {_setting_label(name)} | {fp32['ppl']:.2f} | " if fp32 else f"| {_setting_label(name)} | — | ")
+        rows[-1] += " | ".join(cells) + f" | {(found[-1] and _isa(found[-1])) or '—'}, 2 cores |"
+    if not rows:
+        return ("_No dev-split records of `adaround-block` yet: run `python -m benchmarks.quant_quality --split dev "
+                "--methods fp32,gptq,gptaq,adaround-block --settings w4g64`._\n")
+    head = ("| setting | " + " | ".join(f"{label} ppl (compress s)" if m != "fp32" else "fp32 ppl"
+                                      for m, label in LEARNED_ROUNDING_METHODS)
+            + " | machine |\n|---|" + "---|" * len(LEARNED_ROUNDING_METHODS) + "---|\n")
+    return (head + "\n".join(rows) + "\n\nPerplexity on the dev split (SOTU 2000-2009), SmolLM2-135M.\n\n"
+            + _provenance(used, "quant_quality") + "\n")
+
+
 TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "quant-quality": ("quant_quality", quant_quality),
     "quant-headline": ("quant_quality", quant_headline),
@@ -817,13 +845,14 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "ostquant-dev": ("transforms", ostquant_dev),
     "propagate": ("quant_quality", _propagate("test")),
     "propagate-dev": ("quant_quality", _propagate("dev")),
+    "learned-rounding-dev": ("quant_quality", learned_rounding_dev),
 }
 # generated figures: file → (benchmark whose records it reads, SVG builder); written and checked with the tables
 FIGURES: dict[Path, tuple[str, Callable[[Records], str]]] = {
     common.ROOT / "docs" / "scale.svg": ("scale", scale_figure),
 }
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
-DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev"}
+DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev", "learned-rounding-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale",  # gguf: filtered by its builder
                "recipes_cli"}  # the CLI's defaults are its protocol; filtered by its builder
