@@ -786,15 +786,20 @@ def recipes_cli(records: Records) -> str:
         if rec.get("status") != "ok":
             rows.append(f"| `recipes/{path.name}` | failed | — | {rec.get('error', '')[:120]} | — |")
             continue
-        bench = "—" if rec.get("benchmark_ppl") is None else f"{rec['benchmark_ppl']:.2f}"
-        same = {True: "yes", False: f"no ({rec['rel_diff']:.2%} apart)", None: "no benchmark record"}[rec["reproduced"]]
-        rows.append(f"| `recipes/{path.name}` | {rec['ppl']:.2f} | {bench} | {same} | "
-                    f"{rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
-    head = ("| recipe | perplexity through the CLI | the benchmark's (in memory) | reproduced (within 0.1%) "
-            "| compress + eval s |\n|---|---|---|---|---|\n")
+        if rec.get("benchmark_ppl") is None:
+            rows.append(f"| `recipes/{path.name}` | {rec['ppl']:.2f} | — | no benchmark record | "
+                        f"{rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
+            continue
+        where = "same machine" if rec.get("same_machine") else \
+            f"other machine: {(rec.get('benchmark_machine') or {}).get('cpu') or 'unrecorded'}"
+        verdict = ("yes" if rec["reproduced"] else "no") + f", {rec['rel_diff']:.2%} apart ({where})"
+        rows.append(f"| `recipes/{path.name}` | {rec['ppl']:.2f} | {rec['benchmark_ppl']:.2f} "
+                    f"({rec.get('benchmark_commit', '?')}) | {verdict} | {rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
+    head = ("| recipe | perplexity through the CLI | the benchmark's, in memory (commit) | reproduced: within 0.1% "
+            "on the same machine, 1% (a tie) from another | compress + eval s |\n|---|---|---|---|---|\n")
     quoted = ""
     if used:
-        compress, evaluate = used[-1]["commands"]
+        compress, evaluate = (c.replace(used[-1]["recipe"], "recipes/NAME.yaml") for c in used[-1]["commands"])
         quoted = f"\nCommands (SMOLLM2: the fp32 fixture directory), per recipe:\n\n    {compress}\n    {evaluate}\n"
     return head + "\n".join(rows) + "\n" + quoted + ("\n" + _provenance(used, "recipes_cli") + "\n" if used else "")
 

@@ -11,7 +11,7 @@ from benchmarks.report import RECIPES
 def test_a_recipe_runs_through_the_cli_and_is_compared(tiny_model_dir, tmp_path, monkeypatch):
     text = str(tiny_model_dir.parent / "text.txt")
     calls = []
-    monkeypatch.setattr(recipes_cli, "benchmark_ppl", lambda setting: calls.append(setting) or {"ppl": 1e9})
+    monkeypatch.setattr(recipes_cli, "benchmark_ppl", lambda setting: calls.append(setting) or {"ppl": 1e9, "machine": {}})
     record = recipes_cli.run_one(RECIPES / "w4pc.yaml", tiny_model_dir, tmp_path, 256, dataset=text, ctx=64,
                                  calibration=("--calibration", text, "--num-samples", "4", "--seq-len", "16"))
     assert record["status"] == "ok", record.get("error")
@@ -27,6 +27,18 @@ def test_a_failing_command_is_recorded_with_its_error(tiny_model_dir, tmp_path):
                                  calibration=("--calibration", str(tiny_model_dir.parent / "text.txt"),
                                               "--num-samples", "4", "--seq-len", "16"))
     assert record["status"] == "failed" and record["error"].startswith("compress exited")
+
+
+def test_reproduced_means_round_off_on_the_same_machine_and_a_tie_across_machines():
+    here = {"cpu": "Xeon", "isa": "AVX512"}
+    run = {"ppl": 25.19, "machine": here}
+    same = recipes_cli.compare(run, {"ppl": 25.1, "machine": here, "commit": "abcdef123"})
+    assert same["same_machine"] and same["reproduced"] is False and same["benchmark_commit"] == "abcdef12"
+    assert recipes_cli.compare(run, {"ppl": 25.19, "machine": here})["reproduced"] is True
+    other = recipes_cli.compare(run, {"ppl": 25.156, "machine": {"cpu": "AMD EPYC", "isa": None}})
+    assert not other["same_machine"] and other["reproduced"] is True and other["rel_diff"] == 0.001352
+    assert recipes_cli.compare(run, {"ppl": 24.0, "machine": {"cpu": "AMD EPYC"}})["reproduced"] is False
+    assert recipes_cli.compare(run, None) == {**run, "benchmark_ppl": None, "reproduced": None}
 
 
 def test_unknown_recipes_are_refused():

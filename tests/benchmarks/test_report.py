@@ -341,3 +341,24 @@ def test_venv_peers_get_columns_once_recorded_and_count_as_peers_in_the_headline
            "GPTQModel GPTQ / AutoRound / AutoRound light) |" in table
     assert "| 25.78 | — | 25.94 | 26.10 | **25.50** | 25.90 | — / 315 / — / 388 / 500 / 3000 / 900 |" in table
     assert "25.78 (GPTQ) / 25.50 (AutoRound) (1.1% higher" in headline
+
+
+def test_recipes_cli_table_says_reproduced_and_from_which_machine():
+    def cli(name, ppl, **extra):
+        return {"bench": "recipes_cli", "recipe": f"recipes/{name}.yaml", "setting": name, "status": "ok", "ppl": ppl,
+                "compress_s": 300.0, "eval_s": 100.0, "protocol": {"calibration": "CLI default", "max_tokens": 32768,
+                                                                   "split": "test"},
+                "commands": [f"compressor compress SMOLLM2 --recipe recipes/{name}.yaml -o OUT --quiet --overwrite",
+                             "compressor eval SMOLLM2 OUT --json ROWS"], "commit": "c0ffee00", **extra}
+
+    records = [cli("w4g64", 25.19, benchmark_ppl=25.156, benchmark_commit="2fe718be", same_machine=False,
+                   benchmark_machine={"cpu": "AMD EPYC", "isa": None}, rel_diff=0.001352, reproduced=True),
+               cli("w4pc", 27.5, benchmark_ppl=27.5, benchmark_commit="78f99834", same_machine=True, rel_diff=0.0,
+                   reproduced=True),
+               {**cli("w3g64", 1.0), "protocol": {"calibration": "CLI default", "max_tokens": 256, "split": "test",
+                                                  "dataset": "text.txt"}}]  # a test's run: not shown
+    table = report.recipes_cli(records)
+    assert "| `recipes/w4g64.yaml` | 25.19 | 25.16 (2fe718be) | yes, 0.14% apart (other machine: AMD EPYC) |" in table
+    assert "| `recipes/w4pc.yaml` | 27.50 | 27.50 (78f99834) | yes, 0.00% apart (same machine) | 300 + 100 |" in table
+    assert "| `recipes/w3g64.yaml` | — | — | not run yet | — |" in table
+    assert "--recipe recipes/NAME.yaml" in table
