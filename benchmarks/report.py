@@ -810,7 +810,10 @@ LEARNED_ROUNDING_METHODS = [("fp32", "fp32"), ("gptq", "GPTQ"), ("gptaq", "GPTAQ
 
 def learned_rounding_dev(records: Records) -> str:
     """docs/gptq.md: block-wise AdaRound with learned scales (our answer to AutoRound's SignRound) beside our
-    GPTQ and GPTAQ on the dev split, at every setting where ``adaround-block`` ran (defaults, no ``--set``)."""
+    GPTQ and GPTAQ on the dev split, at every setting where ``adaround-block`` ran at its defaults; then one row
+    per ``--set`` variant of ``adaround-block`` tried there (its overrides named, the other cells empty)."""
+    tried = [r for r in records if r.get("method") == "adaround-block" and r.get("status") == "ok"
+             and (r.get("protocol") or {}).get("set")]
     records = [r for r in records if not (r.get("protocol") or {}).get("set")]
     settings = list(dict.fromkeys(r["setting"] for r in records if r.get("method") == "adaround-block"))
     fp32 = newest(records, method="fp32", status="ok")
@@ -821,6 +824,11 @@ def learned_rounding_dev(records: Records) -> str:
         cells = [f"{r['ppl']:.2f} ({r['compress_s']:.0f} s)" if r else "—" for r in found]
         rows.append(f"| {_setting_label(name)} | {fp32['ppl']:.2f} | " if fp32 else f"| {_setting_label(name)} | — | ")
         rows[-1] += " | ".join(cells) + f" | {(found[-1] and _isa(found[-1])) or '—'}, 2 cores |"
+        for r in (r for r in tried if r["setting"] == name):
+            used.append(r)
+            sets = ", ".join(o.removeprefix("adaround.") for o in r.get("overrides") or r["protocol"]["set"])
+            rows.append(f"| {_setting_label(name)}, {sets} | | | | {r['ppl']:.2f} ({r['compress_s']:.0f} s) "
+                        f"| {_isa(r) or '—'}, 2 cores |")
     if not rows:
         return ("_No dev-split records of `adaround-block` yet: run `python -m benchmarks.quant_quality --split dev "
                 "--methods fp32,gptq,gptaq,adaround-block --settings w4g64`._\n")

@@ -362,3 +362,18 @@ def test_recipes_cli_table_says_reproduced_and_from_which_machine():
     assert "| `recipes/w4pc.yaml` | 27.50 | 27.50 (78f99834) | yes, 0.00% apart (same machine) | 300 + 100 |" in table
     assert "| `recipes/w3g64.yaml` | — | — | not run yet | — |" in table
     assert "--recipe recipes/NAME.yaml" in table
+
+
+def test_learned_rounding_dev_table_lists_the_defaults_then_each_variant_tried():
+    def dev(method, ppl, sets=()):
+        r = _record(method, "w4g64" if method != "fp32" else "fp32", ppl, compress_s=100.0,
+                    machine={"isa": "AVX512"})
+        r["protocol"] = {**r["protocol"], "split": "dev", "set": list(sets)}
+        return r
+
+    records = [dev("fp32", 26.4), dev("gptq", 29.7), dev("gptaq", 28.5), dev("adaround-block", 29.9),
+               dev("adaround-block", 30.3, ["adaround.iters=100"])]
+    table = report.learned_rounding_dev(records)
+    assert "| W4 g64 | 26.40 | 29.70 (100 s) | 28.50 (100 s) | 29.90 (100 s) | AVX512, 2 cores |" in table
+    assert "| W4 g64, iters=100 | | | | 30.30 (100 s) | AVX512, 2 cores |" in table
+    assert "No dev-split records" in report.learned_rounding_dev(records[:3])
