@@ -794,7 +794,8 @@ def recipes_cli(records: Records) -> str:
             f"other machine: {(rec.get('benchmark_machine') or {}).get('cpu') or 'unrecorded'}"
         verdict = ("yes" if rec["reproduced"] else "no") + f", {rec['rel_diff']:.2%} apart ({where})"
         rows.append(f"| `recipes/{path.name}` | {rec['ppl']:.2f} | {rec['benchmark_ppl']:.2f} "
-                    f"({rec.get('benchmark_commit', '?')}) | {verdict} | {rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
+                    f"({rec.get('benchmark_commit', '?')}) | {verdict} | "
+                    f"{rec['compress_s']:.0f} + {rec['eval_s']:.0f} |")
     head = ("| recipe | perplexity through the CLI | the benchmark's, in memory (commit) | reproduced: within 0.1% "
             "on the same machine, 1% (a tie) from another | compress + eval s |\n|---|---|---|---|---|\n")
     quoted = ""
@@ -822,8 +823,9 @@ def learned_rounding_dev(records: Records) -> str:
         found = [newest(records, method=m, setting=name, status="ok") for m, _ in LEARNED_ROUNDING_METHODS[1:]]
         used += [r for r in found if r]
         cells = [f"{r['ppl']:.2f} ({r['compress_s']:.0f} s)" if r else "—" for r in found]
-        rows.append(f"| {_setting_label(name)} | {fp32['ppl']:.2f} | " if fp32 else f"| {_setting_label(name)} | — | ")
-        rows[-1] += " | ".join(cells) + f" | {(found[-1] and _isa(found[-1])) or '—'}, 2 cores |"
+        base = f"{fp32['ppl']:.2f}" if fp32 else "—"
+        isa = (found[-1] and _isa(found[-1])) or "—"
+        rows.append(f"| {_setting_label(name)} | {base} | " + " | ".join(cells) + f" | {isa}, 2 cores |")
         for r in (r for r in tried if r["setting"] == name):
             used.append(r)
             sets = ", ".join(o.removeprefix("adaround.") for o in r.get("overrides") or r["protocol"]["set"])

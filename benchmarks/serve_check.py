@@ -346,10 +346,9 @@ def verdict_of(record: dict[str, Any], floor: dict[str, Any], dtype: str) -> tup
 def check_one(scheme: str, dtype: str, source: Path, tokenizer, job: dict, args) -> dict[str, Any]:
     """Export, run both sides, compare; one record."""
     from compressor.export import runtimes
-    from compressor.export.runtimes import YES, vllm_cpu
 
     path, qcfg = export(scheme, source, tokenizer, args.work)
-    verdict = YES if qcfg is None else vllm_cpu(qcfg)
+    verdict = runtimes.YES if qcfg is None else runtimes.vllm_cpu(qcfg)
     runs, exact = expectation(verdict, runtimes.cpu_flags(), dtype, sym_int8=runtimes.sym_int8_inputs(qcfg))
     record = {"bench": BENCH, "model": common.MODEL_NAME, "scheme": scheme, "dtype": dtype,
               "recipe": SCHEMES[scheme], "format": None if qcfg is None else qcfg["format"],
