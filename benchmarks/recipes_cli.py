@@ -31,16 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as common
-from benchmarks.report import RECIPE_METHOD, RECIPES, full_protocol, load_records, newest
+from benchmarks.report import RECIPE_METHOD, RECIPES, TIE, full_protocol, load_records, newest
 
 log = logging.getLogger("benchmarks.recipes_cli")
 
 BENCH = "recipes_cli"
 # a CLI perplexity within this relative distance of the benchmark's reproduces it when both ran on the same kind
 # of machine (the same model and tokens: only the order of float sums in the export's reload may differ); from
-# another machine (other BLAS kernels round GPTQ's solves differently) the protocol's tie band applies
+# another machine (other BLAS kernels round GPTQ's solves differently) the protocol's tie band (report.TIE)
 REPRODUCED = 1e-3
-TIE = 0.01
 
 
 def cli() -> list[str]:
