@@ -43,20 +43,26 @@ OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": F
                                      "gptq-mse": ("gptq", {"scheme": {"observer": "mse"}}),
                                      "rot-rtn": ("rtn", {}), "rot-gptq": ("gptq", {}), "gptq-fpprop": ("gptq", {}),
                                      "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {}),
-                                     "qa-gptaq": ("gptq", {"asymmetric": True})}
+                                     "qa-gptaq": ("gptq", {"asymmetric": True}),
+                                     "bh-rtn": ("rtn", {}), "bh-gptq": ("gptq", {}),
+                                     "bh-qa-gptaq": ("gptq", {"asymmetric": True})}
 # methods whose recipe quantizes the linear inputs *before* the weight pass (settings with quantized inputs only):
 # GPTAQ then fits each quantized layer on quantized inputs to the uncompressed model's outputs, so it also
 # compensates the inputs' rounding (its full-precision stream bypasses the quantizers)
-ACT_FIRST = {"qa-gptaq"}
+ACT_FIRST = {"qa-gptaq", "bh-qa-gptaq"}
 # methods that run the sequential pipeline otherwise than by default: method → PipelineConfig settings
 # (gptq-fpprop: every block calibrated on the full-precision model's inputs, one forward per block instead of two)
 PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
 # methods whose recipe starts with another pass, given the setting's weight scheme: a rotation (QuaRot's R1-R4 plus
 # the online o_proj Hadamard, what 4-bit inputs need) or AWQ's activation-aware scaling for that scheme
 _ROTATE = [{"rotate": {"online_o": True}}]
+# bh-*: MR-GPTQ's block rotations, a Hadamard of the FP4 format's group size on every linear input (hadamard_inputs)
+_BLOCK_ROTATE = lambda scheme: [{"hadamard_inputs": {"block": scheme["group_size"]}}]  # noqa: E731
 LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: _ROTATE,
+                  "bh-rtn": _BLOCK_ROTATE, "bh-gptq": _BLOCK_ROTATE, "bh-qa-gptaq": _BLOCK_ROTATE,
                   "awq-rtn": lambda scheme: [{"awq": {"scheme": scheme}}],
                   "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
+BLOCK_ROTATED = {"bh-rtn", "bh-gptq", "bh-qa-gptaq"}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 # peers in venvs of their own, each with its runner: peer → (runner module, default python, the command making it)
@@ -181,6 +187,9 @@ def _not_run_reason(method: str, setting: common.Setting | None) -> str | None:
     methods made for quantized inputs (:data:`ACT_FIRST`) at a weight-only setting."""
     if setting is None:
         return None
+    if method in BLOCK_ROTATED and (setting.fmt == "int" or setting.group_size < 2):
+        return (f"{method} rotates the inputs in blocks of the format's group: it runs the grouped float formats "
+                f"(nvfp4, mxfp4 and their W4A4 settings), not {setting.name}")
     if method in ACT_FIRST and not setting.act:
         return (f"{method} quantizes the linear inputs before its weight pass: it runs the settings with quantized "
                 f"inputs ({', '.join(common.ACT_SETTINGS)}), not {setting.name}")

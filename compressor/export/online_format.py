@@ -16,7 +16,10 @@ in the keys compressed-tensors and llm-compressor write:
   SpinQuantModifier: group ``R4`` (location ``input`` on the linears that rotate
   their input, plus the ``weight_input`` inverse already fused into their
   weights) and group ``R3`` (``q_attn`` and ``k_cache`` on the attention
-  modules, ``head_dim`` = D). The unnormalized matrix ``H`` (forward
+  modules, ``head_dim`` = D), and one group ``RB<b>`` per block size b of
+  block-diagonal input Hadamards (the ``hadamard_inputs`` pass: ``input`` and
+  ``weight_input`` as R4, ``head_dim`` = b, which compressed-tensors applies as
+  the same (b, b) transform on every block of b inputs). The unnormalized matrix ``H`` (forward
   ``x ↦ x H / √n``, entries ±1, float32) is stored once per size in the
   safetensors under compressed-tensors' name for transform weights,
   ``<first target>.<group>_<location>.weight`` (e.g.
@@ -43,11 +46,12 @@ reload computes the same logits.
 
 from __future__ import annotations
 
-__all__ = ["EXTENSION", "EXTENSION_VERSION", "R4", "R3", "OFFLINE_LOCATIONS", "is_pow2"]
+__all__ = ["EXTENSION", "EXTENSION_VERSION", "R4", "R3", "RB", "OFFLINE_LOCATIONS", "is_pow2"]
 
 EXTENSION = "compressor"
 EXTENSION_VERSION = 1
 R4, R3 = "R4", "R3"
+RB = "RB"  # block-diagonal input Hadamards: group "RB<b>" per block size b (``head_dim`` = b)
 OFFLINE_LOCATIONS = ("weight_input", "weight_output")  # fused into the stored weights; nothing to do at load
 
 

@@ -27,18 +27,22 @@ __all__ = ["StoredHadamard", "input_quantizer", "check_input_activations", "attn
 
 
 class StoredHadamard(nn.Module):
-    """x ↦ x W / √n with a transform weight W (n, n) read from a checkpoint (compressed-tensors' HadamardTransform).
+    """x ↦ x W / √b with a transform weight W (b, b) read from a checkpoint (compressed-tensors' HadamardTransform),
+    on the whole last dim (b = n) or, with ``size`` a multiple of b, on each of its blocks of b (``head_dim``).
 
     Used when the stored matrix is not the one :class:`OnlineHadamard` builds
     (e.g. a compressed-tensors or llm-compressor export); computes in float32
     (float64 inputs in float64) and casts back. W is a non-persistent buffer.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, size: int | None = None):
         super().__init__()
         if weight.ndim != 2 or weight.shape[0] != weight.shape[1]:
             raise ValueError(f"a transform weight must be square, got shape {tuple(weight.shape)}")
-        self.size = weight.shape[0]
+        self.width = weight.shape[0]
+        self.size = size or self.width
+        if self.size % self.width:
+            raise ValueError(f"a ({self.width}, {self.width}) transform weight does not tile width {self.size}")
         self.register_buffer("weight", weight.detach().to(torch.float32).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,14 +50,16 @@ class StoredHadamard(nn.Module):
         if x.shape[-1] != self.size:
             raise ValueError(f"StoredHadamard({self.size}) got an input with last dim {x.shape[-1]}")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return ((x.to(work) @ self.weight.to(work)) / math.sqrt(self.size)).to(x.dtype)
+        blocks = x.to(work).reshape(*x.shape[:-1], self.size // self.width, self.width)
+        return ((blocks @ self.weight.to(work)) / math.sqrt(self.width)).reshape(x.shape).to(x.dtype)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The (n, n) matrix Q with forward(x) = x @ Q."""
-        return self.weight.to(dtype) / math.sqrt(self.size)
+        """The (n, n) matrix Q with forward(x) = x @ Q (block-diagonal when the stored weight is narrower)."""
+        q = self.weight.to(dtype) / math.sqrt(self.width)
+        return torch.block_diag(*[q] * (self.size // self.width))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}"
+        return f"size={self.size}" + (f", block={self.width}" if self.width != self.size else "")
 
 
 def _our_weight(n: int) -> torch.Tensor | None:
@@ -64,15 +70,17 @@ def _our_weight(n: int) -> torch.Tensor | None:
         return None
 
 
-def _module_factory(weight: torch.Tensor) -> Callable[[], nn.Module]:
-    """Makes the module applying ``weight`` (n, n): OnlineHadamard when it is exactly our matrix (bit-exact with
-    the exported model), else StoredHadamard, every one sharing one float32 copy of ``weight``."""
-    n = weight.shape[0]
-    ours = _our_weight(n)
+def _module_factory(weight: torch.Tensor, size: int | None = None) -> Callable[[], nn.Module]:
+    """Makes the module applying ``weight`` (b, b) to inputs of width ``size`` (default b; a multiple of b applies it
+    block by block): OnlineHadamard when it is exactly our matrix (bit-exact with the exported model), else
+    StoredHadamard, every one sharing one float32 copy of ``weight``."""
+    b = weight.shape[0]
+    n = size or b
+    ours = _our_weight(b)
     if ours is not None and torch.equal(weight.to(torch.float32), ours):
-        return lambda: OnlineHadamard(n)
+        return lambda: OnlineHadamard(n, block=b)
     shared = weight.detach().to(torch.float32).contiguous()
-    return lambda: StoredHadamard(shared)
+    return lambda: StoredHadamard(shared, n)
 
 
 def input_quantizer(args: dict | None, extra: dict | None, where: str,
@@ -237,12 +245,12 @@ def attach_transforms(model: nn.Module, qcfg: dict, tensors: dict[str, torch.Ten
     loaded = (QuantLinear, FloatQuantLinear)  # loader layers: the transform is their child, applied in forward
     check_transform_config(qcfg, where)
     modules = dict(model.named_modules())
-    factories: dict[tuple[int, bool], Callable[[], nn.Module]] = {}  # one check and one copy per stored tensor
+    factories: dict[tuple[int, bool, int | None], Callable[[], nn.Module]] = {}  # one check and one copy per stored tensor
 
-    def module_for(weight: torch.Tensor, inverse: bool = False) -> nn.Module:
-        key = (id(weight), inverse)
+    def module_for(weight: torch.Tensor, inverse: bool = False, size: int | None = None) -> nn.Module:
+        key = (id(weight), inverse, size)
         if key not in factories:
-            factories[key] = _module_factory(weight.transpose(0, 1) if inverse else weight)
+            factories[key] = _module_factory(weight.transpose(0, 1) if inverse else weight, size)
         return factories[key]()
     for group, scheme in _transform_groups(qcfg).items():
         apply = [a for a in scheme.get("apply", []) if a.get("location") not in OFFLINE_LOCATIONS]
@@ -260,10 +268,12 @@ def attach_transforms(model: nn.Module, qcfg: dict, tensors: dict[str, torch.Ten
             for name in targets(a, (nn.Linear, *loaded)):
                 m = modules[name]
                 size = scheme.get("head_dim") or m.in_features
-                if size != m.in_features:
-                    raise ValueError(f"{where}: transform group {group!r} is block-diagonal (head_dim={size}) on "
-                                     f"{name}; this loader supports full-width input transforms only")
-                t = module_for(_weight_for(tensors, group, scheme, "input", name, size, where), bool(a.get("inverse")))
+                if m.in_features % size:
+                    raise ValueError(f"{where}: transform group {group!r} is block-diagonal (head_dim={size}), which "
+                                     f"does not tile {name}'s {m.in_features} inputs: the checkpoint does not match "
+                                     "its config")
+                t = module_for(_weight_for(tensors, group, scheme, "input", name, size, where), bool(a.get("inverse")),
+                               m.in_features)
                 if isinstance(m, loaded):
                     if TRANSFORM_CHILD in m._modules:
                         raise ValueError(f"{where}: {name} gets two input transforms; one per linear is supported")

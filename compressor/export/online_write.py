@@ -11,7 +11,7 @@ from torch import nn
 from compressor.core.arch import attention_implementation, attention_modules
 from compressor.core.hadamard import hadamard_factors, hadamard_matrix, paley_matrix
 from compressor.core.state import is_quantized
-from compressor.export.online_format import EXTENSION_VERSION, R3, R4, is_pow2
+from compressor.export.online_format import EXTENSION_VERSION, R3, R4, RB, is_pow2
 from compressor.runtime.activations import (
     INPUT_CHILD,
     KV_CHILD,
@@ -220,6 +220,20 @@ def _targs(targets: list[str], location: str, inverse: bool = False) -> dict:
     return {"targets": targets, "location": location, "inverse": inverse, "ignore": []}
 
 
+def _block_group(block: int) -> str:
+    """The transform group of the block-diagonal input Hadamards of blocks of ``block``."""
+    return f"{RB}{block}"
+
+
+def _input_groups(model: nn.Module) -> dict[str, list[tuple[str, OnlineHadamard]]]:
+    """The linears' online Hadamards by transform group: full-width ones under ``R4``, block-diagonal ones under
+    one group per block size (``head_dim`` = the block)."""
+    groups: dict[str, list[tuple[str, OnlineHadamard]]] = {}
+    for name, t in _linear_transforms(model):
+        groups.setdefault(R4 if t.block is None else _block_group(t.block), []).append((name, t))
+    return groups
+
+
 def transform_config(model: nn.Module) -> dict | None:
     """``quantization_config["transform_config"]`` for the online transforms of ``model``, or None.
 
@@ -227,10 +241,11 @@ def transform_config(model: nn.Module) -> dict | None:
     schemes.
     """
     groups = {}
-    r4 = _linear_transforms(model)
-    if r4:
-        names = sorted(n for n, _ in r4)
-        groups[R4] = _scheme({t.size for _, t in r4}, [_targs(names, "input"), _targs(names, "weight_input", True)], None)
+    for group, items in _input_groups(model).items():
+        names = sorted(n for n, _ in items)
+        block = items[0][1].block
+        groups[group] = _scheme({t.width for _, t in items}, [_targs(names, "input"),
+                                                              _targs(names, "weight_input", True)], block)
     r3 = _qk_transforms(model)
     if r3:
         head_dim = _r3_head_dim(model)
@@ -240,12 +255,13 @@ def transform_config(model: nn.Module) -> dict | None:
 
 
 def _hadamard_weight(transform: OnlineHadamard) -> torch.Tensor:
-    """compressed-tensors' transform weight of ``transform``: H (n, n) float32, ±1, with forward(x) = x H / √n.
+    """compressed-tensors' transform weight of ``transform``: H (b, b) float32, ±1, with forward(x) = x H / √b on
+    each block of b (b = n for a full-width transform).
 
-    OnlineHadamard(n) computes x kron(H_{2^a}, H_m)ᵀ / √n with its Paley
-    factor H_m as ``base``; built directly (no n×n transform of the identity).
+    OnlineHadamard computes x kron(H_{2^a}, H_m)ᵀ / √b with its Paley
+    factor H_m as ``base``; built directly (no b×b transform of the identity).
     """
-    n = transform.size
+    n = transform.width
     _, m = hadamard_factors(n)
     base = None if transform.base is None else transform.base.detach().cpu()
     if (base is None) != (m == 1) or (base is not None and not torch.equal(base, paley_matrix(m).to(base.dtype))):
@@ -254,14 +270,16 @@ def _hadamard_weight(transform: OnlineHadamard) -> torch.Tensor:
 
 
 def transform_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The transform weights to store: one (n, n) float32 ±1 matrix per group and size, named
-    ``<first target>.<group>_<location>.weight`` (R4: ``..._input``, R3: ``..._q_attn``, shared with ``k_cache``)."""
+    """The transform weights to store: one (b, b) float32 ±1 matrix per group and size, named
+    ``<first target>.<group>_<location>.weight`` (R4 and the block groups: ``..._input``, R3: ``..._q_attn``, shared
+    with ``k_cache``)."""
     out: dict[str, torch.Tensor] = {}
-    for group, location, items in ((R4, "input", _linear_transforms(model)), (R3, "q_attn", _qk_transforms(model))):
+    parts = [(group, "input", items) for group, items in _input_groups(model).items()]
+    for group, location, items in parts + [(R3, "q_attn", _qk_transforms(model))]:
         done: set[int] = set()
         for name, t in items:
-            if t.size not in done:
-                done.add(t.size)
+            if t.width not in done:
+                done.add(t.width)
                 out[f"{name}.{group}_{location}.weight"] = _hadamard_weight(t)
     return out
 

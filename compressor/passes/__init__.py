@@ -16,6 +16,7 @@ from compressor.passes import (  # noqa: F401  (each registers its pass)
     distill_blocks,  # distill_blocks
     gguf,  # gguf
     gptq,  # gptq
+    hadamard_inputs,  # hadamard_inputs
     ostquant,  # ostquant
     prune,  # prune
     prune_experts,  # prune_experts

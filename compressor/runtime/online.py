@@ -28,21 +28,35 @@ TRANSFORM_CHILD = "input_transform"
 
 
 class OnlineHadamard(nn.Module):
-    """x ↦ x H_nᵀ / √n along the last dim (QuaRot, arXiv 2404.00456, §4: online Hadamard before down_proj).
+    """x ↦ x H_nᵀ / √n along the last dim (QuaRot, arXiv 2404.00456, §4: online Hadamard before down_proj), or,
+    with ``block``, the same Hadamard of size ``block`` on each consecutive ``block`` entries of the last dim
+    (block-diagonal Q: the block-wise rotations MR-GPTQ, arXiv 2509.23202, fits to FP4 groups).
 
     Args:
-        size: n, the last dim of the input, ``2^a * m`` (see :func:`hadamard_factors`).
+        size: n, the last dim of the input; without ``block``, ``2^a * m`` (see :func:`hadamard_factors`).
+        block: b, the size of each diagonal block (``2^a * m`` as well, dividing n), or None for one full
+            Hadamard of size n.
 
     The (m, m) Paley factor is a non-persistent buffer: it moves with
     ``.to(device)`` and never enters the state dict. Half-precision inputs are
     rotated in float32 and cast back.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, block: int | None = None):
         super().__init__()
-        _, m = hadamard_factors(size)
+        if block is not None and (block < 1 or size % block):
+            raise ValueError(f"a block-diagonal Hadamard of blocks of {block} does not tile width {size}: use a block "
+                             "size dividing it")
+        width = size if block is None or block == size else block
+        _, m = hadamard_factors(width)
         self.size = size
+        self.block = None if width == size else width
         self.register_buffer("base", paley_matrix(m).to(torch.float32) if m > 1 else None, persistent=False)
+
+    @property
+    def width(self) -> int:
+        """The size of each Hadamard block (``size`` when the transform is one full Hadamard)."""
+        return self.block or self.size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., n) → (..., n), same dtype.
@@ -54,20 +68,23 @@ class OnlineHadamard(nn.Module):
         """
         if x.shape[-1] != self.size:
             raise ValueError(f"OnlineHadamard({self.size}) got an input with last dim {x.shape[-1]}")
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_plan(self.size):
+        shape = x.shape
+        if self.block is not None:  # (..., n) -> (..., n / b, b): each block rotated alone
+            x = x.reshape(*shape[:-1], self.size // self.block, self.block)
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_plan(self.width):
             from compressor.kernels.triton.hadamard import hadamard_transform as triton_hadamard
 
-            return triton_hadamard(x)
+            return triton_hadamard(x).reshape(shape)
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         base = None if self.base is None else self.base.to(device=work.device, dtype=work.dtype)
-        return hadamard_transform(work, base=base).to(x.dtype)
+        return hadamard_transform(work, base=base).to(x.dtype).reshape(shape)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The orthogonal Q (n, n) with forward(x) = x @ Q (Q = H_nᵀ / √n)."""
+        """The orthogonal Q (n, n) with forward(x) = x @ Q (Q = H_nᵀ / √n; block-diagonal with ``block``)."""
         return self(torch.eye(self.size, dtype=dtype, device=None if self.base is None else self.base.device))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}"
+        return f"size={self.size}" + (f", block={self.block}" if self.block else "")
 
 
 def _triton_plan(n: int) -> bool:

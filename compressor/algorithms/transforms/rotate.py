@@ -56,9 +56,15 @@ from compressor.algorithms.transforms.fusion import (
 )
 from compressor.core.arch import LAYOUT_FEATURES, DecoderLayout, head_counts
 from compressor.runtime.activations import QKRotation, attach_qk_rotation, detach_qk_rotation, qk_rotations
-from compressor.runtime.online import OnlineHadamard, attach_input_transform, detach_input_transform, online_transforms
+from compressor.runtime.online import (
+    TRANSFORM_CHILD,
+    OnlineHadamard,
+    attach_input_transform,
+    detach_input_transform,
+    online_transforms,
+)
 
-__all__ = ["random_orthogonal", "rotate_model", "Rotation"]
+__all__ = ["random_orthogonal", "rotate_model", "Rotation", "block_hadamard_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -326,3 +332,41 @@ def _rotate_block(m: dict[str, nn.Module], parts: tuple[nn.Module, nn.Module] | 
             hadamard = OnlineHadamard(lin.in_features).to(dev)
             rotate_rows(lin.weight, hadamard)
             attach_input_transform(lin, hadamard)
+
+
+def block_hadamard_inputs(linears: list[tuple[str, nn.Linear]], block: int) -> int:
+    """Rotate each linear's input block-wise, in place: ``x ← x Q``, ``W ← W Q`` with Q block-diagonal, one
+    normalized Hadamard of size ``block`` per ``block`` inputs (MR-GPTQ's block rotations, arXiv 2509.23202: with
+    ``block`` the input quantizer's group, each group's values are spread within the group, which its one scale
+    then fits better). The fp function is unchanged; the run-time part is an
+    :class:`~compressor.runtime.online.OnlineHadamard` with ``block`` as the linear's ``input_transform``.
+
+    Args:
+        linears: ``(name, module)`` of ``nn.Linear`` layers, not quantized, without an online transform; every
+            ``in_features`` a multiple of ``block``.
+        block: the Hadamard size, ``2^a * m`` (:func:`compressor.core.hadamard.hadamard_factors`).
+
+    Returns:
+        how many linears were rotated.
+
+    Raises:
+        ValueError: before any weight changes: a layer that is not an ``nn.Linear``, a width ``block`` does not
+            divide, a layer already rotating its input, or a block size without a Hadamard construction.
+    """
+    OnlineHadamard(block)  # raises for sizes without a Hadamard construction, listing the supported ones
+    for name, lin in linears:
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"hadamard_inputs: {name} is a {type(lin).__name__}; only nn.Linear inputs are rotated: "
+                             "add it to the pass's ignore")
+        if lin.in_features % block:
+            raise ValueError(f"hadamard_inputs: {name} has {lin.in_features} inputs, not a multiple of block={block}: "
+                             "add it to the pass's ignore or choose a block dividing it")
+        if TRANSFORM_CHILD in lin._modules:
+            raise ValueError(f"hadamard_inputs: {name} already rotates its input online (rotate's r4 / online_o, or "
+                             "this pass twice): one online transform per linear; add it to this pass's ignore")
+    with torch.no_grad():
+        for _, lin in linears:
+            hadamard = OnlineHadamard(lin.in_features, block=block).to(lin.weight.device)
+            rotate_rows(lin.weight, hadamard)  # W ← W Q through the transform itself (x Q = forward(x))
+            attach_input_transform(lin, hadamard)
+    return len(linears)

@@ -1,0 +1,78 @@
+"""The ``hadamard_inputs`` pass: a block-diagonal online Hadamard on every targeted linear's input, before quantization.
+
+MR-GPTQ's block rotations (Egiazarian et al., arXiv 2509.23202, "Bridging the Gap Between Promise and Performance
+for Microscaling FP4 Quantization"): rotating each group of ``block`` inputs with a Hadamard of that size, ``block``
+the FP4 input quantizer's group (16 for NVFP4, 32 for MXFP4), spreads an outlier over its own group only, so the
+group's one scale fits its values better; the inverse is fused into the weights (``W ← W Q``), whose groups it
+rotates alike. Unlike ``rotate`` it needs no norm folding and touches neither the residual stream nor the
+embedding, so it works on any family with ``nn.Linear`` layers. A thin adapter over
+:func:`compressor.algorithms.transforms.rotate.block_hadamard_inputs`. Exported as a compressed-tensors transform
+group with ``head_dim`` = ``block`` (:mod:`compressor.export.online_format`)::
+
+    passes:
+      - hadamard_inputs: {block: 32}
+      - quantize_activations: {format: mxfp4, bits: 4}
+      - gptq: {scheme: {type: float, bits: 4, group_size: 32, symmetric: true, scale_format: e8m0}}
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from compressor.algorithms.transforms.rotate import block_hadamard_inputs
+from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
+from compressor.core.state import is_quantized
+
+__all__ = ["HadamardInputsConfig", "HadamardInputsPass"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HadamardInputsConfig(PassConfig):
+    """Block-wise input rotations.
+
+    Attributes:
+        block: the Hadamard size, dividing every targeted linear's input width; the input quantizer's group
+            (16 for NVFP4, 32 for MXFP4) is what MR-GPTQ pairs it with.
+        targets / ignore: the linears rotated (default every ``nn.Linear`` but ``lm_head``).
+    """
+
+    targets: tuple[str, ...] = ("Linear",)
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 2:
+            raise ValueError(f"hadamard_inputs.block={self.block!r}: give the Hadamard size, e.g. 16 (NVFP4 inputs) "
+                             "or 32 (MXFP4 inputs)")
+
+
+@register_pass
+class HadamardInputsPass(Pass):
+    """Rotate the inputs of the targeted linears block-wise, once, before the quantization passes (model-level)."""
+
+    name = "hadamard_inputs"
+    config_cls = HadamardInputsConfig
+    model_level: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
+        """Rotate ``model``'s targeted linears in place; ``self.rotated`` counts them."""
+        found = [(n, m) for n, m in select_modules(model, self.config) if isinstance(m, nn.Linear)]
+        if not found:
+            raise ValueError(f"hadamard_inputs: no nn.Linear matches targets={list(self.config.targets)} "
+                             f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`")
+        quantized = [n for n, m in found if is_quantized(m)]
+        if quantized:
+            raise ValueError(f"hadamard_inputs: {quantized[0]} is already quantized; put hadamard_inputs before the "
+                             "quantization passes")
+        self.rotated = block_hadamard_inputs(found, self.config.block)
+        log.info("hadamard_inputs: %d linears rotate their inputs in blocks of %d", self.rotated, self.config.block)
+
+    def compress_block(self, block: nn.Module, prefix: str) -> None:
+        raise ValueError("hadamard_inputs is a model-level pass: run the recipe through compressor.compress, which "
+                         "applies it to the whole model before the block pipeline")
