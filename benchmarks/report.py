@@ -362,9 +362,10 @@ ACT_LABELS = {"w8a8-fp8": "W8A8 FP8 (per-channel weights, per-token inputs)",
               "w4a4-nvfp4": "W4A4 NVFP4 (g16, E4M3 scales; static input global scale)",
               "w4a4-mxfp4": "W4A4 MXFP4 (g32, E8M0 scales)"}
 ACT_METHODS = [("rtn", "RTN"), ("gptq", "GPTQ"), ("rot-rtn", "rotated, RTN"), ("rot-gptq", "rotated, GPTQ"),
-               ("qa-gptaq", "inputs quantized first, GPTAQ"),
+               ("qa-gptaq", "inputs quantized first, GPTAQ"), ("bh-rtn", "block-rotated, RTN"),
+               ("bh-qa-gptaq", "block-rotated, inputs quantized first, GPTAQ"),
                ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
-ACT_OURS = ("rtn", "gptq", "rot-rtn", "rot-gptq", "qa-gptaq")
+ACT_OURS = ("rtn", "gptq", "rot-rtn", "rot-gptq", "qa-gptaq", "bh-rtn", "bh-qa-gptaq")
 
 
 def float_inputs(records: Records) -> str:
@@ -379,6 +380,27 @@ def float_inputs(records: Records) -> str:
         heads=("setting", "our best's gap to fp32 / the peer's best", "compress s (our best / llmc GPTQ)"),
         empty="_No full-protocol records of float weights and inputs in `benchmarks/results/quant_quality.jsonl` "
               "yet._\n")
+
+
+def float_inputs_dev(records: Records) -> str:
+    """docs/float-formats.md: our recipes with float weights and inputs on the dev split, the runs that chose which
+    of them the evaluation split scores (block rotations, QuaRot rotations, GPTAQ on quantized inputs)."""
+    fp32 = newest(records, method="fp32", status="ok")
+    methods = [(m, label) for m, label in ACT_METHODS if m in ACT_OURS]
+    rows, used = [], [fp32] if fp32 else []
+    for name in common.ACT_SETTINGS:
+        cells = [newest(records, method=m, setting=name, status="ok") for m, _ in methods]
+        if not any(cells):
+            continue
+        used += [r for r in cells if r]
+        rows.append(f"| {ACT_LABELS[name]} | " + " | ".join("—" if r is None else f"{r['ppl']:.2f}" for r in cells)
+                    + " |")
+    if not rows:
+        return "_No dev-split records of float weights and inputs yet._\n"
+    head = "| setting | " + " | ".join(label for _, label in methods) + " |\n|" + "---|" * (len(methods) + 1) + "\n"
+    tail = f"\nfp32: {fp32['ppl']:.2f}. " if fp32 else "\n"
+    return (head + "\n".join(rows) + "\n" + tail + "Perplexity on the dev split (SOTU 2000-2009), SmolLM2-135M; — : not run "
+            "there.\n\n" + _provenance(used, "quant_quality") + "\n")
 
 
 MIXED_UNIFORM = ("w3g64", "w4pc", "w4g128", "w4g64")  # the uniform grids a mixed budget is compared with
@@ -861,13 +883,14 @@ TABLES: dict[str, tuple[str, Callable[[Records], str]]] = {
     "propagate": ("quant_quality", _propagate("test")),
     "propagate-dev": ("quant_quality", _propagate("dev")),
     "learned-rounding-dev": ("quant_quality", learned_rounding_dev),
+    "float-inputs-dev": ("quant_quality", float_inputs_dev),
 }
 # generated figures: file → (benchmark whose records it reads, SVG builder); written and checked with the tables
 FIGURES: dict[Path, tuple[str, Callable[[Records], str]]] = {
     common.ROOT / "docs" / "scale.svg": ("scale", scale_figure),
 }
 # tables of the dev-split runs that chose a default (their records are kept out of every other table)
-DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev", "learned-rounding-dev"}
+DEV_TABLES = {"pruning-dp-span", "ostquant-dev", "propagate-dev", "learned-rounding-dev", "float-inputs-dev"}
 # benchmarks without a calibration / evaluation protocol: every record counts
 NO_PROTOCOL = {"serve_check", "vllm_decode", "vllm_int8_probe", "gguf", "scale",  # gguf: filtered by its builder
                "recipes_cli"}  # the CLI's defaults are its protocol; filtered by its builder
