@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Float weights and inputs on the shared protocol (make bench-float-inputs; about 45 minutes per setting on 2 CPU
 # cores). For each setting (default: w4a4-nvfp4; SETTINGS=w4a4-nvfp4,w4a4-mxfp4,w8a8-fp8 for all) the dev split
-# (SOTU 2000-2009) decides which of our three GPTQ recipes is scored: GPTQ before the input quantizers (gptq), the
-# same after a rotation (rot-gptq), or GPTAQ after the input quantizers (qa-gptaq): the lowest perplexity there.
+# (SOTU 2000-2009) decides which of our GPTQ recipes is scored: GPTQ before the input quantizers (gptq), the
+# same after a rotation (rot-gptq), GPTAQ after the input quantizers (qa-gptaq) or, for the FP4 formats, the same
+# after block rotations of the input group's size (bh-qa-gptaq): the lowest perplexity there. The block-rotated
+# RTN (bh-rtn) is scored beside RTN when it won on the dev split.
 # The test split is then scored once per reported cell: our RTN, the chosen recipe, llm-compressor's RTN and GPTQ.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +17,12 @@ for S in ${SETTINGS//,/ }; do
   $Q --split dev --settings "$S" --methods gptq,rot-gptq,qa-gptaq
   G=$("$PY" -m benchmarks.dev_choice "$S" gptq rot-gptq)
   G=$("$PY" -m benchmarks.dev_choice "$S" "$G" qa-gptaq)
+  RTN=rtn
+  if [ "$S" != w8a8-fp8 ]; then  # grouped FP4 inputs: MR-GPTQ's block rotations (hadamard_inputs) too
+    $Q --split dev --settings "$S" --methods rtn,bh-rtn,bh-qa-gptaq
+    RTN=rtn,$("$PY" -m benchmarks.dev_choice "$S" rtn bh-rtn | sed 's/^rtn$//')
+    G=$("$PY" -m benchmarks.dev_choice "$S" "$G" bh-qa-gptaq)
+  fi
   echo "dev split chose: $S -> $G" >&2
-  $Q --settings "$S" --methods "rtn,$G,llmc-rtn,llmc-gptq"
+  $Q --settings "$S" --methods "${RTN%,},$G,llmc-rtn,llmc-gptq"
 done

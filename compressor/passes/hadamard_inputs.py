@@ -24,8 +24,10 @@ from typing import ClassVar
 from torch import nn
 
 from compressor.algorithms.transforms.rotate import block_hadamard_inputs
+from compressor.core.arch import find_blocks
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.core.state import is_quantized
+from compressor.runtime.online import detach_input_transform
 
 __all__ = ["HadamardInputsConfig", "HadamardInputsPass"]
 
@@ -59,19 +61,43 @@ class HadamardInputsPass(Pass):
     name = "hadamard_inputs"
     config_cls = HadamardInputsConfig
     model_level: ClassVar[bool] = True
+    streams: ClassVar[bool] = True  # linear by linear: each block as it is read
 
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model``'s targeted linears in place; ``self.rotated`` counts them."""
-        found = [(n, m) for n, m in select_modules(model, self.config) if isinstance(m, nn.Linear)]
+        found = self._targets(model)
         if not found:
             raise ValueError(f"hadamard_inputs: no nn.Linear matches targets={list(self.config.targets)} "
                              f"ignore={list(self.config.ignore)}; check the module names with `compressor inspect`")
+        self.rotated = self._rotate(found)
+        log.info("hadamard_inputs: %d linears rotate their inputs in blocks of %d", self.rotated, self.config.block)
+
+    def begin_stream(self, model: nn.Module) -> None:
+        """Rotate the targeted linears outside the decoder blocks (none by default); the blocks follow as read."""
+        blocks_name, _ = find_blocks(model)
+        self.rotated = self._rotate([(n, m) for n, m in self._targets(model) if not n.startswith(blocks_name + ".")])
+
+    def load_block(self, block: nn.Module, prefix: str, index: int) -> None:
+        """Rotate the targeted linears of decoder block ``index``, just read from the checkpoint (a block read
+        again holds fresh weights and the earlier read's transforms: those are dropped first)."""
+        found = self._targets(block, prefix)
+        for _, m in found:
+            detach_input_transform(m)
+        self.rotated += self._rotate(found)
+
+    def end_stream(self, model: nn.Module) -> None:
+        """Log what was rotated."""
+        log.info("hadamard_inputs: %d linears rotate their inputs in blocks of %d", self.rotated, self.config.block)
+
+    def _targets(self, module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Linear]]:
+        return [(n, m) for n, m in select_modules(module, self.config, prefix) if isinstance(m, nn.Linear)]
+
+    def _rotate(self, found: list[tuple[str, nn.Linear]]) -> int:
         quantized = [n for n, m in found if is_quantized(m)]
         if quantized:
             raise ValueError(f"hadamard_inputs: {quantized[0]} is already quantized; put hadamard_inputs before the "
                              "quantization passes")
-        self.rotated = block_hadamard_inputs(found, self.config.block)
-        log.info("hadamard_inputs: %d linears rotate their inputs in blocks of %d", self.rotated, self.config.block)
+        return block_hadamard_inputs(found, self.config.block)
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("hadamard_inputs is a model-level pass: run the recipe through compressor.compress, which "

@@ -231,8 +231,8 @@ def check_streamable(passes: list[Pass]) -> None:
     if names:
         raise ValueError(f"{', '.join(dict.fromkeys(names))} cannot run streamed yet (it reads or changes the whole "
                          "model, not one block at a time): run without --stream (stream=False), which loads the "
-                         "whole model into memory; streamed runs take rotate, awq, rtn, gptq (GPTAQ too), "
-                         "adaround, distill_blocks (block-wise distillation, in place of distill) and prune with "
+                         "whole model into memory; streamed runs take rotate, hadamard_inputs, awq, rtn, gptq "
+                         "(GPTAQ too), adaround, distill_blocks (block-wise distillation, in place of distill) and prune with "
                          "uniform, N:M, OWL or DP (dp_distortion 'relative' / 'absolute') allocation")
 
 

@@ -41,6 +41,10 @@ RECIPES = {
                                                    {"prune": {"method": "sparsegpt", "sparsity": 0.5,
                                                               "allocation": "dp", "dp_distortion": "relative"}}, RTN],
     "rotate+awq+gptq": [{"rotate": {}}, {"awq": {"scheme": {"bits": 4, "group_size": 32}, "grid": 4}}, GPTQ],
+    "hadamard_inputs+gptq": [{"hadamard_inputs": {"block": 16}}, GPTQ],
+    "hadamard_inputs+prune(owl)+rtn": [{"hadamard_inputs": {"block": 16}},
+                                       {"prune": {"method": "wanda", "sparsity": 0.5, "allocation": "owl",
+                                                  "owl_lambda": 0.1}}, RTN],
 }
 
 
