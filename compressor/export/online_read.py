@@ -245,7 +245,8 @@ def attach_transforms(model: nn.Module, qcfg: dict, tensors: dict[str, torch.Ten
     loaded = (QuantLinear, FloatQuantLinear)  # loader layers: the transform is their child, applied in forward
     check_transform_config(qcfg, where)
     modules = dict(model.named_modules())
-    factories: dict[tuple[int, bool, int | None], Callable[[], nn.Module]] = {}  # one check and one copy per stored tensor
+    # one check and one copy per stored tensor, direction and input width
+    factories: dict[tuple[int, bool, int | None], Callable[[], nn.Module]] = {}
 
     def module_for(weight: torch.Tensor, inverse: bool = False, size: int | None = None) -> nn.Module:
         key = (id(weight), inverse, size)
