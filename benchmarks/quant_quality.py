@@ -56,10 +56,15 @@ PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
 # methods whose recipe starts with another pass, given the setting's weight scheme: a rotation (QuaRot's R1-R4 plus
 # the online o_proj Hadamard, what 4-bit inputs need) or AWQ's activation-aware scaling for that scheme
 _ROTATE = [{"rotate": {"online_o": True}}]
-# bh-*: MR-GPTQ's block rotations, a Hadamard of the FP4 format's group size on every linear input (hadamard_inputs)
-_BLOCK_ROTATE = lambda scheme: [{"hadamard_inputs": {"block": scheme["group_size"]}}]  # noqa: E731
+
+
+def _block_rotate(scheme: dict[str, Any]) -> list[dict[str, Any]]:
+    """bh-*: MR-GPTQ's block rotations, a Hadamard of the FP4 format's group size on every linear input."""
+    return [{"hadamard_inputs": {"block": scheme["group_size"]}}]
+
+
 LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: _ROTATE,
-                  "bh-rtn": _BLOCK_ROTATE, "bh-gptq": _BLOCK_ROTATE, "bh-qa-gptaq": _BLOCK_ROTATE,
+                  "bh-rtn": _block_rotate, "bh-gptq": _block_rotate, "bh-qa-gptaq": _block_rotate,
                   "awq-rtn": lambda scheme: [{"awq": {"scheme": scheme}}],
                   "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
 BLOCK_ROTATED = {"bh-rtn", "bh-gptq", "bh-qa-gptaq"}

@@ -52,6 +52,20 @@ def test_inputs_first_methods_put_quantize_activations_before_gptaq():
     assert weight_only["status"] == "unavailable" and "w4a4-nvfp4" in weight_only["error"]
 
 
+def test_block_rotated_methods_lead_with_hadamard_inputs_of_the_format_group():
+    from benchmarks import quant_quality
+
+    mx = common.parse_setting("w4a4-mxfp4")
+    assert quant_quality.recipe_data("bh-qa-gptaq", mx)["passes"] == [
+        {"hadamard_inputs": {"block": 32}}, {"quantize_activations": {"format": "mxfp4", "bits": 4}},
+        {"gptq": {"scheme": mx.scheme(), "asymmetric": True}}]
+    nv = quant_quality.recipe_data("bh-rtn", common.parse_setting("nvfp4"))["passes"]
+    assert nv[0] == {"hadamard_inputs": {"block": 16}} and next(iter(nv[1])) == "rtn"
+    for setting in ("w4g64", "w8a8-fp8"):  # integer grids and FP8 per channel have no input group to rotate within
+        reason = quant_quality._not_run_reason("bh-rtn", common.parse_setting(setting))
+        assert reason and setting in reason
+
+
 def test_w4g32_allowed_where_lossless_is_fine():
     assert common.parse_setting("w4g32", allow_lossless=True).group_size == 32
 
