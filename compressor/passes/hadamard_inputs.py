@@ -29,7 +29,7 @@ from compressor.algorithms.transforms.rotate import block_hadamard_inputs
 from compressor.core.arch import find_blocks
 from compressor.core.passes import Pass, PassConfig, register_pass, select_modules
 from compressor.core.state import is_quantized
-from compressor.runtime.online import detach_input_transform
+from compressor.runtime.online import TRANSFORM_CHILD, detach_input_transform
 
 __all__ = ["HadamardInputsConfig", "HadamardInputsPass"]
 
@@ -65,6 +65,10 @@ class HadamardInputsPass(Pass):
     model_level: ClassVar[bool] = True
     streams: ClassVar[bool] = True  # linear by linear: each block as it is read
 
+    def __init__(self, config: HadamardInputsConfig):
+        super().__init__(config)
+        self._attached: set[int] = set()  # ids of the transforms this pass attached (a streamed re-read drops them)
+
     def apply(self, model: nn.Module, *, quiet: bool = False, **context) -> None:
         """Rotate ``model``'s targeted linears in place; ``self.rotated`` counts them."""
         found = self._targets(model)
@@ -81,10 +85,12 @@ class HadamardInputsPass(Pass):
 
     def load_block(self, block: nn.Module, prefix: str, index: int) -> None:
         """Rotate the targeted linears of decoder block ``index``, just read from the checkpoint (a block read
-        again holds fresh weights and the earlier read's transforms: those are dropped first)."""
+        again holds fresh weights and this pass's transforms from the earlier read: those are dropped first; a
+        transform another pass attached, e.g. rotate's R4, stays and is refused as in memory)."""
         found = self._targets(block, prefix)
         for _, m in found:
-            detach_input_transform(m)
+            if id(m._modules.get(TRANSFORM_CHILD)) in self._attached:
+                detach_input_transform(m)
         self.rotated += self._rotate(found)
 
     def end_stream(self, model: nn.Module) -> None:
@@ -99,7 +105,9 @@ class HadamardInputsPass(Pass):
         if quantized:
             raise ValueError(f"hadamard_inputs: {quantized[0]} is already quantized; put hadamard_inputs before the "
                              "quantization passes")
-        return block_hadamard_inputs(found, self.config.block)
+        count = block_hadamard_inputs(found, self.config.block)
+        self._attached.update(id(m._modules[TRANSFORM_CHILD]) for _, m in found)  # kept alive by their linears
+        return count
 
     def compress_block(self, block: nn.Module, prefix: str) -> None:
         raise ValueError("hadamard_inputs is a model-level pass: run the recipe through compressor.compress, which "

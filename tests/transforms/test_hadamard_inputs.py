@@ -64,6 +64,18 @@ def test_pass_refuses_widths_the_block_does_not_divide_and_a_second_rotation():
         Recipe.from_dict({"passes": [{"hadamard_inputs": {"block": 1}}]}).build()
 
 
+def test_streamed_run_refuses_a_linear_rotate_already_rotates_as_in_memory(tmp_path):
+    from tests.helpers import tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    recipe = Recipe.from_dict({"passes": [{"rotate": {}}, {"hadamard_inputs": {"block": 16}},
+                                          {"rtn": {"scheme": {"bits": 4, "group_size": 16}}}]})
+    with pytest.raises(ValueError, match="down_proj already rotates its input online"):  # R4, not dropped
+        compress(src, recipe, calibration=IDS, output=tmp_path / "out", quiet=True, stream=True)
+
+
 @pytest.mark.parametrize("fmt,weights,block", [("mxfp4", MXFP4, 32), ("nvfp4", NVFP4, 16)])
 def test_fp4_with_block_rotations_exports_and_reloads(fmt, weights, block, tmp_path):
     model = tiny_llama(hidden=64, inter=96)
