@@ -45,11 +45,13 @@ OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": F
                                      "awq-rtn": ("rtn", {}), "awq-gptq": ("gptq", {}),
                                      "qa-gptaq": ("gptq", {"asymmetric": True}),
                                      "bh-rtn": ("rtn", {}), "bh-gptq": ("gptq", {}),
-                                     "bh-qa-gptaq": ("gptq", {"asymmetric": True})}
+                                     "bh-qa-gptaq": ("gptq", {"asymmetric": True}),
+                                     "awq-qa-gptaq": ("gptq", {"asymmetric": True}),
+                                     "awqa-rtn": ("rtn", {}), "awqa-qa-gptaq": ("gptq", {"asymmetric": True})}
 # methods whose recipe quantizes the linear inputs *before* the weight pass (settings with quantized inputs only):
 # GPTAQ then fits each quantized layer on quantized inputs to the uncompressed model's outputs, so it also
 # compensates the inputs' rounding (its full-precision stream bypasses the quantizers)
-ACT_FIRST = {"qa-gptaq", "bh-qa-gptaq"}
+ACT_FIRST = {"qa-gptaq", "bh-qa-gptaq", "awq-qa-gptaq", "awqa-qa-gptaq"}
 # methods that run the sequential pipeline otherwise than by default: method → PipelineConfig settings
 # (gptq-fpprop: every block calibrated on the full-precision model's inputs, one forward per block instead of two)
 PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
@@ -58,16 +60,34 @@ PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
 _ROTATE = [{"rotate": {"online_o": True}}]
 
 
-def _block_rotate(scheme: dict[str, Any]) -> list[dict[str, Any]]:
+def _rotate(scheme: dict[str, Any], setting: common.Setting) -> list[dict[str, Any]]:
+    """rot-*: QuaRot's R1-R4 plus the online o_proj Hadamard."""
+    return _ROTATE
+
+
+def _block_rotate(scheme: dict[str, Any], setting: common.Setting) -> list[dict[str, Any]]:
     """bh-*: MR-GPTQ's block rotations, a Hadamard of the FP4 format's group size on every linear input."""
     return [{"hadamard_inputs": {"block": scheme["group_size"]}}]
 
 
-LEADING_PASSES = {"rot-rtn": lambda scheme: _ROTATE, "rot-gptq": lambda scheme: _ROTATE,
+def _awq(scheme: dict[str, Any], setting: common.Setting) -> list[dict[str, Any]]:
+    """awq-*: AWQ's scales searched for the weight grid alone."""
+    return [{"awq": {"scheme": scheme}}]
+
+
+def _awq_inputs(scheme: dict[str, Any], setting: common.Setting) -> list[dict[str, Any]]:
+    """awqa-*: AWQ's scales searched with the setting's input format applied too (SmoothQuant's migration)."""
+    return [{"awq": {"scheme": scheme, "inputs": setting.fmt}}]
+
+
+# method → its leading passes, given the setting's weight scheme and the setting
+LEADING_PASSES = {"rot-rtn": _rotate, "rot-gptq": _rotate,
                   "bh-rtn": _block_rotate, "bh-gptq": _block_rotate, "bh-qa-gptaq": _block_rotate,
-                  "awq-rtn": lambda scheme: [{"awq": {"scheme": scheme}}],
-                  "awq-gptq": lambda scheme: [{"awq": {"scheme": scheme}}]}
+                  "awq-rtn": _awq, "awq-gptq": _awq, "awq-qa-gptaq": _awq,
+                  "awqa-rtn": _awq_inputs, "awqa-qa-gptaq": _awq_inputs}
 BLOCK_ROTATED = {"bh-rtn", "bh-gptq", "bh-qa-gptaq"}
+# methods whose AWQ search quantizes the inputs too: the settings with float inputs only
+INPUT_AWARE = {"awqa-rtn", "awqa-qa-gptaq"}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 # peers in venvs of their own, each with its runner: peer → (runner module, default python, the command making it)
@@ -101,7 +121,7 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     act = [] if act_pass is None else [act_pass]
     weight = [{pass_name: {"scheme": scheme, **extra}}]
     middle = [*act, *weight] if method in ACT_FIRST else [*weight, *act]
-    return {"passes": [*(lead(scheme) if lead else []), *allocate, *middle]}
+    return {"passes": [*(lead(scheme, setting) if lead else []), *allocate, *middle]}
 
 
 def _unavailable_reason(method: str) -> str | None:
@@ -195,6 +215,9 @@ def _not_run_reason(method: str, setting: common.Setting | None) -> str | None:
     if method in BLOCK_ROTATED and (setting.fmt == "int" or setting.group_size < 2):
         return (f"{method} rotates the inputs in blocks of the format's group: it runs the grouped float formats "
                 f"(nvfp4, mxfp4 and their W4A4 settings), not {setting.name}")
+    if method in INPUT_AWARE and not (setting.act and setting.fmt != "int"):
+        return (f"{method} searches AWQ's scales with the inputs in their float format: it runs the settings with "
+                f"float inputs ({', '.join(common.ACT_SETTINGS)}), not {setting.name}")
     if method in ACT_FIRST and not setting.act:
         return (f"{method} quantizes the linear inputs before its weight pass: it runs the settings with quantized "
                 f"inputs ({', '.join(common.ACT_SETTINGS)}), not {setting.name}")

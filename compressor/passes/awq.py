@@ -11,6 +11,11 @@ output error of the linears that read it, then folds the scales in (the full-pre
 
 The pass changes weights only; the weight pass after it (``rtn``, ``gptq``, ``adaround``) quantizes them, and
 should use the ``scheme`` given here. A site whose readers are not all among the pass's targets is left alone.
+
+With ``inputs: nvfp4`` (or another float input format of ``quantize_activations``) the linear inputs are to be
+quantized as well: the pass keeps a sample of each site's input tokens and searches the exponent on the readers'
+output error with inputs and weights both rounded (SmoothQuant's migration with AWQ's search), for W4A4 / W8A8
+recipes that put ``quantize_activations: {format: nvfp4, bits: 4}`` after it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from compressor.algorithms.hessian import HessianAccumulator
 from compressor.algorithms.quant.awq import search_scales
 from compressor.core.arch import DecoderLayout, block_config, layout_of_config
+from compressor.core.fake_quant import check_activation_format
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme
 from compressor.core.state import allocated_scheme
@@ -46,11 +52,18 @@ class AWQConfig(PassConfig):
         grid: steps of the scaling exponent alpha between 0 (no scaling) and 1.
         duo_scaling: scales ``mean|x|^alpha / mean|w|^(1 - alpha)`` instead of ``mean|x|^alpha``
             (llm-compressor's default).
+        inputs: None (weight-only: the search weighs the weight's rounding alone) or the float format the
+            linear inputs are quantized to by a later ``quantize_activations`` pass (``"nvfp4"``, ``"mxfp4"``,
+            ``"fp8"``, ``"fp8-block"``, ``"fp8-static"``): the search then measures the output error with both
+            rounded, on ``samples`` input tokens per site.
+        samples: input tokens kept per site for that search (a uniform sample of the calibration tokens).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
     grid: int = 20
     duo_scaling: bool = False
+    inputs: str | None = None
+    samples: int = 4096
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,20 +71,52 @@ class AWQConfig(PassConfig):
             raise ValueError(f"awq.grid={self.grid!r}: use a positive number of alpha steps, e.g. 20")
         if not isinstance(self.duo_scaling, bool):
             raise ValueError(f"awq.duo_scaling must be true or false, got {self.duo_scaling!r}")
+        if self.inputs is not None:
+            check_activation_format(self.inputs, what="awq.inputs")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"awq.samples={self.samples!r}: use a positive number of input tokens, e.g. 4096")
 
 
 class _InputStats:
     """GPTQ's running ``H = 2/n sum x x^T`` (K, K) (:class:`HessianAccumulator`) and ``mean |x|`` (K,) of one
-    input, float32."""
+    input, float32; with ``samples`` also a uniform sample of at most that many input tokens (T, K) float32
+    (reservoir sampling, seeded: the same calibration data gives the same sample)."""
 
-    def __init__(self, k: int, device: torch.device):
+    def __init__(self, k: int, device: torch.device, samples: int = 0):
         self.hessian = HessianAccumulator(k, device)
         self.abs_sum = torch.zeros(k, device=device)
+        self.samples = samples
+        self.sample = torch.empty(0, k, device=device)
+        self._seen = 0
+        self._gen = torch.Generator().manual_seed(0)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         self.hessian.add(x)  # refuses non-finite inputs
-        self.abs_sum += x.reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += rows.abs().sum(dim=0)
+        if self.samples:
+            self._keep(rows)
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        """Reservoir sampling (Vitter's algorithm R): every token seen so far is in the sample with equal chance."""
+        room = self.samples - self.sample.shape[0]
+        if room > 0:
+            self.sample = torch.cat([self.sample, rows[:room]])
+            self._seen += min(room, rows.shape[0])
+            rows = rows[room:]
+        if rows.shape[0] == 0:
+            return
+        index = self._seen + torch.arange(rows.shape[0], dtype=torch.float64)  # each row's 0-based position
+        slot = (torch.rand(rows.shape[0], generator=self._gen, dtype=torch.float64) * (index + 1)).long()
+        take = slot < self.samples
+        at, rows = slot[take], rows[take.to(rows.device)]
+        # a slot drawn twice in this batch keeps its later row, as one row at a time would
+        pos = torch.arange(at.shape[0])
+        last = torch.full((self.samples,), -1, dtype=torch.long).scatter_reduce(0, at, pos, reduce="amax")
+        keep = last[at] == pos
+        self.sample[at[keep].to(self.sample.device)] = rows[keep.to(rows.device)]
+        self._seen += take.shape[0]
 
     @property
     def n(self) -> int:
@@ -133,7 +178,8 @@ class AWQPass(Pass):
     def _observe(self, site: str, x: torch.Tensor) -> None:
         stats = self._stats.get(site)
         if stats is None:
-            stats = self._stats[site] = _InputStats(x.shape[-1], x.device)
+            samples = self.config.samples if self.config.inputs is not None else 0
+            stats = self._stats[site] = _InputStats(x.shape[-1], x.device, samples)
         stats.add(x)
 
     def end_block(self, block: nn.Module, prefix: str, **context: Any) -> None:
@@ -148,7 +194,8 @@ class AWQPass(Pass):
                 raise ValueError(f"awq: no calibration input reached {readers[0][0]}; add it to ignore")
             weights = [m.weight.detach() for _, m in readers]
             scheme = allocated_scheme(readers[0][1], c.scheme, readers[0][0])  # readers are one fused unit
-            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, scheme, c.grid, c.duo_scaling)
+            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, scheme, c.grid, c.duo_scaling,
+                                           x=stats.sample if c.inputs is not None else None, inputs=c.inputs)
             with torch.no_grad():
                 for _, m in readers:
                     m.weight.data = (m.weight.double() * s.to(m.weight.device)).to(m.weight.dtype)

@@ -66,6 +66,20 @@ def test_block_rotated_methods_lead_with_hadamard_inputs_of_the_format_group():
         assert reason and setting in reason
 
 
+def test_input_aware_awq_methods_search_with_the_setting_input_format():
+    from benchmarks import quant_quality
+
+    nv = common.parse_setting("w4a4-nvfp4")
+    assert quant_quality.recipe_data("awqa-qa-gptaq", nv)["passes"] == [
+        {"awq": {"scheme": nv.scheme(), "inputs": "nvfp4"}}, {"quantize_activations": {"format": "nvfp4", "bits": 4}},
+        {"gptq": {"scheme": nv.scheme(), "asymmetric": True}}]
+    assert quant_quality.recipe_data("awq-qa-gptaq", nv)["passes"][0] == {"awq": {"scheme": nv.scheme()}}
+    assert quant_quality.recipe_data("awqa-rtn", common.parse_setting("w8a8-fp8"))["passes"][0]["awq"]["inputs"] == "fp8"
+    for setting in ("w4g64", "nvfp4"):  # weight-only: no input format to search with
+        reason = quant_quality._not_run_reason("awqa-rtn", common.parse_setting(setting))
+        assert reason and setting in reason
+
+
 def test_w4g32_allowed_where_lossless_is_fine():
     assert common.parse_setting("w4g32", allow_lossless=True).group_size == 32
 

@@ -13,15 +13,27 @@ The output error of reader ``W`` (N, K) under scales ``s`` is measured through t
 ``err = tr(E H E^T)``, ``E = Q(W diag(s)) diag(1/s) - W``, ``Q`` the round-to-nearest of the weight grid that
 follows. The original AWQ evaluates the parent module's output (the attention or MLP block); the linear outputs
 are this implementation's cheaper proxy, one (K, K) matrix per input instead of the block's activations.
+
+When the inputs are quantized too (W4A4 NVFP4 / MXFP4, W8A8 FP8), the same scales are SmoothQuant's migration
+(Xiao et al., ICML 2023): dividing a channel by ``s`` shrinks it in the input's grid as it grows in the weight's.
+:func:`quantized_input_error` then measures the readers' output error on a sample of input tokens with both
+quantized, ``|| Q_a(x / s) Q(W diag(s))^T - x W^T ||^2``, so the search weighs the two roundings against each
+other instead of the weight's alone.
 """
 
 from __future__ import annotations
 
 import torch
 
+from compressor.core.fake_quant import (
+    ACTIVATION_FORMATS,
+    activation_global_scale,
+    activation_static_scale,
+    fake_quant_float_per_token,
+)
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
-__all__ = ["awq_scales", "scaled_error", "search_scales"]
+__all__ = ["awq_scales", "quantized_input_error", "scaled_error", "search_scales"]
 
 
 def awq_scales(act_mean: torch.Tensor, alpha: float, weight_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,9 +66,51 @@ def scaled_error(weights: list[torch.Tensor], H: torch.Tensor, s: torch.Tensor, 
     return total
 
 
+def _quantize_inputs(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x`` (T, K) float32 through the float input format ``fmt`` (a key of
+    :data:`compressor.core.fake_quant.ACTIVATION_FORMATS`), its static scales (NVFP4's global scale, FP8's
+    per-tensor scale) taken from ``x``'s own largest |x| as the ``quantize_activations`` pass takes them from the
+    calibration data; (T, K) float32."""
+    scale_format = ACTIVATION_FORMATS[fmt][2]
+    amax = x.abs().amax()
+    if scale_format == "e4m3":
+        return fake_quant_float_per_token(x, fmt, global_scale=activation_global_scale(amax))
+    if scale_format == "static":
+        return fake_quant_float_per_token(x, fmt, static_scale=activation_static_scale(amax))
+    return fake_quant_float_per_token(x, fmt)
+
+
+def quantized_input_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor, scheme: QuantScheme,
+                          inputs: str, reference: list[torch.Tensor] | None = None) -> float:
+    """Summed squared output error of the readers with quantized inputs and weights under scales ``s``.
+
+    ``sum_i || Q_a(x diag(1/s)) Q(W_i diag(s))^T - x W_i^T ||_F^2 / T``: the inputs divided by ``s`` and rounded
+    to the input format, each weight's columns multiplied by ``s`` and rounded to ``scheme``.
+
+    Args:
+        weights: the (N_i, K) readers.
+        x: (T, K) float32 sample of the input tokens.
+        s: (K,) scales (float64; ones for no scaling).
+        scheme: the weight grid.
+        inputs: the input format (``"nvfp4"``, ``"mxfp4"``, ``"fp8"``...).
+        reference: the full-precision outputs ``x W_i^T`` ((T, N_i) each), when already computed.
+    """
+    sf = s.float().to(x.device)
+    xq = _quantize_inputs(x / sf, inputs)
+    total = 0.0
+    for i, w in enumerate(weights):
+        ws = w.float() * sf
+        wq = fake_quant(ws, compute_qparams(ws, scheme), scheme)
+        ref = reference[i] if reference is not None else x @ w.float().T
+        total += float(((xq @ wq.T - ref) ** 2).sum())
+    return total / max(x.shape[0], 1)
+
+
 def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.Tensor, scheme: QuantScheme,
-                  grid: int = 20, duo_scaling: bool = False) -> tuple[torch.Tensor, float, dict]:
-    """The scales of the ``alpha`` in ``{0, 1/grid, ..., 1}`` with the lowest :func:`scaled_error`.
+                  grid: int = 20, duo_scaling: bool = False, *, x: torch.Tensor | None = None,
+                  inputs: str | None = None) -> tuple[torch.Tensor, float, dict]:
+    """The scales of the ``alpha`` in ``{0, 1/grid, ..., 1}`` with the lowest error: :func:`scaled_error`, or
+    with ``inputs`` :func:`quantized_input_error` on the token sample ``x``.
 
     Args:
         weights: the (N_i, K) weights of the linears reading the input (e.g. q, k and v).
@@ -65,6 +119,9 @@ def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.
         scheme: the weight grid of the pass that follows (RTN, GPTQ, AdaRound round to it).
         grid: number of steps between alpha 0 and 1.
         duo_scaling: divide by the weights' column magnitude too (see :func:`awq_scales`).
+        x: (T, K) float32 sample of the input tokens, needed with ``inputs``.
+        inputs: the float format the inputs are quantized to after this pass (``"nvfp4"``...), or None
+            (weight-only: the Hessian error).
 
     Returns:
         ``(s (K,) float64, alpha, {"error": best, "error_unscaled": alpha 0's})``; alpha 0 (no scaling) wins
@@ -72,17 +129,28 @@ def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.
     """
     if grid < 1:
         raise ValueError(f"awq grid={grid}: use a positive number of alpha steps, e.g. 20")
+    if inputs is not None:
+        if x is None or x.shape[0] == 0:
+            raise ValueError(f"awq with inputs={inputs!r} needs a sample of the input tokens (x)")
+        xf = x.float()
+        reference = [xf @ w.float().T for w in weights]
+
+        def error(s: torch.Tensor) -> float:
+            return quantized_input_error(weights, xf, s, scheme, inputs, reference)
+    else:
+        def error(s: torch.Tensor) -> float:
+            return scaled_error(weights, H, s, scheme)
     w_mean = None
     if duo_scaling:
         cat = torch.cat([w.float().abs() / w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
                          for w in weights])
         w_mean = cat.mean(dim=0)
-    base = scaled_error(weights, H, torch.ones_like(act_mean, dtype=torch.float64), scheme)
+    base = error(torch.ones_like(act_mean, dtype=torch.float64))
     best = (base, 0.0, torch.ones_like(act_mean, dtype=torch.float64))
     for i in range(1, grid + 1):
         alpha = i / grid
         s = awq_scales(act_mean, alpha, w_mean)
-        err = scaled_error(weights, H, s, scheme)
+        err = error(s)
         if err < best[0]:
             best = (err, alpha, s)
     return best[2], best[1], {"error": best[0], "error_unscaled": base}
