@@ -364,8 +364,11 @@ ACT_LABELS = {"w8a8-fp8": "W8A8 FP8 (per-channel weights, per-token inputs)",
 ACT_METHODS = [("rtn", "RTN"), ("gptq", "GPTQ"), ("rot-rtn", "rotated, RTN"), ("rot-gptq", "rotated, GPTQ"),
                ("qa-gptaq", "inputs quantized first, GPTAQ"), ("bh-rtn", "block-rotated, RTN"),
                ("bh-qa-gptaq", "block-rotated, inputs quantized first, GPTAQ"),
+               ("awqa-rtn", "AWQ scaled for quantized inputs, RTN"),
+               ("awq-qa-gptaq", "AWQ scaled for the weights, inputs quantized first, GPTAQ"),
+               ("awqa-qa-gptaq", "AWQ scaled for quantized inputs, inputs quantized first, GPTAQ"),
                ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
-ACT_OURS = ("rtn", "gptq", "rot-rtn", "rot-gptq", "qa-gptaq", "bh-rtn", "bh-qa-gptaq")
+ACT_OURS = tuple(m for m, _ in ACT_METHODS if not m.startswith("llmc-"))
 
 
 def float_inputs(records: Records) -> str:

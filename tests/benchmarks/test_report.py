@@ -145,8 +145,8 @@ def test_float_inputs_table_takes_our_best_cell_against_the_peers_best(tmp_path)
         _record("gptq", "nvfp4", 22.0),  # weight-only: the other table
     ])
     text = report.render("<!-- report:float-inputs -->\n<!-- /report:float-inputs -->\n", results)
-    assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | — | — | — | 41.00 | "
-            "32.00 | 0.50x | 420 / 500 |") in text
+    assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | — | — | — | — | — | "
+            "— | 41.00 | 32.00 | 0.50x | 420 / 500 |") in text
     assert "22.00" not in text and "fp32: 20.00." in text
 
 
@@ -390,7 +390,7 @@ def test_float_inputs_dev_table_shows_each_of_our_recipes_at_each_setting_run_on
     table = report.float_inputs_dev(records)
     labels = [label for m, label in report.ACT_METHODS if m in report.ACT_OURS]
     assert "| setting | " + " | ".join(labels) + " |" in table and "llm-compressor" not in table
-    assert "| W4A4 MXFP4 (g32, E8M0 scales) | 70.10 | — | — | — | — | 40.20 | — |" in table
-    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | — | — | — | — | 32.90 | — | — |" in table
+    assert "| W4A4 MXFP4 (g32, E8M0 scales) | 70.10 | — | — | — | — | 40.20 | — | — | — | — |" in table
+    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | — | — | — | — | 32.90 | — | — | — | — | — |" in table
     assert "W8A8" not in table and "fp32: 26.40." in table
     assert "No dev-split records" in report.float_inputs_dev(records[:1])
