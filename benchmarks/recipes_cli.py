@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as common
-from benchmarks.report import RECIPE_METHOD, RECIPES, TIE, full_protocol, load_records, newest
+from benchmarks.report import RECIPES, TIE, full_protocol, load_records, newest, recipe_method
 
 log = logging.getLogger("benchmarks.recipes_cli")
 
@@ -98,7 +98,7 @@ def compare(record: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any
 def benchmark_ppl(setting: str) -> dict[str, Any] | None:
     """The newest full-protocol record of the recipe's method at ``setting`` (quant_quality.jsonl), or None."""
     records = [r for r in load_records("quant_quality") if full_protocol(r)]
-    return newest(records, method=RECIPE_METHOD, setting=setting, status="ok")
+    return newest(records, method=recipe_method(setting), setting=setting, status="ok")
 
 
 def run_one(recipe: Path, model: Path, work: Path, max_tokens: int, **options: Any) -> dict[str, Any]:

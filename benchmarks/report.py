@@ -387,9 +387,13 @@ def float_inputs(records: Records) -> str:
 
 def float_inputs_dev(records: Records) -> str:
     """docs/float-formats.md: our recipes with float weights and inputs on the dev split, the runs that chose which
-    of them the evaluation split scores (block rotations, QuaRot rotations, GPTAQ on quantized inputs)."""
-    fp32 = newest(records, method="fp32", status="ok")
+    of them the evaluation split scores (block rotations, QuaRot rotations, GPTAQ on quantized inputs, AWQ); then
+    one row per ``--set`` variant tried at a setting (its overrides named, only its method's cell filled)."""
     methods = [(m, label) for m, label in ACT_METHODS if m in ACT_OURS]
+    tried = [r for r in records if r.get("method") in ACT_OURS and r.get("status") == "ok"
+             and (r.get("protocol") or {}).get("set")]
+    records = [r for r in records if not (r.get("protocol") or {}).get("set")]
+    fp32 = newest(records, method="fp32", status="ok")
     rows, used = [], [fp32] if fp32 else []
     for name in common.ACT_SETTINGS:
         cells = [newest(records, method=m, setting=name, status="ok") for m, _ in methods]
@@ -398,6 +402,11 @@ def float_inputs_dev(records: Records) -> str:
         used += [r for r in cells if r]
         rows.append(f"| {ACT_LABELS[name]} | " + " | ".join("—" if r is None else f"{r['ppl']:.2f}" for r in cells)
                     + " |")
+        for r in (r for r in tried if r["setting"] == name):
+            used.append(r)
+            sets = ", ".join(r.get("overrides") or r["protocol"]["set"])
+            rows.append(f"| {ACT_LABELS[name]}, {sets} |"
+                        + "".join(f" {r['ppl']:.2f} |" if m == r["method"] else " |" for m, _ in methods))
     if not rows:
         return "_No dev-split records of float weights and inputs yet._\n"
     head = "| setting | " + " | ".join(label for _, label in methods) + " |\n|" + "---|" * (len(methods) + 1) + "\n"
@@ -443,16 +452,23 @@ def mixed(records: Records) -> str:
 
 
 RECIPES = common.ROOT / "recipes"
-RECIPE_METHOD = "gptaq"  # the benchmark method every file in recipes/ is (tests/test_recipes.py checks)
+RECIPE_METHOD = "gptaq"  # the benchmark method of the weight-only files in recipes/ (tests/test_recipes.py)
+# the weights-and-inputs files: the method the dev split chose at that setting (benchmarks/float_inputs.sh)
+RECIPE_METHODS = {"w4a4-nvfp4": "awqa-qa-gptaq", "w4a4-mxfp4": "bh-qa-gptaq"}
+
+
+def recipe_method(setting: str) -> str:
+    """The benchmark method ``recipes/<setting>.yaml`` is: :data:`RECIPE_METHODS`' entry, else ``gptaq``."""
+    return RECIPE_METHODS.get(setting, RECIPE_METHOD)
 
 
 def recipes(records: Records) -> str:
-    """docs/recipes.md: each ``recipes/<setting>.yaml`` with the perplexity the benchmark measured for it (the
-    ``gptaq`` method at that setting, test split) beside llm-compressor's GPTQ and fp32."""
+    """docs/recipes.md: each ``recipes/<setting>.yaml`` with the perplexity the benchmark measured for it (its
+    :func:`recipe_method` at that setting, test split) beside llm-compressor's GPTQ and fp32."""
     fp32 = newest(records, method="fp32", status="ok")
     rows, used = [], []
     for path in sorted(RECIPES.glob("*.yaml")):
-        ours = newest(records, method=RECIPE_METHOD, setting=path.stem, status="ok")
+        ours = newest(records, method=recipe_method(path.stem), setting=path.stem, status="ok")
         peer = newest(records, method="llmc-gptq", setting=path.stem, status="ok")
         used += [r for r in (ours, peer) if r]
         cells = ["—" if r is None else f"{r['ppl']:.2f}" for r in (ours, peer)]

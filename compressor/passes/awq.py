@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compressor.algorithms.hessian import HessianAccumulator
-from compressor.algorithms.quant.awq import search_scales
+from compressor.algorithms.quant.awq import STATISTICS, search_scales
 from compressor.core.arch import DecoderLayout, block_config, layout_of_config
 from compressor.core.fake_quant import check_activation_format
 from compressor.core.passes import Pass, PassConfig, register_pass
@@ -57,6 +57,10 @@ class AWQConfig(PassConfig):
             ``"fp8"``, ``"fp8-block"``, ``"fp8-static"``): the search then measures the output error with both
             rounded, on ``samples`` input tokens per site.
         samples: input tokens kept per site for that search (a uniform sample of the calibration tokens).
+        statistic: what the scales are a power of: ``"mean"`` (AWQ: each channel's mean |x|; with
+            ``duo_scaling`` over the weight columns' mean max-normalised |w|) or ``"max"`` (SmoothQuant: each
+            channel's largest |x| over the calibration tokens; with ``duo_scaling`` over the weight columns'
+            largest |w|, SmoothQuant's ``max|x|^alpha / max|w|^(1 - alpha)``).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -64,6 +68,7 @@ class AWQConfig(PassConfig):
     duo_scaling: bool = False
     inputs: str | None = None
     samples: int = 4096
+    statistic: str = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,16 +80,19 @@ class AWQConfig(PassConfig):
             check_activation_format(self.inputs, what="awq.inputs")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"awq.samples={self.samples!r}: use a positive number of input tokens, e.g. 4096")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"awq.statistic={self.statistic!r}: use one of {', '.join(STATISTICS)}")
 
 
 class _InputStats:
-    """GPTQ's running ``H = 2/n sum x x^T`` (K, K) (:class:`HessianAccumulator`) and ``mean |x|`` (K,) of one
-    input, float32; with ``samples`` also a uniform sample of at most that many input tokens (T, K) float32
+    """GPTQ's running ``H = 2/n sum x x^T`` (K, K) (:class:`HessianAccumulator`), ``mean |x|`` and ``max |x|``
+    (K,) of one input, float32; with ``samples`` also a uniform sample of at most that many input tokens (T, K) float32
     (reservoir sampling, seeded: the same calibration data gives the same sample)."""
 
     def __init__(self, k: int, device: torch.device, samples: int = 0):
         self.hessian = HessianAccumulator(k, device)
         self.abs_sum = torch.zeros(k, device=device)
+        self.abs_max = torch.zeros(k, device=device)
         self.samples = samples
         self.sample = torch.empty(0, k, device=device)
         self._seen = 0
@@ -94,7 +102,9 @@ class _InputStats:
         x = x.detach()
         self.hessian.add(x)  # refuses non-finite inputs
         rows = x.reshape(-1, x.shape[-1]).float()
-        self.abs_sum += rows.abs().sum(dim=0)
+        magnitude = rows.abs()
+        self.abs_sum += magnitude.sum(dim=0)
+        torch.maximum(self.abs_max, magnitude.amax(dim=0), out=self.abs_max)
         if self.samples:
             self._keep(rows)
 
@@ -194,8 +204,10 @@ class AWQPass(Pass):
                 raise ValueError(f"awq: no calibration input reached {readers[0][0]}; add it to ignore")
             weights = [m.weight.detach() for _, m in readers]
             scheme = allocated_scheme(readers[0][1], c.scheme, readers[0][0])  # readers are one fused unit
-            s, alpha, info = search_scales(weights, stats.H, stats.mean_abs, scheme, c.grid, c.duo_scaling,
-                                           x=stats.sample if c.inputs is not None else None, inputs=c.inputs)
+            act = stats.abs_max if c.statistic == "max" else stats.mean_abs
+            s, alpha, info = search_scales(weights, stats.H, act, scheme, c.grid, c.duo_scaling,
+                                           x=stats.sample if c.inputs is not None else None, inputs=c.inputs,
+                                           statistic=c.statistic)
             with torch.no_grad():
                 for _, m in readers:
                     m.weight.data = (m.weight.double() * s.to(m.weight.device)).to(m.weight.dtype)

@@ -343,6 +343,18 @@ def test_venv_peers_get_columns_once_recorded_and_count_as_peers_in_the_headline
     assert "25.78 (GPTQ) / 25.50 (AutoRound) (1.1% higher" in headline
 
 
+def test_recipes_table_scores_each_file_by_its_own_method():
+    records = [_record("fp32", "fp32", 23.07), _record("gptaq", "w4g64", 25.16),
+               _record("gptaq", "w4a4-nvfp4", 99.0), _record("qa-gptaq", "w4a4-nvfp4", 28.94),
+               _record("awqa-qa-gptaq", "w4a4-nvfp4", 27.5), _record("llmc-gptq", "w4a4-nvfp4", 29.74),
+               _record("bh-qa-gptaq", "w4a4-mxfp4", 31.24)]
+    table = report.recipes(records)
+    assert "| `recipes/w4g64.yaml` | w4g64 | 25.16 | — |" in table
+    assert "| `recipes/w4a4-nvfp4.yaml` | w4a4-nvfp4 | 27.50 | 29.74 |" in table  # awqa-qa-gptaq's, not gptaq's
+    assert "| `recipes/w4a4-mxfp4.yaml` | w4a4-mxfp4 | 31.24 | — |" in table
+    assert report.recipe_method("w3g64") == "gptaq"
+
+
 def test_recipes_cli_table_says_reproduced_and_from_which_machine():
     def cli(name, ppl, **extra):
         return {"bench": "recipes_cli", "recipe": f"recipes/{name}.yaml", "setting": name, "status": "ok", "ppl": ppl,
@@ -380,14 +392,17 @@ def test_learned_rounding_dev_table_lists_the_defaults_then_each_variant_tried()
 
 
 def test_float_inputs_dev_table_shows_each_of_our_recipes_at_each_setting_run_on_dev():
-    def dev(method, setting, ppl):
+    def dev(method, setting, ppl, sets=()):
         r = _record(method, setting, ppl, compress_s=10.0)
-        r["protocol"] = {**r["protocol"], "split": "dev"}
+        r["protocol"] = {**r["protocol"], "split": "dev", "set": list(sets)}
         return r
 
     records = [dev("fp32", "fp32", 26.4), dev("rtn", "w4a4-mxfp4", 70.1), dev("bh-rtn", "w4a4-mxfp4", 40.2),
                dev("qa-gptaq", "w4a4-nvfp4", 32.9), dev("llmc-gptq", "w4a4-nvfp4", 30.0)]
-    table = report.float_inputs_dev(records)
+    variant = dev("qa-gptaq", "w4a4-nvfp4", 31.5, ["gptq.damp=0.1"])  # newer than the default run: a row of its own
+    table = report.float_inputs_dev([*records, variant])
+    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale), gptq.damp=0.1 | | | | | 31.50 | | | | | |" \
+        in table
     labels = [label for m, label in report.ACT_METHODS if m in report.ACT_OURS]
     assert "| setting | " + " | ".join(labels) + " |" in table and "llm-compressor" not in table
     assert "| W4A4 MXFP4 (g32, E8M0 scales) | 70.10 | — | — | — | — | 40.20 | — | — | — | — |" in table

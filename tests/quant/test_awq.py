@@ -91,6 +91,26 @@ def test_search_with_quantized_inputs_moves_an_outlier_channel_into_the_weights(
         search_scales(w, H, x.abs().mean(0), scheme, x=None, inputs="nvfp4")
 
 
+def test_smoothquant_statistic_divides_max_x_by_max_w():
+    """``statistic="max"`` with ``duo_scaling``: SmoothQuant's ``max|x|^alpha / max|w|^(1 - alpha)``, the weight
+    maximum taken over every reader's column; the pass feeds it each channel's largest |x|."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g) * torch.tensor([50.0] + [1.0] * 31)
+    w = [torch.randn(16, 32, generator=g), 3 * torch.randn(8, 32, generator=g)]
+    scheme = QuantScheme(**NVFP4)
+    x_max = x.abs().amax(0)
+    s, alpha, _ = search_scales(w, 2 * x.T @ x / 256, x_max, scheme, grid=10, duo_scaling=True, x=x,
+                                inputs="nvfp4", statistic="max")
+    w_max = torch.maximum(w[0].abs().amax(0), w[1].abs().amax(0))
+    assert alpha > 0 and torch.equal(s, awq_scales(x_max, alpha, w_max))
+    stats = _InputStats(32, torch.device("cpu"))
+    for batch in x.split(100):
+        stats.add(batch)
+    assert torch.equal(stats.abs_max, x_max)
+    with pytest.raises(ValueError, match="statistic='median'"):
+        search_scales(w, 2 * x.T @ x / 256, x_max, scheme, statistic="median")
+
+
 def test_the_input_sample_is_a_bounded_uniform_reservoir():
     stats = _InputStats(4, torch.device("cpu"), samples=100)
     rows = torch.arange(4000, dtype=torch.float32)[:, None].expand(4000, 4)
@@ -170,6 +190,8 @@ def test_bad_settings_and_families_are_refused():
         Recipe.from_dict({"passes": [{"awq": {"grid": 0}}]})
     with pytest.raises(ValueError, match=r"awq.inputs='int4': use one of"):
         Recipe.from_dict({"passes": [{"awq": {"inputs": "int4"}}]})
+    with pytest.raises(ValueError, match="awq.statistic='min': use one of mean, max"):
+        Recipe.from_dict({"passes": [{"awq": {"statistic": "min"}}]})
     with pytest.raises(ValueError, match="awq.samples"):
         Recipe.from_dict({"passes": [{"awq": {"inputs": "nvfp4", "samples": 0}}]})
     from transformers import Gemma2Config, Gemma2ForCausalLM

@@ -33,7 +33,9 @@ from compressor.core.fake_quant import (
 )
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
-__all__ = ["awq_scales", "quantized_input_error", "scaled_error", "search_scales"]
+__all__ = ["STATISTICS", "awq_scales", "quantized_input_error", "scaled_error", "search_scales"]
+
+STATISTICS = ("mean", "max")  # the channel magnitude the scales are a power of: AWQ's mean, SmoothQuant's max
 
 
 def awq_scales(act_mean: torch.Tensor, alpha: float, weight_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,20 +110,23 @@ def quantized_input_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch
 
 def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.Tensor, scheme: QuantScheme,
                   grid: int = 20, duo_scaling: bool = False, *, x: torch.Tensor | None = None,
-                  inputs: str | None = None) -> tuple[torch.Tensor, float, dict]:
+                  inputs: str | None = None, statistic: str = "mean") -> tuple[torch.Tensor, float, dict]:
     """The scales of the ``alpha`` in ``{0, 1/grid, ..., 1}`` with the lowest error: :func:`scaled_error`, or
     with ``inputs`` :func:`quantized_input_error` on the token sample ``x``.
 
     Args:
         weights: the (N_i, K) weights of the linears reading the input (e.g. q, k and v).
         H: (K, K) float32 second moment of the input.
-        act_mean: (K,) mean |x| per input channel.
+        act_mean: (K,) mean |x| per input channel (its largest |x| with ``statistic="max"``).
         scheme: the weight grid of the pass that follows (RTN, GPTQ, AdaRound round to it).
         grid: number of steps between alpha 0 and 1.
         duo_scaling: divide by the weights' column magnitude too (see :func:`awq_scales`).
         x: (T, K) float32 sample of the input tokens, needed with ``inputs``.
         inputs: the float format the inputs are quantized to after this pass (``"nvfp4"``...), or None
             (weight-only: the Hessian error).
+        statistic: ``"mean"`` (AWQ; ``act_mean`` is each channel's mean |x|, and ``duo_scaling`` divides by
+            the columns' mean max-normalised |w|) or ``"max"`` (SmoothQuant; ``act_mean`` is each channel's
+            largest |x|, and ``duo_scaling`` divides by the columns' largest |w| over the readers).
 
     Returns:
         ``(s (K,) float64, alpha, {"error": best, "error_unscaled": alpha 0's})``; alpha 0 (no scaling) wins
@@ -140,8 +145,12 @@ def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.
     else:
         def error(s: torch.Tensor) -> float:
             return scaled_error(weights, H, s, scheme)
+    if statistic not in STATISTICS:
+        raise ValueError(f"awq statistic={statistic!r}: use one of {', '.join(STATISTICS)}")
     w_mean = None
-    if duo_scaling:
+    if duo_scaling and statistic == "max":
+        w_mean = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    elif duo_scaling:
         cat = torch.cat([w.float().abs() / w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
                          for w in weights])
         w_mean = cat.mean(dim=0)
