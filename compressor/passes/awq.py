@@ -29,7 +29,7 @@ from torch import nn
 
 from compressor.algorithms.hessian import HessianAccumulator
 from compressor.algorithms.quant.awq import STATISTICS, search_scales
-from compressor.core.arch import DecoderLayout, block_config, layout_of_config
+from compressor.core.arch import DecoderLayout, block_config, head_counts, layout_of_config
 from compressor.core.fake_quant import check_activation_format
 from compressor.core.passes import Pass, PassConfig, register_pass
 from compressor.core.scheme import QuantScheme
@@ -61,6 +61,9 @@ class AWQConfig(PassConfig):
             ``duo_scaling`` over the weight columns' mean max-normalised |w|) or ``"max"`` (SmoothQuant: each
             channel's largest |x| over the calibration tokens; with ``duo_scaling`` over the weight columns'
             largest |w|, SmoothQuant's ``max|x|^alpha / max|w|^(1 - alpha)``).
+        grouped_v: under grouped-query attention (fewer key/value heads than query heads) also scale v -> o:
+            each of v's rows feeds o's inputs of every query head in its group, so those inputs share the
+            row's scale (statistics pooled over them). False skips that site, as AutoAWQ and llm-compressor do.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -69,6 +72,7 @@ class AWQConfig(PassConfig):
     inputs: str | None = None
     samples: int = 4096
     statistic: str = "mean"
+    grouped_v: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +84,8 @@ class AWQConfig(PassConfig):
             check_activation_format(self.inputs, what="awq.inputs")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"awq.samples={self.samples!r}: use a positive number of input tokens, e.g. 4096")
+        if not isinstance(self.grouped_v, bool):
+            raise ValueError(f"awq.grouped_v must be true or false, got {self.grouped_v!r}")
         if self.statistic not in STATISTICS:
             raise ValueError(f"awq.statistic={self.statistic!r}: use one of {', '.join(STATISTICS)}")
 
@@ -152,7 +158,8 @@ class AWQPass(Pass):
 
     def __init__(self, config: AWQConfig):
         super().__init__(config)
-        self._sites: list[tuple[str, nn.Module, list[tuple[str, nn.Module]]]] = []
+        # (site, producer, readers, tie: the producer channel of each reader input, None when one to one)
+        self._sites: list[tuple[str, nn.Module, list[tuple[str, nn.Module]], torch.Tensor | None]] = []
         self._stats: dict[str, _InputStats] = {}
         self._handles: list = []
         self.report: list[dict[str, Any]] = []
@@ -173,13 +180,16 @@ class AWQPass(Pass):
             found = [(names[id(mods[r])], mods[r]) for r in readers]
             if not all(id(m) in targeted for _, m in found):
                 continue
-            prod = mods[producer]
+            prod, tie = mods[producer], None
             if producer == "v" and prod.out_features != mods["o"].in_features:
-                log.debug("awq %s: v -> o skipped: grouped-query attention shares v's rows across heads", prefix)
-                continue
-            self._sites.append((names[id(prod)], prod, found))
+                tie = _v_rows_of_o_inputs(block_config(block), prod, mods["o"]) if self.config.grouped_v else None
+                if tie is None:
+                    log.debug("awq %s: v -> o skipped: grouped-query attention shares v's rows across heads%s",
+                              prefix, "" if self.config.grouped_v else " (grouped_v: true scales it)")
+                    continue
+            self._sites.append((names[id(prod)], prod, found, tie))
         observed = []
-        for site, _, readers in self._sites:
+        for site, _, readers, _ in self._sites:
             name, first = readers[0]
             self._handles.append(first.register_forward_pre_hook(lambda _m, args, site=site: self._observe(site, args[0])))
             observed.append(first)
@@ -198,7 +208,7 @@ class AWQPass(Pass):
             h.remove()
         self._handles.clear()
         c = self.config
-        for site, producer, readers in self._sites:
+        for site, producer, readers, tie in self._sites:
             stats = self._stats.get(site)
             if stats is None or stats.n == 0:
                 raise ValueError(f"awq: no calibration input reached {readers[0][0]}; add it to ignore")
@@ -207,16 +217,31 @@ class AWQPass(Pass):
             act = stats.abs_max if c.statistic == "max" else stats.mean_abs
             s, alpha, info = search_scales(weights, stats.H, act, scheme, c.grid, c.duo_scaling,
                                            x=stats.sample if c.inputs is not None else None, inputs=c.inputs,
-                                           statistic=c.statistic)
+                                           statistic=c.statistic, tie=tie)
             with torch.no_grad():
                 for _, m in readers:
                     m.weight.data = (m.weight.double() * s.to(m.weight.device)).to(m.weight.dtype)
-                _divide_output(producer, s)
+                # the copies of one producer channel share its scale: any of them gives it
+                _divide_output(producer, s if tie is None else s.new_ones(producer.out_features).scatter_(0, tie, s))
             self.report.append({"site": site, "alpha": alpha, **info})
             log.debug("awq %s: alpha %.2f, error %.4g (unscaled %.4g)", site, alpha, info["error"],
                       info["error_unscaled"])
         self._stats.clear()
         self._sites = []
+
+
+def _v_rows_of_o_inputs(config: Any, v: nn.Linear, o: nn.Linear) -> torch.Tensor | None:
+    """Under grouped-query attention, the row of ``v`` each input of ``o`` carries: (o.in_features,) int64.
+
+    Query head ``h`` reads key/value head ``h // (n_heads / n_kv)`` (transformers' ``repeat_kv``), and o's
+    inputs are the heads' outputs one after the other, so input ``h * head_dim + d`` carries v's row
+    ``(h // group) * head_dim + d``. None when the shapes do not follow that layout.
+    """
+    n_heads, n_kv, head_dim = head_counts(config)
+    if n_heads % n_kv or v.out_features != n_kv * head_dim or o.in_features != n_heads * head_dim:
+        return None
+    head = torch.arange(n_heads).repeat_interleave(head_dim) // (n_heads // n_kv)
+    return head * head_dim + torch.arange(head_dim).repeat(n_heads)
 
 
 def _divide_output(producer: nn.Module, s: torch.Tensor) -> None:

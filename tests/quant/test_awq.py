@@ -111,6 +111,22 @@ def test_smoothquant_statistic_divides_max_x_by_max_w():
         search_scales(w, 2 * x.T @ x / 256, x_max, scheme, statistic="median")
 
 
+def test_tied_channels_share_the_scale_of_their_pooled_statistics():
+    """``tie``: inputs 0-3 and 4-7 are copies of producer channels 0-3 (two query heads reading one value head);
+    the scales are searched on the pooled statistic and equal on the copies."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g) * torch.tensor([30.0, 1, 1, 1, 10.0, 1, 1, 1])
+    w = [torch.randn(16, 8, generator=g)]
+    tie = torch.arange(8) % 4
+    scheme = QuantScheme(bits=3, group_size=-1)
+    act = x.abs().mean(0)
+    s, alpha, _ = search_scales(w, 2 * x.T @ x / 256, act, scheme, grid=10, tie=tie)
+    assert alpha > 0 and torch.equal(s[:4], s[4:])
+    assert torch.equal(s, awq_scales((act[:4] + act[4:]) / 2, alpha)[tie])
+    s, alpha, _ = search_scales(w, 2 * x.T @ x / 256, act, scheme, grid=10, tie=tie, statistic="max")
+    assert torch.equal(s, awq_scales(torch.maximum(act[:4], act[4:]), alpha)[tie])
+
+
 def test_the_input_sample_is_a_bounded_uniform_reservoir():
     stats = _InputStats(4, torch.device("cpu"), samples=100)
     rows = torch.arange(4000, dtype=torch.float32)[:, None].expand(4000, 4)
@@ -145,9 +161,9 @@ def test_awq_with_nvfp4_inputs_keeps_the_function_and_lowers_w4a4_error(tmp_path
     assert torch.equal(_logits(loaded), _logits(out))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-grouped-v"])
 def test_awq_alone_keeps_the_full_precision_function(family):
-    if family == "llama":
+    if family.startswith("llama"):
         model = _outlier_llama()
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -158,13 +174,20 @@ def test_awq_alone_keeps_the_full_precision_function(family):
                                              max_position_embeddings=128)).eval()
     ref = _logits(model)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    compress(model, Recipe.from_dict({"passes": [{"awq": {"scheme": {"bits": 3, "group_size": -1}}}]}),
+    grouped = family == "llama-grouped-v"
+    compress(model, Recipe.from_dict({"passes": [{"awq": {"scheme": {"bits": 3, "group_size": -1},
+                                                          "grouped_v": grouped}}]}),
              calibration=IDS, quiet=True)
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=2e-5)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("input_layernorm" in n for n in changed) and any("q_proj" in n for n in changed)
-    if family == "qwen3":  # 4 KV heads of 4: v's rows are o's inputs one to one, so v -> o is scaled too
-        assert any("v_proj" in n for n in changed)
+    # qwen3 here has 4 KV heads of 4: v's rows are o's inputs one to one, so v -> o is scaled too; the tiny Llama
+    # has 2 KV heads for 4 query heads: v -> o only with grouped_v, each row of v scaling two of o's inputs
+    assert any("o_proj" in n for n in changed) == (family != "llama")
+    if grouped:
+        o = model.model.layers[0].self_attn.o_proj.weight
+        ratio = o / before["model.layers.0.self_attn.o_proj.weight"]
+        assert torch.allclose(ratio[:, :16], ratio[:, 16:32]) and not torch.allclose(ratio[:, :16], ratio[:, 32:48])
 
 
 @pytest.mark.parametrize("scheme", [{"bits": 3, "group_size": -1}, {"bits": 4, "group_size": 32}])
@@ -192,6 +215,8 @@ def test_bad_settings_and_families_are_refused():
         Recipe.from_dict({"passes": [{"awq": {"inputs": "int4"}}]})
     with pytest.raises(ValueError, match="awq.statistic='min': use one of mean, max"):
         Recipe.from_dict({"passes": [{"awq": {"statistic": "min"}}]})
+    with pytest.raises(ValueError, match="awq.grouped_v must be true or false"):
+        Recipe.from_dict({"passes": [{"awq": {"grouped_v": "yes"}}]})
     with pytest.raises(ValueError, match="awq.samples"):
         Recipe.from_dict({"passes": [{"awq": {"inputs": "nvfp4", "samples": 0}}]})
     from transformers import Gemma2Config, Gemma2ForCausalLM

@@ -110,7 +110,8 @@ def quantized_input_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch
 
 def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.Tensor, scheme: QuantScheme,
                   grid: int = 20, duo_scaling: bool = False, *, x: torch.Tensor | None = None,
-                  inputs: str | None = None, statistic: str = "mean") -> tuple[torch.Tensor, float, dict]:
+                  inputs: str | None = None, statistic: str = "mean",
+                  tie: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict]:
     """The scales of the ``alpha`` in ``{0, 1/grid, ..., 1}`` with the lowest error: :func:`scaled_error`, or
     with ``inputs`` :func:`quantized_input_error` on the token sample ``x``.
 
@@ -127,9 +128,14 @@ def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.
         statistic: ``"mean"`` (AWQ; ``act_mean`` is each channel's mean |x|, and ``duo_scaling`` divides by
             the columns' mean max-normalised |w|) or ``"max"`` (SmoothQuant; ``act_mean`` is each channel's
             largest |x|, and ``duo_scaling`` divides by the columns' largest |w| over the readers).
+        tie: (K,) int64, the producer channel each input channel is a copy of, when the producer has fewer
+            outputs than the readers have inputs (v's rows under grouped-query attention, each read by every
+            query head of its group): the statistics are pooled over each producer channel (mean or max, as
+            ``statistic``) and every copy gets its channel's scale. None: one to one.
 
     Returns:
-        ``(s (K,) float64, alpha, {"error": best, "error_unscaled": alpha 0's})``; alpha 0 (no scaling) wins
+        ``(s (K,) float64, alpha, {"error": best, "error_unscaled": alpha 0's})`` (with ``tie``, ``s`` equal on
+        the copies of a producer channel); alpha 0 (no scaling) wins
         unless another alpha lowers the error.
     """
     if grid < 1:
@@ -154,12 +160,26 @@ def search_scales(weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.
         cat = torch.cat([w.float().abs() / w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
                          for w in weights])
         w_mean = cat.mean(dim=0)
+    act = act_mean
+    if tie is not None:
+        tie = tie.to(act_mean.device)
+        act = _pool(act_mean, tie, statistic)
+        w_mean = None if w_mean is None else _pool(w_mean.to(act_mean.device), tie, statistic)
     base = error(torch.ones_like(act_mean, dtype=torch.float64))
     best = (base, 0.0, torch.ones_like(act_mean, dtype=torch.float64))
     for i in range(1, grid + 1):
         alpha = i / grid
-        s = awq_scales(act_mean, alpha, w_mean)
+        s = awq_scales(act, alpha, w_mean)
+        if tie is not None:
+            s = s[tie]
         err = error(s)
         if err < best[0]:
             best = (err, alpha, s)
     return best[2], best[1], {"error": best[0], "error_unscaled": base}
+
+
+def _pool(values: torch.Tensor, tie: torch.Tensor, statistic: str) -> torch.Tensor:
+    """(K,) per-input ``values`` pooled onto the producer channels ``tie`` points at: (P,) their mean, or their
+    max with ``statistic="max"``, ``P = tie.max() + 1``."""
+    out = torch.zeros(int(tie.max()) + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, tie, values, reduce="amax" if statistic == "max" else "mean", include_self=False)
