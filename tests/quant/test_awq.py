@@ -215,7 +215,7 @@ def test_bad_settings_and_families_are_refused():
         Recipe.from_dict({"passes": [{"awq": {"inputs": "int4"}}]})
     with pytest.raises(ValueError, match="awq.statistic='min': use one of mean, max"):
         Recipe.from_dict({"passes": [{"awq": {"statistic": "min"}}]})
-    with pytest.raises(ValueError, match="awq.grouped_v must be true or false"):
+    with pytest.raises(ValueError, match="awq.grouped_v: expected true/false"):
         Recipe.from_dict({"passes": [{"awq": {"grouped_v": "yes"}}]})
     with pytest.raises(ValueError, match="awq.samples"):
         Recipe.from_dict({"passes": [{"awq": {"inputs": "nvfp4", "samples": 0}}]})
