@@ -27,14 +27,20 @@ def test_each_recipe_is_what_the_benchmark_measured(path):
     Recipe.from_dict(data).build()  # every key is a real option
 
 
-@pytest.mark.parametrize("name", ["w4g64", "w3g64", "w4pc"])  # the tiny model is 64 wide: no group of 128
-def test_recipes_run_through_the_cli(name, tiny_model_dir, tmp_path):
+def _compress_with_the_cli(name, model_dir, tmp_path):
+    """``compressor compress`` of the tiny model with ``recipes/<name>.yaml`` on a small calibration; the export."""
     from compressor.cli import main
 
     out = tmp_path / name
-    assert main(["compress", str(tiny_model_dir), "--recipe", str(RECIPES[[p.stem for p in RECIPES].index(name)]),
-                 "--calibration", str(tiny_model_dir.parent / "text.txt"), "--num-samples", "4", "--seq-len", "16",
+    assert main(["compress", str(model_dir), "--recipe", str(RECIPES[[p.stem for p in RECIPES].index(name)]),
+                 "--calibration", str(model_dir.parent / "text.txt"), "--num-samples", "4", "--seq-len", "16",
                  "-o", str(out), "-q"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w3g64", "w4pc"])  # the tiny model is 64 wide: no group of 128
+def test_recipes_run_through_the_cli(name, tiny_model_dir, tmp_path):
+    out = _compress_with_the_cli(name, tiny_model_dir, tmp_path)
     layer = load_compressed(out).model.layers[0].mlp.down_proj
     assert layer.scheme.bits == int(name[1]) and not layer.scheme.symmetric
 
@@ -44,13 +50,8 @@ def test_float_input_recipes_run_through_the_cli(name, group, tiny_model_dir, tm
     """The W4A4 recipes export float weights with their input quantizers (and MXFP4's block rotations), and
     load_compressed reattaches them (the reload's logits: tests/quant/test_float_activations.py,
     tests/transforms/test_hadamard_inputs.py)."""
-    from compressor.cli import main
-
     tiny_llama(inter=96).save_pretrained(tiny_model_dir)  # every width a multiple of MXFP4's block of 32
-    out = tmp_path / name
-    assert main(["compress", str(tiny_model_dir), "--recipe", str(RECIPES[[p.stem for p in RECIPES].index(name)]),
-                 "--calibration", str(tiny_model_dir.parent / "text.txt"), "--num-samples", "4", "--seq-len", "16",
-                 "-o", str(out), "-q"]) == 0
+    out = _compress_with_the_cli(name, tiny_model_dir, tmp_path)
     fmt = name.split("-")[1]
     model = load_compressed(out).model
     for layer in (model.layers[0].mlp.down_proj, model.layers[1].self_attn.q_proj):

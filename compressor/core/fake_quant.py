@@ -21,7 +21,8 @@ from compressor.core import floats
 
 __all__ = ["MAX_BITS", "check_bits", "check_clip", "check_group", "round_ste", "straight_through",
            "fake_quant_per_token", "fake_quant_per_head", "ACTIVATION_FORMATS", "check_activation_format",
-           "activation_global_scale", "fake_quant_float_per_token"]
+           "activation_global_scale", "activation_static_scale", "activation_static_scales",
+           "fake_quant_float_per_token"]
 
 MAX_BITS = 16
 
@@ -196,6 +197,16 @@ def activation_static_scale(amax: torch.Tensor | float) -> torch.Tensor:
     (compressed-tensors' ``input_scale``); 1 for an all-zero input."""
     a = float(amax)
     return torch.tensor([a / floats.E4M3.max if a > 0 else 1.0], dtype=torch.float32)
+
+
+def activation_static_scales(fmt: str, amax: torch.Tensor | float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(global_scale, static_scale)`` the float input format ``fmt`` takes from the largest |x| ``amax``: NVFP4's
+    global scale (:func:`activation_global_scale`), FP8-static's input scale (:func:`activation_static_scale`),
+    None for the scales a format computes per token; the two arguments of :func:`fake_quant_float_per_token`
+    after ``fmt``."""
+    scale_format = ACTIVATION_FORMATS[fmt][2]
+    return (activation_global_scale(amax) if scale_format == "e4m3" else None,
+            activation_static_scale(amax) if scale_format == "static" else None)
 
 
 def fake_quant_float_per_token(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None,

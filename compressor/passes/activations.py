@@ -39,8 +39,7 @@ from torch import nn
 from compressor.core.arch import attention_modules, head_counts, is_experts_module
 from compressor.core.fake_quant import (
     ACTIVATION_FORMATS,
-    activation_global_scale,
-    activation_static_scale,
+    activation_static_scales,
     check_activation_format,
     check_bits,
     check_clip,
@@ -294,10 +293,7 @@ class ActivationQuantPass(Pass):
                 if name not in self._amax:
                     raise ValueError(f"{name}: no calibration input reached it, so its {c.format} static input scale "
                                      "is unknown; add it to ignore")
-                if c.format == "nvfp4":
-                    gs = activation_global_scale(self._amax[name])
-                else:
-                    static = activation_static_scale(self._amax[name])
+                gs, static = activation_static_scales(c.format, self._amax[name])
             try:
                 if c.format is not None:
                     check_activation_format(c.format, lin.in_features)

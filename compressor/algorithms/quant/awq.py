@@ -25,12 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.core.fake_quant import (
-    ACTIVATION_FORMATS,
-    activation_global_scale,
-    activation_static_scale,
-    fake_quant_float_per_token,
-)
+from compressor.core.fake_quant import activation_static_scales, fake_quant_float_per_token
 from compressor.core.scheme import QuantScheme, compute_qparams, fake_quant
 
 __all__ = ["STATISTICS", "awq_scales", "quantized_input_error", "scaled_error", "search_scales"]
@@ -68,20 +63,6 @@ def scaled_error(weights: list[torch.Tensor], H: torch.Tensor, s: torch.Tensor, 
     return total
 
 
-def _quantize_inputs(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """``x`` (T, K) float32 through the float input format ``fmt`` (a key of
-    :data:`compressor.core.fake_quant.ACTIVATION_FORMATS`), its static scales (NVFP4's global scale, FP8's
-    per-tensor scale) taken from ``x``'s own largest |x| as the ``quantize_activations`` pass takes them from the
-    calibration data; (T, K) float32."""
-    scale_format = ACTIVATION_FORMATS[fmt][2]
-    amax = x.abs().amax()
-    if scale_format == "e4m3":
-        return fake_quant_float_per_token(x, fmt, global_scale=activation_global_scale(amax))
-    if scale_format == "static":
-        return fake_quant_float_per_token(x, fmt, static_scale=activation_static_scale(amax))
-    return fake_quant_float_per_token(x, fmt)
-
-
 def quantized_input_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch.Tensor, scheme: QuantScheme,
                           inputs: str, reference: list[torch.Tensor] | None = None) -> float:
     """Summed squared output error of the readers with quantized inputs and weights under scales ``s``.
@@ -98,7 +79,8 @@ def quantized_input_error(weights: list[torch.Tensor], x: torch.Tensor, s: torch
         reference: the full-precision outputs ``x W_i^T`` ((T, N_i) each), when already computed.
     """
     sf = s.float().to(x.device)
-    xq = _quantize_inputs(x / sf, inputs)
+    xs = x / sf  # its static scales (NVFP4's global scale) from its own largest |x|, as calibration takes them
+    xq = fake_quant_float_per_token(xs, inputs, *activation_static_scales(inputs, xs.abs().amax()))
     total = 0.0
     for i, w in enumerate(weights):
         ws = w.float() * sf

@@ -14,8 +14,7 @@ from torch import nn
 
 from compressor.core.arch import DecoderLayout
 from compressor.core.fake_quant import (
-    activation_global_scale,
-    activation_static_scale,
+    activation_static_scales,
     fake_quant_float_per_token,
     fake_quant_per_token,
     round_ste,
@@ -192,9 +191,7 @@ class InputQuant:
     def __call__(self, module: nn.Module, args: tuple):
         x = args[0]
         if self.fmt is not None:  # a float grid; static scales stand in as the batch's own largest |x|
-            amax = x.detach().abs().amax()
-            gs = activation_global_scale(amax) if self.fmt == "nvfp4" else None
-            static = activation_static_scale(amax) if self.fmt == "fp8-static" else None
+            gs, static = activation_static_scales(self.fmt, x.detach().abs().amax())
             return (straight_through(x, fake_quant_float_per_token(x, self.fmt, gs, static)),) + tuple(args[1:])
         if self.clip is not None:
             q = fake_quant_per_token(x, self.bits, symmetric=self.symmetric, clip_ratio=self.clip(), range_grad=True)
