@@ -129,10 +129,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     Keys are dotted paths. The first component after ``passes`` may be an
     index or a pass name (``rtn.scheme.bits=3`` is ``passes.<rtn>.scheme.bits``).
     Values are parsed as YAML (``true``, ``3``, ``5e-5``, ``[a, b]``).
+    A mapping two passes share (a YAML alias, or one dict given to both) is copied once per place, so an
+    override of one pass's setting leaves the other pass's alone.
     """
-    import copy
-
-    data = copy.deepcopy(data)
+    data = _unshared(data)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. rtn.scheme.bits=3)")
@@ -150,6 +150,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         else:
             node[last] = value
     return data
+
+
+def _unshared(node: Any) -> Any:
+    """A deep copy of nested dicts and lists in which no two places hold the same object (``copy.deepcopy``
+    keeps the sharing of a YAML alias)."""
+    import copy
+
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return copy.deepcopy(node)
 
 
 def _pass_index(passes: list, part: str, key: str) -> int:

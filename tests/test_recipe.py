@@ -59,6 +59,19 @@ def test_overrides_by_pass_name_and_index():
     assert BASE["passes"][0]["rtn"]["scheme"]["bits"] == 4  # input not mutated
 
 
+def test_an_override_of_one_pass_leaves_a_scheme_shared_by_alias_alone():
+    data = yaml.safe_load("""
+passes:
+  - awq: {scheme: &w4 {bits: 4, group_size: 64}}
+  - gptq: {scheme: *w4}
+""")
+    assert data["passes"][0]["awq"]["scheme"] is data["passes"][1]["gptq"]["scheme"]
+    out = apply_overrides(data, ["gptq.scheme.observer=mse"])
+    assert out["passes"][1]["gptq"]["scheme"] == {"bits": 4, "group_size": 64, "observer": "mse"}
+    assert out["passes"][0]["awq"]["scheme"] == {"bits": 4, "group_size": 64}
+    assert "observer" not in data["passes"][1]["gptq"]["scheme"]  # input not mutated
+
+
 @pytest.mark.parametrize("item,match", [("rtn.scheme.bits", "key=value"), ("gptq.scheme.bits=3", "no single pass named 'gptq'"),
                                         ("passes.4.scheme.bits=3", "has 1 passes")])
 def test_bad_overrides(item, match):

@@ -79,6 +79,10 @@ class QuantScheme:
             (GGUF-style min offset; in-memory only). Ignored when symmetric.
         mse_grid: number of clipping ratios tried by the MSE observer.
         mse_max_shrink: the smallest ratio tried is ``1 - mse_max_shrink``.
+        mse_max_grow: float grids only: the MSE observer also tries ``mse_grid`` ratios above 1, up to
+            ``1 + mse_max_grow``, where a group's largest |w| falls below the top of the grid. At 0.5 an
+            NVFP4 group can map its largest weight to 4 instead of 6, so the values near it round on the grid's
+            finer steps ("Four Over Six", Cook et al., arXiv 2512.02010). 0 (the default): shrink only.
         mse_norm: exponent of the MSE observer's error.
         type: ``"int"`` or ``"float"`` (FP8 E4M3 for 8 bits, FP4 E2M1 for 4; symmetric only).
         scale_format: how scales are stored: ``"float"`` (the weight's dtype), ``"e4m3"`` (NVFP4: E4M3
@@ -96,6 +100,7 @@ class QuantScheme:
     zero_point: str = "int"
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
+    mse_max_grow: float = 0.0
     mse_norm: float = 2.4
     type: str = "int"
     scale_format: str = "float"
@@ -141,6 +146,12 @@ class QuantScheme:
                 "MSE observer settings out of range: need mse_grid >= 1, "
                 "0 <= mse_max_shrink < 1 and mse_norm > 0"
             )
+        if isinstance(self.mse_max_grow, bool) or not isinstance(self.mse_max_grow, (int, float)) or \
+                not 0.0 <= self.mse_max_grow <= 1.0:
+            raise ValueError(f"mse_max_grow={self.mse_max_grow!r}: use a ratio in [0, 1], e.g. 0.5")
+        if self.mse_max_grow and not (self.type == "float" and self.observer == "mse"):
+            raise ValueError("mse_max_grow applies to the MSE observer on float grids (type: float, observer: mse); "
+                             "an integer grid already spans each group's range")
 
     @property
     def per_tensor(self) -> bool:
@@ -208,8 +219,10 @@ class QuantScheme:
         return self.bits + groups * extra / in_features / (self.block_rows or 1)
 
     def to_dict(self) -> dict:
+        # options at their "off" value stay out, so records written before they existed read the same
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if not (f.name == "block_rows" and self.block_rows is None)}
+                if not (f.name == "block_rows" and self.block_rows is None)
+                and not (f.name == "mse_max_grow" and not self.mse_max_grow)}
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
@@ -486,12 +499,16 @@ def float_params(amax: torch.Tensor, scheme: QuantScheme, gscale: torch.Tensor |
 
 def _mse_search_float(wg: torch.Tensor, valid: torch.Tensor, amax: torch.Tensor, scheme: QuantScheme,
                       gscale: torch.Tensor | None) -> QParams:
-    """Shrink-ratio search for float grids: each group keeps the scale (as the format stores it) whose
-    ``sum |w - fq(w)|^norm`` is lowest; the global scale stays that of the whole matrix."""
+    """Ratio search for float grids: each group keeps the scale (as the format stores it) whose
+    ``sum |w - fq(w)|^norm`` is lowest among ``amax`` times ``1 - mse_max_shrink * i / mse_grid``
+    (i < mse_grid) and, with ``mse_max_grow``, ``1 + mse_max_grow * i / mse_grid`` (1 <= i <= mse_grid); the
+    global scale stays that of the whole matrix."""
     best = float_params(amax, scheme, gscale)
     best_err = _float_group_error(wg, best, scheme, valid.to(wg.dtype))
-    for i in range(1, scheme.mse_grid):
-        p = 1.0 - scheme.mse_max_shrink * i / scheme.mse_grid
+    ratios = [1.0 - scheme.mse_max_shrink * i / scheme.mse_grid for i in range(1, scheme.mse_grid)]
+    if scheme.mse_max_grow:
+        ratios += [1.0 + scheme.mse_max_grow * i / scheme.mse_grid for i in range(1, scheme.mse_grid + 1)]
+    for p in ratios:
         qp = float_params(amax * p, scheme, gscale)
         err = _float_group_error(wg, qp, scheme, valid.to(wg.dtype))
         better = err < best_err

@@ -167,6 +167,42 @@ def test_mse_observer_never_worse_than_minmax():
         assert e_mse <= e_minmax
 
 
+def test_mse_max_grow_maps_a_group_maximum_to_four_when_that_rounds_better():
+    # group 0: fifteen 4.5s and a 6. Scaled so the 6 is E2M1's 6, the 4.5s round to 4; scaled so it is 4
+    # (ratio 1.5) they are 3 * 1.5 exactly, and nothing rounds. Group 1 holds the matrix maximum 84, so the
+    # global scale is 448 * 6 / 84 = 32 and group 0's E4M3 scales 32 and 48 are exact.
+    w = torch.cat([torch.tensor([4.5] * 15 + [6.0]), torch.linspace(-84.0, 84.0, 16)])[None]
+    shrink = QuantScheme(**{**NVFP4.to_dict(), "observer": "mse", "mse_grid": 20, "mse_norm": 2.0})
+    grow = QuantScheme(**{**shrink.to_dict(), "mse_max_grow": 0.5})
+    qs, qg = compute_qparams(w, shrink), compute_qparams(w, grow)
+    assert float(compute_qparams(w, NVFP4).effective_scale()[0, 0]) == 1.0
+    assert float(qg.effective_scale()[0, 0]) == 1.5
+    err = {name: float((fake_quant(w, qp, s) - w)[0, :16].pow(2).sum()) for name, qp, s in
+           (("shrink", qs, shrink), ("grow", qg, grow))}
+    assert err["grow"] == 0.0 and err["shrink"] > 1.0
+    assert torch.equal(qg.global_scale, qs.global_scale)  # the matrix's global scale is not searched
+
+
+def test_mse_max_grow_is_a_superset_of_the_shrink_search():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) ** 3
+    for scheme in (NVFP4, MXFP4, FP8):
+        shrink = QuantScheme(**{**scheme.to_dict(), "observer": "mse", "mse_grid": 10})
+        grow = QuantScheme(**{**shrink.to_dict(), "mse_max_grow": 0.5})
+        e = [(fake_quant(w, compute_qparams(w, s), s) - w).abs().pow(2.4).sum() for s in (shrink, grow)]
+        assert e[1] <= e[0]
+    assert "mse_max_grow" not in NVFP4.to_dict() and grow.to_dict()["mse_max_grow"] == 0.5
+
+
+def test_mse_max_grow_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="float grids"):
+        QuantScheme(bits=4, observer="mse", mse_max_grow=0.5)
+    with pytest.raises(ValueError, match="observer: mse"):
+        QuantScheme(**{**NVFP4.to_dict(), "mse_max_grow": 0.5})
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        QuantScheme(**{**NVFP4.to_dict(), "observer": "mse", "mse_max_grow": -0.1})
+
+
 @pytest.mark.parametrize("scheme", [FP8, NVFP4, MXFP4], ids=["fp8", "nvfp4", "mxfp4"])
 def test_gptq_on_float_grids_halves_the_output_error_of_rtn(scheme):
     torch.manual_seed(0)
