@@ -32,9 +32,14 @@ log = logging.getLogger("benchmarks.quant_quality")
 PEER_MODULE = "_peer_llmcompressor"
 DEFAULT_PEER_PYTHON = common.PEER_PYTHON
 
+# float grids: each group's scale searched by squared error over 20 ratios below its max and 20 above, up to 1.5
+# (an NVFP4 group may map its max to 4 instead of 6: Four Over Six, arXiv 2512.02010)
+MSE_GROW = {"observer": "mse", "mse_grid": 20, "mse_max_grow": 0.5, "mse_norm": 2.0}
 # method → (our pass, its settings beyond the scheme)
 # gptq-norefit: our GPTQ without the least-squares scale refit, the like-for-like twin of llm-compressor's GPTQ
 # rtn-mse / gptq-mse: the scales searched per group (observer mse; the "scheme" entry merges into the setting's)
+# awqa-qa-gptaq-mse: awqa-qa-gptaq whose GPTQ takes its static group scales from that search (AWQ's search keeps
+# the plain scales: the observer would run at each of its 21 exponents)
 # adaround-block: every linear of a block learns its rounding and its group scales together against the
 # full-precision block output, the like-for-like answer to AutoRound's SignRound (which tunes rounding and clipping)
 OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": False}), "adaround": ("adaround", {}),
@@ -47,11 +52,12 @@ OUR_PASSES = common.WEIGHT_PASSES | {"gptq-norefit": ("gptq", {"refit_scales": F
                                      "bh-rtn": ("rtn", {}), "bh-gptq": ("gptq", {}),
                                      "bh-qa-gptaq": ("gptq", {"asymmetric": True}),
                                      "awq-qa-gptaq": ("gptq", {"asymmetric": True}),
-                                     "awqa-rtn": ("rtn", {}), "awqa-qa-gptaq": ("gptq", {"asymmetric": True})}
+                                     "awqa-rtn": ("rtn", {}), "awqa-qa-gptaq": ("gptq", {"asymmetric": True}),
+                                     "awqa-qa-gptaq-mse": ("gptq", {"asymmetric": True, "scheme": MSE_GROW})}
 # methods whose recipe quantizes the linear inputs *before* the weight pass (settings with quantized inputs only):
 # GPTAQ then fits each quantized layer on quantized inputs to the uncompressed model's outputs, so it also
 # compensates the inputs' rounding (its full-precision stream bypasses the quantizers)
-ACT_FIRST = {"qa-gptaq", "bh-qa-gptaq", "awq-qa-gptaq", "awqa-qa-gptaq"}
+ACT_FIRST = {"qa-gptaq", "bh-qa-gptaq", "awq-qa-gptaq", "awqa-qa-gptaq", "awqa-qa-gptaq-mse"}
 # methods that run the sequential pipeline otherwise than by default: method → PipelineConfig settings
 # (gptq-fpprop: every block calibrated on the full-precision model's inputs, one forward per block instead of two)
 PIPELINES = {"gptq-fpprop": {"propagate": "full_precision"}}
@@ -84,10 +90,10 @@ def _awq_inputs(scheme: dict[str, Any], setting: common.Setting) -> list[dict[st
 LEADING_PASSES = {"rot-rtn": _rotate, "rot-gptq": _rotate,
                   "bh-rtn": _block_rotate, "bh-gptq": _block_rotate, "bh-qa-gptaq": _block_rotate,
                   "awq-rtn": _awq, "awq-gptq": _awq, "awq-qa-gptaq": _awq,
-                  "awqa-rtn": _awq_inputs, "awqa-qa-gptaq": _awq_inputs}
+                  "awqa-rtn": _awq_inputs, "awqa-qa-gptaq": _awq_inputs, "awqa-qa-gptaq-mse": _awq_inputs}
 BLOCK_ROTATED = {"bh-rtn", "bh-gptq", "bh-qa-gptaq"}
 # methods whose AWQ search quantizes the inputs too: the settings with float inputs only
-INPUT_AWARE = {"awqa-rtn", "awqa-qa-gptaq"}
+INPUT_AWARE = {"awqa-rtn", "awqa-qa-gptaq", "awqa-qa-gptaq-mse"}
 OUR_METHODS = tuple(OUR_PASSES)
 PEER_METHODS = ("llmc-rtn", "llmc-gptq", "llmc-awq")
 # peers in venvs of their own, each with its runner: peer → (runner module, default python, the command making it)
@@ -113,7 +119,8 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     """The recipe (as a mapping) our ``method`` runs at ``setting``: what ``recipes/*.yaml`` ship."""
     pass_name, extra = OUR_PASSES[method]
     extra = dict(extra)
-    scheme = {**setting.scheme(), **extra.pop("scheme", {})}
+    base = setting.scheme()  # what a leading pass searches for: the weight pass's own observer stays its own
+    scheme = {**base, **extra.pop("scheme", {})}
     lead = LEADING_PASSES.get(method)
     # mixed widths: allocate_bits plans each fused unit's grid on the model as the leading passes leave it
     allocate = [{"allocate_bits": {"target_bpw": setting.bpw}}] if setting.bpw is not None else []
@@ -121,7 +128,7 @@ def recipe_data(method: str, setting: common.Setting) -> dict[str, Any]:
     act = [] if act_pass is None else [act_pass]
     weight = [{pass_name: {"scheme": scheme, **extra}}]
     middle = [*act, *weight] if method in ACT_FIRST else [*weight, *act]
-    return {"passes": [*(lead(scheme, setting) if lead else []), *allocate, *middle]}
+    return {"passes": [*(lead(base, setting) if lead else []), *allocate, *middle]}
 
 
 def _unavailable_reason(method: str) -> str | None:

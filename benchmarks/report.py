@@ -367,6 +367,7 @@ ACT_METHODS = [("rtn", "RTN"), ("gptq", "GPTQ"), ("rot-rtn", "rotated, RTN"), ("
                ("awqa-rtn", "AWQ scaled for quantized inputs, RTN"),
                ("awq-qa-gptaq", "AWQ scaled for the weights, inputs quantized first, GPTAQ"),
                ("awqa-qa-gptaq", "AWQ scaled for quantized inputs, inputs quantized first, GPTAQ"),
+               ("awqa-qa-gptaq-mse", "the same, GPTAQ's scales searched (shrink and grow)"),
                ("llmc-rtn", "llm-compressor RTN"), ("llmc-gptq", "llm-compressor GPTQ")]
 ACT_OURS = tuple(m for m, _ in ACT_METHODS if not m.startswith("llmc-"))
 

@@ -74,6 +74,10 @@ def test_input_aware_awq_methods_search_with_the_setting_input_format():
         {"awq": {"scheme": nv.scheme(), "inputs": "nvfp4"}}, {"quantize_activations": {"format": "nvfp4", "bits": 4}},
         {"gptq": {"scheme": nv.scheme(), "asymmetric": True}}]
     assert quant_quality.recipe_data("awq-qa-gptaq", nv)["passes"][0] == {"awq": {"scheme": nv.scheme()}}
+    # the MSE-scaled variant: GPTQ's scheme searches its group scales, AWQ's search keeps the plain ones
+    mse = quant_quality.recipe_data("awqa-qa-gptaq-mse", nv)["passes"]
+    assert mse[0] == {"awq": {"scheme": nv.scheme(), "inputs": "nvfp4"}}
+    assert mse[2] == {"gptq": {"scheme": {**nv.scheme(), **quant_quality.MSE_GROW}, "asymmetric": True}}
     assert quant_quality.recipe_data("awqa-rtn", common.parse_setting("w8a8-fp8"))["passes"][0]["awq"]["inputs"] == "fp8"
     for setting in ("w4g64", "nvfp4"):  # weight-only: no input format to search with
         reason = quant_quality._not_run_reason("awqa-rtn", common.parse_setting(setting))
