@@ -5,7 +5,8 @@
 # (SOTU 2000-2009) decides which of our GPTQ recipes is scored: GPTQ before the input quantizers (gptq), the
 # same after a rotation (rot-gptq), GPTAQ after the input quantizers (qa-gptaq) or, for the FP4 formats, the same
 # after block rotations of the input group's size (bh-qa-gptaq), or after AWQ's scales searched with the inputs
-# quantized (awqa-qa-gptaq): the lowest perplexity there. The block-rotated
+# quantized (awqa-qa-gptaq; for the FP4 formats also with GPTQ's group scales searched, awqa-qa-gptaq-mse): the
+# lowest perplexity there. The block-rotated
 # RTN (bh-rtn) is scored beside RTN when it won on the dev split.
 # The test split is then scored once per reported cell: our RTN, the chosen recipe, llm-compressor's RTN and GPTQ.
 set -euo pipefail
@@ -25,6 +26,8 @@ for S in ${SETTINGS//,/ }; do
     $Q --split dev --settings "$S" --methods rtn,bh-rtn,bh-qa-gptaq
     RTN=rtn,$("$PY" -m benchmarks.dev_choice "$S" rtn bh-rtn | sed 's/^rtn$//')
     G=$("$PY" -m benchmarks.dev_choice "$S" "$G" bh-qa-gptaq)
+    $Q --split dev --settings "$S" --methods awqa-qa-gptaq-mse
+    G=$("$PY" -m benchmarks.dev_choice "$S" "$G" awqa-qa-gptaq-mse)
   fi
   echo "dev split chose: $S -> $G" >&2
   $Q --settings "$S" --methods "${RTN%,},$G,llmc-rtn,llmc-gptq"

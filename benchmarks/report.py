@@ -390,10 +390,11 @@ def float_inputs_dev(records: Records) -> str:
     """docs/float-formats.md: our recipes with float weights and inputs on the dev split, the runs that chose which
     of them the evaluation split scores (block rotations, QuaRot rotations, GPTAQ on quantized inputs, AWQ); then
     one row per ``--set`` variant tried at a setting (its overrides named, only its method's cell filled)."""
-    methods = [(m, label) for m, label in ACT_METHODS if m in ACT_OURS]
     tried = [r for r in records if r.get("method") in ACT_OURS and r.get("status") == "ok"
              and (r.get("protocol") or {}).get("set")]
     records = [r for r in records if not (r.get("protocol") or {}).get("set")]
+    ran = {r.get("method") for r in records + tried if r.get("status") == "ok"}
+    methods = [(m, label) for m, label in ACT_METHODS if m in ACT_OURS and m in ran]  # a column per method run
     fp32 = newest(records, method="fp32", status="ok")
     rows, used = [], [fp32] if fp32 else []
     for name in common.ACT_SETTINGS:
@@ -455,7 +456,7 @@ def mixed(records: Records) -> str:
 RECIPES = common.ROOT / "recipes"
 RECIPE_METHOD = "gptaq"  # the benchmark method of the weight-only files in recipes/ (tests/test_recipes.py)
 # the weights-and-inputs files: the method the dev split chose at that setting (benchmarks/float_inputs.sh)
-RECIPE_METHODS = {"w4a4-nvfp4": "awqa-qa-gptaq", "w4a4-mxfp4": "bh-qa-gptaq"}
+RECIPE_METHODS = {"w4a4-nvfp4": "awqa-qa-gptaq-mse", "w4a4-mxfp4": "bh-qa-gptaq"}
 
 
 def recipe_method(setting: str) -> str:

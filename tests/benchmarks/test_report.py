@@ -146,7 +146,7 @@ def test_float_inputs_table_takes_our_best_cell_against_the_peers_best(tmp_path)
     ])
     text = report.render("<!-- report:float-inputs -->\n<!-- /report:float-inputs -->\n", results)
     assert ("| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | 40.00 | — | — | 26.00 | — | — | — | — | — | "
-            "— | 41.00 | 32.00 | 0.50x | 420 / 500 |") in text
+            "— | — | 41.00 | 32.00 | 0.50x | 420 / 500 |") in text
     assert "22.00" not in text and "fp32: 20.00." in text
 
 
@@ -346,11 +346,11 @@ def test_venv_peers_get_columns_once_recorded_and_count_as_peers_in_the_headline
 def test_recipes_table_scores_each_file_by_its_own_method():
     records = [_record("fp32", "fp32", 23.07), _record("gptaq", "w4g64", 25.16),
                _record("gptaq", "w4a4-nvfp4", 99.0), _record("qa-gptaq", "w4a4-nvfp4", 28.94),
-               _record("awqa-qa-gptaq", "w4a4-nvfp4", 27.5), _record("llmc-gptq", "w4a4-nvfp4", 29.74),
-               _record("bh-qa-gptaq", "w4a4-mxfp4", 31.24)]
+               _record("awqa-qa-gptaq", "w4a4-nvfp4", 28.1), _record("awqa-qa-gptaq-mse", "w4a4-nvfp4", 27.5),
+               _record("llmc-gptq", "w4a4-nvfp4", 29.74), _record("bh-qa-gptaq", "w4a4-mxfp4", 31.24)]
     table = report.recipes(records)
     assert "| `recipes/w4g64.yaml` | w4g64 | 25.16 | — |" in table
-    assert "| `recipes/w4a4-nvfp4.yaml` | w4a4-nvfp4 | 27.50 | 29.74 |" in table  # awqa-qa-gptaq's, not gptaq's
+    assert "| `recipes/w4a4-nvfp4.yaml` | w4a4-nvfp4 | 27.50 | 29.74 |" in table  # its own method's, no other
     assert "| `recipes/w4a4-mxfp4.yaml` | w4a4-mxfp4 | 31.24 | — |" in table
     assert report.recipe_method("w3g64") == "gptaq"
 
@@ -401,11 +401,11 @@ def test_float_inputs_dev_table_shows_each_of_our_recipes_at_each_setting_run_on
                dev("qa-gptaq", "w4a4-nvfp4", 32.9), dev("llmc-gptq", "w4a4-nvfp4", 30.0)]
     variant = dev("qa-gptaq", "w4a4-nvfp4", 31.5, ["gptq.damp=0.1"])  # newer than the default run: a row of its own
     table = report.float_inputs_dev([*records, variant])
-    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale), gptq.damp=0.1 | | | | | 31.50 | | | | | |" \
-        in table
-    labels = [label for m, label in report.ACT_METHODS if m in report.ACT_OURS]
-    assert "| setting | " + " | ".join(labels) + " |" in table and "llm-compressor" not in table
-    assert "| W4A4 MXFP4 (g32, E8M0 scales) | 70.10 | — | — | — | — | 40.20 | — | — | — | — |" in table
-    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | — | — | — | — | 32.90 | — | — | — | — | — |" in table
+    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale), gptq.damp=0.1 | | 31.50 | |" in table
+    labels = dict(report.ACT_METHODS)  # a column for each of our methods run on dev, in the table's order
+    assert "| setting | " + " | ".join(labels[m] for m in ("rtn", "qa-gptaq", "bh-rtn")) + " |\n" in table
+    assert "llm-compressor" not in table
+    assert "| W4A4 MXFP4 (g32, E8M0 scales) | 70.10 | — | 40.20 |" in table
+    assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | — | 32.90 | — |" in table
     assert "W8A8" not in table and "fp32: 26.40." in table
     assert "No dev-split records" in report.float_inputs_dev(records[:1])
