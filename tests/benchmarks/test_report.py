@@ -409,3 +409,12 @@ def test_float_inputs_dev_table_shows_each_of_our_recipes_at_each_setting_run_on
     assert "| W4A4 NVFP4 (g16, E4M3 scales; static input global scale) | — | 32.90 | — |" in table
     assert "W8A8" not in table and "fp32: 26.40." in table
     assert "No dev-split records" in report.float_inputs_dev(records[:1])
+
+
+def test_provenance_names_the_machines_when_records_come_from_several():
+    a, b = _record("gptq", "w4g64", 25.0), _record("llmc-gptq", "w4g64", 26.0)
+    a["machine"], b["machine"] = {"cpu": "AMD EPYC", "isa": "AVX2"}, {"cpu": "Intel Xeon", "isa": "AVX512"}
+    assert "on 2 machines (AMD EPYC AVX2, Intel Xeon AVX512): compare times only within one" in \
+        report._provenance([a, b], "quant_quality")
+    b["machine"] = dict(a["machine"])
+    assert "machines" not in report._provenance([a, b], "quant_quality")
